@@ -1,0 +1,44 @@
+"""Typed reasons: every rejection or failure a miner or operator can hit carries one."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+
+class Reason(BaseModel):
+    """One typed finding: a rule id (`family:name`), a message a person understands, file:line if known."""
+
+    rule: str
+    message: str
+    file: str | None = None
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f" ({self.file}:{self.line})" if self.file and self.line else f" ({self.file})" if self.file else ""
+        return f"[{self.rule}] {self.message}{where}"
+
+
+class PrismError(Exception):
+    """An error that ends a stage with one or more typed reasons."""
+
+    def __init__(self, rule: str, message: str, file: str | None = None, line: int | None = None,
+                 reasons: list[Reason] | None = None):
+        self.reasons = reasons or [Reason(rule=rule, message=message, file=file, line=line)]
+        super().__init__(str(self.reasons[0]))
+
+    @property
+    def rule(self) -> str:
+        return self.reasons[0].rule
+
+    @classmethod
+    def from_reasons(cls, reasons: list[Reason]) -> PrismError:
+        first = reasons[0]
+        return cls(first.rule, first.message, first.file, first.line, reasons=list(reasons))
+
+
+class DataError(PrismError):
+    """The locked dataset is missing, malformed or does not match its manifest."""
+
+
+class BundleError(PrismError):
+    """A bundle broke an intake or contract rule."""

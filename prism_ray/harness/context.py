@@ -1,0 +1,280 @@
+"""What the miner's code sees inside the runner: `ctx`, the scored batches, the PRISM interface module.
+
+This module runs in the untrusted process. The loss functions are bound here, at import, before any
+miner module is imported, so later monkeypatching of `torch.nn.functional` cannot reach them; each
+batch's loss record is sent to the parent before the batch is handed to the miner.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import types
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from prism_ray.harness.protocol import Channel, Kind, parse_batch, parse_json
+
+# Bound before miner import (DESIGN §6): the miner cannot swap these out from under the harness.
+_cross_entropy = torch.nn.functional.cross_entropy
+_Tensor = torch.Tensor
+_no_grad = torch.no_grad
+_float32 = torch.float32
+_float64 = torch.float64
+
+
+class RunError(Exception):
+    """A typed failure raised inside the runner; the parent is told before the miner can catch it."""
+
+    def __init__(self, rule: str, message: str, reported: bool = False):
+        super().__init__(f"[{rule}] {message}")
+        self.rule = rule
+        self.message = message
+        self.reported = reported
+
+
+def force_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def force_determinism() -> None:
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+@dataclass
+class PrismBatch:
+    """One scored batch. `tokens` is [B, L]; with `with_logits=True` the harness forward's `logits`
+    ([B, L, V]) and `loss` (mean next-token cross-entropy) carry their autograd graph."""
+
+    tokens: torch.Tensor
+    index: int
+    logits: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.tokens[:, 1:]
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        return self.tokens[:, :-1]
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """Kept for PRISM v2 bundles that import it; prism-ray does not read it."""
+
+    learning_rate: float = 3e-4
+    batch_size: int = 8
+    optimizer: str = "adamw"
+    scheduler: str = "cosine"
+    weight_decay: float = 0.01
+
+
+class Harness:
+    """Runner-side state behind `ctx`: the channel, the forced build and the one scored stream."""
+
+    def __init__(self, channel: Channel, spec: dict):
+        self.channel = channel
+        self.spec = spec
+        self.builder: Callable[..., Any] | None = None
+        self.built: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+        self.scored_model: torch.nn.Module | None = None
+        self.stream_started = False
+        self.stream_finished = False
+
+    def fail(self, rule: str, message: str) -> RunError:
+        self.channel.send_json(Kind.ERROR, {"rule": rule, "message": message})
+        return RunError(rule, message, reported=True)
+
+    def build(self, ctx: Any, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        assert self.builder is not None
+        force_seed(self.spec["seed"])
+        model = self.builder(ctx, *args, **kwargs)
+        if not isinstance(model, torch.nn.Module):
+            raise self.fail("contract:build_model", f"build_model returned {type(model).__name__}, "
+                            "not a torch.nn.Module")
+        self.built.add(model)
+        return model
+
+    def wrap_builder(self, builder: Callable[..., Any]) -> Callable[..., Any]:
+        """Every call of the architecture's build_model, however it is reached, runs under the forced seed."""
+        self.builder = builder
+
+        def build_model(ctx: Any, *args: Any, **kwargs: Any) -> torch.nn.Module:
+            return self.build(ctx, *args, **kwargs)
+
+        build_model.__name__ = getattr(builder, "__name__", "build_model")
+        build_model.__doc__ = builder.__doc__
+        return build_model
+
+    def unwrap(self, model: Any) -> Any:
+        # DDP keeps the model in .module, torch.compile in ._orig_mod: both wrap a built model.
+        for _ in range(4):
+            if model in self.built:
+                return model
+            inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+            if inner is None:
+                break
+            model = inner
+        return model if model in self.built else None
+
+    def stream(self, model: Any, batch_size: int, seq_len: int | None, tokenizer: str | None,
+               with_logits: bool) -> Iterator[PrismBatch]:
+        if self.stream_started:
+            raise self.fail("run:stream_reused", "ctx.iter_train_batches may be called once per run")
+        self.stream_started = True
+        if tokenizer is not None and tokenizer != self.spec["tokenizer"]:
+            raise self.fail("contract:tokenizer", f"iter_train_batches(tokenizer={tokenizer!r}) does not match "
+                            f"the bundle's tokenizer {self.spec['tokenizer']!r} (set it in prism.yaml)")
+        built = self.unwrap(model)
+        if built is None:
+            raise self.fail("run:model_identity", "the model passed to iter_train_batches must be the one "
+                            "returned by ctx.build_model() (wrappers such as DDP or torch.compile are fine)")
+        self.scored_model = built
+        seq_len = self.spec["max_seq_len"] if seq_len is None else seq_len
+        self.channel.send_json(Kind.GEOMETRY, {"batch_size": batch_size, "seq_len": seq_len,
+                                               "with_logits": bool(with_logits)})
+        return self._batches(model, built, with_logits)
+
+    def _batches(self, model: Any, built: torch.nn.Module, with_logits: bool) -> Iterator[PrismBatch]:
+        vocab_size = self.spec["vocab_size"]
+        first = True
+        while True:
+            kind, payload = self.channel.recv()
+            if kind == Kind.END:
+                self.stream_finished = True
+                return
+            if kind == Kind.REFUSE:
+                reason = parse_json(payload)
+                raise RunError(reason["rule"], reason["message"], reported=True)
+            if kind != Kind.BATCH:
+                raise self.fail("run:protocol", f"unexpected frame {kind.name} from the parent")
+            index, batch_size, seq_len, chunk = parse_batch(payload)
+            flat = torch.from_numpy(chunk.astype(np.int64))
+            tokens = flat.unfold(0, seq_len, seq_len - 1).contiguous().to(_device_of(built, self.spec["device"]))
+            batch = PrismBatch(tokens=tokens, index=index)
+            nats = self._score(model, batch, vocab_size, with_logits)
+            self.channel.send_record(index, nats if math.isfinite(nats) else 0.0, math.isfinite(nats))
+            if first:
+                first = False
+                params = count_parameters(built)
+                self.channel.send_json(Kind.INFO, {"model_params": params})
+                if params > self.spec["max_params"]:
+                    raise self.fail("contract:param_cap", f"the model has {params:,} parameters, over the cap "
+                                    f"of {self.spec['max_params']:,}")
+            yield batch
+            self.channel.send(Kind.NEXT)
+
+    def _score(self, model: Any, batch: PrismBatch, vocab_size: int, with_logits: bool) -> float:
+        """Σ −ln p(target) over the batch's B·(L−1) targets, in float32 or wider."""
+        if with_logits:
+            output = model(batch.tokens)
+        else:
+            with _no_grad():
+                output = model(batch.tokens)
+        logits = self._logits(output, batch.tokens.shape, vocab_size)
+        predicted = logits[:, :-1, :].reshape(-1, logits.shape[-1])
+        if predicted.dtype not in (_float32, _float64):
+            predicted = predicted.to(_float32)
+        summed = _cross_entropy(predicted, batch.tokens[:, 1:].reshape(-1), reduction="sum")
+        if with_logits:
+            batch.logits = logits
+            batch.loss = summed / predicted.shape[0]
+        return float(summed.detach().to(_float64).item())
+
+    def _logits(self, output: Any, shape: torch.Size, vocab_size: int) -> torch.Tensor:
+        if isinstance(output, (tuple, list)) and output:
+            output = output[0]
+        elif not isinstance(output, _Tensor) and hasattr(output, "logits"):
+            output = output.logits
+        if type(output) is not _Tensor:
+            raise self.fail("run:bad_logits", f"the model must return a plain torch.Tensor of logits, got "
+                            f"{type(output).__module__}.{type(output).__qualname__}")
+        batch_size, seq_len = shape
+        if output.dim() != 3 or output.shape[0] != batch_size or output.shape[1] != seq_len \
+                or output.shape[2] < vocab_size:
+            raise self.fail("run:bad_logits", f"logits must have shape [{batch_size}, {seq_len}, ≥{vocab_size}], "
+                            f"got {list(output.shape)}")
+        if not output.is_floating_point():
+            raise self.fail("run:bad_logits", f"logits must be floating point, got {output.dtype}")
+        return output
+
+
+def _device_of(model: torch.nn.Module, default: str) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device(default)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def make_context_class(harness: Harness) -> type:
+    """The PrismContext the miner sees, bound to this run's harness."""
+
+    @dataclass(frozen=True)
+    class PrismContext:
+        vocab_size: int
+        sequence_length: int
+        max_parameters: int
+        seed: int
+        device: str
+        rank: int
+        local_rank: int
+        world_size: int
+        byte_budget: int
+        artifacts_dir: str
+        data_dir: str
+        tokenizer: str
+
+        @property
+        def max_seq_len(self) -> int:
+            return self.sequence_length
+
+        @property
+        def max_params(self) -> int:
+            return self.max_parameters
+
+        def build_model(self, *args: Any, **kwargs: Any) -> torch.nn.Module:
+            return harness.build(self, *args, **kwargs)
+
+        def iter_train_batches(self, model: Any, batch_size: int = 8, seq_len: int | None = None,
+                               tokenizer: str | None = None, with_logits: bool = False) -> Iterator[PrismBatch]:
+            return harness.stream(model, batch_size, seq_len, tokenizer, with_logits)
+
+        def reference_tokenizer(self, name: str | None = None) -> Any:
+            from prism_ray.data.tokenizers import get_tokenizer
+
+            return get_tokenizer(name or self.tokenizer)
+
+    return PrismContext
+
+
+def install_interface(context_class: type) -> None:
+    """Make `from prism_challenge.evaluator.interface import PrismContext` work unchanged."""
+    interface = types.ModuleType("prism_challenge.evaluator.interface")
+    interface.PrismContext = context_class
+    interface.PrismBatch = PrismBatch
+    interface.TrainingRecipe = TrainingRecipe
+    package = types.ModuleType("prism_challenge")
+    package.__path__ = []
+    evaluator = types.ModuleType("prism_challenge.evaluator")
+    evaluator.__path__ = []
+    evaluator.interface = interface
+    package.evaluator = evaluator
+    sys.modules.update({"prism_challenge": package, "prism_challenge.evaluator": evaluator,
+                        "prism_challenge.evaluator.interface": interface})

@@ -1,0 +1,63 @@
+"""The scored stream's geometry (DESIGN §4 items 4–7), computed by the trusted parent.
+
+Row g is stream[g·(L−1) : g·(L−1)+L], so consecutive rows overlap by one token and every token after
+the first is a target exactly once. Batch k covers rows kB … kB+B−1, i.e. the contiguous token span
+[kB(L−1), (k+1)B(L−1)+1). Targets and their bytes are counted here, never taken from the runner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from prism_ray.errors import PrismError
+
+
+@dataclass(frozen=True)
+class BatchSlice:
+    index: int
+    chunk: np.ndarray  # B·(L−1)+1 consecutive tokens; the runner unfolds it into [B, L]
+    targets: int
+    target_bytes: int
+
+
+def check_geometry(batch_size: object, seq_len: object, max_seq_len: int, max_batch_tokens: int) -> tuple[int, int]:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise PrismError("run:bad_geometry", f"batch_size must be an integer ≥ 1, got {batch_size!r}")
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or not 2 <= seq_len <= max_seq_len:
+        raise PrismError("run:bad_geometry", f"seq_len must be an integer in [2, {max_seq_len}], got {seq_len!r}")
+    if batch_size * seq_len > max_batch_tokens:
+        raise PrismError("run:bad_geometry",
+                         f"batch_size·seq_len = {batch_size * seq_len:,} is over {max_batch_tokens:,} tokens")
+    return batch_size, seq_len
+
+
+class StreamPlan:
+    """Yields complete batches until the byte budget is reached or the stream cannot fill another."""
+
+    def __init__(self, tokens: np.ndarray, byte_lengths: np.ndarray, batch_size: int, seq_len: int,
+                 byte_budget: int):
+        self.tokens = tokens
+        self.byte_lengths = byte_lengths
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.byte_budget = byte_budget
+        self.span = batch_size * (seq_len - 1)
+        self.available_batches = max(0, (len(tokens) - 1) // self.span)
+
+    def batch(self, index: int) -> BatchSlice:
+        start = index * self.span
+        chunk = self.tokens[start: start + self.span + 1]
+        target_bytes = int(self.byte_lengths[chunk[1:]].sum())
+        return BatchSlice(index=index, chunk=chunk, targets=self.span, target_bytes=target_bytes)
+
+    def batches(self) -> Iterator[BatchSlice]:
+        scored_bytes = 0
+        for index in range(self.available_batches):
+            piece = self.batch(index)
+            scored_bytes += piece.target_bytes
+            yield piece
+            if self.byte_budget and scored_bytes >= self.byte_budget:
+                return

@@ -1,0 +1,118 @@
+"""evaluate(bundle) = intake → check → gate → train → score, as plain functions (no Ray).
+
+The cluster runs the same stage functions as Ray tasks, so `prism-ray eval` and the cluster give the
+same score by construction.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from prism_ray import scoring
+from prism_ray.bundle import Bundle, load_bundle
+from prism_ray.config import IntakeLimits, Settings
+from prism_ray.data.dataset import open_dataset
+from prism_ray.data.token_cache import load_token_stream
+from prism_ray.data.tokenizers import get_tokenizer
+from prism_ray.errors import BundleError, PrismError, Reason
+from prism_ray.harness.session import Progress, RunSpec, TrainOutcome, run_training
+from prism_ray.report import DataInfo, RunReport
+
+
+@dataclass
+class TrainResult:
+    """What the train stage hands to the score stage (picklable: it travels through Ray's object store)."""
+
+    outcome: TrainOutcome
+    data: DataInfo | None
+    tokenizer: str
+    vocab_size: int
+    seed: int
+    byte_budget: int
+    run_dir: str
+
+
+def new_run_dir(settings: Settings, bundle: Bundle) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = settings.cache_dir / "runs" / f"{stamp}-{bundle.sha256[:10]}-{uuid.uuid4().hex[:6]}"
+    run_dir.mkdir(parents=True, exist_ok=False)
+    return run_dir
+
+
+def intake(source: Path | str | bytes, limits: IntakeLimits | None = None) -> Bundle:
+    return load_bundle(source, limits)
+
+
+def train(bundle: Bundle, settings: Settings, run_dir: Path,
+          progress: Callable[[Progress], None] | None = None) -> TrainResult:
+    """Run the miner's loop on the locked train split; data problems come back as a failed outcome."""
+    tokenizer = get_tokenizer(bundle.config.tokenizer)
+    result = TrainResult(outcome=TrainOutcome(), data=None, tokenizer=tokenizer.name, vocab_size=tokenizer.vocab_size,
+                         seed=settings.seed, byte_budget=settings.byte_budget, run_dir=str(run_dir))
+    try:
+        dataset = open_dataset(settings.data_dir)
+        stream = load_token_stream(dataset, "train", tokenizer.name, settings.cache_dir, settings.encode_threads)
+    except PrismError as error:
+        result.outcome.reasons = error.reasons
+        return result
+    result.data = DataInfo(path=str(dataset.root), fingerprint=dataset.fingerprint, pinned=dataset.pinned,
+                           documents=stream.documents, tokens=int(len(stream.tokens)))
+    spec = RunSpec(
+        bundle_dir=bundle.write_to(run_dir / "bundle"),
+        architecture=(bundle.config.architecture_entry.file, bundle.config.architecture_entry.symbol),
+        training=(bundle.config.training_entry.file, bundle.config.training_entry.symbol),
+        tokenizer=tokenizer.name, vocab_size=tokenizer.vocab_size, max_seq_len=settings.max_seq_len,
+        max_params=settings.max_params, seed=settings.seed, device=settings.device,
+        byte_budget=settings.byte_budget, artifacts_dir=run_dir / "artifacts", data_dir=str(dataset.root),
+        threads=settings.runner_threads or len(os.sched_getaffinity(0)),
+    )
+    result.outcome = run_training(spec, stream.tokens, stream.byte_lengths, run_dir, settings.time_limit, progress)
+    return result
+
+
+def score(bundle: Bundle, result: TrainResult, settings: Settings, wall_seconds: float) -> RunReport:
+    outcome = result.outcome
+    nats, targets, target_bytes = sum(outcome.batch_nats), sum(outcome.batch_targets), sum(outcome.batch_bytes)
+    bpb = scoring.bits_per_byte(nats, target_bytes)
+    reasons = list(outcome.reasons)
+    if not reasons and not math.isfinite(bpb):
+        reasons.append(Reason(rule="score:degenerate", message="the run scored no bytes"))
+    status = "completed" if not reasons else "failed"
+    scored = status == "completed"
+    return RunReport(
+        status=status, stage="score" if scored else ("data" if result.data is None else "train"), reasons=reasons,
+        bundle_sha256=bundle.sha256, name=bundle.display_name,
+        bpb=bpb if scored else None, final_score=scoring.final_score(bpb) if scored else None,
+        tokens_scored=targets, bytes_scored=target_bytes, batches=outcome.batches,
+        batch_size=outcome.batch_size, seq_len=outcome.seq_len, with_logits=outcome.with_logits,
+        stopped_reason=outcome.stopped_reason, byte_budget=result.byte_budget, tokenizer=result.tokenizer,
+        vocab_size=result.vocab_size, model_params=outcome.model_params, seed=result.seed, device=outcome.device,
+        step0_loss=outcome.batch_nats[0] / outcome.batch_targets[0] if outcome.batches else None,
+        non_finite_batches=outcome.non_finite_batches, data=result.data, wall_seconds=wall_seconds,
+        train_seconds=outcome.stream_seconds,
+        tokens_per_second=targets / outcome.stream_seconds if outcome.stream_seconds > 0 else None,
+        run_dir=result.run_dir,
+        curve=scoring.learning_curve(outcome.batch_nats, outcome.batch_bytes, settings.curve_points),
+    )
+
+
+def evaluate(source: Path | str | bytes | Bundle, settings: Settings | None = None,
+             progress: Callable[[Progress], None] | None = None, run_dir: Path | None = None) -> RunReport:
+    settings = settings or Settings()
+    started = time.monotonic()
+    try:
+        bundle = source if isinstance(source, Bundle) else intake(source, settings.intake)
+    except BundleError as error:
+        return RunReport(status="rejected", stage="intake", reasons=error.reasons,
+                         wall_seconds=time.monotonic() - started)
+    run_dir = run_dir or new_run_dir(settings, bundle)
+    result = train(bundle, settings, run_dir, progress)
+    report = score(bundle, result, settings, time.monotonic() - started)
+    (run_dir / "report.json").write_text(report.model_dump_json(indent=2))
+    return report

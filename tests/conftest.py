@@ -1,0 +1,61 @@
+"""Shared test helpers: real bundles on disk, real runner processes over synthetic token streams."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prism_ray.bundle import Bundle, load_bundle
+from prism_ray.harness.session import RunSpec, TrainOutcome, run_training
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+
+BYTE_LENGTHS = np.ones(257, dtype=np.int64)
+BYTE_LENGTHS[256] = 0
+
+
+def write_bundle(directory: Path, architecture: str, training: str, prism_yaml: str | None = None,
+                 extra: dict[str, str] | None = None) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "architecture.py").write_text(textwrap.dedent(architecture))
+    (directory / "training.py").write_text(textwrap.dedent(training))
+    if prism_yaml is not None:
+        (directory / "prism.yaml").write_text(textwrap.dedent(prism_yaml))
+    for name, text in (extra or {}).items():
+        (directory / name).write_text(textwrap.dedent(text))
+    return directory
+
+
+def byte_stream(text: str) -> np.ndarray:
+    """The `bytes` tokenizer's stream of one document: its UTF-8 bytes then end-of-text."""
+    return np.append(np.frombuffer(text.encode(), dtype=np.uint8).astype(np.uint16), np.uint16(256))
+
+
+def train_on_stream(bundle: Bundle, tokens: np.ndarray, run_dir: Path, byte_budget: int = 0,
+                    time_limit: float = 120.0, seed: int = 1337, max_params: int = 150_000_000,
+                    byte_lengths: np.ndarray = BYTE_LENGTHS, vocab_size: int = 257) -> TrainOutcome:
+    spec = RunSpec(
+        bundle_dir=bundle.write_to(run_dir / "bundle"),
+        architecture=(bundle.config.architecture_entry.file, bundle.config.architecture_entry.symbol),
+        training=(bundle.config.training_entry.file, bundle.config.training_entry.symbol),
+        tokenizer=bundle.config.tokenizer, vocab_size=vocab_size, max_seq_len=1024, max_params=max_params,
+        seed=seed, device="cpu", byte_budget=byte_budget, artifacts_dir=run_dir / "artifacts", data_dir="",
+        threads=1,
+    )
+    return run_training(spec, tokens, byte_lengths, run_dir, time_limit)
+
+
+@pytest.fixture
+def bundle_factory(tmp_path):
+    counter = iter(range(1000))
+
+    def make(architecture: str, training: str, prism_yaml: str | None = "tokenizer: bytes\n",
+             extra: dict[str, str] | None = None) -> Bundle:
+        return load_bundle(write_bundle(tmp_path / f"bundle{next(counter)}", architecture, training, prism_yaml,
+                                        extra))
+
+    return make

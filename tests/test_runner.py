@@ -1,0 +1,131 @@
+"""The runner's rules: forced seed, typed failures with file:line, wall clock, model identity."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import byte_stream, train_on_stream
+
+TEXT = "The runner owns nothing but the model; the parent owns the stream. " * 60
+
+ARCH = """
+import torch
+from torch import nn
+
+class Bigram(nn.Module):
+    def __init__(self, vocab):
+        super().__init__()
+        self.table = nn.Embedding(vocab, vocab)
+    def forward(self, tokens):
+        return self.table(tokens)
+
+def build_model(ctx):
+    return Bigram(ctx.vocab_size)
+"""
+
+LOOP = """
+import torch
+import torch.nn.functional as F
+
+def train(ctx):
+    PRELUDE
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for batch in ctx.iter_train_batches(model, batch_size=2, seq_len=32, with_logits=True):
+        batch.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+"""
+
+
+def loop(prelude: str) -> str:
+    return LOOP.replace("PRELUDE", prelude)
+
+
+def run(bundle_factory, tmp_path, training: str, architecture: str = ARCH, **kwargs):
+    return train_on_stream(bundle_factory(architecture, training), byte_stream(TEXT), tmp_path / "run", **kwargs)
+
+
+def test_same_bundle_twice_gives_identical_bpb(bundle_factory, tmp_path):
+    first = run(bundle_factory, tmp_path / "a", loop("model = ctx.build_model()"))
+    second = run(bundle_factory, tmp_path / "b", loop("model = ctx.build_model()"))
+    assert first.status == second.status == "completed"
+    assert first.batch_nats == second.batch_nats
+
+
+def test_miner_cannot_change_the_forced_init(bundle_factory, tmp_path):
+    honest = run(bundle_factory, tmp_path / "a", loop("model = ctx.build_model()"))
+    reseeded = run(bundle_factory, tmp_path / "b", loop("torch.manual_seed(999); model = ctx.build_model()"))
+    direct = run(bundle_factory, tmp_path / "c", loop(
+        "from architecture import build_model; torch.manual_seed(7); model = build_model(ctx)"))
+    assert honest.status == reseeded.status == direct.status == "completed"
+    assert honest.batch_nats[0] == reseeded.batch_nats[0] == direct.batch_nats[0]
+    other_seed = run(bundle_factory, tmp_path / "d", loop("model = ctx.build_model()"), seed=4242)
+    assert other_seed.batch_nats[0] != honest.batch_nats[0]
+
+
+def test_ctx_is_read_only(bundle_factory, tmp_path):
+    outcome = run(bundle_factory, tmp_path, loop("ctx.seed = 1\n    model = ctx.build_model()"))
+    assert outcome.status == "failed"
+    reason = outcome.reasons[0]
+    assert reason.rule == "run:exception" and "FrozenInstanceError" in reason.message
+    assert (reason.file, reason.line) == ("training.py", 6)
+
+
+def test_miner_exception_carries_file_and_line(bundle_factory, tmp_path):
+    training = loop("model = ctx.build_model()").replace("optimizer.step()", "raise ValueError('diverged')")
+    outcome = run(bundle_factory, tmp_path, training)
+    assert outcome.status == "failed"
+    assert outcome.reasons[0].rule == "run:exception"
+    assert "ValueError: diverged" in outcome.reasons[0].message
+    assert (outcome.reasons[0].file, outcome.reasons[0].line) == ("training.py", 10)
+
+
+def test_stopping_early_is_not_scored(bundle_factory, tmp_path):
+    training = loop("model = ctx.build_model()").replace("optimizer.zero_grad()", "optimizer.zero_grad()\n        break")
+    outcome = run(bundle_factory, tmp_path, training)
+    assert outcome.status == "failed"
+    assert outcome.reasons[0].rule == "run:stopped_early"
+
+
+def test_wall_clock_cap_fails_the_run(bundle_factory, tmp_path):
+    training = loop("model = ctx.build_model()").replace("optimizer.step()", "while True: pass")
+    outcome = run(bundle_factory, tmp_path, training, time_limit=12)
+    assert outcome.status == "failed"
+    assert outcome.reasons[0].rule == "run:timeout"
+    assert outcome.stopped_reason == "wall_clock_exceeded"
+
+
+def test_model_must_come_from_build_model(bundle_factory, tmp_path):
+    prelude = "from architecture import Bigram\n    model = Bigram(ctx.vocab_size)"
+    outcome = run(bundle_factory, tmp_path, loop(prelude))
+    assert [r.rule for r in outcome.reasons] == ["run:model_identity"]
+
+
+def test_compiled_wrapper_is_accepted(bundle_factory, tmp_path):
+    training = loop("model = ctx.build_model()").replace("ctx.iter_train_batches(model,",
+                                                         "ctx.iter_train_batches(torch.compile(model, backend='eager'),")
+    outcome = run(bundle_factory, tmp_path, training)
+    assert outcome.status == "completed", outcome.reasons
+
+
+def test_tensor_subclass_logits_are_refused(bundle_factory, tmp_path):
+    architecture = ARCH.replace("return self.table(tokens)", "return self.table(tokens).as_subclass(Sneaky)") \
+        .replace("class Bigram", "class Sneaky(torch.Tensor):\n    pass\n\nclass Bigram")
+    outcome = run(bundle_factory, tmp_path, loop("model = ctx.build_model()"), architecture=architecture)
+    assert outcome.status == "failed"
+    assert outcome.reasons[0].rule == "run:bad_logits"
+
+
+def test_parameter_cap(bundle_factory, tmp_path):
+    outcome = run(bundle_factory, tmp_path, loop("model = ctx.build_model()"), max_params=1000)
+    assert outcome.reasons[0].rule == "contract:param_cap"
+
+
+@pytest.mark.parametrize("geometry,rule", [("batch_size=0, seq_len=32", "run:bad_geometry"),
+                                           ("batch_size=2, seq_len=1", "run:bad_geometry"),
+                                           ("batch_size=2, seq_len=4096", "run:bad_geometry")])
+def test_bad_geometry_is_refused(bundle_factory, tmp_path, geometry, rule):
+    training = loop("model = ctx.build_model()").replace("batch_size=2, seq_len=32", geometry)
+    outcome = run(bundle_factory, tmp_path, training)
+    assert outcome.status == "failed"
+    assert outcome.reasons[0].rule == rule

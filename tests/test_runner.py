@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import byte_stream, train_on_stream
 
 TEXT = "The runner owns nothing but the model; the parent owns the stream. " * 60

@@ -31,6 +31,8 @@ def eval_command(
     time_limit: Annotated[float | None, typer.Option(min=1, help="wall-clock cap in seconds (over it: failed)")] = None,
     seed: Annotated[int | None, typer.Option(help="forced seed")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N")] = None,
+    use_gate: Annotated[bool | None, typer.Option("--gate/--no-gate", help="force the LLM gate on (no key: held) "
+                                                  "or off; default: on when an API key is configured")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print exactly one JSON object, the report")] = False,
 ) -> None:
     """Dry-run a bundle exactly as the cluster scores it."""
@@ -38,6 +40,8 @@ def eval_command(
         stderr.print(f"[red]error:[/red] bundle {bundle} does not exist")
         raise typer.Exit(2)
     settings = load_settings(data_dir=data, byte_budget=byte_budget, time_limit=time_limit, seed=seed, device=device)
+    if use_gate is not None:
+        settings.gate.mode = "required" if use_gate else "off"
     report = _run_with_progress(bundle, settings)
     if as_json:
         sys.stdout.write(report.model_dump_json() + "\n")
@@ -70,9 +74,11 @@ def print_report(report: RunReport, console: Console) -> None:
             f" ({reason.file})" if reason.file else ""
         console.print(f"  [red]{reason.rule}[/red]{where}: {reason.message}", markup=True, highlight=False)
     table = Table(show_header=False, box=None, pad_edge=False)
+    flags = ", ".join(report.score.get("flags", [])) if report.score else ""
     rows = [
         ("bpb", f"{report.bpb:.6f}" if report.bpb is not None else "—"),
-        ("final score", f"{report.final_score:.6f}" if report.final_score is not None else "—"),
+        ("final score", (f"{report.final_score:.6f}" if report.final_score is not None else "—")
+         + (f"  [yellow]{flags}[/yellow]" if flags else "")),
         ("bytes scored", f"{report.bytes_scored:,} of budget {report.byte_budget or 'whole split':,}"
          if isinstance(report.byte_budget, int) and report.byte_budget else f"{report.bytes_scored:,}"),
         ("tokens scored", f"{report.tokens_scored:,} in {report.batches} batches of "
@@ -82,7 +88,10 @@ def print_report(report: RunReport, console: Console) -> None:
         ("model", f"{report.model_params:,} parameters" if report.model_params else "—"),
         ("step-0 loss", f"{report.step0_loss:.4f} nats" if report.step0_loss is not None else "—"),
         ("speed", f"{report.tokens_per_second:,.0f} tokens/s on {report.device}" if report.tokens_per_second else "—"),
-        ("data", f"{report.data.path} ({report.data.fingerprint[:24]})" if report.data else "—"),
+        ("data", f"{report.data.path} ({report.data.fingerprint[:24]}"
+                 f"{'' if report.data.pinned else ', unpinned'})" if report.data else "—"),
+        ("gate", report.gate.get("message", report.gate.get("status")) if report.gate else "—"),
+        ("isolation", report.isolation or "—"),
         ("wall", f"{report.wall_seconds:.1f} s"),
         ("run dir", report.run_dir or "—"),
     ]

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -29,27 +29,19 @@ class IntakeLimits(BaseSettings):
     allowed_suffixes: tuple[str, ...] = (".py", ".yaml", ".yml", ".json", ".toml", ".txt", ".md")
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PRISM_", extra="ignore")
+class SandboxSettings(BaseSettings):
+    """Limits of the sandbox every execution of miner code runs in (DESIGN §6)."""
 
-    # --- the scored run (DESIGN §4, §5) ---
-    data_dir: Path = Field(default=EMBEDDED_DATA_DIR, description="locked dataset (train/val/test + MANIFEST.json)")
-    cache_dir: Path = Field(default_factory=default_cache_dir, description="token caches and run dirs")
-    byte_budget: int = Field(default=300_000, ge=0, description="target bytes scored per run; 0 = whole train split")
-    time_limit: float = Field(default=900.0, gt=0, description="wall-clock safety cap of a training run, seconds")
-    seed: int = 1337
-    max_seq_len: int = Field(default=1024, ge=2)
-    max_params: int = Field(default=150_000_000, ge=1)
-    default_batch_size: int = Field(default=8, ge=1)
-    curve_points: int = Field(default=500, ge=2)
-    encode_threads: int = Field(default=0, ge=0, description="token-cache build threads; 0 = all cores")
-    runner_threads: int = Field(default=0, ge=0, description="torch threads in the runner; 0 = all cores")
-    device: str = Field(default="auto", description="auto = the run's GPU when there is one, else cpu")
-    intake: IntakeLimits = Field(default_factory=lambda: IntakeLimits())
+    model_config = SettingsConfigDict(env_prefix="PRISM_SANDBOX_", extra="ignore")
 
-
-def load_settings(**overrides) -> Settings:
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    mode: Literal["required", "auto", "off"] = Field(
+        default="auto", description="required: refuse without bubblewrap (cluster); auto: warn loudly (local eval)")
+    memory_bytes: int = Field(default=16 << 30, description="RLIMIT_AS of the runner on CPU runs")
+    artifacts_quota_bytes: int = 256 << 20
+    tmp_quota_bytes: int = 1 << 30
+    file_size_bytes: int = 1 << 30
+    max_processes: int = 512
+    hide: list[Path] = Field(default_factory=list, description="extra paths the sandbox must not see")
 
 
 class GateSettings(BaseSettings):
@@ -67,3 +59,57 @@ class GateSettings(BaseSettings):
     backoff_s: float = Field(default=1.0, ge=0, description="first retry delay; doubles each retry")
     max_retry_after_s: float = Field(default=30.0, ge=0, description="longest Retry-After honoured; longer holds")
     max_review_chars: int = Field(default=200_000, ge=1, description="larger bundles are rejected, never truncated")
+
+
+class ScoringSettings(BaseSettings):
+    """Constants of final_score, the leaderboard and the weights (DESIGN §4; docs/scoring.md)."""
+
+    model_config = SettingsConfigDict(env_prefix="PRISM_SCORING_", extra="ignore")
+
+    epsilon: float = Field(default=0.005, gt=0, le=0.5,
+                           description="bpb distance below which the held-out tie-break may reorder two runs")
+    tie_break_delta_scale: float = Field(default=1.0, gt=0,
+                                         description="held-out delta (bpb) that earns half of the tie-break credit")
+    gap_threshold: float = Field(default=0.05, ge=0, description="train/val bpb gap tolerated without penalty")
+    gap_penalty_slope: float = Field(default=5.0, ge=0, description="penalty decay per bpb of gap over the threshold")
+    gap_penalty_floor: float = Field(default=0.1, gt=0, le=1, description="the lowest the gap penalty goes")
+    anomaly_fraction: float = Field(default=0.9, ge=0, le=1,
+                                    description="first-batch mean loss below this · ln(vocab) zeroes the score")
+    heldout_byte_budget: int = Field(default=50_000, ge=1, description="target bytes of each held-out pass")
+    epoch_seconds: int = Field(default=86_400, ge=1, description="length of a leaderboard epoch, seconds")
+    weights_mode: Literal["per_hotkey", "two_tier"] = "per_hotkey"
+    two_tier_split: tuple[float, float] = Field(default=(0.60, 0.40),
+                                                description="(architecture owner, best training variant's owner)")
+
+    @field_validator("two_tier_split")
+    @classmethod
+    def _split_sums_to_one(cls, split: tuple[float, float]) -> tuple[float, float]:
+        if min(split) < 0 or abs(sum(split) - 1.0) > 1e-9:
+            raise ValueError(f"two_tier_split must be two non-negative shares summing to 1, got {split}")
+        return split
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PRISM_", extra="ignore")
+
+    # --- the scored run (DESIGN §4, §5) ---
+    data_dir: Path = Field(default=EMBEDDED_DATA_DIR, description="locked dataset (train/val/test + MANIFEST.json)")
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="token caches and run dirs")
+    byte_budget: int = Field(default=200_000, ge=0, description="target bytes scored per run; 0 = whole train split")
+    time_limit: float = Field(default=900.0, gt=0, description="wall-clock safety cap of a training run, seconds")
+    seed: int = 1337
+    max_seq_len: int = Field(default=1024, ge=2)
+    max_params: int = Field(default=150_000_000, ge=1)
+    default_batch_size: int = Field(default=8, ge=1)
+    curve_points: int = Field(default=500, ge=2)
+    encode_threads: int = Field(default=0, ge=0, description="token-cache build threads; 0 = all cores")
+    runner_threads: int = Field(default=0, ge=0, description="torch threads in the runner; 0 = all cores")
+    device: str = Field(default="auto", description="auto = the run's GPU when there is one, else cpu")
+    intake: IntakeLimits = Field(default_factory=lambda: IntakeLimits())
+    sandbox: SandboxSettings = Field(default_factory=lambda: SandboxSettings())
+    gate: GateSettings = Field(default_factory=lambda: GateSettings())
+    scoring: ScoringSettings = Field(default_factory=lambda: ScoringSettings())
+
+
+def load_settings(**overrides) -> Settings:
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})

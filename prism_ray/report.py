@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field
 
 from prism_ray.errors import Reason
 
-Status = Literal["completed", "rejected", "failed"]
+Status = Literal["completed", "rejected", "failed", "held"]
 
 
 class DataInfo(BaseModel):
@@ -45,7 +45,9 @@ class RunReport(BaseModel):
     non_finite_batches: int = 0
     data: DataInfo | None = None
     gate: dict[str, Any] | None = None
-    sandbox: dict[str, Any] | None = None
+    isolation: str | None = None
+    score: dict[str, Any] | None = None
+    heldout: dict[str, Any] | None = None
     wall_seconds: float = 0.0
     train_seconds: float = 0.0
     tokens_per_second: float | None = None

@@ -4,6 +4,40 @@ from __future__ import annotations
 
 import math
 
+from pydantic import BaseModel, Field
+
+from prism_ray.config import ScoringSettings
+from prism_ray.errors import PrismError
+
+# Keeps the tie-break credit strictly below ε after float rounding, so a run ε worse never ties or passes.
+_MAX_CREDIT_SHARE = 1.0 - 1e-6
+
+
+class ScoreError(PrismError):
+    """A run that has no score (`score:degenerate`)."""
+
+
+class ScoreInputs(BaseModel):
+    """What final_score reads: the run's prequential bpb, its first batch, and the held-out pass (if any)."""
+
+    bpb: float
+    vocab_size: int
+    step0_loss: float | None = Field(description="mean loss of the first batch, nats per target; None = no batches")
+    heldout_delta: float | None = Field(default=None, description="val_bpb(step-0 twin) − val_bpb(trained)")
+    gap: float | None = Field(default=None, description="val_bpb(trained) − bpb(trained) on an equal train slice")
+
+
+class ScoreBreakdown(BaseModel):
+    """final_score = (base · penalty + tie_break) · anomaly, with every term kept for the miner to read."""
+
+    final_score: float
+    base: float
+    tie_break: float
+    penalty: float
+    anomaly: int
+    flags: list[str]
+    inputs: ScoreInputs
+
 
 def bits_per_byte(nats: float, target_bytes: int) -> float:
     """Σ nats / ln 2 / Σ bytes(targets); NaN when nothing was scored."""
@@ -25,6 +59,65 @@ def learning_curve(batch_nats: list[float], batch_bytes: list[int], max_points: 
     return points
 
 
-def final_score(bpb: float) -> float:
-    """Higher is better; a run without a finite bpb has no score."""
-    return 1.0 / (1.0 + bpb) if math.isfinite(bpb) and bpb >= 0 else 0.0
+def is_step0_anomaly(step0_loss: float, vocab_size: int, settings: ScoringSettings) -> bool:
+    """An untrained model cannot beat uniform by much on its first batch; far below ln(V) means smuggled knowledge.
+
+    A non-finite first batch is charged 2·ln(V) per target upstream, so NaN/+inf here is never an anomaly.
+    """
+    return step0_loss < settings.anomaly_fraction * math.log(vocab_size)
+
+
+def gap_penalty(gap: float, settings: ScoringSettings) -> float:
+    """1 up to the threshold, then exp(−slope · excess), never below the floor (continuous at the threshold)."""
+    excess = gap - settings.gap_threshold
+    if excess <= 0:
+        return 1.0
+    return max(settings.gap_penalty_floor, math.exp(-settings.gap_penalty_slope * excess))
+
+
+def tie_break_credit(heldout_delta: float, settings: ScoringSettings) -> float:
+    """The bpb credit the held-out delta earns: ε · d/(d + scale) for d = max(delta, 0), always < ε."""
+    delta = max(heldout_delta, 0.0)
+    share = delta / (delta + settings.tie_break_delta_scale)
+    return settings.epsilon * min(share, _MAX_CREDIT_SHARE)
+
+
+def final_score(inputs: ScoreInputs, settings: ScoringSettings | None = None) -> ScoreBreakdown:
+    """(1/(1+bpb) · penalty + tie_break) · anomaly; raises ScoreError(`score:degenerate`) for an unscorable run.
+
+    The tie-break is the score the held-out credit c buys: penalty · (1/(1+bpb−c) − 1/(1+bpb)), so with equal
+    penalties the total is penalty/(1+bpb−c), and c < ε means runs ε or more apart in bpb keep their order at
+    every bpb ≥ 0 (no valid-range caveat, so 2·ln(V) non-finite charges cannot break it).
+    """
+    settings = settings or ScoringSettings()
+    step0_loss = _checked_step0_loss(inputs)
+    flags: list[str] = []
+    anomaly = 0 if is_step0_anomaly(step0_loss, inputs.vocab_size, settings) else 1
+    if not anomaly:
+        flags.append("step0_anomaly")
+    if inputs.heldout_delta is None or inputs.gap is None:
+        flags.append("no_heldout")
+    penalty = 1.0 if inputs.gap is None else gap_penalty(inputs.gap, settings)
+    if inputs.gap is not None and inputs.gap > settings.gap_threshold:
+        flags.append("memorisation_gap")
+    credit = 0.0 if inputs.heldout_delta is None else tie_break_credit(inputs.heldout_delta, settings)
+    base = 1.0 / (1.0 + inputs.bpb)
+    # c/((1+b)(1+b−c)) is 1/(1+b−c) − 1/(1+b) without the cancellation of a difference.
+    tie_break = penalty * credit / ((1.0 + inputs.bpb) * (1.0 + inputs.bpb - credit))
+    return ScoreBreakdown(final_score=(base * penalty + tie_break) * anomaly, base=base, tie_break=tie_break,
+                          penalty=penalty, anomaly=anomaly, flags=flags, inputs=inputs)
+
+
+def _checked_step0_loss(inputs: ScoreInputs) -> float:
+    """Raise `score:degenerate` for an unscorable run; otherwise return its (present) first-batch loss."""
+    if inputs.step0_loss is None:
+        raise ScoreError("score:degenerate", "the run scored no batches")
+    if not math.isfinite(inputs.bpb) or inputs.bpb < 0:
+        raise ScoreError("score:degenerate", f"the run's bpb is {inputs.bpb}, not a finite number ≥ 0")
+    if inputs.vocab_size < 2:
+        raise ScoreError("score:degenerate", f"vocab_size {inputs.vocab_size} is below 2")
+    for name in ("heldout_delta", "gap"):
+        value = getattr(inputs, name)
+        if value is not None and not math.isfinite(value):
+            raise ScoreError("score:degenerate", f"the held-out pass produced a non-finite {name} ({value})")
+    return inputs.step0_loss

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DIM = 128
+DIM = 64
 HEADS = 4
 LAYERS = 2
 

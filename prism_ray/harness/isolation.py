@@ -1,30 +1,144 @@
-"""The one launcher for every execution of miner code: a child process in its own session with
-rlimits, a wall-clock kill and a process-group kill of everything it started."""
+"""The one launcher for every execution of miner code (DESIGN §6).
+
+bubblewrap with every namespace unshared and all capabilities dropped; the filesystem is a read-only
+whitelist (system dirs, the Python installation, the bundle, the IPC socket dir) with data dirs,
+caches and home directories hidden; the only writable places are size-capped tmpfs mounts (the run's
+artifacts dir and /tmp). rlimits bound address space, file size, CPU time and process count; the
+parent enforces the wall clock and kills the whole process group. As root the sandbox runs as an
+unprivileged uid, because the kernel never applies RLIMIT_NPROC to root.
+"""
 
 from __future__ import annotations
 
+import glob
 import os
 import resource
+import shutil
 import signal
 import subprocess
-import time
-from dataclasses import dataclass
+import sys
+import sysconfig
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+from prism_ray.errors import PrismError
+
+SANDBOX_UID = 65534
+_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt")
 
 
 @dataclass(frozen=True)
-class ProcessLimits:
+class SandboxPolicy:
+    mode: Literal["required", "auto", "off"] = "auto"
+    readable: tuple[Path, ...] = ()
+    hidden: tuple[Path, ...] = ()
+    artifacts_dir: Path | None = None
+    artifacts_quota_bytes: int = 256 << 20
+    tmp_quota_bytes: int = 1 << 30
     address_space_bytes: int | None = None
-    file_size_bytes: int | None = 1 << 30
+    file_size_bytes: int = 1 << 30
     cpu_seconds: int | None = None
+    max_processes: int = 512
+    gpu: bool = False
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+def bwrap_path() -> str | None:
+    return shutil.which("bwrap")
+
+
+def sandbox_available() -> bool:
+    return bwrap_path() is not None
+
+
+def _python_dirs() -> list[Path]:
+    """The interpreter, its stdlib and site-packages, and prism_ray itself — not the script dir or cwd."""
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, *sysconfig.get_paths().values()}
+    paths.update(entry for entry in sys.path if "site-packages" in entry or "dist-packages" in entry)
+    paths.add(str(Path(__file__).resolve().parents[2]))  # prism_ray's own root (editable installs)
+    resolved = {Path(p).resolve() for p in paths if p and Path(p).exists()}
+    return sorted(p for p in resolved if p != Path("/tmp") and Path("/tmp") not in p.parents)
+
+
+class _Mounts:
+    """Builds bwrap mount arguments; bwrap makes missing parents 0700, so ancestors are made 0755 first
+    (the sandbox runs as an unprivileged uid and must be able to walk to what it may read)."""
+
+    def __init__(self) -> None:
+        self.args: list[str] = []
+        self.made: set[str] = {"/"}
+        self.bound: list[str] = []
+
+    def _parents(self, path: str) -> None:
+        parts = Path(path).parts
+        for depth in range(2, len(parts)):
+            ancestor = str(Path(*parts[:depth]))
+            if ancestor in self.made or any(ancestor.startswith(b + "/") or ancestor == b for b in self.bound):
+                continue
+            self.args += ["--perms", "0755", "--dir", ancestor]
+            self.made.add(ancestor)
+
+    def add(self, option: str, source: str, target: str) -> None:
+        self._parents(target)
+        self.args += [option, source, target]
+        self.made.add(target)
+        self.bound.append(target)
+
+    def tmpfs(self, target: str, size: int | None = None, perms: str | None = None) -> None:
+        self._parents(target)
+        self.args += (["--perms", perms] if perms else []) + (["--size", str(size)] if size else []) + ["--tmpfs",
+                                                                                                     target]
+        self.made.add(target)
+
+
+def bwrap_args(policy: SandboxPolicy, as_root: bool) -> list[str]:
+    # As root there is no user namespace (its uid map would hold only root); setpriv drops to SANDBOX_UID.
+    namespaces = ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
+                  "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"] if as_root else \
+        ["--unshare-all", "--cap-drop", "ALL"]
+    mounts = _Mounts()
+    for system_dir in _SYSTEM_DIRS:
+        if os.path.islink(system_dir):
+            mounts.args += ["--symlink", os.readlink(system_dir), system_dir]
+        elif os.path.isdir(system_dir):
+            mounts.add("--ro-bind", system_dir, system_dir)
+    for path in _python_dirs():
+        if not any(str(path) == b or str(path).startswith(b + "/") for b in mounts.bound):
+            mounts.add("--ro-bind", str(path), str(path))
+    if policy.gpu:
+        for device in sorted(glob.glob("/dev/nvidia*")):
+            mounts.args += ["--dev-bind", device, device]
+        mounts.add("--ro-bind", "/sys", "/sys")
+    # Hide data, caches and secrets that sit inside a bound dir (e.g. the embedded data of an editable install).
+    for path in policy.hidden:
+        resolved = Path(path).resolve()
+        if resolved.is_dir() and any(str(resolved).startswith(b + "/") for b in mounts.bound):
+            mounts.tmpfs(str(resolved), perms="0000")
+        elif resolved.is_file():
+            mounts.args += ["--ro-bind", "/dev/null", str(resolved)]
+    mounts.tmpfs("/tmp", size=policy.tmp_quota_bytes, perms="1777")
+    for path in policy.readable:
+        mounts.add("--ro-bind", str(path), str(path))
+    chdir = ["--chdir", "/tmp"]
+    if policy.artifacts_dir is not None:
+        mounts.tmpfs(str(policy.artifacts_dir), size=policy.artifacts_quota_bytes, perms="0777")
+        chdir = ["--chdir", str(policy.artifacts_dir)]
+    args = [bwrap_path() or "bwrap", *namespaces, "--die-with-parent", "--new-session", "--dev", "/dev",
+            "--proc", "/proc", *mounts.args, *chdir, "--"]
+    if as_root:
+        args += ["setpriv", f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}", "--clear-groups",
+                 "--inh-caps=-all", "--bounding-set=-all", "--"]
+    return args
 
 
 class Sandboxed:
     """A launched process: poll it, wait for it, kill its whole process group."""
 
-    def __init__(self, process: subprocess.Popen, log_path: Path):
+    def __init__(self, process: subprocess.Popen, log_path: Path, sandboxed: bool):
         self.process = process
         self.log_path = log_path
+        self.sandboxed = sandboxed
 
     @property
     def pid(self) -> int:
@@ -44,38 +158,54 @@ class Sandboxed:
             os.killpg(self.process.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-        self.wait(5.0)
+        self.wait(10.0)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
             text = self.log_path.read_text(errors="replace")
         except OSError:
             return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return redact("\n".join(text.splitlines()[-lines:]))
 
 
-def _apply_limits(limits: ProcessLimits) -> None:
-    if limits.address_space_bytes:
-        resource.setrlimit(resource.RLIMIT_AS, (limits.address_space_bytes, limits.address_space_bytes))
-    if limits.file_size_bytes:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_size_bytes, limits.file_size_bytes))
-    if limits.cpu_seconds:
-        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds))
+def redact(text: str) -> str:
+    """Drop values of secret-looking environment variables from text shown to miners."""
+    for key, value in os.environ.items():
+        if value and len(value) >= 8 and any(word in key.upper() for word in ("KEY", "TOKEN", "SECRET", "PASS")):
+            text = text.replace(value, "[redacted]")
+    return text
 
 
-def launch(argv: list[str], env: dict[str, str], log_path: Path, cwd: Path,
-           limits: ProcessLimits | None = None) -> Sandboxed:
-    limits = limits or ProcessLimits()
-    log = open(log_path, "ab")  # noqa: SIM115 — handed to the child, closed below
+def _set_limits(policy: SandboxPolicy, as_root: bool) -> None:
+    if policy.address_space_bytes:
+        resource.setrlimit(resource.RLIMIT_AS, (policy.address_space_bytes, policy.address_space_bytes))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (policy.file_size_bytes, policy.file_size_bytes))
+    if policy.cpu_seconds:
+        resource.setrlimit(resource.RLIMIT_CPU, (policy.cpu_seconds, policy.cpu_seconds))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if as_root:  # counted against SANDBOX_UID once setpriv has dropped to it
+        resource.setrlimit(resource.RLIMIT_NPROC, (policy.max_processes, policy.max_processes))
+
+
+def launch(argv: list[str], env: dict[str, str], log_path: Path, cwd: Path, policy: SandboxPolicy) -> Sandboxed:
+    use_bwrap = policy.mode != "off" and sandbox_available()
+    if policy.mode == "required" and not use_bwrap:
+        raise PrismError("sandbox:unavailable", "bubblewrap (bwrap) is not installed; the cluster refuses to run "
+                         "miner code without the sandbox (apt-get install bubblewrap)")
+    if policy.mode == "auto" and not use_bwrap:
+        print("WARNING: bubblewrap is not installed — miner code runs WITHOUT the sandbox "
+              "(apt-get install bubblewrap). Never do this with code you do not trust.", file=sys.stderr)
+    as_root = use_bwrap and os.geteuid() == 0
+    if use_bwrap:
+        argv = bwrap_args(policy, as_root) + argv
+        cwd = Path("/")
+    log = open(log_path, "ab")  # noqa: SIM115 — handed to the child, closed right after
     try:
         process = subprocess.Popen(
-            argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, close_fds=True, preexec_fn=lambda: _apply_limits(limits),
+            argv, env={**env, **policy.extra_env}, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+            preexec_fn=lambda: _set_limits(policy, as_root),
         )
     finally:
         log.close()
-    return Sandboxed(process, log_path)
-
-
-def deadline_after(seconds: float) -> float:
-    return time.monotonic() + seconds
+    return Sandboxed(process, log_path, use_bwrap)

@@ -9,6 +9,7 @@ It never reads data: every batch arrives from the parent, one at a time, after t
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
 import socket
@@ -43,6 +44,16 @@ def _miner_frame(tb: traceback.StackSummary, bundle_dir: str) -> tuple[str | Non
         if frame.filename.startswith(bundle_dir + os.sep):
             return os.path.relpath(frame.filename, bundle_dir), frame.lineno
     return None, None
+
+
+def classify(error: BaseException) -> str:
+    """Resource exhaustion gets its own rule so miners know which limit they hit."""
+    text = str(error).lower()
+    if isinstance(error, MemoryError) or "out of memory" in text or "can't allocate memory" in text:
+        return "run:memory"
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return "run:artifacts_quota"
+    return "run:exception"
 
 
 def _device(spec: dict, local_rank: int) -> str:
@@ -100,7 +111,7 @@ def run(channel: Channel) -> int:
     except BaseException as error:  # noqa: BLE001 — any miner failure is reported, typed, to the parent
         file, line = _miner_frame(traceback.extract_tb(error.__traceback__), bundle_dir)
         message = f"{type(error).__name__}: {error}"
-        channel.send_json(Kind.ERROR, {"rule": "run:exception", "message": message[:2000], "file": file,
+        channel.send_json(Kind.ERROR, {"rule": classify(error), "message": message[:2000], "file": file,
                                        "line": line})
         traceback.print_exc()
         return 1

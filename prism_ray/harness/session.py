@@ -13,13 +13,13 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from prism_ray.errors import PrismError, Reason
-from prism_ray.harness.isolation import ProcessLimits, Sandboxed, launch
+from prism_ray.harness.isolation import Sandboxed, SandboxPolicy, launch
 from prism_ray.harness.protocol import Channel, Kind, ProtocolError, parse_json, parse_record
 from prism_ray.harness.stream import BatchSlice, StreamPlan, check_geometry
 
@@ -73,6 +73,7 @@ class TrainOutcome:
     wall_seconds: float = 0.0
     stream_seconds: float = 0.0
     device: str | None = None
+    sandboxed: bool = False
     log_tail: str = ""
 
     @property
@@ -107,6 +108,7 @@ class _Books:
 
 def runner_command(socket_path: Path) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc-per-node=1",
+            "--local-addr=127.0.0.1",
             "-m", "prism_ray.harness.runner", str(socket_path)]
 
 
@@ -122,7 +124,7 @@ def runner_env(threads: int) -> dict[str, str]:
 
 def run_training(spec: RunSpec, tokens: np.ndarray, byte_lengths: np.ndarray, run_dir: Path, time_limit: float,
                  progress: Callable[[Progress], None] | None = None,
-                 limits: ProcessLimits | None = None) -> TrainOutcome:
+                 policy: SandboxPolicy | None = None) -> TrainOutcome:
     started = time.monotonic()
     deadline = started + time_limit
     outcome = TrainOutcome()
@@ -134,8 +136,17 @@ def run_training(spec: RunSpec, tokens: np.ndarray, byte_lengths: np.ndarray, ru
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(socket_path))
     listener.listen(1)
-    process = launch(runner_command(socket_path), runner_env(spec.threads), run_dir / "runner.log", cwd=run_dir,
-                     limits=limits)
+    os.chmod(socket_path, 0o777)  # the sandbox runs as an unprivileged uid; the dir around it stays private
+    policy = policy or SandboxPolicy()
+    policy = replace(policy, readable=(*policy.readable, spec.bundle_dir, ipc_dir), artifacts_dir=spec.artifacts_dir)
+    try:
+        process = launch(runner_command(socket_path), runner_env(spec.threads), run_dir / "runner.log", cwd=run_dir,
+                         policy=policy)
+    except PrismError as error:
+        listener.close()
+        outcome.reasons = error.reasons
+        return outcome
+    outcome.sandboxed = process.sandboxed
     try:
         channel = _accept(listener, process, deadline)
         _serve(channel, spec, tokens, byte_lengths, books, outcome, deadline, progress)

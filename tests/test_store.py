@@ -1,0 +1,250 @@
+"""The DuckDB store on a real database file: lifecycle, duplicates, the lease-guarded queue, export, locking."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import duckdb
+import pytest
+
+from prism_ray.bundle import Bundle, check_contract
+from prism_ray.errors import Reason
+from prism_ray.gate import CachedVerdict, GateAudit
+from prism_ray.store import TABLES, Store, StoreError
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_bundle(tag: str, line_ending: str = "\n") -> Bundle:
+    architecture = f"# {tag}{line_ending}def build_model(ctx):{line_ending}    return None{line_ending}"
+    return check_contract({"architecture.py": architecture.encode(),
+                           "training.py": b"def train(ctx):\n    pass\n"})
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(tmp_path, clock):
+    with Store(tmp_path / "prism.duckdb", clock=clock) as opened:
+        yield opened
+
+
+def kinds(store: Store, submission_id: str) -> list[str]:
+    return [event["kind"] for event in store.events(submission_id)]
+
+
+def test_full_lifecycle_writes_every_transition(store, clock):
+    record = store.create_submission("hk1", "model.zip", make_bundle("a"), metadata={"ip": "127.0.0.1"})
+    assert (record.status, record.stage, record.attempt, record.reused) == ("pending", "queued", 0, False)
+    assert record.id.startswith("sub_") and record.metadata == {"ip": "127.0.0.1"} and record.name == "architecture"
+    assert store.bundle_zip(record.bundle_sha256) == make_bundle("a").to_zip()
+
+    [claimed] = store.claim_next("sched", lease_seconds=60)
+    assert (claimed.id, claimed.status, claimed.attempt, claimed.lease_owner) == (record.id, "running", 1, "sched")
+    assert claimed.lease_expires_at == clock.now + 60
+    assert store.set_stage(record.id, "train", node="gpu-node-1", owner="sched")
+    clock.now += 10
+    assert store.renew_lease(record.id, "sched", 60, progress_bytes=1000, progress_bpb=2.5, tokens_per_second=99.0)
+
+    report = {"status": "completed", "stage": "score", "bpb": 1.25, "final_score": 0.44, "reasons": []}
+    curve = [{"bytes": 500, "bpb": 3.0}, {"bytes": 1000, "bpb": 2.0}]
+    assert store.complete(record.id, "sched", report, {"bpb": 1.25, "final_score": 0.44, "anomaly": 1.0}, curve)
+
+    done = store.get_submission(record.id)
+    assert (done.status, done.stage, done.lease_owner, done.finished_at) == ("completed", "score", None, clock.now)
+    assert kinds(store, record.id) == ["submitted", "claimed", "stage", "completed"]
+    assert [event["seq"] for event in store.events(record.id)] == [1, 2, 3, 4]
+    [run] = store.runs(record.id)
+    assert (run["status"], run["node"], run["progress_bytes"], run["report"]["bpb"]) == ("completed", "gpu-node-1",
+                                                                                         1000, 1.25)
+    assert store.curve(record.id) == curve
+    [row] = store.scored_rows()
+    assert (row["submission_id"], row["hotkey"], row["bpb"], row["final_score"]) == (record.id, "hk1", 1.25, 0.44)
+    assert (row["status"], row["submitted_at"]) == ("completed", record.created_at)
+    assert store.stats()["by_status"]["completed"] == 1
+    assert not store.complete(record.id, "sched", report, {"bpb": 1.0}, [])  # scored once, never twice
+
+
+def test_duplicates_earliest_wins_and_same_hotkey_gets_its_submission_back(store):
+    first = store.create_submission("alice", "a.zip", make_bundle("x"))
+    copied = make_bundle("x", line_ending="\r\n")  # different bytes, same normalised files
+    assert copied.sha256 != first.bundle_sha256 and copied.fingerprint == first.fingerprint
+
+    duplicate = store.create_submission("bob", "b.zip", copied)
+    assert (duplicate.status, duplicate.duplicate_of) == ("duplicate", first.id)
+    assert duplicate.reasons[0].rule == "duplicate" and first.id in duplicate.reasons[0].message
+    assert kinds(store, duplicate.id) == ["duplicate"]
+
+    again = store.create_submission("alice", "renamed.zip", copied)
+    assert (again.id, again.reused, again.filename) == (first.id, True, "a.zip")
+    assert store.create_submission("bob", "b2.zip", copied).id == duplicate.id
+    assert store.create_submission("carol", "c.zip", copied).duplicate_of == first.id
+    assert store.stats()["total"] == 3
+    assert [claimed.id for claimed in store.claim_next("sched", 60, limit=10)] == [first.id]
+
+
+def test_claim_respects_limit_and_order_and_never_hands_a_row_out_twice(store):
+    ids = [store.create_submission(f"hk{i}", "m.zip", make_bundle(str(i))).id for i in range(5)]
+    first = store.claim_next("owner-a", 60, limit=2)
+    second = store.claim_next("owner-b", 60, limit=10)
+    assert [record.id for record in first] == ids[:2] and [record.id for record in second] == ids[2:]
+    assert {record.lease_owner for record in second} == {"owner-b"}
+    assert store.claim_next("owner-c", 60, limit=10) == []
+    assert store.stats() | {"by_status": None} == {"by_status": None, "queue_depth": 0, "in_flight": 5, "total": 5}
+
+
+def test_expired_lease_is_requeued_with_the_next_attempt(store, clock):
+    record = store.create_submission("hk", "m.zip", make_bundle("a"))
+    store.claim_next("sched", 30)
+    assert store.requeue_expired() == []  # not expired yet
+    assert store.requeue_expired(now=clock.now + 31) == [record.id]
+
+    requeued = store.get_submission(record.id)
+    assert (requeued.status, requeued.attempt, requeued.lease_owner) == ("pending", 1, None)
+    assert requeued.reasons[0].rule == "infra:lease_expired"
+    assert store.events(record.id)[-1]["detail"]["reasons"][0]["rule"] == "infra:lease_expired"
+    [again] = store.claim_next("sched", 30)
+    assert again.attempt == 2
+    assert [(run["attempt"], run["status"]) for run in store.runs(record.id)] == [(1, "requeued"), (2, "running")]
+
+
+def test_attempts_exhausted_fails_with_infra_reason(tmp_path, clock):
+    with Store(tmp_path / "capped.duckdb", max_attempts=2, clock=clock) as store:
+        record = store.create_submission("hk", "m.zip", make_bundle("a"))
+        for _ in range(2):
+            store.claim_next("sched", 30)
+            clock.now += 31
+            assert store.requeue_expired() == [record.id]
+        failed = store.get_submission(record.id)
+        assert (failed.status, failed.attempt) == ("failed", 2)
+        assert [reason.rule for reason in failed.reasons] == ["infra:attempts_exhausted", "infra:lease_expired"]
+        assert kinds(store, record.id) == ["submitted", "claimed", "requeued", "claimed", "failed"]
+        assert store.claim_next("sched", 30) == []
+
+
+def test_stale_owner_cannot_complete_after_requeue(store, clock):
+    record = store.create_submission("hk", "m.zip", make_bundle("a"))
+    store.claim_next("old", 30)
+    clock.now += 31
+    store.requeue_expired()
+    store.claim_next("new", 30)
+    report, score = {"stage": "score"}, {"bpb": 1.0, "final_score": 0.5}
+    assert not store.renew_lease(record.id, "old", 30)
+    assert not store.complete(record.id, "old", report, score, [{"bytes": 1, "bpb": 1.0}])
+    assert not store.complete(record.id, "new", report, score, [], attempt=1)  # the first attempt's late result
+    assert store.complete(record.id, "new", report, score, [{"bytes": 1, "bpb": 1.0}], attempt=2)
+    assert len(store.scored_rows()) == 1 and len(store.curve(record.id)) == 1
+
+
+def test_recover_requeues_running_rows_the_scheduler_does_not_know(store):
+    live, orphan = (store.create_submission(f"hk{i}", "m.zip", make_bundle(str(i))).id for i in range(2))
+    store.claim_next("sched", 600, limit=2)
+    assert store.recover([live]) == [orphan]
+    assert store.get_submission(live).status == "running"
+    assert store.get_submission(orphan).reasons[0].rule == "infra:orphaned"
+
+
+def test_fail_hold_release_reject_and_guards(store):
+    a, b, c = (store.create_submission(f"hk{i}", "m.zip", make_bundle(str(i))).id for i in range(3))
+    store.claim_next("sched", 60, limit=3)
+    gate_reject = [Reason(rule="gate:objective", message="trains on the labels", file="training.py", line=3)]
+    assert store.fail(a, gate_reject, "gate", status="rejected", owner="sched")
+    assert store.get_submission(a).reasons == gate_reject and store.runs(a)[0]["status"] == "rejected"
+    assert not store.fail(a, gate_reject, "gate")  # terminal stays terminal
+
+    assert store.hold(b, [{"rule": "gate:unavailable", "message": "no verdict"}], stage="gate")
+    assert store.get_submission(b).status == "held" and not store.complete(b, "sched", {}, {}, [])
+    assert store.release(b) and store.get_submission(b).status == "pending"
+
+    assert store.fail(c, [Reason(rule="infra:node_lost", message="node died")], "train", terminal=False)
+    assert store.get_submission(c).status == "pending"
+    assert store.requeue(c, Reason(rule="infra:x", message="x")) is False  # only running rows are requeued
+
+    rejected = store.reject_submission("hk9", "bad.zip", [Reason(rule="intake:not_a_zip", message="not a zip")])
+    assert (rejected.status, rejected.bundle_sha256, kinds(store, rejected.id)) == ("rejected", None, ["rejected"])
+    with pytest.raises(StoreError, match="unknown score fields"):
+        store.complete(a, "sched", {}, {"bpb_typo": 1.0}, [])
+
+
+def test_nonces_refuse_replays_until_purged(store, clock):
+    assert store.check_nonce("hk", "n1", ttl=300)
+    assert not store.check_nonce("hk", "n1", ttl=300)
+    assert store.check_nonce("other", "n1", ttl=300)
+    clock.now += 301
+    assert store.check_nonce("hk", "n1", ttl=300)
+
+
+def test_gate_verdict_cache_and_audits(store, tmp_path):
+    key = "ab" * 32
+    assert store.get(key) is None
+    verdict = CachedVerdict(status="rejected", reasons=[Reason(rule="gate:other", message="no")], confidence=0.9,
+                            model="m", prompt_version="v1", request_sha256=key)
+    store.put(key, verdict)
+    assert CachedVerdict.model_validate(store.get(key)) == verdict
+    store.put(key, verdict.model_copy(update={"status": "allowed", "reasons": []}))
+    assert store.get(key)["status"] == "allowed"
+
+    audits = [GateAudit(model="m", prompt_version="v1", request_sha256=key, latency_s=0.5, attempt=attempt,
+                        outcome=outcome, error=error) for attempt, outcome, error in
+              ((1, "unavailable", "timeout"), (2, "reject", None))]
+    store.record_gate_audits("sub_x", audits)
+    exported = store.export_parquet(tmp_path / "export")[TABLES.index("gate_reviews")]
+    rows = duckdb.sql(f"SELECT submission_id, attempt, outcome, error FROM '{exported}' ORDER BY attempt").fetchall()
+    assert rows == [("sub_x", 1, "unavailable", "timeout"), ("sub_x", 2, "reject", None)]
+
+
+def test_export_writes_one_readable_parquet_per_table(store, tmp_path):
+    record = store.create_submission("hk", "m.zip", make_bundle("a"))
+    store.claim_next("sched", 60)
+    store.complete(record.id, "sched", {"stage": "score", "bpb": float("nan")}, {"bpb": 1.0, "final_score": 0.5},
+                   [{"bytes": 10, "bpb": 2.0}, {"bytes": 20, "bpb": 1.5}])
+    paths = store.export_parquet(tmp_path / "export")
+    assert sorted(path.name for path in paths) == sorted(f"{table}.parquet" for table in TABLES)
+    reader = duckdb.connect()
+    counts = {path.stem: reader.execute(f"SELECT count(*) FROM '{path}'").fetchone()[0] for path in paths}
+    assert counts["submissions"] == counts["bundles"] == counts["scores"] == counts["runs"] == 1
+    assert counts["curves"] == 2 and counts["events"] == 3 and counts["schema_version"] == 1
+    report = reader.execute(f"SELECT report->>'bpb' FROM '{tmp_path / 'export' / 'runs.parquet'}'").fetchone()[0]
+    assert report is None  # NaN is stored as JSON null
+
+
+def test_reopening_the_file_keeps_everything(tmp_path, clock):
+    path = tmp_path / "durable.duckdb"
+    with Store(path, clock=clock) as store:
+        record = store.create_submission("hk", "m.zip", make_bundle("a"))
+        store.claim_next("sched", 60)
+        store.check_nonce("hk", "n1", ttl=300)
+    with Store(path, clock=clock) as reopened:
+        assert reopened.get_submission(record.id).status == "running"
+        assert kinds(reopened, record.id) == ["submitted", "claimed"]
+        assert not reopened.check_nonce("hk", "n1", ttl=300)
+        assert reopened.create_submission("hk", "m.zip", make_bundle("a")).reused
+    with duckdb.connect(str(path), read_only=True) as reader:
+        assert reader.execute("SELECT count(*) FROM schema_version").fetchone() == (1,)
+        assert reader.execute("SELECT count(*) FROM events").fetchone() == (2,)
+
+
+def test_second_process_gets_store_locked(tmp_path):
+    path = tmp_path / "locked.duckdb"
+    script = textwrap.dedent(f"""
+        from prism_ray.store import Store, StoreLocked
+        try:
+            Store({str(path)!r})
+        except StoreLocked as error:
+            print("LOCKED", error)
+    """)
+    with Store(path):
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.stdout.startswith("LOCKED"), result.stderr
+    assert "another process" in result.stdout

@@ -85,7 +85,7 @@ def run(channel: Channel) -> int:
     bundle_dir = spec["bundle_dir"]
     channel.send_json(Kind.HELLO, {"pid": os.getpid(), "torch": torch.__version__, "device": spec["device"]})
     try:
-        sys.path.insert(0, bundle_dir)
+        sys.path.append(bundle_dir)  # after the stdlib and site-packages: a bundle file cannot shadow them
         arch_file, arch_symbol = spec["architecture"]
         train_file, train_symbol = spec["training"]
         architecture = _import_file(Path(bundle_dir, arch_file), Path(arch_file).stem)

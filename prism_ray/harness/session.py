@@ -117,7 +117,7 @@ def runner_env(threads: int) -> dict[str, str]:
             "VIRTUAL_ENV", "TMPDIR")
     env = {k: v for k, v in os.environ.items() if k in keep}
     env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONHASHSEED": "0",
-                "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1",
+                "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1",
                 "TORCHELASTIC_ERROR_FILE": "/dev/null"})
     return env
 
@@ -244,6 +244,8 @@ def _serve(channel: Channel, spec: RunSpec, tokens: np.ndarray, byte_lengths: np
                                           message=str(reason.get("message", ""))[:4000],
                                           file=reason.get("file"), line=reason.get("line")))
         elif kind == Kind.DONE:
+            if stream_started:  # the miner's last optimizer step is part of the run's time
+                outcome.stream_seconds = time.monotonic() - stream_started
             return
         else:
             raise ProtocolError(f"unexpected frame {kind.name} from the runner")

@@ -1,0 +1,88 @@
+"""`prism-ray eval` end to end: real subprocesses, the embedded data, the three examples."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import EXAMPLES, write_bundle
+from prism_ray.config import EMBEDDED_DATA_DIR
+
+CLI = [sys.executable, "-m", "prism_ray.cli"]
+
+
+def eval_json(*args: str, cache_dir: Path, extra_env: dict | None = None) -> tuple[int, dict, str]:
+    env = {"PATH": "/usr/bin:/bin", "PRISM_CACHE_DIR": str(cache_dir), "HOME": str(cache_dir),
+           **(extra_env or {})}
+    done = subprocess.run([*CLI, "eval", *args, "--json"], capture_output=True, text=True, env=env, timeout=300)
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1, done.stdout + done.stderr  # stdout is exactly one JSON object
+    return done.returncode, json.loads(lines[0]), done.stderr
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.mark.parametrize("example", ["tiny-gpt", "byte-lm", "seed-tiny"])
+def test_examples_score_on_embedded_data(example, cache_dir):
+    code, report, _ = eval_json(str(EXAMPLES / example), "--byte-budget", "20000", cache_dir=cache_dir)
+    assert code == 0, report
+    assert report["status"] == "completed" and report["stage"] == "score"
+    assert report["bytes_scored"] >= 20000 and report["stopped_reason"] == "byte_budget"
+    assert 0 < report["bpb"] < 20 and 0 < report["final_score"] < 1
+    assert report["data"]["pinned"] and report["data"]["path"] == str(EMBEDDED_DATA_DIR)
+    assert report["gate"]["status"] == "skipped"
+    assert report["curve"][-1]["bytes"] == report["bytes_scored"]
+    for key in ("tokens_scored", "batches", "batch_size", "seq_len", "tokenizer", "vocab_size", "model_params",
+                "seed", "step0_loss", "wall_seconds", "tokens_per_second"):
+        assert report[key] is not None, key
+    assert (Path(report["run_dir"]) / "report.json").is_file()
+
+
+def test_rejected_bundle_exits_1_with_reasons(tmp_path, cache_dir):
+    bundle = write_bundle(tmp_path / "b", "import os\ndef build_model(ctx):\n    return None\n", "def train(ctx):\n    pass\n")
+    code, report, _ = eval_json(str(bundle), cache_dir=cache_dir)
+    assert code == 1
+    assert report["status"] == "rejected"
+    assert report["reasons"][0]["rule"].startswith("sandbox:")
+    assert report["reasons"][0]["file"] == "architecture.py" and report["reasons"][0]["line"] == 1
+
+
+def test_usage_error_exits_2(tmp_path, cache_dir):
+    done = subprocess.run([*CLI, "eval", str(tmp_path / "missing")], capture_output=True, text=True)
+    assert done.returncode == 2
+
+
+def test_tampered_shard_is_refused(tmp_path, cache_dir):
+    data = tmp_path / "data"
+    shutil.copytree(EMBEDDED_DATA_DIR, data)
+    shard = sorted((data / "train").glob("*.jsonl.gz"))[0]
+    lines = gzip.decompress(shard.read_bytes()).splitlines()
+    record = json.loads(lines[0])
+    record["text"] = record["text"].replace("Python", "Pythom", 1)
+    lines[0] = json.dumps(record).encode()
+    shard.write_bytes(gzip.compress(b"\n".join(lines) + b"\n"))
+    code, report, _ = eval_json(str(EXAMPLES / "seed-tiny"), "--data", str(data), cache_dir=cache_dir)
+    assert code == 1
+    assert report["status"] == "failed" and report["stage"] == "data"
+    assert report["reasons"][0]["rule"] == "data:tampered"
+
+
+def test_unpinned_directory_is_accepted(tmp_path, cache_dir):
+    data = tmp_path / "unpinned"
+    (data / "train").mkdir(parents=True)
+    docs = [json.dumps({"text": f"Document {i}: the quick brown fox jumps over the lazy dog. " * 20}) for i in range(60)]
+    (data / "train" / "part.jsonl").write_text("\n".join(docs) + "\n")
+    code, report, _ = eval_json(str(EXAMPLES / "byte-lm"), "--data", str(data), "--byte-budget", "0",
+                                cache_dir=cache_dir)
+    assert code == 0, report
+    assert report["data"]["pinned"] is False and report["data"]["fingerprint"].startswith("unpinned-")
+    assert report["stopped_reason"] == "stream_exhausted"

@@ -41,7 +41,7 @@ def over_socket(tokens: np.ndarray, byte_lengths: np.ndarray, batch_size: int, s
             kind, payload = runner.recv()
             if kind == Kind.END:
                 return
-            index, rows, length, chunk = parse_batch(payload)
+            index, rows, length, chunk, _ = parse_batch(payload)
             batch = torch.from_numpy(chunk.astype(np.int64)).unfold(0, length, length - 1).contiguous()
             runner.send_record(index, float(batch.shape[0]), True)
 

@@ -89,6 +89,31 @@ class ScoringSettings(BaseSettings):
         return split
 
 
+class ClusterSettings(BaseSettings):
+    """The Ray layer (prism_ray/cluster, docs/operator.md): the store file, capacity, liveness and stage limits."""
+
+    model_config = SettingsConfigDict(env_prefix="PRISM_CLUSTER_", extra="ignore")
+
+    store_path: Path | None = Field(default=None, description="the DuckDB file, on the head node; "
+                                    "None = <cache_dir>/prism.duckdb")
+    namespace: str = Field(default="prism-ray", description="Ray namespace of the detached store and scheduler")
+    capacity: int = Field(default=0, ge=0, description="submissions in flight at once; 0 = the cluster's GPU count")
+    max_attempts: int = Field(default=3, ge=1, description="claims of a submission before infra:attempts_exhausted")
+    lease_seconds: float = Field(default=60.0, gt=0, description="a running submission whose lease is not renewed "
+                                 "for this long is requeued")
+    heartbeat_seconds: float = Field(default=2.0, gt=0, description="how often leases are renewed and progress "
+                                     "is written (heartbeats are coalesced in between)")
+    poll_seconds: float = Field(default=0.5, gt=0, description="the scheduler's loop period when nothing finishes")
+    cpu_stage_seconds: float = Field(default=600.0, gt=0, description="wall-clock limit of a CPU stage "
+                                     "(check, gate, score)")
+    gpu_stage_grace_seconds: float = Field(default=300.0, ge=0, description="added to time_limit for a GPU stage "
+                                           "(train, heldout): runner start-up and a first token-cache build")
+    stage_limits: dict[str, float] = Field(default_factory=dict, description="per-stage limits in seconds that "
+                                           "replace the two above, e.g. {\"train\": 1200}")
+    cpus_per_gpu_stage: float = Field(default=1.0, ge=0, description="CPUs reserved with each GPU stage's GPU")
+    cpus_per_cpu_stage: float = Field(default=0.25, ge=0, description="CPUs reserved by a check, gate or score task")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PRISM_", extra="ignore")
 
@@ -96,6 +121,8 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=EMBEDDED_DATA_DIR, description="locked dataset (train/val/test + MANIFEST.json)")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="token caches and run dirs")
     byte_budget: int = Field(default=200_000, ge=0, description="target bytes scored per run; 0 = whole train split")
+    probe_time_limit: float = Field(default=120.0, gt=0, description="wall-clock cap of the instantiation probe")
+    causality_probes: int = Field(default=4, ge=0, description="secret random causality probes per run (+ batch 0)")
     time_limit: float = Field(default=900.0, gt=0, description="wall-clock safety cap of a training run, seconds")
     seed: int = 1337
     max_seq_len: int = Field(default=1024, ge=2)
@@ -109,6 +136,7 @@ class Settings(BaseSettings):
     sandbox: SandboxSettings = Field(default_factory=lambda: SandboxSettings())
     gate: GateSettings = Field(default_factory=lambda: GateSettings())
     scoring: ScoringSettings = Field(default_factory=lambda: ScoringSettings())
+    cluster: ClusterSettings = Field(default_factory=lambda: ClusterSettings())
 
 
 def load_settings(**overrides) -> Settings:

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from prism_ray import gate, sandbox, scoring
 from prism_ray.bundle import Bundle, load_bundle
 from prism_ray.config import EMBEDDED_DATA_DIR, IntakeLimits, Settings
@@ -55,6 +57,30 @@ def check(bundle: Bundle) -> list[Reason]:
     return sandbox.inspect(bundle)
 
 
+def probe(bundle: Bundle, settings: Settings, run_dir: Path) -> list[Reason]:
+    """Instantiate the architecture in the sandbox under the forced seed: parameter cap and a causality check
+    on random tokens, before any data or GPU time is spent."""
+    tokenizer = get_tokenizer(bundle.config.tokenizer)
+    spec = _run_spec(bundle, settings, run_dir / "probe", tokenizer.name, tokenizer.vocab_size, data_dir="",
+                     probe_only=True)
+    outcome = run_training(spec, np.zeros(0, dtype=np.uint16), tokenizer.token_byte_lengths(), run_dir / "probe",
+                           settings.probe_time_limit, policy=sandbox_policy(settings))
+    return outcome.reasons
+
+
+def _run_spec(bundle: Bundle, settings: Settings, run_dir: Path, tokenizer: str, vocab_size: int, data_dir: str,
+              probe_only: bool = False) -> RunSpec:
+    entry_a, entry_t = bundle.config.architecture_entry, bundle.config.training_entry
+    return RunSpec(
+        bundle_dir=bundle.write_to(run_dir / "bundle"), architecture=(entry_a.file, entry_a.symbol),
+        training=(entry_t.file, entry_t.symbol), tokenizer=tokenizer, vocab_size=vocab_size,
+        max_seq_len=settings.max_seq_len, max_params=settings.max_params, seed=settings.seed, device=settings.device,
+        byte_budget=settings.byte_budget, artifacts_dir=run_dir / "artifacts", data_dir=data_dir,
+        threads=settings.runner_threads or len(os.sched_getaffinity(0)), causality_probes=settings.causality_probes,
+        probe_only=probe_only,
+    )
+
+
 def review(bundle: Bundle, settings: Settings, cache: gate.VerdictCache | None = None) -> gate.GateResult:
     return gate.review(bundle, settings.gate, cache if cache is not None else
                        gate.FileVerdictCache(settings.cache_dir / "gate-verdicts"))
@@ -86,15 +112,7 @@ def train(bundle: Bundle, settings: Settings, run_dir: Path,
         return result
     result.data = DataInfo(path=str(dataset.root), fingerprint=dataset.fingerprint, pinned=dataset.pinned,
                            documents=stream.documents, tokens=int(len(stream.tokens)))
-    spec = RunSpec(
-        bundle_dir=bundle.write_to(run_dir / "bundle"),
-        architecture=(bundle.config.architecture_entry.file, bundle.config.architecture_entry.symbol),
-        training=(bundle.config.training_entry.file, bundle.config.training_entry.symbol),
-        tokenizer=tokenizer.name, vocab_size=tokenizer.vocab_size, max_seq_len=settings.max_seq_len,
-        max_params=settings.max_params, seed=settings.seed, device=settings.device,
-        byte_budget=settings.byte_budget, artifacts_dir=run_dir / "artifacts", data_dir=str(dataset.root),
-        threads=settings.runner_threads or len(os.sched_getaffinity(0)),
-    )
+    spec = _run_spec(bundle, settings, run_dir, tokenizer.name, tokenizer.vocab_size, str(dataset.root))
     result.outcome = run_training(spec, stream.tokens, stream.byte_lengths, run_dir, settings.time_limit, progress,
                                   sandbox_policy(settings))
     return result
@@ -151,10 +169,14 @@ def evaluate(source: Path | str | bytes | Bundle, settings: Settings | None = No
     findings = check(bundle)
     if findings:
         return stopped("rejected", "check", findings, **identity)
+    run_dir = run_dir or new_run_dir(settings, bundle)
+    findings = probe(bundle, settings, run_dir)
+    if findings:
+        return stopped("rejected", "check", findings, run_dir=str(run_dir), **identity)
     verdict = review(bundle, settings, verdicts)
     if verdict.status in ("rejected", "held"):
-        return stopped(verdict.status, "gate", verdict.reasons, gate=verdict.to_report(), **identity)
-    run_dir = run_dir or new_run_dir(settings, bundle)
+        return stopped(verdict.status, "gate", verdict.reasons, gate=verdict.to_report(), run_dir=str(run_dir),
+                       **identity)
     result = train(bundle, settings, run_dir, progress)
     report = score(bundle, result, settings, time.monotonic() - started)
     report.gate = verdict.to_report()

@@ -21,12 +21,33 @@ import torch
 
 from prism_ray.harness.protocol import Channel, Kind, parse_batch, parse_json
 
-# Bound before miner import (DESIGN §6): the miner cannot swap these out from under the harness.
+# Bound before miner import (DESIGN §6): the scoring arithmetic calls these originals, so a later
+# monkeypatch of torch cannot change a recorded loss; the integrity check below also reports the attempt.
 _cross_entropy = torch.nn.functional.cross_entropy
 _Tensor = torch.Tensor
-_no_grad = torch.no_grad
 _float32 = torch.float32
 _float64 = torch.float64
+_item, _detach, _to, _reshape, _narrow = _Tensor.item, _Tensor.detach, _Tensor.to, _Tensor.reshape, _Tensor.narrow
+_div = torch.div
+_float, _getattr, _type = float, getattr, type
+
+_GUARDED = (
+    (torch.Tensor, ("item", "detach", "to", "reshape", "narrow", "float", "__getitem__", "__truediv__", "sum",
+                    "unfold", "contiguous", "backward")),
+    (torch, ("div", "where", "log_softmax", "randint", "arange", "from_numpy", "set_grad_enabled",
+             "get_rng_state", "set_rng_state")),
+    (torch.nn.functional, ("cross_entropy", "log_softmax", "nll_loss")),
+    (torch.nn.Module, ("__call__", "parameters")),
+)
+_SNAPSHOT = tuple((owner, name, getattr(owner, name)) for owner, names in _GUARDED for name in names)
+
+
+def tampered_with() -> str | None:
+    """The first harness-critical torch attribute that no longer is what it was at import, if any."""
+    for owner, name, original in _SNAPSHOT:
+        if _getattr(owner, name, None) is not original:
+            return f"{_getattr(owner, '__name__', 'torch')}.{name}"
+    return None
 
 
 class RunError(Exception):
@@ -162,38 +183,79 @@ class Harness:
                 raise RunError(reason["rule"], reason["message"], reported=True)
             if kind != Kind.BATCH:
                 raise self.fail("run:protocol", f"unexpected frame {kind.name} from the parent")
-            index, batch_size, seq_len, chunk = parse_batch(payload)
+            index, batch_size, seq_len, chunk, probe = parse_batch(payload)
             flat = torch.from_numpy(chunk.astype(np.int64))
             tokens = flat.unfold(0, seq_len, seq_len - 1).contiguous().to(_device_of(built, self.spec["device"]))
             batch = PrismBatch(tokens=tokens, index=index)
-            nats = self._score(model, batch, vocab_size, with_logits)
+            nats = self._score(model, batch, vocab_size, with_logits, probe)
             self.channel.send_record(index, nats if math.isfinite(nats) else 0.0, math.isfinite(nats))
             if first:
                 first = False
-                params = count_parameters(built)
-                self.channel.send_json(Kind.INFO, {"model_params": params})
-                if params > self.spec["max_params"]:
-                    raise self.fail("contract:param_cap", f"the model has {params:,} parameters, over the cap "
-                                    f"of {self.spec['max_params']:,}")
+                self._check_size(built)
             yield batch
             self.channel.send(Kind.NEXT)
 
-    def _score(self, model: Any, batch: PrismBatch, vocab_size: int, with_logits: bool) -> float:
+    def _check_size(self, built: torch.nn.Module) -> int:
+        params = count_parameters(built)
+        self.channel.send_json(Kind.INFO, {"model_params": params})
+        if params > self.spec["max_params"]:
+            raise self.fail("contract:param_cap", f"the model has {params:,} parameters, over the cap of "
+                            f"{self.spec['max_params']:,}")
+        return params
+
+    def _forward(self, model: Any, tokens: torch.Tensor, vocab_size: int, with_grad: bool) -> torch.Tensor:
+        with torch.set_grad_enabled(with_grad):
+            return self._logits(model(tokens), tokens.shape, vocab_size)
+
+    def _score(self, model: Any, batch: PrismBatch, vocab_size: int, with_logits: bool, probe: int = -1) -> float:
         """Σ −ln p(target) over the batch's B·(L−1) targets, in float32 or wider."""
-        if with_logits:
-            output = model(batch.tokens)
-        else:
-            with _no_grad():
-                output = model(batch.tokens)
-        logits = self._logits(output, batch.tokens.shape, vocab_size)
-        predicted = logits[:, :-1, :].reshape(-1, logits.shape[-1])
+        self._check_integrity()
+        rng = _rng_state() if probe >= 0 else None
+        logits = self._forward(model, batch.tokens, vocab_size, with_logits)
+        if rng is not None:
+            self._causality_probe(model, batch.tokens, logits, vocab_size, with_logits, probe, rng)
+        length = batch.tokens.shape[1] - 1
+        predicted = _reshape(_narrow(logits, 1, 0, length), (-1, logits.shape[-1]))
         if predicted.dtype not in (_float32, _float64):
-            predicted = predicted.to(_float32)
-        summed = _cross_entropy(predicted, batch.tokens[:, 1:].reshape(-1), reduction="sum")
+            predicted = _to(predicted, _float32)
+        targets = _reshape(_narrow(batch.tokens, 1, 1, length), (-1,))
+        summed = _cross_entropy(predicted, targets, reduction="sum")
         if with_logits:
             batch.logits = logits
-            batch.loss = summed / predicted.shape[0]
-        return float(summed.detach().to(_float64).item())
+            batch.loss = _div(summed, predicted.shape[0])
+        nats = _float(_item(_to(_detach(summed), _float64)))
+        self._check_integrity()
+        return nats
+
+    def _check_integrity(self) -> None:
+        patched = tampered_with()
+        if patched is not None:
+            raise self.fail("run:tampering", f"{patched} was replaced at run time; the harness and torch must not "
+                            "be monkeypatched")
+
+    def _causality_probe(self, model: Any, tokens: torch.Tensor, logits: torch.Tensor, vocab_size: int,
+                         with_grad: bool, position: int, rng: tuple) -> None:
+        """Perturb every stream position ≥ p (later rows included) and require the same predictions before p,
+        under the RNG state of the scoring forward (so dropout masks match)."""
+        batch_size, seq_len = tokens.shape
+        stream_index = (torch.arange(batch_size, device=tokens.device)[:, None] * (seq_len - 1)
+                        + torch.arange(seq_len, device=tokens.device)[None, :])
+        future = stream_index >= position
+        shift = torch.randint(1, vocab_size, tokens.shape, generator=torch.Generator().manual_seed(position))
+        perturbed = torch.where(future, (tokens + shift.to(tokens.device)) % vocab_size, tokens)
+        after = _rng_state()
+        _set_rng_state(rng)
+        probed = self._forward(model, perturbed, vocab_size, with_grad).detach()
+        _set_rng_state(after)
+        clean = ~future
+        reference = torch.log_softmax(logits.detach()[clean].to(_float32), dim=-1)
+        candidate = torch.log_softmax(probed[clean].to(_float32), dim=-1)
+        tolerance = 1e-3 if logits.dtype in (_float32, _float64) else 5e-2
+        drift = float((reference - candidate).abs().max()) if reference.numel() else 0.0
+        if not drift <= tolerance:
+            raise self.fail("run:non_causal", f"predictions at stream positions before {position} changed by "
+                            f"{drift:.3g} when later tokens changed: the model sees the future (attention mask, "
+                            f"shifts, cross-row mixing or batch statistics)")
 
     def _logits(self, output: Any, shape: torch.Size, vocab_size: int) -> torch.Tensor:
         if isinstance(output, (tuple, list)) and output:
@@ -211,6 +273,29 @@ class Harness:
         if not output.is_floating_point():
             raise self.fail("run:bad_logits", f"logits must be floating point, got {output.dtype}")
         return output
+
+    def probe_model(self, ctx: Any) -> None:
+        """Instantiate the architecture under the forced seed, materialise lazy parameters with a dummy
+        forward, count parameters and check causality — before any training or data."""
+        model = self.build(ctx)
+        seq_len = min(64, self.spec["max_seq_len"])
+        generator = torch.Generator().manual_seed(self.spec["seed"])
+        tokens = torch.randint(0, self.spec["vocab_size"], (2, seq_len), generator=generator)
+        tokens = tokens.to(_device_of(model, self.spec["device"]))
+        rng = _rng_state()
+        logits = self._forward(model, tokens, self.spec["vocab_size"], False)
+        self._check_size(model)
+        self._causality_probe(model, tokens, logits, self.spec["vocab_size"], False, seq_len // 2, rng)
+
+
+def _rng_state() -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+
+def _set_rng_state(state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
 
 
 def _device_of(model: torch.nn.Module, default: str) -> torch.device:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 _HEADER = struct.Struct("<IB")
-_BATCH = struct.Struct("<qiiB")  # batch index, batch_size, seq_len, token itemsize
+_BATCH = struct.Struct("<qiiBq")  # batch index, batch_size, seq_len, token itemsize, causality probe position
 _RECORD = struct.Struct("<qd?")  # batch index, summed nats, finite
 MAX_FRAME = 1 << 30
 
@@ -50,8 +50,8 @@ class Channel:
     def send_json(self, kind: Kind, obj: Any) -> None:
         self.send(kind, json.dumps(obj).encode())
 
-    def send_batch(self, index: int, batch_size: int, seq_len: int, chunk: np.ndarray) -> None:
-        header = _BATCH.pack(index, batch_size, seq_len, chunk.dtype.itemsize)
+    def send_batch(self, index: int, batch_size: int, seq_len: int, chunk: np.ndarray, probe: int = -1) -> None:
+        header = _BATCH.pack(index, batch_size, seq_len, chunk.dtype.itemsize, probe)
         self.sock.sendall(_HEADER.pack(len(header) + chunk.nbytes, Kind.BATCH) + header)
         self.sock.sendall(memoryview(np.ascontiguousarray(chunk)).cast("B"))
 
@@ -93,10 +93,11 @@ def parse_json(payload: bytes) -> dict:
     return obj
 
 
-def parse_batch(payload: bytes) -> tuple[int, int, int, np.ndarray]:
-    index, batch_size, seq_len, itemsize = _BATCH.unpack_from(payload)
+def parse_batch(payload: bytes) -> tuple[int, int, int, np.ndarray, int]:
+    """→ (index, batch_size, seq_len, tokens, probe): probe ≥ 0 asks for a causality check at that position."""
+    index, batch_size, seq_len, itemsize, probe = _BATCH.unpack_from(payload)
     dtype = {2: np.uint16, 4: np.uint32}[itemsize]
-    return index, batch_size, seq_len, np.frombuffer(payload, dtype=dtype, offset=_BATCH.size)
+    return index, batch_size, seq_len, np.frombuffer(payload, dtype=dtype, offset=_BATCH.size), probe
 
 
 def parse_record(payload: bytes) -> tuple[int, float, bool]:

@@ -53,6 +53,9 @@ def classify(error: BaseException) -> str:
         return "run:memory"
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
         return "run:artifacts_quota"
+    if isinstance(error, OSError) and error.errno == errno.EAGAIN and "fork" in "".join(traceback.format_tb(
+            error.__traceback__)):
+        return "run:process_limit"
     return "run:exception"
 
 
@@ -103,7 +106,10 @@ def run(channel: Channel) -> int:
             world_size=int(os.environ.get("WORLD_SIZE", "1")), byte_budget=spec["byte_budget"],
             artifacts_dir=spec["artifacts_dir"], data_dir=spec["data_dir"], tokenizer=spec["tokenizer"],
         )
-        train(ctx)
+        if spec.get("probe_only"):
+            harness.probe_model(ctx)
+        else:
+            train(ctx)
     except RunError as error:
         if not error.reported:
             channel.send_json(Kind.ERROR, {"rule": error.rule, "message": error.message})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import socket
 import sys
 import time
@@ -52,6 +53,8 @@ class RunSpec:
     artifacts_dir: Path
     data_dir: str
     threads: int
+    causality_probes: int = 4
+    probe_only: bool = False  # instantiate + size + causality check, no training, no data
 
     def to_json(self) -> dict:
         return {**self.__dict__, "bundle_dir": str(self.bundle_dir), "artifacts_dir": str(self.artifacts_dir)}
@@ -106,10 +109,12 @@ class _Books:
         return self.nats / math.log(2) / self.bytes if self.bytes else float("nan")
 
 
-def runner_command(socket_path: Path) -> list[str]:
+def runner_command(socket_path: Path, torchrun: bool = True) -> list[str]:
+    runner = ["-m", "prism_ray.harness.runner", str(socket_path)]
+    if not torchrun:
+        return [sys.executable, *runner]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc-per-node=1",
-            "--local-addr=127.0.0.1",
-            "-m", "prism_ray.harness.runner", str(socket_path)]
+            "--local-addr=127.0.0.1", *runner]
 
 
 def runner_env(threads: int) -> dict[str, str]:
@@ -117,8 +122,8 @@ def runner_env(threads: int) -> dict[str, str]:
             "VIRTUAL_ENV", "TMPDIR")
     env = {k: v for k, v in os.environ.items() if k in keep}
     env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONHASHSEED": "0",
-                "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1",
-                "TORCHELASTIC_ERROR_FILE": "/dev/null"})
+                "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1",
+                "PYTHONSAFEPATH": "1", "TORCHELASTIC_ERROR_FILE": "/dev/null"})
     return env
 
 
@@ -140,8 +145,8 @@ def run_training(spec: RunSpec, tokens: np.ndarray, byte_lengths: np.ndarray, ru
     policy = policy or SandboxPolicy()
     policy = replace(policy, readable=(*policy.readable, spec.bundle_dir, ipc_dir), artifacts_dir=spec.artifacts_dir)
     try:
-        process = launch(runner_command(socket_path), runner_env(spec.threads), run_dir / "runner.log", cwd=run_dir,
-                         policy=policy)
+        process = launch(runner_command(socket_path, torchrun=not spec.probe_only), runner_env(spec.threads),
+                         run_dir / "runner.log", cwd=run_dir, policy=policy)
     except PrismError as error:
         listener.close()
         outcome.reasons = error.reasons
@@ -166,7 +171,7 @@ def run_training(spec: RunSpec, tokens: np.ndarray, byte_lengths: np.ndarray, ru
         outcome.log_tail = process.log_tail()
     if not outcome.reasons and exit_code not in (0, None):
         outcome.reasons.append(_crash_reason(process, f"runner exited with code {exit_code}"))
-    if not outcome.reasons and outcome.stopped_reason is None:
+    if not outcome.reasons and outcome.stopped_reason is None and not spec.probe_only:
         outcome.reasons.append(Reason(rule="run:stopped_early", message="train(ctx) returned before the scored "
                                       "stream ended; every run must consume its whole byte budget"))
     outcome.status = "failed" if outcome.reasons else "completed"
@@ -218,8 +223,9 @@ def _serve(channel: Channel, spec: RunSpec, tokens: np.ndarray, byte_lengths: np
             outcome.with_logits = bool(request.get("with_logits"))
             plan = StreamPlan(tokens, byte_lengths, batch_size, seq_len, spec.byte_budget)
             batches = plan.batches()
+            probes = _ProbeSchedule(plan, spec.causality_probes)
             stream_started = time.monotonic()
-            pending = _send_next(channel, batches, outcome, books)
+            pending = _send_next(channel, batches, outcome, books, probes)
         elif kind == Kind.RECORD:
             index, nats, finite = parse_record(payload)
             if pending is None or index != pending.index:
@@ -235,7 +241,7 @@ def _serve(channel: Channel, spec: RunSpec, tokens: np.ndarray, byte_lengths: np
             if last is None or pending is not None or batches is None:
                 raise ProtocolError("next batch requested before the loss of the current one was recorded")
             last = None
-            pending = _send_next(channel, batches, outcome, books)
+            pending = _send_next(channel, batches, outcome, books, probes)
         elif kind == Kind.INFO:
             outcome.model_params = parse_json(payload).get("model_params")
         elif kind == Kind.ERROR:
@@ -251,7 +257,29 @@ def _serve(channel: Channel, spec: RunSpec, tokens: np.ndarray, byte_lengths: np
             raise ProtocolError(f"unexpected frame {kind.name} from the runner")
 
 
-def _send_next(channel: Channel, batches, outcome: TrainOutcome, books: _Books) -> BatchSlice | None:
+class _ProbeSchedule:
+    """Which batches get a causality probe: the first, then about `count` more drawn from a secret RNG
+    the runner cannot see, so a leak that only opens up during training is caught too."""
+
+    def __init__(self, plan: StreamPlan, count: int):
+        self.random = secrets.SystemRandom()
+        self.plan = plan
+        self.count = count
+        self.rate = 0.0
+
+    def position(self, piece: BatchSlice) -> int:
+        if piece.index == 0:
+            expected = self.plan.available_batches
+            if self.plan.byte_budget and piece.target_bytes:
+                expected = min(expected, math.ceil(self.plan.byte_budget / piece.target_bytes))
+            self.rate = min(1.0, self.count / max(expected - 1, 1))
+        elif self.random.random() >= self.rate:
+            return -1
+        return self.random.randint(1, self.plan.span)
+
+
+def _send_next(channel: Channel, batches, outcome: TrainOutcome, books: _Books,
+               probes: _ProbeSchedule) -> BatchSlice | None:
     piece = next(batches, None)
     if piece is None:
         if outcome.batches == 0:
@@ -261,5 +289,5 @@ def _send_next(channel: Channel, batches, outcome: TrainOutcome, books: _Books) 
         outcome.stopped_reason = "byte_budget" if budget_met else "stream_exhausted"
         channel.send_json(Kind.END, {"reason": outcome.stopped_reason})
         return None
-    channel.send_batch(piece.index, outcome.batch_size, outcome.seq_len, piece.chunk)
+    channel.send_batch(piece.index, outcome.batch_size, outcome.seq_len, piece.chunk, probes.position(piece))
     return piece

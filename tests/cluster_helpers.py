@@ -1,0 +1,100 @@
+"""Bundles, settings and waiting helpers for the cluster tests and bench/cluster.py (real bundles, real Ray)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+from prism_ray.bundle import Bundle, check_contract
+from prism_ray.config import ClusterSettings, GateSettings, Settings
+from prism_ray.data.dataset import open_dataset
+from prism_ray.data.token_cache import load_token_stream
+
+ARCHITECTURE = """\
+from torch import nn
+
+
+class Bigram(nn.Module):
+    def __init__(self, vocab):
+        super().__init__()
+        self.table = nn.Embedding(vocab, vocab)
+
+    def forward(self, tokens):
+        return self.table(tokens)
+
+
+def build_model(ctx):
+    return Bigram(ctx.vocab_size)
+"""
+
+TRAINING = """\
+import time
+
+import torch
+
+
+def train(ctx):
+    model = ctx.build_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for batch in ctx.iter_train_batches(model, batch_size=4, seq_len=64, with_logits=True):
+        batch.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        time.sleep(PAUSE)
+"""
+
+INFINITE_LOOP = """\
+import time
+
+
+def train(ctx):
+    while True:
+        time.sleep(0.1)
+"""
+
+FORBIDDEN_IMPORT = """\
+import os
+
+
+def train(ctx):
+    os.system("true")
+"""
+
+
+def make_bundle(tag: str, pause: float = 0.0, training: str | None = None) -> Bundle:
+    """A tiny bytes-tokenizer bundle; `tag` makes its code distinct (different fingerprints, no duplicates);
+    `pause` sleeps after every batch, to stretch a training out."""
+    files = {"architecture.py": f"# {tag}\n{ARCHITECTURE}".encode(),
+             "training.py": (training or TRAINING.replace("PAUSE", repr(pause))).encode(),
+             "prism.yaml": f"name: {tag}\ntokenizer: bytes\n".encode()}
+    return check_contract(files)
+
+
+def tiny_settings(cache_dir: Path, store_path: Path, **cluster: object) -> Settings:
+    """A 20 kB byte budget, one runner thread, the gate off, and fast heartbeats."""
+    return Settings(cache_dir=cache_dir, byte_budget=20_000, runner_threads=1, time_limit=120,
+                    gate=GateSettings(mode="off"),
+                    cluster=ClusterSettings(store_path=store_path, heartbeat_seconds=1.0, **cluster))
+
+
+def warm_token_cache(cache_dir: Path) -> None:
+    """Build the bytes token cache once, so no training pays for it."""
+    settings = Settings(cache_dir=cache_dir)
+    load_token_stream(open_dataset(settings.data_dir), "train", "bytes", cache_dir)
+
+
+def wait_until(predicate, timeout: float, poll: float = 0.2, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(poll)
+
+
+def pids(pattern: str) -> set[int]:
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+    return {int(pid) for pid in found}

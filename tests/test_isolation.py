@@ -1,0 +1,139 @@
+"""Real attacks through the real launcher (bubblewrap): each must not take effect, end typed, and leave the
+next evaluation working. Attack bundles bypass the static sandbox on purpose (they use the runner directly)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+from conftest import byte_stream, train_on_stream
+
+from prism_ray.config import EMBEDDED_DATA_DIR
+from prism_ray.harness.isolation import SandboxPolicy, sandbox_available
+
+pytestmark = pytest.mark.skipif(not sandbox_available(), reason="bubblewrap is required (apt-get install bubblewrap)")
+
+TEXT = "Sandboxes are for code you do not trust, which is all code. " * 80
+ARCH = """
+import torch
+from torch import nn
+
+class Bigram(nn.Module):
+    def __init__(self, vocab):
+        super().__init__()
+        self.table = nn.Embedding(vocab, vocab)
+    def forward(self, tokens):
+        return self.table(tokens)
+
+def build_model(ctx):
+    return Bigram(ctx.vocab_size)
+"""
+HONEST_LOOP = """
+    model = ctx.build_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for batch in ctx.iter_train_batches(model, batch_size=2, seq_len=64, with_logits=True):
+        batch.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+"""
+
+
+def attack(prelude: str) -> str:
+    return "import os\nimport socket\nimport torch\n\ndef train(ctx):\n" + prelude + HONEST_LOOP
+
+
+def run(bundle_factory, tmp_path, training, **policy):
+    policy = SandboxPolicy(mode="required", **policy)
+    return train_on_stream(bundle_factory(ARCH, training), byte_stream(TEXT), tmp_path / "run", time_limit=60,
+                           policy=policy)
+
+
+def assert_next_evaluation_runs(bundle_factory, tmp_path):
+    outcome = run(bundle_factory, tmp_path / "next", attack(""))
+    assert outcome.status == "completed", outcome.reasons
+
+
+def test_writes_outside_artifacts_do_not_land(bundle_factory, tmp_path):
+    targets = [tmp_path / "escape.txt", EMBEDDED_DATA_DIR.parent / "escape.txt", "/etc/escape.txt"]
+    prelude = "".join(f"    try:\n        open({str(t)!r}, 'w').write('x')\n    except OSError:\n        pass\n"
+                      for t in targets)
+    prelude += "    open(os.path.join(ctx.artifacts_dir, 'ok.txt'), 'w').write('scratch is fine')\n"
+    outcome = run(bundle_factory, tmp_path, attack(prelude))
+    assert outcome.status == "completed", outcome.reasons
+    assert not any(os.path.exists(t) for t in targets)
+
+
+def test_loopback_connection_is_impossible(bundle_factory, tmp_path):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    prelude = (f"    try:\n        socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+               f"        raise SystemExit('connected to the host')\n    except OSError:\n        pass\n")
+    outcome = run(bundle_factory, tmp_path, attack(prelude))
+    listener.settimeout(0.5)
+    with pytest.raises(TimeoutError):
+        listener.accept()
+    listener.close()
+    assert outcome.status == "completed", outcome.reasons
+
+
+def test_val_split_is_invisible(bundle_factory, tmp_path):
+    data = tmp_path / "locked"
+    shutil.copytree(EMBEDDED_DATA_DIR, data)
+    val = sorted((data / "val").glob("*"))[0]
+    prelude = (f"    try:\n        open({str(val)!r}, 'rb').read()\n        raise SystemExit('read the val split')\n"
+               f"    except OSError:\n        pass\n")
+    outcome = run(bundle_factory, tmp_path, attack(prelude), hidden=(data,))
+    assert outcome.status == "completed", outcome.reasons
+
+
+def test_fork_bomb_is_contained(bundle_factory, tmp_path):
+    outcome = run(bundle_factory, tmp_path, attack("    while True:\n        os.fork()\n"), max_processes=64)
+    assert outcome.status == "failed"
+    assert outcome.reasons[0].rule in ("run:process_limit", "run:crash", "run:timeout")
+    deadline = time.monotonic() + 15  # the pid namespace is torn down asynchronously once its init exits
+    while (leftover := subprocess.run(["pgrep", "-u", "65534"], capture_output=True, text=True).stdout.split()) \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert leftover == []
+    assert_next_evaluation_runs(bundle_factory, tmp_path)
+
+
+def test_memory_balloon_is_typed(bundle_factory, tmp_path):
+    prelude = "    balloon = torch.empty(16 << 30, dtype=torch.uint8)\n    balloon.fill_(1)\n"
+    outcome = run(bundle_factory, tmp_path, attack(prelude), address_space_bytes=6 << 30)
+    assert outcome.status == "failed"
+    assert outcome.reasons[0].rule == "run:memory"
+    assert (outcome.reasons[0].file, outcome.reasons[0].line) == ("training.py", 6)
+
+
+def test_artifacts_quota_is_typed(bundle_factory, tmp_path):
+    prelude = ("    with open(os.path.join(ctx.artifacts_dir, 'big.bin'), 'wb') as f:\n"
+               "        for _ in range(64):\n            f.write(b'0' * (1 << 20))\n")
+    outcome = run(bundle_factory, tmp_path, attack(prelude), artifacts_quota_bytes=8 << 20)
+    assert outcome.status == "failed"
+    assert outcome.reasons[0].rule == "run:artifacts_quota"
+
+
+def test_infinite_loop_is_cut_by_the_wall_clock(bundle_factory, tmp_path):
+    training = attack("    while True:\n        pass\n")
+    outcome = train_on_stream(bundle_factory(ARCH, training), byte_stream(TEXT), tmp_path / "run", time_limit=10,
+                              policy=SandboxPolicy(mode="required"))
+    assert outcome.reasons[0].rule == "run:timeout"
+    assert_next_evaluation_runs(bundle_factory, tmp_path)
+
+
+def test_loss_monkeypatch_changes_nothing(bundle_factory, tmp_path):
+    honest = run(bundle_factory, tmp_path / "a", attack(""))
+    patched = run(bundle_factory, tmp_path / "b", attack(
+        "    import torch.nn.functional as F\n    F.cross_entropy = lambda *a, **k: torch.zeros((), requires_grad=True)\n"
+        "    torch.Tensor.item = lambda self: 0.0\n"))
+    assert honest.status == "completed"
+    assert patched.status == "failed"  # identical bpb is the alternative; prism-ray rejects the attempt outright
+    assert patched.reasons[0].rule == "run:tampering"
+    assert patched.batch_nats == []  # no record was ever taken under the patched functions

@@ -90,6 +90,7 @@ def print_report(report: RunReport, console: Console) -> None:
         ("speed", f"{report.tokens_per_second:,.0f} tokens/s on {report.device}" if report.tokens_per_second else "—"),
         ("data", f"{report.data.path} ({report.data.fingerprint[:24]}"
                  f"{'' if report.data.pinned else ', unpinned'})" if report.data else "—"),
+        ("held-out", report.heldout.get("message", report.heldout.get("status")) if report.heldout else "—"),
         ("gate", report.gate.get("message", report.gate.get("status")) if report.gate else "—"),
         ("isolation", report.isolation or "—"),
         ("wall", f"{report.wall_seconds:.1f} s"),

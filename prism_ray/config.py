@@ -70,7 +70,7 @@ class ScoringSettings(BaseSettings):
                            description="bpb distance below which the held-out tie-break may reorder two runs")
     tie_break_delta_scale: float = Field(default=1.0, gt=0,
                                          description="held-out delta (bpb) that earns half of the tie-break credit")
-    gap_threshold: float = Field(default=0.05, ge=0, description="train/val bpb gap tolerated without penalty")
+    gap_threshold: float = Field(default=0.25, ge=0, description="train/val bpb gap tolerated without penalty")
     gap_penalty_slope: float = Field(default=5.0, ge=0, description="penalty decay per bpb of gap over the threshold")
     gap_penalty_floor: float = Field(default=0.1, gt=0, le=1, description="the lowest the gap penalty goes")
     anomaly_fraction: float = Field(default=0.9, ge=0, le=1,
@@ -121,6 +121,7 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=EMBEDDED_DATA_DIR, description="locked dataset (train/val/test + MANIFEST.json)")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="token caches and run dirs")
     byte_budget: int = Field(default=200_000, ge=0, description="target bytes scored per run; 0 = whole train split")
+    heldout_time_limit: float = Field(default=300.0, gt=0, description="wall-clock cap of the held-out evaluation")
     probe_time_limit: float = Field(default=120.0, gt=0, description="wall-clock cap of the instantiation probe")
     causality_probes: int = Field(default=4, ge=0, description="secret random causality probes per run (+ batch 0)")
     time_limit: float = Field(default=900.0, gt=0, description="wall-clock safety cap of a training run, seconds")

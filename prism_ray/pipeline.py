@@ -11,7 +11,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +24,8 @@ from prism_ray.data.token_cache import load_token_stream
 from prism_ray.data.tokenizers import get_tokenizer
 from prism_ray.errors import BundleError, PrismError, Reason
 from prism_ray.harness.isolation import SandboxPolicy
-from prism_ray.harness.session import Progress, RunSpec, TrainOutcome, run_training
-from prism_ray.report import DataInfo, RunReport
+from prism_ray.harness.session import EvalPass, Progress, RunSpec, TrainOutcome, run_heldout, run_training
+from prism_ray.report import DataInfo, HeldoutResult, RunReport
 
 
 @dataclass
@@ -62,14 +62,14 @@ def probe(bundle: Bundle, settings: Settings, run_dir: Path) -> list[Reason]:
     on random tokens, before any data or GPU time is spent."""
     tokenizer = get_tokenizer(bundle.config.tokenizer)
     spec = _run_spec(bundle, settings, run_dir / "probe", tokenizer.name, tokenizer.vocab_size, data_dir="",
-                     probe_only=True)
+                     mode="probe")
     outcome = run_training(spec, np.zeros(0, dtype=np.uint16), tokenizer.token_byte_lengths(), run_dir / "probe",
                            settings.probe_time_limit, policy=sandbox_policy(settings))
     return outcome.reasons
 
 
 def _run_spec(bundle: Bundle, settings: Settings, run_dir: Path, tokenizer: str, vocab_size: int, data_dir: str,
-              probe_only: bool = False) -> RunSpec:
+              mode: str = "train", state_path: str = "") -> RunSpec:
     entry_a, entry_t = bundle.config.architecture_entry, bundle.config.training_entry
     return RunSpec(
         bundle_dir=bundle.write_to(run_dir / "bundle"), architecture=(entry_a.file, entry_a.symbol),
@@ -77,7 +77,7 @@ def _run_spec(bundle: Bundle, settings: Settings, run_dir: Path, tokenizer: str,
         max_seq_len=settings.max_seq_len, max_params=settings.max_params, seed=settings.seed, device=settings.device,
         byte_budget=settings.byte_budget, artifacts_dir=run_dir / "artifacts", data_dir=data_dir,
         threads=settings.runner_threads or len(os.sched_getaffinity(0)), causality_probes=settings.causality_probes,
-        probe_only=probe_only,
+        mode=mode, state_path=state_path,
     )
 
 
@@ -118,7 +118,50 @@ def train(bundle: Bundle, settings: Settings, run_dir: Path,
     return result
 
 
-def score(bundle: Bundle, result: TrainResult, settings: Settings, wall_seconds: float) -> RunReport:
+def heldout(bundle: Bundle, result: TrainResult, settings: Settings) -> HeldoutResult:
+    """Sandboxed held-out evaluation: trained model vs. its true step-0 twin on the secret val split, and the
+    trained model on an equal slice of the train bytes it learned from. Never silent: the status says why."""
+    started = time.monotonic()
+    outcome = result.outcome
+    if outcome.status != "completed" or outcome.state_path is None:
+        return HeldoutResult(status="not_run", message="held-out: not run (the training run did not complete)")
+    dataset = open_dataset(settings.data_dir)
+    if not dataset.has_split("val"):
+        return HeldoutResult(status="no_val_split", message="held-out: no val split in this dataset; scored on "
+                             "bpb alone")
+    budget = settings.scoring.heldout_byte_budget
+    train_stream = load_token_stream(dataset, "train", result.tokenizer, settings.cache_dir)
+    val_stream = load_token_stream(dataset, "val", result.tokenizer, settings.cache_dir)
+    slice_budget = min(budget, sum(outcome.batch_bytes))
+    passes = [EvalPass("val_twin", val_stream.tokens, budget, trained=False),
+              EvalPass("val_trained", val_stream.tokens, budget, trained=True),
+              EvalPass("train_slice", train_stream.tokens, slice_budget, trained=True),
+              EvalPass("twin_step0", train_stream.tokens, 0, trained=False, max_batches=1)]
+    run_dir = Path(result.run_dir) / "heldout"
+    state_dir = Path(outcome.state_path).parent
+    spec = _run_spec(bundle, settings, run_dir, result.tokenizer, result.vocab_size, data_dir="", mode="heldout",
+                     state_path=outcome.state_path)
+    policy = replace(sandbox_policy(settings), readable=(state_dir,))
+    status, passed = run_heldout(spec, passes, train_stream.byte_lengths, outcome.batch_size, outcome.seq_len,
+                                 run_dir, settings.heldout_time_limit, policy)
+    seconds = time.monotonic() - started
+    if status.reasons:
+        return HeldoutResult(status="failed", reasons=status.reasons, seconds=seconds,
+                             message=f"held-out: failed ({status.reasons[0].rule}); scored on bpb alone")
+    bpb = {name: scoring.bits_per_byte(p.nats, p.bytes) for name, p in passed.items()}
+    delta = bpb["val_twin"] - bpb["val_trained"]
+    gap = bpb["val_trained"] - bpb["train_slice"]
+    twin = passed["twin_step0"]
+    return HeldoutResult(
+        status="completed", val_bpb_trained=bpb["val_trained"], val_bpb_twin=bpb["val_twin"], heldout_delta=delta,
+        train_slice_bpb=bpb["train_slice"], gap=gap, twin_step0_loss=twin.nats / twin.targets if twin.targets else None,
+        val_bytes=passed["val_trained"].bytes, train_slice_bytes=passed["train_slice"].bytes, seconds=seconds,
+        message=f"held-out: val bpb {bpb['val_trained']:.4f} vs. step-0 twin {bpb['val_twin']:.4f} "
+                f"(delta {delta:+.4f}), gap {gap:+.4f}")
+
+
+def score(bundle: Bundle, result: TrainResult, settings: Settings, wall_seconds: float,
+          held: HeldoutResult | None = None) -> RunReport:
     outcome = result.outcome
     nats, targets, target_bytes = sum(outcome.batch_nats), sum(outcome.batch_targets), sum(outcome.batch_bytes)
     bpb = scoring.bits_per_byte(nats, target_bytes)
@@ -127,8 +170,11 @@ def score(bundle: Bundle, result: TrainResult, settings: Settings, wall_seconds:
     breakdown = None
     if not reasons:
         try:
-            breakdown = scoring.final_score(scoring.ScoreInputs(bpb=bpb, vocab_size=result.vocab_size,
-                                                                step0_loss=step0_loss), settings.scoring)
+            completed = held is not None and held.status == "completed"
+            inputs = scoring.ScoreInputs(bpb=bpb, vocab_size=result.vocab_size, step0_loss=step0_loss,
+                                         heldout_delta=held.heldout_delta if completed else None,
+                                         gap=held.gap if completed else None)
+            breakdown = scoring.final_score(inputs, settings.scoring)
         except PrismError as error:
             reasons.extend(error.reasons)
     scored = breakdown is not None
@@ -138,6 +184,7 @@ def score(bundle: Bundle, result: TrainResult, settings: Settings, wall_seconds:
         bundle_sha256=bundle.sha256, name=bundle.display_name,
         bpb=bpb if scored else None, final_score=breakdown.final_score if breakdown else None,
         score=breakdown.model_dump(exclude={"inputs"}) if breakdown else None,
+        heldout=held.model_dump() if held else None,
         tokens_scored=targets, bytes_scored=target_bytes, batches=outcome.batches,
         batch_size=outcome.batch_size, seq_len=outcome.seq_len, with_logits=outcome.with_logits,
         stopped_reason=outcome.stopped_reason, byte_budget=result.byte_budget, tokenizer=result.tokenizer,
@@ -178,7 +225,8 @@ def evaluate(source: Path | str | bytes | Bundle, settings: Settings | None = No
         return stopped(verdict.status, "gate", verdict.reasons, gate=verdict.to_report(), run_dir=str(run_dir),
                        **identity)
     result = train(bundle, settings, run_dir, progress)
-    report = score(bundle, result, settings, time.monotonic() - started)
+    held = heldout(bundle, result, settings)
+    report = score(bundle, result, settings, time.monotonic() - started, held)
     report.gate = verdict.to_report()
     (run_dir / "report.json").write_text(report.model_dump_json(indent=2))
     return report

@@ -57,3 +57,20 @@ class RunReport(BaseModel):
     @property
     def ok(self) -> bool:
         return self.status == "completed"
+
+
+class HeldoutResult(BaseModel):
+    """The held-out block (DESIGN §4): val bpb of the trained model and its true step-0 twin, and the gap."""
+
+    status: Literal["completed", "failed", "no_val_split", "not_run"]
+    reasons: list[Reason] = Field(default_factory=list)
+    val_bpb_trained: float | None = None
+    val_bpb_twin: float | None = None
+    heldout_delta: float | None = None
+    train_slice_bpb: float | None = None
+    gap: float | None = None
+    twin_step0_loss: float | None = None
+    val_bytes: int = 0
+    train_slice_bytes: int = 0
+    seconds: float = 0.0
+    message: str = ""

@@ -104,7 +104,7 @@ def test_dropout_attention_convolution_and_recurrence_pass(bundle_factory, tmp_p
 
 
 def test_instantiation_probe_catches_a_leak_before_any_data(bundle_factory, tmp_path):
-    outcome = run(bundle_factory, tmp_path, HEADER + LEAKS["unmasked_attention"] + FOOTER, probe_only=True)
+    outcome = run(bundle_factory, tmp_path, HEADER + LEAKS["unmasked_attention"] + FOOTER, mode="probe")
     assert [r.rule for r in outcome.reasons] == ["run:non_causal"]
 
 
@@ -113,6 +113,6 @@ def test_instantiation_probe_counts_lazy_parameters(bundle_factory, tmp_path):
     def forward(self, tokens):
         return self.head(self.embed(tokens))
 """ + FOOTER
-    outcome = run(bundle_factory, tmp_path, lazy, probe_only=True, max_params=10_000)
+    outcome = run(bundle_factory, tmp_path, lazy, mode="probe", max_params=10_000)
     assert [r.rule for r in outcome.reasons] == ["contract:param_cap"]
     assert outcome.model_params == 257 * 32 + 32 * 96 + 96 + 32 * 257 + 257

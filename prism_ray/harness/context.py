@@ -7,6 +7,7 @@ batch's loss record is sent to the parent before the batch is handed to the mine
 
 from __future__ import annotations
 
+import io
 import math
 import random
 import sys
@@ -30,6 +31,7 @@ _float64 = torch.float64
 _item, _detach, _to, _reshape, _narrow = _Tensor.item, _Tensor.detach, _Tensor.to, _Tensor.reshape, _Tensor.narrow
 _div = torch.div
 _float, _getattr, _type = float, getattr, type
+_save, _load = torch.save, torch.load
 
 _GUARDED = (
     (torch.Tensor, ("item", "detach", "to", "reshape", "narrow", "float", "__getitem__", "__truediv__", "sum",
@@ -273,6 +275,36 @@ class Harness:
         if not output.is_floating_point():
             raise self.fail("run:bad_logits", f"logits must be floating point, got {output.dtype}")
         return output
+
+    def send_state(self) -> None:
+        """Hand the scored model's trained weights to the parent, which writes them for the held-out pass."""
+        if not self.stream_finished or self.scored_model is None:
+            return
+        buffer = io.BytesIO()
+        _save({k: _detach(v).cpu() for k, v in self.scored_model.state_dict().items()}, buffer)
+        self.channel.send(Kind.STATE, buffer.getvalue())
+
+    def evaluate_heldout(self, ctx: Any) -> None:
+        """Score parent-sent batches with the trained model (flag 1) or its true step-0 twin (flag 0): both
+        built by build_model under the forced seed, the trained one loaded with weights_only=True."""
+        twin = self.build(ctx)
+        trained = self.build(ctx)
+        trained.load_state_dict(_load(self.spec["state_path"], map_location="cpu", weights_only=True))
+        device = torch.device(self.spec["device"])
+        models = {0: twin.to(device).eval(), 1: trained.to(device).eval()}
+        vocab_size = self.spec["vocab_size"]
+        while True:
+            kind, payload = self.channel.recv()
+            if kind == Kind.END:
+                return
+            if kind != Kind.BATCH:
+                raise self.fail("run:protocol", f"unexpected frame {kind.name} from the parent")
+            index, batch_size, seq_len, chunk, which = parse_batch(payload)
+            tokens = torch.from_numpy(chunk.astype(np.int64)).unfold(0, seq_len, seq_len - 1).contiguous()
+            with torch.no_grad():
+                nats = self._score(models[which], PrismBatch(tokens=tokens.to(device), index=index), vocab_size,
+                                   with_logits=False)
+            self.channel.send_record(index, nats if math.isfinite(nats) else 0.0, math.isfinite(nats))
 
     def probe_model(self, ctx: Any) -> None:
         """Instantiate the architecture under the forced seed, materialise lazy parameters with a dummy

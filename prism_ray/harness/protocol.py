@@ -32,6 +32,7 @@ class Kind(IntEnum):
     INFO = 9  # runner → parent: facts about the model (params, ...)
     ERROR = 10  # runner → parent: a typed failure
     DONE = 11  # runner → parent: train(ctx) returned
+    STATE = 12  # runner → parent: the trained model's state_dict (torch.save bytes), written by the parent
 
 
 class ProtocolError(Exception):

@@ -96,20 +96,25 @@ def run(channel: Channel) -> int:
         if not callable(builder):
             raise RunError("contract:missing_symbol", f"{arch_file} has no callable {arch_symbol}")
         setattr(architecture, arch_symbol, harness.wrap_builder(builder))
-        training = _import_file(Path(bundle_dir, train_file), Path(train_file).stem)
-        train = getattr(training, train_symbol, None)
-        if not callable(train):
-            raise RunError("contract:missing_symbol", f"{train_file} has no callable {train_symbol}")
+        mode = spec["mode"]
+        if mode != "heldout":  # held-out evaluation builds models only; the training script never runs there
+            training = _import_file(Path(bundle_dir, train_file), Path(train_file).stem)
+            train = getattr(training, train_symbol, None)
+            if not callable(train):
+                raise RunError("contract:missing_symbol", f"{train_file} has no callable {train_symbol}")
         ctx = context_class(
             vocab_size=spec["vocab_size"], sequence_length=spec["max_seq_len"], max_parameters=spec["max_params"],
             seed=spec["seed"], device=spec["device"], rank=int(os.environ.get("RANK", "0")), local_rank=local_rank,
             world_size=int(os.environ.get("WORLD_SIZE", "1")), byte_budget=spec["byte_budget"],
             artifacts_dir=spec["artifacts_dir"], data_dir=spec["data_dir"], tokenizer=spec["tokenizer"],
         )
-        if spec.get("probe_only"):
+        if mode == "probe":
             harness.probe_model(ctx)
+        elif mode == "heldout":
+            harness.evaluate_heldout(ctx)
         else:
             train(ctx)
+            harness.send_state()
     except RunError as error:
         if not error.reported:
             channel.send_json(Kind.ERROR, {"rule": error.rule, "message": error.message})

@@ -54,7 +54,8 @@ class RunSpec:
     data_dir: str
     threads: int
     causality_probes: int = 4
-    probe_only: bool = False  # instantiate + size + causality check, no training, no data
+    mode: str = "train"  # train | probe (instantiate, size, causality; no data) | heldout (score parent batches)
+    state_path: str = ""  # heldout: the parent-written trained weights
 
     def to_json(self) -> dict:
         return {**self.__dict__, "bundle_dir": str(self.bundle_dir), "artifacts_dir": str(self.artifacts_dir)}
@@ -77,6 +78,7 @@ class TrainOutcome:
     stream_seconds: float = 0.0
     device: str | None = None
     sandboxed: bool = False
+    state_path: str | None = None
     log_tail: str = ""
 
     @property
@@ -130,10 +132,19 @@ def runner_env(threads: int) -> dict[str, str]:
 def run_training(spec: RunSpec, tokens: np.ndarray, byte_lengths: np.ndarray, run_dir: Path, time_limit: float,
                  progress: Callable[[Progress], None] | None = None,
                  policy: SandboxPolicy | None = None) -> TrainOutcome:
+    books = _Books(TrainOutcome(), spec.vocab_size, spec.byte_budget)
+
+    def serve(channel: Channel, outcome: TrainOutcome, deadline: float) -> None:
+        _serve(channel, spec, tokens, byte_lengths, books, outcome, deadline, progress)
+
+    return _supervise(spec, run_dir, time_limit, policy, books.outcome, serve)
+
+
+def _supervise(spec: RunSpec, run_dir: Path, time_limit: float, policy: SandboxPolicy | None,
+               outcome: TrainOutcome, serve: Callable[[Channel, TrainOutcome, float], None]) -> TrainOutcome:
+    """Launch the runner in the sandbox, let `serve` talk to it, and turn whatever happens into typed reasons."""
     started = time.monotonic()
     deadline = started + time_limit
-    outcome = TrainOutcome()
-    books = _Books(outcome, spec.vocab_size, spec.byte_budget)
     ipc_dir = run_dir / "ipc"
     ipc_dir.mkdir(parents=True, exist_ok=True)
     spec.artifacts_dir.mkdir(parents=True, exist_ok=True)
@@ -145,7 +156,7 @@ def run_training(spec: RunSpec, tokens: np.ndarray, byte_lengths: np.ndarray, ru
     policy = policy or SandboxPolicy()
     policy = replace(policy, readable=(*policy.readable, spec.bundle_dir, ipc_dir), artifacts_dir=spec.artifacts_dir)
     try:
-        process = launch(runner_command(socket_path, torchrun=not spec.probe_only), runner_env(spec.threads),
+        process = launch(runner_command(socket_path, torchrun=spec.mode == "train"), runner_env(spec.threads),
                          run_dir / "runner.log", cwd=run_dir, policy=policy)
     except PrismError as error:
         listener.close()
@@ -154,10 +165,10 @@ def run_training(spec: RunSpec, tokens: np.ndarray, byte_lengths: np.ndarray, ru
     outcome.sandboxed = process.sandboxed
     try:
         channel = _accept(listener, process, deadline)
-        _serve(channel, spec, tokens, byte_lengths, books, outcome, deadline, progress)
+        serve(channel, outcome, deadline)
     except TimeoutError:
-        outcome.reasons.append(Reason(rule="run:timeout", message=f"the run passed its wall-clock limit of "
-                                      f"{time_limit:g} s before its byte budget; it is not scored"))
+        outcome.reasons.append(Reason(rule="run:timeout", message=f"the {spec.mode} run passed its wall-clock "
+                                      f"limit of {time_limit:g} s; it is not scored"))
         outcome.stopped_reason = "wall_clock_exceeded"
     except ProtocolError as error:
         if process.wait(5.0) is None or not outcome.reasons:
@@ -171,7 +182,7 @@ def run_training(spec: RunSpec, tokens: np.ndarray, byte_lengths: np.ndarray, ru
         outcome.log_tail = process.log_tail()
     if not outcome.reasons and exit_code not in (0, None):
         outcome.reasons.append(_crash_reason(process, f"runner exited with code {exit_code}"))
-    if not outcome.reasons and outcome.stopped_reason is None and not spec.probe_only:
+    if not outcome.reasons and outcome.stopped_reason is None and spec.mode == "train":
         outcome.reasons.append(Reason(rule="run:stopped_early", message="train(ctx) returned before the scored "
                                       "stream ended; every run must consume its whole byte budget"))
     outcome.status = "failed" if outcome.reasons else "completed"
@@ -249,6 +260,13 @@ def _serve(channel: Channel, spec: RunSpec, tokens: np.ndarray, byte_lengths: np
             outcome.reasons.append(Reason(rule=str(reason.get("rule", "run:exception")),
                                           message=str(reason.get("message", ""))[:4000],
                                           file=reason.get("file"), line=reason.get("line")))
+        elif kind == Kind.STATE:
+            if outcome.stopped_reason is None or outcome.state_path is not None:
+                raise ProtocolError("model state sent before the stream ended")
+            state_path = Path(spec.artifacts_dir).parent / "state" / "trained.pt"
+            state_path.parent.mkdir(parents=True, exist_ok=True)
+            state_path.write_bytes(payload)
+            outcome.state_path = str(state_path)
         elif kind == Kind.DONE:
             if stream_started:  # the miner's last optimizer step is part of the run's time
                 outcome.stream_seconds = time.monotonic() - stream_started
@@ -291,3 +309,73 @@ def _send_next(channel: Channel, batches, outcome: TrainOutcome, books: _Books,
         return None
     channel.send_batch(piece.index, outcome.batch_size, outcome.seq_len, piece.chunk, probes.position(piece))
     return piece
+
+
+@dataclass
+class EvalPass:
+    """One held-out pass: score `tokens` (same stream rules) with the trained model or its step-0 twin."""
+
+    name: str
+    tokens: np.ndarray
+    byte_budget: int
+    trained: bool
+    max_batches: int | None = None
+
+
+@dataclass
+class PassResult:
+    nats: float = 0.0
+    targets: int = 0
+    bytes: int = 0
+    batches: int = 0
+    non_finite: int = 0
+
+
+def run_heldout(spec: RunSpec, passes: list[EvalPass], byte_lengths: np.ndarray, batch_size: int, seq_len: int,
+                run_dir: Path, time_limit: float, policy: SandboxPolicy | None = None
+                ) -> tuple[TrainOutcome, dict[str, PassResult]]:
+    """A second sandboxed process scores the passes; the data stays with the parent, batch by batch."""
+    results = {item.name: PassResult() for item in passes}
+    penalty = 2.0 * math.log(spec.vocab_size)
+
+    def serve(channel: Channel, outcome: TrainOutcome, deadline: float) -> None:
+        channel.send_json(Kind.CONFIG, spec.to_json())
+        for item in passes:
+            plan = StreamPlan(item.tokens, byte_lengths, batch_size, seq_len, item.byte_budget)
+            for piece in plan.batches():
+                if item.max_batches is not None and piece.index >= item.max_batches:
+                    break
+                channel.send_batch(piece.index, batch_size, seq_len, piece.chunk, int(item.trained))
+                kind, payload = _expect(channel, deadline, outcome)
+                index, nats, finite = parse_record(payload)
+                result = results[item.name]
+                if not finite or not math.isfinite(nats):
+                    nats, result.non_finite = penalty * piece.targets, result.non_finite + 1
+                result.nats += nats
+                result.targets += piece.targets
+                result.bytes += piece.target_bytes
+                result.batches += 1
+        channel.send_json(Kind.END, {})
+        while True:
+            kind, payload = _expect(channel, deadline, outcome, allow_done=True)
+            if kind == Kind.DONE:
+                outcome.stopped_reason = "heldout_complete"
+                return
+
+    outcome = _supervise(spec, run_dir, time_limit, policy, TrainOutcome(), serve)
+    return outcome, results
+
+
+def _expect(channel: Channel, deadline: float, outcome: TrainOutcome, allow_done: bool = False) -> tuple[Kind, bytes]:
+    while True:
+        kind, payload = channel.recv(timeout=max(0.001, deadline - time.monotonic()))
+        if kind == Kind.RECORD or (allow_done and kind == Kind.DONE):
+            return kind, payload
+        if kind == Kind.ERROR:
+            reason = parse_json(payload)
+            outcome.reasons.append(Reason(rule=str(reason.get("rule", "run:exception")),
+                                          message=str(reason.get("message", ""))[:4000],
+                                          file=reason.get("file"), line=reason.get("line")))
+            raise ProtocolError("the held-out runner failed")
+        if kind not in (Kind.HELLO, Kind.INFO):
+            raise ProtocolError(f"unexpected frame {kind.name} from the held-out runner")

@@ -1,0 +1,138 @@
+"""Held-out delta, memorisation gap and step-0 anomaly, end to end through `evaluate` on the embedded data."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from conftest import write_bundle
+from prism_ray.config import EMBEDDED_DATA_DIR, Settings
+from prism_ray.data.dataset import open_dataset
+from prism_ray.data.token_cache import load_token_stream
+from prism_ray.pipeline import evaluate
+
+BIGRAM = """
+import torch
+from torch import nn
+
+class Bigram(nn.Module):
+    def __init__(self, vocab):
+        super().__init__()
+        self.table = nn.Embedding(vocab, vocab)
+        INIT
+    def forward(self, tokens):
+        return self.table(tokens)
+
+def build_model(ctx):
+    return Bigram(ctx.vocab_size)
+"""
+
+LEARNER = """
+import torch
+
+def train(ctx):
+    model = ctx.build_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for batch in ctx.iter_train_batches(model, batch_size=4, seq_len=128, with_logits=True):
+        batch.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+"""
+
+NO_OP = """
+def train(ctx):
+    model = ctx.build_model()
+    for batch in ctx.iter_train_batches(model, batch_size=4, seq_len=128):
+        pass
+"""
+
+HASHED = """
+import torch
+from torch import nn
+
+class Hashed(nn.Module):
+    '''A 4-gram lookup table: big enough to memorise what it is shown.'''
+    def __init__(self, vocab):
+        super().__init__()
+        self.table = nn.Embedding(1 << 12, vocab)
+        nn.init.zeros_(self.table.weight)
+    def forward(self, tokens):
+        padded = torch.nn.functional.pad(tokens, (3, 0))
+        key = (padded[:, 3:] * 1000003 + padded[:, 2:-1] * 10007 + padded[:, 1:-2] * 101 + padded[:, :-3]) % (1 << 12)
+        return self.table(key)
+
+def build_model(ctx):
+    return Hashed(ctx.vocab_size)
+"""
+
+MEMORISER = """
+import torch
+
+def train(ctx):
+    model = ctx.build_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.5)
+    seen = []
+    for batch in ctx.iter_train_batches(model, batch_size=4, seq_len=128, with_logits=True):
+        seen.append(batch.tokens)
+        batch.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for _ in range(8):  # replay: memorise the bytes already scored
+        for tokens in seen:
+            logits = model(tokens)
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                     tokens[:, 1:].reshape(-1))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+"""
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory):
+    settings = Settings(byte_budget=20_000, cache_dir=tmp_path_factory.mktemp("cache"))
+    settings.gate.mode = "off"
+    return settings
+
+
+def evaluate_bundle(tmp_path, settings, architecture, training):
+    bundle = write_bundle(tmp_path / "bundle", architecture, training, "tokenizer: bytes\n")
+    report = evaluate(bundle, settings)
+    assert report.status == "completed", report.reasons
+    assert report.heldout["status"] == "completed", report.heldout
+    return report
+
+
+def test_learner_beats_its_twin_and_is_not_penalised(tmp_path, settings):
+    report = evaluate_bundle(tmp_path, settings, BIGRAM.replace("INIT", ""), LEARNER)
+    held = report.heldout
+    assert held["heldout_delta"] > 0.05
+    assert held["twin_step0_loss"] == report.step0_loss  # the true step-0 twin
+    assert held["gap"] < settings.scoring.gap_threshold
+    assert report.score["penalty"] == 1.0 and report.score["anomaly"] == 1
+    assert report.score["tie_break"] > 0 and report.final_score > report.score["base"]
+
+
+def test_no_op_loop_has_zero_delta_and_zero_init_head_is_ordinary(tmp_path, settings):
+    report = evaluate_bundle(tmp_path, settings, BIGRAM.replace("INIT", "nn.init.zeros_(self.table.weight)"), NO_OP)
+    assert abs(report.heldout["heldout_delta"]) < 1e-9
+    assert report.step0_loss == pytest.approx(math.log(257))
+    assert report.score["anomaly"] == 1 and "step0_anomaly" not in report.score["flags"]
+
+
+def test_memoriser_is_penalised(tmp_path, settings):
+    report = evaluate_bundle(tmp_path, settings, HASHED, MEMORISER)
+    assert report.heldout["gap"] > settings.scoring.gap_threshold
+    assert report.score["penalty"] < 1.0 and "memorisation_gap" in report.score["flags"]
+
+
+def test_initialisation_from_data_statistics_is_zeroed(tmp_path, settings):
+    stream = load_token_stream(open_dataset(EMBEDDED_DATA_DIR), "train", "bytes", settings.cache_dir)
+    counts = np.bincount(np.asarray(stream.tokens[:200_000]), minlength=257) + 1
+    log_freq = [round(float(x), 4) for x in np.log(counts / counts.sum())]
+    init = f"self.table.weight.data[:] = torch.tensor({log_freq})"
+    report = evaluate_bundle(tmp_path, settings, BIGRAM.replace("INIT", init), NO_OP)
+    assert report.step0_loss < 0.9 * math.log(257)
+    assert report.final_score == 0.0 and "step0_anomaly" in report.score["flags"]

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-DIM = 192
+DIM = 128
 
 
 class ByteGRU(nn.Module):

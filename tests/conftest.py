@@ -19,6 +19,25 @@ BYTE_LENGTHS = np.ones(257, dtype=np.int64)
 BYTE_LENGTHS[256] = 0
 
 
+def bigram_architecture(init: str = "") -> str:
+    """The smallest real learner: a [V, V] table of next-token logits; `init` runs at the end of __init__."""
+    return f"""
+import torch
+from torch import nn
+
+class Bigram(nn.Module):
+    def __init__(self, vocab):
+        super().__init__()
+        self.table = nn.Embedding(vocab, vocab)
+        {init}
+    def forward(self, tokens):
+        return self.table(tokens)
+
+def build_model(ctx):
+    return Bigram(ctx.vocab_size)
+"""
+
+
 def write_bundle(directory: Path, architecture: str, training: str, prism_yaml: str | None = None,
                  extra: dict[str, str] | None = None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)

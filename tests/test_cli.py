@@ -19,6 +19,7 @@ CLI = [sys.executable, "-m", "prism_ray.cli"]
 
 def eval_json(*args: str, cache_dir: Path, extra_env: dict | None = None) -> tuple[int, dict, str]:
     env = {"PATH": "/usr/bin:/bin", "PRISM_CACHE_DIR": str(cache_dir), "HOME": str(cache_dir),
+           "PRISM_SCORING_HELDOUT_BYTE_BUDGET": "10000",
            **(extra_env or {})}
     done = subprocess.run([*CLI, "eval", *args, "--json"], capture_output=True, text=True, env=env, timeout=300)
     lines = done.stdout.strip().splitlines()

@@ -6,28 +6,12 @@ import math
 
 import numpy as np
 import pytest
-from conftest import write_bundle
+from conftest import bigram_architecture, write_bundle
 
 from prism_ray.config import EMBEDDED_DATA_DIR, Settings
 from prism_ray.data.dataset import open_dataset
 from prism_ray.data.token_cache import load_token_stream
 from prism_ray.pipeline import evaluate
-
-BIGRAM = """
-import torch
-from torch import nn
-
-class Bigram(nn.Module):
-    def __init__(self, vocab):
-        super().__init__()
-        self.table = nn.Embedding(vocab, vocab)
-        INIT
-    def forward(self, tokens):
-        return self.table(tokens)
-
-def build_model(ctx):
-    return Bigram(ctx.vocab_size)
-"""
 
 LEARNER = """
 import torch
@@ -106,7 +90,7 @@ def evaluate_bundle(tmp_path, settings, architecture, training):
 
 
 def test_learner_beats_its_twin_and_is_not_penalised(tmp_path, settings):
-    report = evaluate_bundle(tmp_path, settings, BIGRAM.replace("INIT", ""), LEARNER)
+    report = evaluate_bundle(tmp_path, settings, bigram_architecture(), LEARNER)
     held = report.heldout
     assert held["heldout_delta"] > 0.05
     assert held["twin_step0_loss"] == report.step0_loss  # the true step-0 twin
@@ -116,7 +100,7 @@ def test_learner_beats_its_twin_and_is_not_penalised(tmp_path, settings):
 
 
 def test_no_op_loop_has_zero_delta_and_zero_init_head_is_ordinary(tmp_path, settings):
-    report = evaluate_bundle(tmp_path, settings, BIGRAM.replace("INIT", "nn.init.zeros_(self.table.weight)"), NO_OP)
+    report = evaluate_bundle(tmp_path, settings, bigram_architecture("nn.init.zeros_(self.table.weight)"), NO_OP)
     assert abs(report.heldout["heldout_delta"]) < 1e-9
     assert report.step0_loss == pytest.approx(math.log(257))
     assert report.score["anomaly"] == 1 and "step0_anomaly" not in report.score["flags"]
@@ -133,6 +117,6 @@ def test_initialisation_from_data_statistics_is_zeroed(tmp_path, settings):
     counts = np.bincount(np.asarray(stream.tokens[:200_000]), minlength=257) + 1
     log_freq = [round(float(x), 4) for x in np.log(counts / counts.sum())]
     init = f"self.table.weight.data[:] = torch.tensor({log_freq})"
-    report = evaluate_bundle(tmp_path, settings, BIGRAM.replace("INIT", init), NO_OP)
+    report = evaluate_bundle(tmp_path, settings, bigram_architecture(init), NO_OP)
     assert report.step0_loss < 0.9 * math.log(257)
     assert report.final_score == 0.0 and "step0_anomaly" in report.score["flags"]

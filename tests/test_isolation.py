@@ -10,7 +10,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import byte_stream, train_on_stream
+from conftest import bigram_architecture, byte_stream, train_on_stream
 
 from prism_ray.config import EMBEDDED_DATA_DIR
 from prism_ray.harness.isolation import SandboxPolicy, sandbox_available
@@ -18,20 +18,7 @@ from prism_ray.harness.isolation import SandboxPolicy, sandbox_available
 pytestmark = pytest.mark.skipif(not sandbox_available(), reason="bubblewrap is required (apt-get install bubblewrap)")
 
 TEXT = "Sandboxes are for code you do not trust, which is all code. " * 80
-ARCH = """
-import torch
-from torch import nn
-
-class Bigram(nn.Module):
-    def __init__(self, vocab):
-        super().__init__()
-        self.table = nn.Embedding(vocab, vocab)
-    def forward(self, tokens):
-        return self.table(tokens)
-
-def build_model(ctx):
-    return Bigram(ctx.vocab_size)
-"""
+ARCH = bigram_architecture()
 HONEST_LOOP = """
     model = ctx.build_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)

@@ -3,24 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from conftest import byte_stream, train_on_stream
+from conftest import bigram_architecture, byte_stream, train_on_stream
 
 TEXT = "The runner owns nothing but the model; the parent owns the stream. " * 60
 
-ARCH = """
-import torch
-from torch import nn
-
-class Bigram(nn.Module):
-    def __init__(self, vocab):
-        super().__init__()
-        self.table = nn.Embedding(vocab, vocab)
-    def forward(self, tokens):
-        return self.table(tokens)
-
-def build_model(ctx):
-    return Bigram(ctx.vocab_size)
-"""
+ARCH = bigram_architecture()
 
 LOOP = """
 import torch

@@ -129,12 +129,13 @@ def _digest(files: dict[str, bytes]) -> str:
 
 
 def load_bundle(source: Path | str | bytes, limits: IntakeLimits | None = None) -> Bundle:
-    """Accept a directory, a .zip path, zip bytes or base64 zip text; raise BundleError on any rule."""
+    """Accept a directory or .zip (a Path), zip bytes, or base64 zip text (a str — never read as a path, so
+    text from the network cannot name a server file); raise BundleError on any rule."""
     limits = limits or IntakeLimits()
     if isinstance(source, bytes):
         files = _read_zip(source, limits)
-    elif isinstance(source, Path) or (isinstance(source, str) and _looks_like_path(source)):
-        path = Path(source)
+    elif isinstance(source, Path):
+        path = source
         if path.is_dir():
             files = _read_directory(path, limits)
         elif path.is_file():
@@ -144,10 +145,6 @@ def load_bundle(source: Path | str | bytes, limits: IntakeLimits | None = None) 
     else:
         files = _read_zip(decode_base64(source), limits)
     return check_contract(files)
-
-
-def _looks_like_path(text: str) -> bool:
-    return len(text) < 4096 and (text.endswith(".zip") or "/" in text or Path(text).exists())
 
 
 def decode_base64(text: str) -> bytes:

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from prism_ray.client_cli import register as register_client_commands
 from prism_ray.config import Settings, load_settings
 from prism_ray.data.cli import data_app
 from prism_ray.harness.session import Progress as RunProgress
@@ -20,6 +21,7 @@ from prism_ray.report import RunReport
 app = typer.Typer(help="prism-ray: evaluate PRISM bundles as prequential bits-per-byte on locked text.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(data_app, name="data", help="Prepare, inspect and tokenise locked datasets.")
+register_client_commands(app)
 stderr = Console(stderr=True)
 
 

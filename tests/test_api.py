@@ -37,6 +37,7 @@ from prism_ray.config import Settings
 from prism_ray.report import RunReport
 from prism_ray.store import TERMINAL_STATUSES, Store
 from serve_app import ApiSettings, StoreBackend, create_app
+from serve_app.app import TokenBuckets
 
 TOKEN = "internal-test-token"
 ARCHITECTURE = "import torch\n\ndef build_model(ctx):\n    return torch.nn.Linear(ctx.vocab_size, ctx.vocab_size)\n"
@@ -295,6 +296,16 @@ def test_a_hotkey_over_its_rate_is_answered_429_with_retry_after(api_with):
         assert refused.status_code == 429 and refused.json()["error"] == "rate_limited"
         assert 1 <= int(refused.headers["Retry-After"]) <= 60
         assert limited.submit(other, bundle_zip("rate-other")).status_code == 202  # buckets are per hotkey
+
+
+def test_token_buckets_refill_at_their_rate():
+    now = [0.0]
+    buckets = TokenBuckets(burst=2, per_minute=6, clock=lambda: now[0])
+    assert [buckets.take("a"), buckets.take("a")] == [0.0, 0.0]
+    assert buckets.take("a") == pytest.approx(10.0)  # one token per 10 s
+    assert buckets.take("b") == 0.0
+    now[0] = 10.0
+    assert buckets.take("a") == 0.0 and buckets.take("a") == pytest.approx(10.0)
 
 
 def test_submissions_answer_404_when_public_submissions_are_off(api_with):

@@ -1,0 +1,219 @@
+"""The HTTP API's settings and its pydantic request/response models (docs/api.md shows each with an example)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from prism_ray.errors import Reason
+
+MAX_METADATA_BYTES = 16_384
+
+
+class ApiSettings(BaseSettings):
+    """Knobs of the HTTP layer, from PRISM_API_* variables (the internal token also from PRISM_INTERNAL_TOKEN)."""
+
+    model_config = SettingsConfigDict(env_prefix="PRISM_API_", extra="ignore", populate_by_name=True)
+
+    max_body_bytes: int = Field(default=5_000_000, ge=1, description="largest request body; counted while reading")
+    rate_limit_burst: int = Field(default=5, ge=1, description="submissions a hotkey may make back to back")
+    rate_limit_per_minute: float = Field(default=1.0, gt=0, description="refill rate of each hotkey's bucket")
+    public_submissions: bool = Field(default=True, description="off: POST /v1/submissions answers 404")
+    auth_mode: Literal["signed", "dev"] = Field(
+        default="signed", description="dev trusts an unsigned X-Hotkey: for a local demo only, never exposed")
+    internal_token: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("internal_token", "PRISM_INTERNAL_TOKEN", "PRISM_API_INTERNAL_TOKEN"),
+        description="bearer token of /internal routes; unset (and no file): those routes answer 503")
+    internal_token_file: Path | None = Field(default=None, description="file holding the bearer token; wins")
+    timestamp_window_s: float = Field(default=300.0, gt=0, description="accepted |X-Timestamp − now|, seconds")
+    nonce_ttl_s: float = Field(default=600.0, gt=0, description="how long a used nonce is remembered, seconds")
+
+    @model_validator(mode="after")
+    def _nonce_outlives_window(self) -> ApiSettings:
+        # A timestamp stays acceptable for 2·window seconds; a nonce forgotten sooner could be replayed.
+        if self.nonce_ttl_s < 2 * self.timestamp_window_s:
+            raise ValueError(f"nonce_ttl_s ({self.nonce_ttl_s:g}) must be at least twice timestamp_window_s "
+                             f"({self.timestamp_window_s:g}), or a signed request could be replayed")
+        return self
+
+    def bearer_token(self) -> str | None:
+        if self.internal_token_file is not None:
+            return self.internal_token_file.read_text().strip() or None
+        return self.internal_token.get_secret_value() if self.internal_token else None
+
+
+# --- requests -----------------------------------------------------------------------------------------------------
+
+class SubmissionRequest(BaseModel):
+    """A JSON submission (PRISM's format): the bundle as a base64 zip."""
+
+    model_config = ConfigDict(extra="ignore")  # PRISM clients may send fields this server does not use
+
+    filename: str = Field(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$", examples=["model.zip"])
+    code: str = Field(min_length=1, description="the bundle zip, base64", examples=["UEsDBBQAAAAIAAAAIQ..."])
+    metadata: dict[str, Any] | None = Field(default=None, description=f"free-form, ≤ {MAX_METADATA_BYTES} bytes "
+                                            "as JSON", examples=[{"notes": "rope + swiglu"}])
+
+    @field_validator("metadata")
+    @classmethod
+    def _small_metadata(cls, metadata: dict[str, Any] | None) -> dict[str, Any] | None:
+        if metadata is not None and len(json.dumps(metadata)) > MAX_METADATA_BYTES:
+            raise ValueError(f"metadata is over {MAX_METADATA_BYTES} bytes as JSON")
+        return metadata
+
+
+# --- responses ----------------------------------------------------------------------------------------------------
+
+class ErrorBody(BaseModel):
+    """Every error: a stable code, a sentence, typed reasons; `id`/`status` when a rejection was stored."""
+
+    error: str = Field(examples=["intake:rejected"])
+    message: str
+    reasons: list[Reason] = Field(default_factory=list)
+    id: str | None = None
+    status: str | None = None
+
+
+class SubmissionAccepted(BaseModel):
+    id: str
+    status: str
+    stage: str
+    hotkey: str
+    filename: str | None
+    name: str | None
+    created_at: float = Field(description="Unix seconds")
+    reused: bool = Field(description="true: this hotkey already submitted identical code; that submission is returned")
+    duplicate_of: str | None = None
+    reasons: list[Reason] = Field(default_factory=list)
+    status_url: str
+
+
+class Scores(BaseModel):
+    bpb: float | None = None
+    final_score: float | None = None
+    heldout_delta: float | None = None
+    gap: float | None = None
+    penalty: float | None = None
+    anomaly: float | None = None
+    tie_break: float | None = None
+    val_bpb_trained: float | None = None
+    val_bpb_twin: float | None = None
+    flags: list[str] = Field(default_factory=list)
+
+
+class Progress(BaseModel):
+    bytes_scored: int | None = None
+    byte_budget: int | None = None
+    running_bpb: float | None = None
+    tokens_per_second: float | None = None
+    updated_at: float | None = None
+    node: str | None = None
+
+
+class Event(BaseModel):
+    seq: int
+    at: float
+    kind: str
+    stage: str | None
+    detail: dict[str, Any]
+
+
+class SubmissionStatus(BaseModel):
+    id: str
+    hotkey: str
+    filename: str | None
+    name: str | None
+    tokenizer: str | None
+    status: Literal["pending", "running", "completed", "rejected", "failed", "held", "duplicate"]
+    stage: str
+    reasons: list[Reason]
+    attempt: int
+    max_attempts: int
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+    duplicate_of: str | None
+    scores: Scores | None = None
+    progress: Progress | None = None
+    events: list[Event]
+
+
+class CurvePoint(BaseModel):
+    bytes: int
+    bpb: float | None
+
+
+class ComputeProfile(BaseModel):
+    tokens_per_second: float | None = None
+    wall_seconds: float | None = None
+    train_seconds: float | None = None
+    device: str | None = None
+    node: str | None = None
+    model_params: int | None = None
+    tokens_scored: int | None = None
+    bytes_scored: int | None = None
+    batches: int | None = None
+    batch_size: int | None = None
+    seq_len: int | None = None
+    tokenizer: str | None = None
+
+
+class Curve(BaseModel):
+    id: str
+    status: str
+    points: list[CurvePoint] = Field(description="cumulative target bytes vs. running bpb, at most 500 points")
+    profile: ComputeProfile
+
+
+class LeaderboardRow(BaseModel):
+    rank: int
+    hotkey: str
+    submission_id: str
+    name: str | None
+    bpb: float | None
+    final_score: float | None
+    heldout_delta: float | None
+    architecture_family: str | None
+    submitted_at: float
+
+
+class Leaderboard(BaseModel):
+    epoch: int | None = Field(description="the epoch asked for; null: all epochs")
+    computed_at: float
+    entries: list[LeaderboardRow]
+
+
+class Epoch(BaseModel):
+    epoch: int
+    starts_at: float
+    ends_at: float
+    epoch_seconds: int
+    now: float
+
+
+class Weights(BaseModel):
+    weights: dict[str, float] = Field(description="hotkey → weight, summing to 1 (empty: nothing scored)")
+    epoch: int = Field(description="the epoch asked for, else the current one")
+    all_epochs: bool = Field(description="true: computed over every epoch's submissions (no ?epoch=)")
+    mode: str
+    computed_at: float
+    dry_run: Literal[True] = Field(default=True, description="weights are served, never set on chain")
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    auth_mode: str
+    public_submissions: bool
+    queue_depth: int
+    in_flight: int
+
+
+class Version(BaseModel):
+    name: str
+    version: str
+    api: str

@@ -42,6 +42,7 @@ from prism_ray.bundle import decode_base64
 from prism_ray.errors import BundleError, Reason
 from prism_ray.leaderboard import epoch_of, epoch_seconds_of
 from prism_ray.store import SubmissionRecord
+from serve_app import pages
 from serve_app.backend import Backend
 from serve_app.models import (
     ApiSettings,
@@ -193,6 +194,8 @@ def create_app(backend: Backend, settings: ApiSettings | None = None) -> FastAPI
     app.include_router(_read_router(backend))
     app.include_router(_internal_router(backend, settings.bearer_token()))
     app.include_router(_meta_router(backend, settings))
+    app.include_router(pages.router(backend))
+    app.mount("/static", pages.static_files(), name="static")
     return app
 
 

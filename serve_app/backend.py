@@ -47,6 +47,10 @@ class Backend(Protocol):
 
     def stats(self) -> dict[str, Any]: ...
 
+    def queue(self, limit: int) -> list[SubmissionRecord]:
+        """Pending and running submissions, in arrival order."""
+        ...
+
 
 class StoreBackend:
     """The protocol over a Store owned by this process; a lock serialises calls (a Store is not thread-safe)."""
@@ -101,6 +105,11 @@ class StoreBackend:
     def check_nonce(self, hotkey: str, nonce: str, ttl: float) -> bool:
         with self.use() as store:
             return store.check_nonce(hotkey, nonce, ttl)
+
+    def queue(self, limit: int) -> list[SubmissionRecord]:
+        with self.use() as store:
+            records = store.list_submissions("running", limit=limit) + store.list_submissions("pending", limit=limit)
+        return sorted(records, key=lambda record: record.seq)[:limit]
 
     def stats(self) -> dict[str, Any]:
         with self.use() as store:

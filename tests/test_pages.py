@@ -1,0 +1,205 @@
+"""The web pages in a real headless Chromium: the app served by uvicorn over a DuckDB store, fed by real signed
+submissions and a scheduler thread that scores, fails or slowly trains them. Screenshots of the three pages are
+saved under $PRISM_ARTIFACTS_DIR/web (default tests/artifacts/web)."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+from selenium import webdriver
+from selenium.common.exceptions import NoAlertPresentException
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+from test_api import bundle_zip, new_keypair, serve, signed_json
+from web_helpers import HOSTILE_REASON, PageScheduler, chromium, screenshot
+
+from prism_ray.config import Settings
+from prism_ray.store import Store
+from serve_app import ApiSettings, create_app
+from serve_app.backend import StoreBackend
+from serve_app.pages import CONTENT_SECURITY_POLICY
+
+SCRIPT_NAME = "<script>alert(1)</script>"
+IMG_NAME = '<img src=x onerror="window.pwned=1">'
+BROKEN_TRAINING = "def train(ctx):\n    for batch in (\n"  # a syntax error at line 2
+
+
+@dataclass
+class Site:
+    url: str
+    http: httpx.Client
+    ids: dict[str, str]  # name → submission id
+
+    def wait_for(self, submission_id: str, status: str, timeout: float = 20.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while (body := self.http.get(f"/v1/submissions/{submission_id}").json())["status"] != status:
+            assert time.monotonic() < deadline, f"{submission_id} stayed {body['status']}, never {status}"
+            time.sleep(0.05)
+        return body
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Iterator[Site]:
+    store = Store(tmp_path_factory.mktemp("pages") / "prism.duckdb")
+    backend = StoreBackend(store, Settings(byte_budget=800_000))
+    scheduler = PageScheduler(backend)
+    scheduler.start()
+    with serve(create_app(backend, ApiSettings())) as url, httpx.Client(base_url=url, timeout=30) as http:
+        site = Site(url, http, {})
+
+        def submit(name: str, training: str | None = None) -> str:
+            body, headers = signed_json(new_keypair(), bundle_zip(name, training))
+            response = http.post("/v1/submissions", content=body, headers=headers)
+            assert response.status_code in (202, 422), response.text
+            site.ids[name] = response.json()["id"]
+            return site.ids[name]
+
+        for name in ("rope-swiglu", "tiny-gpt", "byte-lstm", SCRIPT_NAME, IMG_NAME, "fail-imports"):
+            submit(name)
+        submit("broken", BROKEN_TRAINING)
+        for name in ("rope-swiglu", "tiny-gpt", "byte-lstm", SCRIPT_NAME, IMG_NAME):
+            site.wait_for(site.ids[name], "completed")
+        site.wait_for(site.ids["fail-imports"], "failed")
+        site.wait_for(submit("live-run"), "running")
+        submit("live-waiting")  # one live run at a time: this one waits in the queue
+        yield site
+    scheduler.stop.set()
+    scheduler.join(10)
+    store.close()
+
+
+@pytest.fixture(scope="module")
+def browser(site) -> Iterator[webdriver.Chrome]:
+    with chromium() as driver:
+        yield driver
+
+
+def open_page(browser: webdriver.Chrome, site: Site, path: str) -> None:
+    browser.get(site.url + path)
+    assert browser.find_element(By.ID, "page")
+    errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert not errors, errors  # a CSP violation or a script error is reported here
+
+
+def assert_inert(browser: webdriver.Chrome) -> None:
+    with pytest.raises(NoAlertPresentException):
+        browser.switch_to.alert  # noqa: B018 — the property raises when no alert() ran
+    assert browser.execute_script("return window.pwned === undefined && document.images.length === 0")
+    sources = browser.execute_script("return [...document.scripts].map(script => script.getAttribute('src'))")
+    assert sources == ["/static/live.js"]
+
+
+# --- leaderboard --------------------------------------------------------------------------------------------------
+
+def test_leaderboard_lists_submissions_in_score_order(site, browser):
+    open_page(browser, site, "/")
+    rows = browser.find_elements(By.CSS_SELECTOR, "table.board tbody tr")
+    links = [row.find_element(By.CSS_SELECTOR, "a.name").get_attribute("href").rsplit("/", 1)[1] for row in rows]
+    scores = [float(row.find_element(By.CSS_SELECTOR, "td.score").text) for row in rows]
+    api = site.http.get("/v1/leaderboard").json()["entries"]
+    assert links == [entry["submission_id"] for entry in api] and len(links) == 5
+    assert scores == sorted(scores, reverse=True)
+    assert [row.find_element(By.CSS_SELECTOR, "td.rank").text for row in rows] == ["1", "2", "3", "4", "5"]
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#top-curves path.series")) == 5
+    assert len(browser.find_elements(By.CSS_SELECTOR, "ul.legend li")) == 5
+    screenshot(browser, "leaderboard.png")
+
+
+def test_hostile_names_are_rendered_as_text(site, browser):
+    open_page(browser, site, "/")
+    names = [element.text for element in browser.find_elements(By.CSS_SELECTOR, "table.board a.name")]
+    assert SCRIPT_NAME in names and IMG_NAME in names
+    assert_inert(browser)
+    for name in (SCRIPT_NAME, IMG_NAME):
+        open_page(browser, site, f"/submissions/{site.ids[name]}")
+        assert browser.find_element(By.CSS_SELECTOR, "h1 .name").text == name
+        assert_inert(browser)
+
+
+# --- submission pages ---------------------------------------------------------------------------------------------
+
+def test_a_scored_submission_shows_its_curve_heldout_block_profile_and_timeline(site, browser):
+    submission_id = site.ids["rope-swiglu"]
+    open_page(browser, site, f"/submissions/{submission_id}")
+    path = browser.find_element(By.CSS_SELECTOR, "svg#curve path.series").get_attribute("d")
+    points = re.findall(r"[ML]([\d.]+),([\d.]+)", path)
+    assert 100 <= len(points) <= 201 and float(points[0][1]) < float(points[-1][1])  # bpb falls: y grows down
+    status = site.http.get(f"/v1/submissions/{submission_id}").json()
+    text = browser.find_element(By.ID, "page").text
+    assert f"{status['scores']['bpb']:.4f}" in text and f"{status['scores']['val_bpb_twin']:.4f}" in text
+    assert "cpu on 10.0.0.7" in text and "66,049" in text and "+0.4000" in text
+    kinds = [row.find_element(By.CSS_SELECTOR, ".event").text
+             for row in browser.find_elements(By.CSS_SELECTOR, "table.timeline tbody tr")]
+    assert kinds == [event["kind"] for event in status["events"]]
+    assert browser.find_element(By.ID, "page").get_attribute("data-live") is None  # finished: nothing to poll
+    screenshot(browser, "submission.png")
+
+
+def test_reasons_are_listed_with_file_and_line(site, browser):
+    open_page(browser, site, f"/submissions/{site.ids['broken']}")
+    cells = [cell.text for cell in browser.find_elements(By.CSS_SELECTOR, "table.reasons td")]
+    assert cells[0] == "contract:syntax" and cells[2] == "training.py:2"
+
+    open_page(browser, site, f"/submissions/{site.ids['fail-imports']}")
+    cells = [cell.text for cell in browser.find_elements(By.CSS_SELECTOR, "table.reasons td")]
+    assert cells == [HOSTILE_REASON.rule, HOSTILE_REASON.message, "training.py:7"]
+    assert_inert(browser)
+    screenshot(browser, "submission-failed.png")
+
+
+def test_a_running_submission_shows_progress_that_moves(site, browser):
+    page = f"/submissions/{site.ids['live-run']}"
+
+    def progress() -> float:
+        return float(browser.find_element(By.CSS_SELECTOR, "progress").get_attribute("value"))
+
+    open_page(browser, site, page)
+    first = progress()
+    time.sleep(1.0)
+    open_page(browser, site, page)
+    second = progress()
+    assert 0 < first < second < 800_000
+    # Without reloading, the script polls the JSON API, moves the bar and extends the curve.
+    WebDriverWait(browser, 15, poll_frequency=0.2).until(lambda _: progress() > second)
+    WebDriverWait(browser, 15, poll_frequency=0.2).until(lambda driver: len(re.findall(
+        r"L", driver.find_element(By.CSS_SELECTOR, "svg#curve path.series").get_attribute("d"))) >= 2)
+    assert browser.find_element(By.CSS_SELECTOR, "[data-field=status]").get_attribute("textContent") == "running"
+    screenshot(browser, "submission-running.png")
+
+
+# --- queue --------------------------------------------------------------------------------------------------------
+
+def test_the_queue_shows_running_and_pending_work_and_refreshes(site, browser):
+    open_page(browser, site, "/queue")
+    rows = browser.find_elements(By.CSS_SELECTOR, "table.queue tbody tr")
+    assert [row.find_element(By.CSS_SELECTOR, ".badge").get_attribute("textContent") for row in rows] == ["running", "pending"]
+    assert [row.find_element(By.CSS_SELECTOR, "a.name").text for row in rows] == ["live-run", "live-waiting"]
+
+    def bar() -> float:
+        return float(browser.find_element(By.CSS_SELECTOR, "table.queue progress").get_attribute("value"))
+
+    before = bar()
+    WebDriverWait(browser, 15, poll_frequency=0.2).until(lambda _: bar() > before)  # swapped in by live.js
+    screenshot(browser, "queue.png")
+
+
+# --- without a browser --------------------------------------------------------------------------------------------
+
+def test_pages_are_complete_html_with_a_strict_policy(site):
+    for path in ("/", "/queue", f"/submissions/{site.ids['rope-swiglu']}"):
+        response = site.http.get(path)
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+        assert response.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+        assert "<script>" not in response.text and " style=" not in response.text
+    board = site.http.get("/").text
+    ids = re.findall(r'href="/submissions/(sub_[0-9a-f]+)"', board)
+    assert ids == [entry["submission_id"] for entry in site.http.get("/v1/leaderboard").json()["entries"]]
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in board and SCRIPT_NAME not in board
+    missing = site.http.get("/submissions/sub_nope<b>")
+    assert missing.status_code == 404 and "sub_nope&lt;b&gt;" in missing.text
+    assert site.http.get("/static/live.js").headers["content-type"].startswith("text/javascript")

@@ -125,13 +125,17 @@ def heldout(bundle: Bundle, result: TrainResult, settings: Settings) -> HeldoutR
     outcome = result.outcome
     if outcome.status != "completed" or outcome.state_path is None:
         return HeldoutResult(status="not_run", message="held-out: not run (the training run did not complete)")
-    dataset = open_dataset(settings.data_dir)
-    if not dataset.has_split("val"):
-        return HeldoutResult(status="no_val_split", message="held-out: no val split in this dataset; scored on "
-                             "bpb alone")
+    try:
+        dataset = open_dataset(settings.data_dir)
+        if not dataset.has_split("val"):
+            return HeldoutResult(status="no_val_split", message="held-out: no val split in this dataset; scored on "
+                                 "bpb alone")
+        train_stream = load_token_stream(dataset, "train", result.tokenizer, settings.cache_dir)
+        val_stream = load_token_stream(dataset, "val", result.tokenizer, settings.cache_dir)
+    except PrismError as error:
+        return HeldoutResult(status="failed", reasons=error.reasons, message=f"held-out: failed ({error.rule}); "
+                             "scored on bpb alone")
     budget = settings.scoring.heldout_byte_budget
-    train_stream = load_token_stream(dataset, "train", result.tokenizer, settings.cache_dir)
-    val_stream = load_token_stream(dataset, "val", result.tokenizer, settings.cache_dir)
     slice_budget = min(budget, sum(outcome.batch_bytes))
     passes = [EvalPass("val_twin", val_stream.tokens, budget, trained=False),
               EvalPass("val_trained", val_stream.tokens, budget, trained=True),

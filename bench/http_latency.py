@@ -3,7 +3,7 @@ DuckDB file seeded with scored submissions; C concurrent clients on loopback. Pr
 baseline: routing and JSON only), GET /v1/leaderboard and signed POST /v1/submissions, and each p50 as a ratio
 of the baseline's, measured the same minute.
 
-    python bench/http.py [--concurrency 16] [--requests 400] [--scored 200]
+    python bench/http_latency.py [--concurrency 16] [--requests 400] [--scored 200]
 """
 
 # ruff: noqa: E402

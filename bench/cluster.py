@@ -1,0 +1,159 @@
+"""Cluster overhead and scaling, on logical GPUs (CPU trainings), for a tiny bundle and byte budget.
+
+1. Overhead: submit→completed latency on a local cluster minus the wall time of the same stage functions run in
+   this process, the same minute, on an equal bundle (the probe, runner start-up and training are in both, so what
+   is left is the cluster's own: queue, task dispatch, object store, store writes). Target ≤ 3 s.
+2. Scaling: completed submissions per minute with one vs. two logical-GPU nodes (ray.cluster_utils), each node
+   with its own logical CPUs and the runner on one thread, so each training is bound to one core. Target ≥ 1.8×.
+   Two logical CPUs per node let a training and a CPU stage share it without Ray killing and restarting idle
+   workers between stages (it keeps about one worker per logical CPU), as on any real GPU node. Every
+   training is CPU work here, so the machine bounds it: the same stages in two processes vs. one, without Ray,
+   measured first, is the ceiling this machine allows right now (other load on it shows there).
+
+    python bench/cluster.py [--byte-budget 20000] [--submissions 8] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import ray
+from ray.cluster_utils import Cluster
+
+from prism_ray.bundle import Bundle, check_contract
+from prism_ray.cluster import ClusterHandle, start_cluster, submit, wait
+from prism_ray.cluster.stages import STAGES, Job, StageContext
+from prism_ray.config import ClusterSettings, GateSettings, Settings
+from prism_ray.data.dataset import open_dataset
+from prism_ray.data.token_cache import load_token_stream
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "seed-tiny"
+
+
+def tiny_bundle(tag: str) -> Bundle:
+    """examples/seed-tiny on the bytes tokenizer; `tag` keeps every submission's code distinct (no duplicates)."""
+    files = {path.name: path.read_bytes() for path in EXAMPLE.glob("*.py")}
+    files["architecture.py"] += f"\n# {tag}\n".encode()
+    files["prism.yaml"] = b"tokenizer: bytes\n"
+    return check_contract(files)
+
+
+def settings_for(cache_dir: Path, store_path: Path, byte_budget: int) -> Settings:
+    return Settings(cache_dir=cache_dir, byte_budget=byte_budget, runner_threads=1, gate=GateSettings(mode="off"),
+                    cluster=ClusterSettings(store_path=store_path))
+
+
+def in_process(bundle: Bundle, settings: Settings) -> float:
+    """Seconds for the cluster's stage functions run one after the other here, without Ray."""
+    started = time.monotonic()
+    ctx = StageContext(Job("bench", 1, "bench", time.time()), settings)
+    payloads = {}
+    for stage in STAGES:
+        outcome, payloads[stage.name] = stage.run(ctx, bundle, *(payloads[name] for name in stage.needs))
+        if outcome.verdict != "next":
+            break
+    assert outcome.verdict == "completed", outcome
+    return time.monotonic() - started
+
+
+def machine_ceiling(work: Path, byte_budget: int, submissions: int) -> float:
+    """Throughput ratio of the same stages run two at a time vs. one at a time, in plain processes."""
+    settings = settings_for(work / "cache", work / "unused.duckdb", byte_budget)
+    bundles = [tiny_bundle(f"ceiling-{n}") for n in range(2 * submissions)]
+    started = time.monotonic()
+    for bundle in bundles[:submissions]:
+        in_process(bundle, settings)
+    serial = time.monotonic() - started
+    started = time.monotonic()
+    with ProcessPoolExecutor(2) as pool:  # forked before Ray starts in this process
+        list(pool.map(in_process, bundles[submissions:], [settings] * submissions))
+    ceiling = serial / (time.monotonic() - started)
+    print(f"  machine ceiling: {submissions} runs one at a time {serial:6.2f} s, two at a time ÷ {ceiling:.2f}")
+    return ceiling
+
+
+def run_one(handle: ClusterHandle, tag: str) -> tuple[float, float]:
+    """(submit→completed seconds, the report's own wall seconds)."""
+    started = time.monotonic()
+    record = submit(handle, "bench", f"{tag}.zip", tiny_bundle(tag))
+    record = wait(handle, record.id, timeout=600)
+    latency = time.monotonic() - started
+    assert record is not None and record.status == "completed", record
+    [run] = ray.get(handle.store.runs.remote(record.id))
+    return latency, run["report"]["wall_seconds"]
+
+
+def overhead(work: Path, byte_budget: int, repeats: int) -> None:
+    settings = settings_for(work / "cache", work / "overhead.duckdb", byte_budget)
+    handle = start_cluster(None, settings)
+    print(handle.notice)
+    try:
+        run_one(handle, "warm-up")  # starts the Ray workers once, as a running cluster has them
+        rows = []
+        for repeat in range(repeats):
+            local = in_process(tiny_bundle(f"local-{repeat}"), settings)
+            latency, report_wall = run_one(handle, f"overhead-{repeat}")
+            rows.append((latency, local))
+            print(f"  submit→completed {latency:6.2f} s   same stages in-process {local:6.2f} s   "
+                  f"report wall {report_wall:6.2f} s   overhead {latency - local:5.2f} s")
+    finally:
+        handle.close()
+    median = statistics.median(latency - local for latency, local in rows)
+    print(f"overhead (median of {repeats}): {median:.2f} s (target ≤ 3 s)")
+
+
+def throughput(work: Path, nodes: int, byte_budget: int, submissions: int) -> float:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0, "resources": {"head": 1}})
+    try:
+        for _ in range(nodes):
+            cluster.add_node(num_cpus=2, num_gpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address)
+        handle = start_cluster(cluster.address, settings_for(work / "cache", work / f"scale-{nodes}.duckdb",
+                                                             byte_budget))
+        try:
+            warm = [submit(handle, "bench", f"warm-{n}.zip", tiny_bundle(f"warm-{nodes}-{n}")).id
+                    for n in range(nodes)]
+            for submission_id in warm:  # every node has started its workers
+                wait(handle, submission_id, timeout=600)
+            started = time.monotonic()
+            ids = [submit(handle, "bench", f"{n}.zip", tiny_bundle(f"scale-{nodes}-{n}")).id
+                   for n in range(submissions)]
+            records = [wait(handle, submission_id, timeout=600) for submission_id in ids]
+            seconds = time.monotonic() - started
+            assert all(record is not None and record.status == "completed" for record in records), records
+        finally:
+            handle.stop()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    per_minute = submissions / seconds * 60
+    print(f"  {nodes} logical-GPU node(s): {submissions} completed in {seconds:6.2f} s = {per_minute:5.1f} / min")
+    return per_minute
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--byte-budget", type=int, default=20_000)
+    parser.add_argument("--submissions", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="prism-bench-cluster-") as tmp:
+        work = Path(tmp)
+        load_token_stream(open_dataset(Settings().data_dir), "train", "bytes", work / "cache")
+        print(f"tiny bundle (examples/seed-tiny on bytes), byte budget {args.byte_budget:,}")
+        ceiling = machine_ceiling(work, args.byte_budget, args.submissions)
+        overhead(work, args.byte_budget, args.repeats)
+        one = throughput(work, 1, args.byte_budget, args.submissions)
+        two = throughput(work, 2, args.byte_budget, args.submissions)
+        print(f"scaling: two nodes ÷ one node = {two / one:.2f}× (target ≥ 1.8×; this machine allows "
+              f"{ceiling:.2f}× now, so the cluster reaches {two / one / ceiling:.0%} of it)")
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -101,6 +104,109 @@ def print_report(report: RunReport, console: Console) -> None:
     for key, value in rows:
         table.add_row(f"[dim]{key}[/dim]", value)
     console.print(table)
+
+
+def _service_settings(data: Path | None, state_dir: Path | None, byte_budget: int | None) -> Settings:
+    settings = load_settings(data_dir=data, byte_budget=byte_budget)
+    if state_dir is not None:
+        settings.cache_dir = state_dir
+    return settings
+
+
+@app.command("serve")
+def serve_command(
+    address: Annotated[str | None, typer.Option(help="join this Ray cluster (e.g. auto); default: a local one")] = None,
+    host: Annotated[str, typer.Option(help="HTTP host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
+    auth: Annotated[str, typer.Option(help="signed (sr25519 hotkeys) or dev (unsigned X-Hotkey, local)")] = "signed",
+    data: Annotated[Path | None, typer.Option(help="locked dataset dir (default: the embedded data)")] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="DuckDB store, token caches and run dirs")] = None,
+    byte_budget: Annotated[int | None, typer.Option(min=0, help="target bytes per run")] = None,
+) -> None:
+    """Run the evaluation cluster and its HTTP API until interrupted."""
+    from prism_ray.service import start_service  # Ray Serve is heavy; eval never pays for it
+    from serve_app.models import ApiSettings
+
+    if auth not in ("signed", "dev"):
+        stderr.print("[red]error:[/red] --auth must be signed or dev")
+        raise typer.Exit(2)
+    service = start_service(address, _service_settings(data, state_dir, byte_budget), ApiSettings(auth_mode=auth),
+                            host, port)
+    stderr.print(f"[bold]prism-ray[/bold] serving at {service.url} ({service.cluster.notice})")
+    if auth == "dev":
+        stderr.print("[bold red]WARNING: dev auth — unsigned X-Hotkey accepted. Never expose this server.[/bold red]")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        service.close()
+
+
+@app.command("demo")
+def demo_command(
+    port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
+    byte_budget: Annotated[int, typer.Option(min=1, help="target bytes per example run")] = 100_000,
+    state_dir: Annotated[Path | None, typer.Option(help="where the demo keeps its store (default: a temp dir)")] = None,
+    keep_serving: Annotated[bool, typer.Option("--keep-serving", help="stay up after the demo")] = False,
+) -> None:
+    """Start a local cluster and the API, submit the examples over HTTP, follow them, print the leaderboard."""
+    from prism_ray.client import PrismClient
+    from prism_ray.client_cli import print_leaderboard
+    from prism_ray.service import EXAMPLES_DIR, start_service, submit_examples
+    from serve_app.models import ApiSettings
+
+    state = state_dir or Path(tempfile.mkdtemp(prefix="prism-demo-"))
+    settings = _service_settings(None, state, byte_budget)
+    settings.gate.mode = "off" if not os.environ.get("OPENROUTER_API_KEY") else settings.gate.mode
+    service = start_service(None, settings, ApiSettings(auth_mode="dev", internal_token="demo-token"),
+                            "127.0.0.1", port)
+    stderr.print(f"[bold]prism-ray demo[/bold] at {service.url} ({service.cluster.notice}); store in {state}")
+    try:
+        examples = sorted(p for p in EXAMPLES_DIR.iterdir() if p.is_dir())
+        seen: dict[str, str] = {}
+
+        def show(status: dict) -> None:
+            line = f"{status['status']} {status.get('stage') or ''}"
+            if seen.get(status["id"]) != line:
+                seen[status["id"]] = line
+                progress = status.get("progress") or {}
+                stderr.print(f"  {status['id']}: {line} {progress.get('bytes_scored') or ''}")
+
+        finals = submit_examples(service.url, examples, on_update=show)
+        with PrismClient(service.url) as client:
+            print_leaderboard(client.leaderboard(), Console())
+        Console().print(f"leaderboard: {service.url}/   API: {service.url}/v1/leaderboard")
+        failed = [f for f in finals if f["status"] != "completed"]
+        for final in failed:
+            stderr.print(f"[red]{final['id']} {final['status']}[/red]: {final.get('reasons')}")
+        if keep_serving:
+            stderr.print("serving until interrupted (Ctrl-C)")
+            while True:
+                time.sleep(3600)
+        raise typer.Exit(1 if failed else 0)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        service.close()
+
+
+@app.command("export")
+def export_command(
+    out: Annotated[Path, typer.Option(help="directory for one Parquet file per table")],
+    address: Annotated[str, typer.Option(help="the running cluster")] = "auto",
+) -> None:
+    """Write every store table to Parquet (the live DuckDB file is locked by the store actor)."""
+    from prism_ray.cluster.client import export
+    from prism_ray.cluster.runtime import start_cluster
+
+    handle = start_cluster(address, Settings())
+    try:
+        for path in export(handle, out.resolve()):
+            Console().print(str(path))
+    finally:
+        handle.close()
 
 
 def main() -> None:  # pragma: no cover - console entry point

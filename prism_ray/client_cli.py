@@ -76,13 +76,17 @@ def leaderboard_command(url: Url = DEFAULT_URL,
     if as_json:
         sys.stdout.write(json.dumps(board) + "\n")
         return
+    print_leaderboard(board, Console(), epoch)
+
+
+def print_leaderboard(board: dict[str, Any], console: Console, epoch: int | None = None) -> None:
     table = Table(title="leaderboard" + (f" — epoch {epoch}" if epoch is not None else ""))
     for column in ("#", "hotkey", "name", "bpb", "final score", "held-out Δ", "submission"):
         table.add_column(column, justify="right" if column in ("#", "bpb", "final score", "held-out Δ") else "left")
     for entry in board["entries"]:
         table.add_row(str(entry["rank"]), entry["hotkey"], entry["name"] or "—", _number(entry["bpb"]),
                       _number(entry["final_score"]), _number(entry["heldout_delta"]), entry["submission_id"])
-    Console().print(table)
+    console.print(table)
 
 
 def print_submission(status: dict[str, Any], console: Console) -> None:

@@ -106,6 +106,11 @@ class ClusterBackend:
     def leaderboard(self, epoch: int | None) -> list[LeaderboardEntry]:
         return leaderboard(self.handle, epoch)
 
+    def queue(self, limit: int) -> list[SubmissionRecord]:
+        records = self._store("list_submissions", "running", None, limit) + \
+            self._store("list_submissions", "pending", None, limit)
+        return sorted(records, key=lambda record: record.seq)[:limit]
+
     def weights(self, epoch: int | None) -> dict[str, float]:
         return weights(self.handle, epoch)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from conftest import byte_stream, train_on_stream
 
 TEXT = "A causal model may look back, never ahead. " * 120

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLES, write_bundle
 
+from conftest import EXAMPLES, write_bundle
 from prism_ray.config import EMBEDDED_DATA_DIR
 
 CLI = [sys.executable, "-m", "prism_ray.cli"]

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import ray
+from ray.cluster_utils import Cluster
+
 from cluster_helpers import (
     FORBIDDEN_IMPORT,
     INFINITE_LOOP,
@@ -24,8 +26,6 @@ from cluster_helpers import (
     warm_token_cache,
 )
 from openai_stub import OpenAIStub, StubReply, openai_stub_fixture, openai_stub_server_fixture  # noqa: F401
-from ray.cluster_utils import Cluster
-
 from prism_ray.cluster import NO_GPU_NOTICE, ClusterBackend, ClusterHandle, leaderboard, start_cluster, submit, wait
 from prism_ray.config import GateSettings, Settings
 from prism_ray.harness.isolation import sandbox_available

@@ -7,8 +7,8 @@ import re
 from pathlib import Path
 
 import pytest
-from openai_stub import OpenAIStub, StubReply, openai_stub_fixture, openai_stub_server_fixture  # noqa: F401
 
+from openai_stub import OpenAIStub, StubReply, openai_stub_fixture, openai_stub_server_fixture  # noqa: F401
 from prism_ray import gate
 from prism_ray.bundle import Bundle, load_bundle
 from prism_ray.config import GateSettings

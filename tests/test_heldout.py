@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 import pytest
-from conftest import bigram_architecture, write_bundle
 
+from conftest import bigram_architecture, write_bundle
 from prism_ray.config import EMBEDDED_DATA_DIR, Settings
 from prism_ray.data.dataset import open_dataset
 from prism_ray.data.token_cache import load_token_stream

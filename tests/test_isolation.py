@@ -10,8 +10,8 @@ import subprocess
 import time
 
 import pytest
-from conftest import bigram_architecture, byte_stream, train_on_stream
 
+from conftest import bigram_architecture, byte_stream, train_on_stream
 from prism_ray.config import EMBEDDED_DATA_DIR
 from prism_ray.harness.isolation import SandboxPolicy, sandbox_available
 

@@ -16,13 +16,13 @@ from selenium.common.exceptions import NoAlertPresentException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 from test_api import bundle_zip, new_keypair, serve, signed_json
-from web_helpers import HOSTILE_REASON, PageScheduler, chromium, screenshot
 
 from prism_ray.config import Settings
 from prism_ray.store import Store
 from serve_app import ApiSettings, create_app
 from serve_app.backend import StoreBackend
 from serve_app.pages import CONTENT_SECURITY_POLICY
+from web_helpers import HOSTILE_REASON, PageScheduler, chromium, screenshot
 
 SCRIPT_NAME = "<script>alert(1)</script>"
 IMG_NAME = '<img src=x onerror="window.pwned=1">'

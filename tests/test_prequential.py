@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 import pytest
-from conftest import BYTE_LENGTHS, byte_stream, train_on_stream
 
+from conftest import BYTE_LENGTHS, byte_stream, train_on_stream
 from prism_ray import scoring
 from prism_ray.harness.stream import StreamPlan
 

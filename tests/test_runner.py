@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from conftest import bigram_architecture, byte_stream, train_on_stream
 
 TEXT = "The runner owns nothing but the model; the parent owns the stream. " * 60

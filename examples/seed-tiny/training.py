@@ -2,7 +2,6 @@
 
 import torch
 import torch.nn.functional as F
-
 from prism_challenge.evaluator.interface import PrismContext
 
 

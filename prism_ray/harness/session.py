@@ -10,8 +10,10 @@ from __future__ import annotations
 import math
 import os
 import secrets
+import shutil
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -145,8 +147,9 @@ def _supervise(spec: RunSpec, run_dir: Path, time_limit: float, policy: SandboxP
     """Launch the runner in the sandbox, let `serve` talk to it, and turn whatever happens into typed reasons."""
     started = time.monotonic()
     deadline = started + time_limit
-    ipc_dir = run_dir / "ipc"
-    ipc_dir.mkdir(parents=True, exist_ok=True)
+    # AF_UNIX paths are limited to ~108 bytes, so the socket lives in a short private dir, not in the run dir.
+    ipc_dir = Path(tempfile.mkdtemp(prefix="prism-ipc-", dir="/tmp" if os.path.isdir("/tmp") else None))
+    os.chmod(ipc_dir, 0o711)  # the unprivileged sandbox uid may pass through, not list
     spec.artifacts_dir.mkdir(parents=True, exist_ok=True)
     socket_path = ipc_dir / "stream.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -160,6 +163,7 @@ def _supervise(spec: RunSpec, run_dir: Path, time_limit: float, policy: SandboxP
                          run_dir / "runner.log", cwd=run_dir, policy=policy)
     except PrismError as error:
         listener.close()
+        shutil.rmtree(ipc_dir, ignore_errors=True)
         outcome.reasons = error.reasons
         return outcome
     outcome.sandboxed = process.sandboxed
@@ -175,6 +179,7 @@ def _supervise(spec: RunSpec, run_dir: Path, time_limit: float, policy: SandboxP
             outcome.reasons.append(_crash_reason(process, str(error)))
     finally:
         listener.close()
+        shutil.rmtree(ipc_dir, ignore_errors=True)
         exit_code = process.wait(max(0.0, min(10.0, deadline - time.monotonic())))
         if exit_code is None:
             process.kill()

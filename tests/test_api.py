@@ -231,20 +231,25 @@ def test_an_oversized_streamed_body_is_cut_off_while_reading(api_with):
             conn.sendall(f"POST /v1/submissions HTTP/1.1\r\nHost: x\r\nContent-Type: application/zip\r\n{head}"
                          "Transfer-Encoding: chunked\r\n\r\n".encode())
             chunk = b"%x\r\n" % 65536 + b"\0" * 65536 + b"\r\n"
-            sent, reply, deadline = 0, b"", time.monotonic() + 30
+            sent, reply, reset, deadline = 0, b"", False, time.monotonic() + 30
             while sent < total and b"\r\n\r\n" not in reply and time.monotonic() < deadline:
                 readable, writable, _ = select.select([conn], [conn], [], 1.0)
-                if readable:
-                    data = conn.recv(65536)
-                    reply += data
-                    if not data:
-                        break
-                elif writable:
-                    try:
+                try:
+                    if readable:
+                        data = conn.recv(65536)
+                        reply += data
+                        if not data:
+                            break
+                    elif writable:
                         sent += conn.send(chunk)
-                    except BlockingIOError:
-                        pass
-        assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+                except BlockingIOError:
+                    pass
+                except (ConnectionResetError, BrokenPipeError):
+                    # The server answered 413 and closed while we were still sending: the kernel may drop the
+                    # unread answer on the reset, so the reset itself is the evidence that reading stopped.
+                    reset = True
+                    break
+        assert reply.startswith(b"HTTP/1.1 413") or (reset and not reply), reply[:200]
         assert sent < total // 8, f"the server read on: {sent:,} of {total:,} bytes went out before it answered"
 
         declared = small.http.post("/v1/submissions", content=b"\0" * (limit + 1),

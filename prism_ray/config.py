@@ -123,7 +123,7 @@ class Settings(BaseSettings):
     byte_budget: int = Field(default=200_000, ge=0, description="target bytes scored per run; 0 = whole train split")
     heldout_time_limit: float = Field(default=300.0, gt=0, description="wall-clock cap of the held-out evaluation")
     probe_time_limit: float = Field(default=120.0, gt=0, description="wall-clock cap of the instantiation probe")
-    causality_probes: int = Field(default=4, ge=0, description="secret random causality probes per run (+ batch 0)")
+    causality_probes: int = Field(default=2, ge=0, description="secret random causality probes per run (+ batch 0)")
     time_limit: float = Field(default=900.0, gt=0, description="wall-clock safety cap of a training run, seconds")
     seed: int = 1337
     max_seq_len: int = Field(default=1024, ge=2)

@@ -38,6 +38,21 @@ def build_model(ctx):
 """
 
 
+def learner_loop(batch_size: int = 4, seq_len: int = 128, optimizer: str = "Adam", lr: float = 0.01) -> str:
+    """An honest training script: backprop through the harness's forward (with_logits=True) on every batch."""
+    return f"""
+import torch
+
+def train(ctx):
+    model = ctx.build_model()
+    optimizer = torch.optim.{optimizer}(model.parameters(), lr={lr})
+    for batch in ctx.iter_train_batches(model, batch_size={batch_size}, seq_len={seq_len}, with_logits=True):
+        batch.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+"""
+
+
 def write_bundle(directory: Path, architecture: str, training: str, prism_yaml: str | None = None,
                  extra: dict[str, str] | None = None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)

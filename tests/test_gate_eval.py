@@ -8,22 +8,11 @@ import sys
 
 import pytest
 
-from conftest import bigram_architecture, write_bundle
+from conftest import bigram_architecture, learner_loop, write_bundle
 from openai_stub import openai_stub_fixture, openai_stub_server_fixture  # noqa: F401
 from prism_ray.config import Settings
 from prism_ray.pipeline import evaluate
 
-LOOP = """
-import torch
-
-def train(ctx):
-    model = ctx.build_model()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    for batch in ctx.iter_train_batches(model, batch_size=4, seq_len=64, with_logits=True):
-        batch.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-"""
 REJECT = {"verdict": "reject", "confidence": 0.9, "reasons": [
     {"rule": "fake_training", "message": "the loop never updates the model it is scored on", "file": "training.py",
      "line": 7}]}
@@ -42,7 +31,7 @@ def settings(openai_stub, tmp_path, monkeypatch):
 
 def test_allowed_bundle_trains_and_reports_the_gate(openai_stub, settings, tmp_path):
     openai_stub.script([ALLOW])
-    bundle = write_bundle(tmp_path / "b", bigram_architecture(), LOOP, "tokenizer: bytes\n")
+    bundle = write_bundle(tmp_path / "b", bigram_architecture(), learner_loop(seq_len=64), "tokenizer: bytes\n")
     report = evaluate(bundle, settings)
     assert report.status == "completed", report.reasons
     assert report.gate["status"] == "allowed" and len(openai_stub.requests) == 1
@@ -50,7 +39,7 @@ def test_allowed_bundle_trains_and_reports_the_gate(openai_stub, settings, tmp_p
 
 def test_rejected_bundle_does_no_training_work(openai_stub, settings, tmp_path):
     openai_stub.script([REJECT])
-    bundle = write_bundle(tmp_path / "b", bigram_architecture(), LOOP, "tokenizer: bytes\n")
+    bundle = write_bundle(tmp_path / "b", bigram_architecture(), learner_loop(seq_len=64), "tokenizer: bytes\n")
     report = evaluate(bundle, settings)
     assert report.status == "rejected" and report.stage == "gate"
     reason = report.reasons[0]
@@ -63,7 +52,7 @@ def test_rejected_bundle_does_no_training_work(openai_stub, settings, tmp_path):
 
 def test_eval_cli_surfaces_gate_reasons(openai_stub, tmp_path):
     openai_stub.script([REJECT])
-    bundle = write_bundle(tmp_path / "b", bigram_architecture(), LOOP, "tokenizer: bytes\n")
+    bundle = write_bundle(tmp_path / "b", bigram_architecture(), learner_loop(seq_len=64), "tokenizer: bytes\n")
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PRISM_CACHE_DIR": str(tmp_path / "cache"),
            "OPENROUTER_API_KEY": "sk-test-cli", "PRISM_GATE_BASE_URL": openai_stub.base_url}
     done = subprocess.run([sys.executable, "-m", "prism_ray.cli", "eval", str(bundle), "--json"], capture_output=True,

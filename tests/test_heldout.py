@@ -7,23 +7,11 @@ import math
 import numpy as np
 import pytest
 
-from conftest import bigram_architecture, write_bundle
+from conftest import bigram_architecture, learner_loop, write_bundle
 from prism_ray.config import EMBEDDED_DATA_DIR, Settings
 from prism_ray.data.dataset import open_dataset
 from prism_ray.data.token_cache import load_token_stream
 from prism_ray.pipeline import evaluate
-
-LEARNER = """
-import torch
-
-def train(ctx):
-    model = ctx.build_model()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    for batch in ctx.iter_train_batches(model, batch_size=4, seq_len=128, with_logits=True):
-        batch.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-"""
 
 NO_OP = """
 def train(ctx):
@@ -90,7 +78,7 @@ def evaluate_bundle(tmp_path, settings, architecture, training):
 
 
 def test_learner_beats_its_twin_and_is_not_penalised(tmp_path, settings):
-    report = evaluate_bundle(tmp_path, settings, bigram_architecture(), LEARNER)
+    report = evaluate_bundle(tmp_path, settings, bigram_architecture(), learner_loop())
     held = report.heldout
     assert held["heldout_delta"] > 0.05
     assert held["twin_step0_loss"] == report.step0_loss  # the true step-0 twin

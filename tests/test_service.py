@@ -9,23 +9,11 @@ import httpx
 import pytest
 import ray
 
-from conftest import bigram_architecture, write_bundle
+from conftest import bigram_architecture, learner_loop, write_bundle
 from prism_ray.client import PrismClient
 from prism_ray.config import Settings
 from prism_ray.service import start_service
 from serve_app.models import ApiSettings
-
-LOOP = """
-import torch
-
-def train(ctx):
-    model = ctx.build_model()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    for batch in ctx.iter_train_batches(model, batch_size=4, seq_len=128, with_logits=True):
-        batch.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-"""
 
 
 def free_port() -> int:
@@ -47,7 +35,7 @@ def service(tmp_path_factory):
 
 
 def test_post_scored_leaderboard_weights(service, tmp_path):
-    bundle = write_bundle(tmp_path / "bigram", bigram_architecture(), LOOP, "name: bigram\ntokenizer: bytes\n")
+    bundle = write_bundle(tmp_path / "bigram", bigram_architecture(), learner_loop(), "name: bigram\ntokenizer: bytes\n")
     with PrismClient(service.url, dev_hotkey="miner-one") as client:
         accepted = client.submit(bundle)
         assert accepted["status"] == "pending"
@@ -64,7 +52,7 @@ def test_post_scored_leaderboard_weights(service, tmp_path):
 
 
 def test_broken_bundle_is_answered_422_without_training(service, tmp_path):
-    bundle = write_bundle(tmp_path / "broken", "def build_model(ctx)\n", LOOP)
+    bundle = write_bundle(tmp_path / "broken", "def build_model(ctx)\n", learner_loop())
     with PrismClient(service.url, dev_hotkey="miner-two") as client:
         response = httpx.post(f"{service.url}/v1/submissions", content=_zip(bundle),
                               headers={"Content-Type": "application/zip", "X-Submission-Filename": "broken.zip",

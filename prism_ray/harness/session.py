@@ -55,7 +55,7 @@ class RunSpec:
     artifacts_dir: Path
     data_dir: str
     threads: int
-    causality_probes: int = 4
+    causality_probes: int = 2
     mode: str = "train"  # train | probe (instantiate, size, causality; no data) | heldout (score parent batches)
     state_path: str = ""  # heldout: the parent-written trained weights
 

@@ -294,6 +294,13 @@ def parse_config(files: dict[str, bytes]) -> BundleConfig:
         raise BundleError.from_reasons(reasons) from None
 
 
+def _top_level_names(node: ast.stmt) -> set[str]:
+    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+        return {node.name}
+    targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+    return {target.id for target in targets if isinstance(target, ast.Name)}
+
+
 def check_contract(files: dict[str, bytes]) -> Bundle:
     """The two-script contract: distinct files, each symbol a top-level def, every .py parses."""
     config = parse_config(files)
@@ -318,7 +325,7 @@ def check_contract(files: dict[str, bytes]) -> Bundle:
         tree = trees.get(entry.file)
         if tree is None:
             continue
-        definition = next((node for node in tree.body if getattr(node, "name", None) == entry.symbol), None)
+        definition = next((node for node in tree.body if entry.symbol in _top_level_names(node)), None)
         if definition is None:
             reasons.append(Reason(rule="contract:missing_symbol", file=entry.file,
                                   message=f"{entry.file} has no top-level `def {entry.symbol}(ctx)`"))

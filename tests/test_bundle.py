@@ -1,0 +1,107 @@
+"""Intake and contract: every `intake:*` / `contract:*` rule with a bundle that breaks it and a twin that passes."""
+
+from __future__ import annotations
+
+import base64
+import io
+import stat
+import zipfile
+
+import pytest
+
+from conftest import write_bundle
+from prism_ray.bundle import load_bundle
+from prism_ray.config import IntakeLimits
+from prism_ray.errors import BundleError
+
+ARCH = "def build_model(ctx):\n    return None\n"
+TRAIN = "def train(ctx):\n    pass\n"
+GOOD = {"architecture.py": ARCH, "training.py": TRAIN}
+
+
+def zipped(files: dict[str, bytes | str], symlink: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, content in files.items():
+            archive.writestr(name, content)
+        if symlink:
+            info = zipfile.ZipInfo(symlink)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            archive.writestr(info, "/etc/passwd")
+    return buffer.getvalue()
+
+
+def rule_of(source, limits=None) -> str:
+    with pytest.raises(BundleError) as caught:
+        load_bundle(source, limits)
+    return caught.value.rule
+
+
+def test_legitimate_zip_base64_and_directory(tmp_path):
+    files = {**GOOD, "prism.yaml": "name: ok\ntokenizer: bytes\n", "models/blocks.py": "X = 1\n", "README.md": "hi"}
+    assert load_bundle(zipped(files)).config.tokenizer == "bytes"
+    assert load_bundle(base64.b64encode(zipped(files)).decode()).display_name == "ok"
+    directory = write_bundle(tmp_path / "b", ARCH, TRAIN)
+    assert load_bundle(directory).sha256 == load_bundle(zipped(GOOD)).sha256
+
+
+@pytest.mark.parametrize("name,rule", [("../evil.py", "intake:path_traversal"), ("/abs.py", "intake:absolute_path"),
+                                       ("inner.zip", "intake:nested_archive"), ("run.sh", "intake:suffix"),
+                                       ("lib.so", "intake:suffix")])
+def test_bad_member_names(name, rule):
+    assert rule_of(zipped({**GOOD, name: "x"})) == rule
+
+
+def test_symlink_duplicate_and_nested_archive_content():
+    assert rule_of(zipped(GOOD, symlink="link.py")) == "intake:symlink"
+    assert rule_of(zipped({**GOOD, "notes.txt": zipped(GOOD)})) == "intake:nested_archive"
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive, pytest.warns(UserWarning):
+        archive.writestr("architecture.py", ARCH)
+        archive.writestr("training.py", TRAIN)
+        archive.writestr("training.py", TRAIN)
+    assert rule_of(buffer.getvalue()) == "intake:duplicate_name"
+
+
+def test_sizes_are_measured_while_inflating():
+    limits = IntakeLimits(max_member_bytes=1_000_000, max_total_bytes=4_000_000, max_files=64)
+    bomb = zipped({**GOOD, "bomb.txt": b"0" * 200_000_000})  # ~200 KB compressed, 200 MB inflated
+    assert len(bomb) < 1_000_000
+    assert rule_of(bomb, limits) == "intake:member_too_large"
+    many = {**GOOD, **{f"part{i}.txt": b"1" * 900_000 for i in range(5)}}
+    assert rule_of(zipped(many), limits) == "intake:total_too_large"
+    assert rule_of(zipped({**GOOD, **{f"m{i}.py": "" for i in range(70)}}), limits) == "intake:too_many_files"
+
+
+def test_encodings():
+    assert rule_of("not base64 at all!") == "intake:bad_base64"
+    assert rule_of(b"plain bytes, not a zip") == "intake:not_a_zip"
+    assert rule_of(zipped({**GOOD, "helpers.py": b"\xff\xfe bad"})) == "intake:not_utf8"
+
+
+@pytest.mark.parametrize("files,rule,where", [
+    ({"architecture.py": ARCH}, "contract:missing_file", "training.py"),
+    ({**GOOD, "training.py": "def fit(ctx):\n    pass\n"}, "contract:missing_symbol", "training.py"),
+    ({**GOOD, "training.py": "train = 3\n"}, "contract:not_a_function", "training.py"),
+    ({**GOOD, "training.py": "def train(ctx)\n    pass\n"}, "contract:syntax", "training.py"),
+    ({**GOOD, "prism.yaml": "tokenizer: llama\n"}, "contract:prism_yaml", "prism.yaml"),
+    ({**GOOD, "prism.yaml": "architecture: [unclosed\n"}, "contract:prism_yaml", "prism.yaml"),
+    ({**GOOD, "prism.yaml": "architecture: training.py::train\n"}, "contract:same_file", "prism.yaml"),
+])
+def test_contract_rules_name_the_file(files, rule, where):
+    with pytest.raises(BundleError) as caught:
+        load_bundle(zipped(files))
+    assert caught.value.rule == rule and caught.value.reasons[0].file == where
+
+
+def test_syntax_error_has_its_line():
+    with pytest.raises(BundleError) as caught:
+        load_bundle(zipped({**GOOD, "training.py": "import torch\n\ndef train(ctx)\n    pass\n"}))
+    assert caught.value.reasons[0].line == 3
+
+
+def test_custom_entrypoints():
+    files = {"model.py": "def make(ctx):\n    return None\n", "loop.py": "def run(ctx):\n    pass\n",
+             "prism.yaml": "architecture: model.py::make\ntraining: loop.py::run\n"}
+    bundle = load_bundle(zipped(files))
+    assert (bundle.config.architecture_entry.symbol, bundle.config.training_entry.file) == ("make", "loop.py")

@@ -188,7 +188,8 @@ class TestOnTwoGpuNodes:
         handles.append(handle)
         bundle = make_bundle("frozen", pause=0.05)
         submission_id = submit(handle, "frozen", "f.zip", bundle).id
-        training = f"{bundle.sha256[:10]}-[0-9a-f]{{6}}/ipc/"  # the train run's socket, not the check's probe
+        # The train run's sandbox binds <run dir>/bundle; the probe's and held-out's bind <run dir>/<stage>/bundle.
+        training = f"{bundle.sha256[:10]}-[0-9a-f]{{6}}/bundle "
         worker = stage_task_of(wait_until(lambda: pids(training), timeout=60, what="the training's runner"))
         os.kill(worker, signal.SIGSTOP)  # the task and its heartbeat thread go silent, as on a hung host
         try:

@@ -16,10 +16,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import urlparse
 
-import openai
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from prism_ray.bundle import Bundle
@@ -35,6 +34,9 @@ from prism_ray.gate_prompt import (
     system_prompt,
     user_prompt,
 )
+
+if TYPE_CHECKING:
+    import openai
 
 GateStatus = Literal["allowed", "rejected", "held", "skipped"]
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
@@ -234,6 +236,8 @@ def _call_model(bundle: Bundle, files: list[ReviewedFile], settings: GateSetting
     if extra_body := _provider_options(settings):
         request["extra_body"] = extra_body
     audits: list[GateAudit] = []
+    import openai  # here, not at the top: every Ray stage worker imports this module, few ever call a model
+
     with openai.OpenAI(base_url=settings.base_url, api_key=api_key, timeout=settings.timeout_s,
                        max_retries=0) as client:
         for attempt in range(1, settings.max_attempts + 1):
@@ -270,6 +274,8 @@ def _provider_options(settings: GateSettings) -> dict[str, Any] | None:
 
 def _attempt(client: openai.OpenAI, request: dict[str, Any], settings: GateSettings, attempt: int,
              identity: dict[str, str]) -> _Attempt:
+    import openai
+
     started = time.monotonic()
 
     def audit(outcome: str, error: str | None = None, raw_reply: str | None = None, usage: Any = None) -> GateAudit:

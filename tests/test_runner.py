@@ -116,3 +116,13 @@ def test_bad_geometry_is_refused(bundle_factory, tmp_path, geometry, rule):
     outcome = run(bundle_factory, tmp_path, training)
     assert outcome.status == "failed"
     assert outcome.reasons[0].rule == rule
+
+
+def test_deterministic_algorithms_are_forced_for_eager_and_compiled_code(bundle_factory, tmp_path):
+    check = ("import os, torch._inductor.config as inductor\n"
+             "    assert torch.are_deterministic_algorithms_enabled()\n"
+             "    assert torch.is_deterministic_algorithms_warn_only_enabled()\n"
+             "    assert inductor.deterministic and os.environ['TORCHINDUCTOR_DETERMINISTIC'] == '1'\n"
+             "    model = ctx.build_model()")
+    outcome = run(bundle_factory, tmp_path, loop(check))
+    assert outcome.status == "completed", outcome.reasons

@@ -71,7 +71,9 @@ def force_seed(seed: int) -> None:
 
 
 def force_determinism() -> None:
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    # torch.use_deterministic_algorithms would also import torch._inductor's config (about 1 s of CPU per runner,
+    # as much as torch itself); compiled code gets the same flag from TORCHINDUCTOR_DETERMINISTIC=1 (runner_env).
+    torch._C._set_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
 

@@ -127,7 +127,7 @@ def runner_env(threads: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k in keep}
     env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONHASHSEED": "0",
                 "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1",
-                "PYTHONSAFEPATH": "1", "TORCHELASTIC_ERROR_FILE": "/dev/null"})
+                "PYTHONSAFEPATH": "1", "TORCHELASTIC_ERROR_FILE": "/dev/null", "TORCHINDUCTOR_DETERMINISTIC": "1"})
     return env
 
 

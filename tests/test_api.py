@@ -3,7 +3,6 @@ requests with real sr25519 keys, and a small scheduler thread that scores pendin
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import json
@@ -15,7 +14,6 @@ import threading
 import time
 import zipfile
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -30,6 +28,7 @@ from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import response_schema_conformance
 from typer.testing import CliRunner
 
+from api_helpers import LINEAR_ARCHITECTURE, bundle_zip, new_keypair, signed_json
 from prism_ray.auth import sign_request
 from prism_ray.client import bundle_bytes
 from prism_ray.client_cli import register
@@ -40,33 +39,6 @@ from serve_app import ApiSettings, StoreBackend, create_app
 from serve_app.app import TokenBuckets
 
 TOKEN = "internal-test-token"
-ARCHITECTURE = "import torch\n\ndef build_model(ctx):\n    return torch.nn.Linear(ctx.vocab_size, ctx.vocab_size)\n"
-
-
-def bundle_zip(tag: str, training: str | None = None) -> bytes:
-    """A real bundle zip; `tag` makes its code (and so its fingerprint) distinct."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr("architecture.py", ARCHITECTURE)
-        if training is not None:
-            archive.writestr("training.py", training)
-        else:
-            archive.writestr("training.py", f"def train(ctx):\n    run = {tag!r}\n    for _ in ctx.iter_train_batches("
-                             f"ctx.build_model()):\n        pass\n")
-        archive.writestr("prism.yaml", f"tokenizer: bytes\nname: {tag}\n")
-    return buffer.getvalue()
-
-
-def new_keypair() -> Keypair:
-    return Keypair.create_from_mnemonic(Keypair.generate_mnemonic())
-
-
-def signed_json(keypair: Keypair, zipped: bytes, filename: str = "model.zip") -> tuple[bytes, dict[str, str]]:
-    body = json.dumps({"filename": filename, "code": base64.b64encode(zipped).decode(),
-                       "metadata": {"source": "test"}}).encode()
-    return body, {"Content-Type": "application/json", **sign_request(keypair, body)}
-
-
 class FakeScheduler(threading.Thread):
     """Claims pending submissions and completes them with a made-up score, as the real scheduler would."""
 
@@ -368,32 +340,6 @@ def test_unknown_submissions_are_404_and_meta_routes_answer(api):
     assert "/v1/submissions" in api.http.get("/openapi.json").json()["paths"]
 
 
-# --- load ---------------------------------------------------------------------------------------------------------
-
-def test_200_concurrent_submissions_are_all_stored_once_and_all_finish(api):
-    miners = [new_keypair() for _ in range(200)]
-    requests = [signed_json(miner, bundle_zip(f"concurrent-{i}")) for i, miner in enumerate(miners)]
-    limits = httpx.Limits(max_connections=32)
-    with httpx.Client(base_url=api.url, timeout=60, limits=limits) as http, ThreadPoolExecutor(32) as pool:
-        responses = list(pool.map(lambda request: http.post("/v1/submissions", content=request[0],
-                                                            headers=request[1]), requests))
-    assert [response.status_code for response in responses] == [202] * 200
-    ids = [response.json()["id"] for response in responses]
-    assert len(set(ids)) == 200
-    assert [response.json()["hotkey"] for response in responses] == [miner.ss58_address for miner in miners]
-
-    deadline = time.monotonic() + 60
-    while True:
-        with api.backend.use() as store:
-            records = [store.get_submission(submission_id) for submission_id in ids]
-            stored = {miner.ss58_address: store.list_submissions(hotkey=miner.ss58_address) for miner in miners}
-        if all(record.status in TERMINAL_STATUSES for record in records) or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert [record.status for record in records] == ["completed"] * 200
-    assert all([record.id for record in stored[miner.ss58_address]] == [ids[i]] for i, miner in enumerate(miners))
-
-
 # --- the CLI against the live server ------------------------------------------------------------------------------
 
 def test_the_cli_submits_waits_and_reads_the_leaderboard(api, tmp_path):
@@ -420,7 +366,7 @@ def test_the_cli_submits_waits_and_reads_the_leaderboard(api, tmp_path):
     assert any(entry["hotkey"] == hotkey for entry in json.loads(board.stdout)["entries"])
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "architecture.py").write_text(ARCHITECTURE)
+    (broken / "architecture.py").write_text(LINEAR_ARCHITECTURE)
     result = runner.invoke(app, ["submit", str(broken), "--url", api.url, "--key-file", str(tmp_path / "key")])
     assert result.exit_code == 1 and "contract:missing_file" in result.output
 

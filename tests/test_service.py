@@ -1,19 +1,29 @@
-"""The real service: a local Ray cluster, the API on Ray Serve, a bundle posted over HTTP, trained in the
-sandbox, scored, ranked and weighted — the path `prism-ray serve` and `prism-ray demo` run."""
+"""The real service: a local Ray cluster, the API on Ray Serve with signed sr25519 hotkeys, bundles posted over HTTP,
+trained in the sandbox, scored, ranked and weighted — the path `prism-ray serve` and `prism-ray demo` run."""
 
 from __future__ import annotations
 
 import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 import ray
+from ray import serve
 
-from conftest import bigram_architecture, learner_loop, write_bundle
+from api_helpers import bundle_zip, new_keypair, signed_json, zip_files
+from cluster_helpers import ARCHITECTURE, FORBIDDEN_IMPORT, TRAINING
+from prism_ray.auth import sign_request
 from prism_ray.client import PrismClient
 from prism_ray.config import Settings
-from prism_ray.service import start_service
+from prism_ray.service import ReplicaBackend, start_service
+from prism_ray.store import TERMINAL_STATUSES
+from serve_app.deployment import build_ingress
 from serve_app.models import ApiSettings
+
+TOKEN = "t0ken-for-tests"
+BURST = 5
 
 
 def free_port() -> int:
@@ -22,48 +32,169 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def trainable_zip(tag: str) -> bytes:
+    """The tiny bigram learner on bytes; `tag` keeps its code distinct."""
+    return zip_files({"architecture.py": f"# {tag}\n{ARCHITECTURE}", "training.py": TRAINING.replace("PAUSE", "0"),
+                      "prism.yaml": f"name: {tag}\ntokenizer: bytes\n"})
+
+
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    settings = Settings(byte_budget=10_000, cache_dir=tmp_path_factory.mktemp("state"))
+    settings = Settings(byte_budget=10_000, runner_threads=1, cache_dir=tmp_path_factory.mktemp("state"))
     settings.gate.mode = "off"
     settings.scoring.heldout_byte_budget = 10_000
-    running = start_service(None, settings, ApiSettings(auth_mode="dev", internal_token="t0ken-for-tests"),
+    running = start_service(None, settings, ApiSettings(internal_token=TOKEN, rate_limit_burst=BURST),
                             "127.0.0.1", free_port())
     yield running
     running.close()
     assert not ray.is_initialized()
 
 
-def test_post_scored_leaderboard_weights(service, tmp_path):
-    bundle = write_bundle(tmp_path / "bigram", bigram_architecture(), learner_loop(), "name: bigram\ntokenizer: bytes\n")
-    with PrismClient(service.url, dev_hotkey="miner-one") as client:
-        accepted = client.submit(bundle)
-        assert accepted["status"] == "pending"
+@pytest.fixture(scope="module")
+def http(service):
+    with httpx.Client(base_url=service.url, timeout=120) as client:
+        yield client
+
+
+def post(http: httpx.Client, keypair, zipped: bytes) -> httpx.Response:
+    body, headers = signed_json(keypair, zipped)
+    return http.post("/v1/submissions", content=body, headers=headers)
+
+
+def settle(http: httpx.Client, ids: list[str], timeout: float) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        states = [http.get(f"/v1/submissions/{submission_id}").json() for submission_id in ids]
+        if all(state["status"] in TERMINAL_STATUSES for state in states) or time.monotonic() > deadline:
+            return states
+        time.sleep(0.5)
+
+
+def test_a_signed_post_is_scored_ranked_and_weighted(service, http):
+    miner = new_keypair()
+    with PrismClient(service.url, keypair=miner) as client:
+        accepted = client.submit(trainable_zip("full-path"), filename="bigram.zip")
+        assert (accepted["status"], accepted["hotkey"]) == ("pending", miner.ss58_address)
         final = client.wait(accepted["id"], poll_s=0.5, timeout_s=240)
         assert final["status"] == "completed", final
         assert final["scores"]["bpb"] > 0 and final["scores"]["heldout_delta"] is not None
+        assert [event["kind"] for event in final["events"]][-1] == "completed"
+        curve = client.curve(accepted["id"])
+        assert 2 <= len(curve["points"]) <= 500 and curve["points"][-1]["bytes"] >= 10_000
         board = client.leaderboard()
     assert [entry["submission_id"] for entry in board["entries"]] == [accepted["id"]]
-    weights = httpx.get(f"{service.url}/internal/v1/get_weights", headers={"Authorization": "Bearer t0ken-for-tests"})
-    assert weights.status_code == 200 and weights.json()["weights"] == {"miner-one": 1.0}
-    assert httpx.get(f"{service.url}/internal/v1/get_weights").status_code == 401
-    page = httpx.get(f"{service.url}/submissions/{accepted['id']}")
-    assert page.status_code == 200 and "bigram" in page.text
+    weights = http.get("/internal/v1/get_weights", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert weights.status_code == 200 and weights.json()["weights"] == {miner.ss58_address: 1.0}
+    assert http.get("/internal/v1/get_weights").status_code == 401
+    wrong = http.get("/internal/v1/get_weights", headers={"Authorization": "Bearer not-the-token"})
+    assert wrong.status_code == 401 and wrong.headers["WWW-Authenticate"] == "Bearer"
+    page = http.get(f"/submissions/{accepted['id']}")
+    assert page.status_code == 200 and "full-path" in page.text
+
+    again = post(http, miner, trainable_zip("full-path"))  # identical code, fresh nonce: the same submission back
+    assert again.status_code == 200 and again.json()["reused"] is True and again.json()["id"] == accepted["id"]
 
 
-def test_broken_bundle_is_answered_422_without_training(service, tmp_path):
-    bundle = write_bundle(tmp_path / "broken", "def build_model(ctx)\n", learner_loop())
-    with PrismClient(service.url, dev_hotkey="miner-two") as client:
-        response = httpx.post(f"{service.url}/v1/submissions", content=_zip(bundle),
-                              headers={"Content-Type": "application/zip", "X-Submission-Filename": "broken.zip",
-                                       "X-Hotkey": "miner-two"})
-        assert response.status_code == 422
-        body = response.json()
-        assert body["reasons"][0]["rule"] == "contract:syntax" and body["reasons"][0]["file"] == "architecture.py"
-        assert client.status(body["id"])["status"] == "rejected"
+def test_forged_stale_replayed_and_wrong_body_signatures_are_refused(http):
+    miner = new_keypair()
+    body, headers = signed_json(miner, bundle_zip("replay", training="def train(ctx):\n    import os\n"))
+    first = http.post("/v1/submissions", content=body, headers=headers)
+    assert first.status_code == 202, first.text
+    replayed = http.post("/v1/submissions", content=body, headers=headers)
+    assert replayed.status_code == 409 and replayed.json()["error"] == "auth:replayed_nonce"
+
+    forged = {**sign_request(new_keypair(), body), "X-Hotkey": miner.ss58_address}
+    response = http.post("/v1/submissions", content=body, headers={"Content-Type": "application/json", **forged})
+    assert response.status_code == 401 and response.json()["error"] == "auth:bad_signature"
+    other_body, _ = signed_json(miner, bundle_zip("other-body"))
+    signed_for_other = sign_request(miner, other_body)
+    response = http.post("/v1/submissions", content=body,
+                         headers={"Content-Type": "application/json", **signed_for_other})
+    assert response.status_code == 401 and response.json()["error"] == "auth:bad_signature"
+    stale = sign_request(miner, body, timestamp=int(time.time()) - 600)
+    response = http.post("/v1/submissions", content=body, headers={"Content-Type": "application/json", **stale})
+    assert response.status_code == 401 and response.json()["error"] == "auth:stale_timestamp"
+    unsigned = http.post("/v1/submissions", content=body, headers={"Content-Type": "application/json"})
+    assert unsigned.status_code == 401 and unsigned.json()["error"] == "auth:missing_headers"
+    assert http.get(f"/v1/submissions/{first.json()['id']}").json()["hotkey"] == miner.ss58_address
 
 
-def _zip(directory):
-    from prism_ray.client import bundle_bytes
+def test_oversized_broken_and_too_frequent_posts_get_413_422_and_429(http):
+    miner = new_keypair()
+    huge = b"\0" * (ApiSettings().max_body_bytes + 1)
+    too_large = http.post("/v1/submissions", content=huge,
+                          headers={"Content-Type": "application/zip", **sign_request(miner, huge)})
+    assert too_large.status_code == 413 and too_large.json()["error"] == "request:too_large"
 
-    return bundle_bytes(directory)
+    broken = [post(http, miner, bundle_zip(f"broken-{n}", training="def not_train(ctx):\n    pass\n"))
+              for n in range(BURST)]
+    assert [response.status_code for response in broken] == [422] * BURST
+    body = broken[0].json()
+    assert [(reason["rule"], reason["file"]) for reason in body["reasons"]] == [("contract:missing_symbol",
+                                                                                  "training.py")]
+    stored = http.get(f"/v1/submissions/{body['id']}").json()
+    assert (stored["status"], stored["hotkey"], stored["reasons"]) == ("rejected", miner.ss58_address,
+                                                                       body["reasons"])
+    limited = post(http, miner, bundle_zip("one-too-many"))
+    assert limited.status_code == 429 and limited.json()["error"] == "rate_limited"
+    assert 1 <= int(limited.headers["Retry-After"]) <= 60
+    assert post(http, new_keypair(), bundle_zip("rate-other", training=FORBIDDEN_IMPORT)).status_code == 202
+
+
+def test_a_server_with_public_submissions_off_answers_404(service, http):
+    closed = ApiSettings(internal_token=TOKEN, public_submissions=False)
+    serve.run(build_ingress(ReplicaBackend(service.cluster.settings), closed), name="closed", route_prefix="/closed")
+    try:
+        body, headers = signed_json(new_keypair(), bundle_zip("closed"))
+        answer = http.post("/closed/v1/submissions", content=body, headers=headers)
+        assert answer.status_code == 404 and answer.json()["error"] == "submissions_disabled"
+        assert http.get("/closed/v1/leaderboard").status_code == 200
+        assert http.get("/closed/v1/submissions/sub_missing").status_code == 404
+    finally:
+        serve.delete("closed")
+
+
+def test_200_concurrent_posts_are_all_stored_once_and_all_reach_a_terminal_state(service, http):
+    """200 miners post at once through the real Serve ingress: every tenth bundle trains for real, the others break
+    a static-sandbox rule (rejected by the check task on the cluster) or the bundle contract (422 at intake)."""
+    miners = [new_keypair() for _ in range(200)]
+
+    def bundle(n: int) -> bytes:
+        if n % 10 == 0:
+            return trainable_zip(f"crowd-{n}")
+        if n % 10 == 1:
+            return bundle_zip(f"crowd-{n}", training="def not_train(ctx):\n    pass\n")
+        return bundle_zip(f"crowd-{n}", training=f"# crowd-{n}\n{FORBIDDEN_IMPORT}")
+
+    requests = [signed_json(miner, bundle(n)) for n, miner in enumerate(miners)]
+    with httpx.Client(base_url=service.url, timeout=300, limits=httpx.Limits(max_connections=32)) as client, \
+            ThreadPoolExecutor(32) as pool:
+        responses = list(pool.map(lambda request: client.post("/v1/submissions", content=request[0],
+                                                              headers=request[1]), requests))
+    expected = [422 if n % 10 == 1 else 202 for n in range(200)]
+    assert [response.status_code for response in responses] == expected, [r.text for r in responses if
+                                                                          r.status_code >= 500][:3]
+    ids = [response.json()["id"] for response in responses]
+    assert len(set(ids)) == 200
+    accepted = [(response, miner) for response, miner in zip(responses, miners, strict=True)
+                if response.status_code == 202]
+    assert all(response.json()["hotkey"] == miner.ss58_address for response, miner in accepted)
+
+    states = settle(http, ids, timeout=600)
+    outcome = {"completed" if n % 10 == 0 else "rejected" for n in range(200)}
+    assert {state["status"] for state in states} == outcome
+    assert [state["status"] for state in states] == ["completed" if n % 10 == 0 else "rejected" for n in range(200)]
+    for n, state in enumerate(states):
+        rule = state["reasons"][0]["rule"] if state["reasons"] else None
+        assert rule == {0: None, 1: "contract:missing_symbol"}.get(n % 10, "sandbox:import"), state
+        if n % 10 == 0:
+            runs = ray.get(service.cluster.store.runs.remote(state["id"]))
+            assert [run["attempt"] for run in runs] == [1] and runs[0]["status"] == "completed"
+    store = service.cluster.store
+    stored = ray.get([store.list_submissions.remote(None, miner.ss58_address, 10) for miner in miners])
+    assert [[record.id for record in records] for records in stored] == [[submission_id] for submission_id in ids]
+    ranked = {entry["hotkey"] for entry in http.get("/v1/leaderboard").json()["entries"]}
+    assert {miners[n].ss58_address for n in range(0, 200, 10)} <= ranked
+    stats = ray.get(service.cluster.scheduler.stats.remote())
+    assert stats["max_in_flight"] <= stats["capacity"] == 1
+

@@ -1,0 +1,41 @@
+"""Requests as miners make them: real sr25519 keypairs, signed JSON bodies, real bundle zips (test_api, test_service)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import zipfile
+
+from bittensor_wallet import Keypair
+
+from prism_ray.auth import sign_request
+
+LINEAR_ARCHITECTURE = "import torch\n\ndef build_model(ctx):\n    return torch.nn.Linear(ctx.vocab_size, ctx.vocab_size)\n"
+
+
+def zip_files(files: dict[str, str]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, text in files.items():
+            archive.writestr(name, text)
+    return buffer.getvalue()
+
+
+def bundle_zip(tag: str, training: str | None = None, architecture: str = LINEAR_ARCHITECTURE) -> bytes:
+    """A real bundle zip; `tag` makes its code (and so its fingerprint) distinct."""
+    if training is None:
+        training = f"def train(ctx):\n    run = {tag!r}\n    for _ in ctx.iter_train_batches(ctx.build_model()):\n        pass\n"
+    return zip_files({"architecture.py": architecture, "training.py": training,
+                      "prism.yaml": f"tokenizer: bytes\nname: {tag}\n"})
+
+
+def new_keypair() -> Keypair:
+    return Keypair.create_from_mnemonic(Keypair.generate_mnemonic())
+
+
+def signed_json(keypair: Keypair, zipped: bytes, filename: str = "model.zip") -> tuple[bytes, dict[str, str]]:
+    """A PRISM JSON submission body and its signed headers."""
+    body = json.dumps({"filename": filename, "code": base64.b64encode(zipped).decode(),
+                       "metadata": {"source": "test"}}).encode()
+    return body, {"Content-Type": "application/json", **sign_request(keypair, body)}

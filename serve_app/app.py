@@ -21,6 +21,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi_offline import FastAPIOffline
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
@@ -183,8 +184,9 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 def create_app(backend: Backend, settings: ApiSettings | None = None) -> FastAPI:
     settings = settings or ApiSettings()
-    app = FastAPI(title="prism-ray", version=version("prism-ray"),
-                  description="Submit PRISM bundles, follow their scoring, read the leaderboard (docs/api.md).")
+    # fastapi-offline serves Swagger UI and ReDoc from the package, not a CDN: /docs works on a closed network.
+    app = FastAPIOffline(title="prism-ray", version=version("prism-ray"), static_url="/static-docs",
+                         description="Submit PRISM bundles, follow their scoring, read the leaderboard (docs/api.md).")
     _install_error_handlers(app)
     if settings.auth_mode == "dev":
         logger.warning("PRISM API AUTH MODE IS DEV: X-Hotkey is trusted WITHOUT a signature. Local demo only; "

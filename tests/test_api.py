@@ -336,7 +336,10 @@ def test_unknown_submissions_are_404_and_meta_routes_answer(api):
     health = api.http.get("/health").json()
     assert health["status"] == "ok" and health["auth_mode"] == "signed"
     assert api.http.get("/version").json()["api"] == "v1"
-    assert api.http.get("/docs").status_code == 200
+    for page, asset in (("/docs", "/static-docs/swagger-ui-bundle.js"), ("/redoc", "/static-docs/redoc.standalone.js")):
+        html = api.http.get(page).text
+        assert asset in html and "cdn." not in html  # served from the package: works without internet
+        assert api.http.get(asset).status_code == 200
     assert "/v1/submissions" in api.http.get("/openapi.json").json()["paths"]
 
 

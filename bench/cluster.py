@@ -127,6 +127,7 @@ def throughput(work: Path, nodes: int, byte_budget: int, submissions: int) -> fl
             records = [wait(handle, submission_id, timeout=600) for submission_id in ids]
             seconds = time.monotonic() - started
             assert all(record is not None and record.status == "completed" for record in records), records
+            timeline = ray.get([handle.store.events.remote(submission_id) for submission_id in ids])
         finally:
             handle.stop()
     finally:
@@ -134,7 +135,18 @@ def throughput(work: Path, nodes: int, byte_budget: int, submissions: int) -> fl
         cluster.shutdown()
     per_minute = submissions / seconds * 60
     print(f"  {nodes} logical-GPU node(s): {submissions} completed in {seconds:6.2f} s = {per_minute:5.1f} / min")
+    print(f"    mean seconds per step: {phases(timeline)}")
     return per_minute
+
+
+def phases(timelines: list[list[dict]]) -> str:
+    """Mean seconds between consecutive events of a submission (queued, each stage from its start), to show where
+    a configuration spends its time."""
+    steps: dict[str, list[float]] = {}
+    for events in timelines:
+        for before, after in zip(events, events[1:], strict=False):
+            steps.setdefault(before["stage"] or before["kind"], []).append(after["created_at"] - before["created_at"])
+    return "  ".join(f"{name} {statistics.mean(values):.2f}" for name, values in steps.items())
 
 
 def main() -> None:

@@ -107,9 +107,10 @@ def print_report(report: RunReport, console: Console) -> None:
 
 
 def _service_settings(data: Path | None, state_dir: Path | None, byte_budget: int | None) -> Settings:
-    settings = load_settings(data_dir=data, byte_budget=byte_budget)
+    # Ray workers and the sandbox do not run in this process's working directory: hand them absolute paths.
+    settings = load_settings(data_dir=data.resolve() if data else None, byte_budget=byte_budget)
     if state_dir is not None:
-        settings.cache_dir = state_dir
+        settings.cache_dir = state_dir.resolve()
     return settings
 
 

@@ -142,6 +142,7 @@ class Store:
         self.path = str(path)
         self.max_attempts = max_attempts
         self._clock = clock
+        Path(path).parent.mkdir(parents=True, exist_ok=True)  # a fresh --state-dir or store path is fine
         try:
             self._con = duckdb.connect(self.path)
         except duckdb.IOException as error:

@@ -75,13 +75,13 @@ _FILENAME = re.compile(r"[^\x00-\x1f\x7f]{1,255}")
 
 _ERROR_TEXT = {
     401: "missing, malformed, forged or stale signature / bearer token",
-    404: "no such submission, or public submissions are disabled",
+    404: "no such submission",
     409: "the nonce was already used by this hotkey (a replay)",
     413: "the body is over max_body_bytes (refused while reading)",
     415: "the body is neither application/json nor application/zip",
-    422: "the request is malformed, or the bundle broke an intake/contract rule (the rejection is stored)",
+    422: "malformed path or query parameters",
     429: "this hotkey is over its submission rate; see Retry-After",
-    503: "the internal token is not configured, or the store is unreachable",
+    503: "the store does not answer",
 }
 _HEADER_PATTERNS = {HOTKEY_HEADER: _DEV_HOTKEY.pattern, SIGNATURE_HEADER: SIGNATURE_PATTERN,
                     NONCE_HEADER: NONCE_PATTERN, TIMESTAMP_HEADER: TIMESTAMP_PATTERN,
@@ -100,8 +100,9 @@ _SUBMISSION_OPENAPI: dict[str, Any] = {
 }
 
 
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": ErrorBody, "description": _ERROR_TEXT[code]} for code in codes}
+def _errors(*codes: int, texts: dict[int, str] | None = None) -> dict[int | str, dict[str, Any]]:
+    """Error responses for the OpenAPI schema (docs/api.md); `texts`: what a code means on this route."""
+    return {code: {"model": ErrorBody, "description": (texts or {}).get(code, _ERROR_TEXT[code])} for code in codes}
 
 
 class ApiError(Exception):
@@ -242,7 +243,10 @@ def _submission_router(backend: Backend, settings: ApiSettings) -> APIRouter:
                  openapi_extra=_SUBMISSION_OPENAPI,
                  responses={200: {"model": SubmissionAccepted, "description": "nothing new to score: this hotkey's "
                                   "earlier identical submission (`reused`), or a duplicate of another's"},
-                            **_errors(401, 404, 409, 413, 415, 422, 429)})
+                            **_errors(401, 404, 409, 413, 415, 422, 429, texts={
+                                404: "public submissions are disabled on this server",
+                                422: "the request is malformed, or the bundle broke an intake/contract rule (the "
+                                     "rejection is stored)"})})
     async def submit(request: Request, response: Response) -> SubmissionAccepted:
         """Submit a bundle: JSON `{filename, code (base64 zip), metadata}` or a raw zip body."""
         if not settings.public_submissions:
@@ -352,6 +356,7 @@ def _read_router(backend: Backend) -> APIRouter:
 
     @router.get("/v1/epochs/current", response_model=Epoch)
     def current_epoch() -> Epoch:
+        """The current scoring epoch: its number and bounds in Unix seconds."""
         now = time.time()
         seconds = backend.settings.scoring.epoch_seconds
         number = epoch_of(now, backend.settings.scoring)
@@ -414,7 +419,8 @@ _BEARER = HTTPBearer(auto_error=False, description="the internal token (PRISM_IN
 def _internal_router(backend: Backend, token: str | None) -> APIRouter:
     router = APIRouter(tags=["internal"])
 
-    @router.get("/internal/v1/get_weights", response_model=Weights, responses=_errors(401, 422, 503))
+    @router.get("/internal/v1/get_weights", response_model=Weights, responses=_errors(401, 422, 503, texts={
+        503: "the internal token is not configured, or the store does not answer"}))
     def get_weights(credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)],
                     epoch: EpochQuery = None) -> Weights:
         """Dry-run weights per hotkey (never set on chain), for validators to compare."""
@@ -439,6 +445,7 @@ def _meta_router(backend: Backend, settings: ApiSettings) -> APIRouter:
 
     @router.get("/health", response_model=Health, responses=_errors(503))
     def health() -> Health:
+        """Liveness: the auth mode, whether submissions are open, the queue depth and submissions in flight."""
         try:
             stats = backend.stats()
         except Exception as error:  # any backend failure (a dead actor, a closed file) means unhealthy
@@ -448,6 +455,7 @@ def _meta_router(backend: Backend, settings: ApiSettings) -> APIRouter:
 
     @router.get("/version", response_model=Version)
     def get_version() -> Version:
+        """The server's name, package version and API version."""
         return Version(name="prism-ray", version=version("prism-ray"), api="v1")
 
     return router

@@ -8,7 +8,11 @@
    Two logical CPUs per node let a training and a CPU stage share it without Ray killing and restarting idle
    workers between stages (it keeps about one worker per logical CPU), as on any real GPU node. Every
    training is CPU work here, so the machine bounds it: the same stages in two processes vs. one, without Ray,
-   measured first, is the ceiling this machine allows right now (other load on it shows there).
+   measured first, is the ceiling this machine allows right now (other load on it shows there). The simulated
+   head runs without the web dashboard: on a real cluster the head's services use the head machine's own CPUs,
+   here every process shares the cores the two trainings need, and the dashboard's UI is the one head service
+   the scheduling path never touches (metrics still flow through each node's agent). The GCS, the store and the
+   scheduler stay: they are the cluster's own cost. The bench polls each submission twice a second, as a client.
 
     python bench/cluster.py [--byte-budget 20000] [--submissions 8] [--repeats 3]
 """
@@ -108,7 +112,8 @@ def overhead(work: Path, byte_budget: int, repeats: int) -> None:
 
 
 def throughput(work: Path, nodes: int, byte_budget: int, submissions: int) -> float:
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0, "resources": {"head": 1}})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0, "resources": {"head": 1},
+                                                            "include_dashboard": False})
     try:
         for _ in range(nodes):
             cluster.add_node(num_cpus=2, num_gpus=1)
@@ -124,7 +129,7 @@ def throughput(work: Path, nodes: int, byte_budget: int, submissions: int) -> fl
             started = time.monotonic()
             ids = [submit(handle, "bench", f"{n}.zip", tiny_bundle(f"scale-{nodes}-{n}")).id
                    for n in range(submissions)]
-            records = [wait(handle, submission_id, timeout=600) for submission_id in ids]
+            records = [wait(handle, submission_id, timeout=600, poll=0.5) for submission_id in ids]
             seconds = time.monotonic() - started
             assert all(record is not None and record.status == "completed" for record in records), records
             timeline = ray.get([handle.store.events.remote(submission_id) for submission_id in ids])

@@ -62,7 +62,7 @@ class RunReport(BaseModel):
 class HeldoutResult(BaseModel):
     """The held-out block (DESIGN §4): val bpb of the trained model and its true step-0 twin, and the gap."""
 
-    status: Literal["completed", "failed", "no_val_split", "not_run"]
+    status: Literal["completed", "failed", "no_val_split", "val_too_small", "not_run"]
     reasons: list[Reason] = Field(default_factory=list)
     val_bpb_trained: float | None = None
     val_bpb_twin: float | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 
 from conftest import bigram_architecture, learner_loop, write_bundle
 from prism_ray.config import EMBEDDED_DATA_DIR, Settings
-from prism_ray.data.dataset import open_dataset
+from prism_ray.data.dataset import SplitRule, open_dataset, prepare
 from prism_ray.data.token_cache import load_token_stream
 from prism_ray.pipeline import evaluate
 
@@ -108,3 +110,25 @@ def test_initialisation_from_data_statistics_is_zeroed(tmp_path, settings):
     report = evaluate_bundle(tmp_path, settings, bigram_architecture(init), NO_OP)
     assert report.step0_loss < 0.9 * math.log(257)
     assert report.final_score == 0.0 and "step0_anomaly" in report.score["flags"]
+
+
+def test_a_val_split_too_small_for_one_batch_is_scored_on_bpb_alone(tmp_path, settings):
+    """A val split shorter than one batch of the run's geometry cannot score the twin: the run keeps its bpb."""
+    def split_of(doc_id: str) -> str:  # SplitRule(500, 500, 0): the bucket of sha256(id) decides
+        return "train" if int(hashlib.sha256(doc_id.encode()).hexdigest(), 16) % 1000 < 500 else "val"
+
+    pages = [text for text in open_dataset(EMBEDDED_DATA_DIR).iter_documents("train")][:40]
+    train_ids = [doc_id for doc_id in (f"page-{n}" for n in range(200)) if split_of(doc_id) == "train"]
+    val_id = next(doc_id for doc_id in (f"short-{n}" for n in range(100)) if split_of(doc_id) == "val")
+    records = [{"id": doc_id, "text": text} for doc_id, text in zip(train_ids, pages, strict=False)]
+    records.append({"id": val_id, "text": "A val page of a few dozen bytes."})
+    source = tmp_path / "pages.jsonl"
+    source.write_text("".join(json.dumps(record) + "\n" for record in records))
+    prepare([source], tmp_path / "locked", SplitRule(500, 500, 0))
+
+    small_val = settings.model_copy(update={"data_dir": tmp_path / "locked"})
+    bundle = write_bundle(tmp_path / "bundle", bigram_architecture(), learner_loop(), "tokenizer: bytes\n")
+    report = evaluate(bundle, small_val)
+    assert report.status == "completed", report.reasons
+    assert report.heldout["status"] == "val_too_small" and "fewer than one 4×128 batch" in report.heldout["message"]
+    assert report.final_score == pytest.approx(1 / (1 + report.bpb)) and "no_heldout" in report.score["flags"]

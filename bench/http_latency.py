@@ -6,14 +6,7 @@ of the baseline's, measured the same minute.
     python bench/http_latency.py [--concurrency 16] [--requests 400] [--scored 200]
 """
 
-# ruff: noqa: E402
 from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-# This file is named http.py: run as a script, its folder would shadow the standard library's `http` package.
-sys.path = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse
 import asyncio
@@ -26,6 +19,7 @@ import statistics
 import tempfile
 import time
 import zipfile
+from pathlib import Path
 
 import httpx
 from bittensor_wallet import Keypair

@@ -8,11 +8,13 @@ import shutil
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
 from conftest import bigram_architecture, byte_stream, train_on_stream
 from prism_ray.config import EMBEDDED_DATA_DIR
+from prism_ray.harness import isolation
 from prism_ray.harness.isolation import SandboxPolicy, sandbox_available
 
 pytestmark = pytest.mark.skipif(not sandbox_available(), reason="bubblewrap is required (apt-get install bubblewrap)")
@@ -124,3 +126,18 @@ def test_loss_monkeypatch_changes_nothing(bundle_factory, tmp_path):
     assert patched.status == "failed"  # identical bpb is the alternative; prism-ray rejects the attempt outright
     assert patched.reasons[0].rule == "run:tampering"
     assert patched.batch_nats == []  # no record was ever taken under the patched functions
+
+
+def test_an_install_under_tmp_is_bound_over_the_sandbox_tmp(tmp_path, monkeypatch):
+    """A venv in a temp dir (as a CI checkout under /tmp has) stays visible: it is bound after the sandbox's own
+    fresh /tmp, which would otherwise hide it and make every run `run:crash`."""
+    site = tmp_path / "venv-site"
+    site.mkdir()
+    (site / "installed.txt").write_text("from the venv under /tmp\n")
+    assert Path("/tmp") in site.resolve().parents
+    python_dirs = isolation._python_dirs
+    monkeypatch.setattr(isolation, "_python_dirs", lambda: [*python_dirs(), site.resolve()])
+    process = isolation.launch(["cat", str(site / "installed.txt")], {"PATH": "/usr/bin:/bin"}, tmp_path / "cat.log",
+                               tmp_path, SandboxPolicy(mode="required"))
+    assert process.wait(30) == 0, process.log_tail()
+    assert process.log_tail().strip() == "from the venv under /tmp"

@@ -58,7 +58,7 @@ def _python_dirs() -> list[Path]:
     paths.update(entry for entry in sys.path if "site-packages" in entry or "dist-packages" in entry)
     paths.add(str(Path(__file__).resolve().parents[2]))  # prism_ray's own root (editable installs)
     resolved = {Path(p).resolve() for p in paths if p and Path(p).exists()}
-    return sorted(p for p in resolved if p != Path("/tmp") and Path("/tmp") not in p.parents)
+    return sorted(p for p in resolved if p != Path("/tmp"))
 
 
 class _Mounts:
@@ -92,6 +92,12 @@ class _Mounts:
         self.made.add(target)
 
 
+def _bind_once(mounts: _Mounts, path: Path) -> None:
+    """Read-only bind `path` unless a dir already bound holds it."""
+    if not any(str(path) == b or str(path).startswith(b + "/") for b in mounts.bound):
+        mounts.add("--ro-bind", str(path), str(path))
+
+
 def bwrap_args(policy: SandboxPolicy, as_root: bool) -> list[str]:
     # As root there is no user namespace (its uid map would hold only root); setpriv drops to SANDBOX_UID.
     namespaces = ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
@@ -103,21 +109,27 @@ def bwrap_args(policy: SandboxPolicy, as_root: bool) -> list[str]:
             mounts.args += ["--symlink", os.readlink(system_dir), system_dir]
         elif os.path.isdir(system_dir):
             mounts.add("--ro-bind", system_dir, system_dir)
-    for path in _python_dirs():
-        if not any(str(path) == b or str(path).startswith(b + "/") for b in mounts.bound):
-            mounts.add("--ro-bind", str(path), str(path))
+    # An install under /tmp (a venv in a temp dir) is bound after the sandbox's own fresh /tmp, which would hide it.
+    python_dirs = _python_dirs()
+    in_tmp = [path for path in python_dirs if Path("/tmp") in path.parents]
+    for path in [path for path in python_dirs if path not in in_tmp]:
+        _bind_once(mounts, path)
     if policy.gpu:
         for device in sorted(glob.glob("/dev/nvidia*")):
             mounts.args += ["--dev-bind", device, device]
         mounts.add("--ro-bind", "/sys", "/sys")
+    mounts.tmpfs("/tmp", size=policy.tmp_quota_bytes, perms="1777")
+    for path in in_tmp:
+        _bind_once(mounts, path)
     # Hide data, caches and secrets that sit inside a bound dir (e.g. the embedded data of an editable install).
     for path in policy.hidden:
         resolved = Path(path).resolve()
-        if resolved.is_dir() and any(str(resolved).startswith(b + "/") for b in mounts.bound):
+        if not any(str(resolved).startswith(b + "/") for b in mounts.bound):
+            continue  # outside every bound dir: not in the sandbox at all
+        if resolved.is_dir():
             mounts.tmpfs(str(resolved), perms="0000")
         elif resolved.is_file():
             mounts.args += ["--ro-bind", "/dev/null", str(resolved)]
-    mounts.tmpfs("/tmp", size=policy.tmp_quota_bytes, perms="1777")
     for path in policy.readable:
         mounts.add("--ro-bind", str(path), str(path))
     chdir = ["--chdir", "/tmp"]

@@ -25,6 +25,7 @@ from prism_ray.data.tokenizers import get_tokenizer
 from prism_ray.errors import BundleError, PrismError, Reason
 from prism_ray.harness.isolation import SandboxPolicy
 from prism_ray.harness.session import EvalPass, Progress, RunSpec, TrainOutcome, run_heldout, run_training
+from prism_ray.harness.stream import StreamPlan
 from prism_ray.report import DataInfo, HeldoutResult, RunReport
 
 
@@ -135,11 +136,11 @@ def heldout(bundle: Bundle, result: TrainResult, settings: Settings) -> HeldoutR
     except PrismError as error:
         return HeldoutResult(status="failed", reasons=error.reasons, message=f"held-out: failed ({error.rule}); "
                              "scored on bpb alone")
-    rows_tokens = outcome.batch_size * (outcome.seq_len - 1) + 1  # one complete batch of the run's geometry
-    if len(val_stream.tokens) < rows_tokens:
-        return HeldoutResult(status="val_too_small", message=f"held-out: the val split has {len(val_stream.tokens)} "
-                             f"tokens, fewer than one {outcome.batch_size}×{outcome.seq_len} batch needs "
-                             f"({rows_tokens}); scored on bpb alone")
+    if not StreamPlan(val_stream.tokens, val_stream.byte_lengths, outcome.batch_size, outcome.seq_len,
+                      0).available_batches:
+        return HeldoutResult(status="val_too_small", message=f"held-out: the val split's {len(val_stream.tokens)} "
+                             f"tokens are fewer than one {outcome.batch_size}×{outcome.seq_len} batch needs; scored "
+                             "on bpb alone")
     budget = settings.scoring.heldout_byte_budget
     slice_budget = min(budget, sum(outcome.batch_bytes))
     passes = [EvalPass("val_twin", val_stream.tokens, budget, trained=False),

@@ -96,10 +96,13 @@ class Bundle:
     def display_name(self) -> str:
         return self.config.name or PurePosixPath(self.config.architecture_entry.file).stem
 
-    def write_to(self, directory: Path) -> Path:
-        """Materialise the bundle (names were validated at intake, so joining is safe)."""
+    def write_to(self, directory: Path, without_training: bool = False) -> Path:
+        """Materialise the bundle (names were validated at intake, so joining is safe); the scorer's copy is
+        `without_training`: it never has the training entry file to import."""
         directory.mkdir(parents=True, exist_ok=True)
         for rel, content in self.files.items():
+            if without_training and rel == self.config.training_entry.file:
+                continue
             target = directory / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(content)

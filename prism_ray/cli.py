@@ -71,7 +71,7 @@ def _run_with_progress(bundle: Path, settings: Settings) -> RunReport:
 
 
 def print_report(report: RunReport, console: Console) -> None:
-    colour = {"completed": "green", "rejected": "yellow", "failed": "red"}[report.status]
+    colour = {"completed": "green", "rejected": "yellow", "held": "yellow", "failed": "red"}[report.status]
     console.print(f"[bold {colour}]{report.status}[/bold {colour}] at stage [bold]{report.stage}[/bold]"
                   + (f" — {report.name}" if report.name else ""))
     for reason in report.reasons:
@@ -79,7 +79,7 @@ def print_report(report: RunReport, console: Console) -> None:
             f" ({reason.file})" if reason.file else ""
         console.print(f"  [red]{reason.rule}[/red]{where}: {reason.message}", markup=True, highlight=False)
     table = Table(show_header=False, box=None, pad_edge=False)
-    flags = ", ".join(report.score.get("flags", [])) if report.score else ""
+    flags = ", ".join(report.score.flags) if report.score else ""
     rows = [
         ("bpb", f"{report.bpb:.6f}" if report.bpb is not None else "—"),
         ("final score", (f"{report.final_score:.6f}" if report.final_score is not None else "—")
@@ -95,10 +95,14 @@ def print_report(report: RunReport, console: Console) -> None:
         ("speed", f"{report.tokens_per_second:,.0f} tokens/s on {report.device}" if report.tokens_per_second else "—"),
         ("data", f"{report.data.path} ({report.data.fingerprint[:24]}"
                  f"{'' if report.data.pinned else ', unpinned'})" if report.data else "—"),
-        ("held-out", report.heldout.get("message", report.heldout.get("status")) if report.heldout else "—"),
-        ("gate", report.gate.get("message", report.gate.get("status")) if report.gate else "—"),
+        ("held-out", report.heldout.message or report.heldout.status if report.heldout else "—"),
+        ("probes", f"{report.probes.rows} causality probe rows, largest drift {report.probes.max_drift:.2g} nats"
+         if report.probes and report.probes.rows else "—"),
+        ("gate", report.gate.message or report.gate.status if report.gate else "—"),
         ("isolation", report.isolation or "—"),
-        ("wall", f"{report.wall_seconds:.1f} s"),
+        ("wall", f"{report.wall_seconds:.1f} s" + (" (" + ", ".join(f"{name} {seconds:.1f} s" for name, seconds
+                                                                  in report.timings.items()) + ")"
+                                                   if report.timings else "")),
         ("run dir", report.run_dir or "—"),
     ]
     for key, value in rows:

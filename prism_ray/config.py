@@ -73,8 +73,13 @@ class ScoringSettings(BaseSettings):
     gap_threshold: float = Field(default=0.25, ge=0, description="train/val bpb gap tolerated without penalty")
     gap_penalty_slope: float = Field(default=5.0, ge=0, description="penalty decay per bpb of gap over the threshold")
     gap_penalty_floor: float = Field(default=0.1, gt=0, le=1, description="the lowest the gap penalty goes")
-    anomaly_fraction: float = Field(default=0.9, ge=0, le=1,
-                                    description="first-batch mean loss below this · ln(vocab) zeroes the score")
+    anomaly_fraction: float = Field(default=0.9, ge=0, le=1, description="batch j's mean loss below this^(j+1) · "
+                                    "ln(vocab), for j < anomaly_batches, zeroes the score")
+    anomaly_batches: int = Field(default=4, ge=1, description="how many first batches the anomaly check covers")
+    impossible_fraction: float = Field(default=0.5, ge=0, le=1, description="plausibility: a first batch below "
+                                       "this · ln(vocab) cannot come from an untrained model, anomaly rule or not")
+    plausibility_margin_bpb: float = Field(default=0.5, ge=0, description="plausibility: the prequential bpb may "
+                                           "beat the trained model's own held-out val bpb by at most this much")
     heldout_byte_budget: int = Field(default=50_000, ge=1, description="target bytes of each held-out pass")
     epoch_seconds: int = Field(default=86_400, ge=1, description="length of a leaderboard epoch, seconds")
     weights_mode: Literal["per_hotkey", "two_tier"] = "per_hotkey"
@@ -123,12 +128,12 @@ class Settings(BaseSettings):
     byte_budget: int = Field(default=200_000, ge=0, description="target bytes scored per run; 0 = whole train split")
     heldout_time_limit: float = Field(default=300.0, gt=0, description="wall-clock cap of the held-out evaluation")
     probe_time_limit: float = Field(default=120.0, gt=0, description="wall-clock cap of the instantiation probe")
-    causality_probes: int = Field(default=2, ge=0, description="secret random causality probes per run (+ batch 0)")
+    causality_probe_rows: int = Field(default=1, ge=0, description="causality probe rows per scored batch, chosen "
+                                      "in secret after the batch was scored (0 = off, for benchmarks only)")
     time_limit: float = Field(default=900.0, gt=0, description="wall-clock safety cap of a training run, seconds")
     seed: int = 1337
     max_seq_len: int = Field(default=1024, ge=2)
     max_params: int = Field(default=150_000_000, ge=1)
-    default_batch_size: int = Field(default=8, ge=1)
     curve_points: int = Field(default=500, ge=2)
     encode_threads: int = Field(default=0, ge=0, description="token-cache build threads; 0 = all cores")
     runner_threads: int = Field(default=0, ge=0, description="torch threads in the runner; 0 = all cores")

@@ -34,6 +34,7 @@ from prism_ray.gate_prompt import (
     system_prompt,
     user_prompt,
 )
+from prism_ray.report import GateReport
 
 if TYPE_CHECKING:
     import openai
@@ -69,17 +70,11 @@ class GateResult(BaseModel):
     message: str
     audits: list[GateAudit] = Field(default_factory=list)
 
-    def to_report(self) -> dict[str, Any]:
+    def to_report(self) -> GateReport:
         """The compact block a run report shows."""
-        return {
-            "status": self.status,
-            "message": self.message,
-            "model": self.model,
-            "prompt_version": self.prompt_version,
-            "cached": self.cached,
-            "confidence": self.confidence,
-            "reasons": [reason.model_dump() for reason in self.reasons],
-        }
+        return GateReport(status=self.status, message=self.message, model=self.model,
+                          prompt_version=self.prompt_version, cached=self.cached, confidence=self.confidence,
+                          reasons=self.reasons)
 
 
 class CachedVerdict(BaseModel):

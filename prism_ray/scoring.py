@@ -1,4 +1,5 @@
-"""Scores from the parent's per-batch books (DESIGN §4): prequential bpb, the curve, final_score."""
+"""Scores from the parent's per-batch books (docs/architecture.md, "Scoring contract"): prequential bpb, the curve,
+the plausibility gate and final_score."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 from pydantic import BaseModel, Field
 
 from prism_ray.config import ScoringSettings
-from prism_ray.errors import PrismError
+from prism_ray.errors import PrismError, Reason
 
 # Keeps the tie-break credit strictly below ε after float rounding, so a run ε worse never ties or passes.
 _MAX_CREDIT_SHARE = 1.0 - 1e-6
@@ -18,24 +19,32 @@ class ScoreError(PrismError):
 
 
 class ScoreInputs(BaseModel):
-    """What final_score reads: the run's prequential bpb, its first batch, and the held-out pass (if any)."""
+    """What final_score reads: the run's prequential bpb, its first batches, the held-out passes (if any) and the
+    counts the plausibility gate checks against the plan."""
 
     bpb: float
     vocab_size: int
     step0_loss: float | None = Field(description="mean loss of the first batch, nats per target; None = no batches")
+    early_losses: list[float] = Field(default_factory=list, description="mean loss of each of the first batches "
+                                      "(as many as the anomaly check covers)")
     heldout_delta: float | None = Field(default=None, description="val_bpb(step-0 twin) − val_bpb(trained)")
     gap: float | None = Field(default=None, description="val_bpb(trained) − bpb(trained) on an equal train slice")
+    val_bpb_trained: float | None = Field(default=None, description="held-out bpb of the trained model")
+    scored_batches: int | None = Field(default=None, description="batches the scorer recorded")
+    planned_batches: int | None = Field(default=None, description="batches the stream plan holds for this budget")
 
 
 class ScoreBreakdown(BaseModel):
-    """final_score = (base · penalty + tie_break) · anomaly, with every term kept for the miner to read."""
+    """final_score = (base · penalty + tie_break) · anomaly · plausible, with every term kept for the miner."""
 
     final_score: float
     base: float
     tie_break: float
     penalty: float
     anomaly: int
+    plausible: int = 1
     flags: list[str]
+    implausible: list[Reason] = Field(default_factory=list)
     inputs: ScoreInputs
 
 
@@ -59,12 +68,41 @@ def learning_curve(batch_nats: list[float], batch_bytes: list[int], max_points: 
     return points
 
 
-def is_step0_anomaly(step0_loss: float, vocab_size: int, settings: ScoringSettings) -> bool:
-    """An untrained model cannot beat uniform by much on its first batch; far below ln(V) means smuggled knowledge.
+def is_step0_anomaly(early_losses: list[float], vocab_size: int, settings: ScoringSettings) -> bool:
+    """A model a few optimizer steps from a random init cannot beat uniform by much: batch j (j < anomaly_batches)
+    below f^(j+1)·ln(V) (f = anomaly_fraction) means smuggled knowledge — brought in at init (batch 0) or written in
+    right after it. Each optimizer step may buy at most another factor f, which fast honest learners stay above.
 
-    A non-finite first batch is charged 2·ln(V) per target upstream, so NaN/+inf here is never an anomaly.
+    A non-finite batch is charged 2·ln(V) per target upstream, so NaN/+inf here is never an anomaly.
     """
-    return step0_loss < settings.anomaly_fraction * math.log(vocab_size)
+    uniform = math.log(vocab_size)
+    return any(loss < settings.anomaly_fraction ** (j + 1) * uniform
+               for j, loss in enumerate(early_losses[: settings.anomaly_batches]))
+
+
+def implausible(inputs: ScoreInputs, settings: ScoringSettings) -> list[Reason]:
+    """The plausibility gate: numbers a real run cannot produce, each a typed reason; any one zeroes the score.
+
+    - the prequential bpb (an average over the whole learning curve) beats the trained model's own held-out bpb (its
+      end point, on text of the same distribution) by more than a margin: the records were not what the model does;
+    - a first batch far below ln(V), which no untrained model reaches, anomaly rule or not;
+    - a scored-batch count that differs from the stream plan's.
+    """
+    reasons: list[Reason] = []
+    if inputs.val_bpb_trained is not None and inputs.bpb < inputs.val_bpb_trained - settings.plausibility_margin_bpb:
+        reasons.append(Reason(rule="plausibility:prequential_below_heldout", message=(
+            f"the run's prequential bpb {inputs.bpb:.4f} is below the trained model's own held-out bpb "
+            f"{inputs.val_bpb_trained:.4f} by more than {settings.plausibility_margin_bpb:g}: a learning curve's "
+            "average cannot beat its end point by that much")))
+    floor = settings.impossible_fraction * math.log(inputs.vocab_size)
+    if inputs.step0_loss is not None and inputs.step0_loss < floor:
+        reasons.append(Reason(rule="plausibility:impossible_loss", message=(
+            f"the first batch's mean loss {inputs.step0_loss:.4f} nats is below {floor:.4f} "
+            f"({settings.impossible_fraction:g}·ln {inputs.vocab_size}), which no untrained model reaches")))
+    if inputs.planned_batches is not None and inputs.scored_batches != inputs.planned_batches:
+        reasons.append(Reason(rule="plausibility:count_mismatch", message=(
+            f"{inputs.scored_batches} batches were scored, the stream plan holds {inputs.planned_batches}")))
+    return reasons
 
 
 def gap_penalty(gap: float, settings: ScoringSettings) -> float:
@@ -83,7 +121,8 @@ def tie_break_credit(heldout_delta: float, settings: ScoringSettings) -> float:
 
 
 def final_score(inputs: ScoreInputs, settings: ScoringSettings | None = None) -> ScoreBreakdown:
-    """(1/(1+bpb) · penalty + tie_break) · anomaly; raises ScoreError(`score:degenerate`) for an unscorable run.
+    """(1/(1+bpb) · penalty + tie_break) · anomaly · plausible; raises ScoreError(`score:degenerate`) for an
+    unscorable run.
 
     The tie-break is the score the held-out credit c buys: penalty · (1/(1+bpb−c) − 1/(1+bpb)), so with equal
     penalties the total is penalty/(1+bpb−c), and c < ε means runs ε or more apart in bpb keep their order at
@@ -92,9 +131,11 @@ def final_score(inputs: ScoreInputs, settings: ScoringSettings | None = None) ->
     settings = settings or ScoringSettings()
     step0_loss = _checked_step0_loss(inputs)
     flags: list[str] = []
-    anomaly = 0 if is_step0_anomaly(step0_loss, inputs.vocab_size, settings) else 1
+    anomaly = 0 if is_step0_anomaly(inputs.early_losses or [step0_loss], inputs.vocab_size, settings) else 1
     if not anomaly:
         flags.append("step0_anomaly")
+    reasons = implausible(inputs, settings)
+    flags.extend(reason.rule for reason in reasons)
     if inputs.heldout_delta is None or inputs.gap is None:
         flags.append("no_heldout")
     penalty = 1.0 if inputs.gap is None else gap_penalty(inputs.gap, settings)
@@ -104,8 +145,10 @@ def final_score(inputs: ScoreInputs, settings: ScoringSettings | None = None) ->
     base = 1.0 / (1.0 + inputs.bpb)
     # c/((1+b)(1+b−c)) is 1/(1+b−c) − 1/(1+b) without the cancellation of a difference.
     tie_break = penalty * credit / ((1.0 + inputs.bpb) * (1.0 + inputs.bpb - credit))
-    return ScoreBreakdown(final_score=(base * penalty + tie_break) * anomaly, base=base, tie_break=tie_break,
-                          penalty=penalty, anomaly=anomaly, flags=flags, inputs=inputs)
+    plausible = 0 if reasons else 1
+    return ScoreBreakdown(final_score=(base * penalty + tie_break) * anomaly * plausible, base=base,
+                          tie_break=tie_break, penalty=penalty, anomaly=anomaly, plausible=plausible, flags=flags,
+                          implausible=reasons, inputs=inputs)
 
 
 def _checked_step0_loss(inputs: ScoreInputs) -> float:

@@ -1,4 +1,4 @@
-"""The causality probe (DESIGN §6): leaks are caught, ordinary causal models are not flagged."""
+"""The causality probes (docs/rules.md, "Threat model"): leaks are caught, ordinary causal models are not flagged."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ CAUSAL_ZOO = HEADER + """
         x = self.dropout(self.embed(tokens))
         q, k, v = self.qkv(x).split(32, dim=2)
         x = x + F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1),
-                                               dropout_p=0.1, is_causal=True).squeeze(1)
+                                               dropout_p=0.1 if self.training else 0.0, is_causal=True).squeeze(1)
         x = x + self.conv(F.pad(x.transpose(1, 2), (3, 0))).transpose(1, 2)
         x = x + self.rnn(x)[0]
         return self.head(self.dropout(x))
@@ -93,20 +93,21 @@ def test_leak_is_caught_at_the_first_batch(bundle_factory, tmp_path, leak):
 
 
 def test_learned_leak_is_caught_later(bundle_factory, tmp_path):
-    outcome = run(bundle_factory, tmp_path, GATED_LEAK, causality_probes=1000)
+    outcome = run(bundle_factory, tmp_path, GATED_LEAK, probe_rows=2)
     assert outcome.status == "failed"
     assert outcome.reasons[0].rule == "run:non_causal"
     assert outcome.batches >= 1  # invisible at step 0: the gate starts at zero
 
 
 def test_dropout_attention_convolution_and_recurrence_pass(bundle_factory, tmp_path):
-    outcome = run(bundle_factory, tmp_path, CAUSAL_ZOO, causality_probes=1000)
+    outcome = run(bundle_factory, tmp_path, CAUSAL_ZOO, probe_rows=2)
     assert outcome.status == "completed", outcome.reasons
 
 
 def test_instantiation_probe_catches_a_leak_before_any_data(bundle_factory, tmp_path):
-    outcome = run(bundle_factory, tmp_path, HEADER + LEAKS["unmasked_attention"] + FOOTER, mode="probe")
+    outcome = run(bundle_factory, tmp_path, HEADER + LEAKS["unmasked_attention"] + FOOTER)
     assert [r.rule for r in outcome.reasons] == ["run:non_causal"]
+    assert outcome.before_data and outcome.batches == 0
 
 
 def test_instantiation_probe_counts_lazy_parameters(bundle_factory, tmp_path):
@@ -114,6 +115,7 @@ def test_instantiation_probe_counts_lazy_parameters(bundle_factory, tmp_path):
     def forward(self, tokens):
         return self.head(self.embed(tokens))
 """ + FOOTER
-    outcome = run(bundle_factory, tmp_path, lazy, mode="probe", max_params=10_000)
+    outcome = run(bundle_factory, tmp_path, lazy, max_params=10_000)
     assert [r.rule for r in outcome.reasons] == ["contract:param_cap"]
+    assert outcome.before_data and outcome.batches == 0
     assert outcome.model_params == 257 * 32 + 32 * 96 + 96 + 32 * 257 + 257

@@ -34,7 +34,7 @@ def test_allowed_bundle_trains_and_reports_the_gate(openai_stub, settings, tmp_p
     bundle = write_bundle(tmp_path / "b", bigram_architecture(), learner_loop(seq_len=64), "tokenizer: bytes\n")
     report = evaluate(bundle, settings)
     assert report.status == "completed", report.reasons
-    assert report.gate["status"] == "allowed" and len(openai_stub.requests) == 1
+    assert report.gate.status == "allowed" and len(openai_stub.requests) == 1
 
 
 def test_rejected_bundle_does_no_training_work(openai_stub, settings, tmp_path):
@@ -65,4 +65,4 @@ def test_eval_cli_surfaces_gate_reasons(openai_stub, tmp_path):
                              capture_output=True, text=True, timeout=300,
                              env={**env, "OPENROUTER_API_KEY": "", "PRISM_CACHE_DIR": str(tmp_path / "fresh")})
     held = json.loads(no_gate.stdout)
-    assert no_gate.returncode == 1 and held["status"] == "held" and held["reasons"][0]["rule"] == "gate:no_api_key"
+    assert no_gate.returncode == 1 and held.status == "held" and held.reasons[0]["rule"] == "gate:no_api_key"

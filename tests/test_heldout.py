@@ -75,31 +75,31 @@ def evaluate_bundle(tmp_path, settings, architecture, training):
     bundle = write_bundle(tmp_path / "bundle", architecture, training, "tokenizer: bytes\n")
     report = evaluate(bundle, settings)
     assert report.status == "completed", report.reasons
-    assert report.heldout["status"] == "completed", report.heldout
+    assert report.heldout.status == "completed", report.heldout
     return report
 
 
 def test_learner_beats_its_twin_and_is_not_penalised(tmp_path, settings):
     report = evaluate_bundle(tmp_path, settings, bigram_architecture(), learner_loop())
     held = report.heldout
-    assert held["heldout_delta"] > 0.05
-    assert held["twin_step0_loss"] == report.step0_loss  # the true step-0 twin
-    assert held["gap"] < settings.scoring.gap_threshold
-    assert report.score["penalty"] == 1.0 and report.score["anomaly"] == 1
-    assert report.score["tie_break"] > 0 and report.final_score > report.score["base"]
+    assert held.heldout_delta > 0.05
+    assert held.twin_step0_loss == report.step0_loss  # the true step-0 twin
+    assert held.gap < settings.scoring.gap_threshold
+    assert report.score.penalty == 1.0 and report.score.anomaly == 1
+    assert report.score.tie_break > 0 and report.final_score > report.score.base
 
 
 def test_no_op_loop_has_zero_delta_and_zero_init_head_is_ordinary(tmp_path, settings):
     report = evaluate_bundle(tmp_path, settings, bigram_architecture("nn.init.zeros_(self.table.weight)"), NO_OP)
-    assert abs(report.heldout["heldout_delta"]) < 1e-9
+    assert abs(report.heldout.heldout_delta) < 1e-9
     assert report.step0_loss == pytest.approx(math.log(257))
-    assert report.score["anomaly"] == 1 and "step0_anomaly" not in report.score["flags"]
+    assert report.score.anomaly == 1 and "step0_anomaly" not in report.score.flags
 
 
 def test_memoriser_is_penalised(tmp_path, settings):
     report = evaluate_bundle(tmp_path, settings, HASHED, MEMORISER)
-    assert report.heldout["gap"] > settings.scoring.gap_threshold
-    assert report.score["penalty"] < 1.0 and "memorisation_gap" in report.score["flags"]
+    assert report.heldout.gap > settings.scoring.gap_threshold
+    assert report.score.penalty < 1.0 and "memorisation_gap" in report.score.flags
 
 
 def test_initialisation_from_data_statistics_is_zeroed(tmp_path, settings):
@@ -109,7 +109,7 @@ def test_initialisation_from_data_statistics_is_zeroed(tmp_path, settings):
     init = f"self.table.weight.data[:] = torch.tensor({log_freq})"
     report = evaluate_bundle(tmp_path, settings, bigram_architecture(init), NO_OP)
     assert report.step0_loss < 0.9 * math.log(257)
-    assert report.final_score == 0.0 and "step0_anomaly" in report.score["flags"]
+    assert report.final_score == 0.0 and "step0_anomaly" in report.score.flags
 
 
 def test_a_val_split_too_small_for_one_batch_is_scored_on_bpb_alone(tmp_path, settings):
@@ -130,5 +130,5 @@ def test_a_val_split_too_small_for_one_batch_is_scored_on_bpb_alone(tmp_path, se
     bundle = write_bundle(tmp_path / "bundle", bigram_architecture(), learner_loop(), "tokenizer: bytes\n")
     report = evaluate(bundle, small_val)
     assert report.status == "completed", report.reasons
-    assert report.heldout["status"] == "val_too_small" and "fewer than one 4×128 batch" in report.heldout["message"]
-    assert report.final_score == pytest.approx(1 / (1 + report.bpb)) and "no_heldout" in report.score["flags"]
+    assert report.heldout.status == "val_too_small" and "fewer than one 4×128 batch" in report.heldout.message
+    assert report.final_score == pytest.approx(1 / (1 + report.bpb)) and "no_heldout" in report.score.flags

@@ -97,7 +97,7 @@ def test_memory_balloon_is_typed(bundle_factory, tmp_path):
     prelude = "    balloon = torch.empty(16 << 30, dtype=torch.uint8)\n    balloon.fill_(1)\n"
     outcome = run(bundle_factory, tmp_path, attack(prelude), address_space_bytes=6 << 30)
     assert outcome.status == "failed"
-    assert outcome.reasons[0].rule == "run:memory"
+    assert outcome.reasons[0].rule == "run:out_of_memory"
     assert (outcome.reasons[0].file, outcome.reasons[0].line) == ("training.py", 6)
 
 
@@ -122,10 +122,9 @@ def test_loss_monkeypatch_changes_nothing(bundle_factory, tmp_path):
     patched = run(bundle_factory, tmp_path / "b", attack(
         "    import torch.nn.functional as F\n    F.cross_entropy = lambda *a, **k: torch.zeros((), requires_grad=True)\n"
         "    torch.Tensor.item = lambda self: 0.0\n"))
-    assert honest.status == "completed"
-    assert patched.status == "failed"  # identical bpb is the alternative; prism-ray rejects the attempt outright
-    assert patched.reasons[0].rule == "run:tampering"
-    assert patched.batch_nats == []  # no record was ever taken under the patched functions
+    assert honest.status == patched.status == "completed", patched.reasons
+    # the loss that counts is computed in the scorer, which never runs training.py: the patch changes nothing
+    assert patched.batch_nats == honest.batch_nats
 
 
 def test_an_install_under_tmp_is_bound_over_the_sandbox_tmp(tmp_path, monkeypatch):

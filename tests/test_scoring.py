@@ -1,4 +1,5 @@
-"""final_score (DESIGN §4): the bounded tie-break, the step-0 anomaly, the gap penalty, degenerate runs."""
+"""final_score (docs/scoring.md): the bounded tie-break, the early-batch anomaly, the gap penalty, the plausibility
+gate, degenerate runs."""
 
 from __future__ import annotations
 
@@ -67,12 +68,42 @@ def test_ordinary_initialisations_are_not_anomalies(step0):
     # step0 == ln V exactly is a zero-initialised output layer (uniform logits); NaN/inf are charged upstream.
     result = score(1.2, step0=step0)
     assert result.anomaly == 1 and result.final_score > 0
-    assert not is_step0_anomaly(step0, GPT2_VOCAB, SETTINGS)
+    assert not is_step0_anomaly([step0], GPT2_VOCAB, SETTINGS)
 
 
 def test_anomaly_fraction_comes_from_settings():
-    assert is_step0_anomaly(0.95 * math.log(257), 257, ScoringSettings(anomaly_fraction=0.99))
-    assert not is_step0_anomaly(0.95 * math.log(257), 257, SETTINGS)
+    assert is_step0_anomaly([0.95 * math.log(257)], 257, ScoringSettings(anomaly_fraction=0.99))
+    assert not is_step0_anomaly([0.95 * math.log(257)], 257, SETTINGS)
+
+
+def test_a_prior_written_in_after_the_first_batch_is_an_anomaly():
+    """Uniform on batch 0, then a smuggled prior from step 1: the check covers the first batches, not only the first."""
+    early = [LN_V, 0.7 * LN_V, 0.6 * LN_V]
+    assert is_step0_anomaly(early, GPT2_VOCAB, SETTINGS)
+    inputs = ScoreInputs(bpb=1.0, vocab_size=GPT2_VOCAB, step0_loss=LN_V, early_losses=early, heldout_delta=0.5,
+                         gap=0.0)
+    result = final_score(inputs, SETTINGS)
+    assert result.final_score == 0.0 and "step0_anomaly" in result.flags
+    # a fast honest learner (examples/byte-lm: 5.57, 5.34, 5.18, 4.92 nats on bytes) stays above the decaying floor,
+    # and past the batches the check covers, learning fast is just learning
+    assert not is_step0_anomaly([5.567, 5.343, 5.183, 4.922], 257, SETTINGS)
+    late = [LN_V] * SETTINGS.anomaly_batches + [0.5 * LN_V]
+    assert not is_step0_anomaly(late, GPT2_VOCAB, SETTINGS)
+
+
+@pytest.mark.parametrize("changes,rule", [
+    ({"bpb": 1.0, "val_bpb_trained": 1.6}, "plausibility:prequential_below_heldout"),
+    ({"step0_loss": 0.4 * LN_V, "early_losses": [LN_V]}, "plausibility:impossible_loss"),
+    ({"scored_batches": 9, "planned_batches": 10}, "plausibility:count_mismatch"),
+])
+def test_implausible_runs_score_zero_with_a_typed_flag(changes, rule):
+    honest = {"bpb": 1.5, "vocab_size": GPT2_VOCAB, "step0_loss": LN_V, "early_losses": [LN_V], "heldout_delta": 0.3,
+              "gap": 0.0, "val_bpb_trained": 1.4, "scored_batches": 10, "planned_batches": 10}
+    assert final_score(ScoreInputs(**honest), SETTINGS).plausible == 1
+    result = final_score(ScoreInputs(**{**honest, **changes}), SETTINGS)
+    assert result.plausible == 0 and result.final_score == 0.0
+    assert rule in result.flags and [r.rule for r in result.implausible] == [rule]
+    assert result.base > 0  # never silently clipped: the breakdown shows what was zeroed
 
 
 def test_gap_penalty_demotes_a_memoriser_not_an_honest_learner():

@@ -29,12 +29,12 @@ from ray.exceptions import RayError, RayTaskError
 
 from prism_ray.bundle import load_bundle
 from prism_ray.cluster.metrics import SchedulerMetrics
-from prism_ray.cluster.stages import STAGES, Job, Outcome, stage_limit
 from prism_ray.cluster.store_actor import Beat
 from prism_ray.cluster.tasks import StageTasks
 from prism_ray.config import Settings
 from prism_ray.errors import BundleError, Reason
 from prism_ray.leaderboard import epoch_of
+from prism_ray.pipeline import STAGES, Job, Outcome, stage_limit
 from prism_ray.report import RunReport
 
 SCHEDULER_NAME = "prism-scheduler"
@@ -52,6 +52,7 @@ class Chain:
     outcome: ObjectRef | None = None  # the running stage's Outcome
     payloads: dict[str, ObjectRef] = field(default_factory=dict)
     nodes: dict[str, str] = field(default_factory=dict)  # stage → the node it ran on
+    timings: dict[str, float] = field(default_factory=dict)  # stage → seconds, measured inside its task
     started: float = 0.0  # monotonic, of the running stage
     deadline: float = float("inf")  # monotonic; a GPU stage's clock starts when its task does, not while it queues
 
@@ -173,7 +174,8 @@ class Scheduler:
         needs = [chain.payloads[name] for name in stage.needs]
         node = chain.nodes.get(stage.colocate) if stage.colocate else None
         chain.outcome, chain.payloads[stage.name] = self.tasks.launch(stage, chain.job, self.store,
-                                                                      self._settings_ref, chain.bundle, needs, node)
+                                                                      self._settings_ref, dict(chain.timings),
+                                                                      chain.bundle, needs, node)
         chain.stage = index
         chain.started = time.monotonic()
         chain.deadline = float("inf") if stage.gpu else chain.started + stage_limit(stage, self.settings)
@@ -214,6 +216,11 @@ class Scheduler:
             return
         if outcome.node is not None:
             chain.nodes[stage.name] = outcome.node
+        chain.timings[stage.name] = outcome.seconds
+        if outcome.verdict == "retry":  # the stage says a system failure ended it (e.g. a runner killed from outside)
+            self._forget(job.submission_id)
+            self._requeue_reason(job, outcome.reasons[0])
+            return
         if outcome.audits:
             self.store.record_gate_audits.remote(job.submission_id, outcome.audits)
         if outcome.verdict == "next" and chain.stage + 1 < len(STAGES):
@@ -256,8 +263,11 @@ class Scheduler:
             self.metrics.record_end(outcome.verdict, outcome.reasons[0].rule if outcome.reasons else None)
 
     def _requeue(self, job: Job, error: RayError) -> None:
-        reason = Reason(rule=f"infra:{_snake(type(error).__name__)}",
-                        message=f"a system failure ended this attempt, it is retried: {str(error)[:500]}")
+        self._requeue_reason(job, Reason(rule=f"infra:{_snake(type(error).__name__)}",
+                                         message=f"a system failure ended this attempt, it is retried: "
+                                                 f"{str(error)[:500]}"))
+
+    def _requeue_reason(self, job: Job, reason: Reason) -> None:
         if ray.get(self.store.requeue.remote(job.submission_id, reason, owner=job.owner, attempt=job.attempt)):
             self.metrics.record_end("requeued", reason.rule)
 
@@ -267,12 +277,8 @@ class Scheduler:
             ray.cancel(chain.outcome, force=True)
 
     def _score_fields(self, report: RunReport) -> dict[str, Any]:
-        """The scores row: the breakdown's terms, the held-out numbers once that stage reports them, the epoch."""
-        breakdown, heldout = report.score or {}, report.heldout or {}
-        return {"bpb": report.bpb, "final_score": report.final_score, "penalty": breakdown.get("penalty"),
-                "anomaly": breakdown.get("anomaly"), "tie_break": breakdown.get("tie_break"),
-                "heldout_delta": heldout.get("heldout_delta"), "gap": heldout.get("gap"),
-                "epoch": epoch_of(time.time(), self.settings.scoring)}
+        """The scores row: the report's own (score_row), and the epoch."""
+        return {**report.score_row(), "epoch": epoch_of(time.time(), self.settings.scoring)}
 
 
 def _snake(name: str) -> str:

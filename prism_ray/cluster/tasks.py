@@ -1,7 +1,7 @@
 """The stages as Ray tasks: resources per stage, Ray's own retries off, heartbeats while a GPU stage runs.
 
-Miner code never runs here: the train stage calls pipeline.train, which runs the miner's loop in the sandboxed
-runner process launched by harness/isolation.py. A force-cancelled or crashed task takes that runner with it
+Miner code never runs here: the train stage calls run.train, which runs the miner's loop in the sandboxed trainer
+and scorer processes launched by harness/supervise.py. A force-cancelled or crashed task takes them with it
 (bubblewrap's --die-with-parent).
 """
 
@@ -16,11 +16,11 @@ from ray.actor import ActorHandle
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from prism_ray.bundle import Bundle
-from prism_ray.cluster.stages import STAGES_BY_NAME, Job, Outcome, Stage, StageContext, StageResult
 from prism_ray.cluster.store_actor import Beat
 from prism_ray.config import Settings
 from prism_ray.gate import CachedVerdict
 from prism_ray.harness.session import Progress
+from prism_ray.pipeline import STAGES_BY_NAME, Job, Outcome, Stage, StageContext, StageResult, run_stage
 
 
 class StoreVerdicts:
@@ -73,20 +73,20 @@ class Heartbeat:
             self.store.heartbeat.remote(self.beat())
 
 
-def run_stage(name: str, job: Job, store: ActorHandle, settings: Settings, bundle: Bundle,
-              *needs: Any) -> StageResult:
+def stage_task(name: str, job: Job, store: ActorHandle, settings: Settings, timings: dict[str, float],
+               bundle: Bundle, *needs: Any) -> StageResult:
     """The body of every stage task (Ray resolves the refs among the arguments before it runs)."""
     stage = STAGES_BY_NAME[name]
-    ctx = StageContext(job, settings, verdicts=StoreVerdicts(store))
+    ctx = StageContext(job, settings, verdicts=StoreVerdicts(store), timings=timings)
     node = ray.get_runtime_context().get_node_id()
     if not stage.gpu:
-        outcome, payload = stage.run(ctx, bundle, *needs)
+        outcome, payload = run_stage(stage, ctx, bundle, *needs)
     elif not ray.get(store.stage_started.remote(job.submission_id, name, node, job.owner, job.attempt)):
         return Outcome("lost"), None  # requeued or finished meanwhile: never train for a stale attempt
     else:
         with Heartbeat(store, job, settings.cluster.heartbeat_seconds) as heartbeat:
             ctx.progress = heartbeat.progress
-            outcome, payload = stage.run(ctx, bundle, *needs)
+            outcome, payload = run_stage(stage, ctx, bundle, *needs)
     outcome.node = node
     return outcome, payload
 
@@ -96,7 +96,7 @@ class StageTasks:
     fraction of a CPU, every one with max_retries=0 (requeueing is the scheduler's, explicit and recorded)."""
 
     def __init__(self, settings: Settings, has_head: bool) -> None:
-        self._task = ray.remote(run_stage)
+        self._task = ray.remote(stage_task)
         self._options: dict[str, dict[str, Any]] = {}
         cluster = settings.cluster
         for stage in STAGES_BY_NAME.values():
@@ -109,12 +109,13 @@ class StageTasks:
                 options["resources"] = {"head": 0.001}
             self._options[stage.name] = options
 
-    def launch(self, stage: Stage, job: Job, store: ActorHandle, settings: ObjectRef, bundle: ObjectRef,
-               needs: list[ObjectRef], node: str | None = None) -> tuple[ObjectRef, ObjectRef]:
+    def launch(self, stage: Stage, job: Job, store: ActorHandle, settings: ObjectRef, timings: dict[str, float],
+               bundle: ObjectRef, needs: list[ObjectRef], node: str | None = None) -> tuple[ObjectRef, ObjectRef]:
         """(outcome ref, payload ref) of the stage's task; `node` pins it there (if that node is gone, the task
         fails unschedulable, a system failure, and the submission is requeued)."""
         options = self._options[stage.name]
         if node is not None:
             options = {**options, "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
-        outcome, payload = self._task.options(**options).remote(stage.name, job, store, settings, bundle, *needs)
+        outcome, payload = self._task.options(**options).remote(stage.name, job, store, settings, timings, bundle,
+                                                                *needs)
         return outcome, payload

@@ -18,6 +18,8 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import threading
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -25,6 +27,8 @@ from typing import Literal
 from prism_ray.errors import PrismError
 
 SANDBOX_UID = 65534
+LOG_FILE_BYTES = 1 << 20  # what a runner may write to its log on the host; the rest is dropped (the tail is kept)
+_TAIL_CHUNKS = 64
 _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt")
 
 
@@ -144,12 +148,45 @@ def bwrap_args(policy: SandboxPolicy, as_root: bool) -> list[str]:
     return args
 
 
+class _Log:
+    """Copies a runner's output from a pipe into its log file, at most LOG_FILE_BYTES of it, and keeps the latest
+    output in memory for crash reports: a miner's huge exception message cannot fill the host's disk."""
+
+    def __init__(self, pipe, path: Path):
+        self.pipe = pipe
+        self.path = path
+        self.tail: deque[bytes] = deque(maxlen=_TAIL_CHUNKS)
+        self.written = 0
+        self.dropped = 0
+        self.thread = threading.Thread(target=self._copy, name="prism-runner-log", daemon=True)
+        self.thread.start()
+
+    def _copy(self) -> None:
+        with open(self.path, "ab") as out:
+            while chunk := self.pipe.read1(1 << 16):
+                self.tail.append(chunk[-4096:])
+                room = LOG_FILE_BYTES - self.written
+                if room > 0:
+                    out.write(chunk[:room])
+                    out.flush()
+                    self.written += min(room, len(chunk))
+                self.dropped += max(0, len(chunk) - max(room, 0))
+            if self.dropped:
+                out.write(f"\n[prism-ray: {self.dropped:,} more bytes of output were dropped]\n".encode())
+        self.pipe.close()
+
+    def text(self) -> str:
+        self.thread.join(timeout=2.0)
+        return b"".join(self.tail).decode(errors="replace")
+
+
 class Sandboxed:
     """A launched process: poll it, wait for it, kill its whole process group."""
 
-    def __init__(self, process: subprocess.Popen, log_path: Path, sandboxed: bool):
+    def __init__(self, process: subprocess.Popen, log: _Log, sandboxed: bool):
         self.process = process
-        self.log_path = log_path
+        self.log = log
+        self.log_path = log.path
         self.sandboxed = sandboxed
 
     @property
@@ -173,11 +210,7 @@ class Sandboxed:
         self.wait(10.0)
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return redact("\n".join(text.splitlines()[-lines:]))
+        return redact("\n".join(self.log.text().splitlines()[-lines:]))
 
 
 def redact(text: str) -> str:
@@ -211,13 +244,9 @@ def launch(argv: list[str], env: dict[str, str], log_path: Path, cwd: Path, poli
     if use_bwrap:
         argv = bwrap_args(policy, as_root) + argv
         cwd = Path("/")
-    log = open(log_path, "ab")  # noqa: SIM115 — handed to the child, closed right after
-    try:
-        process = subprocess.Popen(
-            argv, env={**env, **policy.extra_env}, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
-            preexec_fn=lambda: _set_limits(policy, as_root),
-        )
-    finally:
-        log.close()
-    return Sandboxed(process, log_path, use_bwrap)
+    process = subprocess.Popen(
+        argv, env={**env, **policy.extra_env}, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+        preexec_fn=lambda: _set_limits(policy, as_root),
+    )
+    return Sandboxed(process, _Log(process.stdout, log_path), use_bwrap)

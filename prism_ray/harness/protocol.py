@@ -1,12 +1,15 @@
-"""The parent↔runner wire format: length-prefixed frames over one Unix socket.
+"""The parent↔runner wire format: length-prefixed frames over Unix sockets.
 
-The runner is untrusted, so the parent validates every frame it reads; the format stays tiny so it
-costs nothing per batch. Control frames are JSON, batches and loss records are packed binary.
+Runners are untrusted, so the parent validates every frame it reads; the format stays tiny so it costs nothing
+per batch. Control frames are JSON, batches, loss records and log-prob rows are packed binary. The parent can pass
+a file descriptor with a frame (SCM_RIGHTS): that is how both sandboxes get the same shared-state memfd.
 """
 
 from __future__ import annotations
 
+import array
 import json
+import os
 import socket
 import struct
 from enum import IntEnum
@@ -15,24 +18,33 @@ from typing import Any
 import numpy as np
 
 _HEADER = struct.Struct("<IB")
-_BATCH = struct.Struct("<qiiBq")  # batch index, batch_size, seq_len, token itemsize, causality probe position
+_BATCH = struct.Struct("<qiiBq")  # batch index, batch_size, seq_len, token itemsize, aux (see Kind.BATCH)
 _RECORD = struct.Struct("<qd?")  # batch index, summed nats, finite
+_ROW = struct.Struct("<qq")  # batch index, row; float32 log-probs follow
 MAX_FRAME = 1 << 30
+_FDS = socket.CMSG_SPACE(4 * array.array("i").itemsize)
 
 
 class Kind(IntEnum):
     CONFIG = 1  # parent → runner: the run spec
     HELLO = 2  # runner → parent: started, environment facts
-    GEOMETRY = 3  # runner → parent: batch_size, seq_len, with_logits (once)
-    BATCH = 4  # parent → runner: one batch of tokens
-    RECORD = 5  # runner → parent: the loss of the batch just handed over
-    NEXT = 6  # runner → parent: the miner asks for the next batch
-    END = 7  # parent → runner: the stream is over (budget reached or exhausted)
-    REFUSE = 8  # parent → runner: a request broke a rule
-    INFO = 9  # runner → parent: facts about the model (params, ...)
+    GEOMETRY = 3  # trainer → parent: batch_size, seq_len, with_logits and the model's state layout (once)
+    BATCH = 4  # parent → runner: tokens; aux = held-out model (scorer), probe boundary (prober), unused (trainer)
+    RECORD = 5  # scorer → parent: the loss of one batch
+    NEXT = 6  # trainer → parent: the miner asks for the next batch
+    END = 7  # parent → runner: the stream (or the run) is over
+    REFUSE = 8  # parent → trainer: a request broke a rule
+    INFO = 9  # scorer → parent: facts about the model (params, ...)
     ERROR = 10  # runner → parent: a typed failure
-    DONE = 11  # runner → parent: train(ctx) returned
-    STATE = 12  # runner → parent: the trained model's state_dict (torch.save bytes), written by the parent
+    DONE = 11  # runner → parent: finished (train(ctx) returned, or the scorer's passes are done)
+    LAYOUT = 12  # scorer → parent: the state layout of a fresh build_model()
+    SHARE = 13  # parent → runner: where the shared state lives (with the memfd on CPU)
+    READY = 14  # runner → parent: mapped (scorer: with its CUDA IPC handle on GPU)
+    SNAPSHOT = 15  # parent → scorer: copy the shared state into private memory now
+    SNAPPED = 16  # scorer → parent: the snapshot is complete; the trainer may now see the batch
+    PROBE = 17  # parent → scorer: send the target log-probs of one row and stage the snapshot for the prober
+    ROW = 18  # scorer/prober → parent: target log-probs of one row
+    FINAL = 19  # parent → scorer: the trainer is gone; snapshot its final state for the held-out passes
 
 
 class ProtocolError(Exception):
@@ -42,14 +54,22 @@ class ProtocolError(Exception):
 class Channel:
     """A framed, blocking channel over a connected socket; recv honours an absolute deadline."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, accept_fds: bool = False):
         self.sock = sock
+        self.accept_fds = accept_fds  # the parent never takes descriptors from a runner: it closes them at once
+        self.fds: list[int] = []  # descriptors received with frames, oldest first
 
-    def send(self, kind: Kind, payload: bytes = b"") -> None:
-        self.sock.sendall(_HEADER.pack(len(payload), kind) + payload)
+    def send(self, kind: Kind, payload: bytes = b"", fd: int | None = None) -> None:
+        frame = _HEADER.pack(len(payload), kind) + payload
+        if fd is None:
+            self.sock.sendall(frame)
+            return
+        sent = self.sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+        if sent < len(frame):
+            self.sock.sendall(frame[sent:])
 
-    def send_json(self, kind: Kind, obj: Any) -> None:
-        self.send(kind, json.dumps(obj).encode())
+    def send_json(self, kind: Kind, obj: Any, fd: int | None = None) -> None:
+        self.send(kind, json.dumps(obj).encode(), fd)
 
     def send_batch(self, index: int, batch_size: int, seq_len: int, chunk: np.ndarray, probe: int = -1) -> None:
         header = _BATCH.pack(index, batch_size, seq_len, chunk.dtype.itemsize, probe)
@@ -58,6 +78,14 @@ class Channel:
 
     def send_record(self, index: int, nats: float, finite: bool) -> None:
         self.send(Kind.RECORD, _RECORD.pack(index, nats, finite))
+
+    def send_row(self, index: int, row: int, log_probs: np.ndarray) -> None:
+        self.send(Kind.ROW, _ROW.pack(index, row) + np.ascontiguousarray(log_probs, dtype=np.float32).tobytes())
+
+    def take_fd(self) -> int:
+        if not self.fds:
+            raise ProtocolError("a file descriptor was expected with this frame")
+        return self.fds.pop(0)
 
     def recv(self, timeout: float | None = None) -> tuple[Kind, bytes]:
         self.sock.settimeout(timeout)
@@ -74,13 +102,24 @@ class Channel:
         view = memoryview(buffer)
         got = 0
         while got < size:
-            n = self.sock.recv_into(view[got:])
+            n, ancillary, _, _ = self.sock.recvmsg_into([view[got:]], _FDS)
+            for level, kind, data in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    received = array.array("i", data[: len(data) - len(data) % 4])
+                    if self.accept_fds:
+                        self.fds.extend(received)
+                    else:
+                        for fd in received:
+                            os.close(fd)
             if n == 0:
                 raise ProtocolError("connection closed")
             got += n
         return bytes(buffer)
 
     def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
         self.sock.close()
 
 
@@ -95,7 +134,7 @@ def parse_json(payload: bytes) -> dict:
 
 
 def parse_batch(payload: bytes) -> tuple[int, int, int, np.ndarray, int]:
-    """→ (index, batch_size, seq_len, tokens, probe): probe ≥ 0 asks for a causality check at that position."""
+    """→ (index, batch_size, seq_len, tokens, aux)."""
     index, batch_size, seq_len, itemsize, probe = _BATCH.unpack_from(payload)
     dtype = {2: np.uint16, 4: np.uint32}[itemsize]
     return index, batch_size, seq_len, np.frombuffer(payload, dtype=dtype, offset=_BATCH.size), probe
@@ -105,3 +144,10 @@ def parse_record(payload: bytes) -> tuple[int, float, bool]:
     if len(payload) != _RECORD.size:
         raise ProtocolError("bad loss record")
     return _RECORD.unpack(payload)
+
+
+def parse_row(payload: bytes) -> tuple[int, int, np.ndarray]:
+    if len(payload) < _ROW.size or (len(payload) - _ROW.size) % 4:
+        raise ProtocolError("bad log-prob row")
+    index, row = _ROW.unpack_from(payload)
+    return index, row, np.frombuffer(payload, dtype=np.float32, offset=_ROW.size)

@@ -1,10 +1,10 @@
-"""The runner: the only process where miner code runs (launched under torchrun, inside the sandbox).
+"""Entry point of the sandboxed processes: `python -m prism_ray.harness.runner SOCKET ROLE`.
 
-    torchrun --standalone --nnodes=1 --nproc-per-node=1 -m prism_ray.harness.runner SOCKET
-
-It connects to the parent's socket, receives the run spec, forces seed and deterministic flags BEFORE
-importing any miner module, installs the PRISM interface, imports the two scripts and calls train(ctx).
-It never reads data: every batch arrives from the parent, one at a time, after the previous loss record.
+ROLE `trainer` imports architecture.py and training.py and calls train(ctx); ROLE `scorer` imports architecture.py
+only (its bundle copy has no training file) and, right after reading its spec and before anything touches CUDA or
+starts a thread pool, forks the `prober`. Each connects to the parent's socket, reads its spec, forces seed and
+deterministic flags BEFORE importing any miner module and installs the PRISM interface. No runner reads data:
+every batch comes from the parent.
 """
 
 from __future__ import annotations
@@ -17,15 +17,9 @@ import sys
 import traceback
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
-from prism_ray.harness.context import (
-    Harness,
-    RunError,
-    force_determinism,
-    force_seed,
-    install_interface,
-    make_context_class,
-)
+from prism_ray.harness.context import RunError, force_determinism, force_seed, install_interface, make_context_class
 from prism_ray.harness.protocol import Channel, Kind, parse_json
 
 
@@ -49,95 +43,137 @@ def _miner_frame(tb: traceback.StackSummary, bundle_dir: str) -> tuple[str | Non
 def classify(error: BaseException) -> str:
     """Resource exhaustion gets its own rule so miners know which limit they hit."""
     text = str(error).lower()
+    frames = "".join(traceback.format_tb(error.__traceback__))
     if isinstance(error, MemoryError) or "out of memory" in text or "can't allocate memory" in text:
-        return "run:memory"
+        return "run:out_of_memory"
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
         return "run:artifacts_quota"
-    if isinstance(error, OSError) and error.errno == errno.EAGAIN and "fork" in "".join(traceback.format_tb(
-            error.__traceback__)):
+    forking = "multiprocessing" in frames or (error.errno == errno.EAGAIN and "fork" in frames) \
+        if isinstance(error, OSError) else False
+    if forking:
         return "run:process_limit"
     return "run:exception"
 
 
-def _device(spec: dict, local_rank: int) -> str:
+_HINTS = {
+    "run:process_limit": " (the sandbox runs no worker processes: use DataLoader(num_workers=0) — the stream is "
+                         "already in memory — and no multiprocessing)",
+}
+
+
+class _ScorerBackend:
+    """What `ctx` does in the scorer: build_model only (architecture code must not stream or train)."""
+
+    builder: Any = None
+
+    def build(self, ctx: Any, *args: Any, **kwargs: Any) -> Any:
+        return self.builder(ctx, *args, **kwargs)
+
+    def stream(self, *args: Any, **kwargs: Any) -> Any:
+        raise RunError("run:forbidden_call", "ctx.iter_train_batches may only be called from training code")
+
+
+def _device(requested: str) -> str:
     import torch
 
-    if spec["device"] == "auto":
-        return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    return spec["device"]
+    if requested == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    return requested
 
 
-def run(channel: Channel) -> int:
-    kind, payload = channel.recv()
-    if kind != Kind.CONFIG:
-        return 3
-    spec = parse_json(payload)
+def run(channel: Channel, spec: dict, role: str, probe_fd: int | None) -> int:
     force_seed(spec["seed"])
     force_determinism()
     import torch
 
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    spec["device"] = _device(spec, local_rank)
+    torch.set_num_threads(1 if role == "prober" else max(1, spec["threads"]))
+    spec["device"] = _device(spec["device"])
     if spec["device"].startswith("cuda"):
         torch.cuda.set_device(torch.device(spec["device"]))
-    harness = Harness(channel, spec)
-    context_class = make_context_class(harness)
-    install_interface(context_class)
     bundle_dir = spec["bundle_dir"]
-    channel.send_json(Kind.HELLO, {"pid": os.getpid(), "torch": torch.__version__, "device": spec["device"]})
+    channel.send_json(Kind.HELLO, {"role": role, "pid": os.getpid(), "torch": torch.__version__,
+                                   "device": spec["device"]})
     try:
+        if role == "trainer":
+            from prism_ray.harness.trainer import TrainerHarness
+
+            backend: Any = TrainerHarness(channel, spec)
+        else:
+            backend = _ScorerBackend()
+        ctx = _context(spec, backend)  # the PRISM interface exists before any miner module is imported
         sys.path.append(bundle_dir)  # after the stdlib and site-packages: a bundle file cannot shadow them
         arch_file, arch_symbol = spec["architecture"]
-        train_file, train_symbol = spec["training"]
         architecture = _import_file(Path(bundle_dir, arch_file), Path(arch_file).stem)
         builder = getattr(architecture, arch_symbol, None)
         if not callable(builder):
             raise RunError("contract:missing_symbol", f"{arch_file} has no callable {arch_symbol}")
-        setattr(architecture, arch_symbol, harness.wrap_builder(builder))
-        mode = spec["mode"]
-        if mode != "heldout":  # held-out evaluation builds models only; the training script never runs there
-            training = _import_file(Path(bundle_dir, train_file), Path(train_file).stem)
-            train = getattr(training, train_symbol, None)
-            if not callable(train):
-                raise RunError("contract:missing_symbol", f"{train_file} has no callable {train_symbol}")
-        ctx = context_class(
-            vocab_size=spec["vocab_size"], sequence_length=spec["max_seq_len"], max_parameters=spec["max_params"],
-            seed=spec["seed"], device=spec["device"], rank=int(os.environ.get("RANK", "0")), local_rank=local_rank,
-            world_size=int(os.environ.get("WORLD_SIZE", "1")), byte_budget=spec["byte_budget"],
-            artifacts_dir=spec["artifacts_dir"], data_dir=spec["data_dir"], tokenizer=spec["tokenizer"],
-        )
-        if mode == "probe":
-            harness.probe_model(ctx)
-        elif mode == "heldout":
-            harness.evaluate_heldout(ctx)
+        if role == "trainer":
+            setattr(architecture, arch_symbol, backend.wrap_builder(builder))
+            _train(spec, ctx)
         else:
-            train(ctx)
-            harness.send_state()
+            from prism_ray.harness.scorer import Scorer, run_prober
+
+            backend.builder = builder
+            if role == "scorer":
+                Scorer(channel, spec, builder, ctx).run(probe_fd)
+            else:
+                run_prober(channel, spec, builder, ctx, probe_fd)
     except RunError as error:
         if not error.reported:
             channel.send_json(Kind.ERROR, {"rule": error.rule, "message": error.message})
         return 1
     except BaseException as error:  # noqa: BLE001 — any miner failure is reported, typed, to the parent
         file, line = _miner_frame(traceback.extract_tb(error.__traceback__), bundle_dir)
-        message = f"{type(error).__name__}: {error}"
-        channel.send_json(Kind.ERROR, {"rule": classify(error), "message": message[:2000], "file": file,
-                                       "line": line})
-        traceback.print_exc()
+        rule = classify(error)
+        message = f"{type(error).__name__}: {str(error)[:2000]}{_HINTS.get(rule, '')}"
+        channel.send_json(Kind.ERROR, {"rule": rule, "message": message, "file": file, "line": line})
+        traceback.print_exc(limit=20)
         return 1
-    channel.send_json(Kind.DONE, {"stream_finished": harness.stream_finished})
+    channel.send(Kind.DONE)
     return 0
 
 
-def main() -> int:
+def _train(spec: dict, ctx: Any) -> None:
+    train_file, train_symbol = spec["training"]
+    training = _import_file(Path(spec["bundle_dir"], train_file), Path(train_file).stem)
+    train = getattr(training, train_symbol, None)
+    if not callable(train):
+        raise RunError("contract:missing_symbol", f"{train_file} has no callable {train_symbol}")
+    train(ctx)
+
+
+def _context(spec: dict, backend: Any) -> Any:
+    context_class = make_context_class(backend)
+    install_interface(context_class)
+    return context_class(
+        vocab_size=spec["vocab_size"], sequence_length=spec["max_seq_len"], max_parameters=spec["max_params"],
+        seed=spec["seed"], device=spec["device"], rank=int(os.environ.get("RANK", "0")),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")), world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        byte_budget=spec["byte_budget"], artifacts_dir=spec["artifacts_dir"], data_dir=spec["data_dir"],
+        tokenizer=spec["tokenizer"],
+    )
+
+
+def _connect(path: str) -> Channel:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(sys.argv[1])
-    channel = Channel(sock)
-    try:
-        return run(channel)
-    finally:
-        channel.close()
+    sock.connect(path)
+    return Channel(sock, accept_fds=True)
+
+
+def main() -> int:
+    socket_path, role = sys.argv[1], sys.argv[2]
+    channel = _connect(socket_path)
+    kind, payload = channel.recv()
+    if kind != Kind.CONFIG:
+        return 3
+    spec = parse_json(payload)
+    probe_fd = None
+    if role == "scorer":
+        probe_fd = os.memfd_create("prism-probe")  # staged snapshots for the prober; the trainer never sees it
+        if os.fork() == 0:  # before CUDA or any thread pool exists, so the child may use both
+            channel.sock.close()
+            return run(_connect(socket_path), spec, "prober", probe_fd)
+    return run(channel, spec, role, probe_fd)
 
 
 if __name__ == "__main__":

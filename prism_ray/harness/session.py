@@ -1,30 +1,32 @@
-"""The trusted parent of one training run: it owns the stream, launches the runner and keeps the books.
+"""The trusted parent of one run: it owns the stream, launches the scorer and the trainer, and keeps the books.
 
-Batch k+1 is sent only after the loss record of batch k has arrived and the miner asked for more, so
-no future data is ever inside the miner's process. Targets and bytes are counted here from the stream
-geometry; the runner only reports nats.
+Per batch k: the trainer asks for it (NEXT) → the scorer snapshots the shared state (SNAPSHOT/SNAPPED) → batch k
+goes to the scorer and, only now, to the trainer → the scorer's record of Σ −ln p(target) on the snapshot arrives
+while the trainer trains → the batch's probe rows go to the prober, whose log-probs are compared here. Targets and
+bytes are counted here from the stream geometry; the scorer reports only nats, the trainer nothing that counts.
+After the trainer has exited, the scorer runs the held-out passes. docs/architecture.md, "One submission's path".
 """
 
 from __future__ import annotations
 
 import math
 import os
-import secrets
-import shutil
-import socket
-import sys
-import tempfile
+import selectors
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from prism_ray.errors import PrismError, Reason
-from prism_ray.harness.isolation import Sandboxed, SandboxPolicy, launch
-from prism_ray.harness.protocol import Channel, Kind, ProtocolError, parse_json, parse_record
+from prism_ray.harness import shared_state
+from prism_ray.harness.isolation import SandboxPolicy
+from prism_ray.harness.probes import ProbePlan, ProbeRow, drift
+from prism_ray.harness.protocol import Channel, Kind, ProtocolError, parse_json, parse_record, parse_row
+from prism_ray.harness.scorer import causality_tolerance, non_causal_message
 from prism_ray.harness.stream import BatchSlice, StreamPlan, check_geometry
+from prism_ray.harness.supervise import Runner
 
 MAX_BATCH_TOKENS = 1 << 22
 
@@ -40,9 +42,10 @@ class Progress:
 
 @dataclass
 class RunSpec:
-    """Everything the runner needs; sent over the socket, so the runner reads no files of ours."""
+    """Everything the runners need; sent over their sockets, so they read no files of ours."""
 
-    bundle_dir: Path
+    bundle_dir: Path  # the whole bundle: the trainer's
+    scorer_bundle_dir: Path  # the bundle without the training entry file: the scorer's
     architecture: tuple[str, str]
     training: tuple[str, str]
     tokenizer: str
@@ -55,270 +58,20 @@ class RunSpec:
     artifacts_dir: Path
     data_dir: str
     threads: int
-    causality_probes: int = 2
-    mode: str = "train"  # train | probe (instantiate, size, causality; no data) | heldout (score parent batches)
-    state_path: str = ""  # heldout: the parent-written trained weights
+    probe_rows: int = 1  # causality probe rows per batch
 
-    def to_json(self) -> dict:
-        return {**self.__dict__, "bundle_dir": str(self.bundle_dir), "artifacts_dir": str(self.artifacts_dir)}
-
-
-@dataclass
-class TrainOutcome:
-    status: str = "failed"  # completed | failed
-    reasons: list[Reason] = field(default_factory=list)
-    batch_size: int | None = None
-    seq_len: int | None = None
-    with_logits: bool | None = None
-    batch_nats: list[float] = field(default_factory=list)
-    batch_targets: list[int] = field(default_factory=list)
-    batch_bytes: list[int] = field(default_factory=list)
-    non_finite_batches: int = 0
-    stopped_reason: str | None = None
-    model_params: int | None = None
-    wall_seconds: float = 0.0
-    stream_seconds: float = 0.0
-    device: str | None = None
-    sandboxed: bool = False
-    state_path: str | None = None
-    log_tail: str = ""
-
-    @property
-    def batches(self) -> int:
-        return len(self.batch_nats)
-
-
-class _Books:
-    """Per-batch accounting of the parent; charges non-finite batches 2·ln(V) per target (DESIGN §4.8)."""
-
-    def __init__(self, outcome: TrainOutcome, vocab_size: int, byte_budget: int):
-        self.outcome = outcome
-        self.penalty_per_target = 2.0 * math.log(vocab_size)
-        self.byte_budget = byte_budget
-        self.nats = 0.0
-        self.bytes = 0
-
-    def record(self, piece: BatchSlice, nats: float, finite: bool) -> None:
-        if not finite or not math.isfinite(nats) or nats < 0:
-            nats = self.penalty_per_target * piece.targets
-            self.outcome.non_finite_batches += 1
-        self.outcome.batch_nats.append(nats)
-        self.outcome.batch_targets.append(piece.targets)
-        self.outcome.batch_bytes.append(piece.target_bytes)
-        self.nats += nats
-        self.bytes += piece.target_bytes
-
-    @property
-    def running_bpb(self) -> float:
-        return self.nats / math.log(2) / self.bytes if self.bytes else float("nan")
-
-
-def runner_command(socket_path: Path, torchrun: bool = True) -> list[str]:
-    runner = ["-m", "prism_ray.harness.runner", str(socket_path)]
-    if not torchrun:
-        return [sys.executable, *runner]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc-per-node=1",
-            "--local-addr=127.0.0.1", *runner]
-
-
-def runner_env(threads: int) -> dict[str, str]:
-    keep = ("PATH", "HOME", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "PYTHONPATH",
-            "VIRTUAL_ENV", "TMPDIR")
-    env = {k: v for k, v in os.environ.items() if k in keep}
-    env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONHASHSEED": "0",
-                "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1",
-                "PYTHONSAFEPATH": "1", "TORCHELASTIC_ERROR_FILE": "/dev/null", "TORCHINDUCTOR_DETERMINISTIC": "1"})
-    return env
-
-
-def run_training(spec: RunSpec, tokens: np.ndarray, byte_lengths: np.ndarray, run_dir: Path, time_limit: float,
-                 progress: Callable[[Progress], None] | None = None,
-                 policy: SandboxPolicy | None = None) -> TrainOutcome:
-    books = _Books(TrainOutcome(), spec.vocab_size, spec.byte_budget)
-
-    def serve(channel: Channel, outcome: TrainOutcome, deadline: float) -> None:
-        _serve(channel, spec, tokens, byte_lengths, books, outcome, deadline, progress)
-
-    return _supervise(spec, run_dir, time_limit, policy, books.outcome, serve)
-
-
-def _supervise(spec: RunSpec, run_dir: Path, time_limit: float, policy: SandboxPolicy | None,
-               outcome: TrainOutcome, serve: Callable[[Channel, TrainOutcome, float], None]) -> TrainOutcome:
-    """Launch the runner in the sandbox, let `serve` talk to it, and turn whatever happens into typed reasons."""
-    started = time.monotonic()
-    deadline = started + time_limit
-    # AF_UNIX paths are limited to ~108 bytes, so the socket lives in a short private dir, not in the run dir.
-    ipc_dir = Path(tempfile.mkdtemp(prefix="prism-ipc-", dir="/tmp" if os.path.isdir("/tmp") else None))
-    os.chmod(ipc_dir, 0o711)  # the unprivileged sandbox uid may pass through, not list
-    spec.artifacts_dir.mkdir(parents=True, exist_ok=True)
-    socket_path = ipc_dir / "stream.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(socket_path))
-    listener.listen(1)
-    os.chmod(socket_path, 0o777)  # the sandbox runs as an unprivileged uid; the dir around it stays private
-    policy = policy or SandboxPolicy()
-    policy = replace(policy, readable=(*policy.readable, spec.bundle_dir, ipc_dir), artifacts_dir=spec.artifacts_dir)
-    try:
-        process = launch(runner_command(socket_path, torchrun=spec.mode == "train"), runner_env(spec.threads),
-                         run_dir / "runner.log", cwd=run_dir, policy=policy)
-    except PrismError as error:
-        listener.close()
-        shutil.rmtree(ipc_dir, ignore_errors=True)
-        outcome.reasons = error.reasons
-        return outcome
-    outcome.sandboxed = process.sandboxed
-    try:
-        channel = _accept(listener, process, deadline)
-        serve(channel, outcome, deadline)
-    except TimeoutError:
-        outcome.reasons.append(Reason(rule="run:timeout", message=f"the {spec.mode} run passed its wall-clock "
-                                      f"limit of {time_limit:g} s; it is not scored"))
-        outcome.stopped_reason = "wall_clock_exceeded"
-    except ProtocolError as error:
-        if process.wait(5.0) is None or not outcome.reasons:
-            outcome.reasons.append(_crash_reason(process, str(error)))
-    finally:
-        listener.close()
-        shutil.rmtree(ipc_dir, ignore_errors=True)
-        exit_code = process.wait(max(0.0, min(10.0, deadline - time.monotonic())))
-        if exit_code is None:
-            process.kill()
-        outcome.wall_seconds = time.monotonic() - started
-        outcome.log_tail = process.log_tail()
-    if not outcome.reasons and exit_code not in (0, None):
-        outcome.reasons.append(_crash_reason(process, f"runner exited with code {exit_code}"))
-    if not outcome.reasons and outcome.stopped_reason is None and spec.mode == "train":
-        outcome.reasons.append(Reason(rule="run:stopped_early", message="train(ctx) returned before the scored "
-                                      "stream ended; every run must consume its whole byte budget"))
-    outcome.status = "failed" if outcome.reasons else "completed"
-    return outcome
-
-
-def _crash_reason(process: Sandboxed, detail: str) -> Reason:
-    tail = process.log_tail(12)
-    return Reason(rule="run:crash", message=f"the runner died ({detail}). Last output:\n{tail}")
-
-
-def _accept(listener: socket.socket, process: Sandboxed, deadline: float) -> Channel:
-    listener.settimeout(0.2)
-    while True:
-        if time.monotonic() > deadline:
-            raise TimeoutError
-        try:
-            connection, _ = listener.accept()
-            return Channel(connection)
-        except TimeoutError:
-            if process.poll() is not None:
-                raise ProtocolError("the runner exited before connecting") from None
-
-
-def _serve(channel: Channel, spec: RunSpec, tokens: np.ndarray, byte_lengths: np.ndarray, books: _Books,
-           outcome: TrainOutcome, deadline: float, progress: Callable[[Progress], None] | None) -> None:
-    channel.send_json(Kind.CONFIG, spec.to_json())
-    plan: StreamPlan | None = None
-    batches = None
-    pending: BatchSlice | None = None  # handed over, loss record not yet received
-    last: BatchSlice | None = None  # recorded, miner is training on it
-    stream_started = 0.0
-    while True:
-        kind, payload = channel.recv(timeout=max(0.001, deadline - time.monotonic()))
-        if kind == Kind.HELLO:
-            outcome.device = parse_json(payload).get("device")
-        elif kind == Kind.GEOMETRY:
-            if plan is not None:
-                raise ProtocolError("geometry sent twice")
-            request = parse_json(payload)
-            try:
-                batch_size, seq_len = check_geometry(request.get("batch_size"), request.get("seq_len"),
-                                                     spec.max_seq_len, MAX_BATCH_TOKENS)
-            except PrismError as error:
-                outcome.reasons.extend(error.reasons)
-                channel.send_json(Kind.REFUSE, error.reasons[0].model_dump())
-                continue
-            outcome.batch_size, outcome.seq_len = batch_size, seq_len
-            outcome.with_logits = bool(request.get("with_logits"))
-            plan = StreamPlan(tokens, byte_lengths, batch_size, seq_len, spec.byte_budget)
-            batches = plan.batches()
-            probes = _ProbeSchedule(plan, spec.causality_probes)
-            stream_started = time.monotonic()
-            pending = _send_next(channel, batches, outcome, books, probes)
-        elif kind == Kind.RECORD:
-            index, nats, finite = parse_record(payload)
-            if pending is None or index != pending.index:
-                raise ProtocolError(f"loss record for batch {index} was not expected")
-            books.record(pending, nats, finite)
-            last, pending = pending, None
-            outcome.stream_seconds = time.monotonic() - stream_started
-            if progress is not None:
-                tokens_scored = sum(outcome.batch_targets)
-                progress(Progress(outcome.batches, books.bytes, spec.byte_budget, books.running_bpb,
-                                  tokens_scored / max(outcome.stream_seconds, 1e-9)))
-        elif kind == Kind.NEXT:
-            if last is None or pending is not None or batches is None:
-                raise ProtocolError("next batch requested before the loss of the current one was recorded")
-            last = None
-            pending = _send_next(channel, batches, outcome, books, probes)
-        elif kind == Kind.INFO:
-            outcome.model_params = parse_json(payload).get("model_params")
-        elif kind == Kind.ERROR:
-            reason = parse_json(payload)
-            outcome.reasons.append(Reason(rule=str(reason.get("rule", "run:exception")),
-                                          message=str(reason.get("message", ""))[:4000],
-                                          file=reason.get("file"), line=reason.get("line")))
-        elif kind == Kind.STATE:
-            if outcome.stopped_reason is None or outcome.state_path is not None:
-                raise ProtocolError("model state sent before the stream ended")
-            state_path = Path(spec.artifacts_dir).parent / "state" / "trained.pt"
-            state_path.parent.mkdir(parents=True, exist_ok=True)
-            state_path.write_bytes(payload)
-            outcome.state_path = str(state_path)
-        elif kind == Kind.DONE:
-            if stream_started:  # the miner's last optimizer step is part of the run's time
-                outcome.stream_seconds = time.monotonic() - stream_started
-            return
-        else:
-            raise ProtocolError(f"unexpected frame {kind.name} from the runner")
-
-
-class _ProbeSchedule:
-    """Which batches get a causality probe: the first, then about `count` more drawn from a secret RNG
-    the runner cannot see, so a leak that only opens up during training is caught too."""
-
-    def __init__(self, plan: StreamPlan, count: int):
-        self.random = secrets.SystemRandom()
-        self.plan = plan
-        self.count = count
-        self.rate = 0.0
-
-    def position(self, piece: BatchSlice) -> int:
-        if piece.index == 0:
-            expected = self.plan.available_batches
-            if self.plan.byte_budget and piece.target_bytes:
-                expected = min(expected, math.ceil(self.plan.byte_budget / piece.target_bytes))
-            self.rate = min(1.0, self.count / max(expected - 1, 1))
-        elif self.random.random() >= self.rate:
-            return -1
-        return self.random.randint(1, self.plan.span)
-
-
-def _send_next(channel: Channel, batches, outcome: TrainOutcome, books: _Books,
-               probes: _ProbeSchedule) -> BatchSlice | None:
-    piece = next(batches, None)
-    if piece is None:
-        if outcome.batches == 0:
-            outcome.reasons.append(Reason(rule="run:no_batch", message="the train split cannot fill a single batch "
-                                          "of this geometry"))
-        budget_met = books.byte_budget and books.bytes >= books.byte_budget
-        outcome.stopped_reason = "byte_budget" if budget_met else "stream_exhausted"
-        channel.send_json(Kind.END, {"reason": outcome.stopped_reason})
-        return None
-    channel.send_batch(piece.index, outcome.batch_size, outcome.seq_len, piece.chunk, probes.position(piece))
-    return piece
+    def runner_spec(self, role: str) -> dict:
+        bundle = self.bundle_dir if role == "trainer" else self.scorer_bundle_dir
+        return {"role": role, "bundle_dir": str(bundle), "architecture": list(self.architecture),
+                "training": list(self.training), "tokenizer": self.tokenizer, "vocab_size": self.vocab_size,
+                "max_seq_len": self.max_seq_len, "max_params": self.max_params, "seed": self.seed,
+                "device": self.device, "byte_budget": self.byte_budget, "artifacts_dir": str(self.artifacts_dir),
+                "data_dir": self.data_dir if role == "trainer" else "", "threads": self.threads}
 
 
 @dataclass
 class EvalPass:
-    """One held-out pass: score `tokens` (same stream rules) with the trained model or its step-0 twin."""
+    """One held-out pass: score `tokens` (same stream rules) with the trained state or the step-0 state."""
 
     name: str
     tokens: np.ndarray
@@ -336,51 +89,503 @@ class PassResult:
     non_finite: int = 0
 
 
-def run_heldout(spec: RunSpec, passes: list[EvalPass], byte_lengths: np.ndarray, batch_size: int, seq_len: int,
-                run_dir: Path, time_limit: float, policy: SandboxPolicy | None = None
-                ) -> tuple[TrainOutcome, dict[str, PassResult]]:
-    """A second sandboxed process scores the passes; the data stays with the parent, batch by batch."""
-    results = {item.name: PassResult() for item in passes}
-    penalty = 2.0 * math.log(spec.vocab_size)
+@dataclass
+class TrainOutcome:
+    status: str = "failed"  # completed | failed
+    reasons: list[Reason] = field(default_factory=list)
+    before_data: bool = False  # failed in the instantiation probe, before any data: the bundle is rejected
+    batch_size: int | None = None
+    seq_len: int | None = None
+    with_logits: bool | None = None
+    batch_nats: list[float] = field(default_factory=list)
+    batch_targets: list[int] = field(default_factory=list)
+    batch_bytes: list[int] = field(default_factory=list)
+    non_finite_batches: int = 0
+    planned_batches: int | None = None
+    probe_rows: int = 0
+    max_probe_drift: float = 0.0
+    stopped_reason: str | None = None
+    model_params: int | None = None
+    wall_seconds: float = 0.0
+    stream_seconds: float = 0.0
+    device: str | None = None
+    sandboxed: bool = False
+    log_tail: str = ""
+    heldout: dict[str, PassResult] | None = None
+    heldout_reasons: list[Reason] = field(default_factory=list)
+    heldout_seconds: float = 0.0
 
-    def serve(channel: Channel, outcome: TrainOutcome, deadline: float) -> None:
-        channel.send_json(Kind.CONFIG, spec.to_json())
-        for item in passes:
-            plan = StreamPlan(item.tokens, byte_lengths, batch_size, seq_len, item.byte_budget)
-            for piece in plan.batches():
-                if item.max_batches is not None and piece.index >= item.max_batches:
+    @property
+    def batches(self) -> int:
+        return len(self.batch_nats)
+
+    @property
+    def retryable(self) -> bool:
+        from prism_ray.harness.supervise import RETRYABLE_RULES
+
+        return any(reason.rule in RETRYABLE_RULES for reason in self.reasons)
+
+
+class _Books:
+    """Per-batch accounting of the parent; charges non-finite batches 2·ln(V) per target (docs/scoring.md)."""
+
+    def __init__(self, outcome: TrainOutcome, vocab_size: int):
+        self.outcome = outcome
+        self.penalty_per_target = 2.0 * math.log(vocab_size)
+        self.nats = 0.0
+        self.bytes = 0
+
+    def record(self, piece: BatchSlice, nats: float, finite: bool) -> None:
+        nats = self.checked(nats, finite, piece.targets)
+        self.outcome.batch_nats.append(nats)
+        self.outcome.batch_targets.append(piece.targets)
+        self.outcome.batch_bytes.append(piece.target_bytes)
+        self.nats += nats
+        self.bytes += piece.target_bytes
+
+    def checked(self, nats: float, finite: bool, targets: int) -> float:
+        if not finite or not math.isfinite(nats) or nats < 0:
+            self.outcome.non_finite_batches += 1
+            return self.penalty_per_target * targets
+        return nats
+
+    @property
+    def running_bpb(self) -> float:
+        return self.nats / math.log(2) / self.bytes if self.bytes else float("nan")
+
+
+class _Failed(Exception):
+    """Ends the run with the reasons already recorded."""
+
+
+HeldoutPlan = Callable[[TrainOutcome], list[EvalPass]]
+
+
+def run_session(spec: RunSpec, tokens: np.ndarray, byte_lengths: np.ndarray, run_dir: Path, time_limit: float,
+                progress: Callable[[Progress], None] | None = None, policy: SandboxPolicy | None = None,
+                heldout: HeldoutPlan | None = None, heldout_time_limit: float = 300.0) -> TrainOutcome:
+    """Train and score one bundle; `heldout` (called once training completed) names the held-out passes."""
+    return _Session(spec, tokens, byte_lengths, run_dir, time_limit, progress, policy or SandboxPolicy(),
+                    heldout, heldout_time_limit).run()
+
+
+class _Session:
+    def __init__(self, spec: RunSpec, tokens: np.ndarray, byte_lengths: np.ndarray, run_dir: Path, time_limit: float,
+                 progress: Callable[[Progress], None] | None, policy: SandboxPolicy, heldout: HeldoutPlan | None,
+                 heldout_time_limit: float):
+        self.spec, self.tokens, self.byte_lengths, self.run_dir = spec, tokens, byte_lengths, run_dir
+        self.time_limit, self.progress, self.policy = time_limit, progress, policy
+        self.heldout_plan, self.heldout_time_limit = heldout, heldout_time_limit
+        self.outcome = TrainOutcome()
+        self.books = _Books(self.outcome, spec.vocab_size)
+        self.runners: dict[str, Runner] = {}
+        self.channels: dict[str, Channel] = {}
+        self.selector = selectors.DefaultSelector()
+        self.deadline = 0.0
+        # stream state
+        self.layout: list | None = None
+        self.geometry: dict | None = None
+        self.ready: set[str] = set()
+        self.plan: StreamPlan | None = None
+        self.batches: Iterator[BatchSlice] | None = None
+        self.probes: ProbePlan | None = None
+        self.tolerance = 0.0
+        self.trainer_waiting = False  # the trainer asked for a batch and has none
+        self.snapshotting: BatchSlice | None = None
+        self.unrecorded: dict[int, BatchSlice] = {}
+        self.probe_queue: list[list[ProbeRow]] = []  # probe rows whose snapshot the scorer has not staged yet
+        self.staged: list[ProbeRow] = []  # the batch being staged for the prober
+        self.staging: set[tuple[int, int]] = set()  # its rows whose scorer log-probs have not arrived
+        self.scored_rows: dict[tuple[int, int], np.ndarray] = {}
+        self.probing: dict[tuple[int, int], ProbeRow] = {}  # sent to the prober
+        self.stream_ended = False
+        self.trainer_done = False
+        self.stream_started = 0.0
+
+    # --- the run ------------------------------------------------------------------------------------------------
+
+    def run(self) -> TrainOutcome:
+        started = time.monotonic()
+        self.deadline = started + self.time_limit
+        try:
+            self._launch()
+            self._train()
+            self._finish_trainer()
+            self._heldout()
+        except _Failed:
+            pass
+        except TimeoutError:
+            self.outcome.reasons.append(Reason(rule="run:timeout", message=f"the run passed its wall-clock limit of "
+                                               f"{self.time_limit:g} s; it is not scored"))
+            self.outcome.stopped_reason = "wall_clock_exceeded"
+        except PrismError as error:
+            self.outcome.reasons.extend(error.reasons)
+        finally:
+            self._close()
+            self.outcome.wall_seconds = time.monotonic() - started
+        self.outcome.status = "failed" if self.outcome.reasons else "completed"
+        return self.outcome
+
+    def _launch(self) -> None:
+        spec = self.spec
+        spec.artifacts_dir.mkdir(parents=True, exist_ok=True)
+        self.runners["scorer"] = Runner("scorer", self.run_dir, spec.threads, self.policy,
+                                        (spec.scorer_bundle_dir,), None)
+        self.runners["trainer"] = Runner("trainer", self.run_dir, spec.threads, self.policy, (spec.bundle_dir,),
+                                         spec.artifacts_dir)
+        self.outcome.sandboxed = self.runners["trainer"].process.sandboxed
+        for role in ("scorer", "trainer"):
+            channel = self._accept(role, role)
+            channel.send_json(Kind.CONFIG, spec.runner_spec(role))
+        self._accept("scorer", "prober")
+
+    def _accept(self, runner: str, role: str) -> Channel:
+        try:
+            channel = self.runners[runner].accept(self.deadline)
+        except ProtocolError as error:
+            raise self._crash(runner, str(error)) from None
+        self.channels[role] = channel
+        self.selector.register(channel.sock, selectors.EVENT_READ, role)
+        return channel
+
+    def _train(self) -> None:
+        while not (self.trainer_done and self.stream_ended and self._settled()):
+            if self.trainer_done and not self.stream_ended:
+                self._fail(Reason(rule="run:stopped_early", message="train(ctx) returned before the scored stream "
+                                  "ended; every run must consume its whole byte budget"))
+            self._dispatch(self.deadline)
+
+    def _settled(self) -> bool:
+        return not (self.unrecorded or self.probe_queue or self.staging or self.probing or self.snapshotting)
+
+    def _dispatch(self, deadline: float) -> None:
+        """Handle the next frame from whichever runner sent one."""
+        events = self.selector.select(timeout=max(0.0, deadline - time.monotonic()))
+        if not events and time.monotonic() >= deadline:
+            raise TimeoutError
+        for channel in self.channels.values():  # sends honour the deadline too: a runner that stops reading stalls
+            channel.sock.settimeout(max(0.001, deadline - time.monotonic()))
+        for key, _ in events:
+            role = key.data
+            try:
+                kind, payload = self.channels[role].recv(timeout=max(0.001, deadline - time.monotonic()))
+            except ProtocolError as error:
+                self._pending_errors(role)
+                raise self._crash("trainer" if role == "trainer" else "scorer", f"{role}: {error}") from None
+            self._handle(role, kind, payload)
+
+    def _pending_errors(self, closed: str) -> None:
+        """A runner's socket closed: if another runner already said why (the scorer's typed error ends the prober
+        with it), that reason wins over a bare crash."""
+        waited = time.monotonic() + 1.0
+        for role, channel in self.channels.items():
+            if role == closed:
+                continue
+            while True:
+                with selectors.DefaultSelector() as one:
+                    one.register(channel.sock, selectors.EVENT_READ)
+                    if not one.select(timeout=max(0.0, waited - time.monotonic())):
+                        break
+                try:
+                    kind, payload = channel.recv(timeout=1.0)
+                except ProtocolError:
                     break
-                channel.send_batch(piece.index, batch_size, seq_len, piece.chunk, int(item.trained))
-                kind, payload = _expect(channel, deadline, outcome)
-                index, nats, finite = parse_record(payload)
-                result = results[item.name]
-                if not finite or not math.isfinite(nats):
-                    nats, result.non_finite = penalty * piece.targets, result.non_finite + 1
-                result.nats += nats
-                result.targets += piece.targets
-                result.bytes += piece.target_bytes
-                result.batches += 1
-        channel.send_json(Kind.END, {})
-        while True:
-            kind, payload = _expect(channel, deadline, outcome, allow_done=True)
-            if kind == Kind.DONE:
-                outcome.stopped_reason = "heldout_complete"
-                return
+                if kind == Kind.ERROR:
+                    self._handle(role, kind, payload)
 
-    outcome = _supervise(spec, run_dir, time_limit, policy, TrainOutcome(), serve)
-    return outcome, results
-
-
-def _expect(channel: Channel, deadline: float, outcome: TrainOutcome, allow_done: bool = False) -> tuple[Kind, bytes]:
-    while True:
-        kind, payload = channel.recv(timeout=max(0.001, deadline - time.monotonic()))
-        if kind == Kind.RECORD or (allow_done and kind == Kind.DONE):
-            return kind, payload
+    def _handle(self, role: str, kind: Kind, payload: bytes) -> None:
         if kind == Kind.ERROR:
             reason = parse_json(payload)
-            outcome.reasons.append(Reason(rule=str(reason.get("rule", "run:exception")),
-                                          message=str(reason.get("message", ""))[:4000],
-                                          file=reason.get("file"), line=reason.get("line")))
-            raise ProtocolError("the held-out runner failed")
-        if kind not in (Kind.HELLO, Kind.INFO):
-            raise ProtocolError(f"unexpected frame {kind.name} from the held-out runner")
+            self._fail(Reason(rule=str(reason.get("rule", "run:exception")), message=str(reason.get("message", ""))
+                              [:4000], file=reason.get("file"), line=reason.get("line")),
+                       before_data=role != "trainer" and self.layout is None)
+        handler = getattr(self, f"_{role}_{kind.name.lower()}", None)
+        if handler is None:
+            raise self._crash("trainer" if role == "trainer" else "scorer",
+                              f"unexpected frame {kind.name} from the {role}")
+        handler(payload)
+
+    # --- scorer frames ------------------------------------------------------------------------------------------
+
+    def _scorer_hello(self, payload: bytes) -> None:
+        self.outcome.device = parse_json(payload).get("device")
+
+    def _prober_hello(self, payload: bytes) -> None:
+        pass
+
+    def _scorer_info(self, payload: bytes) -> None:
+        self.outcome.model_params = parse_json(payload).get("model_params")
+
+    def _scorer_layout(self, payload: bytes) -> None:
+        self.layout = parse_json(payload)["layout"]
+        self._share()
+
+    def _scorer_ready(self, payload: bytes) -> None:
+        ready = parse_json(payload)
+        assert self.geometry is not None
+        layout = self.geometry["layout"]
+        if ready.get("handle"):
+            self.channels["trainer"].send_json(Kind.SHARE, {"where": "cuda", "layout": layout,
+                                                            "handle": ready["handle"]})
+        self.channels["prober"].send_json(Kind.SHARE, {"layout": layout, "probe_handle": ready.get("probe_handle")})
+        self._ready("scorer")
+
+    def _prober_ready(self, payload: bytes) -> None:
+        self._ready("prober")
+
+    def _scorer_snapped(self, payload: bytes) -> None:
+        piece = self.snapshotting
+        if piece is None or int(payload or b"-1") != piece.index:
+            raise self._crash("scorer", "snapshot of a batch that was not asked for")
+        self.snapshotting = None
+        assert self.outcome.batch_size is not None and self.outcome.seq_len is not None
+        for role in ("scorer", "trainer"):  # the trainer sees batch k only now, after the snapshot it is scored on
+            self.channels[role].send_batch(piece.index, self.outcome.batch_size, self.outcome.seq_len, piece.chunk)
+        self.unrecorded[piece.index] = piece
+        assert self.probes is not None
+        rows = self.probes.rows_for(piece)
+        if rows:
+            self.probe_queue.append(rows)
+            self._stage_probe()
+
+    def _scorer_record(self, payload: bytes) -> None:
+        index, nats, finite = parse_record(payload)
+        piece = self.unrecorded.pop(index, None)
+        if piece is None:
+            raise self._crash("scorer", f"loss record for batch {index} was not expected")
+        self.books.record(piece, nats, finite)
+        self.outcome.stream_seconds = time.monotonic() - self.stream_started
+        if self.progress is not None:
+            tokens_scored = sum(self.outcome.batch_targets)
+            self.progress(Progress(self.outcome.batches, self.books.bytes, self.spec.byte_budget,
+                                   self.books.running_bpb, tokens_scored / max(self.outcome.stream_seconds, 1e-9)))
+
+    def _scorer_row(self, payload: bytes) -> None:
+        index, row, log_probs = parse_row(payload)
+        if (index, row) not in self.staging:
+            raise self._crash("scorer", f"log-probs of row {row} of batch {index} were not asked for")
+        self.staging.discard((index, row))
+        self.scored_rows[(index, row)] = log_probs
+        if not self.staging:  # the snapshot is staged: hand every row of this batch to the prober
+            for probe in self.staged:
+                self.channels["prober"].send_batch(probe.index, probe.row, self.outcome.seq_len, probe.tokens,
+                                                   probe.boundary)
+                self.probing[(probe.index, probe.row)] = probe
+            self.staged = []
+
+    def _prober_row(self, payload: bytes) -> None:
+        index, row, log_probs = parse_row(payload)
+        probe = self.probing.pop((index, row), None)
+        if probe is None:
+            raise self._crash("scorer", f"the prober answered for row {row} of batch {index}, which was not probed")
+        moved = drift(self.scored_rows.pop((index, row)), log_probs, probe.boundary)
+        self.outcome.probe_rows += 1
+        self.outcome.max_probe_drift = max(self.outcome.max_probe_drift, moved)
+        if not moved <= self.tolerance:
+            self._fail(Reason(rule="run:non_causal", message=f"batch {index}, row {row}: "
+                              + non_causal_message(probe.boundary, moved)))
+        if not self.probing:
+            self._stage_probe()
+            self._advance()
+
+    # --- trainer frames -----------------------------------------------------------------------------------------
+
+    def _trainer_hello(self, payload: bytes) -> None:
+        pass
+
+    def _trainer_geometry(self, payload: bytes) -> None:
+        if self.geometry is not None:
+            raise self._crash("trainer", "geometry sent twice")
+        request = parse_json(payload)
+        try:
+            batch_size, seq_len = check_geometry(request.get("batch_size"), request.get("seq_len"),
+                                                 self.spec.max_seq_len, MAX_BATCH_TOKENS)
+        except PrismError as error:
+            self.channels["trainer"].send_json(Kind.REFUSE, error.reasons[0].model_dump())
+            self._fail(*error.reasons)
+        self.outcome.batch_size, self.outcome.seq_len = batch_size, seq_len
+        self.outcome.with_logits = bool(request.get("with_logits"))
+        self.geometry = request
+        self._share()
+
+    def _trainer_ready(self, payload: bytes) -> None:
+        self._ready("trainer")
+
+    def _trainer_next(self, payload: bytes) -> None:
+        if self.trainer_waiting or self.stream_ended:
+            raise self._crash("trainer", "next batch requested twice")
+        self.trainer_waiting = True
+        self._advance()
+
+    def _trainer_done(self, payload: bytes) -> None:
+        self.trainer_done = True
+        self.selector.unregister(self.channels["trainer"].sock)  # its end of the socket closes as it exits
+        if self.stream_started:  # the miner's last optimizer step is part of the run's time
+            self.outcome.stream_seconds = time.monotonic() - self.stream_started
+
+    # --- the stream ---------------------------------------------------------------------------------------------
+
+    def _share(self) -> None:
+        """Once both the scorer's fresh build and the trainer's model are known: one buffer for the state."""
+        if self.layout is None or self.geometry is None or self.plan is not None:
+            return
+        theirs = self.geometry.get("layout")
+        if not isinstance(theirs, list) or [e[:2] for e in theirs] != [e[:2] for e in self.layout]:
+            message = ("the model passed to iter_train_batches does not have the parameters and buffers of a fresh "
+                       "ctx.build_model() (names and shapes must match; dtypes may differ): the scorer scores the "
+                       "architecture's model with the trainer's weights, so train the model build_model returns")
+            self.channels["trainer"].send_json(Kind.REFUSE, {"rule": "run:model_mismatch", "message": message})
+            self._fail(Reason(rule="run:model_mismatch", message=message))
+        try:
+            _, nbytes = shared_state.plan_slots(theirs)
+        except (ValueError, TypeError) as error:
+            raise self._crash("trainer", f"bad state layout: {error}") from None
+        plan = StreamPlan(self.tokens, self.byte_lengths, self.outcome.batch_size, self.outcome.seq_len,
+                          self.spec.byte_budget)
+        self.plan, self.batches = plan, plan.batches()
+        self.outcome.planned_batches = plan.planned_batches()
+        self.probes = ProbePlan(plan, self.spec.probe_rows, self.spec.vocab_size)
+        on_gpu = str(self.geometry.get("device", "cpu")).startswith("cuda")
+        self.tolerance = causality_tolerance([e[2] for e in theirs], "cuda" if on_gpu else "cpu")
+        if on_gpu:  # the scorer allocates on its GPU and hands the trainer a CUDA IPC handle (READY)
+            self.channels["scorer"].send_json(Kind.SHARE, {"where": "cuda", "layout": theirs})
+            return
+        fd = shared_state.new_memfd("prism-state", nbytes)
+        try:
+            for role in ("scorer", "trainer"):
+                self.channels[role].send_json(Kind.SHARE, {"where": "memfd", "layout": theirs}, fd=fd)
+        finally:
+            os.close(fd)
+
+    def _ready(self, role: str) -> None:
+        self.ready.add(role)
+        if self.ready == {"scorer", "prober", "trainer"}:
+            self.stream_started = time.monotonic()
+            self.trainer_waiting = True  # iter_train_batches waits for its first batch
+            self._advance()
+
+    def _advance(self) -> None:
+        """Release the next batch when the trainer waits for one and every earlier probe is staged."""
+        if not self.trainer_waiting or self.snapshotting is not None or self.probe_queue or self.batches is None:
+            return
+        self.trainer_waiting = False
+        piece = next(self.batches, None)
+        if piece is None:
+            if self.outcome.batches == 0 and not self.unrecorded:
+                self._fail(Reason(rule="run:no_batch", message="the train split cannot fill a single batch of "
+                                  "this geometry"))
+            budget = self.spec.byte_budget
+            scored = sum(self.outcome.batch_bytes) + sum(p.target_bytes for p in self.unrecorded.values())
+            self.outcome.stopped_reason = "byte_budget" if budget and scored >= budget else "stream_exhausted"
+            self.stream_ended = True
+            self.channels["trainer"].send_json(Kind.END, {"reason": self.outcome.stopped_reason})
+            return
+        self.snapshotting = piece
+        self.channels["scorer"].send(Kind.SNAPSHOT, str(piece.index).encode())
+
+    def _stage_probe(self) -> None:
+        """Ask the scorer to stage the next probed batch's snapshot, once the prober is free."""
+        if self.probing or self.staging or not self.probe_queue:
+            return
+        rows = self.probe_queue.pop(0)
+        self.staged = rows
+        self.staging = {(row.index, row.row) for row in rows}
+        self.channels["scorer"].send_json(Kind.PROBE, {"index": rows[0].index, "rows": [r.row for r in rows]})
+        self._advance()
+
+    # --- after training -----------------------------------------------------------------------------------------
+
+    def _finish_trainer(self) -> None:
+        """The trainer must be gone before the scorer sees held-out data (it could not reach it, but need not)."""
+        runner = self.runners["trainer"]
+        code = runner.wait(max(0.0, min(10.0, self.deadline - time.monotonic())))
+        if code not in (0, None):
+            self._fail(runner.end_reason(f"exit code {code}"))
+
+    def _heldout(self) -> None:
+        passes = self.heldout_plan(self.outcome) if self.heldout_plan is not None else []
+        if not passes:
+            return
+        started = time.monotonic()
+        deadline = started + self.heldout_time_limit
+        results = {item.name: PassResult() for item in passes}
+        scorer = self.channels["scorer"]
+        try:
+            scorer.send(Kind.FINAL)
+            self._expect(scorer, Kind.READY, deadline)
+            batch_size, seq_len = self.outcome.batch_size, self.outcome.seq_len
+            assert batch_size is not None and seq_len is not None
+            for item in passes:
+                result = results[item.name]
+                for piece in StreamPlan(item.tokens, self.byte_lengths, batch_size, seq_len,
+                                        item.byte_budget).batches():
+                    if item.max_batches is not None and piece.index >= item.max_batches:
+                        break
+                    scorer.send_batch(piece.index, batch_size, seq_len, piece.chunk, int(item.trained))
+                    index, nats, finite = parse_record(self._expect(scorer, Kind.RECORD, deadline))
+                    if index != piece.index:
+                        raise ProtocolError(f"held-out record for batch {index} was not expected")
+                    if not finite or not math.isfinite(nats) or nats < 0:
+                        nats, result.non_finite = 2.0 * math.log(self.spec.vocab_size) * piece.targets, \
+                            result.non_finite + 1
+                    result.nats += nats
+                    result.targets += piece.targets
+                    result.bytes += piece.target_bytes
+                    result.batches += 1
+            self.outcome.heldout = results
+        except TimeoutError:
+            self.outcome.heldout_reasons.append(Reason(rule="run:timeout", message="the held-out passes passed their "
+                                                       f"wall-clock limit of {self.heldout_time_limit:g} s"))
+        except (ProtocolError, _HeldoutError) as error:
+            reasons = error.reasons if isinstance(error, _HeldoutError) else [
+                self.runners["scorer"].end_reason(f"held-out: {error}")]
+            self.outcome.heldout_reasons.extend(reasons)
+        self.outcome.heldout_seconds = time.monotonic() - started
+
+    def _expect(self, channel: Channel, wanted: Kind, deadline: float) -> bytes:
+        kind, payload = channel.recv(timeout=max(0.001, deadline - time.monotonic()))
+        if kind == Kind.ERROR:
+            reason = parse_json(payload)
+            raise _HeldoutError([Reason(rule=str(reason.get("rule", "run:exception")),
+                                        message=str(reason.get("message", ""))[:4000], file=reason.get("file"),
+                                        line=reason.get("line"))])
+        if kind != wanted:
+            raise ProtocolError(f"expected {wanted.name}, got {kind.name}")
+        return payload
+
+    # --- endings ------------------------------------------------------------------------------------------------
+
+    def _fail(self, *reasons: Reason, before_data: bool = False) -> None:
+        self.outcome.reasons.extend(reasons)
+        self.outcome.before_data = self.outcome.before_data or before_data
+        raise _Failed
+
+    def _crash(self, runner: str, detail: str) -> _Failed:
+        self.outcome.reasons.append(self.runners[runner].end_reason(detail) if runner in self.runners else
+                                    Reason(rule="run:crash", message=detail))
+        return _Failed()
+
+    def _close(self) -> None:
+        for role, channel in self.channels.items():
+            if role != "trainer":
+                try:
+                    channel.send(Kind.END)
+                except OSError:
+                    pass
+        for runner in self.runners.values():
+            if runner.role == "scorer":
+                runner.wait(max(0.5, min(5.0, self.deadline + self.heldout_time_limit - time.monotonic())))
+            runner.close()
+        for channel in self.channels.values():
+            channel.close()
+        self.selector.close()
+        tails = [f"--- {role} ---\n{runner.process.log_tail(15)}" for role, runner in self.runners.items()
+                 if runner.process.log_tail(1)]
+        self.outcome.log_tail = "\n".join(tails)
+
+
+class _HeldoutError(Exception):
+    def __init__(self, reasons: list[Reason]):
+        super().__init__(str(reasons[0]))
+        self.reasons = reasons
+

@@ -1,4 +1,4 @@
-"""The scored stream's geometry (DESIGN §4 items 4–7), computed by the trusted parent.
+"""The scored stream's geometry (docs/architecture.md, "Scoring contract"), computed by the trusted parent.
 
 Row g is stream[g·(L−1) : g·(L−1)+L], so consecutive rows overlap by one token and every token after
 the first is a target exactly once. Batch k covers rows kB … kB+B−1, i.e. the contiguous token span
@@ -52,6 +52,24 @@ class StreamPlan:
         chunk = self.tokens[start: start + self.span + 1]
         target_bytes = int(self.byte_lengths[chunk[1:]].sum())
         return BatchSlice(index=index, chunk=chunk, targets=self.span, target_bytes=target_bytes)
+
+    def planned_batches(self) -> int:
+        """How many batches `batches()` yields: known before the run, so the scorer's count can be checked."""
+        if not self.available_batches:
+            return 0
+        if not self.byte_budget:
+            return self.available_batches
+        block = max(1, (1 << 22) // self.span)  # batches per step: memory stays flat on a huge split
+        scored = 0
+        for first in range(0, self.available_batches, block):
+            last = min(first + block, self.available_batches)
+            targets = self.tokens[first * self.span + 1: last * self.span + 1]
+            per_batch = np.add.reduceat(self.byte_lengths[targets], np.arange(0, len(targets), self.span))
+            reached = np.flatnonzero(scored + np.cumsum(per_batch) >= self.byte_budget)
+            if len(reached):
+                return first + int(reached[0]) + 1
+            scored += int(per_batch.sum())
+        return self.available_batches
 
     def batches(self) -> Iterator[BatchSlice]:
         scored_bytes = 0

@@ -1,0 +1,115 @@
+"""Process supervision for the trusted parent: launch a runner in the sandbox behind a private socket, accept its
+connections, and turn however it ended into a typed reason.
+
+Each runner gets its own socket dir, bound into its sandbox only, so the trainer cannot connect where the scorer
+does. A runner killed by SIGKILL is told apart: the memory limit (the cgroup's OOM killer) is the miner's
+`run:out_of_memory`; any other outside kill is a system failure (`infra:runner_killed`), retried and never charged
+to the miner.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from prism_ray.errors import PrismError, Reason
+from prism_ray.harness.isolation import Sandboxed, SandboxPolicy, launch
+from prism_ray.harness.protocol import Channel, ProtocolError
+
+RETRYABLE_RULES = frozenset({"infra:runner_killed"})
+
+
+def runner_env(threads: int, role: str) -> dict[str, str]:
+    keep = ("PATH", "HOME", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "PYTHONPATH",
+            "VIRTUAL_ENV", "TMPDIR")
+    env = {k: v for k, v in os.environ.items() if k in keep}
+    env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONHASHSEED": "0",
+                "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1",
+                "PYTHONSAFEPATH": "1", "TORCHINDUCTOR_DETERMINISTIC": "1", "OMP_WAIT_POLICY": "PASSIVE"})
+    if role == "trainer":  # the single-rank torch.distributed environment torchrun would set, without its agent
+        env.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "GROUP_RANK": "0",
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})  # its own network namespace: no clash
+    return env
+
+
+class Runner:
+    """One sandboxed runner process and the listener it connects to."""
+
+    def __init__(self, role: str, run_dir: Path, threads: int, policy: SandboxPolicy, readable: tuple[Path, ...],
+                 artifacts_dir: Path | None):
+        self.role = role
+        # AF_UNIX paths are limited to ~108 bytes, so the socket lives in a short private dir, not in the run dir.
+        self.ipc_dir = Path(tempfile.mkdtemp(prefix=f"prism-{role}-", dir="/tmp" if os.path.isdir("/tmp") else None))
+        os.chmod(self.ipc_dir, 0o711)  # the unprivileged sandbox uid may pass through, not list
+        socket_path = self.ipc_dir / "runner.sock"
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(socket_path))
+        self.listener.listen(2)
+        os.chmod(socket_path, 0o777)  # the sandbox runs as an unprivileged uid; the dir around it stays private
+        policy = replace(policy, readable=(*policy.readable, *readable, self.ipc_dir), artifacts_dir=artifacts_dir)
+        self.oom_kills = _oom_kills()
+        argv = [sys.executable, "-m", "prism_ray.harness.runner", str(socket_path), role]
+        try:
+            self.process: Sandboxed = launch(argv, runner_env(threads, role), run_dir / f"{role}.log", cwd=run_dir,
+                                             policy=policy)
+        except PrismError:
+            self.close()
+            raise
+
+    def accept(self, deadline: float) -> Channel:
+        self.listener.settimeout(0.2)
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError
+            try:
+                connection, _ = self.listener.accept()
+                return Channel(connection)
+            except TimeoutError:
+                if self.process.poll() is not None:
+                    raise ProtocolError(f"the {self.role} exited before connecting") from None
+
+    def end_reason(self, detail: str) -> Reason:
+        """Why the runner is gone, once it is: memory, an outside kill, or a crash with its last output."""
+        code = self.process.wait(5.0)
+        if code in (-signal.SIGKILL, 128 + signal.SIGKILL):
+            if _oom_kills() > self.oom_kills:
+                return Reason(rule="run:out_of_memory", message=f"the {self.role} was killed by the kernel's "
+                              "out-of-memory killer: the run used more memory than this node has for it")
+            return Reason(rule="infra:runner_killed", message=f"the {self.role} was killed from outside (an operator "
+                          "or the node); this is not charged to your bundle and the run is retried")
+        tail = self.process.log_tail(12)
+        return Reason(rule="run:crash", message=f"the {self.role} died ({detail}). Last output:\n{tail}")
+
+    def wait(self, timeout: float) -> int | None:
+        code = self.process.wait(timeout)
+        if code is None:
+            self.process.kill()
+        return code
+
+    def close(self) -> None:
+        self.listener.close()
+        shutil.rmtree(self.ipc_dir, ignore_errors=True)
+        process = getattr(self, "process", None)
+        if process is not None and process.poll() is None:
+            process.kill()
+
+
+def _oom_kills() -> int:
+    """The OOM killer's count for this process's cgroup (v2); 0 where it cannot be read."""
+    try:
+        relative = Path("/proc/self/cgroup").read_text().strip().split("\n")[-1].split("::", 1)[1]
+        events = (Path("/sys/fs/cgroup") / relative.lstrip("/") / "memory.events").read_text()
+    except (OSError, IndexError):
+        return 0
+    for line in events.splitlines():
+        name, _, value = line.partition(" ")
+        if name == "oom_kill":
+            return int(value)
+    return 0

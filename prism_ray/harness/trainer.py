@@ -1,0 +1,134 @@
+"""The trainer's side of the harness: what `ctx` does inside the process that runs training.py.
+
+Nothing computed here decides a score (docs/architecture.md, "Trust boundaries"): the miner's code may rewrite any
+of it. This module only serves the miner: it hands batches over as the parent releases them, shares the scored
+model's parameters with the scorer (shared_state.py) and, with `with_logits=True`, runs a forward with its autograd
+graph so the miner can backprop without writing the loss.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from prism_ray.harness import cuda_ipc, shared_state
+from prism_ray.harness.context import PrismBatch, RunError, device_of, force_seed, logits_of, rows
+from prism_ray.harness.protocol import Channel, Kind, parse_batch, parse_json
+
+_cross_entropy = torch.nn.functional.cross_entropy  # bound before miner import, for with_logits
+
+
+class TrainerHarness:
+    """Runner-side state behind `ctx` in the trainer: the channel, the forced build and the one stream."""
+
+    def __init__(self, channel: Channel, spec: dict):
+        self.channel = channel
+        self.spec = spec
+        self.builder: Callable[..., Any] | None = None
+        self.built: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+        self.stream_started = False
+        self.stream_finished = False
+
+    def fail(self, rule: str, message: str) -> RunError:
+        self.channel.send_json(Kind.ERROR, {"rule": rule, "message": message})
+        return RunError(rule, message, reported=True)
+
+    def build(self, ctx: Any, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        assert self.builder is not None
+        force_seed(self.spec["seed"])
+        model = self.builder(ctx, *args, **kwargs)
+        if not isinstance(model, torch.nn.Module):
+            raise self.fail("contract:build_model", f"build_model returned {type(model).__name__}, "
+                            "not a torch.nn.Module")
+        self.built.add(model)
+        return model
+
+    def wrap_builder(self, builder: Callable[..., Any]) -> Callable[..., Any]:
+        """Every call of the architecture's build_model, however it is reached, runs under the forced seed."""
+        self.builder = builder
+
+        def build_model(ctx: Any, *args: Any, **kwargs: Any) -> torch.nn.Module:
+            return self.build(ctx, *args, **kwargs)
+
+        build_model.__name__ = getattr(builder, "__name__", "build_model")
+        build_model.__doc__ = builder.__doc__
+        return build_model
+
+    def unwrap(self, model: Any) -> Any:
+        # DDP keeps the model in .module, torch.compile in ._orig_mod: both wrap a built model.
+        for _ in range(4):
+            if model in self.built:
+                return model
+            inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+            if inner is None:
+                break
+            model = inner
+        return model if model in self.built else None
+
+    def stream(self, model: Any, batch_size: int, seq_len: int | None, tokenizer: str | None,
+               with_logits: bool) -> Iterator[PrismBatch]:
+        if self.stream_started:
+            raise self.fail("run:stream_reused", "ctx.iter_train_batches may be called once per run")
+        self.stream_started = True
+        if tokenizer is not None and tokenizer != self.spec["tokenizer"]:
+            raise self.fail("contract:tokenizer", f"iter_train_batches(tokenizer={tokenizer!r}) does not match "
+                            f"the bundle's tokenizer {self.spec['tokenizer']!r} (set it in prism.yaml)")
+        built = self.unwrap(model)
+        if built is None:
+            raise self.fail("run:model_identity", "the model passed to iter_train_batches must be the one "
+                            "returned by ctx.build_model() (wrappers such as DDP or torch.compile are fine)")
+        seq_len = self.spec["max_seq_len"] if seq_len is None else seq_len
+        self.channel.send_json(Kind.GEOMETRY, {"batch_size": batch_size, "seq_len": seq_len,
+                                               "with_logits": bool(with_logits),
+                                               "layout": shared_state.layout_of(built),
+                                               "device": str(device_of(built, self.spec["device"]))})
+        flat, slots = self._share(built)
+        return self._batches(model, built, flat, slots, with_logits)
+
+    def _share(self, built: torch.nn.Module) -> tuple[torch.Tensor, list[shared_state.Slot]]:
+        """Move the model's state into the buffer the scorer reads (the parent says where it lives)."""
+        kind, payload = self.channel.recv()
+        if kind == Kind.REFUSE:
+            reason = parse_json(payload)
+            raise RunError(reason["rule"], reason["message"], reported=True)
+        if kind != Kind.SHARE:
+            raise self.fail("run:protocol", f"unexpected frame {kind.name} from the parent")
+        share = parse_json(payload)
+        slots, nbytes = shared_state.plan_slots(share["layout"])
+        if share["where"] == "memfd":
+            flat = shared_state.map_memfd(self.channel.take_fd(), nbytes, writable=True)
+        else:
+            flat = cuda_ipc.open_handle(bytes.fromhex(share["handle"]), nbytes, device_of(built, "cuda"))
+        shared_state.bind(built, slots, flat)
+        self.channel.send(Kind.READY)
+        return flat, slots
+
+    def _batches(self, model: Any, built: torch.nn.Module, flat: torch.Tensor, slots: list[shared_state.Slot],
+                 with_logits: bool) -> Iterator[PrismBatch]:
+        device = device_of(built, self.spec["device"])
+        while True:
+            kind, payload = self.channel.recv()
+            if kind == Kind.END:
+                self.stream_finished = True
+                return
+            if kind != Kind.BATCH:
+                raise self.fail("run:protocol", f"unexpected frame {kind.name} from the parent")
+            index, batch_size, seq_len, chunk, _ = parse_batch(payload)
+            tokens = rows(chunk, seq_len).to(device, non_blocking=True)
+            batch = PrismBatch(tokens=tokens, index=index)
+            if with_logits:
+                batch.logits = logits_of(model(tokens), tokens.shape, self.spec["vocab_size"])
+                predicted = batch.logits[:, :-1].reshape(-1, batch.logits.shape[-1]).float()
+                batch.loss = _cross_entropy(predicted, tokens[:, 1:].reshape(-1))
+            yield batch
+            moved = shared_state.bound(built, slots, flat)
+            if moved is not None:
+                raise self.fail("run:params_reallocated", f"`{moved}` was replaced by a new tensor during training "
+                                "(e.g. `.data = …`, `.half()` or `.to(...)` after iter_train_batches). The scorer "
+                                "reads the tensors iter_train_batches was given: update them in place, and convert "
+                                "dtype or device before calling iter_train_batches")
+            self.channel.send(Kind.NEXT)
+

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prism_ray import gate, sandbox, scoring
+from prism_ray import gate, policy, scoring
 from prism_ray.bundle import Bundle, load_bundle
 from prism_ray.config import EMBEDDED_DATA_DIR, IntakeLimits, Settings
 from prism_ray.data.dataset import open_dataset
@@ -55,7 +55,7 @@ def intake(source: Path | str | bytes, limits: IntakeLimits | None = None) -> Bu
 
 def check(bundle: Bundle) -> list[Reason]:
     """Static checks before any code runs: the sandbox's AST policy over every .py file."""
-    return sandbox.inspect(bundle)
+    return policy.inspect(bundle)
 
 
 def probe(bundle: Bundle, settings: Settings, run_dir: Path) -> list[Reason]:

@@ -167,6 +167,18 @@ def test_strings_split_over_files_are_counted_as_one_bundle() -> None:
     assert found == [("sandbox:embedded_data", "table_b.py"), ("sandbox:embedded_data", "text_b.py")]
 
 
+def test_names_count_as_embedded_text() -> None:
+    """A function's `__name__` and an Enum member's `.name` read back as strings: long names carry data too."""
+    names = [[f"p{part}_{i}_{'ab' * 2000}" for i in range(9)] for part in range(2)]
+    files = {"architecture.py": "def build_model(ctx):\n    return None\n",
+             **{f"names_{part}.py": "".join(f"def {name}():\n    pass\n" for name in names[part]) for part in range(2)},
+             "training.py": f"import names_0\ndef train(ctx):\n    prior = names_0.{names[0][0]}.__name__\n"}
+    modules = {path.removesuffix(".py") for path in files}
+    assert all(inspect_source(path, source, modules) == [] for path, source in files.items())
+    found = [(r.rule, r.file) for r in inspect(check_contract({k: v.encode() for k, v in files.items()}))]
+    assert found == [("sandbox:embedded_data", "names_1.py")]
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_variant_is_rejected_at_its_line(name: str) -> None:
     rule, source = VARIANTS[name]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ast
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prism_ray.errors import Reason
 from prism_ray.policy.reach import metaclass_methods
@@ -32,10 +32,30 @@ from prism_ray.policy.tables import (
 
 @dataclass
 class Budget:
-    """Embedded data, counted over the whole bundle: a table split over several files gains nothing."""
+    """Embedded data, counted over the whole bundle: a table split over several files gains nothing. Distinct names
+    count as text too, since a function's `__name__` or an Enum member's `.name` reads back as a string."""
 
     numbers: int = 0
-    string_bytes: int = 0
+    text_bytes: int = 0
+    names: set[str] = field(default_factory=set)
+
+    def number(self, count: int) -> bool:
+        """Count numeric constants; True when this crosses the limit."""
+        self.numbers += count
+        return self.numbers - count <= MAX_NUMBERS < self.numbers
+
+    def text(self, size: int) -> bool:
+        self.text_bytes += size
+        return self.text_bytes - size <= MAX_STRING_BYTES < self.text_bytes
+
+    def name(self, name: str) -> bool:
+        if name in self.names:
+            return False
+        self.names.add(name)
+        return self.text(len(name.encode("utf-8", "surrogatepass")))
+
+
+_NAME_FIELDS = ("id", "attr", "name", "arg", "asname", "rest")  # where the AST keeps identifiers
 
 
 class Checker(ast.NodeVisitor):
@@ -61,6 +81,13 @@ class Checker(ast.NodeVisitor):
 
     def report(self, rule: str, node: ast.AST, message: str) -> None:
         self.reasons.append(Reason(rule=rule, message=message, file=self.path, line=getattr(node, "lineno", 1)))
+
+    def visit(self, node: ast.AST) -> None:
+        names = [value for f in _NAME_FIELDS if isinstance(value := getattr(node, f, None), str)]
+        names += node.names if isinstance(node, (ast.Global, ast.Nonlocal)) else []
+        if any([self.budget.name(name) for name in names]):  # a list, not a generator: every name is counted
+            self._too_much_text(node)
+        super().visit(node)
 
     # ---- imports
 
@@ -189,19 +216,18 @@ class Checker(ast.NodeVisitor):
                 self.report("sandbox:dunder", node, f"the string constant names `{unsafe[0]}`, an interpreter "
                                                     "internal")
         if isinstance(value, (str, bytes)):
-            before = budget.string_bytes
-            budget.string_bytes += len(value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value)
-            if before <= MAX_STRING_BYTES < budget.string_bytes:
-                self.report("sandbox:embedded_data", node, (
-                    f"the bundle's files hold more than {MAX_STRING_BYTES // 1024} KiB of string constants together "
-                    "(this one crosses the limit); bundles may not embed data (models learn from the stream)"))
+            if budget.text(len(value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value)):
+                self._too_much_text(node)
         elif isinstance(value, (int, float, complex)) and not isinstance(value, bool):
-            before = budget.numbers
-            budget.numbers += max(1, (abs(value).bit_length() + 63) // 64) if isinstance(value, int) else 1
-            if before <= MAX_NUMBERS < budget.numbers:
+            if budget.number(max(1, (abs(value).bit_length() + 63) // 64) if isinstance(value, int) else 1):
                 self.report("sandbox:embedded_data", node, (
                     f"the bundle's files hold more than {MAX_NUMBERS:,} numeric constants together (this one crosses "
                     "the limit); bundles may not embed weights or data (models learn from the stream)"))
+
+    def _too_much_text(self, node: ast.AST) -> None:
+        self.report("sandbox:embedded_data", node, (
+            f"the bundle's files hold more than {MAX_STRING_BYTES // 1024} KiB of string constants and distinct names "
+            "together (this line crosses the limit); bundles may not embed data (models learn from the stream)"))
 
     # ---- the rules behind the visits
 

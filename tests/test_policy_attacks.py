@@ -78,6 +78,8 @@ VARIANTS = {
                                                         "type(E.A)._convert_('relu', 'torch', bool)  # <-\n"),
     "global_enum": ("sandbox:forbidden_api", "import enum\nE = enum.Enum('E', {'relu': 1}, module='torch')\n"
                                              "enum.global_enum(E)  # <-\n"),
+    "a class rewritten by a configured decorator": ("sandbox:monkeypatch", "import dataclasses\nimport torch\n"
+                                                   "dataclasses.dataclass(eq=False)(torch.Tensor)  # <-\n"),
     # checks by name follow the object, whatever path reaches it
     "torch.save through an alias": ("sandbox:torch_save_path", "import torch.nn.functional as F\n"
                                                                "def train(ctx):\n"

@@ -179,12 +179,13 @@ def _homes(value: Any) -> list[Any]:
         return [value.__objclass__.__module__]
     if _is(value, types.MethodWrapperType):
         return _homes(value.__self__)
-    if _is(value, types.BuiltinFunctionType):
+    if _is(value, types.BuiltinFunctionType):  # a C function, or a C method bound to its object
         owner = value.__self__
         if _is(owner, types.ModuleType):
             return [_name_of(owner)]
-        return [value.__module__] if owner is None else [*([value.__module__] if value.__module__ else []),
-                                                         *_homes(owner)]
+        if owner is None or type(owner).__module__ == "pybind11_builtins":  # pybind11 binds to a function record
+            return [value.__module__]  # None fails closed
+        return [value.__module__, *_homes(owner)] if value.__module__ else _homes(owner)
     if _is(value, (type, types.FunctionType)):
         return [value.__module__]
     module = inspect.getattr_static(value, "__module__", None)
@@ -245,5 +246,5 @@ def metaclass_methods() -> frozenset[str]:
             for klass in {*type(cls).__mro__, *(cls.__mro__ if issubclass(cls, type) else ())} - {type, object}:
                 names.update(name for name, member in vars(klass).items()
                              if name.startswith("_") and not name.endswith("__")
-                             and callable(_unwrap(member)) and _unwrap(member) is not _UNKNOWN)
+                             and callable(_unwrap(member)))
     return frozenset(names)

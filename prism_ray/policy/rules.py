@@ -176,8 +176,8 @@ class Checker(ast.NodeVisitor):
         if "functools.wraps" in callee and (len(node.args) > 1 or node.keywords):
             self.report("sandbox:forbidden_api", node, f"`{code(node)}`: functools.wraps may only copy the default "
                                                        "attributes")
-        if callee & MUTATORS:
-            for arg in node.args:
+        if callee & MUTATORS or (isinstance(node.func, ast.Call) and resolver.names(node.func.func) & MUTATORS):
+            for arg in node.args:  # also `dataclasses.dataclass(eq=False)(torch.Tensor)`
                 self._check_patch(node, arg, f"`{code(node)}`")
         self.generic_visit(node)
 

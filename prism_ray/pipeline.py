@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from prism_ray import gate, run, sandbox
+from prism_ray import gate, policy, run
 from prism_ray.bundle import Bundle, load_bundle
 from prism_ray.config import IntakeLimits, Settings
 from prism_ray.errors import BundleError, Reason
@@ -63,7 +63,7 @@ StageResult = tuple[Outcome, Any]
 
 def check_stage(ctx: StageContext, bundle: Bundle) -> StageResult:
     """The static policy over every file; the instantiation probe runs at the start of train, in the scorer."""
-    findings = sandbox.inspect(bundle)
+    findings = policy.inspect(bundle)
     return (Outcome("rejected", findings) if findings else Outcome("next")), None
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from prism_ray.bundle import Bundle, check_contract, load_bundle
-from prism_ray.sandbox import MAX_NUMBERS, MAX_STRING_BYTES, inspect, inspect_source, module_names
+from prism_ray.policy import MAX_NUMBERS, MAX_STRING_BYTES, inspect, inspect_source, module_names
 
 HERE = Path(__file__).resolve().parent
 CASES = HERE / "sandbox_cases"
@@ -620,7 +620,7 @@ def test_a_file_shadowing_a_real_module_is_rejected() -> None:
 
 
 def test_every_rule_id_is_documented_for_miners() -> None:
-    source = (HERE.parent / "prism_ray" / "sandbox.py").read_text()
+    source = "".join(path.read_text() for path in (HERE.parent / "prism_ray" / "policy").glob("*.py"))
     rules = set(re.findall(r'"(sandbox:[a-z_]+)"', source))
     documented = set(re.findall(r"`(sandbox:[a-z_]+)`", (HERE.parent / "docs" / "rules.md").read_text()))
     assert rules and rules <= documented

@@ -1,0 +1,198 @@
+"""The policy judges what an attribute really reaches, not its name: every escape found by attacking it (issue 14)
+and its variants is rejected at its line, and the everyday code of a training script still passes."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from prism_ray.bundle import check_contract, load_bundle
+from prism_ray.policy import MAX_NUMBERS, MAX_STRING_BYTES, inspect, inspect_source
+
+ATTACKS = Path(__file__).resolve().parent / "attacks"
+MODULES = {"architecture", "training", "helpers"}
+
+# tests/attacks/<bundle>: the rule it now gets (the line is the one marked `# <-`)
+BUNDLES = {
+    "bltns_exec": "sandbox:forbidden_builtin",
+    "attrgetter_closure": "sandbox:dynamic_attr",
+    "format_docstring": "sandbox:dynamic_attr",
+    "enum_convert": "sandbox:private_api",
+    "reexported_allocator": "sandbox:forbidden_api",
+}
+
+# (rule, source with the offending line marked `# <-`)
+VARIANTS = {
+    # modules reached under another name
+    "typing.types": ("sandbox:import", "import typing\nmake = typing.types.FunctionType  # <-\n"),
+    "typing.contextlib": ("sandbox:import", "import typing\nquiet = typing.contextlib.redirect_stdout(None)  # <-\n"),
+    "from dataclasses import types": ("sandbox:import", "from dataclasses import types  # <-\n"),
+    "re.copyreg": ("sandbox:import", "import re\nre.copyreg.dispatch_table.clear()  # <-\n"),
+    "torch.glob": ("sandbox:import", "import torch\nfiles = torch.glob.glob('/data/*')  # <-\n"),
+    "torch.platform": ("sandbox:import", "import torch\nhost = torch.platform.node()  # <-\n"),
+    "torch.textwrap": ("sandbox:import", "import torch\ntext = torch.textwrap.dedent('x')  # <-\n"),
+    "torch.os through an alias": ("sandbox:import", "import torch.nn.functional as F\nF.torch.os.system('id')  # <-\n"),
+    "module alias kept in a name": ("sandbox:import", "import dataclasses\nsystem = dataclasses.sys  # <-\n"),
+    "numpy.core forwards to private numpy._core": ("sandbox:forbidden_api",
+                                                   "import numpy as np\ndata = np.core.multiarray.fromfile('x')  # <-\n"),
+    "a __main__ module runs a program on import": ("sandbox:import", "import torch.utils.model_dump.__main__  # <-\n"),
+    "builtins under a short name": ("sandbox:import", "from enum import bltns  # <-\n"),
+    "builtins module, open": ("sandbox:forbidden_builtin", "import enum\nB = enum.bltns\ntext = B.open('/etc/hosts')  # <-\n"),
+    "builtins module, getattr": ("sandbox:dynamic_attr", "import enum\nget = enum.bltns.getattr  # <-\n"),
+    # functions and objects of modules outside the allowlist, re-exported by allowed ones
+    "logging.Logger in torch": ("sandbox:import", "import torch\ntorch.distributed.log.info('x')  # <-\n"),
+    "inspect.signature in torch": ("sandbox:import", "from torch.cuda.memory import signature  # <-\n"),
+    "urllib in torch": ("sandbox:import", "from torch.distributed.rendezvous import urlparse  # <-\n"),
+    "_thread in functools": ("sandbox:import", "import functools\nlock = functools.RLock()  # <-\n"),
+    "a container of copyreg functions": ("sandbox:import", "import copy\ncopy.dispatch_table.update({})  # <-\n"),
+    # forbidden APIs re-exported under paths that are not on the list
+    "get_type_hints in torch": ("sandbox:forbidden_api",
+                                "import torch\nhints = torch.utils.checkpoint.get_type_hints(print)  # <-\n"),
+    "ForwardRef in torch": ("sandbox:forbidden_api", "from torch.utils.checkpoint import ForwardRef  # <-\n"),
+    "update_wrapper in torch": ("sandbox:forbidden_api",
+                                "import torch\ntorch.distributions.utils.update_wrapper(print, len)  # <-\n"),
+    "FileStore in torch": ("sandbox:forbidden_api",
+                           "import torch.distributed.rendezvous as r\nstore = r.FileStore('/tmp/x', 1)  # <-\n"),
+    "torch.overrides function in autograd": ("sandbox:forbidden_api",
+                                             "import torch\nhook = torch.autograd.handle_torch_function  # <-\n"),
+    # attribute access by computed names
+    "methodcaller": ("sandbox:dynamic_attr", "import typing\ncall = typing.operator.methodcaller('step')  # <-\n"),
+    "attrgetter re-exported by torch": ("sandbox:dynamic_attr",
+                                        "from torch.autograd.profiler_util import attrgetter  # <-\n"),
+    "format string from a variable": ("sandbox:dynamic_attr", "def leak(f, u):\n"
+                                                              "    fmt = '{0.' + u + 'doc' + u + '}'\n"
+                                                              "    return fmt.format(f)  # <-\n"),
+    "str.format with a built string": ("sandbox:dynamic_attr", "def leak(f, name):\n"
+                                                               "    return str.format('{0.' + name + '}', f)  # <-\n"),
+    "format_map from getattr": ("sandbox:dynamic_attr", "def leak(fmt, f):\n"
+                                                        "    return getattr(fmt, 'format_map')({'f': f})  # <-\n"),
+    "str.format passed around": ("sandbox:dynamic_attr", "import functools\n"
+                                                         "read = functools.partial(str.format, '{0}')  # <-\n"),
+    # modules rewritten through the enum machinery
+    "_convert_ through cls": ("sandbox:private_api", "import enum\nclass E(enum.IntEnum):\n    A = 1\n"
+                                                     "    @classmethod\n    def patch(cls):\n"
+                                                     "        cls._convert_('relu', 'torch.nn.functional', bool)  # <-\n"),
+    "_convert_ through type()": ("sandbox:private_api", "import enum\nclass E(enum.IntEnum):\n    A = 1\n"
+                                                        "type(E.A)._convert_('relu', 'torch', bool)  # <-\n"),
+    "global_enum": ("sandbox:forbidden_api", "import enum\nE = enum.Enum('E', {'relu': 1}, module='torch')\n"
+                                             "enum.global_enum(E)  # <-\n"),
+    "a class rewritten by a configured decorator": ("sandbox:monkeypatch", "import dataclasses\nimport torch\n"
+                                                   "dataclasses.dataclass(eq=False)(torch.Tensor)  # <-\n"),
+    # checks by name follow the object, whatever path reaches it
+    "torch.save through an alias": ("sandbox:torch_save_path", "import torch.nn.functional as F\n"
+                                                               "def train(ctx):\n"
+                                                               "    F.torch.save({}, '/tmp/x.pt')  # <-\n"),
+    "compile options through an alias": ("sandbox:forbidden_api", "import torch.nn.functional as F\n"
+                                                                  "m = F.torch.compile(print, options={})  # <-\n"),
+    "a module reached as a value": ("sandbox:module_value", "import typing\nprint(typing.functools)  # <-\n"),
+    # objects the policy cannot resolve keep the name backstop
+    "module name on an unknown object": ("sandbox:import", "def train(ctx):\n    ctx.sys.exit()  # <-\n"),
+}
+
+# Everyday code: none of these may be rejected.
+HONEST = {
+    "compile": "import torch\nmodel = torch.compile(torch.nn.Linear(2, 2), mode='max-autotune', fullgraph=True)\n",
+    "attention": "from torch import nn\nattn = nn.MultiheadAttention(64, 4, batch_first=True)\n",
+    "one cycle": "import torch\nfrom torch.optim.lr_scheduler import OneCycleLR\n"
+                 "opt = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters())\n"
+                 "sched = OneCycleLR(opt, max_lr=1e-3, total_steps=100)\n",
+    "dataclasses": "import dataclasses\n@dataclasses.dataclass\nclass C:\n    x: int = dataclasses.field(default=1)\n"
+                   "c = dataclasses.replace(C(), x=2)\n",
+    "typing": "from typing import Callable, NamedTuple, Optional, Protocol\nimport typing\nT = typing.TypeVar('T')\n",
+    "functools": "import functools\nimport torch.nn.functional as F\nact = functools.partial(F.gelu, approximate='tanh')\n"
+                 "total = functools.reduce(lambda a, b: a + b, [1, 2])\n",
+    "math": "import math\nscale = math.sqrt(2) * math.pi / math.log(10)\n",
+    "einops": "import einops\nfrom einops.layers.torch import Rearrange\nsplit = Rearrange('b t (h d) -> b h t d', h=4)\n",
+    "functional aliases": "import torch.nn.functional as F\nimport torch.nn.functional as Fn\nce = F.cross_entropy\n"
+                          "y = Fn.scaled_dot_product_attention\n",
+    "sdp flags": "import torch\nwith torch.backends.cuda.sdp_kernel(enable_flash=True, enable_math=False):\n    pass\n"
+                 "torch.backends.cuda.enable_flash_sdp(True)\ntorch.backends.cuda.matmul.allow_tf32 = True\n"
+                 "from torch.nn.attention import SDPBackend, sdpa_kernel\nctx = sdpa_kernel(SDPBackend.MATH)\n",
+    "warnings": "import warnings\nwarnings.warn('slow path', stacklevel=2)\nwarnings.filterwarnings('ignore')\n",
+    "numpy random": "import numpy as np\nrng = np.random.default_rng(0)\nx = np.random.Generator(np.random.PCG64(1))\n",
+    "standard helpers": "import collections, copy, itertools, random, re, string, time, enum, abc, numbers\n"
+                        "d = collections.OrderedDict()\nq = collections.deque(maxlen=3)\nc = copy.deepcopy([1])\n"
+                        "r = random.Random(0)\nt = time.perf_counter()\np = re.compile('x')\ns = string.ascii_letters\n"
+                        "e = enum.auto\nb = abc.ABC\nn = numbers.Number\ni = itertools.islice([], 1)\n",
+    "constant format strings": "LINE = 'step {} loss {:.3f}'\nx = LINE.format(1, 2.0)\ny = '{:>4}'.format(3)\n"
+                               "z = str.format('{}', 1)\n",
+    "own private names": "class Cache:\n    def __init__(self):\n        self._store = {}\n"
+                         "    def _get(self, k):\n        return self._store.get(k)\n",
+    "enum with hooks": "import enum\nclass Mode(enum.Enum):\n    A = 1\n    @classmethod\n"
+                       "    def _missing_(cls, value):\n        return cls.A\nm = Mode(3).name\n",
+    "foreach": "import torch\ntorch._foreach_mul_([torch.zeros(2)], 0.5)\n",
+    "checkpoint and amp": "import torch\nfrom torch.utils.checkpoint import checkpoint\n"
+                          "scaler = torch.amp.GradScaler()\nwith torch.autocast('cpu', dtype=torch.bfloat16):\n"
+                          "    pass\n",
+}
+
+
+def check(source: str) -> list[tuple[str, int]]:
+    return [(r.rule, r.line) for r in inspect_source("training.py", textwrap.dedent(source), MODULES)]
+
+
+def marker(source: str) -> int:
+    return next(i for i, line in enumerate(source.splitlines(), 1) if line.rstrip().endswith("# <-"))
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_attack_bundle_is_rejected_at_its_line(name: str) -> None:
+    directory = ATTACKS / name
+    marked = [(path.name, marker(path.read_text())) for path in sorted(directory.glob("*.py"))
+              if "# <-" in path.read_text()]
+    found = [(r.rule, r.file, r.line) for r in inspect(load_bundle(directory))]
+    assert [(BUNDLES[name], *where) for where in marked] == [f for f in found if f[1:] in marked], found
+
+
+def test_every_attack_bundle_is_covered() -> None:
+    assert {p.name for p in ATTACKS.iterdir() if p.is_dir()} == set(BUNDLES) | {"split_prior"}
+
+
+def test_a_prior_split_over_files_is_counted_as_one_bundle() -> None:
+    directory = ATTACKS / "split_prior"
+    modules = {path.stem for path in directory.glob("*.py")}
+    for path in directory.glob("*.py"):  # each file alone is under the limit
+        assert inspect_source(path.name, path.read_text(), modules) == [], path.name
+    found = [(r.rule, r.file) for r in inspect(load_bundle(directory))]
+    assert found == [("sandbox:embedded_data", "prior_b.py")]
+
+
+def test_strings_split_over_files_are_counted_as_one_bundle() -> None:
+    half = f"TEXT = {'x' * (MAX_STRING_BYTES // 2 + 1024)!r}\n"
+    numbers = f"TABLE = {list(range(MAX_NUMBERS // 2 + 10))}\n"
+    files = {"architecture.py": "def build_model(ctx):\n    return None\n", "training.py": "def train(ctx):\n    pass\n",
+             "text_a.py": half, "text_b.py": half, "table_a.py": numbers, "table_b.py": numbers}
+    assert all(check(source) == [] for source in files.values())
+    found = [(r.rule, r.file) for r in inspect(check_contract({k: v.encode() for k, v in files.items()}))]
+    assert found == [("sandbox:embedded_data", "table_b.py"), ("sandbox:embedded_data", "text_b.py")]
+
+
+def test_names_count_as_embedded_text() -> None:
+    """A function's `__name__` and an Enum member's `.name` read back as strings: long names carry data too."""
+    names = [[f"p{part}_{i}_{'ab' * 2000}" for i in range(9)] for part in range(2)]
+    files = {"architecture.py": "def build_model(ctx):\n    return None\n",
+             **{f"names_{part}.py": "".join(f"def {name}():\n    pass\n" for name in names[part]) for part in range(2)},
+             "training.py": f"import names_0\ndef train(ctx):\n    prior = names_0.{names[0][0]}.__name__\n"}
+    modules = {path.removesuffix(".py") for path in files}
+    assert all(inspect_source(path, source, modules) == [] for path, source in files.items())
+    found = [(r.rule, r.file) for r in inspect(check_contract({k: v.encode() for k, v in files.items()}))]
+    assert found == [("sandbox:embedded_data", "names_1.py")]
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_variant_is_rejected_at_its_line(name: str) -> None:
+    rule, source = VARIANTS[name]
+    found = check(source)
+    assert (rule, marker(source)) in found, found
+
+
+@pytest.mark.parametrize("name", HONEST)
+def test_everyday_code_passes(name: str) -> None:
+    assert check(HONEST[name]) == []
+
+
+def test_findings_name_what_the_alias_really_is() -> None:
+    [reason] = inspect_source("training.py", "import enum\nenum.bltns.exec('import os')\n", MODULES)
+    assert "builtins.exec" in reason.message and "enum.bltns.exec" in reason.message

@@ -30,7 +30,7 @@ class IntakeLimits(BaseSettings):
 
 
 class SandboxSettings(BaseSettings):
-    """Limits of the sandbox every execution of miner code runs in (DESIGN §6)."""
+    """Limits of the sandbox every execution of miner code runs in (docs/architecture.md, "Trust boundaries")."""
 
     model_config = SettingsConfigDict(env_prefix="PRISM_SANDBOX_", extra="ignore")
 
@@ -45,7 +45,7 @@ class SandboxSettings(BaseSettings):
 
 
 class GateSettings(BaseSettings):
-    """The LLM hard gate (DESIGN §6). Any OpenAI-compatible endpoint works; OpenRouter by default."""
+    """The LLM hard gate (docs/gate.md). Any OpenAI-compatible endpoint works; OpenRouter by default."""
 
     model_config = SettingsConfigDict(env_prefix="PRISM_GATE_", extra="ignore")
 
@@ -62,7 +62,7 @@ class GateSettings(BaseSettings):
 
 
 class ScoringSettings(BaseSettings):
-    """Constants of final_score, the leaderboard and the weights (DESIGN §4; docs/scoring.md)."""
+    """Constants of final_score, the leaderboard and the weights (docs/scoring.md)."""
 
     model_config = SettingsConfigDict(env_prefix="PRISM_SCORING_", extra="ignore")
 
@@ -122,7 +122,7 @@ class ClusterSettings(BaseSettings):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PRISM_", extra="ignore")
 
-    # --- the scored run (DESIGN §4, §5) ---
+    # --- the scored run (docs/scoring.md, docs/miner.md) ---
     data_dir: Path = Field(default=EMBEDDED_DATA_DIR, description="locked dataset (train/val/test + MANIFEST.json)")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="token caches and run dirs")
     byte_budget: int = Field(default=200_000, ge=0, description="target bytes scored per run; 0 = whole train split")

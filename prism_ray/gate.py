@@ -1,4 +1,4 @@
-"""The LLM hard gate (DESIGN §6): an OpenAI-compatible model reviews the whole bundle before any GPU work.
+"""The LLM hard gate (docs/gate.md): an OpenAI-compatible model reviews the whole bundle before any GPU work.
 
 It fails closed: only a well-formed verdict from the model allows or rejects; every error, refusal or malformed reply
 ends `held`. Final verdicts are cached by the sha256 of what was reviewed, so a re-run never asks twice.

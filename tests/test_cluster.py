@@ -188,7 +188,7 @@ class TestOnTwoGpuNodes:
         handles.append(handle)
         bundle = make_bundle("frozen", pause=0.05)
         submission_id = submit(handle, "frozen", "f.zip", bundle).id
-        # The train run's sandbox binds <run dir>/bundle; the probe's and held-out's bind <run dir>/<stage>/bundle.
+        # The trainer's sandbox binds <run dir>/bundle; the scorer's binds <run dir>/scorer-bundle.
         training = f"{bundle.sha256[:10]}-[0-9a-f]{{6}}/bundle "
         worker = stage_task_of(wait_until(lambda: pids(training), timeout=60, what="the training's runner"))
         os.kill(worker, signal.SIGSTOP)  # the task and its heartbeat thread go silent, as on a hung host
@@ -203,6 +203,24 @@ class TestOnTwoGpuNodes:
         assert [(run["attempt"], run["status"]) for run in runs_of(handle, submission_id)] == [(1, "requeued"),
                                                                                               (2, "completed")]
         wait_until(lambda: not pids(bundle.sha256[:10]), timeout=10, what="the frozen attempt's runner to die")
+
+    def test_a_runner_killed_from_outside_is_requeued_not_charged(self, ray_cluster, handles, cache_dir, tmp_path):
+        """SIGKILL of the trainer by an operator (no out-of-memory kill in its cgroup) is a system failure: the
+        attempt is requeued as infra:runner_killed and the submission completes on the next one."""
+        handle = start(tiny_settings(cache_dir, tmp_path / "prism.duckdb"))
+        handles.append(handle)
+        bundle = make_bundle("shot", pause=0.05)
+        submission_id = submit(handle, "shot", "s.zip", bundle).id
+        trainer = wait_until(lambda: pids(f"{bundle.sha256[:10]}.*runner.sock trainer"), timeout=60,
+                             what="the trainer to start")
+        for pid in trainer:
+            os.kill(pid, signal.SIGKILL)
+        record = wait(handle, submission_id, timeout=180)
+        assert record.status == "completed", record.reasons
+        first, second = runs_of(handle, submission_id)
+        assert (first["attempt"], first["status"]) == (1, "requeued")
+        assert first["reasons"][0]["rule"] == "infra:runner_killed"
+        assert (second["attempt"], second["status"]) == (2, "completed")
 
     def test_killing_the_training_node_requeues_and_scores_once(self, ray_cluster, handles, cache_dir, tmp_path):
         handle = start(tiny_settings(cache_dir, tmp_path / "prism.duckdb"))

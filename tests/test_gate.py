@@ -83,8 +83,9 @@ def test_allow(openai_stub: OpenAIStub, bundle: Bundle, settings: GateSettings) 
     assert audit.request_sha256 == result.request_sha256
     assert openai_stub.headers[0]["authorization"] == f"Bearer {API_KEY}"
     report = result.to_report()
-    assert set(report) == {"status", "message", "model", "prompt_version", "cached", "confidence", "reasons"}
-    assert report["status"] == "allowed"
+    assert set(report.model_dump()) == {"status", "message", "model", "prompt_version", "cached", "confidence",
+                                        "reasons"}
+    assert report.status == "allowed"
 
 
 def test_reject_surfaces_rules_files_and_lines(openai_stub: OpenAIStub, bundle: Bundle,
@@ -100,8 +101,8 @@ def test_reject_surfaces_rules_files_and_lines(openai_stub: OpenAIStub, bundle: 
     assert result.message.startswith("gate: rejected by test/reviewer, confidence 0.90: [gate:io_network] train "
                                      "opens a socket (training.py:7)")
     assert result.message.endswith("(+1 more)")
-    assert result.to_report()["reasons"][0] == {"rule": "gate:io_network", "message": "train opens a socket",
-                                                "file": "training.py", "line": 7}
+    assert result.to_report().reasons[0].model_dump() == {"rule": "gate:io_network", "message": "train opens a socket",
+                                                          "file": "training.py", "line": 7}
 
 
 BAD_REPLIES = {

@@ -45,9 +45,7 @@ def test_rejected_bundle_does_no_training_work(openai_stub, settings, tmp_path):
     reason = report.reasons[0]
     assert (reason.rule, reason.file, reason.line) == ("gate:fake_training", "training.py", 7)
     assert report.batches == 0
-    runs = list((settings.cache_dir / "runs").iterdir())
-    assert len(runs) == 1 and not (runs[0] / "runner.log").exists()  # the training runner was never launched
-    assert not (runs[0] / "artifacts").exists()
+    assert not (settings.cache_dir / "runs").exists()  # no run dir: the trainer and scorer were never launched
 
 
 def test_eval_cli_surfaces_gate_reasons(openai_stub, tmp_path):
@@ -65,4 +63,16 @@ def test_eval_cli_surfaces_gate_reasons(openai_stub, tmp_path):
                              capture_output=True, text=True, timeout=300,
                              env={**env, "OPENROUTER_API_KEY": "", "PRISM_CACHE_DIR": str(tmp_path / "fresh")})
     held = json.loads(no_gate.stdout)
-    assert no_gate.returncode == 1 and held.status == "held" and held.reasons[0]["rule"] == "gate:no_api_key"
+    assert no_gate.returncode == 1 and held["status"] == "held" and held["reasons"][0]["rule"] == "gate:no_api_key"
+
+
+def test_a_held_report_prints(tmp_path):
+    """`eval --gate` with no API key ends `held`; the human-readable report must print it, not crash on it."""
+    bundle = write_bundle(tmp_path / "b", bigram_architecture(), learner_loop(seq_len=64), "tokenizer: bytes\n")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PRISM_CACHE_DIR": str(tmp_path / "cache"),
+           "OPENROUTER_API_KEY": "", "COLUMNS": "200"}
+    done = subprocess.run([sys.executable, "-m", "prism_ray.cli", "eval", str(bundle), "--gate"], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stdout.startswith("held at stage gate") and "gate:no_api_key" in done.stdout

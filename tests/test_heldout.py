@@ -132,3 +132,27 @@ def test_a_val_split_too_small_for_one_batch_is_scored_on_bpb_alone(tmp_path, se
     assert report.status == "completed", report.reasons
     assert report.heldout.status == "val_too_small" and "fewer than one 4×128 batch" in report.heldout.message
     assert report.final_score == pytest.approx(1 / (1 + report.bpb)) and "no_heldout" in report.score.flags
+
+
+def test_a_prior_written_in_after_the_first_batch_is_zeroed(tmp_path, settings):
+    """Uniform on batch 0, then a bigram prior counted from text smuggled in training.py (here: a few kB of the
+    test split, which the run never sees): the anomaly check covers the first batches, not only the first."""
+    text = next(iter(open_dataset(EMBEDDED_DATA_DIR).iter_documents("test")))[:6000]
+    smuggle = f"""
+import torch
+
+PRIOR_TEXT = {text!r}
+
+def train(ctx):
+    model = ctx.build_model()
+    raw = torch.tensor(list(PRIOR_TEXT.encode()))
+    counts = torch.full((ctx.vocab_size, ctx.vocab_size), 0.05)
+    counts.index_put_((raw[:-1], raw[1:]), torch.ones(len(raw) - 1), accumulate=True)
+    for step, batch in enumerate(ctx.iter_train_batches(model, batch_size=4, seq_len=128)):
+        if step == 0:
+            with torch.no_grad():
+                model.table.weight.copy_(counts.log() - counts.sum(1, keepdim=True).log())
+"""
+    report = evaluate_bundle(tmp_path, settings, bigram_architecture("nn.init.zeros_(self.table.weight)"), smuggle)
+    assert report.step0_loss == pytest.approx(math.log(257))  # batch 0 looked untrained
+    assert report.final_score == 0.0 and "step0_anomaly" in report.score.flags

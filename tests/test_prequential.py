@@ -1,4 +1,4 @@
-"""The scoring contract (DESIGN §4) pinned through real runner processes on synthetic byte streams."""
+"""The scoring contract (docs/scoring.md) pinned through real runner processes on synthetic byte streams."""
 
 from __future__ import annotations
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import bigram_architecture, byte_stream, train_on_stream
+from conftest import bigram_architecture, byte_stream, train_on_stream, write_bundle
+from prism_ray.bundle import load_bundle
 from prism_ray.harness.isolation import LOG_FILE_BYTES, SandboxPolicy, sandbox_available
 
 pytestmark = pytest.mark.skipif(not sandbox_available(), reason="bubblewrap is required (apt-get install bubblewrap)")
@@ -38,10 +39,7 @@ def run(bundle_factory, tmp_path: Path, training: str, architecture: str = ARCH,
 
 
 @pytest.fixture(scope="module")
-def honest(tmp_path_factory, request):
-    from prism_ray.bundle import load_bundle
-    from conftest import write_bundle
-
+def honest(tmp_path_factory):
     directory = tmp_path_factory.mktemp("honest")
     bundle = load_bundle(write_bundle(directory / "bundle", ARCH, trainer(), "tokenizer: bytes\n"))
     outcome = train_on_stream(bundle, byte_stream(TEXT), directory / "run", policy=SandboxPolicy(mode="required"))
@@ -205,3 +203,64 @@ def test_dataloader_workers_get_a_typed_process_limit(bundle_factory, tmp_path):
     reason = outcome.reasons[0]
     assert reason.rule == "run:process_limit" and "num_workers=0" in reason.message
     assert (reason.file, reason.line) == ("training.py", 10)  # `for _ in data:` starts the workers
+
+
+# --- the probe findings of issue 14: a model that recognises the probe, or cheats late, is still caught ---------
+
+PEEKER = """
+import torch
+from torch import nn
+
+SEEN = []  # module-level: shared by every instance in this process
+
+class Peeker(nn.Module):
+    def __init__(self, vocab):
+        super().__init__()
+        self.table = nn.Embedding(vocab, vocab)
+        self.vocab = vocab
+    def honest(self, tokens):
+        return self.table(tokens)
+    def peek(self, tokens):
+        ahead = torch.roll(tokens, -1, dims=1)
+        return self.table(tokens) + 30.0 * nn.functional.one_hot(ahead, self.vocab).float()
+    def forward(self, tokens):
+        RULE
+"""
+PEEKERS = {
+    # replay the previous output wherever the input repeats the previous one (a probe of it), peek elsewhere
+    "replays_the_probe": """
+        out = self.peek(tokens)
+        if SEEN and SEEN[-1][0].shape == tokens.shape:
+            last_tokens, last_out = SEEN[-1]
+            same = (last_tokens == tokens).cumprod(dim=1).bool()
+            out = torch.where(same[..., None], last_out, out)
+        SEEN.append((tokens.clone(), out.detach().clone()))
+        return out
+""",
+    # peek only on the first call with these weights (a second call with the same weights is the probe)
+    "first_call_per_step": """
+        key = float(self.table.weight.sum())
+        first = not SEEN or SEEN[-1] != key
+        SEEN.append(key)
+        return self.peek(tokens) if first else self.honest(tokens)
+""",
+    # behave for the first calls (the old random probes were rare), peek in the last part of the run
+    "late_cheat": """
+        SEEN.append(1)
+        return self.peek(tokens) if len(SEEN) > 12 else self.honest(tokens)
+""",
+}
+PEEKER_FOOTER = """
+def build_model(ctx):
+    return Peeker(ctx.vocab_size)
+"""
+
+
+@pytest.mark.parametrize("rule", sorted(PEEKERS))
+def test_a_model_that_tells_probes_from_scoring_is_still_caught(bundle_factory, tmp_path, rule):
+    architecture = PEEKER.replace("        RULE\n", PEEKERS[rule]) + PEEKER_FOOTER
+    outcome = run(bundle_factory, tmp_path, trainer(), architecture=architecture)
+    assert outcome.status == "failed", f"{rule} was not caught: bpb {bpb(outcome):.3f}"
+    assert outcome.reasons[0].rule == "run:non_causal"
+    if rule == "late_cheat":  # honest at first, so caught on the first batch it cheats, not at instantiation
+        assert 8 <= outcome.batches <= 12

@@ -1,4 +1,5 @@
-"""The Ray layer (DESIGN §2–§3): a store actor, a scheduler actor and stage tasks over the plain pipeline.
+"""The Ray layer (docs/architecture.md, "Layers"): a store actor, a scheduler actor and stage tasks over the plain
+pipeline.
 
     handle = start_cluster("auto", settings)        # or None: a local cluster on this machine
     record = submit(handle, hotkey, "model.zip", zip_bytes)

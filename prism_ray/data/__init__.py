@@ -1,4 +1,4 @@
-"""Locked data, tokenizers and token caches (DESIGN §4)."""
+"""Locked data, tokenizers and token caches (docs/architecture.md, "Scoring contract")."""
 
 from prism_ray.data.dataset import SPLITS, LockedDataset, PrepareSummary, SplitRule, open_dataset, prepare
 from prism_ray.data.token_cache import TokenStream, build_token_cache, is_cached, load_token_stream

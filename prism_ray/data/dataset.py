@@ -1,4 +1,5 @@
-"""Locked data (DESIGN §4): `prepare` turns raw JSONL/Parquet into hashed, deterministic split shards;
+"""Locked data (docs/architecture.md, "Scoring contract"): `prepare` turns raw JSONL/Parquet into hashed,
+deterministic split shards;
 `open_dataset` reads them back and refuses anything that no longer matches its MANIFEST.json."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Token cache (DESIGN §4.2): a split's token stream, encoded once per (dataset, split, tokenizer) and then
+"""Token cache (docs/scoring.md, "The scored stream"): a split's token stream, encoded once per (dataset, split,
+tokenizer) and then
 memory-mapped read-only by every run."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Challenge-owned tokenizers (DESIGN §4.2): exact GPT-2 BPE built offline, and raw UTF-8 bytes."""
+"""Challenge-owned tokenizers (docs/scoring.md, "The scored stream"): exact GPT-2 BPE built offline, and raw
+UTF-8 bytes."""
 
 from __future__ import annotations
 

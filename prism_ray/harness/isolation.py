@@ -1,4 +1,4 @@
-"""The one launcher for every execution of miner code (DESIGN §6).
+"""The one launcher for every execution of miner code (docs/architecture.md, "Trust boundaries").
 
 bubblewrap with every namespace unshared and all capabilities dropped; the filesystem is a read-only
 whitelist (system dirs, the Python installation, the bundle, the IPC socket dir) with data dirs,

@@ -126,3 +126,15 @@ def test_deterministic_algorithms_are_forced_for_eager_and_compiled_code(bundle_
              "    model = ctx.build_model()")
     outcome = run(bundle_factory, tmp_path, loop(check))
     assert outcome.status == "completed", outcome.reasons
+
+
+@pytest.mark.parametrize("where,line", [("build", 14), ("forward", 11)])
+def test_an_architecture_that_raises_before_any_data_names_its_file_and_line(bundle_factory, tmp_path, where, line):
+    """The instantiation probe runs in the scorer: its exceptions point into the bundle like any other."""
+    architecture = ARCH.replace("return self.table(tokens)", "return self.table(tokens) @ self.projection") \
+        if where == "forward" else ARCH.replace("return Bigram(ctx.vocab_size)", "return Bigram(ctx.vocab_sise)")
+    outcome = run(bundle_factory, tmp_path, loop("model = ctx.build_model()"), architecture=architecture)
+    assert outcome.status == "failed" and outcome.before_data and outcome.batches == 0
+    reason = outcome.reasons[0]
+    assert reason.rule == "run:exception"
+    assert (reason.file, reason.line) == ("architecture.py", line), reason

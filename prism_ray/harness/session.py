@@ -134,6 +134,7 @@ class _Books:
         self.penalty_per_target = 2.0 * math.log(vocab_size)
         self.nats = 0.0
         self.bytes = 0
+        self.targets = 0
 
     def record(self, piece: BatchSlice, nats: float, finite: bool) -> None:
         nats = self.checked(nats, finite, piece.targets)
@@ -142,6 +143,7 @@ class _Books:
         self.outcome.batch_bytes.append(piece.target_bytes)
         self.nats += nats
         self.bytes += piece.target_bytes
+        self.targets += piece.targets
 
     def checked(self, nats: float, finite: bool, targets: int) -> float:
         if not finite or not math.isfinite(nats) or nats < 0:
@@ -190,6 +192,10 @@ class _Session:
         self.batches: Iterator[BatchSlice] | None = None
         self.probes: ProbePlan | None = None
         self.tolerance = 0.0
+        # On a GPU the trainer gets a batch as soon as its snapshot is taken, so the scorer's forward overlaps the
+        # trainer's step (the GPU interleaves them). On CPU both would fight for the same cores: the trainer waits
+        # for the record instead, as a bare loop with one extra forward would.
+        self.overlap = False
         self.trainer_waiting = False  # the trainer asked for a batch and has none
         self.snapshotting: BatchSlice | None = None
         self.unrecorded: dict[int, BatchSlice] = {}
@@ -338,9 +344,9 @@ class _Session:
         if piece is None or int(payload or b"-1") != piece.index:
             raise self._crash("scorer", "snapshot of a batch that was not asked for")
         self.snapshotting = None
-        assert self.outcome.batch_size is not None and self.outcome.seq_len is not None
-        for role in ("scorer", "trainer"):  # the trainer sees batch k only now, after the snapshot it is scored on
-            self.channels[role].send_batch(piece.index, self.outcome.batch_size, self.outcome.seq_len, piece.chunk)
+        self._send_batch("scorer", piece)
+        if self.overlap:  # the trainer sees batch k only now, after the snapshot it is scored on
+            self._send_batch("trainer", piece)
         self.unrecorded[piece.index] = piece
         assert self.probes is not None
         rows = self.probes.rows_for(piece)
@@ -354,11 +360,16 @@ class _Session:
         if piece is None:
             raise self._crash("scorer", f"loss record for batch {index} was not expected")
         self.books.record(piece, nats, finite)
+        if not self.overlap:
+            self._send_batch("trainer", piece)
         self.outcome.stream_seconds = time.monotonic() - self.stream_started
         if self.progress is not None:
-            tokens_scored = sum(self.outcome.batch_targets)
             self.progress(Progress(self.outcome.batches, self.books.bytes, self.spec.byte_budget,
-                                   self.books.running_bpb, tokens_scored / max(self.outcome.stream_seconds, 1e-9)))
+                                   self.books.running_bpb, self.books.targets / max(self.outcome.stream_seconds, 1e-9)))
+
+    def _send_batch(self, role: str, piece: BatchSlice) -> None:
+        assert self.outcome.batch_size is not None and self.outcome.seq_len is not None
+        self.channels[role].send_batch(piece.index, self.outcome.batch_size, self.outcome.seq_len, piece.chunk)
 
     def _scorer_row(self, payload: bytes) -> None:
         index, row, log_probs = parse_row(payload)
@@ -446,6 +457,7 @@ class _Session:
         self.outcome.planned_batches = plan.planned_batches()
         self.probes = ProbePlan(plan, self.spec.probe_rows, self.spec.vocab_size)
         on_gpu = str(self.geometry.get("device", "cpu")).startswith("cuda")
+        self.overlap = on_gpu
         self.tolerance = causality_tolerance([e[2] for e in theirs], "cuda" if on_gpu else "cpu")
         if on_gpu:  # the scorer allocates on its GPU and hands the trainer a CUDA IPC handle (READY)
             self.channels["scorer"].send_json(Kind.SHARE, {"where": "cuda", "layout": theirs})

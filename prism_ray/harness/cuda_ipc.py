@@ -35,6 +35,7 @@ def _cuda() -> ctypes.CDLL:
         _symbol(driver, "cuMemGetAddressRange", [u64p, ctypes.POINTER(ctypes.c_size_t), ctypes.c_uint64])
         _symbol(driver, "cuIpcGetMemHandle", [ctypes.POINTER(_Handle), ctypes.c_uint64])
         _symbol(driver, "cuIpcOpenMemHandle", [u64p, _Handle, ctypes.c_uint])
+        _symbol(driver, "cuMemAlloc", [u64p, ctypes.c_size_t])
         _driver = driver
     return _driver
 
@@ -50,6 +51,23 @@ def _symbol(driver: ctypes.CDLL, name: str, argtypes: list) -> None:
 def _check(status: int, call: str) -> None:
     if status != 0:
         raise CudaIpcError(f"{call} failed with CUDA driver error {status}")
+
+
+def allocate(nbytes: int, device: torch.device) -> torch.Tensor:
+    """A uint8 CUDA tensor in an allocation of its own (never freed before the process exits).
+
+    Exporting an allocation exports all of it: memory from torch's caching allocator can share its allocation with
+    other tensors (the scorer's private snapshot), which the peer must never reach.
+    """
+    _current_context(device)
+    pointer = ctypes.c_uint64()
+    _check(_cuda().prism_cuMemAlloc(ctypes.byref(pointer), max(nbytes, 1)), "cuMemAlloc")
+    return torch.as_tensor(_DeviceArray(pointer.value, nbytes), device=device)
+
+
+def _current_context(device: torch.device) -> None:
+    torch.cuda.init()
+    torch.empty(1, device=device)  # makes the device's primary context current on this thread
 
 
 def export(tensor: torch.Tensor) -> bytes:
@@ -74,8 +92,7 @@ def open_handle(blob: bytes, nbytes: int, device: torch.device) -> torch.Tensor:
     """A uint8 CUDA tensor over memory another process exported (valid while that process keeps it)."""
     if len(blob) != _HANDLE_BYTES + 8:
         raise CudaIpcError("malformed CUDA IPC handle")
-    torch.cuda.init()
-    torch.empty(1, device=device)  # makes the device's primary context current on this thread
+    _current_context(device)
     handle = _Handle()
     handle.reserved = blob[:_HANDLE_BYTES]
     pointer = ctypes.c_uint64()

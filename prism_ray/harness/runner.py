@@ -140,6 +140,16 @@ def _train(spec: dict, ctx: Any) -> None:
     if not callable(train):
         raise RunError("contract:missing_symbol", f"{train_file} has no callable {train_symbol}")
     train(ctx)
+    if _cuda_in_use():  # the last optimizer step must land before the scorer reads the final weights
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _cuda_in_use() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
 
 
 def _context(spec: dict, backend: Any) -> Any:

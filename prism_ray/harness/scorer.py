@@ -77,7 +77,8 @@ class Scorer:
             shared = shared_state.map_memfd(self.channel.take_fd(), nbytes, writable=False)
             handle = None
         else:
-            shared = torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
+            shared = cuda_ipc.allocate(nbytes, self.device)
+            shared.zero_()
             handle = cuda_ipc.export(shared)
         step0 = torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
         shared_state.bind(model, slots, step0)  # the forced init, in the trainer's dtypes: the step-0 twin's state
@@ -93,7 +94,7 @@ class Scorer:
     def _probe_buffer(self, fd: int, nbytes: int) -> torch.Tensor:
         """Where a probed batch's snapshot is staged for the prober (memory the trainer cannot reach)."""
         if self.device.type == "cuda":
-            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            return cuda_ipc.allocate(nbytes, self.device)
         os.ftruncate(fd, nbytes)
         return shared_state.map_memfd(fd, nbytes, writable=True)
 
@@ -101,9 +102,15 @@ class Scorer:
                 staged: torch.Tensor, slots: list[shared_state.Slot]) -> bool:
         """Snapshot, score and stage probes until the parent says FINAL (True: held-out follows) or END."""
         last: tuple[int, torch.Tensor] | None = None
+        trainer_done: torch.cuda.Event | None = None  # recorded by the trainer after its step, before NEXT
         while True:
             kind, payload = self.channel.recv()
-            if kind == Kind.SNAPSHOT:
+            if kind == Kind.SHARE:  # on a GPU: the trainer's event, so the snapshot waits for its step on the GPU
+                handle = bytes.fromhex(parse_json(payload)["event"])
+                trainer_done = torch.cuda.Event.from_ipc_handle(self.device, handle)
+            elif kind == Kind.SNAPSHOT:
+                if trainer_done is not None:
+                    torch.cuda.current_stream(self.device).wait_event(trainer_done)
                 private.copy_(shared)
                 if last is None:  # the first batch is scored on the forced init, nothing else
                     self._check_init(private, step0, slots)

@@ -420,6 +420,9 @@ class _Session:
         self._share()
 
     def _trainer_ready(self, payload: bytes) -> None:
+        event = parse_json(payload or b"{}").get("event")
+        if event:  # the scorer's snapshots wait for the trainer's step on the GPU, not on the host
+            self.channels["scorer"].send_json(Kind.SHARE, {"event": str(event)})
         self._ready("trainer")
 
     def _trainer_next(self, payload: bytes) -> None:

@@ -1,10 +1,10 @@
-"""CUDA IPC through the driver API: one process exports device memory, another maps it zero-copy.
+"""GPU memory shared between sandboxes: CUDA virtual memory exported as a file descriptor.
 
-torch.multiprocessing's CUDA sharing needs a /dev/shm and a /tmp common to both processes; the scorer and the
-trainer run in separate sandboxes that share neither, so this uses the driver calls directly: the owner sends the
-64-byte handle of the allocation (and the offset of its tensor in it) over the parent's sockets, the peer opens it
-and wraps the pointer with `__cuda_array_interface__`. Only harness code calls this; miner code cannot (ctypes is
-outside the static policy).
+The scorer and the trainer live in separate PID namespaces, which legacy CUDA IPC handles (cudaIpcGetMemHandle)
+cannot cross. The driver's virtual-memory API can: the owner creates an allocation whose shareable handle is a POSIX
+file descriptor, the parent passes that descriptor over the runners' sockets (SCM_RIGHTS, like the CPU memfd), and
+the peer imports and maps it. Each exported buffer is an allocation of its own, so a peer never reaches any other
+memory of the owner. Only harness code calls this; miner code cannot (ctypes is outside the static policy).
 """
 
 from __future__ import annotations
@@ -13,11 +13,28 @@ import ctypes
 
 import torch
 
-_HANDLE_BYTES = 64
+_POSIX_FD = 1  # CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+_PINNED = 1  # CU_MEM_ALLOCATION_TYPE_PINNED
+_ON_DEVICE = 1  # CU_MEM_LOCATION_TYPE_DEVICE
+_READ_WRITE = 3  # CU_MEM_ACCESS_FLAGS_PROT_READWRITE
 
 
-class _Handle(ctypes.Structure):
-    _fields_ = [("reserved", ctypes.c_char * _HANDLE_BYTES)]
+class _Location(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
+
+
+class _AllocFlags(ctypes.Structure):
+    _fields_ = [("compressionType", ctypes.c_ubyte), ("gpuDirectRDMACapable", ctypes.c_ubyte),
+                ("usage", ctypes.c_ushort), ("reserved", ctypes.c_ubyte * 4)]
+
+
+class _AllocationProp(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("requestedHandleTypes", ctypes.c_int), ("location", _Location),
+                ("win32HandleMetaData", ctypes.c_void_p), ("allocFlags", _AllocFlags)]
+
+
+class _AccessDesc(ctypes.Structure):
+    _fields_ = [("location", _Location), ("flags", ctypes.c_int)]
 
 
 class CudaIpcError(RuntimeError):
@@ -31,53 +48,29 @@ def _cuda() -> ctypes.CDLL:
     global _driver
     if _driver is None:
         driver = ctypes.CDLL("libcuda.so.1")
-        u64p = ctypes.POINTER(ctypes.c_uint64)
-        _symbol(driver, "cuMemGetAddressRange", [u64p, ctypes.POINTER(ctypes.c_size_t), ctypes.c_uint64])
-        _symbol(driver, "cuIpcGetMemHandle", [ctypes.POINTER(_Handle), ctypes.c_uint64])
-        _symbol(driver, "cuIpcOpenMemHandle", [u64p, _Handle, ctypes.c_uint])
-        _symbol(driver, "cuMemAlloc", [u64p, ctypes.c_size_t])
+        u64, u64p = ctypes.c_uint64, ctypes.POINTER(ctypes.c_uint64)
+        signatures = {
+            "cuCtxGetDevice": [ctypes.POINTER(ctypes.c_int)],
+            "cuMemGetAllocationGranularity": [ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(_AllocationProp),
+                                              ctypes.c_int],
+            "cuMemCreate": [u64p, ctypes.c_size_t, ctypes.POINTER(_AllocationProp), u64],
+            "cuMemAddressReserve": [u64p, ctypes.c_size_t, ctypes.c_size_t, u64, u64],
+            "cuMemMap": [u64, ctypes.c_size_t, ctypes.c_size_t, u64, u64],
+            "cuMemSetAccess": [u64, ctypes.c_size_t, ctypes.POINTER(_AccessDesc), ctypes.c_size_t],
+            "cuMemExportToShareableHandle": [ctypes.c_void_p, u64, ctypes.c_int, u64],
+            "cuMemImportFromShareableHandle": [u64p, ctypes.c_void_p, ctypes.c_int],
+        }
+        for name, argtypes in signatures.items():
+            function = getattr(driver, name)
+            function.argtypes = argtypes
+            function.restype = ctypes.c_int
         _driver = driver
     return _driver
-
-
-def _symbol(driver: ctypes.CDLL, name: str, argtypes: list) -> None:
-    """Bind `name` to the newest ABI the driver exports (`_v2` where one exists)."""
-    function = getattr(driver, f"{name}_v2", None) or getattr(driver, name)
-    function.argtypes = argtypes
-    function.restype = ctypes.c_int
-    setattr(driver, f"prism_{name}", function)
 
 
 def _check(status: int, call: str) -> None:
     if status != 0:
         raise CudaIpcError(f"{call} failed with CUDA driver error {status}")
-
-
-def allocate(nbytes: int, device: torch.device) -> torch.Tensor:
-    """A uint8 CUDA tensor in an allocation of its own (never freed before the process exits).
-
-    Exporting an allocation exports all of it: memory from torch's caching allocator can share its allocation with
-    other tensors (the scorer's private snapshot), which the peer must never reach.
-    """
-    _current_context(device)
-    pointer = ctypes.c_uint64()
-    _check(_cuda().prism_cuMemAlloc(ctypes.byref(pointer), max(nbytes, 1)), "cuMemAlloc")
-    return torch.as_tensor(_DeviceArray(pointer.value, nbytes), device=device)
-
-
-def _current_context(device: torch.device) -> None:
-    torch.cuda.init()
-    torch.empty(1, device=device)  # makes the device's primary context current on this thread
-
-
-def export(tensor: torch.Tensor) -> bytes:
-    """Handle + offset of a CUDA tensor's memory, for `open_handle` in another process."""
-    pointer = ctypes.c_uint64(tensor.data_ptr())
-    base, size = ctypes.c_uint64(), ctypes.c_size_t()
-    _check(_cuda().prism_cuMemGetAddressRange(ctypes.byref(base), ctypes.byref(size), pointer), "cuMemGetAddressRange")
-    handle = _Handle()
-    _check(_cuda().prism_cuIpcGetMemHandle(ctypes.byref(handle), base), "cuIpcGetMemHandle")
-    return bytes(handle.reserved) + (tensor.data_ptr() - base.value).to_bytes(8, "little")
 
 
 class _DeviceArray:
@@ -88,15 +81,52 @@ class _DeviceArray:
                                          "version": 3, "strides": None}
 
 
-def open_handle(blob: bytes, nbytes: int, device: torch.device) -> torch.Tensor:
-    """A uint8 CUDA tensor over memory another process exported (valid while that process keeps it)."""
-    if len(blob) != _HANDLE_BYTES + 8:
-        raise CudaIpcError("malformed CUDA IPC handle")
-    _current_context(device)
-    handle = _Handle()
-    handle.reserved = blob[:_HANDLE_BYTES]
+def _location(device: torch.device) -> tuple[_Location, _AllocationProp]:
+    torch.cuda.init()
+    torch.empty(1, device=device)  # makes the device's primary context current on this thread
+    ordinal = ctypes.c_int()
+    _check(_cuda().cuCtxGetDevice(ctypes.byref(ordinal)), "cuCtxGetDevice")
+    location = _Location(_ON_DEVICE, ordinal.value)
+    return location, _AllocationProp(type=_PINNED, requestedHandleTypes=_POSIX_FD, location=location)
+
+
+def _map(handle: int, nbytes: int, device: torch.device) -> torch.Tensor:
+    location, prop = _location(device)
+    granularity = ctypes.c_size_t()
+    _check(_cuda().cuMemGetAllocationGranularity(ctypes.byref(granularity), ctypes.byref(prop), 0),
+           "cuMemGetAllocationGranularity")
+    size = _rounded(nbytes, granularity.value)
     pointer = ctypes.c_uint64()
-    lazy_peer_access = 1
-    _check(_cuda().prism_cuIpcOpenMemHandle(ctypes.byref(pointer), handle, lazy_peer_access), "cuIpcOpenMemHandle")
-    offset = int.from_bytes(blob[_HANDLE_BYTES:], "little")
-    return torch.as_tensor(_DeviceArray(pointer.value + offset, nbytes), device=device)
+    _check(_cuda().cuMemAddressReserve(ctypes.byref(pointer), size, 0, 0, 0), "cuMemAddressReserve")
+    _check(_cuda().cuMemMap(pointer.value, size, 0, handle, 0), "cuMemMap")
+    access = _AccessDesc(location, _READ_WRITE)
+    _check(_cuda().cuMemSetAccess(pointer.value, size, ctypes.byref(access), 1), "cuMemSetAccess")
+    return torch.as_tensor(_DeviceArray(pointer.value, nbytes), device=device)
+
+
+def _rounded(nbytes: int, granularity: int) -> int:
+    return max(1, -(-nbytes // granularity)) * granularity
+
+
+def allocate(nbytes: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """A uint8 CUDA tensor in an allocation of its own, and the file descriptor that shares it (never freed before
+    the process exits)."""
+    _, prop = _location(device)
+    granularity = ctypes.c_size_t()
+    _check(_cuda().cuMemGetAllocationGranularity(ctypes.byref(granularity), ctypes.byref(prop), 0),
+           "cuMemGetAllocationGranularity")
+    handle = ctypes.c_uint64()
+    _check(_cuda().cuMemCreate(ctypes.byref(handle), _rounded(nbytes, granularity.value), ctypes.byref(prop), 0),
+           "cuMemCreate")
+    fd = ctypes.c_int(-1)
+    _check(_cuda().cuMemExportToShareableHandle(ctypes.byref(fd), handle.value, _POSIX_FD, 0),
+           "cuMemExportToShareableHandle")
+    return _map(handle.value, nbytes, device), fd.value
+
+
+def open_fd(fd: int, nbytes: int, device: torch.device) -> torch.Tensor:
+    """A uint8 CUDA tensor over an allocation another process shared as `fd`."""
+    handle = ctypes.c_uint64()
+    _check(_cuda().cuMemImportFromShareableHandle(ctypes.byref(handle), ctypes.c_void_p(fd), _POSIX_FD),
+           "cuMemImportFromShareableHandle")
+    return _map(handle.value, nbytes, device)

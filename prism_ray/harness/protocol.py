@@ -22,7 +22,7 @@ _BATCH = struct.Struct("<qiiBq")  # batch index, batch_size, seq_len, token item
 _RECORD = struct.Struct("<qd?")  # batch index, summed nats, finite
 _ROW = struct.Struct("<qq")  # batch index, row; float32 log-probs follow
 MAX_FRAME = 1 << 30
-_FDS = socket.CMSG_SPACE(4 * array.array("i").itemsize)
+_FDS = socket.CMSG_SPACE(4 * array.array("i").itemsize)  # room for up to four descriptors per read
 
 
 class Kind(IntEnum):
@@ -38,8 +38,8 @@ class Kind(IntEnum):
     ERROR = 10  # runner → parent: a typed failure
     DONE = 11  # runner → parent: finished (train(ctx) returned, or the scorer's passes are done)
     LAYOUT = 12  # scorer → parent: the state layout of a fresh build_model()
-    SHARE = 13  # parent → runner: where the shared state lives (with the memfd on CPU)
-    READY = 14  # runner → parent: mapped (scorer: with its CUDA IPC handle on GPU)
+    SHARE = 13  # parent → runner: where the shared state lives, with its file descriptor
+    READY = 14  # runner → parent: mapped (the scorer on a GPU: with the descriptors of its exported buffers)
     SNAPSHOT = 15  # parent → scorer: copy the shared state into private memory now
     SNAPPED = 16  # scorer → parent: the snapshot is complete; the trainer may now see the batch
     PROBE = 17  # parent → scorer: send the target log-probs of one row and stage the snapshot for the prober
@@ -59,17 +59,17 @@ class Channel:
         self.accept_fds = accept_fds  # the parent never takes descriptors from a runner: it closes them at once
         self.fds: list[int] = []  # descriptors received with frames, oldest first
 
-    def send(self, kind: Kind, payload: bytes = b"", fd: int | None = None) -> None:
+    def send(self, kind: Kind, payload: bytes = b"", fds: tuple[int, ...] = ()) -> None:
         frame = _HEADER.pack(len(payload), kind) + payload
-        if fd is None:
+        if not fds:
             self.sock.sendall(frame)
             return
-        sent = self.sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+        sent = self.sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
         if sent < len(frame):
             self.sock.sendall(frame[sent:])
 
-    def send_json(self, kind: Kind, obj: Any, fd: int | None = None) -> None:
-        self.send(kind, json.dumps(obj).encode(), fd)
+    def send_json(self, kind: Kind, obj: Any, fds: tuple[int, ...] = ()) -> None:
+        self.send(kind, json.dumps(obj).encode(), fds)
 
     def send_batch(self, index: int, batch_size: int, seq_len: int, chunk: np.ndarray, probe: int = -1) -> None:
         header = _BATCH.pack(index, batch_size, seq_len, chunk.dtype.itemsize, probe)

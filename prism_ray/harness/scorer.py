@@ -73,44 +73,37 @@ class Scorer:
             raise self.fail("run:protocol", f"unexpected frame {kind.name} from the parent")
         share = parse_json(payload)
         slots, nbytes = shared_state.plan_slots(share["layout"])
+        exported: list[int] = []  # descriptors of the GPU buffers this process shares (through the parent)
         if share["where"] == "memfd":
             shared = shared_state.map_memfd(self.channel.take_fd(), nbytes, writable=False)
-            handle = None
         else:
-            shared = cuda_ipc.allocate(nbytes, self.device)
+            shared, fd = cuda_ipc.allocate(nbytes, self.device)
             shared.zero_()
-            handle = cuda_ipc.export(shared)
+            exported.append(fd)
         step0 = torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
         shared_state.bind(model, slots, step0)  # the forced init, in the trainer's dtypes: the step-0 twin's state
         private = torch.empty_like(step0)
         shared_state.bind(model, slots, private, copy=False)
-        staged = self._probe_buffer(probe_fd, nbytes)
-        self.channel.send_json(Kind.READY, {"handle": handle.hex() if handle else None,
-                                            "probe_handle": cuda_ipc.export(staged).hex()
-                                            if staged.is_cuda else None})
+        if self.device.type == "cuda":
+            staged, fd = cuda_ipc.allocate(nbytes, self.device)
+            exported.append(fd)
+        else:
+            os.ftruncate(probe_fd, nbytes)  # the memfd the prober inherited; the trainer never receives it
+            staged = shared_state.map_memfd(probe_fd, nbytes, writable=True)
+        self.channel.send_json(Kind.READY, {"shares_state": share["where"] != "memfd",
+                                            "shares_probe": staged.is_cuda}, fds=tuple(exported))
+        for fd in exported:
+            os.close(fd)
         if self._stream(model, shared, private, step0, staged, slots):
             self._heldout(model, shared, private, step0, slots)
-
-    def _probe_buffer(self, fd: int, nbytes: int) -> torch.Tensor:
-        """Where a probed batch's snapshot is staged for the prober (memory the trainer cannot reach)."""
-        if self.device.type == "cuda":
-            return cuda_ipc.allocate(nbytes, self.device)
-        os.ftruncate(fd, nbytes)
-        return shared_state.map_memfd(fd, nbytes, writable=True)
 
     def _stream(self, model: torch.nn.Module, shared: torch.Tensor, private: torch.Tensor, step0: torch.Tensor,
                 staged: torch.Tensor, slots: list[shared_state.Slot]) -> bool:
         """Snapshot, score and stage probes until the parent says FINAL (True: held-out follows) or END."""
         last: tuple[int, torch.Tensor] | None = None
-        trainer_done: torch.cuda.Event | None = None  # recorded by the trainer after its step, before NEXT
         while True:
             kind, payload = self.channel.recv()
-            if kind == Kind.SHARE:  # on a GPU: the trainer's event, so the snapshot waits for its step on the GPU
-                handle = bytes.fromhex(parse_json(payload)["event"])
-                trainer_done = torch.cuda.Event.from_ipc_handle(self.device, handle)
-            elif kind == Kind.SNAPSHOT:
-                if trainer_done is not None:
-                    torch.cuda.current_stream(self.device).wait_event(trainer_done)
+            if kind == Kind.SNAPSHOT:
                 private.copy_(shared)
                 if last is None:  # the first batch is scored on the forced init, nothing else
                     self._check_init(private, step0, slots)
@@ -220,8 +213,8 @@ def run_prober(channel: Channel, spec: dict, builder: Callable[..., Any], contex
         raise RunError("run:protocol", f"unexpected frame {kind.name} for the prober")
     share = parse_json(payload)
     slots, nbytes = shared_state.plan_slots(share["layout"])
-    if share.get("probe_handle"):
-        staged = cuda_ipc.open_handle(bytes.fromhex(share["probe_handle"]), nbytes, device)
+    if share["where"] == "cuda":
+        staged = cuda_ipc.open_fd(channel.take_fd(), nbytes, device)
     else:
         staged = shared_state.map_memfd(probe_fd, nbytes, writable=False)
     force_seed(spec["seed"])

@@ -250,6 +250,7 @@ class _Session:
             channel = self.runners[runner].accept(self.deadline)
         except ProtocolError as error:
             raise self._crash(runner, str(error)) from None
+        channel.accept_fds = role == "scorer"  # only to pass on its GPU buffers; the trainer's are closed at once
         self.channels[role] = channel
         self.selector.register(channel.sock, selectors.EVENT_READ, role)
         return channel
@@ -327,13 +328,21 @@ class _Session:
         self._share()
 
     def _scorer_ready(self, payload: bytes) -> None:
+        """The scorer mapped the state; on a GPU it passes on the descriptors of the buffers it exported."""
         ready = parse_json(payload)
         assert self.geometry is not None
         layout = self.geometry["layout"]
-        if ready.get("handle"):
-            self.channels["trainer"].send_json(Kind.SHARE, {"where": "cuda", "layout": layout,
-                                                            "handle": ready["handle"]})
-        self.channels["prober"].send_json(Kind.SHARE, {"layout": layout, "probe_handle": ready.get("probe_handle")})
+        scorer = self.channels["scorer"]
+        passed = [scorer.take_fd() for flag in ("shares_state", "shares_probe") if ready.get(flag)]
+        try:
+            if ready.get("shares_state"):
+                self.channels["trainer"].send_json(Kind.SHARE, {"where": "cuda", "layout": layout}, fds=(passed[0],))
+            where = "cuda" if ready.get("shares_probe") else "memfd"
+            self.channels["prober"].send_json(Kind.SHARE, {"where": where, "layout": layout},
+                                              fds=(passed[-1],) if where == "cuda" else ())
+        finally:
+            for fd in passed:
+                os.close(fd)
         self._ready("scorer")
 
     def _prober_ready(self, payload: bytes) -> None:
@@ -420,9 +429,6 @@ class _Session:
         self._share()
 
     def _trainer_ready(self, payload: bytes) -> None:
-        event = parse_json(payload or b"{}").get("event")
-        if event:  # the scorer's snapshots wait for the trainer's step on the GPU, not on the host
-            self.channels["scorer"].send_json(Kind.SHARE, {"event": str(event)})
         self._ready("trainer")
 
     def _trainer_next(self, payload: bytes) -> None:
@@ -462,13 +468,13 @@ class _Session:
         on_gpu = str(self.geometry.get("device", "cpu")).startswith("cuda")
         self.overlap = on_gpu
         self.tolerance = causality_tolerance([e[2] for e in theirs], "cuda" if on_gpu else "cpu")
-        if on_gpu:  # the scorer allocates on its GPU and hands the trainer a CUDA IPC handle (READY)
+        if on_gpu:  # the scorer allocates on its GPU and hands over the buffer's descriptor (READY)
             self.channels["scorer"].send_json(Kind.SHARE, {"where": "cuda", "layout": theirs})
             return
         fd = shared_state.new_memfd("prism-state", nbytes)
         try:
             for role in ("scorer", "trainer"):
-                self.channels[role].send_json(Kind.SHARE, {"where": "memfd", "layout": theirs}, fd=fd)
+                self.channels[role].send_json(Kind.SHARE, {"where": "memfd", "layout": theirs}, fds=(fd,))
         finally:
             os.close(fd)
 

@@ -3,7 +3,7 @@
 Every unique parameter and buffer of a model gets a slot (64-byte aligned) in one flat byte buffer; `bind` points
 each tensor's `.data` at its slot, so the miner's optimizer, which holds the Parameter objects, writes straight into
 the buffer. On CPU the buffer is a memfd that the trusted parent creates and hands to both sandboxes over their
-sockets; on CUDA it is scorer-owned device memory the trainer maps through a CUDA IPC handle (cuda_ipc.py). The
+sockets; on CUDA it is a scorer-owned virtual-memory allocation shared the same way, as a descriptor (cuda_ipc.py). The
 scorer never scores the shared buffer itself: it copies it into private memory (a snapshot) before the trainer may
 see the next batch (docs/architecture.md, "Trust boundaries").
 """

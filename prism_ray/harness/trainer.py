@@ -31,7 +31,6 @@ class TrainerHarness:
         self.built: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
         self.stream_started = False
         self.stream_finished = False
-        self.step_done: torch.cuda.Event | None = None  # on a GPU: recorded after each step, waited on by the scorer
 
     def fail(self, rule: str, message: str) -> RunError:
         self.channel.send_json(Kind.ERROR, {"rule": rule, "message": message})
@@ -101,14 +100,10 @@ class TrainerHarness:
         slots, nbytes = shared_state.plan_slots(share["layout"])
         if share["where"] == "memfd":
             flat = shared_state.map_memfd(self.channel.take_fd(), nbytes, writable=True)
-            ready: dict = {}
         else:
-            flat = cuda_ipc.open_handle(bytes.fromhex(share["handle"]), nbytes, device_of(built, "cuda"))
-            # the scorer's snapshot waits for this event on the GPU: no host sync per batch here
-            self.step_done = torch.cuda.Event(interprocess=True)
-            ready = {"event": self.step_done.ipc_handle().hex()}
+            flat = cuda_ipc.open_fd(self.channel.take_fd(), nbytes, device_of(built, "cuda"))
         shared_state.bind(built, slots, flat)
-        self.channel.send_json(Kind.READY, ready)
+        self.channel.send(Kind.READY)
         return flat, slots
 
     def _batches(self, model: Any, built: torch.nn.Module, flat: torch.Tensor, slots: list[shared_state.Slot],
@@ -135,7 +130,9 @@ class TrainerHarness:
                                 "(e.g. `.data = …`, `.half()` or `.to(...)` after iter_train_batches). The scorer "
                                 "reads the tensors iter_train_batches was given: update them in place, and convert "
                                 "dtype or device before calling iter_train_batches")
-            if self.step_done is not None:
-                self.step_done.record()
+            if flat.is_cuda:
+                # The scorer copies the weights as soon as NEXT arrives: the step must have landed. (CUDA events
+                # cannot cross the sandboxes' PID namespaces, so this is the one host sync per batch.)
+                torch.cuda.current_stream(flat.device).synchronize()
             self.channel.send(Kind.NEXT)
 

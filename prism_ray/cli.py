@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -124,7 +125,8 @@ def serve_command(
     state_dir: Annotated[Path | None, typer.Option(help="DuckDB store, token caches and run dirs")] = None,
     byte_budget: Annotated[int | None, typer.Option(min=0, help="target bytes per run")] = None,
 ) -> None:
-    """Run the evaluation cluster and its HTTP API until interrupted."""
+    """Run the evaluation cluster and its HTTP API until Ctrl-C or SIGTERM, which drain it: nothing is lost and
+    no submission is charged an attempt."""
     from prism_ray.service import start_service  # Ray Serve is heavy; eval never pays for it
     from serve_app.models import ApiSettings
 
@@ -133,6 +135,7 @@ def serve_command(
         raise typer.Exit(2)
     service = start_service(address, _service_settings(data, state_dir, byte_budget), ApiSettings(auth_mode=auth),
                             host, port)
+    _stop_on_signals()
     stderr.print(f"[bold]prism-ray[/bold] serving at {service.url} ({service.cluster.notice})")
     if auth == "dev":
         stderr.print("[bold red]WARNING: dev auth — unsigned X-Hotkey accepted. Never expose this server.[/bold red]")
@@ -142,7 +145,7 @@ def serve_command(
     except KeyboardInterrupt:
         pass
     finally:
-        service.close()
+        _stop(service)
 
 
 @app.command("demo")
@@ -163,6 +166,7 @@ def demo_command(
     settings.gate.mode = "off" if not os.environ.get("OPENROUTER_API_KEY") else settings.gate.mode
     service = start_service(None, settings, ApiSettings(auth_mode="dev", internal_token="demo-token"),
                             "127.0.0.1", port)
+    _stop_on_signals()
     stderr.print(f"[bold]prism-ray demo[/bold] at {service.url} ({service.cluster.notice}); store in {state}")
     try:
         examples = sorted(p for p in EXAMPLES_DIR.iterdir() if p.is_dir())
@@ -190,7 +194,31 @@ def demo_command(
     except KeyboardInterrupt:
         pass
     finally:
-        service.close()
+        _stop(service)
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM (systemd, docker stop, kill) stops like Ctrl-C: both raise KeyboardInterrupt in the main thread,
+    whose `finally` drains the cluster. Set once Ray runs: ray.init installs a SIGTERM handler that aborts."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+
+
+def _stop(service) -> None:
+    """Drain and stop, once: a second Ctrl-C or SIGTERM meanwhile is ignored (the drain is bounded)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    owned = service.cluster.owns_ray
+    stderr.print("stopping: draining (no new claims; running submissions go back to the queue without costing an "
+                 "attempt)" if owned else "stopping the API; the joined cluster keeps running", highlight=False)
+    handed_back = service.close()
+    if owned:
+        stderr.print(f"stopped; {len(handed_back)} running submission(s) handed back to the queue"
+                     + (f": {', '.join(handed_back)}" if handed_back else ""), highlight=False)
 
 
 @app.command("export")

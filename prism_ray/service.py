@@ -33,9 +33,18 @@ class Service:
     cluster: ClusterHandle
     url: str
 
-    def close(self) -> None:
-        serve.shutdown()
-        self.cluster.close()
+    def close(self) -> list[str]:
+        """Stop gracefully. A cluster this process started drains first, while the API still answers (its running
+        attempts go back to the queue without costing an attempt), then it stops, API included, and this returns
+        once every process of that cluster has exited. Returns the ids handed back to the queue."""
+        if not self.cluster.owns_ray:  # the cluster stays: take the API off it
+            serve.shutdown()
+            self.cluster.close()
+            return []
+        try:
+            return self.cluster.drain()
+        finally:  # Serve goes with the cluster (serve.shutdown would only add Ray's retry warnings)
+            self.cluster.close()
 
 
 def start_service(address: str | None, settings: Settings, api: ApiSettings, host: str, port: int) -> Service:

@@ -29,16 +29,28 @@ register_client_commands(app)
 stderr = Console(stderr=True)
 
 
+def _default(name: str, unit: str = "") -> str:
+    """What eval uses when an option is not given, as its --help shows it: the setting's default and its variable."""
+    value = Settings.model_fields[name].default
+    shown = f"{value:g}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) and value > 9999 \
+        else str(value)
+    return f"{shown}{unit}, or PRISM_{name.upper()}"
+
+
 @app.command("eval")
 def eval_command(
     bundle: Annotated[Path, typer.Argument(help="bundle directory or .zip")],
-    data: Annotated[Path | None, typer.Option(help="locked dataset dir (default: the embedded Python docs)")] = None,
-    byte_budget: Annotated[int | None, typer.Option(min=0, help="target bytes to score; 0 = whole train split")] = None,
-    time_limit: Annotated[float | None, typer.Option(min=1, help="wall-clock cap in seconds (over it: failed)")] = None,
-    seed: Annotated[int | None, typer.Option(help="forced seed")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N")] = None,
+    data: Annotated[Path | None, typer.Option(help="locked dataset dir", show_default="the embedded Python docs, "
+                                              "or PRISM_DATA_DIR")] = None,
+    byte_budget: Annotated[int | None, typer.Option(min=0, help="target bytes to score; 0 = whole train split",
+                                                    show_default=_default("byte_budget", " bytes"))] = None,
+    time_limit: Annotated[float | None, typer.Option(min=1, help="wall-clock cap in seconds (over it: failed)",
+                                                     show_default=_default("time_limit", " s"))] = None,
+    seed: Annotated[int | None, typer.Option(help="forced seed", show_default=_default("seed"))] = None,
+    device: Annotated[str | None, typer.Option(help="auto (the GPU when there is one), cpu, cuda, cuda:N",
+                                               show_default=_default("device"))] = None,
     use_gate: Annotated[bool | None, typer.Option("--gate/--no-gate", help="force the LLM gate on (no key: held) "
-                                                  "or off; default: on when an API key is configured")] = None,
+                                                  "or off", show_default="on when an API key is configured")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print exactly one JSON object, the report")] = False,
 ) -> None:
     """Dry-run a bundle exactly as the cluster scores it."""
@@ -157,8 +169,9 @@ def demo_command(
 ) -> None:
     """Start a local cluster and the API, submit the examples over HTTP, follow them, print the leaderboard."""
     from prism_ray.client import PrismClient
-    from prism_ray.client_cli import print_leaderboard
-    from prism_ray.service import EXAMPLES_DIR, start_service, submit_examples
+    from prism_ray.client_cli import print_submission
+    from prism_ray.demo import EXAMPLES_DIR, follow_with_bars, print_ranking, submit_examples
+    from prism_ray.service import start_service
     from serve_app.models import ApiSettings
 
     state = state_dir or Path(tempfile.mkdtemp(prefix="prism-demo-"))
@@ -167,34 +180,33 @@ def demo_command(
     service = start_service(None, settings, ApiSettings(auth_mode="dev", internal_token="demo-token"),
                             "127.0.0.1", port)
     _stop_on_signals()
+    out = Console()
     stderr.print(f"[bold]prism-ray demo[/bold] at {service.url} ({service.cluster.notice}); store in {state}")
+    stderr.print(f"each example trains on {byte_budget:,} bytes of text; `prism-ray eval` scores "
+                 f"{Settings.model_fields['byte_budget'].default:,} by default, so its scores for the same bundle "
+                 "differ (give it the same --byte-budget to compare)", highlight=False)
+    code = 130  # interrupted
     try:
-        examples = sorted(p for p in EXAMPLES_DIR.iterdir() if p.is_dir())
-        seen: dict[str, str] = {}
-
-        def show(status: dict) -> None:
-            line = f"{status['status']} {status.get('stage') or ''}"
-            if seen.get(status["id"]) != line:
-                seen[status["id"]] = line
-                progress = status.get("progress") or {}
-                stderr.print(f"  {status['id']}: {line} {progress.get('bytes_scored') or ''}")
-
-        finals = submit_examples(service.url, examples, on_update=show)
+        submitted = submit_examples(service.url, sorted(p for p in EXAMPLES_DIR.iterdir() if p.is_dir()))
+        finals = follow_with_bars(service.url, submitted, byte_budget, stderr)
         with PrismClient(service.url) as client:
-            print_leaderboard(client.leaderboard(), Console())
-        Console().print(f"leaderboard: {service.url}/   API: {service.url}/v1/leaderboard")
-        failed = [f for f in finals if f["status"] != "completed"]
+            print_ranking(client.leaderboard(), out)
+        failed = [final for final in finals if final["status"] != "completed"]
         for final in failed:
-            stderr.print(f"[red]{final['id']} {final['status']}[/red]: {final.get('reasons')}")
+            print_submission(final, stderr)
+        code = 1 if failed else 0
+        browse = f"the leaderboard at {service.url}/, `prism-ray status SUBMISSION_ID --url {service.url}`"
         if keep_serving:
-            stderr.print("serving until interrupted (Ctrl-C)")
+            out.print(f"serving until Ctrl-C: {browse}", highlight=False)
             while True:
                 time.sleep(3600)
-        raise typer.Exit(1 if failed else 0)
     except KeyboardInterrupt:
         pass
     finally:
         _stop(service)
+    if not keep_serving and code != 130:
+        out.print(f"the server has stopped; `prism-ray demo --keep-serving` keeps it up ({browse})", highlight=False)
+    raise typer.Exit(code)
 
 
 def _stop_on_signals() -> None:

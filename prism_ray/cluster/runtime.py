@@ -26,7 +26,7 @@ from prism_ray.harness.isolation import sandbox_available
 _STOP_TIMEOUT_SECONDS = 120.0  # for the scheduler to drain (its cancelled tasks get 30 s), or the store to close
 _EXIT_WAIT_SECONDS = 15.0  # for the processes of a stopped local cluster to exit
 log = logging.getLogger(__name__)
-NO_GPU_NOTICE = "no GPU found: 1 logical GPU, training runs on CPU"
+NO_GPU_NOTICE = "no GPU found: training runs on the CPU under one simulated GPU slot"
 
 
 @dataclass
@@ -83,7 +83,7 @@ def start_cluster(address: str | None, settings: Settings | None = None) -> Clus
     """Join (`address`, e.g. "auto") or start (None) a Ray cluster and make sure the store and scheduler run."""
     settings = cluster_settings(settings or Settings())
     namespace = settings.cluster.namespace
-    owns_ray, not_ray = False, frozenset()
+    owns_ray, dashboard, not_ray = False, "", frozenset()
     if ray.is_initialized():
         notice = "using the Ray cluster this process is connected to"
     elif address is not None:
@@ -95,12 +95,16 @@ def start_cluster(address: str | None, settings: Settings | None = None) -> Clus
                              "miner code without the sandbox (apt-get install bubblewrap)")
         gpus = _local_gpus()
         not_ray = frozenset(_descendants(os.getpid()))
-        # address="local": never attach to some other cluster that happens to run on this machine.
-        ray.init(address="local", namespace=namespace, num_gpus=gpus or 1, resources={"head": 1})
+        # address="local": never attach to some other cluster that happens to run on this machine. Ray's
+        # start-up chatter stays in its logs; the notice says what matters.
+        context = ray.init(address="local", namespace=namespace, num_gpus=gpus or 1, resources={"head": 1},
+                           logging_level=logging.WARNING)
         owns_ray = True
         notice = f"local Ray cluster with {gpus} GPU(s)" if gpus else NO_GPU_NOTICE
+        dashboard = f"; Ray dashboard at http://{context.dashboard_url}" if context.dashboard_url else ""
     resources = ray.cluster_resources()
-    notice += f"; {int(resources.get('GPU', 0))} GPU(s), {int(resources.get('CPU', 0))} CPU(s)"
+    gpus_seen = "" if notice.startswith(NO_GPU_NOTICE) else f"{int(resources.get('GPU', 0))} GPU(s), "
+    notice += f"; {gpus_seen}{int(resources.get('CPU', 0))} CPU(s){dashboard}"
     has_head = "head" in resources
     store = store_actor(settings, has_head)
     scheduler = scheduler_actor(settings, store, has_head)

@@ -8,7 +8,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -21,6 +21,9 @@ from prism_ray.data.cli import data_app
 from prism_ray.harness.session import Progress as RunProgress
 from prism_ray.pipeline import evaluate
 from prism_ray.report import RunReport
+
+if TYPE_CHECKING:
+    from prism_ray.service import Service
 
 app = typer.Typer(help="prism-ray: evaluate PRISM bundles as prequential bits-per-byte on locked text.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -220,7 +223,7 @@ def _stop_on_signals() -> None:
         signal.signal(sig, stop)
 
 
-def _stop(service) -> None:
+def _stop(service: Service) -> None:
     """Drain and stop, once: a second Ctrl-C or SIGTERM meanwhile is ignored (the drain is bounded)."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)

@@ -3,35 +3,40 @@
 1. Overhead: submit→completed latency on a local cluster minus the wall time of the same stage functions run in
    this process, the same minute, on an equal bundle (the probe, runner start-up and training are in both, so what
    is left is the cluster's own: queue, task dispatch, object store, store writes). Target ≤ 3 s.
-2. Scaling: completed submissions per minute with one vs. two logical-GPU nodes (ray.cluster_utils), each node
-   with its own logical CPUs and the runner on one thread, so each training is bound to one core. Target ≥ 1.8×.
-   Two logical CPUs per node let a training and a CPU stage share it without Ray killing and restarting idle
-   workers between stages (it keeps about one worker per logical CPU), as on any real GPU node. Every
-   training is CPU work here, so the machine bounds it: the same stages in two processes vs. one, without Ray,
-   measured first, is the ceiling this machine allows right now (other load on it shows there). The simulated
-   head runs without the web dashboard: on a real cluster the head's services use the head machine's own CPUs,
-   here every process shares the cores the two trainings need, and the dashboard's UI is the one head service
-   the scheduling path never touches (metrics still flow through each node's agent). The GCS, the store and the
-   scheduler stay: they are the cluster's own cost. The bench polls each submission twice a second, as a client.
-   Scaling is measured twice, and the two arrangements bracket what real nodes (each with its own CPUs, the head
-   with its own) would show; a faithful one needs a core for the head and one per node, more than two cores.
-   With shared cores (the lower bound), both configurations run on every core of this machine, so one node has a
-   spare core for the cluster's own processes and two nodes have none. With a core per node (the upper bound),
-   the whole cluster runs on as many cores as it has GPU nodes (CPU affinity, inherited by every Ray process and
-   sandboxed runner); the head's processes get no core of their own, and on a single core every hand-off between
-   the trusted parent and the runner waits for a context switch, which slows one node more than two.
+2. Scaling: completed submissions per minute with 1, 2, 4, ... logical-GPU nodes (ray.cluster_utils, `--nodes`),
+   each node with two logical CPUs and the runner on one thread, so each training is bound to one core. Targets:
+   2 nodes ≥ 1.8×, 4 nodes ≥ 3.4× one node. Two logical CPUs per node let a training and a CPU stage share it
+   without Ray killing and restarting idle workers between stages (it keeps about one worker per logical CPU), as on
+   any real GPU node. Every training is CPU work here, so the machine bounds it: the same stages n at a time in
+   plain processes vs. one at a time, without Ray, measured first, is the ceiling this machine allows right now
+   (other load on it shows there). The simulated head runs without the web dashboard: the dashboard's UI is the one
+   head service the scheduling path never touches (metrics still flow through each node's agent). The GCS, the store
+   and the scheduler stay: they are the cluster's own cost. The bench polls each submission twice a second, as a
+   client. Each configuration prints the mean seconds of every step of a submission (queued, claimed, each stage).
 
-    python bench/cluster.py [--byte-budget 20000] [--submissions 8] [--repeats 3]
+   Where the cores come from decides what the ratio means. By default every process shares every core of this
+   machine (on a small machine a lower bound: one node has spare cores for the cluster's own processes, more nodes
+   have none). `--pin` gives the head and each node cores of their own (CPU affinity, set before each node's raylet
+   starts and inherited by its workers and sandboxed runners; the ceiling's processes get the same cores), as real
+   machines each bring their own: `--head-cores` for the GCS, store and scheduler, `--cores-per-node` for a node's
+   training and CPU stages. When the machine has fewer cores than the largest configuration needs, it says so and
+   falls back to shared cores for every configuration, so the ratios still compare like with like.
+
+    python bench/cluster.py [--byte-budget 20000] [--submissions 8] [--repeats 3] [--nodes 1,2]
+    python bench/cluster.py --pin --nodes 1,2,4 [--head-cores 2] [--cores-per-node 2]   # 10 cores or more
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import statistics
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -73,20 +78,80 @@ def in_process(bundle: Bundle, settings: Settings) -> float:
     return time.monotonic() - started
 
 
-def machine_ceiling(work: Path, byte_budget: int, submissions: int) -> float:
-    """Throughput ratio of the same stages run two at a time vs. one at a time, in plain processes."""
+@dataclass(frozen=True)
+class Cores:
+    """CPU cores of their own for the head and for each simulated node (`--pin`)."""
+
+    head: frozenset[int]
+    nodes: tuple[frozenset[int], ...]
+
+    def __str__(self) -> str:
+        return f"head on cores {_span(self.head)}, " + ", ".join(f"node {n + 1} on {_span(cores)}"
+                                                                  for n, cores in enumerate(self.nodes))
+
+
+def pin_cores(nodes: int, head_cores: int, cores_per_node: int) -> Cores | None:
+    """The cores for --pin, from those this process may use; None (shared cores) when there are too few."""
+    available = sorted(os.sched_getaffinity(0))
+    needed = head_cores + nodes * cores_per_node
+    if len(available) < needed:
+        print(f"--pin needs {head_cores} head core(s) + {nodes} node(s) × {cores_per_node} = {needed} cores; this "
+              f"process may use {len(available)}: falling back to shared cores for every configuration")
+        return None
+    per_node = [frozenset(available[head_cores + n * cores_per_node:head_cores + (n + 1) * cores_per_node])
+                for n in range(nodes)]
+    return Cores(frozenset(available[:head_cores]), tuple(per_node))
+
+
+@contextmanager
+def pinned(cores: frozenset[int] | None) -> Iterator[None]:
+    """This process (and what it starts meanwhile, which inherits it) on `cores`; None leaves it as it is."""
+    if cores is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def _span(cores: frozenset[int]) -> str:
+    low, high = min(cores), max(cores)
+    return str(low) if low == high else f"{low}-{high}" if len(cores) == high - low + 1 else ",".join(map(str, cores))
+
+
+def machine_ceiling(work: Path, byte_budget: int, submissions: int, widths: list[int],
+                    cores: Cores | None) -> dict[int, float]:
+    """Throughput ratio of the same stages run n at a time vs. one at a time, in plain processes (each on one
+    node's cores when pinned), for every n in `widths` above 1."""
     settings = settings_for(work / "cache", work / "unused.duckdb", byte_budget)
-    bundles = [tiny_bundle(f"ceiling-{n}") for n in range(2 * submissions)]
     started = time.monotonic()
-    for bundle in bundles[:submissions]:
-        in_process(bundle, settings)
+    _run_all([tiny_bundle(f"ceiling-1-{n}") for n in range(submissions)], settings, cores and cores.nodes[0])
     serial = time.monotonic() - started
-    started = time.monotonic()
-    with ProcessPoolExecutor(2) as pool:  # forked before Ray starts in this process
-        list(pool.map(in_process, bundles[submissions:], [settings] * submissions))
-    ceiling = serial / (time.monotonic() - started)
-    print(f"  machine ceiling: {submissions} runs one at a time {serial:6.2f} s, two at a time ÷ {ceiling:.2f}")
-    return ceiling
+    print(f"  machine ceiling: {submissions} runs one at a time {serial:6.2f} s")
+    ceilings = {}
+    for width in (width for width in widths if width > 1):
+        bundles = [tiny_bundle(f"ceiling-{width}-{n}") for n in range(submissions)]
+        fork = multiprocessing.get_context("fork")  # before Ray starts in this process
+        workers = [fork.Process(target=_run_all, args=(bundles[first::width], settings,
+                                                         cores and cores.nodes[first])) for first in range(width)]
+        started = time.monotonic()
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        assert all(worker.exitcode == 0 for worker in workers), [worker.exitcode for worker in workers]
+        ceilings[width] = serial / (time.monotonic() - started)
+        print(f"  machine ceiling: {submissions} runs {width} at a time ÷ {ceilings[width]:.2f}")
+    return ceilings
+
+
+def _run_all(bundles: list[Bundle], settings: Settings, cores: frozenset[int] | None) -> None:
+    with pinned(cores):
+        for bundle in bundles:
+            in_process(bundle, settings)
 
 
 def run_one(handle: ClusterHandle, tag: str) -> tuple[float, float]:
@@ -119,45 +184,38 @@ def overhead(work: Path, byte_budget: int, repeats: int) -> None:
     print(f"overhead (median of {repeats}): {median:.2f} s (target ≤ 3 s)")
 
 
-def throughput(work: Path, nodes: int, byte_budget: int, submissions: int, core_per_node: bool) -> float:
-    """Completed submissions per minute; with `core_per_node` the whole cluster (every Ray process and the sandboxed
-    runners, which inherit CPU affinity) runs on `nodes` cores, as each real node brings its own CPUs."""
-    every_core = os.sched_getaffinity(0)
-    if core_per_node:
-        os.sched_setaffinity(0, sorted(every_core)[:nodes])
-    try:
-        return _throughput(work, nodes, byte_budget, submissions, "core" if core_per_node else "shared")
-    finally:
-        os.sched_setaffinity(0, every_core)
-
-
-def _throughput(work: Path, nodes: int, byte_budget: int, submissions: int, label: str) -> float:
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0, "resources": {"head": 1},
-                                                            "include_dashboard": False})
-    try:
-        for _ in range(nodes):
-            cluster.add_node(num_cpus=2, num_gpus=1)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address)
-        handle = start_cluster(cluster.address, settings_for(work / "cache", work / f"scale-{label}-{nodes}.duckdb",
-                                                             byte_budget))
+def throughput(work: Path, nodes: int, byte_budget: int, submissions: int, cores: Cores | None) -> float:
+    """Completed submissions per minute on `nodes` logical-GPU nodes; with `cores`, the head's processes (and this
+    driver) on the head's cores and each node's raylet, workers and sandboxed runners on that node's."""
+    label = "pinned" if cores else "shared"
+    with pinned(cores and cores.head):
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0, "resources": {"head": 1},
+                                                                "include_dashboard": False})
         try:
-            warm = [submit(handle, "bench", f"warm-{n}.zip", tiny_bundle(f"warm-{label}-{nodes}-{n}")).id
-                    for n in range(nodes)]
-            for submission_id in warm:  # every node has started its workers
-                wait(handle, submission_id, timeout=600)
-            started = time.monotonic()
-            ids = [submit(handle, "bench", f"{n}.zip", tiny_bundle(f"scale-{label}-{nodes}-{n}")).id
-                   for n in range(submissions)]
-            records = [wait(handle, submission_id, timeout=600, poll=0.5) for submission_id in ids]
-            seconds = time.monotonic() - started
-            assert all(record is not None and record.status == "completed" for record in records), records
-            timeline = ray.get([handle.store.events.remote(submission_id) for submission_id in ids])
+            for node in range(nodes):
+                with pinned(cores and cores.nodes[node]):  # inherited by the raylet and everything it starts
+                    cluster.add_node(num_cpus=2, num_gpus=1)
+            cluster.wait_for_nodes()
+            ray.init(address=cluster.address)
+            handle = start_cluster(cluster.address, settings_for(work / "cache",
+                                                                 work / f"scale-{label}-{nodes}.duckdb", byte_budget))
+            try:
+                warm = [submit(handle, "bench", f"warm-{n}.zip", tiny_bundle(f"warm-{label}-{nodes}-{n}")).id
+                        for n in range(nodes)]
+                for submission_id in warm:  # every node has started its workers
+                    wait(handle, submission_id, timeout=600)
+                started = time.monotonic()
+                ids = [submit(handle, "bench", f"{n}.zip", tiny_bundle(f"scale-{label}-{nodes}-{n}")).id
+                       for n in range(submissions)]
+                records = [wait(handle, submission_id, timeout=600, poll=0.5) for submission_id in ids]
+                seconds = time.monotonic() - started
+                assert all(record is not None and record.status == "completed" for record in records), records
+                timeline = ray.get([handle.store.events.remote(submission_id) for submission_id in ids])
+            finally:
+                handle.stop()
         finally:
-            handle.stop()
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+            ray.shutdown()
+            cluster.shutdown()
     per_minute = submissions / seconds * 60
     print(f"  {nodes} logical-GPU node(s): {submissions} completed in {seconds:6.2f} s = {per_minute:5.1f} / min")
     print(f"    mean seconds per step: {phases(timeline)}")
@@ -179,22 +237,29 @@ def main() -> None:
     parser.add_argument("--byte-budget", type=int, default=20_000)
     parser.add_argument("--submissions", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--nodes", type=lambda text: sorted({int(n) for n in text.split(",")}), default=[1, 2],
+                        help="node counts to compare, e.g. 1,2,4 (the first is the baseline)")
+    parser.add_argument("--pin", action="store_true", help="cores of their own for the head and each node")
+    parser.add_argument("--head-cores", type=int, default=2)
+    parser.add_argument("--cores-per-node", type=int, default=2)
     args = parser.parse_args()
+    cores = pin_cores(max(args.nodes), args.head_cores, args.cores_per_node) if args.pin else None
+    arrangement = f"pinned: {cores}" if cores else f"shared: every process on all {len(os.sched_getaffinity(0))} cores"
     with tempfile.TemporaryDirectory(prefix="prism-bench-cluster-") as tmp:
         work = Path(tmp)
         load_token_stream(open_dataset(Settings().data_dir), "train", "bytes", work / "cache")
-        print(f"tiny bundle (examples/seed-tiny on bytes), byte budget {args.byte_budget:,}")
-        ceiling = machine_ceiling(work, args.byte_budget, args.submissions)
+        print(f"tiny bundle (examples/seed-tiny on bytes), byte budget {args.byte_budget:,}; {arrangement}")
+        ceilings = machine_ceiling(work, args.byte_budget, args.submissions, args.nodes, cores)
         overhead(work, args.byte_budget, args.repeats)
-        print("every node on all of this machine's cores:")
-        one = throughput(work, 1, args.byte_budget, args.submissions, core_per_node=False)
-        two = throughput(work, 2, args.byte_budget, args.submissions, core_per_node=False)
-        print(f"scaling, shared cores: two nodes ÷ one node = {two / one:.2f}× (lower bound; this machine allows "
-              f"{ceiling:.2f}× now, so the cluster reaches {two / one / ceiling:.0%} of it)")
-        print("one core per node (CPU affinity):")
-        one = throughput(work, 1, args.byte_budget, args.submissions, core_per_node=True)
-        two = throughput(work, 2, args.byte_budget, args.submissions, core_per_node=True)
-        print(f"scaling, a core per node: two nodes ÷ one node = {two / one:.2f}× (upper bound; target ≥ 1.8×)")
+        print(f"scaling ({'pinned' if cores else 'shared'} cores):")
+        rates = {nodes: throughput(work, nodes, args.byte_budget, args.submissions, cores) for nodes in args.nodes}
+    base = args.nodes[0]
+    for nodes in args.nodes[1:]:
+        ratio = rates[nodes] / rates[base]
+        ceiling = ceilings.get(nodes, 1.0) / ceilings.get(base, 1.0)
+        target = {2: " (target ≥ 1.8×)", 4: " (target ≥ 3.4×)"}.get(nodes, "") if base == 1 else ""
+        print(f"scaling, {'pinned' if cores else 'shared'} cores: {nodes} nodes ÷ {base} = {ratio:.2f}×{target}; "
+              f"this machine allows {ceiling:.2f}× now, so the cluster reaches {ratio / ceiling:.0%} of it")
 
 
 if __name__ == "__main__":

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -21,6 +22,9 @@ from prism_ray.harness.session import Progress as RunProgress
 from prism_ray.pipeline import evaluate
 from prism_ray.report import RunReport
 
+if TYPE_CHECKING:
+    from prism_ray.service import Service
+
 app = typer.Typer(help="prism-ray: evaluate PRISM bundles as prequential bits-per-byte on locked text.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(data_app, name="data", help="Prepare, inspect and tokenise locked datasets.")
@@ -28,16 +32,28 @@ register_client_commands(app)
 stderr = Console(stderr=True)
 
 
+def _default(name: str, unit: str = "") -> str:
+    """What eval uses when an option is not given, as its --help shows it: the setting's default and its variable."""
+    value = Settings.model_fields[name].default
+    shown = f"{value:g}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) and value > 9999 \
+        else str(value)
+    return f"{shown}{unit}, or PRISM_{name.upper()}"
+
+
 @app.command("eval")
 def eval_command(
     bundle: Annotated[Path, typer.Argument(help="bundle directory or .zip")],
-    data: Annotated[Path | None, typer.Option(help="locked dataset dir (default: the embedded Python docs)")] = None,
-    byte_budget: Annotated[int | None, typer.Option(min=0, help="target bytes to score; 0 = whole train split")] = None,
-    time_limit: Annotated[float | None, typer.Option(min=1, help="wall-clock cap in seconds (over it: failed)")] = None,
-    seed: Annotated[int | None, typer.Option(help="forced seed")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N")] = None,
+    data: Annotated[Path | None, typer.Option(help="locked dataset dir", show_default="the embedded Python docs, "
+                                              "or PRISM_DATA_DIR")] = None,
+    byte_budget: Annotated[int | None, typer.Option(min=0, help="target bytes to score; 0 = whole train split",
+                                                    show_default=_default("byte_budget", " bytes"))] = None,
+    time_limit: Annotated[float | None, typer.Option(min=1, help="wall-clock cap in seconds (over it: failed)",
+                                                     show_default=_default("time_limit", " s"))] = None,
+    seed: Annotated[int | None, typer.Option(help="forced seed", show_default=_default("seed"))] = None,
+    device: Annotated[str | None, typer.Option(help="auto (the GPU when there is one), cpu, cuda, cuda:N",
+                                               show_default=_default("device"))] = None,
     use_gate: Annotated[bool | None, typer.Option("--gate/--no-gate", help="force the LLM gate on (no key: held) "
-                                                  "or off; default: on when an API key is configured")] = None,
+                                                  "or off", show_default="on when an API key is configured")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print exactly one JSON object, the report")] = False,
 ) -> None:
     """Dry-run a bundle exactly as the cluster scores it."""
@@ -128,7 +144,8 @@ def serve_command(
     state_dir: Annotated[Path | None, typer.Option(help="DuckDB store, token caches and run dirs")] = None,
     byte_budget: Annotated[int | None, typer.Option(min=0, help="target bytes per run")] = None,
 ) -> None:
-    """Run the evaluation cluster and its HTTP API until interrupted."""
+    """Run the evaluation cluster and its HTTP API until Ctrl-C or SIGTERM, which drain it: nothing is lost and
+    no submission is charged an attempt."""
     from prism_ray.service import start_service  # Ray Serve is heavy; eval never pays for it
     from serve_app.models import ApiSettings
 
@@ -137,6 +154,7 @@ def serve_command(
         raise typer.Exit(2)
     service = start_service(address, _service_settings(data, state_dir, byte_budget), ApiSettings(auth_mode=auth),
                             host, port)
+    _stop_on_signals()
     stderr.print(f"[bold]prism-ray[/bold] serving at {service.url} ({service.cluster.notice})")
     if auth == "dev":
         stderr.print("[bold red]WARNING: dev auth — unsigned X-Hotkey accepted. Never expose this server.[/bold red]")
@@ -146,7 +164,7 @@ def serve_command(
     except KeyboardInterrupt:
         pass
     finally:
-        service.close()
+        _stop(service)
 
 
 @app.command("demo")
@@ -158,8 +176,9 @@ def demo_command(
 ) -> None:
     """Start a local cluster and the API, submit the examples over HTTP, follow them, print the leaderboard."""
     from prism_ray.client import PrismClient
-    from prism_ray.client_cli import print_leaderboard
-    from prism_ray.service import EXAMPLES_DIR, start_service, submit_examples
+    from prism_ray.client_cli import print_submission
+    from prism_ray.demo import EXAMPLES_DIR, follow_with_bars, print_ranking, submit_examples
+    from prism_ray.service import start_service
     from serve_app.models import ApiSettings
 
     state = state_dir or Path(tempfile.mkdtemp(prefix="prism-demo-"))
@@ -167,34 +186,58 @@ def demo_command(
     settings.gate.mode = "off" if not os.environ.get("OPENROUTER_API_KEY") else settings.gate.mode
     service = start_service(None, settings, ApiSettings(auth_mode="dev", internal_token="demo-token"),
                             "127.0.0.1", port)
+    _stop_on_signals()
+    out = Console()
     stderr.print(f"[bold]prism-ray demo[/bold] at {service.url} ({service.cluster.notice}); store in {state}")
+    stderr.print(f"each example trains on {byte_budget:,} bytes of text; `prism-ray eval` scores "
+                 f"{Settings.model_fields['byte_budget'].default:,} by default, so its scores for the same bundle "
+                 "differ (give it the same --byte-budget to compare)", highlight=False)
+    code = 130  # interrupted
     try:
-        examples = sorted(p for p in EXAMPLES_DIR.iterdir() if p.is_dir())
-        seen: dict[str, str] = {}
-
-        def show(status: dict) -> None:
-            line = f"{status['status']} {status.get('stage') or ''}"
-            if seen.get(status["id"]) != line:
-                seen[status["id"]] = line
-                progress = status.get("progress") or {}
-                stderr.print(f"  {status['id']}: {line} {progress.get('bytes_scored') or ''}")
-
-        finals = submit_examples(service.url, examples, on_update=show)
+        submitted = submit_examples(service.url, sorted(p for p in EXAMPLES_DIR.iterdir() if p.is_dir()))
+        finals = follow_with_bars(service.url, submitted, byte_budget, stderr)
         with PrismClient(service.url) as client:
-            print_leaderboard(client.leaderboard(), Console())
-        Console().print(f"leaderboard: {service.url}/   API: {service.url}/v1/leaderboard")
-        failed = [f for f in finals if f["status"] != "completed"]
+            print_ranking(client.leaderboard(), out)
+        failed = [final for final in finals if final["status"] != "completed"]
         for final in failed:
-            stderr.print(f"[red]{final['id']} {final['status']}[/red]: {final.get('reasons')}")
+            print_submission(final, stderr)
+        code = 1 if failed else 0
+        browse = f"the leaderboard at {service.url}/, `prism-ray status SUBMISSION_ID --url {service.url}`"
         if keep_serving:
-            stderr.print("serving until interrupted (Ctrl-C)")
+            out.print(f"serving until Ctrl-C: {browse}", highlight=False)
             while True:
                 time.sleep(3600)
-        raise typer.Exit(1 if failed else 0)
     except KeyboardInterrupt:
         pass
     finally:
-        service.close()
+        _stop(service)
+    if not keep_serving and code != 130:
+        out.print(f"the server has stopped; `prism-ray demo --keep-serving` keeps it up ({browse})", highlight=False)
+    raise typer.Exit(code)
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM (systemd, docker stop, kill) stops like Ctrl-C: both raise KeyboardInterrupt in the main thread,
+    whose `finally` drains the cluster. Set once Ray runs: ray.init installs a SIGTERM handler that aborts."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+
+
+def _stop(service: Service) -> None:
+    """Drain and stop, once: a second Ctrl-C or SIGTERM meanwhile is ignored (the drain is bounded)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    owned = service.cluster.owns_ray
+    stderr.print("stopping: draining (no new claims; running submissions go back to the queue without costing an "
+                 "attempt)" if owned else "stopping the API; the joined cluster keeps running", highlight=False)
+    handed_back = service.close()
+    if owned:
+        stderr.print(f"stopped; {len(handed_back)} running submission(s) handed back to the queue"
+                     + (f": {', '.join(handed_back)}" if handed_back else ""), highlight=False)
 
 
 @app.command("export")

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import time
+import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 from ray import serve
 
-from prism_ray.client import PrismClient
 from prism_ray.cluster.client import ClusterBackend
 from prism_ray.cluster.runtime import ClusterHandle, connect, start_cluster
 from prism_ray.config import Settings
 from serve_app.deployment import build_ingress
 from serve_app.models import ApiSettings
-
-EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
 
 
 @dataclass(frozen=True)
@@ -33,30 +29,29 @@ class Service:
     cluster: ClusterHandle
     url: str
 
-    def close(self) -> None:
-        serve.shutdown()
-        self.cluster.close()
+    def close(self) -> list[str]:
+        """Stop gracefully. A cluster this process started drains first, while the API still answers (its running
+        attempts go back to the queue without costing an attempt), then it stops, API included, and this returns
+        once every process of that cluster has exited. Returns the ids handed back to the queue."""
+        if not self.cluster.owns_ray:  # the cluster stays: take the API off it
+            serve.shutdown()
+            self.cluster.close()
+            return []
+        try:
+            return self.cluster.drain()
+        finally:  # Serve goes with the cluster (serve.shutdown would only add Ray's retry warnings)
+            self.cluster.close()
+
+
+# Serve's replicas would log every request, and Ray forwards workers' logs to this process: the CLI's own output
+# would drown in access lines. serve.start configures only the controller and proxies; serve.run the deployments.
+_QUIET = {"enable_access_log": False, "log_level": "WARNING"}
 
 
 def start_service(address: str | None, settings: Settings, api: ApiSettings, host: str, port: int) -> Service:
     cluster = start_cluster(address, settings)
-    # Access logs of every poll would drown the CLI's own output; the Ray dashboard still has the metrics.
-    serve.start(http_options={"host": host, "port": port},
-                logging_config={"enable_access_log": False, "log_level": "WARNING"})
-    serve.run(build_ingress(ReplicaBackend(cluster.settings), api), name="prism", route_prefix="/")
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # "Started Serve", "Application is ready", ...
+    serve.start(http_options={"host": host, "port": port}, logging_config=_QUIET)
+    serve.run(build_ingress(ReplicaBackend(cluster.settings), api), name="prism", route_prefix="/",
+              logging_config=_QUIET)
     return Service(cluster, f"http://{host}:{port}")
-
-
-def submit_examples(url: str, examples: list[Path], on_update=None, timeout: float = 3600.0) -> list[dict]:
-    """Submit each example over HTTP as its own dev hotkey, follow them all to the end, return their states."""
-    submitted = []
-    for example in examples:
-        client = PrismClient(url, dev_hotkey=f"demo-{example.name}")
-        submitted.append((client, client.submit(example)["id"]))
-    deadline = time.monotonic() + timeout
-    finals = []
-    for client, submission_id in submitted:
-        with client:
-            finals.append(client.wait(submission_id, timeout_s=max(1.0, deadline - time.monotonic()),
-                                      on_update=on_update))
-    return finals

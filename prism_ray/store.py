@@ -375,6 +375,25 @@ class Store:
                         now)
             return bool(rows)
 
+    def unclaim(self, submission_id: str, owner: str, attempt: int) -> bool:
+        """A draining scheduler hands a running attempt back (an operator stopped the cluster: nobody's failure):
+        pending again with the claim undone, so the restart costs no attempt. The attempt's run row goes, so its
+        number can be claimed again; what it had reached stays in the `unclaimed` event. False unless `owner`
+        still holds that attempt's lease."""
+        now = self._clock()
+        with self._transaction():
+            if not self._guarded([submission_id], ("running",), owner, attempt):
+                return False
+            interrupted = self._rows("DELETE FROM runs WHERE submission_id = ? AND attempt = ? RETURNING stage, node, "
+                                     "progress_bytes, progress_bpb", [submission_id, attempt])
+            self._con.execute("UPDATE submissions SET status = 'pending', stage = 'queued', reasons = '[]', "
+                              "attempt = attempt - 1, lease_owner = NULL, lease_expires_at = NULL, updated_at = ? "
+                              "WHERE id = ?", [now, submission_id])
+            self._append_events([(submission_id, "unclaimed", "queued",
+                                  {"owner": owner, "attempt": attempt, "not_counted": True,
+                                   "interrupted": interrupted[0] if interrupted else None})], now)
+            return True
+
     def requeue(self, submission_id: str, reason: Reason, owner: str | None = None, attempt: int | None = None) -> bool:
         """A system failure (not the miner's): back to pending, or `failed` once the attempts are spent."""
         return bool(self._requeue([submission_id], [reason], owner, attempt))

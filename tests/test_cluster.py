@@ -242,8 +242,9 @@ class TestOnTwoGpuNodes:
         assert [row["submission_id"] for row in ray.get(handle.store.scored_rows.remote())] == [submission_id]
 
 
-def test_restarting_everything_loses_nothing_and_scores_nothing_twice(cache_dir, tmp_path):
-    """Stop the scheduler, the store and Ray with a queue of submissions; the DuckDB file carries them over."""
+def test_a_crashed_scheduler_loses_nothing_and_scores_nothing_twice(cache_dir, tmp_path):
+    """The scheduler dies with a queue of submissions, without draining (a crash; a clean stop is
+    tests/test_restart.py), then the store and Ray stop; the DuckDB file carries every submission over."""
     store_path = tmp_path / "prism.duckdb"
     settings = tiny_settings(cache_dir, store_path)
     handle = start_cluster(None, settings)
@@ -252,7 +253,10 @@ def test_restarting_everything_loses_nothing_and_scores_nothing_twice(cache_dir,
         ids = [submit(handle, f"miner-{n}", f"{n}.zip", make_bundle(f"queued-{n}", pause=0.02)).id for n in range(3)]
         wait_until(lambda: (runs_of(handle, ids[0]) or [{}])[0].get("node"), timeout=60, what="the first training")
     finally:
-        handle.close()
+        ray.kill(handle.scheduler)
+        ray.get(handle.store.close.remote())
+        ray.kill(handle.store)
+        ray.shutdown()
     with Store(store_path) as store:  # Ray is gone: the file is ours to read
         assert [store.get_submission(submission_id).status for submission_id in ids] == ["running", "pending",
                                                                                            "pending"]

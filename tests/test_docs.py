@@ -35,6 +35,7 @@ from conftest import REPO, bigram_architecture, learner_loop, write_bundle
 from prism_ray.client import bundle_bytes
 from prism_ray.config import EMBEDDED_DATA_DIR
 from prism_ray.data.dataset import open_dataset
+from prism_ray.store import Store
 from serve_app import openapi_doc
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -60,6 +61,8 @@ EXTRA_OPTIONS = {"serve": "--port {port}", "demo": "--byte-budget 2000 --port {p
 SMALL_RUNS = {"PRISM_BYTE_BUDGET": "4000", "PRISM_SCORING_HELDOUT_BYTE_BUDGET": "2000", "PRISM_RUNNER_THREADS": "1"}
 CLUSTER_ORDER = ["submit", "status", "leaderboard", "export"]  # the first submission's id is {submission}
 SUBMISSION_ID = re.compile(r"sub_[0-9a-f]{32}")
+AS_TERMINAL = {"TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1"}  # rich draws as on a terminal, live
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def documented_commands() -> list[tuple[str, str]]:
@@ -117,8 +120,10 @@ class Workspace:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.home = root / "home"
+        # PYTHONPATH passes through: a worktree run with it on the path tests its own code, not the installed one
         self.env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(self.home),
-                    "COLUMNS": "200", **SMALL_RUNS}
+                    "COLUMNS": "200", **SMALL_RUNS,
+                    **{name: os.environ[name] for name in ("PYTHONPATH",) if name in os.environ}}
         self.values: dict[str, str] = {}  # {url}, {submission}
         self.results: dict[str, Done] = {}
         self.streams: dict[str, Future] = {}
@@ -320,7 +325,8 @@ def workspace(tmp_path_factory) -> Iterator[Workspace]:
     ws.result(prepares[0])  # its own test checks how it went
     with ThreadPoolExecutor(3) as pool:
         ws.streams = {"cluster": pool.submit(cluster_session, ws, [c for c in commands if stream(c) == "cluster"]),
-                      "demo": pool.submit(run_all, ws, [c for c in commands if stream(c) == "demo"]),
+                      # the demo as in a terminal, where its bars are live
+                      "demo": pool.submit(run_all, ws, [c for c in commands if stream(c) == "demo"], AS_TERMINAL),
                       # its own local Ray last, once the dry runs are done; `--byte-budget 0` scores the whole
                       # train split of the default dataset: the small locked one keeps that to seconds
                       "local": pool.submit(run_all, ws, sorted((c for c in commands if stream(c) == "local"),
@@ -418,16 +424,31 @@ def check_serve(done: Done, ws: Workspace) -> None:
     ranked = [entry["submission_id"] for entry in done.served["/v1/leaderboard"]["entries"]]
     if "--address" in done.line:  # joined `ray start`: the detached store keeps every submission across restarts
         assert "joined the Ray cluster" in done.stderr and ws.values["submission"] in ranked, done
-    else:  # its own fresh local cluster
-        assert ("no GPU found: 1 logical GPU" if not torch.cuda.is_available() else "local Ray cluster") in done.stderr
-        assert ranked == [], done
+        assert "stopping the API; the joined cluster keeps running" in done.stderr, done
+    else:  # its own fresh local cluster, drained by Ctrl-C (tests/test_restart.py drains one mid-training)
+        assert ("no GPU found: training runs on the CPU under one simulated GPU slot" if not torch.cuda.is_available()
+                else "local Ray cluster") in done.stderr
+        assert ranked == [] and "stopped; 0 running submission(s) handed back to the queue" in done.stderr, done
 
 
 def check_demo(done: Done, ws: Workspace) -> None:
     assert done.returncode == 0, done
-    ranked = re.findall(r"^│ (\d) │ demo-\S+ +│ (\S+) +│", done.stdout, re.MULTILINE)
-    assert sorted(name for _, name in ranked) == ["byte-lm", "seed-tiny", "tiny-gpt"], done
-    assert [rank for rank, _ in ranked] == ["1", "2", "3"], done
+    out, err = ANSI.sub("", done.stdout), ANSI.sub("", done.stderr).replace("\r", "\n")
+    ranked = re.findall(r"^(\d) +(\S+) +(\d+\.\d{4}) +\S+ +\S+ +(sub_[0-9a-f]{32})$", out, re.MULTILINE)
+    assert sorted(name for _, name, _, _ in ranked) == ["byte-lm", "seed-tiny", "tiny-gpt"], done
+    assert [rank for rank, *_ in ranked] == ["1", "2", "3"], done
+    with Store(ws.root / "demo-state" / "prism.duckdb") as store:  # the full ids, as `prism-ray status` takes them
+        assert [store.get_submission(submission_id).status for *_, submission_id in ranked] == ["completed"] * 3
+    assert "\x1b[1A" in done.stderr, done  # the bars are redrawn in place: live
+    for _, name, bpb, _ in ranked:  # a bar per submission: its stage, then its bytes and bpb
+        assert re.search(rf"^{name} +running train ", err, re.MULTILINE), done
+        assert re.search(rf"^{name} +completed .*/2,000 B  bpb {bpb} ", err, re.MULTILINE), done
+    assert not re.search(r"\b(GET|POST) /", done.stdout + done.stderr), done  # no access log
+    assert "`prism-ray eval` scores 200,000 by default" in " ".join(err.split()), done
+    if not torch.cuda.is_available():
+        assert "no GPU found: training runs on the CPU under one simulated GPU slot" in " ".join(err.split()), done
+    assert out.strip().splitlines()[-1].startswith("the server has stopped; `prism-ray demo --keep-serving` keeps "
+                                                   "it up"), done
 
 
 CHECKS = {"eval": check_eval, "data prepare": check_prepare, "data info": check_info, "submit": check_submit,

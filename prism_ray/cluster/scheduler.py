@@ -1,7 +1,8 @@
 """The scheduler: claims queued submissions from the store and runs each as a chain of stage tasks (DESIGN §3).
 
 The queue lives in the store, so the scheduler holds nothing that a restart could lose: on start it requeues every
-`running` row (those attempts died with the previous scheduler, their tasks with it). A poll loop on a side thread
+`running` row (those attempts died with a scheduler that crashed, their tasks with it); a scheduler that is
+stopped drains instead, handing its running attempts back uncounted. A poll loop on a side thread
 keeps at most `capacity` submissions in flight; each turn it renews the leases of its CPU-stage attempts, requeues
 expired leases, claims up to the free capacity, harvests finished stages (waking as soon as one finishes) and
 cuts stages that passed their wall-clock limit.
@@ -39,6 +40,7 @@ from prism_ray.report import RunReport
 
 SCHEDULER_NAME = "prism-scheduler"
 _CAPACITY_REFRESH_SECONDS = 5.0
+_DRAIN_SECONDS = 30.0  # how long stop() waits for cancelled stage tasks to end
 log = logging.getLogger(__name__)
 
 
@@ -87,15 +89,22 @@ class Scheduler:
         self._thread.start()
         return recovered
 
-    def stop(self) -> None:
-        """Stop the loop and cancel the running stages; their rows stay `running` for the next start to recover."""
+    def stop(self) -> list[str]:
+        """Drain: stop claiming, hand every running attempt back to the queue uncounted (an operator's stop is not
+        the miner's failure), cancel its stage and wait until the task is gone. Returns the ids handed back."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
-        for chain in self._chains.values():
+        chains, self._chains = list(self._chains.values()), {}
+        # Handed back before the cancel: whatever a dying task still sends finds its lease gone.
+        handed_back = ray.get([self.store.unclaim.remote(chain.job.submission_id, chain.job.owner, chain.job.attempt)
+                               for chain in chains])
+        for chain in chains:
             ray.cancel(chain.outcome, force=True)
-        self._chains.clear()
+        if chains:  # a force-cancelled task ends with its worker, and its sandboxed runner with that
+            ray.wait([chain.outcome for chain in chains], num_returns=len(chains), timeout=_DRAIN_SECONDS)
+        return [chain.job.submission_id for chain, done in zip(chains, handed_back, strict=True) if done]
 
     def wake(self) -> None:
         """A submission arrived: claim now rather than at the next poll."""

@@ -44,10 +44,10 @@ from ray.cluster_utils import Cluster
 
 from prism_ray.bundle import Bundle, check_contract
 from prism_ray.cluster import ClusterHandle, start_cluster, submit, wait
-from prism_ray.cluster.stages import STAGES, Job, StageContext
 from prism_ray.config import ClusterSettings, GateSettings, Settings
 from prism_ray.data.dataset import open_dataset
 from prism_ray.data.token_cache import load_token_stream
+from prism_ray.pipeline import evaluate
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "seed-tiny"
 
@@ -66,15 +66,10 @@ def settings_for(cache_dir: Path, store_path: Path, byte_budget: int) -> Setting
 
 
 def in_process(bundle: Bundle, settings: Settings) -> float:
-    """Seconds for the cluster's stage functions run one after the other here, without Ray."""
+    """Seconds for the cluster's stage table run in this process, without Ray (`prism-ray eval`)."""
     started = time.monotonic()
-    ctx = StageContext(Job("bench", 1, "bench", time.time()), settings)
-    payloads = {}
-    for stage in STAGES:
-        outcome, payloads[stage.name] = stage.run(ctx, bundle, *(payloads[name] for name in stage.needs))
-        if outcome.verdict != "next":
-            break
-    assert outcome.verdict == "completed", outcome
+    report = evaluate(bundle, settings)
+    assert report.status == "completed", report.reasons
     return time.monotonic() - started
 
 

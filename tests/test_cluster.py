@@ -29,6 +29,8 @@ from openai_stub import OpenAIStub, StubReply, openai_stub_fixture, openai_stub_
 from prism_ray.cluster import NO_GPU_NOTICE, ClusterBackend, ClusterHandle, leaderboard, start_cluster, submit, wait
 from prism_ray.config import GateSettings, Settings
 from prism_ray.harness.isolation import sandbox_available
+from prism_ray.pipeline import evaluate
+from prism_ray.report import RunReport
 from prism_ray.store import Store
 
 pytestmark = pytest.mark.skipif(not sandbox_available(), reason="the cluster requires bubblewrap")
@@ -203,6 +205,25 @@ class TestOnTwoGpuNodes:
         assert [(run["attempt"], run["status"]) for run in runs_of(handle, submission_id)] == [(1, "requeued"),
                                                                                               (2, "completed")]
         wait_until(lambda: not pids(bundle.sha256[:10]), timeout=10, what="the frozen attempt's runner to die")
+
+    def test_eval_and_the_cluster_give_the_same_report(self, ray_cluster, handles, cache_dir, tmp_path):
+        """One stage table, run in-process by `prism-ray eval` and as Ray tasks by the cluster: the two reports agree
+        field by field, apart from where and when (run dir, seconds)."""
+        settings = tiny_settings(cache_dir, tmp_path / "prism.duckdb")
+        handle = start(settings)
+        handles.append(handle)
+        bundle = make_bundle("both-ways")
+        local = evaluate(bundle, settings.model_copy(update={"sandbox": handle.settings.sandbox}))
+        submission_id = submit(handle, "both", "b.zip", bundle).id
+        assert wait(handle, submission_id, timeout=180).status == "completed"
+        [run] = runs_of(handle, submission_id)
+        remote = RunReport.model_validate(run["report"])
+        assert local.status == remote.status == "completed", (local.reasons, remote.reasons)
+        assert (Path(remote.run_dir) / "report.json").exists() and (Path(local.run_dir) / "report.json").exists()
+        assert list(local.timings) == list(remote.timings) == ["check", "gate", "train"]  # score writes the report
+        where_and_when = {"run_dir": True, "timings": True, "wall_seconds": True, "train_seconds": True,
+                          "tokens_per_second": True, "heldout": {"seconds"}, "probes": {"max_drift"}}
+        assert local.model_dump(exclude=where_and_when) == remote.model_dump(exclude=where_and_when)
 
     def test_a_runner_killed_from_outside_is_requeued_not_charged(self, ray_cluster, handles, cache_dir, tmp_path):
         """SIGKILL of the trainer by an operator (no out-of-memory kill in its cgroup) is a system failure: the

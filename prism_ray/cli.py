@@ -18,7 +18,7 @@ from rich.table import Table
 from prism_ray.client_cli import register as register_client_commands
 from prism_ray.config import Settings, load_settings
 from prism_ray.data.cli import data_app
-from prism_ray.harness.session import Progress as RunProgress
+from prism_ray.harness.records import Progress as RunProgress
 from prism_ray.pipeline import evaluate
 from prism_ray.report import RunReport
 

@@ -20,7 +20,7 @@ from prism_ray import gate, policy, run
 from prism_ray.bundle import Bundle, load_bundle
 from prism_ray.config import IntakeLimits, Settings
 from prism_ray.errors import BundleError, Reason
-from prism_ray.harness.session import Progress
+from prism_ray.harness.records import Progress
 from prism_ray.report import RunReport, assemble
 
 Verdict = Literal["next", "completed", "failed", "rejected", "held", "lost", "retry"]

@@ -25,7 +25,8 @@ from prism_ray.data.token_cache import load_token_stream
 from prism_ray.data.tokenizers import get_tokenizer
 from prism_ray.errors import PrismError
 from prism_ray.harness.isolation import SandboxPolicy
-from prism_ray.harness.session import EvalPass, PassResult, Progress, RunSpec, TrainOutcome, run_session
+from prism_ray.harness.records import EvalPass, PassResult, Progress, RunSpec, TrainOutcome
+from prism_ray.harness.session import run_session
 from prism_ray.harness.stream import StreamPlan
 from prism_ray.report import DataInfo, HeldoutResult
 

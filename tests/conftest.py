@@ -10,7 +10,8 @@ import pytest
 
 from prism_ray.bundle import Bundle, load_bundle
 from prism_ray.harness.isolation import SandboxPolicy
-from prism_ray.harness.session import RunSpec, TrainOutcome, run_session
+from prism_ray.harness.records import RunSpec, TrainOutcome
+from prism_ray.harness.session import run_session
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"

@@ -19,7 +19,7 @@ from prism_ray.bundle import Bundle
 from prism_ray.cluster.store_actor import Beat
 from prism_ray.config import Settings
 from prism_ray.gate import CachedVerdict
-from prism_ray.harness.session import Progress
+from prism_ray.harness.records import Progress
 from prism_ray.pipeline import STAGES_BY_NAME, Job, Outcome, Stage, StageContext, StageResult, run_stage
 
 

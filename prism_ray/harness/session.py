@@ -9,21 +9,21 @@ After the trainer has exited, the scorer runs the held-out passes. docs/architec
 
 from __future__ import annotations
 
-import math
 import os
 import selectors
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from prism_ray.errors import PrismError, Reason
 from prism_ray.harness import shared_state
+from prism_ray.harness.heldout import HeldoutError, score_passes
 from prism_ray.harness.isolation import SandboxPolicy
 from prism_ray.harness.probes import ProbePlan, ProbeRow, drift
 from prism_ray.harness.protocol import Channel, Kind, ProtocolError, parse_json, parse_record, parse_row
+from prism_ray.harness.records import Books, HeldoutPlan, Progress, RunSpec, TrainOutcome
 from prism_ray.harness.scorer import causality_tolerance, non_causal_message
 from prism_ray.harness.stream import BatchSlice, StreamPlan, check_geometry
 from prism_ray.harness.supervise import Runner
@@ -31,136 +31,8 @@ from prism_ray.harness.supervise import Runner
 MAX_BATCH_TOKENS = 1 << 22
 
 
-@dataclass
-class Progress:
-    batches: int
-    bytes_scored: int
-    byte_budget: int
-    running_bpb: float
-    tokens_per_second: float
-
-
-@dataclass
-class RunSpec:
-    """Everything the runners need; sent over their sockets, so they read no files of ours."""
-
-    bundle_dir: Path  # the whole bundle: the trainer's
-    scorer_bundle_dir: Path  # the bundle without the training entry file: the scorer's
-    architecture: tuple[str, str]
-    training: tuple[str, str]
-    tokenizer: str
-    vocab_size: int
-    max_seq_len: int
-    max_params: int
-    seed: int
-    device: str
-    byte_budget: int
-    artifacts_dir: Path
-    data_dir: str
-    threads: int
-    probe_rows: int = 1  # causality probe rows per batch
-
-    def runner_spec(self, role: str) -> dict:
-        bundle = self.bundle_dir if role == "trainer" else self.scorer_bundle_dir
-        return {"role": role, "bundle_dir": str(bundle), "architecture": list(self.architecture),
-                "training": list(self.training), "tokenizer": self.tokenizer, "vocab_size": self.vocab_size,
-                "max_seq_len": self.max_seq_len, "max_params": self.max_params, "seed": self.seed,
-                "device": self.device, "byte_budget": self.byte_budget, "artifacts_dir": str(self.artifacts_dir),
-                "data_dir": self.data_dir if role == "trainer" else "", "threads": self.threads}
-
-
-@dataclass
-class EvalPass:
-    """One held-out pass: score `tokens` (same stream rules) with the trained state or the step-0 state."""
-
-    name: str
-    tokens: np.ndarray
-    byte_budget: int
-    trained: bool
-    max_batches: int | None = None
-
-
-@dataclass
-class PassResult:
-    nats: float = 0.0
-    targets: int = 0
-    bytes: int = 0
-    batches: int = 0
-    non_finite: int = 0
-
-
-@dataclass
-class TrainOutcome:
-    status: str = "failed"  # completed | failed
-    reasons: list[Reason] = field(default_factory=list)
-    before_data: bool = False  # failed in the instantiation probe, before any data: the bundle is rejected
-    batch_size: int | None = None
-    seq_len: int | None = None
-    with_logits: bool | None = None
-    batch_nats: list[float] = field(default_factory=list)
-    batch_targets: list[int] = field(default_factory=list)
-    batch_bytes: list[int] = field(default_factory=list)
-    non_finite_batches: int = 0
-    planned_batches: int | None = None
-    probe_rows: int = 0
-    max_probe_drift: float = 0.0
-    stopped_reason: str | None = None
-    model_params: int | None = None
-    wall_seconds: float = 0.0
-    stream_seconds: float = 0.0
-    device: str | None = None
-    sandboxed: bool = False
-    log_tail: str = ""
-    heldout: dict[str, PassResult] | None = None
-    heldout_reasons: list[Reason] = field(default_factory=list)
-    heldout_seconds: float = 0.0
-
-    @property
-    def batches(self) -> int:
-        return len(self.batch_nats)
-
-    @property
-    def retryable(self) -> bool:
-        from prism_ray.harness.supervise import RETRYABLE_RULES
-
-        return any(reason.rule in RETRYABLE_RULES for reason in self.reasons)
-
-
-class _Books:
-    """Per-batch accounting of the parent; charges non-finite batches 2·ln(V) per target (docs/scoring.md)."""
-
-    def __init__(self, outcome: TrainOutcome, vocab_size: int):
-        self.outcome = outcome
-        self.penalty_per_target = 2.0 * math.log(vocab_size)
-        self.nats = 0.0
-        self.bytes = 0
-        self.targets = 0
-
-    def record(self, piece: BatchSlice, nats: float, finite: bool) -> None:
-        nats = self.checked(nats, finite, piece.targets)
-        self.outcome.batch_nats.append(nats)
-        self.outcome.batch_targets.append(piece.targets)
-        self.outcome.batch_bytes.append(piece.target_bytes)
-        self.nats += nats
-        self.bytes += piece.target_bytes
-        self.targets += piece.targets
-
-    def checked(self, nats: float, finite: bool, targets: int) -> float:
-        if not finite or not math.isfinite(nats) or nats < 0:
-            self.outcome.non_finite_batches += 1
-            return self.penalty_per_target * targets
-        return nats
-
-    @property
-    def running_bpb(self) -> float:
-        return self.nats / math.log(2) / self.bytes if self.bytes else float("nan")
-
-
 class _Failed(Exception):
     """Ends the run with the reasons already recorded."""
-
-
-HeldoutPlan = Callable[[TrainOutcome], list[EvalPass]]
 
 
 def run_session(spec: RunSpec, tokens: np.ndarray, byte_lengths: np.ndarray, run_dir: Path, time_limit: float,
@@ -179,7 +51,7 @@ class _Session:
         self.time_limit, self.progress, self.policy = time_limit, progress, policy
         self.heldout_plan, self.heldout_time_limit = heldout, heldout_time_limit
         self.outcome = TrainOutcome()
-        self.books = _Books(self.outcome, spec.vocab_size)
+        self.books = Books(self.outcome, spec.vocab_size)
         self.runners: dict[str, Runner] = {}
         self.channels: dict[str, Channel] = {}
         self.selector = selectors.DefaultSelector()
@@ -206,6 +78,7 @@ class _Session:
         self.probing: dict[tuple[int, int], ProbeRow] = {}  # sent to the prober
         self.stream_ended = False
         self.trainer_done = False
+        self.trainer_error: Reason | None = None  # the trainer's failure, held until the scorer's probe is in
         self.stream_started = 0.0
 
     # --- the run ------------------------------------------------------------------------------------------------
@@ -302,10 +175,16 @@ class _Session:
 
     def _handle(self, role: str, kind: Kind, payload: bytes) -> None:
         if kind == Kind.ERROR:
-            reason = parse_json(payload)
-            self._fail(Reason(rule=str(reason.get("rule", "run:exception")), message=str(reason.get("message", ""))
-                              [:4000], file=reason.get("file"), line=reason.get("line")),
-                       before_data=role != "trainer" and self.layout is None)
+            error = parse_json(payload)
+            reason = Reason(rule=str(error.get("rule", "run:exception")), message=str(error.get("message", ""))[:4000],
+                            file=error.get("file"), line=error.get("line"))
+            if role == "trainer" and self.layout is None:
+                # The trainer builds the same architecture: if the scorer's instantiation probe fails too, the bundle
+                # is rejected for that (before any data); only a sound architecture leaves the failure to training.
+                self.trainer_error = reason
+                self.selector.unregister(self.channels["trainer"].sock)
+                return
+            self._fail(reason, before_data=role != "trainer" and self.layout is None)
         handler = getattr(self, f"_{role}_{kind.name.lower()}", None)
         if handler is None:
             raise self._crash("trainer" if role == "trainer" else "scorer",
@@ -325,6 +204,8 @@ class _Session:
 
     def _scorer_layout(self, payload: bytes) -> None:
         self.layout = parse_json(payload)["layout"]
+        if self.trainer_error is not None:
+            self._fail(self.trainer_error)
         self._share()
 
     def _scorer_ready(self, payload: bytes) -> None:
@@ -528,51 +409,19 @@ class _Session:
         if not passes:
             return
         started = time.monotonic()
-        deadline = started + self.heldout_time_limit
-        results = {item.name: PassResult() for item in passes}
-        scorer = self.channels["scorer"]
+        assert self.outcome.batch_size is not None and self.outcome.seq_len is not None
         try:
-            scorer.send(Kind.FINAL)
-            self._expect(scorer, Kind.READY, deadline)
-            batch_size, seq_len = self.outcome.batch_size, self.outcome.seq_len
-            assert batch_size is not None and seq_len is not None
-            for item in passes:
-                result = results[item.name]
-                for piece in StreamPlan(item.tokens, self.byte_lengths, batch_size, seq_len,
-                                        item.byte_budget).batches():
-                    if item.max_batches is not None and piece.index >= item.max_batches:
-                        break
-                    scorer.send_batch(piece.index, batch_size, seq_len, piece.chunk, int(item.trained))
-                    index, nats, finite = parse_record(self._expect(scorer, Kind.RECORD, deadline))
-                    if index != piece.index:
-                        raise ProtocolError(f"held-out record for batch {index} was not expected")
-                    if not finite or not math.isfinite(nats) or nats < 0:
-                        nats, result.non_finite = 2.0 * math.log(self.spec.vocab_size) * piece.targets, \
-                            result.non_finite + 1
-                    result.nats += nats
-                    result.targets += piece.targets
-                    result.bytes += piece.target_bytes
-                    result.batches += 1
-            self.outcome.heldout = results
+            self.outcome.heldout = score_passes(self.channels["scorer"], passes, self.byte_lengths,
+                                                self.outcome.batch_size, self.outcome.seq_len, self.spec.vocab_size,
+                                                started + self.heldout_time_limit)
         except TimeoutError:
             self.outcome.heldout_reasons.append(Reason(rule="run:timeout", message="the held-out passes passed their "
                                                        f"wall-clock limit of {self.heldout_time_limit:g} s"))
-        except (ProtocolError, _HeldoutError) as error:
-            reasons = error.reasons if isinstance(error, _HeldoutError) else [
-                self.runners["scorer"].end_reason(f"held-out: {error}")]
-            self.outcome.heldout_reasons.extend(reasons)
+        except HeldoutError as error:
+            self.outcome.heldout_reasons.extend(error.reasons)
+        except ProtocolError as error:
+            self.outcome.heldout_reasons.append(self.runners["scorer"].end_reason(f"held-out: {error}"))
         self.outcome.heldout_seconds = time.monotonic() - started
-
-    def _expect(self, channel: Channel, wanted: Kind, deadline: float) -> bytes:
-        kind, payload = channel.recv(timeout=max(0.001, deadline - time.monotonic()))
-        if kind == Kind.ERROR:
-            reason = parse_json(payload)
-            raise _HeldoutError([Reason(rule=str(reason.get("rule", "run:exception")),
-                                        message=str(reason.get("message", ""))[:4000], file=reason.get("file"),
-                                        line=reason.get("line"))])
-        if kind != wanted:
-            raise ProtocolError(f"expected {wanted.name}, got {kind.name}")
-        return payload
 
     # --- endings ------------------------------------------------------------------------------------------------
 
@@ -603,10 +452,3 @@ class _Session:
         tails = [f"--- {role} ---\n{runner.process.log_tail(15)}" for role, runner in self.runners.items()
                  if runner.process.log_tail(1)]
         self.outcome.log_tail = "\n".join(tails)
-
-
-class _HeldoutError(Exception):
-    def __init__(self, reasons: list[Reason]):
-        super().__init__(str(reasons[0]))
-        self.reasons = reasons
-

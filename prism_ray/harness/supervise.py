@@ -23,8 +23,6 @@ from prism_ray.errors import PrismError, Reason
 from prism_ray.harness.isolation import Sandboxed, SandboxPolicy, launch
 from prism_ray.harness.protocol import Channel, ProtocolError
 
-RETRYABLE_RULES = frozenset({"infra:runner_killed"})
-
 
 def runner_env(threads: int, role: str) -> dict[str, str]:
     keep = ("PATH", "HOME", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "PYTHONPATH",

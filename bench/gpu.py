@@ -21,8 +21,11 @@ harness's peak GPU memory ÷ the bare loop's, the stream's ceiling, and the bpb 
 - bpb twice: the own-forward and the with_logits bundle each scored in two rounds; relative difference vs. the
   audit tolerance (bit-identical expected on CPU, 1e-4 on CUDA).
 
-    python bench/gpu.py                          # CUDA: about 2 minutes on one H100/H200
+    python bench/gpu.py                          # CUDA: planned for about 2 minutes on one H100/H200
     python bench/gpu.py --device cpu --quick     # smoke test (tests/test_bench_gpu.py)
+
+A run that fails shows as "failed" with its reason in the table, the other rows still print. Where bubblewrap cannot
+run (some GPU containers), PRISM_SANDBOX_MODE=off runs the harness unsandboxed; the header says which ran.
 """
 
 from __future__ import annotations
@@ -239,7 +242,7 @@ def import_file(path: Path):
 
 def synchronize(device: str) -> None:
     if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(torch.device(device))
 
 
 # --- measurements from the parent ------------------------------------------------------------------------------

@@ -151,6 +151,8 @@ def run_eval(tree: Path, bundle: Path, env: dict[str, str]) -> Measured:
 def export_old(scratch: Path) -> tuple[Path | None, str]:
     """The old tree in a temp dir, or None and why not."""
     root = scratch / f"prism-ray-{OLD_COMMIT}"
+    if shutil.which("git") is None:
+        return None, "old path skipped: git is not installed"
     archive = subprocess.run(["git", "-C", str(REPO), "archive", OLD_COMMIT], capture_output=True)
     if archive.returncode != 0:
         return None, f"old path skipped: {REPO} is not a git checkout holding commit {OLD_COMMIT} " \

@@ -1,35 +1,55 @@
-"""Harness overhead: tokens/s of a bare PyTorch loop vs. the full `prism-ray eval` on tiny-gpt (CPU).
+"""Harness overhead on CPU: bare PyTorch loops vs. `prism-ray eval` on tiny-gpt, GPT-2 tokens, the embedded data,
+with the harness of this checkout and the one before the scorer process (commit eef77f1), in one run.
 
-The bare loop uses the same model, optimizer, geometry and batches (from the same token cache file);
-eval adds the torchrun runner, the sandbox, the socket stream and the scored forward. Target:
-eval ÷ bare ≥ 0.95 with with_logits=True (the miner backprops through the harness's forward).
+Rows (same model, optimizer, geometry and batches everywhere; every eval with the LLM gate off):
+- bare loop: forward + backward + step, nothing else;
+- bare + scorer forward: the bare loop plus the scorer's per-batch work (`target_log_probs`, no grad, its record
+  included) — the floor of a miner that writes its own loss, whose step is scored forward + forward + backward;
+- eval, own forward: examples/tiny-gpt with the loss written in training.py (the way most miners write a loop);
+- eval, with_logits: examples/tiny-gpt as shipped. The trainer runs its forward with graph and the scorer scores
+  its own snapshot anyway, so this path pays a forward too: it is compared with both bare rows;
+- the two eval rows with causality probes off (`causality_probe_rows=0`), so the probes' own cost shows;
+- the old path: both loops through commit eef77f1's eval (exported with `git archive`, its own cache dir; it scored
+  inside the runner, one forward for with_logits). "scorer process cost" = new ÷ old.
 
-    python bench/harness_overhead.py [--byte-budget 150000]
+Every variant runs in a fresh process (bare loops: in the runners' environment, `runner_env`; evals: through
+bench/eval_driver.py, with this checkout's or the old tree first on PYTHONPATH), interleaved, the order rotated
+every round, so drift hits each alike; the table shows medians of rounds and the load average around them.
+Two figures per variant:
+- tokens/s: targets ÷ seconds of the stream — for eval the report's (first batch released → trainer done), for the
+  bare loops the loop alone;
+- CPU ms per 1k tokens: user + system time of every process of the run (/proc), over whole batches (from the first
+  loss record to the last; bare: steps 2..n). On a shared machine with more runnable threads than cores, wall time
+  measures the share the scheduler gave, CPU time the work done; read the ratios of the second when the load
+  average is above the core count. CPU ratios are written speed-like: base cost ÷ variant cost.
+
+Targets (issues #14, #16): own forward ÷ bare+fwd ≥ 0.97; with_logits ÷ bare ≥ 0.97; new ÷ old ≥ 0.95.
+
+    python bench/harness_overhead.py [--byte-budget 24000] [--rounds 3] [--quick] [--no-old]
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-
-from prism_ray.config import EMBEDDED_DATA_DIR, Settings
-from prism_ray.data.dataset import open_dataset
-from prism_ray.data.token_cache import load_token_stream
-from prism_ray.harness.context import force_seed
-from prism_ray.harness.stream import StreamPlan
-from prism_ray.pipeline import evaluate
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny-gpt"
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "tiny-gpt"
+DRIVER = REPO / "bench" / "eval_driver.py"
+OLD_COMMIT = "eef77f1"  # the last harness that scored inside the runner running training.py
 BATCH, LENGTH = 8, 128
+HELDOUT_BYTES = 1  # one batch per held-out pass: it runs after the stream and is not timed, so keep it short
 OWN_LOSS = '''
 import torch
 import torch.nn.functional as F
@@ -52,22 +72,41 @@ def train(ctx):
 '''
 
 
-def bare_loop(settings: Settings) -> float:
-    """The same work as examples/tiny-gpt, with no harness at all."""
+@dataclass
+class Measured:
+    tokens_per_second: float
+    cpu_ms_per_k: float  # CPU milliseconds per 1,000 targets, every process of the run
+
+
+def bare_child(job: dict) -> None:
+    """`--bare JOB`: examples/tiny-gpt's work with no harness, in this fresh process; one JSON line."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from prism_ray.config import EMBEDDED_DATA_DIR
+    from prism_ray.data.dataset import open_dataset
+    from prism_ray.data.token_cache import load_token_stream
+    from prism_ray.harness.context import force_seed, rows
+    from prism_ray.harness.scorer import target_log_probs
+    from prism_ray.harness.stream import StreamPlan
+
+    torch.set_num_threads(job["threads"])
     spec = importlib.util.spec_from_file_location("tiny_gpt_architecture", EXAMPLE / "architecture.py")
     architecture = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(architecture)
-    stream = load_token_stream(open_dataset(EMBEDDED_DATA_DIR), "train", "gpt2", settings.cache_dir)
-    plan = StreamPlan(np.asarray(stream.tokens), stream.byte_lengths, BATCH, LENGTH, settings.byte_budget)
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
-    force_seed(settings.seed)
-    model = architecture.TinyGPT(stream.vocab_size, settings.max_seq_len)
+    stream = load_token_stream(open_dataset(EMBEDDED_DATA_DIR), "train", "gpt2", Path(job["cache_dir"]))
+    plan = StreamPlan(np.asarray(stream.tokens), stream.byte_lengths, BATCH, LENGTH, job["byte_budget"])
+    batches = [(rows(piece.chunk, LENGTH), piece.targets) for piece in plan.batches()]
+    force_seed(job["seed"])
+    model = architecture.TinyGPT(stream.vocab_size, job["max_seq_len"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    model.train()
-    targets = 0
+    model.train()  # tiny-gpt has no dropout: train and eval mode compute the same forward
+    recorded, targets, cpu_after_first = 0.0, 0, 0.0
     started = time.perf_counter()
-    for step, piece in enumerate(plan.batches()):
-        tokens = torch.from_numpy(piece.chunk.astype(np.int64)).unfold(0, LENGTH, LENGTH - 1).contiguous()
+    for step, (tokens, count) in enumerate(batches):
+        if job["extra_forward"]:  # exactly the scorer's per-batch computation, its record included
+            recorded += -float(target_log_probs(model, tokens, stream.vocab_size).double().sum())
         for group in optimizer.param_groups:
             group["lr"] = 3e-3 * min(1.0, (step + 1) / 20)
         logits = model(tokens)
@@ -76,40 +115,162 @@ def bare_loop(settings: Settings) -> float:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        targets += piece.targets
-    return targets / (time.perf_counter() - started)
+        targets += count
+        if step == 0:
+            cpu_after_first = time.process_time()
+    elapsed = time.perf_counter() - started
+    window = targets - batches[0][1]
+    print(json.dumps({"tokens_per_second": targets / elapsed,
+                      "cpu_ms_per_k": (time.process_time() - cpu_after_first) * 1e6 / window if window else 0.0}))
 
 
-def eval_tokens_per_second(bundle: Path, settings: Settings) -> float:
-    report = evaluate(bundle, settings)
-    assert report.ok, report.reasons
-    return report.tokens_per_second
+def run_bare(job: dict, extra_forward: bool) -> Measured:
+    from prism_ray.harness.supervise import runner_env
+
+    env = {**runner_env(job["threads"], "trainer"), "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, __file__, "--bare", json.dumps({**job, "extra_forward": extra_forward})],
+                          env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"bare loop failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return Measured(result["tokens_per_second"], result["cpu_ms_per_k"])
+
+
+def run_eval(tree: Path, bundle: Path, env: dict[str, str]) -> Measured:
+    done = subprocess.run([sys.executable, str(DRIVER), str(bundle)], env={**env, "PYTHONPATH": str(tree)},
+                          cwd=tree, capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    result = json.loads(lines[-1]) if done.returncode == 0 and lines else {}
+    if result.get("status") != "completed":
+        raise RuntimeError(f"eval of {bundle.name} with {tree} failed ({done.returncode}): "
+                           f"{result.get('reasons') or done.stderr[-3000:]}")
+    window = result["window_batches"] * result["targets_per_batch"]
+    return Measured(result["tokens_per_second"], result["window_cpu_seconds"] * 1e6 / window if window else 0.0)
+
+
+def export_old(scratch: Path) -> tuple[Path | None, str]:
+    """The old tree in a temp dir, or None and why not."""
+    root = scratch / f"prism-ray-{OLD_COMMIT}"
+    if shutil.which("git") is None:
+        return None, "old path skipped: git is not installed"
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", OLD_COMMIT], capture_output=True)
+    if archive.returncode != 0:
+        return None, f"old path skipped: {REPO} is not a git checkout holding commit {OLD_COMMIT} " \
+                     f"({archive.stderr.decode().strip()[:200]})"
+    root.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive.stdout, check=True)
+    return root, f"old path: commit {OLD_COMMIT}, exported to a temp dir"
+
+
+def load() -> str:
+    return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--byte-budget", type=int, default=150_000)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--byte-budget", type=int, default=24_000, help="bytes scored per run")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table shows medians")
+    parser.add_argument("--quick", action="store_true", help="a tiny run: 8,000 bytes, one round")
+    parser.add_argument("--no-old", action="store_true", help="skip the old-path rows")
+    parser.add_argument("--bare", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as scratch:
-        settings = Settings(byte_budget=args.byte_budget, cache_dir=Path(scratch) / "cache")
-        settings.gate.mode = "off"
-        own_loss = Path(scratch) / "tiny-gpt-own-loss"
+    if args.bare:
+        bare_child(json.loads(args.bare))
+        return
+    if args.quick:
+        args.byte_budget, args.rounds = 8_000, 1
+    from prism_ray.config import EMBEDDED_DATA_DIR, Settings
+    from prism_ray.data.dataset import open_dataset
+    from prism_ray.data.token_cache import load_token_stream
+
+    with tempfile.TemporaryDirectory(prefix="prism-bench-") as scratch_name:
+        scratch = Path(scratch_name)
+        os.chmod(scratch, 0o711)  # the sandboxes run as another uid and must pass through to their run dirs
+        settings = Settings()
+        cache = scratch / "cache"
+        load_token_stream(open_dataset(EMBEDDED_DATA_DIR), "train", "gpt2", cache)  # built once, before timing
+        own_loss = scratch / "tiny-gpt-own-loss"
         shutil.copytree(EXAMPLE, own_loss)
         (own_loss / "training.py").write_text(OWN_LOSS)
-        results: dict[str, list[float]] = {"bare": [], "with_logits": [], "own_loss": []}
-        for _ in range(args.rounds):  # interleaved, so machine drift hits every variant alike
-            results["bare"].append(bare_loop(settings))
-            results["with_logits"].append(eval_tokens_per_second(EXAMPLE, settings))
-            results["own_loss"].append(eval_tokens_per_second(own_loss, settings))
-    best = {name: max(values) for name, values in results.items()}
-    print(f"tiny-gpt on CPU ({len(os.sched_getaffinity(0))} cores), B={BATCH} L={LENGTH}, "
-          f"{args.byte_budget:,} bytes, best of {args.rounds}:")
-    print(f"  bare PyTorch loop                 {best['bare']:10,.0f} tokens/s")
-    print(f"  prism-ray eval, with_logits=True  {best['with_logits']:10,.0f} tokens/s   "
-          f"ratio {best['with_logits'] / best['bare']:.3f}  (target ≥ 0.95)")
-    print(f"  prism-ray eval, own forward+loss  {best['own_loss']:10,.0f} tokens/s   "
-          f"ratio {best['own_loss'] / best['bare']:.3f}  (pays a second forward)")
+        # the cache (run dirs included) sits outside the trees: the old sandbox hides a cache inside a bound dir
+        env = {**os.environ, "PRISM_GATE_MODE": "off", "PRISM_CACHE_DIR": str(cache),
+               "PRISM_BYTE_BUDGET": str(args.byte_budget), "PRISM_SCORING_HELDOUT_BYTE_BUDGET": str(HELDOUT_BYTES)}
+        no_probes = {**env, "PRISM_CAUSALITY_PROBE_ROWS": "0"}
+        threads = settings.runner_threads or len(os.sched_getaffinity(0))
+        job = {"cache_dir": str(cache), "byte_budget": args.byte_budget, "seed": settings.seed,
+               "max_seq_len": settings.max_seq_len, "threads": threads}
+        variants: dict[str, Callable[[], Measured]] = {
+            "bare": lambda: run_bare(job, extra_forward=False),
+            "bare_fwd": lambda: run_bare(job, extra_forward=True),
+            "own": lambda: run_eval(REPO, own_loss, env),
+            "logits": lambda: run_eval(REPO, EXAMPLE, env),
+            "own_p0": lambda: run_eval(REPO, own_loss, no_probes),
+            "logits_p0": lambda: run_eval(REPO, EXAMPLE, no_probes),
+        }
+        old, old_note = (None, "old path skipped (--no-old)") if args.no_old else export_old(scratch)
+        if old is not None:
+            variants["old_own"] = lambda: run_eval(old, own_loss, env)
+            variants["old_logits"] = lambda: run_eval(old, EXAMPLE, env)
+        names = list(variants)
+        results: dict[str, list[Measured]] = {name: [] for name in names}
+        loads = [load()]
+        started = time.monotonic()
+        for round_ in range(args.rounds):
+            for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+                results[name].append(variants[name]())
+            loads.append(load())
+        elapsed = time.monotonic() - started
+    print_table(args, threads, results, loads, elapsed, old_note)
+
+
+def print_table(args: argparse.Namespace, threads: int, results: dict[str, list[Measured]], loads: list[str],
+                elapsed: float, old_note: str) -> None:
+    speed = {name: statistics.median(m.tokens_per_second for m in runs) for name, runs in results.items()}
+    cost = {name: statistics.median(m.cpu_ms_per_k for m in runs) for name, runs in results.items()}
+
+    def by_speed(name: str, base: str) -> str:
+        return f"{speed[name] / speed[base]:.3f}" if name in speed and base in speed else "—"
+
+    def by_cost(name: str, base: str) -> str:
+        return f"{cost[base] / cost[name]:.3f}" if name in cost and base in cost else "—"
+
+    print(f"harness overhead: tiny-gpt on CPU, GPT-2 tokens, embedded data, B={BATCH} L={LENGTH}, "
+          f"{args.byte_budget:,} bytes per run, {threads} torch threads per process")
+    print(f"machine: {len(os.sched_getaffinity(0))} cores; median of {args.rounds} interleaved round(s), "
+          f"{elapsed:.0f} s; load average (1/5/15 min) at start and after each round: " + " | ".join(loads))
+    print(old_note)
+    rows = [
+        ("bare", "bare loop: fwd + bwd + step", "", ""),
+        ("bare_fwd", "bare loop + the scorer's forward", "", ""),
+        ("own", "eval, own forward", "≥0.97 ÷bare+fwd", "old_own"),
+        ("logits", "eval, with_logits=True", "≥0.97 ÷bare", "old_logits"),
+        ("own_p0", "eval, own forward, probes off", "", "old_own"),
+        ("logits_p0", "eval, with_logits=True, probes off", "", "old_logits"),
+        ("old_own", f"old path ({OLD_COMMIT}), own forward", "", ""),
+        ("old_logits", f"old path ({OLD_COMMIT}), with_logits=True", "", ""),
+    ]
+    print(f"  {'':<40} {'--------- wall clock ---------':^37} | {'------------ CPU time ------------':^40}")
+    print(f"  {'variant':<40} {'tok/s':>7} {'÷bare':>6} {'÷b+fwd':>6} {'÷old':>6}  {'rounds':<9}| "
+          f"{'ms/1k tok':>9} {'÷bare':>6} {'÷b+fwd':>6} {'÷old':>6}  {'rounds':<9}| target")
+    for name, label, target, old in rows:
+        if name not in speed:
+            continue
+        walls = ",".join(f"{m.tokens_per_second:.0f}" for m in results[name])
+        cpus = ",".join(f"{m.cpu_ms_per_k:.0f}" for m in results[name])
+        print(f"  {label:<40} {speed[name]:7,.0f} {by_speed(name, 'bare'):>6} {by_speed(name, 'bare_fwd'):>6} "
+              f"{by_speed(name, old) if old else '':>6}  {walls:<9}| {cost[name]:9,.0f} {by_cost(name, 'bare'):>6} "
+              f"{by_cost(name, 'bare_fwd'):>6} {by_cost(name, old) if old else '':>6}  {cpus:<9}| {target}")
+    print("with_logits pays a forward under the trusted design: the trainer's forward (with graph) cannot be the "
+          "scored one, since the trainer runs training.py; the scorer scores its own private snapshot. So "
+          f"with_logits ÷ bare can reach at most about bare+fwd ÷ bare ({by_speed('bare_fwd', 'bare')} wall, "
+          f"{by_cost('bare_fwd', 'bare')} CPU here), not 0.97.")
+    if "old_own" in speed:
+        print(f"scorer process cost vs. the old path (new ÷ old, issue #14 target ≥ 0.95), wall / CPU: own forward "
+              f"{by_speed('own', 'old_own')} / {by_cost('own', 'old_own')}, with_logits "
+              f"{by_speed('logits', 'old_logits')} / {by_cost('logits', 'old_logits')}")
+    print(f"causality probes' own cost (probes on ÷ off), wall / CPU: own forward {by_speed('own', 'own_p0')} / "
+          f"{by_cost('own', 'own_p0')}, with_logits {by_speed('logits', 'logits_p0')} / "
+          f"{by_cost('logits', 'logits_p0')}")
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def _device(requested: str) -> str:
 
     if requested == "auto":
         return "cuda:0" if torch.cuda.is_available() else "cpu"
-    return requested
+    return "cuda:0" if requested == "cuda" else requested  # one visible GPU per run (Ray sets CUDA_VISIBLE_DEVICES)
 
 
 def run(channel: Channel, spec: dict, role: str, probe_fd: int | None) -> int:

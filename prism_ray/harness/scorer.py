@@ -25,20 +25,25 @@ from prism_ray.harness.context import RunError, count_parameters, device_of, for
 from prism_ray.harness.protocol import Channel, Kind, parse_batch, parse_json
 
 PROBE_SEQ_LEN = 64
+_SOFTMAX_BYTES = 256 << 20  # rows of logits turned into log-probs at once
 
 
 def target_log_probs(model: torch.nn.Module, tokens: torch.Tensor, vocab_size: int,
                      targets: torch.Tensor | None = None) -> torch.Tensor:
     """log p(target) at every position of [B, L] tokens → [B, L−1], in float32 or wider (float64 logits stay
-    float64); the targets are the tokens' own next tokens unless given. Row by row: a [B, L, V] float32 softmax at
-    once would need gigabytes for GPT-2's vocabulary."""
+    float64); the targets are the tokens' own next tokens unless given. A few rows at a time: a [B, L, V] float32
+    softmax at once can need gigabytes for GPT-2's vocabulary."""
     targets = tokens[:, 1:] if targets is None else targets
     with torch.no_grad():
         logits = logits_of(model(tokens), tokens.shape, vocab_size)
         dtype = torch.promote_types(logits.dtype, torch.float32)
-        out = torch.empty(tokens.shape[0], tokens.shape[1] - 1, dtype=dtype, device=tokens.device)
-        for row in range(tokens.shape[0]):
-            out[row] = -F.cross_entropy(logits[row, :-1].to(dtype), targets[row], reduction="none")
+        batch, length, vocab = logits.shape
+        rows_at_once = max(1, _SOFTMAX_BYTES // (length * vocab * dtype.itemsize))
+        out = torch.empty(batch, length - 1, dtype=dtype, device=tokens.device)
+        for first in range(0, batch, rows_at_once):
+            chunk = slice(first, first + rows_at_once)
+            predicted = logits[chunk, :-1].to(dtype).reshape(-1, vocab)
+            out[chunk] = -F.cross_entropy(predicted, targets[chunk].reshape(-1), reduction="none").view(-1, length - 1)
     return out
 
 
@@ -184,10 +189,11 @@ class Scorer:
 
 
 def causality_tolerance(dtypes: list[str], device_type: str) -> float:
-    """How far a row's log-probs may move between two forwards of different batch shapes (rounding only)."""
+    """How far a row's log-probs may move between two forwards of different batch shapes (rounding only): one ulp of
+    a bfloat16 logit near 16 is 0.0625; GPU kernels for different batch shapes may reduce in other orders."""
     if any(d.removeprefix("torch.") in ("float16", "bfloat16") for d in dtypes):
-        return 5e-2
-    return 5e-3 if device_type == "cuda" else 1e-3
+        return 0.25
+    return 1e-2 if device_type == "cuda" else 1e-3
 
 
 def non_causal_message(boundary: int, drift: float) -> str:

@@ -1,4 +1,7 @@
-"""Requests as miners make them: real sr25519 keypairs, signed JSON bodies, real bundle zips (test_api, test_service)."""
+"""Requests as miners make them: real sr25519 keypairs, signed JSON bodies, real bundle zips (test_api, test_service).
+
+The default bundle is a real learner (a bigram table trained with Adam through the harness's forward), so wherever
+a test lets it run it passes the check stage, trains and is scored."""
 
 from __future__ import annotations
 
@@ -9,9 +12,10 @@ import zipfile
 
 from bittensor_wallet import Keypair
 
+from conftest import bigram_architecture, learner_loop
 from prism_ray.auth import sign_request
 
-LINEAR_ARCHITECTURE = "import torch\n\ndef build_model(ctx):\n    return torch.nn.Linear(ctx.vocab_size, ctx.vocab_size)\n"
+BIGRAM_ARCHITECTURE = bigram_architecture()
 
 
 def zip_files(files: dict[str, str]) -> bytes:
@@ -22,10 +26,10 @@ def zip_files(files: dict[str, str]) -> bytes:
     return buffer.getvalue()
 
 
-def bundle_zip(tag: str, training: str | None = None, architecture: str = LINEAR_ARCHITECTURE) -> bytes:
+def bundle_zip(tag: str, training: str | None = None, architecture: str = BIGRAM_ARCHITECTURE) -> bytes:
     """A real bundle zip; `tag` makes its code (and so its fingerprint) distinct."""
     if training is None:
-        training = f"def train(ctx):\n    run = {tag!r}\n    for _ in ctx.iter_train_batches(ctx.build_model()):\n        pass\n"
+        training = f"# {tag}\n{learner_loop(seq_len=64, lr=0.1)}"
     return zip_files({"architecture.py": architecture, "training.py": training,
                       "prism.yaml": f"tokenizer: bytes\nname: {tag}\n"})
 

@@ -28,11 +28,12 @@ from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import response_schema_conformance
 from typer.testing import CliRunner
 
-from api_helpers import LINEAR_ARCHITECTURE, bundle_zip, new_keypair, signed_json
+from api_helpers import BIGRAM_ARCHITECTURE, bundle_zip, new_keypair, signed_json
 from prism_ray.auth import sign_request
 from prism_ray.client import bundle_bytes
 from prism_ray.client_cli import register
 from prism_ray.config import Settings
+from prism_ray.pipeline import evaluate
 from prism_ray.report import RunReport
 from prism_ray.store import TERMINAL_STATUSES, Store
 from serve_app import ApiSettings, StoreBackend, create_app
@@ -138,6 +139,21 @@ def api_with(backend):
                 httpx.Client(base_url=url, timeout=30) as http:
             yield Api(url, http, backend)
     return start
+
+
+# --- the helper's bundle is real ---
+
+def test_the_helper_bundle_passes_the_check_trains_and_is_scored(tmp_path):
+    """The bundle every test here posts, run through the real pipeline (static check, sandboxed probe, training,
+    held-out, score): what the fake scheduler below stands in for would really complete it."""
+    settings = Settings(byte_budget=4_000, runner_threads=1, cache_dir=tmp_path)
+    settings.gate.mode = "off"
+    settings.scoring.heldout_byte_budget = 2_000
+    report = evaluate(bundle_zip("helper"), settings)
+    assert (report.status, report.stage, report.reasons) == ("completed", "score", []), report.reasons
+    assert report.bpb is not None and report.bytes_scored >= 4_000
+    assert report.curve[-1]["bpb"] < report.curve[0]["bpb"] - 0.1  # it learned: the running bpb falls
+    assert report.heldout["status"] == "completed"
 
 
 # --- the full path ------------------------------------------------------------------------------------------------
@@ -369,7 +385,7 @@ def test_the_cli_submits_waits_and_reads_the_leaderboard(api, tmp_path):
     assert any(entry["hotkey"] == hotkey for entry in json.loads(board.stdout)["entries"])
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "architecture.py").write_text(LINEAR_ARCHITECTURE)
+    (broken / "architecture.py").write_text(BIGRAM_ARCHITECTURE)
     result = runner.invoke(app, ["submit", str(broken), "--url", api.url, "--key-file", str(tmp_path / "key")])
     assert result.exit_code == 1 and "contract:missing_file" in result.output
 

@@ -19,11 +19,13 @@ from prism_ray.config import Settings, load_settings
 from prism_ray.data.cli import data_app
 from prism_ray.harness.session import Progress as RunProgress
 from prism_ray.pipeline import evaluate
+from prism_ray.registry import registry_app
 from prism_ray.report import RunReport
 
 app = typer.Typer(help="prism-ray: evaluate PRISM bundles as prequential bits-per-byte on locked text.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(data_app, name="data", help="Prepare, inspect and tokenise locked datasets.")
+app.add_typer(registry_app, name="registry")
 register_client_commands(app)
 stderr = Console(stderr=True)
 

@@ -43,8 +43,10 @@ def service(tmp_path_factory):
     settings = Settings(byte_budget=10_000, runner_threads=1, cache_dir=tmp_path_factory.mktemp("state"))
     settings.gate.mode = "off"
     settings.scoring.heldout_byte_budget = 10_000
-    running = start_service(None, settings, ApiSettings(internal_token=TOKEN, rate_limit_burst=BURST),
-                            "127.0.0.1", free_port())
+    # Open registry and no practical per-address limit: every miner here is a fresh key on 127.0.0.1.
+    api = ApiSettings(internal_token=TOKEN, rate_limit_burst=BURST, address_rate_limit_burst=10_000,
+                      registry={"mode": "open"})
+    running = start_service(None, settings, api, "127.0.0.1", free_port())
     yield running
     running.close()
     assert not ray.is_initialized()

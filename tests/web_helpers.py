@@ -14,8 +14,8 @@ from pathlib import Path
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
-from test_api import fake_result
 
+from api_helpers import fake_result
 from prism_ray.errors import Reason
 from prism_ray.store import Store, SubmissionRecord
 from serve_app import StoreBackend

@@ -18,6 +18,7 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -76,6 +77,16 @@ class Snapshot(BaseModel):
     neurons: list[Neuron]
 
 
+@dataclass(frozen=True)
+class _Loaded:
+    """What the file said when it was last read; replaced whole, so a reader on another thread never sees half."""
+
+    stamp: tuple[int, int] | None = None  # (mtime_ns, size) of the file as read
+    hotkeys: frozenset[str] = frozenset()
+    snapshot: Snapshot | None = None
+    problem: RegistryError | None = None
+
+
 class Registry:
     """Admits hotkeys. `admit` raises RegistryError: `registry:unregistered` (403) for a hotkey the source does not
     hold, `registry:unavailable` (503) when the source cannot be read (no snapshot yet, a malformed file)."""
@@ -83,10 +94,7 @@ class Registry:
     def __init__(self, mode: Mode, path: Path | None = None) -> None:
         self.mode = mode
         self.path = path
-        self._stamp: tuple[int, int] | None = None  # (mtime_ns, size) of the file as last read
-        self._hotkeys: frozenset[str] = frozenset()
-        self._snapshot: Snapshot | None = None
-        self._problem: RegistryError | None = None
+        self._loaded = _Loaded()
 
     @classmethod
     def from_settings(cls, settings: RegistrySettings, auth_mode: str, cache_dir: Path) -> Registry:
@@ -96,50 +104,50 @@ class Registry:
     def admit(self, hotkey: str) -> None:
         if self.mode == "open":
             return
-        self._reload_if_changed()
-        if self._problem is not None:
-            raise self._problem
-        if hotkey not in self._hotkeys:
-            where = (f"subnet {self._snapshot.netuid} on {self._snapshot.network} (metagraph at block "
-                     f"{self._snapshot.block})" if self._snapshot else "this server's allow-list")
+        loaded = self._current()
+        if loaded.problem is not None:
+            raise loaded.problem
+        if hotkey not in loaded.hotkeys:
+            where = (f"subnet {loaded.snapshot.netuid} on {loaded.snapshot.network} (metagraph at block "
+                     f"{loaded.snapshot.block})" if loaded.snapshot else "this server's allow-list")
             raise RegistryError("registry:unregistered", f"hotkey {hotkey} is not registered on {where}; register "
                                 "it on the subnet, then submit again (nothing was stored)", status=403)
 
     def describe(self) -> dict[str, Any]:
         """For /health: the mode, the file, how many hotkeys it holds, when the snapshot was taken, what is wrong."""
-        if self.mode != "open":
-            self._reload_if_changed()
+        loaded = _Loaded() if self.mode == "open" else self._current()
         return {"mode": self.mode, "source": None if self.path is None else str(self.path),
-                "hotkeys": None if self.mode == "open" or self._problem else len(self._hotkeys),
-                "synced_at": self._snapshot and self._snapshot.synced_at,
-                "problem": self._problem and self._problem.reasons[0].message}
+                "hotkeys": None if self.mode == "open" or loaded.problem else len(loaded.hotkeys),
+                "synced_at": loaded.snapshot and loaded.snapshot.synced_at,
+                "problem": loaded.problem and loaded.problem.reasons[0].message}
 
-    def _reload_if_changed(self) -> None:
+    def _current(self) -> _Loaded:
+        """The file as it is now: read again only when its mtime or size changed."""
         assert self.path is not None
         try:
             stat = self.path.stat()
         except OSError as error:
-            self._stamp, self._hotkeys, self._snapshot = None, frozenset(), None
             hint = "run `prism-ray registry sync`" if self.mode == "metagraph" else "write the allow-list"
-            self._problem = RegistryError("registry:unavailable", f"the {self.mode} file {self.path} cannot be read "
-                                          f"({error.strerror}); {hint}. No submission is accepted until it can")
-            return
+            self._loaded = _Loaded(problem=RegistryError(
+                "registry:unavailable", f"the {self.mode} file {self.path} cannot be read ({error.strerror}); "
+                f"{hint}. No submission is accepted until it can"))
+            return self._loaded
         stamp = (stat.st_mtime_ns, stat.st_size)
-        if stamp == self._stamp:
-            return
-        self._stamp = stamp
+        if stamp != self._loaded.stamp:
+            self._loaded = self._read(stamp)
+        return self._loaded
+
+    def _read(self, stamp: tuple[int, int]) -> _Loaded:
+        assert self.path is not None
         try:
             text = self.path.read_text()
             if self.mode == "metagraph":
-                self._snapshot = Snapshot.model_validate_json(text)
-                self._hotkeys = frozenset(neuron.hotkey for neuron in self._snapshot.neurons)
-            else:
-                self._snapshot, self._hotkeys = None, parse_allowlist(text)
-            self._problem = None
-        except (ValidationError, ValueError) as error:
-            self._hotkeys, self._snapshot = frozenset(), None
-            self._problem = RegistryError("registry:unavailable", f"{self.path} is not a valid {self.mode} file: "
-                                          f"{str(error).splitlines()[0]}")
+                snapshot = Snapshot.model_validate_json(text)
+                return _Loaded(stamp, frozenset(neuron.hotkey for neuron in snapshot.neurons), snapshot)
+            return _Loaded(stamp, parse_allowlist(text))
+        except (OSError, ValidationError, ValueError) as error:
+            return _Loaded(stamp, problem=RegistryError(
+                "registry:unavailable", f"{self.path} is not a valid {self.mode} file: {str(error).splitlines()[0]}"))
 
 
 def parse_allowlist(text: str) -> frozenset[str]:

@@ -39,7 +39,8 @@ from prism_ray.client import bundle_bytes
 from prism_ray.client_cli import register
 from prism_ray.config import Settings
 from prism_ray.pipeline import evaluate
-from prism_ray.store import Store
+from prism_ray.queue_eta import plan_queue
+from prism_ray.store import Store, SubmissionRecord
 from serve_app import ApiSettings, StoreBackend, create_app
 from serve_app.limits import TokenBuckets
 
@@ -156,6 +157,24 @@ def test_the_read_model_shows_a_score_once_it_lands_and_keeps_what_did_not_chang
         backend.reads.refresh(force=True)
         assert backend.leaderboard() is board  # nothing completed: the board was kept
         assert backend.get_submission(waiting.id).status == "running" and backend.stats()["in_flight"] == 1
+
+
+def test_the_queue_estimate_fills_the_slots_in_order():
+    """Two running (claimed 100 s and 250 s ago), three waiting; runs take the median of the recent ones (300 s)."""
+    def record(n: int, status: str) -> SubmissionRecord:
+        return SubmissionRecord(id=f"sub_{n}", seq=n, hotkey="h", filename=None, bundle_sha256=None, fingerprint=None,
+                                name=None, tokenizer=None, status=status, stage="train", attempt=1, max_attempts=3,
+                                lease_owner=None, lease_expires_at=None, metadata=None, created_at=0.0,
+                                updated_at=0.0, finished_at=None, duplicate_of=None)
+
+    running, waiting = [record(1, "running"), record(2, "running")], [record(n, "pending") for n in (3, 4, 5)]
+    runs = {"sub_1": {"started_at": 900.0}, "sub_2": {"started_at": 750.0}}
+    items, typical = plan_queue(running, waiting, runs, [280.0, 300.0, 900.0], now=1000.0)
+    assert typical == 300.0
+    assert [(item.record.id, item.position, item.starts_in, item.done_in) for item in items] == [
+        ("sub_1", 1, 0.0, 200.0), ("sub_2", 2, 0.0, 50.0),  # 300 s each, from when it was claimed
+        ("sub_3", 3, 50.0, 350.0), ("sub_4", 4, 200.0, 500.0), ("sub_5", 5, 350.0, 650.0)]  # the earliest free slot
+    assert [item.starts_in for item in plan_queue([], waiting, {}, [], now=0.0)[0]] == [None, None, None]
 
 
 # --- refusals -----------------------------------------------------------------------------------------------------

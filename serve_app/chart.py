@@ -12,8 +12,12 @@ CHART_WIDTH, CHART_HEIGHT = 720, 300
 CHART_MARGIN = {"left": 52, "right": 16, "top": 12, "bottom": 30}
 
 
-def line_chart(series: list[tuple[str, list[dict[str, Any]]]]) -> dict[str, Any]:
-    """bpb against bytes on a log axis (curves fall steeply early), as SVG path data; no paths when no points."""
+def line_chart(series: list[tuple[str, list[dict[str, Any]]]], tags: list[str] | None = None) -> dict[str, Any]:
+    """bpb against bytes on a log axis (curves fall steeply early), as SVG path data; no paths when no points.
+
+    Several series stay apart even where they coincide: each has its own colour and dash pattern, `tags` (e.g.
+    "#1") label each curve's last point, stacked when those points meet, and a series drawn exactly like an earlier
+    one says so (`same_as`), for the legend."""
     chart: dict[str, Any] = {"width": CHART_WIDTH, "height": CHART_HEIGHT, "margin": CHART_MARGIN, "paths": [],
                              "x_ticks": [], "y_ticks": []}
     cleaned = [(label, drawable(points)) for label, points in series]
@@ -35,8 +39,19 @@ def line_chart(series: list[tuple[str, list[dict[str, Any]]]]) -> dict[str, Any]
     def y_at(value: float) -> float:
         return round(margin["top"] + (y_hi - value) / (y_hi - y_lo) * plot_h, 1)
 
-    chart["paths"] = [{"label": label, "d": "M" + " L".join(f"{x_at(x)},{y_at(y)}" for x, y in points),
-                       "last": (x_at(points[-1][0]), y_at(points[-1][1]))} for label, points in cleaned if points]
+    placed: list[tuple[float, float]] = []
+    for index, (label, points) in enumerate(cleaned):
+        if not points:
+            continue
+        last = (x_at(points[-1][0]), y_at(points[-1][1]))
+        tag_at = (last[0] - 6, last[1] - 6)
+        while any(abs(tag_at[0] - x) < 28 and abs(tag_at[1] - y) < 12 for x, y in placed):
+            tag_at = (tag_at[0], tag_at[1] - 12)  # above the tag already there (curves end low): both readable
+        placed.append(tag_at)
+        same_as = next((cleaned[earlier][0] for earlier in range(index) if cleaned[earlier][1] == points), None)
+        chart["paths"].append({"label": label, "index": index, "tag": tags[index] if tags else None,
+                               "d": "M" + " L".join(f"{x_at(x)},{y_at(y)}" for x, y in points), "last": last,
+                               "tag_at": tag_at, "same_as": same_as})
     chart["x_ticks"] = [(x_at(tick), format_bytes(tick)) for tick in _log_ticks(x_lo, x_hi)]
     chart["y_ticks"] = [(y_at(tick), f"{tick:g}") for tick in y_ticks]
     return chart

@@ -39,6 +39,26 @@ def format_time(value: Any) -> str:
     return "—" if value is None else datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def format_span(start: float, end: float) -> str:
+    """A UTC time range, the date written once when both ends share it: "2026-05-12 06:00 – 12:00 UTC"."""
+    first, last = datetime.fromtimestamp(start, UTC), datetime.fromtimestamp(end, UTC)
+    tail = last.strftime("%H:%M" if first.date() == last.date() else "%Y-%m-%d %H:%M")
+    return f"{first:%Y-%m-%d %H:%M} – {tail} UTC"
+
+
+def format_duration(seconds: float | None) -> str:
+    """An estimate as a person says it: "any moment", "~40 s", "~12 min", "~3.5 h"."""
+    if seconds is None:
+        return "—"
+    if seconds < 5:
+        return "any moment"
+    if seconds < 90:
+        return f"~{seconds:.0f} s"
+    if seconds < 5400:
+        return f"~{seconds / 60:.0f} min"
+    return f"~{seconds / 3600:.1f} h"
+
+
 def short_hotkey(hotkey: str) -> str:
     return hotkey if len(hotkey) <= 16 else f"{hotkey[:6]}…{hotkey[-5:]}"
 
@@ -64,7 +84,7 @@ def event_detail(detail: dict[str, Any]) -> str:
 _ENV = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True, undefined=StrictUndefined,
                    trim_blocks=True, lstrip_blocks=True)
 _ENV.filters.update(number=format_number, bytes=format_bytes, utc=format_time, short_hotkey=short_hotkey,
-                    event_detail=event_detail)
+                    event_detail=event_detail, duration=format_duration)
 
 
 def render_html(template: str, **context: Any) -> str:

@@ -88,8 +88,10 @@ class FakeScheduler(threading.Thread):
                     store.complete(record.id, "fake-scheduler", report, score, curve)
 
 
-def fake_result(submission_id: str) -> tuple[RunReport, dict, list[dict]]:
-    bpb = 1.0 + int(hashlib.sha256(submission_id.encode()).hexdigest()[:4], 16) / 65536
+def fake_result(submission_id: str, bpb: float | None = None) -> tuple[RunReport, dict, list[dict]]:
+    """A made-up completed run; its bpb (in [1, 2) unless given) and its curve follow from `submission_id`."""
+    if bpb is None:
+        bpb = 1.0 + int(hashlib.sha256(submission_id.encode()).hexdigest()[:4], 16) / 65536
     curve = [{"bytes": 1000 * (i + 1), "bpb": bpb + 1.0 / (i + 1)} for i in range(800)]
     curve[-1]["bpb"] = bpb
     final = 1.0 / (1.0 + bpb)

@@ -92,6 +92,9 @@ def test_a_signed_post_is_scored_ranked_and_weighted(service, http):
     assert wrong.status_code == 401 and wrong.headers["WWW-Authenticate"] == "Bearer"
     page = http.get(f"/submissions/{accepted['id']}")
     assert page.status_code == 200 and "full-path" in page.text
+    node_id = ray.get(service.cluster.store.runs.remote(accepted["id"]))[-1]["node"]
+    [node] = [node for node in ray.nodes() if node["NodeID"] == node_id]
+    assert node["NodeManagerAddress"] in page.text and node_id not in page.text  # where it ran, as a person reads it
 
     again = post(http, miner, trainable_zip("full-path"))  # identical code, fresh nonce: the same submission back
     assert again.status_code == 200 and again.json()["reused"] is True and again.json()["id"] == accepted["id"]

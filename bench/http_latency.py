@@ -1,9 +1,13 @@
-"""HTTP latency of the API under concurrency: the app under uvicorn in its own process, over a StoreBackend on a
-DuckDB file seeded with scored submissions; C concurrent clients on loopback. Prints p50/p99 of GET /health (the
-baseline: routing and JSON only), GET /v1/leaderboard and signed POST /v1/submissions, and each p50 as a ratio
-of the baseline's, measured the same minute.
+"""HTTP latency of the API under concurrency, before and after the read model: the app under uvicorn in its own
+process, over a StoreBackend on a DuckDB file seeded with scored submissions; C concurrent clients on loopback.
 
-    python bench/http_latency.py [--concurrency 16] [--requests 400] [--scored 200]
+Each mode gets a fresh copy of the seeded file and its own server. `before` is the old per-request path, kept here
+only: every read goes to the store and is built and serialised again. `after` is the app as it ships: reads come
+from the read model the server keeps. For each mode: p50/p99 of GET /health (the baseline: routing and JSON only),
+GET /v1/leaderboard, GET /v1/submissions/{id} and signed POST /v1/submissions, each p50 as a ratio of that mode's
+/health, measured the same minute; then the targets.
+
+    python bench/http_latency.py [--concurrency 16] [--requests 400] [--scored 1000] [--modes before,after]
 """
 
 from __future__ import annotations
@@ -14,12 +18,15 @@ import base64
 import io
 import json
 import multiprocessing
+import shutil
 import socket
 import statistics
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 from bittensor_wallet import Keypair
@@ -27,6 +34,8 @@ from bittensor_wallet import Keypair
 from prism_ray.auth import sign_request
 from prism_ray.bundle import load_bundle
 from prism_ray.store import Store
+
+TARGETS = "targets: GET /v1/leaderboard p50 ≤ 10 ms and ≤ 2× /health; signed POST p50 ≤ 60 ms"
 
 
 def bundle_zip(tag: str) -> bytes:
@@ -40,28 +49,44 @@ def bundle_zip(tag: str) -> bytes:
     return buffer.getvalue()
 
 
-def seed(path: Path, scored: int) -> None:
-    """`scored` completed submissions from as many hotkeys, so the leaderboard has rows to rank."""
+def seed(path: Path, scored: int) -> list[str]:
+    """`scored` completed submissions from as many hotkeys, so the leaderboard has rows to rank; their ids."""
     with Store(path) as store:
         for i in range(scored):
             store.create_submission(f"hotkey-{i}", "seed.zip", load_bundle(bundle_zip(f"seed-{i}")))
+        ids = []
         for record in store.claim_next("bench", lease_seconds=600, limit=scored):
             bpb = 1.0 + record.seq / scored
             store.complete(record.id, "bench", {"stage": "score", "bpb": bpb},
                            {"bpb": bpb, "final_score": 1 / (1 + bpb)}, [{"bytes": 1000, "bpb": bpb}])
+            ids.append(record.id)
+        return ids
 
 
-def serve(path: str, ports: multiprocessing.Queue) -> None:
-    """The server process: signed auth, no practical rate limit (the bench measures latency, not the limiter)."""
+def serve(path: str, mode: str, ports: multiprocessing.Queue) -> None:
+    """The server process: signed auth; the registry open and the rate limits out of reach on purpose (the bench
+    measures latency, not the limiters)."""
     import uvicorn
 
+    from prism_ray.read_model import ReadModel
     from serve_app import ApiSettings, StoreBackend, create_app
 
-    app = create_app(StoreBackend(Store(path)), ApiSettings(rate_limit_burst=1_000_000))
+    class PerRequest(ReadModel):
+        """The old path: nothing kept between requests."""
+
+        def cached(self, key: tuple, build: Callable[[], Any]) -> Any:
+            return build()
+
+    backend = StoreBackend(Store(path))
+    if mode == "before":
+        backend.reads = PerRequest(backend.local, backend.settings)
+    settings = ApiSettings(rate_limit_burst=1_000_000, address_rate_limit_burst=1_000_000,
+                           registry={"mode": "open"})
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     ports.put(sock.getsockname()[1])
-    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
+    uvicorn.Server(uvicorn.Config(create_app(backend, settings), log_level="warning", access_log=False)).run(
+        sockets=[sock])
 
 
 async def measure(url: str, concurrency: int, requests: list[dict]) -> list[float]:
@@ -85,64 +110,82 @@ async def measure(url: str, concurrency: int, requests: list[dict]) -> list[floa
     return latencies
 
 
-def submissions(count: int) -> list[dict]:
+def submissions(count: int, tag: str) -> list[dict]:
     """Distinct bundles from distinct hotkeys, signed ahead of time so the clock only sees the server."""
     requests = []
     for i in range(count):
         keypair = Keypair.create_from_mnemonic(Keypair.generate_mnemonic())
-        body = json.dumps({"filename": "bench.zip", "code": base64.b64encode(bundle_zip(f"post-{i}")).decode()})
+        body = json.dumps({"filename": "bench.zip", "code": base64.b64encode(bundle_zip(f"{tag}-{i}")).decode()})
         headers = {"Content-Type": "application/json", **sign_request(keypair, body.encode())}
         requests.append({"method": "POST", "url": "/v1/submissions", "content": body.encode(), "headers": headers})
     return requests
 
 
-def report(name: str, latencies: list[float], wall: float, baseline: float | None) -> float:
+def quantiles(latencies: list[float]) -> tuple[float, float]:
     cuts = statistics.quantiles(latencies, n=100)
-    p50, p99 = cuts[49] * 1000, cuts[98] * 1000
-    ratio = f"  p50 {p50 / baseline:5.1f}× /health" if baseline else ""
-    print(f"{name:<24} n={len(latencies):<4} p50 {p50:7.2f} ms  p99 {p99:7.2f} ms  {len(latencies) / wall:7.0f} req/s"
-          + ratio)
-    return p50
+    return cuts[49] * 1000, cuts[98] * 1000
+
+
+def run_mode(mode: str, path: Path, args: argparse.Namespace, ids: list[str]) -> dict[str, tuple[float, float]]:
+    context = multiprocessing.get_context("spawn")
+    ports = context.Queue()
+    server = context.Process(target=serve, args=(str(path), mode, ports), daemon=True)
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{ports.get(timeout=60)}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{url}/health").raise_for_status()
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.1)
+        gets = {"method": "GET"}
+        runs = [("GET /health", [{**gets, "url": "/health"}] * args.requests),
+                ("GET /v1/leaderboard", [{**gets, "url": "/v1/leaderboard"}] * args.requests),
+                ("GET /v1/submissions/{id}", [{**gets, "url": f"/v1/submissions/{ids[i % 50]}"}
+                                              for i in range(args.requests)]),
+                ("POST /v1/submissions", submissions(args.requests, mode))]
+        results = {}
+        for name, requests in runs:
+            asyncio.run(measure(url, args.concurrency, requests[: args.concurrency]))  # warm connections
+            started = time.perf_counter()
+            latencies = asyncio.run(measure(url, args.concurrency, requests[args.concurrency:]))
+            wall = time.perf_counter() - started
+            p50, p99 = results[name] = quantiles(latencies)
+            ratio = p50 / results["GET /health"][0]
+            print(f"{mode:<7}{name:<26} n={len(latencies):<4} p50 {p50:7.2f} ms  p99 {p99:7.2f} ms  "
+                  f"{len(latencies) / wall:6.0f} req/s  p50 {ratio:5.1f}× /health")
+        return results
+    finally:
+        server.terminate()
+        server.join(10)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--requests", type=int, default=400)
-    parser.add_argument("--scored", type=int, default=200)
+    parser.add_argument("--scored", type=int, default=1000)
+    parser.add_argument("--modes", default="before,after", help="before (per-request reads), after (read model)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "bench.duckdb"
-        seed(path, args.scored)
-        context = multiprocessing.get_context("spawn")
-        ports = context.Queue()
-        server = context.Process(target=serve, args=(str(path), ports), daemon=True)
-        server.start()
-        try:
-            url = f"http://127.0.0.1:{ports.get(timeout=60)}"
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    httpx.get(f"{url}/health").raise_for_status()
-                    break
-                except httpx.HTTPError:
-                    assert time.monotonic() < deadline, "the server did not come up"
-                    time.sleep(0.1)
-            print(f"{args.concurrency} concurrent clients, {args.scored} scored submissions on the board")
-            gets = {"method": "GET"}
-            runs = [("GET /health", [{**gets, "url": "/health"}] * args.requests),
-                    ("GET /v1/leaderboard", [{**gets, "url": "/v1/leaderboard"}] * args.requests),
-                    ("POST /v1/submissions", submissions(args.requests))]
-            baseline = None
-            for name, requests in runs:
-                asyncio.run(measure(url, args.concurrency, requests[: args.concurrency]))  # warm connections
-                started = time.perf_counter()
-                latencies = asyncio.run(measure(url, args.concurrency, requests[args.concurrency:]))
-                p50 = report(name, latencies, time.perf_counter() - started, baseline)
-                baseline = baseline or p50
-        finally:
-            server.terminate()
-            server.join(10)
+        seeded = Path(tmp) / "seeded.duckdb"
+        ids = seed(seeded, args.scored)
+        print(f"{args.concurrency} concurrent clients, {args.scored} scored submissions on the board")
+        results = {}
+        for mode in args.modes.split(","):
+            copy = Path(tmp) / f"{mode}.duckdb"
+            shutil.copy(seeded, copy)
+            results[mode] = run_mode(mode, copy, args, ids)
+    print(TARGETS)
+    for mode, result in results.items():
+        board, health, post = (result[name][0] for name in ("GET /v1/leaderboard", "GET /health",
+                                                            "POST /v1/submissions"))
+        print(f"{mode:<7}leaderboard p50 {board:.2f} ms ({'met' if board <= 10 else 'missed'}), "
+              f"{board / health:.1f}× /health ({'met' if board <= 2 * health else 'missed'}); "
+              f"POST p50 {post:.2f} ms ({'met' if post <= 60 else 'missed'})")
 
 
 if __name__ == "__main__":

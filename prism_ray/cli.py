@@ -20,6 +20,7 @@ from prism_ray.config import Settings, load_settings
 from prism_ray.data.cli import data_app
 from prism_ray.harness.records import Progress as RunProgress
 from prism_ray.pipeline import evaluate
+from prism_ray.registry import registry_app
 from prism_ray.report import RunReport
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 app = typer.Typer(help="prism-ray: evaluate PRISM bundles as prequential bits-per-byte on locked text.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(data_app, name="data", help="Prepare, inspect and tokenise locked datasets.")
+app.add_typer(registry_app, name="registry")
 register_client_commands(app)
 stderr = Console(stderr=True)
 

@@ -4,6 +4,7 @@ the plausibility gate and final_score."""
 from __future__ import annotations
 
 import math
+from typing import TypeVar
 
 from pydantic import BaseModel, Field
 
@@ -12,6 +13,7 @@ from prism_ray.errors import PrismError, Reason
 
 # Keeps the tie-break credit strictly below ε after float rounding, so a run ε worse never ties or passes.
 _MAX_CREDIT_SHARE = 1.0 - 1e-6
+Point = TypeVar("Point")
 
 
 class ScoreError(PrismError):
@@ -58,14 +60,20 @@ def learning_curve(batch_nats: list[float], batch_bytes: list[int], max_points: 
     points: list[dict[str, float]] = []
     nats = 0.0
     total = 0
-    count = len(batch_nats)
-    keep = {round(i * (count - 1) / (max_points - 1)) for i in range(max_points)} if count > max_points else None
-    for index, (batch_nat, batch_byte) in enumerate(zip(batch_nats, batch_bytes, strict=True)):
+    for batch_nat, batch_byte in zip(batch_nats, batch_bytes, strict=True):
         nats += batch_nat
         total += batch_byte
-        if keep is None or index in keep:
-            points.append({"bytes": total, "bpb": bits_per_byte(nats, total)})
-    return points
+        points.append({"bytes": total, "bpb": bits_per_byte(nats, total)})
+    return thin_curve(points, max_points)
+
+
+def thin_curve(points: list[Point], max_points: int) -> list[Point]:
+    """At most max_points points evenly spaced by index, the first and the last always kept: the one thinning of a
+    learning curve, when a run records it and when a stored curve is served."""
+    count = len(points)
+    if count <= max_points:
+        return points
+    return [points[round(i * (count - 1) / (max_points - 1))] for i in range(max_points)]
 
 
 def is_step0_anomaly(early_losses: list[float], vocab_size: int, settings: ScoringSettings) -> bool:

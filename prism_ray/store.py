@@ -252,6 +252,29 @@ class Store:
         return {"by_status": counts, "queue_depth": counts["pending"], "in_flight": counts["running"],
                 "total": sum(counts.values())}
 
+    def changes_since(self, since: float | None) -> tuple[float | None, list[tuple[str, str]]]:
+        """The newest `updated_at`, and (id, status) of each submission updated after `since` (none when since is
+        None): how a reader's cache (read_model.py) learns what changed. Every write a reader can see (a status,
+        a stage, progress, a score) also stamps its submission's updated_at, so this one column is the cue."""
+        newest = self._con.execute("SELECT max(updated_at) FROM submissions").fetchone()[0]
+        if since is None or newest is None or newest <= since:
+            return newest, []
+        rows = self._con.execute("SELECT id, status FROM submissions WHERE updated_at > ?", [since]).fetchall()
+        return newest, [(row[0], row[1]) for row in rows]
+
+    def rejection_counts(self, hotkey: str, since: float) -> tuple[int, int]:
+        """(rejected submissions created since `since` in all, of them this hotkey's): the bound on stored
+        rejections (docs/api.md)."""
+        row = self._con.execute("SELECT count(*), count(*) FILTER (WHERE hotkey = ?) FROM submissions "
+                                "WHERE status = 'rejected' AND created_at >= ?", [hotkey, since]).fetchone()
+        return int(row[0]), int(row[1])
+
+    def recent_run_seconds(self, limit: int) -> list[float]:
+        """Seconds from claim to finish of the latest completed runs, newest first: the queue's ETA basis."""
+        rows = self._con.execute("SELECT finished_at - started_at FROM runs WHERE status = 'completed' "
+                                 "ORDER BY finished_at DESC LIMIT ?", [limit]).fetchall()
+        return [row[0] for row in rows]
+
     # --- the queue ----------------------------------------------------------------------------------------------
 
     def claim_next(self, owner: str, lease_seconds: float, limit: int = 1) -> list[SubmissionRecord]:

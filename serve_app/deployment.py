@@ -8,8 +8,8 @@ from fastapi import FastAPI
 from ray import serve
 from ray.serve import Application
 
+from prism_ray.backend import Backend
 from serve_app.app import create_app
-from serve_app.backend import Backend
 from serve_app.models import ApiSettings
 
 

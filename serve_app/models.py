@@ -9,7 +9,9 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from prism_ray.backend import RejectionCap
 from prism_ray.errors import Reason
+from prism_ray.registry import RegistrySettings
 
 MAX_METADATA_BYTES = 16_384
 
@@ -32,6 +34,18 @@ class ApiSettings(BaseSettings):
     internal_token_file: Path | None = Field(default=None, description="file holding the bearer token; wins")
     timestamp_window_s: float = Field(default=300.0, gt=0, description="accepted |X-Timestamp − now|, seconds")
     nonce_ttl_s: float = Field(default=600.0, gt=0, description="how long a used nonce is remembered, seconds")
+    stored_rejections_per_hotkey: int = Field(
+        default=20, ge=0, description="rejected submissions stored per hotkey per rejection window; past it a "
+        "broken bundle is still answered 422 with its reasons, but not stored")
+    stored_rejections_total: int = Field(default=5_000, ge=0,
+                                         description="rejected submissions stored per rejection window, all hotkeys")
+    rejection_window_s: float = Field(default=86_400.0, gt=0, description="the window of both bounds, seconds")
+    address_rate_limit_burst: int = Field(default=20, ge=1, description="submissions one client address may make "
+                                          "back to back, counted before authentication")
+    address_rate_limit_per_minute: float = Field(default=10.0, gt=0, description="refill rate of each address's "
+                                                 "bucket")
+    registry: RegistrySettings = Field(default_factory=lambda: RegistrySettings(),
+                                       description="who may submit (PRISM_REGISTRY_*; docs/operator.md)")
 
     @model_validator(mode="after")
     def _nonce_outlives_window(self) -> ApiSettings:
@@ -40,6 +54,9 @@ class ApiSettings(BaseSettings):
             raise ValueError(f"nonce_ttl_s ({self.nonce_ttl_s:g}) must be at least twice timestamp_window_s "
                              f"({self.timestamp_window_s:g}), or a signed request could be replayed")
         return self
+
+    def rejection_cap(self) -> RejectionCap:
+        return RejectionCap(self.stored_rejections_per_hotkey, self.stored_rejections_total, self.rejection_window_s)
 
     def bearer_token(self) -> str | None:
         if self.internal_token_file is not None:
@@ -112,7 +129,8 @@ class Progress(BaseModel):
     running_bpb: float | None = None
     tokens_per_second: float | None = None
     updated_at: float | None = None
-    node: str | None = None
+    node: str | None = Field(default=None, description="the Ray node id the run ran on")
+    node_address: str | None = Field(default=None, description="that node's address (hostname and IP)")
 
 
 class Event(BaseModel):
@@ -153,7 +171,8 @@ class ComputeProfile(BaseModel):
     wall_seconds: float | None = None
     train_seconds: float | None = None
     device: str | None = None
-    node: str | None = None
+    node: str | None = Field(default=None, description="the Ray node id the run ran on")
+    node_address: str | None = Field(default=None, description="that node's address (hostname and IP)")
     model_params: int | None = None
     tokens_scored: int | None = None
     bytes_scored: int | None = None
@@ -167,7 +186,31 @@ class Curve(BaseModel):
     id: str
     status: str
     points: list[CurvePoint] = Field(description="cumulative target bytes vs. running bpb, at most 500 points")
-    profile: ComputeProfile
+    profile: ComputeProfile = Field(description="null fields: what the run never reached (e.g. a failed run)")
+
+
+class QueueEntry(BaseModel):
+    id: str
+    position: int = Field(description="1-based place in line: running submissions first, then the waiting ones")
+    status: Literal["pending", "running"]
+    stage: str
+    name: str | None
+    hotkey: str
+    attempt: int = Field(description="claims so far; a submission is tried again only after a system failure")
+    max_attempts: int
+    created_at: float
+    starts_in: float | None = Field(description="estimated seconds until it starts (0: running); null until a run "
+                                    "has completed to estimate from")
+    done_in: float | None = Field(description="estimated seconds until it finishes")
+    progress: Progress | None = None
+
+
+class Queue(BaseModel):
+    running: int
+    waiting: int
+    typical_run_seconds: float | None = Field(description="median claim-to-finish seconds of the latest 20 "
+                                              "completed runs: the basis of every ETA")
+    entries: list[QueueEntry]
 
 
 class LeaderboardRow(BaseModel):
@@ -205,12 +248,21 @@ class Weights(BaseModel):
     dry_run: Literal[True] = Field(default=True, description="weights are served, never set on chain")
 
 
+class RegistryStatus(BaseModel):
+    mode: Literal["metagraph", "allowlist", "open"] = Field(description="who may submit (docs/operator.md)")
+    source: str | None = Field(description="the snapshot or allow-list file")
+    hotkeys: int | None = Field(description="hotkeys it admits; null when open or unreadable")
+    synced_at: float | None = Field(description="when the metagraph snapshot was taken")
+    problem: str | None = Field(description="why no submission is accepted (no snapshot yet, a malformed file)")
+
+
 class Health(BaseModel):
     status: Literal["ok"]
     auth_mode: str
     public_submissions: bool
     queue_depth: int
     in_flight: int
+    registry: RegistryStatus
 
 
 class Version(BaseModel):

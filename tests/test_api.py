@@ -1,149 +1,87 @@
 """The HTTP API for real: the app served by uvicorn on 127.0.0.1 over a StoreBackend on a DuckDB file, signed
-requests with real sr25519 keys, and a small scheduler thread that scores pending submissions (no training)."""
+requests with real sr25519 keys of registered miners, and a small scheduler thread that scores pending submissions
+(no training; the bundle it scores is shown to train for real by the first test)."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
 import os
 import select
 import socket
-import threading
 import time
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 
-import httpx
 import pytest
 import schemathesis
 import typer
-import uvicorn
 from bittensor_wallet import Keypair
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import response_schema_conformance
 from typer.testing import CliRunner
 
-from api_helpers import LINEAR_ARCHITECTURE, bundle_zip, new_keypair, signed_json
+from api_helpers import (
+    BIGRAM_ARCHITECTURE,
+    TOKEN,
+    api_server,
+    bundle_zip,
+    fake_result,
+    new_allowlist,
+    new_keypair,
+    scored_backend,
+    serve,
+    signed_json,
+)
 from prism_ray.auth import sign_request
 from prism_ray.client import bundle_bytes
 from prism_ray.client_cli import register
 from prism_ray.config import Settings
-from prism_ray.report import RunReport
-from prism_ray.store import TERMINAL_STATUSES, Store
+from prism_ray.pipeline import evaluate
+from prism_ray.queue_eta import plan_queue
+from prism_ray.store import Store, SubmissionRecord
 from serve_app import ApiSettings, StoreBackend, create_app
-from serve_app.app import TokenBuckets
-
-TOKEN = "internal-test-token"
-class FakeScheduler(threading.Thread):
-    """Claims pending submissions and completes them with a made-up score, as the real scheduler would."""
-
-    def __init__(self, backend: StoreBackend) -> None:
-        super().__init__(daemon=True)
-        self.backend = backend
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.wait(0.02):
-            with self.backend.use() as store:
-                for record in store.claim_next("fake-scheduler", lease_seconds=60, limit=64):
-                    report, score, curve = fake_result(record.id)
-                    store.complete(record.id, "fake-scheduler", report, score, curve)
-
-
-def fake_result(submission_id: str) -> tuple[RunReport, dict, list[dict]]:
-    bpb = 1.0 + int(hashlib.sha256(submission_id.encode()).hexdigest()[:4], 16) / 65536
-    curve = [{"bytes": 1000 * (i + 1), "bpb": bpb + 1.0 / (i + 1)} for i in range(800)]
-    curve[-1]["bpb"] = bpb
-    final = 1.0 / (1.0 + bpb)
-    report = RunReport(status="completed", stage="score", bpb=bpb, final_score=final, bytes_scored=800_000,
-                       tokens_scored=800_000, batches=100, batch_size=8, seq_len=1001, tokenizer="bytes",
-                       model_params=66_049, device="cpu", wall_seconds=12.5, train_seconds=10.0,
-                       tokens_per_second=80_000.0, byte_budget=800_000,
-                       score={"final_score": final, "penalty": 1.0, "anomaly": 1, "tie_break": 0.0, "flags": []},
-                       heldout={"status": "completed", "heldout_delta": 0.4, "gap": 0.01})
-    score = {"bpb": bpb, "final_score": final, "penalty": 1.0, "anomaly": 1.0, "tie_break": 0.0,
-             "heldout_delta": 0.4, "gap": 0.01}
-    return report, score, curve
-
-
-@contextmanager
-def serve(app) -> Iterator[str]:
-    """The app under uvicorn on a free loopback port, in a background thread; stopped on exit."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
-@dataclass
-class Api:
-    url: str
-    http: httpx.Client
-    backend: StoreBackend
-
-    def submit(self, keypair: Keypair, zipped: bytes) -> httpx.Response:
-        body, headers = signed_json(keypair, zipped)
-        return self.http.post("/v1/submissions", content=body, headers=headers)
-
-    def wait_settled(self, submission_id: str, timeout: float = 30.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            status = self.http.get(f"/v1/submissions/{submission_id}").json()
-            if status["status"] in TERMINAL_STATUSES or time.monotonic() > deadline:
-                return status
-            time.sleep(0.05)
+from serve_app.limits import TokenBuckets
 
 
 @pytest.fixture(scope="module")
-def backend(tmp_path_factory) -> Iterator[StoreBackend]:
-    store = Store(tmp_path_factory.mktemp("api") / "prism.duckdb")
-    backend = StoreBackend(store, Settings(byte_budget=800_000))
-    scheduler = FakeScheduler(backend)
-    scheduler.start()
-    yield backend
-    scheduler.stop.set()
-    scheduler.join(10)
-    store.close()
+def backend(tmp_path_factory):
+    with scored_backend(tmp_path_factory.mktemp("api") / "prism.duckdb") as backend:
+        yield backend
 
 
 @pytest.fixture(scope="module")
-def api(backend) -> Iterator[Api]:
-    with serve(create_app(backend, ApiSettings(internal_token=TOKEN))) as url, \
-            httpx.Client(base_url=url, timeout=30) as http:
-        yield Api(url, http, backend)
+def api(backend, tmp_path_factory):
+    with api_server(backend, new_allowlist(tmp_path_factory.mktemp("registry"))) as api:
+        yield api
 
 
 @pytest.fixture
-def api_with(backend):
-    """A second app over the same store with other settings."""
-    @contextmanager
-    def start(**overrides) -> Iterator[Api]:
-        with serve(create_app(backend, ApiSettings(**overrides))) as url, \
-                httpx.Client(base_url=url, timeout=30) as http:
-            yield Api(url, http, backend)
-    return start
+def api_with(backend, api):
+    """Another app over the same store and allow-list, with other settings."""
+    return lambda **overrides: api_server(backend, api.allowlist, **overrides)
+
+
+# --- the helper's bundle is real ---------------------------------------------------------------------------------
+
+def test_the_helper_bundle_passes_the_check_trains_and_is_scored(tmp_path):
+    """The bundle every test here posts, run through the real pipeline (static check, sandboxed probe, training,
+    held-out, score): what the fake scheduler below stands in for would really complete it."""
+    settings = Settings(byte_budget=4_000, runner_threads=1, cache_dir=tmp_path)
+    settings.gate.mode = "off"
+    settings.scoring.heldout_byte_budget = 2_000
+    report = evaluate(bundle_zip("helper"), settings)
+    assert (report.status, report.stage, report.reasons) == ("completed", "score", []), report.reasons
+    assert report.bpb is not None and report.bytes_scored >= 4_000
+    assert report.curve[-1]["bpb"] < report.curve[0]["bpb"] - 0.1  # it learned: the running bpb falls
+    assert report.model_dump(mode="json")["heldout"]["status"] == "completed"
 
 
 # --- the full path ------------------------------------------------------------------------------------------------
 
 def test_a_submission_goes_from_post_to_scores_leaderboard_and_weights(api):
-    miner = new_keypair()
+    miner = api.miner()
     accepted = api.submit(miner, bundle_zip("full-path"))
     assert accepted.status_code == 202, accepted.text
     body = accepted.json()
@@ -181,7 +119,7 @@ def test_a_submission_goes_from_post_to_scores_leaderboard_and_weights(api):
 
 
 def test_a_raw_zip_body_is_accepted(api):
-    miner = new_keypair()
+    miner = api.miner()
     zipped = bundle_zip("raw-zip")
     headers = {"Content-Type": "application/zip", "X-Submission-Filename": "raw.zip", **sign_request(miner, zipped)}
     response = api.http.post("/v1/submissions", content=zipped, headers=headers)
@@ -190,13 +128,62 @@ def test_a_raw_zip_body_is_accepted(api):
     assert api.wait_settled(response.json()["id"])["status"] == "completed"
 
 
+# --- the read model -----------------------------------------------------------------------------------------------
+
+def test_the_read_model_shows_a_score_once_it_lands_and_keeps_what_did_not_change(tmp_path):
+    """Reads come from the model the server keeps; a look at the store's changes drops exactly what they touch."""
+    with Store(tmp_path / "prism.duckdb") as store:
+        backend = StoreBackend(store, Settings(), max_staleness_s=3600)  # looks at the store only when told to
+        scored, waiting = (backend.submit(f"miner-{tag}", f"{tag}.zip", bundle_zip(tag)) for tag in ("lands", "waits"))
+        assert backend.leaderboard() == [] and backend.get_submission(scored.id).status == "pending"
+        assert [item.record.id for item in backend.queue().items] == [scored.id, waiting.id]
+        waiting_view = backend.detail(waiting.id)
+        with backend.use() as owner:  # the scheduler's side: claim and score one, as the cluster would
+            owner.claim_next("scorer", lease_seconds=60, limit=1)
+            report, score, curve = fake_result(scored.id)
+            assert owner.complete(scored.id, "scorer", report, score, curve)
+        assert backend.get_submission(scored.id).status == "pending"  # not looked yet: the kept view
+
+        backend.reads.refresh(force=True)
+        assert backend.get_submission(scored.id).status == "completed"
+        assert [entry.submission_id for entry in backend.leaderboard()] == [scored.id]
+        assert [item.record.id for item in backend.queue().items] == [waiting.id]
+        assert len(backend.curve(scored.id)) == backend.settings.curve_points < len(curve)  # thinned once, kept
+        assert backend.detail(waiting.id) is waiting_view  # untouched by the change: still the kept object
+
+        board = backend.leaderboard()
+        with backend.use() as owner:
+            assert owner.claim_next("scorer", lease_seconds=60, limit=1)[0].id == waiting.id
+        backend.reads.refresh(force=True)
+        assert backend.leaderboard() is board  # nothing completed: the board was kept
+        assert backend.get_submission(waiting.id).status == "running" and backend.stats()["in_flight"] == 1
+
+
+def test_the_queue_estimate_fills_the_slots_in_order():
+    """Two running (claimed 100 s and 250 s ago), three waiting; runs take the median of the recent ones (300 s)."""
+    def record(n: int, status: str) -> SubmissionRecord:
+        return SubmissionRecord(id=f"sub_{n}", seq=n, hotkey="h", filename=None, bundle_sha256=None, fingerprint=None,
+                                name=None, tokenizer=None, status=status, stage="train", attempt=1, max_attempts=3,
+                                lease_owner=None, lease_expires_at=None, metadata=None, created_at=0.0,
+                                updated_at=0.0, finished_at=None, duplicate_of=None)
+
+    running, waiting = [record(1, "running"), record(2, "running")], [record(n, "pending") for n in (3, 4, 5)]
+    runs = {"sub_1": {"started_at": 900.0}, "sub_2": {"started_at": 750.0}}
+    items, typical = plan_queue(running, waiting, runs, [280.0, 300.0, 900.0], now=1000.0)
+    assert typical == 300.0
+    assert [(item.record.id, item.position, item.starts_in, item.done_in) for item in items] == [
+        ("sub_1", 1, 0.0, 200.0), ("sub_2", 2, 0.0, 50.0),  # 300 s each, from when it was claimed
+        ("sub_3", 3, 50.0, 350.0), ("sub_4", 4, 200.0, 500.0), ("sub_5", 5, 350.0, 650.0)]  # the earliest free slot
+    assert [item.starts_in for item in plan_queue([], waiting, {}, [], now=0.0)[0]] == [None, None, None]
+
+
 # --- refusals -----------------------------------------------------------------------------------------------------
 
 def test_an_oversized_streamed_body_is_cut_off_while_reading(api_with):
     limit, total = 64_000, 256 << 20
     with api_with(max_body_bytes=limit) as small:
         port = int(small.url.rsplit(":", 1)[1])
-        headers = sign_request(new_keypair(), b"")  # the size is refused before the signature is checked
+        headers = sign_request(small.miner(), b"")  # the size is refused before the signature is checked
         head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
         with socket.create_connection(("127.0.0.1", port)) as conn:
             conn.setblocking(False)
@@ -230,7 +217,7 @@ def test_an_oversized_streamed_body_is_cut_off_while_reading(api_with):
 
 
 def test_a_broken_bundle_is_answered_422_with_reasons_and_stored(api):
-    miner = new_keypair()
+    miner = api.miner()
     response = api.submit(miner, bundle_zip("broken", training="def not_train(ctx):\n    pass\n"))
     assert response.status_code == 422
     body = response.json()
@@ -253,7 +240,7 @@ def test_a_broken_bundle_is_answered_422_with_reasons_and_stored(api):
 
 
 def test_a_malformed_request_is_422_and_an_unknown_media_type_415(api):
-    miner = new_keypair()
+    miner = api.miner()
     body = json.dumps({"filename": "x.zip"}).encode()
     response = api.http.post("/v1/submissions", content=body,
                              headers={"Content-Type": "application/json", **sign_request(miner, body)})
@@ -267,7 +254,7 @@ def test_a_malformed_request_is_422_and_an_unknown_media_type_415(api):
 
 def test_a_hotkey_over_its_rate_is_answered_429_with_retry_after(api_with):
     with api_with(rate_limit_burst=2, rate_limit_per_minute=1) as limited:
-        miner, other = new_keypair(), new_keypair()
+        miner, other = limited.miner(), limited.miner()
         assert [limited.submit(miner, bundle_zip(f"rate-{i}")).status_code for i in range(2)] == [202, 202]
         refused = limited.submit(miner, bundle_zip("rate-2"))
         assert refused.status_code == 429 and refused.json()["error"] == "rate_limited"
@@ -299,13 +286,13 @@ def test_weights_need_the_bearer_token(api, api_with, monkeypatch):
     assert api.http.get("/internal/v1/get_weights", headers={"Authorization": TOKEN}).status_code == 401
     monkeypatch.delenv("PRISM_INTERNAL_TOKEN", raising=False)
     monkeypatch.delenv("PRISM_API_INTERNAL_TOKEN", raising=False)
-    with api_with() as unconfigured:
+    with api_with(internal_token=None) as unconfigured:
         closed = unconfigured.http.get("/internal/v1/get_weights", headers={"Authorization": "Bearer anything"})
         assert closed.status_code == 503 and "PRISM_INTERNAL_TOKEN" in closed.json()["message"]
 
 
 def test_replayed_forged_and_stale_requests_are_refused(api):
-    miner = new_keypair()
+    miner = api.miner()
     body, headers = signed_json(miner, bundle_zip("replay"))
     assert api.http.post("/v1/submissions", content=body, headers=headers).status_code == 202
     replay = api.http.post("/v1/submissions", content=body, headers=headers)
@@ -322,7 +309,7 @@ def test_replayed_forged_and_stale_requests_are_refused(api):
 
 
 def test_dev_auth_mode_is_announced(api_with, caplog):
-    with caplog.at_level(logging.WARNING, logger="prism_ray.api"), api_with(auth_mode="dev") as dev:
+    with caplog.at_level(logging.WARNING, logger="prism_ray.api"), api_with(auth_mode="dev", registry={}) as dev:  # dev: open by default
         response = dev.http.post("/v1/submissions", content=bundle_zip("dev-mode"),
                                  headers={"Content-Type": "application/zip", "X-Hotkey": "local-miner"})
         assert response.status_code == 202 and response.headers["X-Prism-Auth"] == "dev"
@@ -348,6 +335,8 @@ def test_unknown_submissions_are_404_and_meta_routes_answer(api):
 def test_the_cli_submits_waits_and_reads_the_leaderboard(api, tmp_path):
     mnemonic = Keypair.generate_mnemonic()
     (tmp_path / "key").write_text(mnemonic)
+    with api.allowlist.open("a") as allowed:
+        allowed.write(Keypair.create_from_mnemonic(mnemonic).ss58_address + "\n")
     bundle = tmp_path / "bundle"
     with zipfile.ZipFile(io.BytesIO(bundle_zip("cli"))) as archive:
         archive.extractall(bundle)
@@ -369,7 +358,7 @@ def test_the_cli_submits_waits_and_reads_the_leaderboard(api, tmp_path):
     assert any(entry["hotkey"] == hotkey for entry in json.loads(board.stdout)["entries"])
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "architecture.py").write_text(LINEAR_ARCHITECTURE)
+    (broken / "architecture.py").write_text(BIGRAM_ARCHITECTURE)
     result = runner.invoke(app, ["submit", str(broken), "--url", api.url, "--key-file", str(tmp_path / "key")])
     assert result.exit_code == 1 and "contract:missing_file" in result.output
 

@@ -1,6 +1,6 @@
 """The web pages in a real headless Chromium: the app served by uvicorn over a DuckDB store, fed by real signed
-submissions and a scheduler thread that scores, fails or slowly trains them. Screenshots of the three pages are
-saved under $PRISM_ARTIFACTS_DIR/web (default tests/artifacts/web)."""
+submissions and a scheduler thread that scores, fails, crashes, retries or slowly trains them. Screenshots of the
+pages are saved under $PRISM_ARTIFACTS_DIR/web (default tests/artifacts/web)."""
 
 from __future__ import annotations
 
@@ -15,14 +15,13 @@ from selenium import webdriver
 from selenium.common.exceptions import NoAlertPresentException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
-from test_api import bundle_zip, new_keypair, serve, signed_json
 
+from api_helpers import bundle_zip, new_keypair, serve, signed_json
 from prism_ray.config import Settings
 from prism_ray.store import Store
-from serve_app import ApiSettings, create_app
-from serve_app.backend import StoreBackend
-from serve_app.pages import CONTENT_SECURITY_POLICY
-from web_helpers import HOSTILE_REASON, PageScheduler, chromium, screenshot
+from serve_app import ApiSettings, StoreBackend, create_app
+from serve_app.rendering import CONTENT_SECURITY_POLICY
+from web_helpers import HOSTILE_REASON, NODE_ADDRESS, NODE_ID, PageScheduler, chromium, screenshot
 
 SCRIPT_NAME = "<script>alert(1)</script>"
 IMG_NAME = '<img src=x onerror="window.pwned=1">'
@@ -46,10 +45,11 @@ class Site:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Iterator[Site]:
     store = Store(tmp_path_factory.mktemp("pages") / "prism.duckdb")
-    backend = StoreBackend(store, Settings(byte_budget=800_000))
+    backend = StoreBackend(store, Settings(byte_budget=800_000), node_address={NODE_ID: NODE_ADDRESS}.get)
     scheduler = PageScheduler(backend)
     scheduler.start()
-    with serve(create_app(backend, ApiSettings())) as url, httpx.Client(base_url=url, timeout=30) as http:
+    api = ApiSettings(registry={"mode": "open"})  # pages show what miners submit; who may submit is test_registry's
+    with serve(create_app(backend, api)) as url, httpx.Client(base_url=url, timeout=30) as http:
         site = Site(url, http, {})
 
         def submit(name: str, training: str | None = None) -> str:
@@ -59,12 +59,14 @@ def site(tmp_path_factory) -> Iterator[Site]:
             site.ids[name] = response.json()["id"]
             return site.ids[name]
 
-        for name in ("rope-swiglu", "tiny-gpt", "byte-lstm", SCRIPT_NAME, IMG_NAME, "fail-imports"):
+        scored = ("twin-a", "twin-b", "rope-swiglu", "tiny-gpt", "byte-lstm", SCRIPT_NAME, IMG_NAME, "retry-node")
+        for name in (*scored, "fail-imports", "crash-oom"):
             submit(name)
         submit("broken", BROKEN_TRAINING)
-        for name in ("rope-swiglu", "tiny-gpt", "byte-lstm", SCRIPT_NAME, IMG_NAME):
+        for name in scored:
             site.wait_for(site.ids[name], "completed")
         site.wait_for(site.ids["fail-imports"], "failed")
+        site.wait_for(site.ids["crash-oom"], "failed")
         site.wait_for(submit("live-run"), "running")
         submit("live-waiting")  # one live run at a time: this one waits in the queue
         yield site
@@ -102,12 +104,42 @@ def test_leaderboard_lists_submissions_in_score_order(site, browser):
     links = [row.find_element(By.CSS_SELECTOR, "a.name").get_attribute("href").rsplit("/", 1)[1] for row in rows]
     scores = [float(row.find_element(By.CSS_SELECTOR, "td.score").text) for row in rows]
     api = site.http.get("/v1/leaderboard").json()["entries"]
-    assert links == [entry["submission_id"] for entry in api] and len(links) == 5
+    assert links == [entry["submission_id"] for entry in api] and len(links) == 8
     assert scores == sorted(scores, reverse=True)
-    assert [row.find_element(By.CSS_SELECTOR, "td.rank").text for row in rows] == ["1", "2", "3", "4", "5"]
+    assert [row.find_element(By.CSS_SELECTOR, "td.rank").text for row in rows] == [str(n) for n in range(1, 9)]
     assert len(browser.find_elements(By.CSS_SELECTOR, "#top-curves path.series")) == 5
     assert len(browser.find_elements(By.CSS_SELECTOR, "ul.legend li")) == 5
     screenshot(browser, "leaderboard.png")
+
+
+def test_the_epoch_is_a_date_range_not_a_day_count(site, browser):
+    epoch = site.http.get("/v1/epochs/current").json()
+    day = time.strftime("%Y-%m-%d", time.gmtime(epoch["starts_at"]))
+    next_day = time.strftime("%Y-%m-%d", time.gmtime(epoch["ends_at"]))
+    span = f"{day} 00:00 – {next_day} 00:00 UTC"
+    open_page(browser, site, "/")
+    lede = browser.find_element(By.CSS_SELECTOR, ".lede").text
+    assert f"only this epoch, {span}" in lede and str(epoch["epoch"]) not in lede
+    open_page(browser, site, f"/?epoch={epoch['epoch']}")
+    lede = browser.find_element(By.CSS_SELECTOR, ".lede").text
+    assert f"Submitted {span} (this epoch)" in lede and str(epoch["epoch"]) not in lede
+    assert len(browser.find_elements(By.CSS_SELECTOR, "table.board tbody tr")) == 8  # all made today
+
+
+def test_identical_curves_stay_apart_and_the_legend_says_they_are_the_same(site, browser):
+    open_page(browser, site, "/")
+    first, second = (browser.find_element(By.CSS_SELECTOR, f"#top-curves path.series-{n}") for n in (0, 1))
+    assert first.get_attribute("d") == second.get_attribute("d")  # twin-a and twin-b: one and the same curve
+    dashes = [browser.execute_script("return getComputedStyle(arguments[0]).strokeDasharray", path)
+              for path in (first, second)]
+    assert dashes[0] == "none" and dashes[1] not in ("none", "")
+    tags = {tag.text: float(tag.get_attribute("y")) for tag in browser.find_elements(By.CSS_SELECTOR,
+                                                                                      "#top-curves .series-tag")}
+    assert set(tags) == {"#1", "#2", "#3", "#4", "#5"} and abs(tags["#2"] - tags["#1"]) >= 12  # stacked, readable
+    legend = [item.text for item in browser.find_elements(By.CSS_SELECTOR, "ul.legend li")]
+    assert legend[:2] == ["#1 twin-a", "#2 twin-b — the same curve as #1 twin-a"]
+    assert all("same curve" not in item for item in legend[2:])
+    screenshot(browser, "leaderboard-identical-curves.png")
 
 
 def test_hostile_names_are_rendered_as_text(site, browser):
@@ -128,11 +160,14 @@ def test_a_scored_submission_shows_its_curve_heldout_block_profile_and_timeline(
     open_page(browser, site, f"/submissions/{submission_id}")
     path = browser.find_element(By.CSS_SELECTOR, "svg#curve path.series").get_attribute("d")
     points = re.findall(r"[ML]([\d.]+),([\d.]+)", path)
-    assert 100 <= len(points) <= 201 and float(points[0][1]) < float(points[-1][1])  # bpb falls: y grows down
+    served = site.http.get(f"/v1/submissions/{submission_id}/curve").json()["points"]
+    assert len(points) == len(served) <= 500  # the API's points, thinned once
+    assert float(points[0][1]) < float(points[-1][1])  # bpb falls: y grows down
     status = site.http.get(f"/v1/submissions/{submission_id}").json()
     text = browser.find_element(By.ID, "page").text
     assert f"{status['scores']['bpb']:.4f}" in text and f"{status['scores']['val_bpb_twin']:.4f}" in text
-    assert "cpu on 10.0.0.7" in text and "66,049" in text and "+0.4000" in text
+    assert f"cpu on {NODE_ADDRESS}" in text and "66,049" in text and "+0.4000" in text
+    assert NODE_ID not in browser.page_source  # the node's address, never Ray's id
     kinds = [row.find_element(By.CSS_SELECTOR, ".event").text
              for row in browser.find_elements(By.CSS_SELECTOR, "table.timeline tbody tr")]
     assert kinds == [event["kind"] for event in status["events"]]
@@ -150,6 +185,27 @@ def test_reasons_are_listed_with_file_and_line(site, browser):
     assert cells == [HOSTILE_REASON.rule, HOSTILE_REASON.message, "training.py:7"]
     assert_inert(browser)
     screenshot(browser, "submission-failed.png")
+
+
+def test_a_crashed_run_shows_what_is_known_of_its_compute_and_nothing_else(site, browser):
+    open_page(browser, site, f"/submissions/{site.ids['crash-oom']}")
+    facts = browser.find_elements(By.CSS_SELECTOR, "section.profile dl.facts > *")
+    shown = dict(zip([fact.text for fact in facts[::2]], [fact.text for fact in facts[1::2]], strict=True))
+    assert shown == {"node": NODE_ADDRESS, "time": "3.2 s wall"}  # no device, batches or speed were ever reported
+    text = browser.find_element(By.ID, "page").text
+    assert "run:crash" in text and "× —" not in text and "0 ×" not in text and NODE_ID not in browser.page_source
+    assert not browser.find_elements(By.XPATH, "//h2[text()='Score' or text()='Held-out']")  # it has neither
+    screenshot(browser, "submission-crashed.png")
+
+
+def test_a_second_attempt_says_why_it_happened(site, browser):
+    open_page(browser, site, f"/submissions/{site.ids['retry-node']}")
+    attempt = browser.find_element(By.CSS_SELECTOR, "dl.facts .attempt")
+    assert attempt.text == "2 of 3" and "never for its own errors" in attempt.get_attribute("title")
+    note = browser.find_element(By.CSS_SELECTOR, ".retries").text
+    assert note.startswith("Tried again after attempt 1 ended with infra:node_died.")
+    assert "never for its own errors" in note
+    screenshot(browser, "submission-retried.png")
 
 
 def test_a_running_submission_shows_progress_that_moves(site, browser):
@@ -179,6 +235,15 @@ def test_the_queue_shows_running_and_pending_work_and_refreshes(site, browser):
     rows = browser.find_elements(By.CSS_SELECTOR, "table.queue tbody tr")
     assert [row.find_element(By.CSS_SELECTOR, ".badge").get_attribute("textContent") for row in rows] == ["running", "pending"]
     assert [row.find_element(By.CSS_SELECTOR, "a.name").text for row in rows] == ["live-run", "live-waiting"]
+    assert [row.find_element(By.CSS_SELECTOR, "td.position").text for row in rows] == ["1", "2"]
+    assert [row.find_element(By.CSS_SELECTOR, "td.node").text for row in rows] == [NODE_ADDRESS, "—"]
+    expected = [row.find_element(By.CSS_SELECTOR, "td.eta").text for row in rows]
+    assert expected[0].startswith("done ") and expected[1].startswith("starts ") and "done " in expected[1]
+    assert "—" not in "".join(expected)  # runs have completed: there is an estimate
+    queue = site.http.get("/v1/queue").json()
+    assert [(entry["position"], entry["name"]) for entry in queue["entries"]] == [(1, "live-run"), (2, "live-waiting")]
+    assert queue["typical_run_seconds"] is not None and queue["entries"][1]["starts_in"] is not None
+    assert "never for its own errors" in rows[0].find_element(By.CSS_SELECTOR, ".attempt").get_attribute("title")
 
     def bar() -> float:
         return float(browser.find_element(By.CSS_SELECTOR, "table.queue progress").get_attribute("value"))

@@ -43,8 +43,10 @@ def service(tmp_path_factory):
     settings = Settings(byte_budget=10_000, runner_threads=1, cache_dir=tmp_path_factory.mktemp("state"))
     settings.gate.mode = "off"
     settings.scoring.heldout_byte_budget = 10_000
-    running = start_service(None, settings, ApiSettings(internal_token=TOKEN, rate_limit_burst=BURST),
-                            "127.0.0.1", free_port())
+    # Open registry and no practical per-address limit: every miner here is a fresh key on 127.0.0.1.
+    api = ApiSettings(internal_token=TOKEN, rate_limit_burst=BURST, address_rate_limit_burst=10_000,
+                      registry={"mode": "open"})
+    running = start_service(None, settings, api, "127.0.0.1", free_port())
     yield running
     running.close()
     assert not ray.is_initialized()
@@ -90,6 +92,9 @@ def test_a_signed_post_is_scored_ranked_and_weighted(service, http):
     assert wrong.status_code == 401 and wrong.headers["WWW-Authenticate"] == "Bearer"
     page = http.get(f"/submissions/{accepted['id']}")
     assert page.status_code == 200 and "full-path" in page.text
+    node_id = ray.get(service.cluster.store.runs.remote(accepted["id"]))[-1]["node"]
+    [node] = [node for node in ray.nodes() if node["NodeID"] == node_id]
+    assert node["NodeManagerAddress"] in page.text and node_id not in page.text  # where it ran, as a person reads it
 
     again = post(http, miner, trainable_zip("full-path"))  # identical code, fresh nonce: the same submission back
     assert again.status_code == 200 and again.json()["reused"] is True and again.json()["id"] == accepted["id"]
@@ -116,7 +121,9 @@ def test_forged_stale_replayed_and_wrong_body_signatures_are_refused(http):
     assert response.status_code == 401 and response.json()["error"] == "auth:stale_timestamp"
     unsigned = http.post("/v1/submissions", content=body, headers={"Content-Type": "application/json"})
     assert unsigned.status_code == 401 and unsigned.json()["error"] == "auth:missing_headers"
-    assert http.get(f"/v1/submissions/{first.json()['id']}").json()["hotkey"] == miner.ss58_address
+    [state] = settle(http, [first.json()["id"]], timeout=120)  # the one accepted: the check stage refuses `os`
+    assert (state["hotkey"], state["status"], state["reasons"][0]["rule"]) == (miner.ss58_address, "rejected",
+                                                                               "sandbox:import")
 
 
 def test_oversized_broken_and_too_frequent_posts_get_413_422_and_429(http):

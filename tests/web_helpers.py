@@ -1,5 +1,6 @@
 """Helpers for the web-page tests: a scheduler thread that plays each kind of run (scored at once, failed with
-typed reasons, or training slowly with live progress), the queue read the pages need, and headless Chromium."""
+typed reasons, crashed mid-training, tried again after a lost node, or training slowly with live progress), the
+Ray node it pretends to run on, and headless Chromium."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from pathlib import Path
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
-from test_api import fake_result
 
+from api_helpers import fake_result
 from prism_ray.errors import Reason
+from prism_ray.report import RunReport
 from prism_ray.store import Store, SubmissionRecord
 from serve_app import StoreBackend
 
@@ -26,6 +28,8 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--disable-dev-shm-usage", "--window-size=1280,900")
 OWNER = "page-scheduler"
+NODE_ID = "7f3a" * 14  # what Ray calls a node: 56 hex digits, meaningless to a person
+NODE_ADDRESS = "gpu-node-7 (10.0.0.7)"  # what the pages show instead (ClusterBackend reads it from Ray's node table)
 HOSTILE_REASON = Reason(rule="sandbox:forbidden_import", message="import of `os` is not allowed <img src=x "
                         "onerror=\"window.pwned=1\">", file="training.py", line=7)
 
@@ -40,7 +44,9 @@ def artifacts_dir() -> Path:
 
 class PageScheduler(threading.Thread):
     """Claims pending work and plays it by name: `live-*` trains for `live_seconds` with a heartbeat (one at a time,
-    so a second one waits in the queue), `fail-*` fails with a typed reason, anything else is scored at once."""
+    so a second one waits in the queue), `fail-*` fails the check with a typed reason, `crash-*` fails in training
+    before the runner reported its device, `retry-*` loses its node on the first attempt and is scored on the
+    second, `twin-*` are scored with one and the same curve, anything else is scored at once."""
 
     def __init__(self, backend: StoreBackend, live_seconds: float = 120.0) -> None:
         super().__init__(daemon=True)
@@ -60,17 +66,25 @@ class PageScheduler(threading.Thread):
     def _start(self, store: Store, record: SubmissionRecord) -> None:
         for stage in ("check", "gate"):
             store.set_stage(record.id, stage, owner=OWNER)
-        if (record.name or "").startswith("fail-"):
+        name = record.name or ""
+        if name.startswith("fail-"):
             store.fail(record.id, [HOSTILE_REASON], stage="check", owner=OWNER)
             return
-        store.set_stage(record.id, "train", node="10.0.0.7", owner=OWNER)
-        if (record.name or "").startswith("live-"):
+        store.set_stage(record.id, "train", node=NODE_ID, owner=OWNER)
+        if name.startswith("live-"):
             self.training[record.id] = time.monotonic()
             return
+        if name.startswith("crash-"):
+            crash = Reason(rule="run:crash", message="the runner exited with signal 9")
+            store.fail(record.id, [crash], stage="train", owner=OWNER,
+                       report=RunReport(status="failed", stage="train", reasons=[crash], wall_seconds=3.2))
+            return
+        if name.startswith("retry-") and record.attempt == 1:
+            store.requeue(record.id, Reason(rule="infra:node_died", message="the node running it was lost"),
+                          owner=OWNER)
+            return
         store.set_stage(record.id, "heldout", owner=OWNER)
-        report, score, curve = fake_result(record.id)
-        report.heldout = {**report.heldout, "val_bpb_trained": report.bpb + 0.05, "val_bpb_twin": report.bpb + 0.45,
-                          "train_slice_bpb": report.bpb + 0.04, "val_bytes": 50_000}
+        report, score, curve = fake_result("twin", bpb=0.5) if name.startswith("twin-") else fake_result(record.id)
         store.complete(record.id, OWNER, report, score, curve)
 
     def _heartbeat(self, store: Store, submission_id: str, started: float) -> None:

@@ -1,47 +1,76 @@
-"""The client API the CLI and the HTTP layer call: submit, status, wait, leaderboard, weights, export, and
-ClusterBackend, serve_app's Backend protocol over the same calls.
+"""The client API the CLI, scripts and the HTTP layer call on a running cluster: submit, status, wait, leaderboard,
+weights, export — and ClusterBackend, the one Backend (prism_ray/backend.py) bound to the store actor.
 
-Intake (unpacking and the two-script contract) runs here, in the caller's process, so a broken bundle is answered
-at once and stored as `rejected` without any task; accepted bundles go to the store's queue and the scheduler is
-woken. Nothing here runs miner code.
+Intake (unpacking and the two-script contract) runs in the caller's process, so a broken bundle is answered at once
+and stored as `rejected` without any task; accepted bundles go to the store's queue and the scheduler is woken.
+Nothing here runs miner code.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import ray
 
-from prism_ray import pipeline
+from prism_ray.backend import Backend
 from prism_ray.bundle import Bundle
 from prism_ray.cluster.runtime import ClusterHandle
-from prism_ray.errors import BundleError, Reason
-from prism_ray.leaderboard import LeaderboardEntry, ScoreRow
-from prism_ray.leaderboard import leaderboard as rank
-from prism_ray.leaderboard import weights as weigh
+from prism_ray.leaderboard import LeaderboardEntry
 from prism_ray.store import TERMINAL_STATUSES, SubmissionRecord
 
 SETTLED_STATUSES = (*TERMINAL_STATUSES, "held")  # held waits for an operator, not for the cluster
+_NODE_REFRESH_SECONDS = 10.0
+
+
+class ActorStore:
+    """StorePort over the store actor: a call is one round trip; `call_many` sends all, then waits once."""
+
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+
+    def call(self, method: str, *args: Any) -> Any:
+        return ray.get(getattr(self.actor, method).remote(*args))
+
+    def call_many(self, calls: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+        return ray.get([getattr(self.actor, method).remote(*args) for method, args in calls])
+
+
+class NodeAddresses:
+    """Ray node id → "hostname (ip)", from the cluster's node table; looked up again (at most every few seconds)
+    when an unknown id appears. Dead nodes stay in the table, so a finished run still shows where it ran."""
+
+    def __init__(self) -> None:
+        self._known: dict[str, str] = {}
+        self._looked_at = float("-inf")
+
+    def __call__(self, node_id: str) -> str | None:
+        if node_id not in self._known and time.monotonic() - self._looked_at > _NODE_REFRESH_SECONDS:
+            self._looked_at = time.monotonic()
+            self._known = {node["NodeID"]: _label(node) for node in ray.nodes()}
+        return self._known.get(node_id)
+
+
+def _label(node: dict[str, Any]) -> str:
+    ip, host = node.get("NodeManagerAddress") or "", node.get("NodeManagerHostname") or ""
+    return f"{host} ({ip})" if host and ip and host != ip else ip or host
+
+
+class ClusterBackend(Backend):
+    """The Backend over a running cluster, for Serve replicas and the CLI: `ClusterBackend(connect(settings))`."""
+
+    def __init__(self, handle: ClusterHandle) -> None:
+        self.handle = handle
+        super().__init__(ActorStore(handle.store), handle.settings, on_queued=handle.scheduler.wake.remote,
+                         node_address=NodeAddresses())
 
 
 def submit(handle: ClusterHandle, hotkey: str, filename: str, source: bytes | str | Path | Bundle,
            metadata: dict[str, Any] | None = None) -> SubmissionRecord:
     """A new `pending` submission, a `rejected` one (intake or contract rule broken), a `duplicate` of another
     hotkey's earlier code, or this hotkey's own earlier submission of the same code (`reused`)."""
-    if isinstance(source, Bundle):
-        bundle = source
-    else:
-        try:
-            bundle = pipeline.intake(source, handle.settings.intake)
-        except BundleError as error:
-            return ray.get(handle.store.reject_submission.remote(hotkey, filename, error.reasons, "intake", metadata))
-    record: SubmissionRecord = ray.get(handle.store.create_submission.remote(hotkey, filename, bundle, metadata))
-    if record.status == "pending":
-        handle.scheduler.wake.remote()
-    return record
+    return ClusterBackend(handle).submit(hotkey, filename, source, metadata)
 
 
 def status(handle: ClusterHandle, submission_id: str) -> SubmissionRecord | None:
@@ -59,66 +88,13 @@ def wait(handle: ClusterHandle, submission_id: str, timeout: float, poll: float 
 
 
 def leaderboard(handle: ClusterHandle, epoch: int | None = None) -> list[LeaderboardEntry]:
-    return rank(_score_rows(handle), epoch, handle.settings.scoring)
+    return ClusterBackend(handle).leaderboard(epoch)
 
 
 def weights(handle: ClusterHandle, epoch: int | None = None) -> dict[str, float]:
-    return weigh(_score_rows(handle), handle.settings.scoring, epoch)
+    return ClusterBackend(handle).weights(epoch)
 
 
 def export(handle: ClusterHandle, out_dir: Path | str) -> list[Path]:
     """Every table as Parquet, from one snapshot, written by the store actor (so on the head node's disk)."""
     return ray.get(handle.store.export_parquet.remote(str(out_dir)))
-
-
-def _score_rows(handle: ClusterHandle) -> list[ScoreRow]:
-    return [ScoreRow(**row) for row in ray.get(handle.store.scored_rows.remote())]
-
-
-class ClusterBackend:
-    """serve_app.backend.Backend over a running cluster, for Serve replicas:
-    `build_ingress(lambda: ClusterBackend(connect(settings)), api_settings)`."""
-
-    def __init__(self, handle: ClusterHandle) -> None:
-        self.handle = handle
-        self.settings = handle.settings
-
-    def submit(self, hotkey: str, filename: str, zipped: bytes,
-               metadata: dict[str, Any] | None) -> SubmissionRecord:
-        return submit(self.handle, hotkey, filename, zipped, metadata)
-
-    def reject(self, hotkey: str, filename: str | None, reasons: Sequence[Reason],
-               metadata: dict[str, Any] | None) -> SubmissionRecord:
-        return self._store("reject_submission", hotkey, filename, list(reasons), "intake", metadata)
-
-    def get_submission(self, submission_id: str) -> SubmissionRecord | None:
-        return status(self.handle, submission_id)
-
-    def events(self, submission_id: str) -> list[dict[str, Any]]:
-        return self._store("events", submission_id)
-
-    def runs(self, submission_id: str) -> list[dict[str, Any]]:
-        return self._store("runs", submission_id)
-
-    def curve(self, submission_id: str) -> list[dict[str, Any]]:
-        return self._store("curve", submission_id)
-
-    def leaderboard(self, epoch: int | None) -> list[LeaderboardEntry]:
-        return leaderboard(self.handle, epoch)
-
-    def queue(self, limit: int) -> list[SubmissionRecord]:
-        records = self._store("list_submissions", "running", None, limit) + \
-            self._store("list_submissions", "pending", None, limit)
-        return sorted(records, key=lambda record: record.seq)[:limit]
-
-    def weights(self, epoch: int | None) -> dict[str, float]:
-        return weights(self.handle, epoch)
-
-    def check_nonce(self, hotkey: str, nonce: str, ttl: float) -> bool:
-        return self._store("check_nonce", hotkey, nonce, ttl)
-
-    def stats(self) -> dict[str, Any]:
-        return self._store("stats")
-
-    def _store(self, method: str, *args: Any) -> Any:
-        return ray.get(getattr(self.handle.store, method).remote(*args))

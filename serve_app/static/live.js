@@ -35,7 +35,7 @@ async function pollLive() {
   setField(page, "bytes_scored", formatBytes(progress.bytes_scored));
   setField(page, "running_bpb", formatNumber(progress.running_bpb, 4));
   setField(page, "tokens_per_second", formatNumber(progress.tokens_per_second, 0));
-  setField(page, "node", progress.node || "—");
+  setField(page, "node", progress.node_address || progress.node || "—");
   setField(page, "updated_at", formatTime(progress.updated_at));
   const bar = page.querySelector('[data-field="progress"]');
   if (bar && progress.bytes_scored != null) {

@@ -1,0 +1,151 @@
+"""What the HTTP layer and the cluster's client API do with the store — intake, nonces, the bound on stored
+rejections, and every read (through the read model) — written once, over any owner of the store.
+
+`StoreBackend` runs over a Store in this process (tests, benches); `prism_ray.cluster.client.ClusterBackend` over
+the store actor. Every method blocks: the HTTP app calls them from worker threads.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prism_ray.bundle import Bundle, load_bundle
+from prism_ray.config import Settings
+from prism_ray.errors import BundleError, Reason
+from prism_ray.leaderboard import LeaderboardEntry
+from prism_ray.read_model import QueueView, ReadModel, StorePort, SubmissionDetail
+from prism_ray.store import Store, SubmissionRecord
+
+
+@dataclass(frozen=True)
+class RejectionCap:
+    """At most `per_hotkey` (and `total`) stored rejections created within `window_s`; past it a rejection is
+    answered but not stored, so no client can fill the store with broken bundles."""
+
+    per_hotkey: int
+    total: int
+    window_s: float
+
+
+@dataclass(frozen=True)
+class NotStored:
+    """A rejection that was answered but not stored (its cap was reached)."""
+
+    reasons: list[Reason]
+    why: str
+
+
+class Backend:
+    def __init__(self, store: StorePort, settings: Settings, on_queued: Callable[[], Any] | None = None,
+                 node_address: Callable[[str], str | None] | None = None, max_staleness_s: float = 0.1) -> None:
+        self.store = store
+        self.settings = settings
+        self.reads = ReadModel(store, settings, max_staleness_s)
+        self._on_queued = on_queued
+        self._node_address = node_address
+
+    # --- writes -------------------------------------------------------------------------------------------------
+
+    def submit(self, hotkey: str, filename: str, source: bytes | str | Path | Bundle,
+               metadata: dict[str, Any] | None = None,
+               cap: RejectionCap | None = None) -> SubmissionRecord | NotStored:
+        """A new `pending` submission, a `duplicate` of another hotkey's earlier code, this hotkey's own earlier
+        submission of the same code (`reused`), or — an intake or contract rule broken — a `rejected` one."""
+        try:
+            bundle = source if isinstance(source, Bundle) else load_bundle(source, self.settings.intake)
+        except BundleError as error:
+            return self.reject(hotkey, filename, error.reasons, metadata, cap)
+        record: SubmissionRecord = self.store.call("create_submission", hotkey, filename, bundle, metadata)
+        self.reads.invalidate()
+        if record.status == "pending" and self._on_queued is not None:
+            self._on_queued()
+        return record
+
+    def reject(self, hotkey: str, filename: str | None, reasons: Sequence[Reason],
+               metadata: dict[str, Any] | None = None, cap: RejectionCap | None = None) -> SubmissionRecord | NotStored:
+        """Store an intake rejection (no valid bundle exists) so the miner can look it up — unless `cap` is full."""
+        if cap is not None:
+            total, own = self.store.call("rejection_counts", hotkey, time.time() - cap.window_s)
+            if own >= cap.per_hotkey or total >= cap.total:
+                whose = f"this hotkey has {own}" if own >= cap.per_hotkey else f"the server has {total}"
+                return NotStored(list(reasons), f"not stored: {whose} stored rejections from the last "
+                                 f"{cap.window_s / 3600:g} h")
+        record = self.store.call("reject_submission", hotkey, filename, list(reasons), "intake", metadata)
+        self.reads.invalidate()
+        return record
+
+    def check_nonce(self, hotkey: str, nonce: str, ttl: float) -> bool:
+        """Insert-once: False when this hotkey already used this nonce within `ttl` seconds."""
+        return self.store.call("check_nonce", hotkey, nonce, ttl)
+
+    # --- reads (the read model) ---------------------------------------------------------------------------------
+
+    def get_submission(self, submission_id: str) -> SubmissionRecord | None:
+        detail = self.reads.detail(submission_id)
+        return detail and detail.record
+
+    def detail(self, submission_id: str) -> SubmissionDetail | None:
+        return self.reads.detail(submission_id)
+
+    def curve(self, submission_id: str) -> list[dict[str, Any]]:
+        """The scored attempt's learning curve, at most `settings.curve_points` points."""
+        return self.reads.curve(submission_id)
+
+    def leaderboard(self, epoch: int | None = None) -> list[LeaderboardEntry]:
+        return self.reads.leaderboard(epoch)
+
+    def weights(self, epoch: int | None = None) -> dict[str, float]:
+        return self.reads.weights(epoch)
+
+    def queue(self) -> QueueView:
+        return self.reads.queue()
+
+    def stats(self) -> dict[str, Any]:
+        return self.reads.stats()
+
+    def node_address(self, node: str | None) -> str | None:
+        """Where a run ran, as a person reads it (the cluster resolves Ray's node ids to addresses)."""
+        if node is None or self._node_address is None:
+            return node
+        return self._node_address(node) or node
+
+
+class LocalStore:
+    """StorePort over a Store owned by this process; a lock serialises calls (a Store is not thread-safe)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def use(self) -> Iterator[Store]:
+        with self._lock:
+            yield self.store
+
+    def call(self, method: str, *args: Any) -> Any:
+        with self.use() as store:
+            return getattr(store, method)(*args)
+
+    def call_many(self, calls: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+        with self.use() as store:
+            return [getattr(store, method)(*args) for method, args in calls]
+
+
+class StoreBackend(Backend):
+    """A Backend over a Store owned by this process; `use()` lends the store to the owner's other work (a local
+    scheduler loop), under the same lock."""
+
+    def __init__(self, store: Store, settings: Settings | None = None, **options: Any) -> None:
+        self.local = LocalStore(store)
+        super().__init__(self.local, settings or Settings(), **options)
+
+    @contextmanager
+    def use(self) -> Iterator[Store]:
+        with self.local.use() as store:
+            yield store

@@ -1,0 +1,86 @@
+"""The response models built from the read model's data, once for both the JSON API and the pages: a submission's
+status, its live progress, its compute profile, its curve, the queue."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prism_ray.backend import Backend
+from prism_ray.read_model import SubmissionDetail
+from serve_app.models import (
+    ComputeProfile,
+    Curve,
+    CurvePoint,
+    Event,
+    Progress,
+    Queue,
+    QueueEntry,
+    Scores,
+    SubmissionStatus,
+)
+
+
+def submission_status(backend: Backend, detail: SubmissionDetail) -> SubmissionStatus:
+    record = detail.record
+    run = detail.runs[-1] if detail.runs else None
+    report = (run or {}).get("report") or {}
+    return SubmissionStatus(
+        **record.model_dump(include=set(SubmissionStatus.model_fields) - {"scores", "progress", "events"}),
+        scores=scores(report) if record.status == "completed" else None,
+        progress=progress(backend, run, report) if run else None,
+        events=[Event(seq=e["seq"], at=e["created_at"], kind=e["kind"], stage=e["stage"], detail=e["detail"])
+                for e in detail.events])
+
+
+def curve(backend: Backend, detail: SubmissionDetail) -> Curve:
+    """The scored attempt's points and the profile of the latest run that has a report (else the latest run)."""
+    reported = [run for run in detail.runs if run.get("report")]
+    run = reported[-1] if reported else (detail.runs[-1] if detail.runs else {})
+    return Curve(id=detail.record.id, status=detail.record.status,
+                 points=[CurvePoint(**point) for point in backend.curve(detail.record.id)],
+                 profile=profile(backend, run))
+
+
+def scores(report: dict[str, Any]) -> Scores:
+    breakdown, heldout = report.get("score") or {}, report.get("heldout") or {}
+    return Scores(bpb=report.get("bpb"), final_score=report.get("final_score"),
+                  heldout_delta=heldout.get("heldout_delta"), gap=heldout.get("gap"),
+                  penalty=breakdown.get("penalty"), anomaly=breakdown.get("anomaly"),
+                  tie_break=breakdown.get("tie_break"), val_bpb_trained=heldout.get("val_bpb_trained"),
+                  val_bpb_twin=heldout.get("val_bpb_twin"), flags=breakdown.get("flags") or [])
+
+
+def progress(backend: Backend, run: dict[str, Any], report: dict[str, Any]) -> Progress:
+    """The report's final numbers once the run ended with one, else its latest heartbeat."""
+    return Progress(bytes_scored=_first(report.get("bytes_scored"), run.get("progress_bytes")),
+                    running_bpb=_first(report.get("bpb"), run.get("progress_bpb")),
+                    tokens_per_second=_first(report.get("tokens_per_second"), run.get("tokens_per_second")),
+                    byte_budget=_first(report.get("byte_budget"), backend.settings.byte_budget or None),
+                    updated_at=_first(run.get("finished_at"), run.get("progress_at")), node=run.get("node"),
+                    node_address=backend.node_address(run.get("node")))
+
+
+def profile(backend: Backend, run: dict[str, Any]) -> ComputeProfile:
+    """What the run's report says about its compute; a field the run never reached (a failed run) stays null."""
+    report = run.get("report") or {}
+    fields = set(ComputeProfile.model_fields) - {"node", "node_address", "tokens_per_second"}
+    known = {name: report.get(name) or None for name in fields}  # 0 batches / 0 s mean "never ran", not a value
+    return ComputeProfile(**known, node=run.get("node"), node_address=backend.node_address(run.get("node")),
+                          tokens_per_second=_first(report.get("tokens_per_second"), run.get("tokens_per_second")))
+
+
+def queue(backend: Backend) -> Queue:
+    view = backend.queue()
+    stats = backend.stats()
+    entries = [QueueEntry(id=item.record.id, position=item.position, status=item.record.status,
+                          stage=item.record.stage, name=item.record.name, hotkey=item.record.hotkey,
+                          attempt=item.record.attempt, max_attempts=item.record.max_attempts,
+                          created_at=item.record.created_at, starts_in=item.starts_in, done_in=item.done_in,
+                          progress=progress(backend, item.run, {}) if item.run else None)
+               for item in view.items]
+    return Queue(running=stats["in_flight"], waiting=stats["queue_depth"],
+                 typical_run_seconds=view.typical_run_seconds, entries=entries)
+
+
+def _first(*values: Any) -> Any:
+    return next((value for value in values if value is not None), None)

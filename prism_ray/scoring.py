@@ -47,7 +47,7 @@ class ScoreBreakdown(BaseModel):
     plausible: int = 1
     flags: list[str]
     implausible: list[Reason] = Field(default_factory=list)
-    inputs: ScoreInputs
+    inputs: ScoreInputs | None = None  # None only in reports stored before the inputs were kept
 
 
 def bits_per_byte(nats: float, target_bytes: int) -> float:

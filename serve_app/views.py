@@ -7,6 +7,7 @@ from typing import Any
 
 from prism_ray.backend import Backend
 from prism_ray.read_model import SubmissionDetail
+from prism_ray.report import RunReport
 from serve_app.models import (
     ComputeProfile,
     Curve,
@@ -23,10 +24,10 @@ from serve_app.models import (
 def submission_status(backend: Backend, detail: SubmissionDetail) -> SubmissionStatus:
     record = detail.record
     run = detail.runs[-1] if detail.runs else None
-    report = (run or {}).get("report") or {}
+    report = _report(run)
     return SubmissionStatus(
         **record.model_dump(include=set(SubmissionStatus.model_fields) - {"scores", "progress", "events"}),
-        scores=scores(report) if record.status == "completed" else None,
+        scores=scores(report) if record.status == "completed" and report is not None else None,
         progress=progress(backend, run, report) if run else None,
         events=[Event(seq=e["seq"], at=e["created_at"], kind=e["kind"], stage=e["stage"], detail=e["detail"])
                 for e in detail.events])
@@ -41,32 +42,34 @@ def curve(backend: Backend, detail: SubmissionDetail) -> Curve:
                  profile=profile(backend, run))
 
 
-def scores(report: dict[str, Any]) -> Scores:
-    breakdown, heldout = report.get("score") or {}, report.get("heldout") or {}
-    return Scores(bpb=report.get("bpb"), final_score=report.get("final_score"),
-                  heldout_delta=heldout.get("heldout_delta"), gap=heldout.get("gap"),
-                  penalty=breakdown.get("penalty"), anomaly=breakdown.get("anomaly"),
-                  tie_break=breakdown.get("tie_break"), val_bpb_trained=heldout.get("val_bpb_trained"),
-                  val_bpb_twin=heldout.get("val_bpb_twin"), flags=breakdown.get("flags") or [])
+def _report(run: dict[str, Any] | None) -> RunReport | None:
+    return RunReport.model_validate(run["report"]) if run and run.get("report") else None
 
 
-def progress(backend: Backend, run: dict[str, Any], report: dict[str, Any]) -> Progress:
+def scores(report: RunReport) -> Scores:
+    held = report.heldout
+    return Scores(**report.score_row(), val_bpb_trained=held.val_bpb_trained if held else None,
+                  val_bpb_twin=held.val_bpb_twin if held else None,
+                  flags=report.score.flags if report.score else [])
+
+
+def progress(backend: Backend, run: dict[str, Any], report: RunReport | None) -> Progress:
     """The report's final numbers once the run ended with one, else its latest heartbeat."""
-    return Progress(bytes_scored=_first(report.get("bytes_scored"), run.get("progress_bytes")),
-                    running_bpb=_first(report.get("bpb"), run.get("progress_bpb")),
-                    tokens_per_second=_first(report.get("tokens_per_second"), run.get("tokens_per_second")),
-                    byte_budget=_first(report.get("byte_budget"), backend.settings.byte_budget or None),
+    return Progress(bytes_scored=_first(report and report.bytes_scored, run.get("progress_bytes")),
+                    running_bpb=_first(report and report.bpb, run.get("progress_bpb")),
+                    tokens_per_second=_first(report and report.tokens_per_second, run.get("tokens_per_second")),
+                    byte_budget=_first(report and report.byte_budget, backend.settings.byte_budget or None),
                     updated_at=_first(run.get("finished_at"), run.get("progress_at")), node=run.get("node"),
                     node_address=backend.node_address(run.get("node")))
 
 
 def profile(backend: Backend, run: dict[str, Any]) -> ComputeProfile:
     """What the run's report says about its compute; a field the run never reached (a failed run) stays null."""
-    report = run.get("report") or {}
+    report = _report(run)
     fields = set(ComputeProfile.model_fields) - {"node", "node_address", "tokens_per_second"}
-    known = {name: report.get(name) or None for name in fields}  # 0 batches / 0 s mean "never ran", not a value
+    known = {name: getattr(report, name, None) or None for name in fields}  # 0 batches / 0 s: "never ran"
     return ComputeProfile(**known, node=run.get("node"), node_address=backend.node_address(run.get("node")),
-                          tokens_per_second=_first(report.get("tokens_per_second"), run.get("tokens_per_second")))
+                          tokens_per_second=_first(report and report.tokens_per_second, run.get("tokens_per_second")))
 
 
 def queue(backend: Backend) -> Queue:
@@ -76,7 +79,7 @@ def queue(backend: Backend) -> Queue:
                           stage=item.record.stage, name=item.record.name, hotkey=item.record.hotkey,
                           attempt=item.record.attempt, max_attempts=item.record.max_attempts,
                           created_at=item.record.created_at, starts_in=item.starts_in, done_in=item.done_in,
-                          progress=progress(backend, item.run, {}) if item.run else None)
+                          progress=progress(backend, item.run, None) if item.run else None)
                for item in view.items]
     return Queue(running=stats["in_flight"], waiting=stats["queue_depth"],
                  typical_run_seconds=view.typical_run_seconds, entries=entries)

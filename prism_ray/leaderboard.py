@@ -1,7 +1,8 @@
-"""The leaderboard and the dry-run weights (DESIGN §4): pure functions over score rows.
+"""The leaderboard and the dry-run weights (docs/architecture.md, "Scoring contract"): pure functions over score rows.
 
 Every ordering is total over rows with distinct submission ids, so the board and the weights never depend on
-the order the rows arrive in.
+the order the rows arrive in. The board shows every completed row; the weights count only the rows that earn
+(`earns_weight`): a copy of another hotkey's earlier code earns nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ class ScoreRow(BaseModel):
     heldout_delta: float | None = None
     architecture_family: str | None = None
     name: str | None = None
+    copy_of: str | None = Field(default=None, description="the earlier submission of another hotkey this one copies")
+    near_copy_of: str | None = Field(default=None, description="the earlier submission of another hotkey this one "
+                                     "differs from only in numeric literals")
 
 
 class LeaderboardEntry(ScoreRow):
@@ -43,7 +47,8 @@ def epoch_seconds_of(timestamp: datetime | float) -> float:
 
 
 def epoch_of(timestamp: datetime | float, settings: ScoringSettings | None = None) -> int:
-    """Epoch n covers [n·epoch_seconds, (n+1)·epoch_seconds) since the Unix epoch."""
+    """Epoch n covers [n·epoch_seconds, (n+1)·epoch_seconds) since the Unix epoch. A submission belongs to the epoch
+    of its submission time, everywhere (the scores row, the board's filter, the weights)."""
     settings = settings or ScoringSettings()
     return math.floor(epoch_seconds_of(timestamp) / settings.epoch_seconds)
 
@@ -61,9 +66,9 @@ def leaderboard(rows: Iterable[ScoreRow], epoch: int | None = None,
 
 def weights(rows: Iterable[ScoreRow], settings: ScoringSettings | None = None,
             epoch: int | None = None) -> dict[str, float]:
-    """Dry-run weights per hotkey, summing to 1; {} when the board is empty or scores nothing."""
+    """Dry-run weights per hotkey over the rows that earn, summing to 1; {} when they score nothing."""
     settings = settings or ScoringSettings()
-    rows = list(rows)
+    rows = [row for row in rows if earns_weight(row)]
     board = leaderboard(rows, epoch, settings)
     if not board or board[0].final_score == 0:
         return {}
@@ -71,6 +76,11 @@ def weights(rows: Iterable[ScoreRow], settings: ScoringSettings | None = None,
         return _two_tier(board[0], _scored(rows, epoch, settings), settings.two_tier_split)
     total = math.fsum(entry.final_score for entry in board)
     return {entry.hotkey: entry.final_score / total for entry in board}
+
+
+def earns_weight(row: ScoreRow) -> bool:
+    """A copy of another hotkey's earlier code earns nothing; the earliest submission of the code keeps the weight."""
+    return row.copy_of is None
 
 
 def _two_tier(top: ScoreRow, scored: list[ScoreRow], split: tuple[float, float]) -> dict[str, float]:

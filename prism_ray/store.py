@@ -10,6 +10,7 @@ Timestamps are Unix epoch seconds (DOUBLE) everywhere. docs/store.md describes e
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -21,22 +22,28 @@ from pathlib import Path
 from typing import Any, Literal
 
 import duckdb
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
-from prism_ray.bundle import Bundle
-from prism_ray.errors import Reason
+from prism_ray.bundle import Bundle, load_bundle
+from prism_ray.config import IntakeLimits, ScoringSettings
+from prism_ray.errors import BundleError, Reason
+from prism_ray.fingerprint import CodeFingerprints, code_fingerprints
+from prism_ray.leaderboard import epoch_of
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Added in version 2: the code fingerprints and copy links of each submission and its original zip.
+_V2_SUBMISSION_COLUMNS = (("architecture_family", "VARCHAR"), ("training_fingerprint", "VARCHAR"),
+                          ("canonical_fingerprint", "VARCHAR"), ("copy_of", "VARCHAR"), ("near_copy_of", "VARCHAR"),
+                          ("notes", "JSON DEFAULT '[]'"), ("zip_sha256", "VARCHAR"))
 DEFAULT_MAX_ATTEMPTS = 3
 
 SubmissionStatus = Literal["pending", "running", "completed", "rejected", "failed", "held", "duplicate"]
 STATUSES: tuple[str, ...] = ("pending", "running", "completed", "rejected", "failed", "held", "duplicate")
 TERMINAL_STATUSES = ("completed", "rejected", "failed", "duplicate")
-SCORE_FIELDS = ("bpb", "final_score", "heldout_delta", "gap", "penalty", "anomaly", "tie_break",
-                "architecture_family", "epoch")
-TABLES = ("schema_version", "submissions", "bundles", "runs", "scores", "curves", "gate_reviews", "gate_verdicts",
-          "nonces", "events")
-_JSON_COLUMNS = frozenset({"reasons", "metadata", "report", "detail", "verdict"})
+SCORE_FIELDS = ("bpb", "final_score", "heldout_delta", "gap", "penalty", "anomaly", "tie_break")
+TABLES = ("schema_version", "submissions", "zips", "bundles", "runs", "scores", "curves", "gate_reviews",
+          "gate_verdicts", "nonces", "events")
+_JSON_COLUMNS = frozenset({"reasons", "notes", "metadata", "report", "detail", "verdict"})
 _STATUS_LIST = ", ".join(f"'{status}'" for status in STATUSES)
 
 _SCHEMA = f"""
@@ -48,9 +55,10 @@ CREATE TABLE IF NOT EXISTS submissions (
     tokenizer VARCHAR, status VARCHAR NOT NULL CHECK (status IN ({_STATUS_LIST})), stage VARCHAR NOT NULL,
     reasons JSON NOT NULL, attempt INTEGER NOT NULL, max_attempts INTEGER NOT NULL, lease_owner VARCHAR,
     lease_expires_at DOUBLE, metadata JSON, created_at DOUBLE NOT NULL, updated_at DOUBLE NOT NULL,
-    finished_at DOUBLE, duplicate_of VARCHAR);
-CREATE TABLE IF NOT EXISTS bundles (
-    sha256 VARCHAR PRIMARY KEY, fingerprint VARCHAR NOT NULL, zip BLOB NOT NULL, size BIGINT NOT NULL,
+    finished_at DOUBLE, duplicate_of VARCHAR, {", ".join(f"{name} {kind}" for name, kind in _V2_SUBMISSION_COLUMNS)});
+CREATE TABLE IF NOT EXISTS zips (sha256 VARCHAR PRIMARY KEY, zip BLOB NOT NULL, size BIGINT NOT NULL,
+    created_at DOUBLE NOT NULL);
+CREATE TABLE IF NOT EXISTS bundles (sha256 VARCHAR PRIMARY KEY, fingerprint VARCHAR NOT NULL, zip_sha256 VARCHAR,
     created_at DOUBLE NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
     id VARCHAR PRIMARY KEY, submission_id VARCHAR NOT NULL, attempt INTEGER NOT NULL, node VARCHAR,
@@ -119,7 +127,20 @@ class SubmissionRecord(BaseModel):
     updated_at: float
     finished_at: float | None
     duplicate_of: str | None
+    architecture_family: str | None = None
+    training_fingerprint: str | None = None
+    canonical_fingerprint: str | None = None
+    copy_of: str | None = None
+    near_copy_of: str | None = None
+    notes: list[Reason] = Field(default_factory=list, description="typed notes that stay with the submission "
+                                "whatever its status (copy:duplicate, copy:near)")
+    zip_sha256: str | None = None
     reused: bool = False
+
+    @field_validator("notes", mode="before")
+    @classmethod
+    def _no_notes(cls, notes: Any) -> Any:
+        return [] if notes is None else notes
 
 
 @dataclass(frozen=True)
@@ -138,9 +159,10 @@ class _Change:
 
 class Store:
     def __init__(self, path: Path | str, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, scoring: ScoringSettings | None = None) -> None:
         self.path = str(path)
         self.max_attempts = max_attempts
+        self.scoring = scoring or ScoringSettings()
         self._clock = clock
         Path(path).parent.mkdir(parents=True, exist_ok=True)  # a fresh --state-dir or store path is fine
         try:
@@ -153,10 +175,12 @@ class Store:
         with self._transaction() as con:
             con.execute(_SCHEMA)
             version = con.execute("SELECT max(version) FROM schema_version").fetchone()[0]
-            if version is None:
-                con.execute("INSERT INTO schema_version VALUES (?, ?)", [SCHEMA_VERSION, self._clock()])
-            elif version > SCHEMA_VERSION:
+            if version is not None and version > SCHEMA_VERSION:
                 raise StoreError(f"{self.path} has schema version {version}; this prism-ray knows {SCHEMA_VERSION}")
+            if version == 1:
+                _migrate_to_v2(con)
+            if version != SCHEMA_VERSION:
+                con.execute("INSERT INTO schema_version VALUES (?, ?)", [SCHEMA_VERSION, self._clock()])
 
     def close(self) -> None:
         self._con.close()
@@ -169,10 +193,19 @@ class Store:
 
     # --- intake -------------------------------------------------------------------------------------------------
 
-    def create_submission(self, hotkey: str, filename: str, bundle: Bundle,
-                          metadata: dict[str, Any] | None = None) -> SubmissionRecord:
-        """A new pending submission, a `duplicate` of another hotkey's earlier code, or this hotkey's earlier one."""
+    def create_submission(self, hotkey: str, filename: str, bundle: Bundle, metadata: dict[str, Any] | None = None,
+                          zipped: bytes | None = None,
+                          fingerprints: CodeFingerprints | None = None) -> SubmissionRecord:
+        """A new pending submission, a `duplicate` of another hotkey's earlier code, or this hotkey's earlier one.
+
+        `zipped` is the miner's original zip (kept as sent; a bundle given as files is kept as their deterministic
+        zip); `fingerprints` may be computed by the caller, off the store's owner process. A pending submission is
+        marked `copy_of` when another hotkey submitted the same code first, up to names, layout and comments
+        (copy:duplicate: it is still evaluated and shown, but earns no weight), else `near_copy_of` when another
+        hotkey's earlier code differs from it only in numeric literals (copy:near, informational)."""
         now = self._clock()
+        zipped = bundle.to_zip() if zipped is None else zipped
+        fingerprints = fingerprints or code_fingerprints(bundle)
         with self._transaction():
             own = self._rows("SELECT id FROM submissions WHERE fingerprint = ? AND hotkey = ? ORDER BY seq LIMIT 1",
                              [bundle.fingerprint, hotkey])
@@ -180,9 +213,12 @@ class Store:
                 return self._record(own[0]["id"]).model_copy(update={"reused": True})
             earlier = self._rows("SELECT id FROM submissions WHERE fingerprint = ? AND status <> 'duplicate' "
                                  "ORDER BY seq LIMIT 1", [bundle.fingerprint])
-            zipped = bundle.to_zip()
-            self._con.execute("INSERT INTO bundles VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                              [bundle.sha256, bundle.fingerprint, zipped, len(zipped), now])
+            zip_sha256 = hashlib.sha256(zipped).hexdigest()
+            self._con.execute("INSERT INTO zips VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                              [zip_sha256, zipped, len(zipped), now])
+            self._con.execute("INSERT INTO bundles VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                              [bundle.sha256, bundle.fingerprint, zip_sha256, now])
+            links: dict[str, Any] = {"zip_sha256": zip_sha256}
             if earlier:
                 original = earlier[0]["id"]
                 reasons = [Reason(rule="duplicate", message=f"identical to the earlier submission {original}; "
@@ -191,10 +227,33 @@ class Store:
             else:
                 original, reasons = None, []
                 status, stage, kind, detail = "pending", "queued", "submitted", {"filename": filename}
+                links |= self._copy_links(hotkey, fingerprints)
+                detail |= {name: links[name] for name in ("copy_of", "near_copy_of") if links.get(name)}
             submission_id = self._insert_submission(
-                hotkey, filename, status, stage, reasons, now, metadata, bundle=bundle, duplicate_of=original)
+                hotkey, filename, status, stage, reasons, now, metadata, bundle=bundle, duplicate_of=original,
+                fingerprints=fingerprints, **links)
             self._append_events([(submission_id, kind, stage, {**detail, "reasons": _dump(reasons)})], now)
             return self._record(submission_id)
+
+    def _copy_links(self, hotkey: str, fingerprints: CodeFingerprints) -> dict[str, Any]:
+        """copy_of / near_copy_of and the note the miner reads, against the earlier submissions of other hotkeys."""
+        first = self._rows("SELECT id, hotkey FROM submissions WHERE canonical_fingerprint = ? AND "
+                           "status <> 'duplicate' ORDER BY seq LIMIT 1", [fingerprints.canonical])
+        if first and first[0]["hotkey"] != hotkey:  # a hotkey's own earlier code is never a copy
+            original = first[0]["id"]
+            return {"copy_of": original, "notes": [Reason(
+                rule="copy:duplicate", message=f"the same code as the earlier submission {original} of another "
+                "hotkey, up to names, formatting and comments; it is evaluated and shown, but earns no weight: the "
+                "earliest submission of the code keeps it")]}
+        near = self._rows("SELECT id FROM submissions WHERE architecture_family = ? AND training_fingerprint = ? AND "
+                          "canonical_fingerprint <> ? AND hotkey <> ? AND status <> 'duplicate' ORDER BY seq LIMIT 1",
+                          [fingerprints.architecture_family, fingerprints.training, fingerprints.canonical, hotkey])
+        if near:
+            return {"near_copy_of": near[0]["id"], "notes": [Reason(
+                rule="copy:near", message=f"the same architecture and training loop as the earlier submission "
+                f"{near[0]['id']} of another hotkey, differing only in numeric literals (hyperparameters); shown for "
+                "reference, it earns weight as usual")]}
+        return {}
 
     def reject_submission(self, hotkey: str, filename: str | None, reasons: Sequence[Reason | dict[str, Any]],
                           stage: str = "intake", metadata: dict[str, Any] | None = None) -> SubmissionRecord:
@@ -207,7 +266,15 @@ class Store:
             return self._record(submission_id)
 
     def bundle_zip(self, sha256: str) -> bytes | None:
-        row = self._con.execute("SELECT zip FROM bundles WHERE sha256 = ?", [sha256]).fetchone()
+        """The zip of a bundle (by `bundle_sha256`): the original upload of the first submission of its files."""
+        row = self._con.execute("SELECT z.zip FROM bundles b JOIN zips z ON z.sha256 = b.zip_sha256 "
+                                "WHERE b.sha256 = ?", [sha256]).fetchone()
+        return bytes(row[0]) if row else None
+
+    def original_zip(self, submission_id: str) -> bytes | None:
+        """The exact bytes the miner sent with this submission (null for intake rejections)."""
+        row = self._con.execute("SELECT z.zip FROM submissions s JOIN zips z ON z.sha256 = s.zip_sha256 "
+                                "WHERE s.id = ?", [submission_id]).fetchone()
         return bytes(row[0]) if row else None
 
     # --- reads --------------------------------------------------------------------------------------------------
@@ -236,13 +303,23 @@ class Store:
         return self._rows("SELECT bytes, bpb FROM curves WHERE submission_id = ? AND attempt = (SELECT max(attempt) "
                           "FROM curves WHERE submission_id = ?) ORDER BY bytes", [submission_id, submission_id])
 
+    def near_copies(self, submission_id: str) -> list[str]:
+        """Other hotkeys' submissions whose code differs from this one's only in numeric literals, earliest first."""
+        rows = self._con.execute(
+            "SELECT o.id FROM submissions s JOIN submissions o ON o.architecture_family = s.architecture_family AND "
+            "o.training_fingerprint = s.training_fingerprint AND o.canonical_fingerprint <> s.canonical_fingerprint "
+            "AND o.hotkey <> s.hotkey AND o.status <> 'duplicate' WHERE s.id = ? ORDER BY o.seq",
+            [submission_id]).fetchall()
+        return [row[0] for row in rows]
+
     def scored_rows(self) -> list[dict[str, Any]]:
         """Completed submissions with their scores, best first; ties → earliest submission, then id.
         Each row fits `leaderboard.ScoreRow(**row)` (submitted_at = created_at, epoch seconds)."""
         return self._rows(
             "SELECT s.id AS submission_id, s.hotkey, s.status, s.name, s.filename, s.tokenizer, s.bundle_sha256, "
-            "s.seq, s.created_at AS submitted_at, s.finished_at, sc.bpb, sc.final_score, sc.heldout_delta, sc.gap, "
-            "sc.penalty, sc.anomaly, sc.tie_break, sc.architecture_family, sc.scored_at, sc.epoch FROM submissions s "
+            "s.seq, s.created_at AS submitted_at, s.finished_at, s.architecture_family, s.copy_of, s.near_copy_of, "
+            "sc.bpb, sc.final_score, sc.heldout_delta, sc.gap, sc.penalty, sc.anomaly, sc.tie_break, sc.scored_at, "
+            "sc.epoch FROM submissions s "
             "JOIN scores sc ON sc.submission_id = s.id WHERE s.status = 'completed' "
             "ORDER BY sc.final_score DESC NULLS LAST, s.seq, s.id")
 
@@ -327,14 +404,17 @@ class Store:
                 return False
             row = rows[0]
             stage = report.get("stage") or "score"
+            # The epoch is the submission's (docs/scoring.md, "Epochs"), the same one the leaderboard filters by.
+            epoch = epoch_of(row["created_at"], self.scoring)
             detail = {"attempt": row["attempt"], "bpb": _finite(score.get("bpb")),
                       "final_score": _finite(score.get("final_score"))}
             self._apply([_Change(submission_id, row["attempt"], "completed", stage, _reasons(report.get("reasons", [])),
                                  "completed", detail, report)], now)
             values = [_finite(score.get(name)) for name in SCORE_FIELDS]
-            self._con.execute(f"INSERT INTO scores (submission_id, hotkey, scored_at, {', '.join(SCORE_FIELDS)}) "
-                              f"VALUES (?, ?, ?, {', '.join('?' for _ in SCORE_FIELDS)})",
-                              [submission_id, row["hotkey"], now, *values])
+            marks = ", ".join("?" for _ in SCORE_FIELDS)
+            self._con.execute(f"INSERT INTO scores (submission_id, hotkey, scored_at, architecture_family, epoch, "
+                              f"{', '.join(SCORE_FIELDS)}) VALUES (?, ?, ?, ?, ?, {marks})",
+                              [submission_id, row["hotkey"], now, row["architecture_family"], epoch, *values])
             if curve:
                 self._con.execute("INSERT INTO curves SELECT ?, ?, unnest(?::BIGINT[]), unnest(?::DOUBLE[])",
                                   [submission_id, row["attempt"], [int(point["bytes"]) for point in curve],
@@ -467,23 +547,30 @@ class Store:
 
     def _insert_submission(self, hotkey: str, filename: str | None, status: str, stage: str, reasons: list[Reason],
                            now: float, metadata: dict[str, Any] | None, bundle: Bundle | None = None,
-                           duplicate_of: str | None = None) -> str:
+                           duplicate_of: str | None = None, fingerprints: CodeFingerprints | None = None,
+                           copy_of: str | None = None, near_copy_of: str | None = None,
+                           notes: Sequence[Reason] = (), zip_sha256: str | None = None) -> str:
         submission_id = f"sub_{uuid.uuid4().hex}"
         finished_at = now if status in TERMINAL_STATUSES else None
         self._con.execute(
             "INSERT INTO submissions (id, hotkey, filename, bundle_sha256, fingerprint, name, tokenizer, status, "
-            "stage, reasons, attempt, max_attempts, metadata, created_at, updated_at, finished_at, duplicate_of) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?::JSON, 0, ?, ?::JSON, ?, ?, ?, ?)",
+            "stage, reasons, attempt, max_attempts, metadata, created_at, updated_at, finished_at, duplicate_of, "
+            "architecture_family, training_fingerprint, canonical_fingerprint, copy_of, near_copy_of, notes, "
+            "zip_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?::JSON, 0, ?, ?::JSON, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+            "?::JSON, ?)",
             [submission_id, hotkey, filename, bundle and bundle.sha256, bundle and bundle.fingerprint,
              bundle and bundle.display_name, bundle and bundle.config.tokenizer, status, stage, _json(_dump(reasons)),
-             self.max_attempts, None if metadata is None else _json(metadata), now, now, finished_at, duplicate_of])
+             self.max_attempts, None if metadata is None else _json(metadata), now, now, finished_at, duplicate_of,
+             fingerprints and fingerprints.architecture_family, fingerprints and fingerprints.training,
+             fingerprints and fingerprints.canonical, copy_of, near_copy_of, _json(_dump(notes)), zip_sha256])
         return submission_id
 
     def _guarded(self, ids: Sequence[str], statuses: Sequence[str], owner: str | None,
                  attempt: int | None) -> list[dict[str, Any]]:
         """Those submissions that are in one of `statuses` and, when given, still leased to owner/attempt."""
         return self._rows(
-            "SELECT id, hotkey, attempt, max_attempts, stage FROM submissions WHERE list_contains(?::VARCHAR[], id) "
+            "SELECT id, hotkey, attempt, max_attempts, stage, created_at, architecture_family FROM submissions "
+            "WHERE list_contains(?::VARCHAR[], id) "
             "AND list_contains(?::VARCHAR[], status) AND (?::VARCHAR IS NULL OR lease_owner = ?) AND "
             "(?::INTEGER IS NULL OR attempt = ?) ORDER BY seq",
             [list(ids), list(statuses), owner, owner, attempt, attempt])
@@ -565,3 +652,27 @@ def _json(value: Any) -> str:
         return _finite(item)
 
     return json.dumps(clean(value), allow_nan=False)
+
+
+def _migrate_to_v2(con: duckdb.DuckDBPyConnection) -> None:
+    """Version 1 → 2: code fingerprints and copy links on submissions; original zips in a content-addressed table
+    (a version-1 file only has its deterministic re-zips, which become the kept zips)."""
+    for name, kind in _V2_SUBMISSION_COLUMNS:
+        con.execute(f"ALTER TABLE submissions ADD COLUMN {name} {kind}")
+    con.execute("INSERT INTO zips SELECT sha256(zip), zip, size, created_at FROM bundles ON CONFLICT DO NOTHING")
+    con.execute("ALTER TABLE bundles ADD COLUMN zip_sha256 VARCHAR")
+    con.execute("UPDATE bundles SET zip_sha256 = sha256(zip)")
+    con.execute("ALTER TABLE bundles DROP COLUMN zip")
+    con.execute("ALTER TABLE bundles DROP COLUMN size")
+    con.execute("UPDATE submissions AS s SET zip_sha256 = b.zip_sha256 FROM bundles b WHERE b.sha256 = s.bundle_sha256")
+    unlimited = IntakeLimits(max_files=1 << 20, max_member_bytes=1 << 40, max_total_bytes=1 << 40)
+    for zip_sha256, zipped in con.execute("SELECT sha256, zip FROM zips").fetchall():
+        try:
+            prints = code_fingerprints(load_bundle(bytes(zipped), unlimited))
+        except BundleError:  # stored under limits this version no longer accepts: no family, as before
+            continue
+        con.execute("UPDATE submissions SET architecture_family = ?, training_fingerprint = ?, "
+                    "canonical_fingerprint = ? WHERE zip_sha256 = ?",
+                    [prints.architecture_family, prints.training, prints.canonical, zip_sha256])
+    con.execute("UPDATE scores AS sc SET architecture_family = s.architecture_family FROM submissions s "
+                "WHERE s.id = sc.submission_id")

@@ -73,7 +73,7 @@ class StoreBackend:
         except BundleError as error:
             return self.reject(hotkey, filename, error.reasons, metadata)
         with self.use() as store:
-            return store.create_submission(hotkey, filename, bundle, metadata)
+            return store.create_submission(hotkey, filename, bundle, metadata, zipped=zipped)
 
     def reject(self, hotkey: str, filename: str | None, reasons: Sequence[Reason],
                metadata: dict[str, Any] | None) -> SubmissionRecord:

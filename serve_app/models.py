@@ -138,6 +138,12 @@ class SubmissionStatus(BaseModel):
     updated_at: float
     finished_at: float | None
     duplicate_of: str | None
+    architecture_family: str | None = None
+    copy_of: str | None = Field(default=None, description="copy:duplicate: another hotkey's earlier submission of the "
+                                "same code (up to names, layout, comments); this one earns no weight")
+    near_copy_of: str | None = Field(default=None, description="copy:near: another hotkey's earlier submission that "
+                                     "differs from this one only in numeric literals")
+    notes: list[Reason] = Field(default_factory=list, description="typed notes kept whatever the status (copy:*)")
     scores: Scores | None = None
     progress: Progress | None = None
     events: list[Event]
@@ -179,6 +185,8 @@ class LeaderboardRow(BaseModel):
     final_score: float | None
     heldout_delta: float | None
     architecture_family: str | None
+    copy_of: str | None = Field(default=None, description="a copy of this earlier submission: ranked, earns no weight")
+    near_copy_of: str | None = None
     submitted_at: float
 
 

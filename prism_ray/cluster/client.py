@@ -16,9 +16,10 @@ from typing import Any
 import ray
 
 from prism_ray import pipeline
-from prism_ray.bundle import Bundle
+from prism_ray.bundle import Bundle, decode_base64
 from prism_ray.cluster.runtime import ClusterHandle
 from prism_ray.errors import BundleError, Reason
+from prism_ray.fingerprint import code_fingerprints
 from prism_ray.leaderboard import LeaderboardEntry, ScoreRow
 from prism_ray.leaderboard import leaderboard as rank
 from prism_ray.leaderboard import weights as weigh
@@ -30,18 +31,28 @@ SETTLED_STATUSES = (*TERMINAL_STATUSES, "held")  # held waits for an operator, n
 def submit(handle: ClusterHandle, hotkey: str, filename: str, source: bytes | str | Path | Bundle,
            metadata: dict[str, Any] | None = None) -> SubmissionRecord:
     """A new `pending` submission, a `rejected` one (intake or contract rule broken), a `duplicate` of another
-    hotkey's earlier code, or this hotkey's own earlier submission of the same code (`reused`)."""
-    if isinstance(source, Bundle):
-        bundle = source
-    else:
-        try:
-            bundle = pipeline.intake(source, handle.settings.intake)
-        except BundleError as error:
-            return ray.get(handle.store.reject_submission.remote(hotkey, filename, error.reasons, "intake", metadata))
-    record: SubmissionRecord = ray.get(handle.store.create_submission.remote(hotkey, filename, bundle, metadata))
+    hotkey's earlier code, or this hotkey's own earlier submission of the same code (`reused`). A zip is kept in
+    the store exactly as sent."""
+    try:
+        zipped = _zip_of(source)
+        bundle = source if isinstance(source, Bundle) else pipeline.intake(zipped or source, handle.settings.intake)
+    except BundleError as error:
+        return ray.get(handle.store.reject_submission.remote(hotkey, filename, error.reasons, "intake", metadata))
+    fingerprints = code_fingerprints(bundle)  # here, not in the store actor every submission goes through
+    record: SubmissionRecord = ray.get(handle.store.create_submission.remote(
+        hotkey, filename, bundle, metadata, zipped=zipped, fingerprints=fingerprints))
     if record.status == "pending":
         handle.scheduler.wake.remote()
     return record
+
+
+def _zip_of(source: bytes | str | Path | Bundle) -> bytes | None:
+    """The zip as the miner sent it, when the source is one (a directory or a Bundle has none)."""
+    if isinstance(source, str):
+        return decode_base64(source)
+    if isinstance(source, Path):
+        return source.read_bytes() if source.is_file() else None
+    return source if isinstance(source, bytes) else None
 
 
 def status(handle: ClusterHandle, submission_id: str) -> SubmissionRecord | None:

@@ -34,7 +34,6 @@ from prism_ray.cluster.store_actor import Beat
 from prism_ray.cluster.tasks import StageTasks
 from prism_ray.config import Settings
 from prism_ray.errors import BundleError, Reason
-from prism_ray.leaderboard import epoch_of
 from prism_ray.report import RunReport
 
 SCHEDULER_NAME = "prism-scheduler"
@@ -267,12 +266,12 @@ class Scheduler:
             ray.cancel(chain.outcome, force=True)
 
     def _score_fields(self, report: RunReport) -> dict[str, Any]:
-        """The scores row: the breakdown's terms, the held-out numbers once that stage reports them, the epoch."""
+        """The scores row: the breakdown's terms and the held-out numbers once that stage reports them (the store adds
+        the family and the epoch, both the submission's)."""
         breakdown, heldout = report.score or {}, report.heldout or {}
         return {"bpb": report.bpb, "final_score": report.final_score, "penalty": breakdown.get("penalty"),
                 "anomaly": breakdown.get("anomaly"), "tie_break": breakdown.get("tie_break"),
-                "heldout_delta": heldout.get("heldout_delta"), "gap": heldout.get("gap"),
-                "epoch": epoch_of(time.time(), self.settings.scoring)}
+                "heldout_delta": heldout.get("heldout_delta"), "gap": heldout.get("gap")}
 
 
 def _snake(name: str) -> str:

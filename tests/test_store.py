@@ -10,8 +10,10 @@ import duckdb
 import pytest
 
 from prism_ray.bundle import Bundle, check_contract
+from prism_ray.config import ScoringSettings
 from prism_ray.errors import Reason
 from prism_ray.gate import CachedVerdict, GateAudit
+from prism_ray.leaderboard import ScoreRow, epoch_of, leaderboard, weights
 from prism_ray.store import TABLES, Store, StoreError
 
 
@@ -248,3 +250,45 @@ def test_second_process_gets_store_locked(tmp_path):
         result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.stdout.startswith("LOCKED"), result.stderr
     assert "another process" in result.stdout
+
+
+ARCH_X = "from torch import nn\n\n\ndef build_model(ctx):\n    return nn.Embedding(ctx.vocab_size, ctx.vocab_size)\n"
+ARCH_Y = ("from torch import nn\n\n\ndef build_model(ctx):\n"
+          "    return nn.Sequential(nn.Embedding(ctx.vocab_size, 64), nn.Linear(64, ctx.vocab_size))\n")
+
+
+def family_bundle(architecture: str, optimizer: str) -> Bundle:
+    training = (f"import torch\n\n\ndef train(ctx):\n    model = ctx.build_model()\n"
+                f"    opt = torch.optim.{optimizer}(model.parameters())\n"
+                "    for batch in ctx.iter_train_batches(model, with_logits=True):\n        batch.loss.backward()\n"
+                "        opt.step()\n        opt.zero_grad()\n")
+    return check_contract({"architecture.py": architecture.encode(), "training.py": training.encode()})
+
+
+def test_two_tier_weights_group_real_bundles_by_architecture_family(tmp_path, clock):
+    """Two architecture families from real bundles: the winning family's first submitter gets 60%, the owner of
+    its best training variant 40%, the other family nothing; the epoch is the submission's, not the scoring's."""
+    two_tier = ScoringSettings(weights_mode="two_tier")
+    with Store(tmp_path / "prism.duckdb", clock=clock, scoring=two_tier) as store:
+        submitted = clock.now
+        entries = [("alice", ARCH_X, "SGD", 0.30), ("carol", ARCH_Y, "SGD", 0.45), ("bob", ARCH_X.replace(
+            "return nn", "return  nn"), "Adam", 0.50), ("dave", ARCH_Y, "AdamW", 0.20)]
+        ids = {}
+        for hotkey, architecture, optimizer, _ in entries:
+            ids[hotkey] = store.create_submission(hotkey, f"{hotkey}.zip", family_bundle(architecture, optimizer)).id
+            clock.now += 1
+        store.claim_next("sched", 60, limit=4)
+        clock.now += 2 * 86_400  # scored two days later: still the epoch of submission
+        for hotkey, _, _, score in entries:
+            assert store.complete(ids[hotkey], "sched", {"stage": "score"}, {"bpb": 1 / score - 1,
+                                                                             "final_score": score}, [])
+        rows = [ScoreRow(**row) for row in store.scored_rows()]
+        families = {row.hotkey: row.architecture_family for row in rows}
+        assert families["alice"] == families["bob"] != families["carol"] == families["dave"]
+        assert {row["epoch"] for row in store.scored_rows()} == {epoch_of(submitted)}
+        assert [entry.architecture_family for entry in leaderboard(rows, epoch=epoch_of(submitted))] == [
+            families["bob"], families["carol"], families["alice"], families["dave"]]
+        assert weights(rows, two_tier) == pytest.approx({"alice": 0.60, "bob": 0.40})
+        assert weights(rows, two_tier, epoch=epoch_of(clock.now)) == {}
+        without_x = [row for row in rows if row.architecture_family != families["bob"]]
+        assert weights(without_x, two_tier) == pytest.approx({"carol": 1.0})

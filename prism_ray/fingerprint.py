@@ -49,17 +49,19 @@ def code_fingerprints(bundle: Bundle) -> CodeFingerprints:
     entry = bundle.config.training_entry.file
     training = [entry, *(path for path in _reachable(entry, python, modules) if path not in {entry, *architecture})]
 
-    def digest(paths: list[str], keep_numbers: bool, extra: str = "") -> str:
-        return _digest([(path, python[path]) for path in paths], set(modules), keep_numbers, extra)
+    def digest(paths: list[str], keep_numbers: bool) -> str:
+        return _digest([(path, python[path]) for path in paths], set(modules), keep_numbers)
 
-    # The tokenizer changes what the same code learns from, so an exact copy must also declare the same one.
+    # Each role is renamed on its own (a copier may rename `ctx` in one script only); the tokenizer changes what the
+    # same code learns from, so an exact copy must also declare the same one.
+    exact = "\n".join([digest(architecture, keep_numbers=True), digest(training, keep_numbers=True),
+                       f"tokenizer={bundle.config.tokenizer}"])
     return CodeFingerprints(architecture_family=digest(architecture, keep_numbers=False),
                             training=digest(training, keep_numbers=False),
-                            canonical=digest([*architecture, *training], keep_numbers=True,
-                                             extra=f"tokenizer={bundle.config.tokenizer}"))
+                            canonical=hashlib.sha256(exact.encode()).hexdigest())
 
 
-def _digest(sources: list[tuple[str, str]], local_modules: set[str], keep_numbers: bool, extra: str = "") -> str:
+def _digest(sources: list[tuple[str, str]], local_modules: set[str], keep_numbers: bool) -> str:
     trees = [_parse(path, text) for path, text in sources]
     modules = {part for module in local_modules for part in module.split(".")}
     names, attributes = set(modules), set(modules)
@@ -69,7 +71,7 @@ def _digest(sources: list[tuple[str, str]], local_modules: set[str], keep_number
         attributes |= bound.attributes
     canonical = _Canonicaliser(names, attributes, local_modules, keep_numbers)  # one renaming across files
     dumps = [ast.dump(canonical.visit(tree), include_attributes=False) for tree in trees]
-    return hashlib.sha256("\n".join([*dumps, extra]).encode()).hexdigest()
+    return hashlib.sha256("\n".join(dumps).encode()).hexdigest()
 
 
 def _parse(path: str, text: str) -> ast.Module:

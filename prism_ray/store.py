@@ -214,9 +214,11 @@ class Store:
             earlier = self._rows("SELECT id FROM submissions WHERE fingerprint = ? AND status <> 'duplicate' "
                                  "ORDER BY seq LIMIT 1", [bundle.fingerprint])
             zip_sha256 = hashlib.sha256(zipped).hexdigest()
-            self._con.execute("INSERT INTO zips VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            self._con.execute("INSERT INTO zips (sha256, zip, size, created_at) VALUES (?, ?, ?, ?) "
+                              "ON CONFLICT DO NOTHING",
                               [zip_sha256, zipped, len(zipped), now])
-            self._con.execute("INSERT INTO bundles VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            self._con.execute("INSERT INTO bundles (sha256, fingerprint, zip_sha256, created_at) VALUES (?, ?, ?, ?) "
+                              "ON CONFLICT DO NOTHING",
                               [bundle.sha256, bundle.fingerprint, zip_sha256, now])
             links: dict[str, Any] = {"zip_sha256": zip_sha256}
             if earlier:

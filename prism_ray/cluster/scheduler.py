@@ -157,10 +157,15 @@ class Scheduler:
         for record, zipped in ray.get(self.store.claim.remote(self.owner, free)):
             self._claimed += 1
             job = Job(record.id, record.attempt, self.owner, time.time())
-            try:  # the store's own zip of an accepted bundle: parsing it runs no miner code
-                bundle = load_bundle(zipped, self.settings.intake)
+            try:  # the miner's zip as accepted at intake: parsing it runs no miner code
+                bundle = load_bundle(zipped or b"", self.settings.intake)
             except BundleError as error:
                 self._end(job, Outcome("rejected", error.reasons), "intake")
+                continue
+            if bundle.sha256 != record.bundle_sha256:  # the kept zip is not what intake accepted
+                reason = Reason(rule="infra:bundle_mismatch", message=f"the stored zip holds files {bundle.sha256[:12]}"
+                                f", not the {(record.bundle_sha256 or '')[:12]} accepted at intake")
+                self._end(job, Outcome("failed", [reason]), "intake")
                 continue
             chain = Chain(job, ray.put(bundle))
             self._chains[job.submission_id] = chain

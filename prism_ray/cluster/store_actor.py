@@ -58,10 +58,9 @@ class StoreService(Store):
         self._speeds: dict[str, tuple[float, float]] = {}  # id → (tokens/s, monotonic time of the beat)
         self._flushed_at = time.monotonic()
 
-    def claim(self, owner: str, limit: int) -> list[tuple[SubmissionRecord, bytes]]:
-        """claim_next plus each bundle's zip, in one round trip."""
-        return [(record, self.bundle_zip(record.bundle_sha256 or ""))
-                for record in self.claim_next(owner, self.lease_seconds, limit)]
+    def claim(self, owner: str, limit: int) -> list[tuple[SubmissionRecord, bytes | None]]:
+        """claim_next plus each submission's original zip, in one round trip."""
+        return [(record, self.original_zip(record.id)) for record in self.claim_next(owner, self.lease_seconds, limit)]
 
     def stage_started(self, submission_id: str, stage: str, node: str, owner: str, attempt: int) -> bool:
         """A GPU task began: record its stage and node; until it finishes only its own beats renew the lease.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,6 +32,8 @@ class ScoreRow(BaseModel):
     architecture_family: str | None = None
     name: str | None = None
     copy_of: str | None = Field(default=None, description="the earlier submission of another hotkey this one copies")
+    audit: Literal["unaudited", "pending", "passed", "failed"] | None = Field(
+        default=None, description="the score's re-execution audit; None: no audits are kept")
     near_copy_of: str | None = Field(default=None, description="the earlier submission of another hotkey this one "
                                      "differs from only in numeric literals")
 
@@ -73,28 +76,37 @@ def weights(rows: Iterable[ScoreRow], settings: ScoringSettings | None = None,
     if not board or board[0].final_score == 0:
         return {}
     if settings.weights_mode == "two_tier":
-        return _two_tier(board[0], _scored(rows, epoch, settings), settings.two_tier_split)
+        owner, variant = two_tier_payees(rows, settings, epoch)
+        split = settings.two_tier_split
+        shares = {owner.hotkey: split[0]}
+        shares[variant.hotkey] = shares.get(variant.hotkey, 0.0) + split[1]
+        return shares
     total = math.fsum(entry.final_score for entry in board)
     return {entry.hotkey: entry.final_score / total for entry in board}
 
 
 def earns_weight(row: ScoreRow) -> bool:
-    """A copy of another hotkey's earlier code earns nothing; the earliest submission of the code keeps the weight."""
-    return row.copy_of is None
+    """A copy of another hotkey's earlier code earns nothing (the earliest submission of the code keeps the weight),
+    nor does a score whose audit is pending, failed or never drawn; None means no audits are kept (docs/scoring.md,
+    "Audits")."""
+    return row.copy_of is None and row.audit in (None, "passed")
 
 
-def _two_tier(top: ScoreRow, scored: list[ScoreRow], split: tuple[float, float]) -> dict[str, float]:
-    """Architecture share to the family's first submitter, variant share to the family's best run.
+def two_tier_payees(rows: Iterable[ScoreRow], settings: ScoringSettings,
+                    epoch: int | None = None) -> tuple[ScoreRow, ScoreRow] | tuple[()]:
+    """(architecture owner, best training variant) that two_tier pays from these rows; () when nothing scores.
 
-    The family is the top entry's; a row without a fingerprint is a family of its own. Rows scored 0 (a step-0
-    anomaly) claim nothing, so smuggling cannot squat on an architecture.
+    The family is the top entry's; a row without a fingerprint is a family of its own. The owner is the family's
+    first submitter; rows scored 0 (a step-0 anomaly) claim nothing, so smuggling cannot squat on an architecture.
     """
-    family = [row for row in scored if row.final_score and _same_family(row, top)]
+    rows = list(rows)
+    board = leaderboard(rows, epoch, settings)
+    if not board or board[0].final_score == 0:
+        return ()
+    top = board[0]
+    family = [row for row in _scored(rows, epoch, settings) if row.final_score and _same_family(row, top)]
     owner = min(family, key=lambda row: (epoch_seconds_of(row.submitted_at), row.submission_id, row.hotkey))
-    variant = min(family, key=_rank_key)
-    shares = {owner.hotkey: split[0]}
-    shares[variant.hotkey] = shares.get(variant.hotkey, 0.0) + split[1]
-    return shares
+    return owner, min(family, key=_rank_key)
 
 
 def _same_family(row: ScoreRow, top: ScoreRow) -> bool:

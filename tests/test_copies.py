@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from prism_ray.bundle import Bundle, check_contract
-from prism_ray.config import ScoringSettings
+from prism_ray.config import AuditSettings, ScoringSettings
 from prism_ray.fingerprint import code_fingerprints
 from prism_ray.leaderboard import ScoreRow, leaderboard, weights
 from prism_ray.store import Store
@@ -127,7 +127,7 @@ def make_bundle(files: dict[str, str] | None = None) -> Bundle:
 
 @pytest.fixture
 def store(tmp_path):
-    with Store(tmp_path / "prism.duckdb") as opened:
+    with Store(tmp_path / "prism.duckdb", audit=AuditSettings(mode="off")) as opened:  # weights at once (test_audits)
         yield opened
 
 

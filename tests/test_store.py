@@ -13,7 +13,7 @@ import duckdb
 import pytest
 
 from prism_ray.bundle import Bundle, check_contract, load_bundle
-from prism_ray.config import ScoringSettings
+from prism_ray.config import AuditSettings, ScoringSettings
 from prism_ray.errors import Reason
 from prism_ray.fingerprint import code_fingerprints
 from prism_ray.gate import CachedVerdict, GateAudit
@@ -273,7 +273,7 @@ def test_two_tier_weights_group_real_bundles_by_architecture_family(tmp_path, cl
     """Two architecture families from real bundles: the winning family's first submitter gets 60%, the owner of
     its best training variant 40%, the other family nothing; the epoch is the submission's, not the scoring's."""
     two_tier = ScoringSettings(weights_mode="two_tier")
-    with Store(tmp_path / "prism.duckdb", clock=clock, scoring=two_tier) as store:
+    with Store(tmp_path / "prism.duckdb", clock=clock, scoring=two_tier, audit=AuditSettings(mode="off")) as store:
         submitted = clock.now
         entries = [("alice", ARCH_X, "SGD", 0.30), ("carol", ARCH_Y, "SGD", 0.45), ("bob", ARCH_X.replace(
             "return nn", "return  nn"), "Adam", 0.50), ("dave", ARCH_Y, "AdamW", 0.20)]

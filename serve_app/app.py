@@ -433,7 +433,9 @@ def _internal_router(backend: Backend, token: str | None) -> APIRouter:
         now = time.time()
         return Weights(weights=backend.weights(epoch), epoch=epoch_of(now, backend.settings.scoring)
                        if epoch is None else epoch, all_epochs=epoch is None,
-                       mode=backend.settings.scoring.weights_mode, computed_at=now)
+                       mode=backend.settings.scoring.weights_mode, computed_at=now,
+                       pending_audits=[entry.submission_id for entry in backend.leaderboard(epoch)
+                                       if entry.audit == "pending"])
 
     return router
 

@@ -15,7 +15,7 @@ from prism_ray.bundle import load_bundle
 from prism_ray.config import Settings
 from prism_ray.errors import BundleError, Reason
 from prism_ray.leaderboard import LeaderboardEntry, ScoreRow, leaderboard, weights
-from prism_ray.store import Store, SubmissionRecord
+from prism_ray.store import AuditRecord, Store, SubmissionRecord
 
 
 class Backend(Protocol):
@@ -49,6 +49,10 @@ class Backend(Protocol):
 
     def queue(self, limit: int) -> list[SubmissionRecord]:
         """Pending and running submissions, in arrival order."""
+        ...
+
+    def audits(self, limit: int) -> list[AuditRecord]:
+        """Pending and running re-execution audits, in the order they are claimed."""
         ...
 
 
@@ -109,6 +113,11 @@ class StoreBackend:
     def queue(self, limit: int) -> list[SubmissionRecord]:
         with self.use() as store:
             records = store.list_submissions("running", limit=limit) + store.list_submissions("pending", limit=limit)
+        return sorted(records, key=lambda record: record.seq)[:limit]
+
+    def audits(self, limit: int) -> list[AuditRecord]:
+        with self.use() as store:
+            records = store.list_audits("running", limit=limit) + store.list_audits("pending", limit=limit)
         return sorted(records, key=lambda record: record.seq)[:limit]
 
     def stats(self) -> dict[str, Any]:

@@ -187,6 +187,8 @@ class LeaderboardRow(BaseModel):
     architecture_family: str | None
     copy_of: str | None = Field(default=None, description="a copy of this earlier submission: ranked, earns no weight")
     near_copy_of: str | None = None
+    audit: Literal["unaudited", "pending", "passed", "failed"] | None = Field(
+        default=None, description="the score's re-execution audit; only `passed` earns weight (null: audits are off)")
     submitted_at: float
 
 
@@ -210,6 +212,8 @@ class Weights(BaseModel):
     all_epochs: bool = Field(description="true: computed over every epoch's submissions (no ?epoch=)")
     mode: str
     computed_at: float
+    pending_audits: list[str] = Field(default_factory=list, description="board entries whose re-run has not been "
+                                      "judged yet: they earn nothing until it passes, so these weights may change")
     dry_run: Literal[True] = Field(default=True, description="weights are served, never set on chain")
 
 

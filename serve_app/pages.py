@@ -75,7 +75,7 @@ def router(backend: Backend) -> APIRouter:
         records = sorted(backend.queue(QUEUE_LIMIT), key=lambda record: (record.status != "running", record.seq))
         rows = [(record, _progress(_last_run(backend, record), {}, backend.settings.byte_budget))
                 for record in records]
-        return render("queue.html", rows=rows, stats=backend.stats())
+        return render("queue.html", rows=rows, stats=backend.stats(), audits=backend.audits(QUEUE_LIMIT))
 
     return pages
 

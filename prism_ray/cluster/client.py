@@ -23,7 +23,7 @@ from prism_ray.fingerprint import code_fingerprints
 from prism_ray.leaderboard import LeaderboardEntry, ScoreRow
 from prism_ray.leaderboard import leaderboard as rank
 from prism_ray.leaderboard import weights as weigh
-from prism_ray.store import TERMINAL_STATUSES, SubmissionRecord
+from prism_ray.store import TERMINAL_STATUSES, AuditRecord, SubmissionRecord
 
 SETTLED_STATUSES = (*TERMINAL_STATUSES, "held")  # held waits for an operator, not for the cluster
 
@@ -120,6 +120,11 @@ class ClusterBackend:
     def queue(self, limit: int) -> list[SubmissionRecord]:
         records = self._store("list_submissions", "running", None, limit) + \
             self._store("list_submissions", "pending", None, limit)
+        return sorted(records, key=lambda record: record.seq)[:limit]
+
+    def audits(self, limit: int) -> list[AuditRecord]:
+        records = [*self._store("list_audits", "running", None, limit),
+                   *self._store("list_audits", "pending", None, limit)]
         return sorted(records, key=lambda record: record.seq)[:limit]
 
     def weights(self, epoch: int | None) -> dict[str, float]:

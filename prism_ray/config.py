@@ -62,7 +62,8 @@ class GateSettings(BaseSettings):
 
 
 class ScoringSettings(BaseSettings):
-    """Constants of final_score, the leaderboard and the weights (DESIGN §4; docs/scoring.md)."""
+    """Constants of final_score, the leaderboard and the weights (docs/architecture.md, "Scoring contract";
+    docs/scoring.md)."""
 
     model_config = SettingsConfigDict(env_prefix="PRISM_SCORING_", extra="ignore")
 

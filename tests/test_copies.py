@@ -6,28 +6,12 @@ from __future__ import annotations
 
 import pytest
 
+from cluster_helpers import ARCHITECTURE
 from prism_ray.bundle import Bundle, check_contract
 from prism_ray.config import AuditSettings, ScoringSettings
 from prism_ray.fingerprint import code_fingerprints
 from prism_ray.leaderboard import ScoreRow, leaderboard, weights
 from prism_ray.store import Store
-
-ARCHITECTURE = """\
-from torch import nn
-
-
-class Bigram(nn.Module):
-    def __init__(self, vocab):
-        super().__init__()
-        self.table = nn.Embedding(vocab, vocab)
-
-    def forward(self, tokens):
-        return self.table(tokens)
-
-
-def build_model(ctx):
-    return Bigram(ctx.vocab_size)
-"""
 
 TRAINING = """\
 import torch

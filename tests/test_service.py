@@ -94,7 +94,9 @@ def test_a_signed_post_is_scored_ranked_and_weighted(service, http):
         board = client.leaderboard()
     assert [entry["submission_id"] for entry in board["entries"]] == [accepted["id"]]
     weights = audited_weights(http, timeout=240)  # the top entry is re-run before it earns
-    assert weights.status_code == 200 and weights.json()["weights"] == {miner.ss58_address: 1.0}
+    after = http.get(f"/v1/submissions/{accepted['id']}").json()
+    assert weights.status_code == 200 and weights.json()["weights"] == {miner.ss58_address: 1.0}, \
+        (weights.json(), after["status"], after["reasons"], http.get("/v1/leaderboard").json())
     assert http.get("/internal/v1/get_weights").status_code == 401
     wrong = http.get("/internal/v1/get_weights", headers={"Authorization": "Bearer not-the-token"})
     assert wrong.status_code == 401 and wrong.headers["WWW-Authenticate"] == "Bearer"

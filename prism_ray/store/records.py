@@ -13,28 +13,33 @@ AuditStatus = Literal["pending", "running", "passed", "mismatch", "failed"]
 AUDIT_PREFIX = "aud_"  # a queue item's id names its queue: `sub_…` submissions, `aud_…` audits
 
 
-class SubmissionRecord(BaseModel):
-    """One row of `submissions`; `reused` is True when create_submission handed back an earlier submission."""
+class QueueItem(BaseModel):
+    """The columns every queue item has: its place in line, where it is, why, and who holds its lease."""
 
     id: str
     seq: int
     hotkey: str
-    filename: str | None
-    bundle_sha256: str | None
-    fingerprint: str | None
-    name: str | None
-    tokenizer: str | None
-    status: SubmissionStatus
     stage: str
     reasons: list[Reason] = Field(default_factory=list)
     attempt: int
     max_attempts: int
     lease_owner: str | None
     lease_expires_at: float | None
-    metadata: dict[str, Any] | None
     created_at: float
     updated_at: float
     finished_at: float | None
+
+
+class SubmissionRecord(QueueItem):
+    """One row of `submissions`; `reused` is True when create_submission handed back an earlier submission."""
+
+    status: SubmissionStatus
+    filename: str | None
+    bundle_sha256: str | None
+    fingerprint: str | None
+    name: str | None
+    tokenizer: str | None
+    metadata: dict[str, Any] | None
     duplicate_of: str | None
     architecture_family: str | None = None
     training_fingerprint: str | None = None
@@ -52,21 +57,12 @@ class SubmissionRecord(BaseModel):
         return [] if notes is None else notes
 
 
-class AuditRecord(BaseModel):
+class AuditRecord(QueueItem):
     """One row of `audits`: a completed submission re-run on another node, and how the two runs compared."""
 
-    id: str
-    seq: int
-    submission_id: str
-    hotkey: str
-    why: Literal["top_k", "two_tier", "sample"]
     status: AuditStatus
-    stage: str
-    reasons: list[Reason] = Field(default_factory=list)
-    attempt: int
-    max_attempts: int
-    lease_owner: str | None
-    lease_expires_at: float | None
+    submission_id: str
+    why: Literal["top_k", "two_tier", "sample"]
     original_bpb: float | None
     original_node: str | None = Field(description="the node the first run trained on; the audit avoids it")
     original_device: str | None
@@ -76,6 +72,3 @@ class AuditRecord(BaseModel):
     audit_bpb: float | None
     tolerance: float | None = Field(description="the relative bpb difference the comparison allowed")
     node: str | None = Field(description="the node the audit trained on")
-    created_at: float
-    updated_at: float
-    finished_at: float | None

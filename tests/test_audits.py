@@ -214,3 +214,14 @@ def test_judge_is_exact_on_cpu_and_relative_on_cuda():
     assert audit.judge(first, report(1.25 * (1 + 9e-5), device="cuda"), settings).status == "passed"
     moved = DataInfo(path="/data/locked", fingerprint="e" * 64, pinned=True)
     assert audit.judge(first, report(1.25, data=moved), settings).reasons[0].rule == "audit:data_changed"
+
+
+def test_a_draining_scheduler_hands_an_audit_back_uncounted(tmp_path, clock):
+    cluster = cluster_of(tmp_path, clock, top_k=1, max_attempts=1)
+    cluster.scored("a", 1.0)
+    [claimed] = cluster.store.claim_audits("draining", 30)
+    assert cluster.store.unclaim(claimed.id, "draining", 1)
+    back = cluster.store.get_audit(claimed.id)
+    assert (back.status, back.attempt, cluster.store.runs(claimed.id)) == ("pending", 0, [])
+    [again] = cluster.store.claim_audits("restarted", 30)
+    assert again.attempt == 1 and cluster.store.finish_audit(again.id, "restarted", report(1.0)).status == "passed"

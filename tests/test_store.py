@@ -256,6 +256,29 @@ def test_second_process_gets_store_locked(tmp_path):
     assert "another process" in result.stdout
 
 
+def test_unclaim_hands_an_attempt_back_without_counting_it(tmp_path, clock):
+    with Store(tmp_path / "capped.duckdb", max_attempts=1, clock=clock) as store:
+        record = store.create_submission("hk", "m.zip", make_bundle("a"))
+        store.claim_next("draining", 30)
+        assert store.set_stage(record.id, "train", node="gpu-node-1", owner="draining")
+        assert store.renew_lease(record.id, "draining", 30, progress_bytes=1000, attempt=1)
+        assert not store.unclaim(record.id, "someone-else", 1) and not store.unclaim(record.id, "draining", 2)
+        assert store.unclaim(record.id, "draining", 1)
+        assert not store.unclaim(record.id, "draining", 1)  # handed back once
+
+        back = store.get_submission(record.id)
+        assert (back.status, back.stage, back.attempt, back.lease_owner) == ("pending", "queued", 0, None)
+        assert store.runs(record.id) == []
+        event = store.events(record.id)[-1]
+        assert (event["kind"], event["detail"]["attempt"], event["detail"]["interrupted"]["progress_bytes"]) == (
+            "unclaimed", 1, 1000)
+        # With one attempt allowed, the claim after a restart is still the first, and it can be scored.
+        [again] = store.claim_next("restarted", 30)
+        assert again.attempt == 1
+        assert store.complete(record.id, "restarted", {"stage": "score"}, {"bpb": 1.0}, [], attempt=1)
+        assert kinds(store, record.id) == ["submitted", "claimed", "stage", "unclaimed", "claimed", "completed"]
+
+
 ARCH_X = "from torch import nn\n\n\ndef build_model(ctx):\n    return nn.Embedding(ctx.vocab_size, ctx.vocab_size)\n"
 ARCH_Y = ("from torch import nn\n\n\ndef build_model(ctx):\n"
           "    return nn.Sequential(nn.Embedding(ctx.vocab_size, 64), nn.Linear(64, ctx.vocab_size))\n")

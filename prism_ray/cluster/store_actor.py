@@ -86,6 +86,14 @@ class StoreService(Store):
         self._speeds.pop(beat.submission_id, None)
         self._renew(beat)
 
+    def unclaim(self, submission_id: str, owner: str, attempt: int) -> bool:
+        """Store.unclaim, forgetting the attempt's beats: its number is claimed again, by a new lease."""
+        if (pending := self._pending.get(submission_id)) is not None and pending.owner == owner:
+            del self._pending[submission_id]
+        self._task_owned.pop((submission_id, attempt), None)
+        self._speeds.pop(submission_id, None)
+        return super().unclaim(submission_id, owner, attempt)
+
     def heartbeat(self, beat: Beat) -> None:
         """From a running GPU task: the latest beat per submission wins."""
         self._pending[beat.submission_id] = beat

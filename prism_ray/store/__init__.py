@@ -182,6 +182,10 @@ class Store:
         """Record the stage a running item entered (and the node it runs on, once known)."""
         return self._queue(item_id).set_stage(item_id, stage, node, owner, attempt)
 
+    def unclaim(self, item_id: str, owner: str, attempt: int) -> bool:
+        """A draining scheduler hands a running attempt back uncounted (see Queue.unclaim)."""
+        return self._queue(item_id).unclaim(item_id, owner, attempt)
+
     def requeue(self, item_id: str, reason: Reason, owner: str | None = None, attempt: int | None = None) -> bool:
         """A system failure (not the miner's): back to pending, or `failed` once the attempts are spent."""
         return bool(self._replanned(self._queue(item_id).requeue([item_id], [reason], owner, attempt)))

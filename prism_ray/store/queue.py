@@ -134,6 +134,25 @@ class Queue:
                  [None if change.report is None else to_json(change.report) for change in changes]])
             self.db.append_events([(change.id, change.kind, change.stage, change.detail) for change in changes], now)
 
+    def unclaim(self, item_id: str, owner: str, attempt: int) -> bool:
+        """A draining scheduler hands a running attempt back (an operator stopped the cluster: nobody's failure):
+        pending again with the claim undone, so the restart costs no attempt. The attempt's run row goes, so its
+        number can be claimed again; what it had reached stays in the `unclaimed` event. False unless `owner`
+        still holds that attempt's lease."""
+        now = self.db.clock()
+        with self.db.transaction() as con:
+            if not self.guarded([item_id], ("running",), owner, attempt):
+                return False
+            interrupted = self.db.rows("DELETE FROM runs WHERE submission_id = ? AND attempt = ? RETURNING stage, "
+                                       "node, progress_bytes, progress_bpb", [item_id, attempt])
+            con.execute(f"UPDATE {self.table} SET status = 'pending', stage = 'queued', reasons = '[]', "
+                        "attempt = attempt - 1, lease_owner = NULL, lease_expires_at = NULL, updated_at = ? "
+                        "WHERE id = ?", [now, item_id])
+            self.db.append_events([(item_id, "unclaimed", "queued",
+                                    {"owner": owner, "attempt": attempt, "not_counted": True,
+                                     "interrupted": interrupted[0] if interrupted else None})], now)
+            return True
+
     def requeue(self, ids: Sequence[str], reasons: list[Reason], owner: str | None = None,
                 attempt: int | None = None) -> list[str]:
         """A system failure (not the miner's): back to pending, or `failed` once the attempts are spent."""

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prism_ray.bundle import Bundle, load_bundle
+from prism_ray.bundle import Bundle, decode_base64, load_bundle
 from prism_ray.config import Settings
 from prism_ray.errors import BundleError, Reason
+from prism_ray.fingerprint import code_fingerprints
 from prism_ray.leaderboard import LeaderboardEntry
 from prism_ray.read_model import QueueView, ReadModel, StorePort, SubmissionDetail
-from prism_ray.store import Store, SubmissionRecord
+from prism_ray.store import AuditRecord, Store, SubmissionRecord
 
 
 @dataclass(frozen=True)
@@ -56,12 +57,15 @@ class Backend:
                metadata: dict[str, Any] | None = None,
                cap: RejectionCap | None = None) -> SubmissionRecord | NotStored:
         """A new `pending` submission, a `duplicate` of another hotkey's earlier code, this hotkey's own earlier
-        submission of the same code (`reused`), or — an intake or contract rule broken — a `rejected` one."""
+        submission of the same code (`reused`), or — an intake or contract rule broken — a `rejected` one. A zip is
+        kept in the store exactly as sent; the code's fingerprints are computed here, not in the store's owner."""
         try:
-            bundle = source if isinstance(source, Bundle) else load_bundle(source, self.settings.intake)
+            zipped = _zip_of(source)
+            bundle = source if isinstance(source, Bundle) else load_bundle(zipped or source, self.settings.intake)
         except BundleError as error:
             return self.reject(hotkey, filename, error.reasons, metadata, cap)
-        record: SubmissionRecord = self.store.call("create_submission", hotkey, filename, bundle, metadata)
+        record: SubmissionRecord = self.store.call("create_submission", hotkey, filename, bundle, metadata, zipped,
+                                                   code_fingerprints(bundle))
         self.reads.invalidate()
         if record.status == "pending" and self._on_queued is not None:
             self._on_queued()
@@ -109,11 +113,26 @@ class Backend:
     def stats(self) -> dict[str, Any]:
         return self.reads.stats()
 
+    def audits(self, limit: int) -> list[AuditRecord]:
+        """Pending and running re-execution audits, in the order they are claimed."""
+        records = [*self.store.call("list_audits", "running", None, limit),
+                   *self.store.call("list_audits", "pending", None, limit)]
+        return sorted(records, key=lambda record: record.seq)[:limit]
+
     def node_address(self, node: str | None) -> str | None:
         """Where a run ran, as a person reads it (the cluster resolves Ray's node ids to addresses)."""
         if node is None or self._node_address is None:
             return node
         return self._node_address(node) or node
+
+
+def _zip_of(source: bytes | str | Path | Bundle) -> bytes | None:
+    """The zip as the miner sent it, when the source is one (a directory or a Bundle has none)."""
+    if isinstance(source, str):
+        return decode_base64(source)
+    if isinstance(source, Path):
+        return source.read_bytes() if source.is_file() else None
+    return source if isinstance(source, bytes) else None
 
 
 class LocalStore:

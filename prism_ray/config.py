@@ -94,6 +94,24 @@ class ScoringSettings(BaseSettings):
         return split
 
 
+class AuditSettings(BaseSettings):
+    """Re-execution audits (docs/scoring.md, "Audits"): which completed scores are re-run on another node, and how
+    close the re-run's bpb must come, before a score earns weight."""
+
+    model_config = SettingsConfigDict(env_prefix="PRISM_AUDIT_", extra="ignore")
+
+    mode: Literal["on", "off"] = Field(default="on", description="off: nothing is re-run and every score earns at "
+                                       "once (a trusted single-node setup)")
+    top_k: int = Field(default=3, ge=0, description="the best k entries of each epoch's board are always audited")
+    sample_rate: float = Field(default=0.1, ge=0, le=1, description="chance that any other completed score is "
+                               "audited, drawn once when it completes")
+    cpu_rtol: float = Field(default=0.0, ge=0, description="relative bpb difference tolerated when both runs used the "
+                            "CPU (0: bit-identical)")
+    cuda_rtol: float = Field(default=1e-4, ge=0, description="relative bpb difference tolerated when a run used CUDA")
+    max_attempts: int = Field(default=3, ge=1, description="claims of an audit before it fails "
+                              "infra:attempts_exhausted")
+
+
 class ClusterSettings(BaseSettings):
     """The Ray layer (prism_ray/cluster, docs/operator.md): the store file, capacity, liveness and stage limits."""
 
@@ -142,6 +160,7 @@ class Settings(BaseSettings):
     sandbox: SandboxSettings = Field(default_factory=lambda: SandboxSettings())
     gate: GateSettings = Field(default_factory=lambda: GateSettings())
     scoring: ScoringSettings = Field(default_factory=lambda: ScoringSettings())
+    audit: AuditSettings = Field(default_factory=lambda: AuditSettings())
     cluster: ClusterSettings = Field(default_factory=lambda: ClusterSettings())
 
 

@@ -1,7 +1,8 @@
-"""The leaderboard and the dry-run weights (DESIGN §4): pure functions over score rows.
+"""The leaderboard and the dry-run weights (docs/architecture.md, "Scoring contract"): pure functions over score rows.
 
 Every ordering is total over rows with distinct submission ids, so the board and the weights never depend on
-the order the rows arrive in.
+the order the rows arrive in. The board shows every completed row; the weights count only the rows that earn
+(`earns_weight`): a copy of another hotkey's earlier code earns nothing.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -29,6 +31,11 @@ class ScoreRow(BaseModel):
     heldout_delta: float | None = None
     architecture_family: str | None = None
     name: str | None = None
+    copy_of: str | None = Field(default=None, description="the earlier submission of another hotkey this one copies")
+    audit: Literal["unaudited", "pending", "passed", "failed"] | None = Field(
+        default=None, description="the score's re-execution audit; None: no audits are kept")
+    near_copy_of: str | None = Field(default=None, description="the earlier submission of another hotkey this one "
+                                     "differs from only in numeric literals")
 
 
 class LeaderboardEntry(ScoreRow):
@@ -43,7 +50,8 @@ def epoch_seconds_of(timestamp: datetime | float) -> float:
 
 
 def epoch_of(timestamp: datetime | float, settings: ScoringSettings | None = None) -> int:
-    """Epoch n covers [n·epoch_seconds, (n+1)·epoch_seconds) since the Unix epoch."""
+    """Epoch n covers [n·epoch_seconds, (n+1)·epoch_seconds) since the Unix epoch. A submission belongs to the epoch
+    of its submission time, everywhere (the scores row, the board's filter, the weights)."""
     settings = settings or ScoringSettings()
     return math.floor(epoch_seconds_of(timestamp) / settings.epoch_seconds)
 
@@ -61,30 +69,44 @@ def leaderboard(rows: Iterable[ScoreRow], epoch: int | None = None,
 
 def weights(rows: Iterable[ScoreRow], settings: ScoringSettings | None = None,
             epoch: int | None = None) -> dict[str, float]:
-    """Dry-run weights per hotkey, summing to 1; {} when the board is empty or scores nothing."""
+    """Dry-run weights per hotkey over the rows that earn, summing to 1; {} when they score nothing."""
     settings = settings or ScoringSettings()
-    rows = list(rows)
+    rows = [row for row in rows if earns_weight(row)]
     board = leaderboard(rows, epoch, settings)
     if not board or board[0].final_score == 0:
         return {}
     if settings.weights_mode == "two_tier":
-        return _two_tier(board[0], _scored(rows, epoch, settings), settings.two_tier_split)
+        owner, variant = two_tier_payees(rows, settings, epoch)
+        split = settings.two_tier_split
+        shares = {owner.hotkey: split[0]}
+        shares[variant.hotkey] = shares.get(variant.hotkey, 0.0) + split[1]
+        return shares
     total = math.fsum(entry.final_score for entry in board)
     return {entry.hotkey: entry.final_score / total for entry in board}
 
 
-def _two_tier(top: ScoreRow, scored: list[ScoreRow], split: tuple[float, float]) -> dict[str, float]:
-    """Architecture share to the family's first submitter, variant share to the family's best run.
+def earns_weight(row: ScoreRow) -> bool:
+    """A copy of another hotkey's earlier code earns nothing (the earliest submission of the code keeps the weight),
+    nor does a score whose audit is pending, failed or never drawn; None means no audits are kept (docs/scoring.md,
+    "Audits")."""
+    return row.copy_of is None and row.audit in (None, "passed")
 
-    The family is the top entry's; a row without a fingerprint is a family of its own. Rows scored 0 (a step-0
-    anomaly) claim nothing, so smuggling cannot squat on an architecture.
+
+def two_tier_payees(rows: Iterable[ScoreRow], settings: ScoringSettings,
+                    epoch: int | None = None) -> tuple[ScoreRow, ScoreRow] | tuple[()]:
+    """(architecture owner, best training variant) that two_tier pays from these rows; () when nothing scores.
+
+    The family is the top entry's; a row without a fingerprint is a family of its own. The owner is the family's
+    first submitter; rows scored 0 (a step-0 anomaly) claim nothing, so smuggling cannot squat on an architecture.
     """
-    family = [row for row in scored if row.final_score and _same_family(row, top)]
+    rows = list(rows)
+    board = leaderboard(rows, epoch, settings)
+    if not board or board[0].final_score == 0:
+        return ()
+    top = board[0]
+    family = [row for row in _scored(rows, epoch, settings) if row.final_score and _same_family(row, top)]
     owner = min(family, key=lambda row: (epoch_seconds_of(row.submitted_at), row.submission_id, row.hotkey))
-    variant = min(family, key=_rank_key)
-    shares = {owner.hotkey: split[0]}
-    shares[variant.hotkey] = shares.get(variant.hotkey, 0.0) + split[1]
-    return shares
+    return owner, min(family, key=_rank_key)
 
 
 def _same_family(row: ScoreRow, top: ScoreRow) -> bool:

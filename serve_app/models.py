@@ -156,6 +156,12 @@ class SubmissionStatus(BaseModel):
     updated_at: float
     finished_at: float | None
     duplicate_of: str | None
+    architecture_family: str | None = None
+    copy_of: str | None = Field(default=None, description="copy:duplicate: another hotkey's earlier submission of the "
+                                "same code (up to names, layout, comments); this one earns no weight")
+    near_copy_of: str | None = Field(default=None, description="copy:near: another hotkey's earlier submission that "
+                                     "differs from this one only in numeric literals")
+    notes: list[Reason] = Field(default_factory=list, description="typed notes kept whatever the status (copy:*)")
     scores: Scores | None = None
     progress: Progress | None = None
     events: list[Event]
@@ -222,6 +228,10 @@ class LeaderboardRow(BaseModel):
     final_score: float | None
     heldout_delta: float | None
     architecture_family: str | None
+    copy_of: str | None = Field(default=None, description="a copy of this earlier submission: ranked, earns no weight")
+    near_copy_of: str | None = None
+    audit: Literal["unaudited", "pending", "passed", "failed"] | None = Field(
+        default=None, description="the score's re-execution audit; only `passed` earns weight (null: audits are off)")
     submitted_at: float
 
 
@@ -245,6 +255,8 @@ class Weights(BaseModel):
     all_epochs: bool = Field(description="true: computed over every epoch's submissions (no ?epoch=)")
     mode: str
     computed_at: float
+    pending_audits: list[str] = Field(default_factory=list, description="board entries whose re-run has not been "
+                                      "judged yet: they earn nothing until it passes, so these weights may change")
     dry_run: Literal[True] = Field(default=True, description="weights are served, never set on chain")
 
 

@@ -73,7 +73,8 @@ def server_settings(allowlist: Path, **overrides: Any) -> ApiSettings:
 # --- a server -----------------------------------------------------------------------------------------------------
 
 class FakeScheduler(threading.Thread):
-    """Claims pending submissions and completes them with a made-up score, as the real scheduler would."""
+    """Claims pending submissions and completes them with a made-up score, and re-runs the audits the store asks for
+    with the same result, as the real scheduler would."""
 
     def __init__(self, backend: StoreBackend) -> None:
         super().__init__(daemon=True)
@@ -86,6 +87,8 @@ class FakeScheduler(threading.Thread):
                 for record in store.claim_next("fake-scheduler", lease_seconds=60, limit=64):
                     report, score, curve = fake_result(record.id)
                     store.complete(record.id, "fake-scheduler", report, score, curve)
+                for audit in store.claim_audits("fake-scheduler", lease_seconds=60, limit=64):  # a re-run reproduces
+                    store.finish_audit(audit.id, "fake-scheduler", fake_result(audit.submission_id)[0])
 
 
 def fake_result(submission_id: str, bpb: float | None = None) -> tuple[RunReport, dict, list[dict]]:

@@ -44,6 +44,22 @@ def train(ctx):
         time.sleep(PAUSE)
 """
 
+# The bigram learner again, renamed and reformatted: a copy of TRAINING's bundle, not a byte-identical duplicate.
+COPIED_ARCHITECTURE = """\
+from torch import nn
+class Lookup(nn.Module):
+    \"\"\"Next byte from this byte.\"\"\"
+    def __init__(self, size: int):
+        super().__init__(); self.weights = nn.Embedding(size, size)
+    def forward(self, ids):  # logits
+        return self.weights(ids)
+def build_model(context):
+    return Lookup(context.vocab_size)
+"""
+
+# A learning rate read from the clock: each run of this code trains differently, so a re-run cannot reproduce it.
+CLOCK_LEARNING_RATE = TRAINING.replace("lr=0.5", "lr=0.05 + time.time() % 7 / 10").replace("PAUSE", "0.0")
+
 INFINITE_LOOP = """\
 import time
 
@@ -62,10 +78,10 @@ def train(ctx):
 """
 
 
-def make_bundle(tag: str, pause: float = 0.0, training: str | None = None) -> Bundle:
-    """A tiny bytes-tokenizer bundle; `tag` makes its code distinct (different fingerprints, no duplicates);
-    `pause` sleeps after every batch, to stretch a training out."""
-    files = {"architecture.py": f"# {tag}\n{ARCHITECTURE}".encode(),
+def make_bundle(tag: str, pause: float = 0.0, training: str | None = None, architecture: str = ARCHITECTURE) -> Bundle:
+    """A tiny bytes-tokenizer bundle; `tag` makes its code distinct (different fingerprints: neither duplicates
+    nor copies of each other); `pause` sleeps after every batch, to stretch a training out."""
+    files = {"architecture.py": f"TAG = {tag!r}\n{architecture}".encode(),
              "training.py": (training or TRAINING.replace("PAUSE", repr(pause))).encode(),
              "prism.yaml": f"name: {tag}\ntokenizer: bytes\n".encode()}
     return check_contract(files)

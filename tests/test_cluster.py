@@ -17,6 +17,8 @@ import ray
 from ray.cluster_utils import Cluster
 
 from cluster_helpers import (
+    CLOCK_LEARNING_RATE,
+    COPIED_ARCHITECTURE,
     FORBIDDEN_IMPORT,
     INFINITE_LOOP,
     make_bundle,
@@ -26,12 +28,21 @@ from cluster_helpers import (
     warm_token_cache,
 )
 from openai_stub import OpenAIStub, StubReply, openai_stub_fixture, openai_stub_server_fixture  # noqa: F401
-from prism_ray.cluster import NO_GPU_NOTICE, ClusterBackend, ClusterHandle, leaderboard, start_cluster, submit, wait
+from prism_ray.cluster import (
+    NO_GPU_NOTICE,
+    ClusterBackend,
+    ClusterHandle,
+    leaderboard,
+    start_cluster,
+    submit,
+    wait,
+    weights,
+)
 from prism_ray.config import GateSettings, Settings
 from prism_ray.harness.isolation import sandbox_available
 from prism_ray.pipeline import evaluate
 from prism_ray.report import RunReport
-from prism_ray.store import Store
+from prism_ray.store import AuditRecord, Store
 
 pytestmark = pytest.mark.skipif(not sandbox_available(), reason="the cluster requires bubblewrap")
 
@@ -84,6 +95,10 @@ def runs_of(handle: ClusterHandle, submission_id: str) -> list[dict]:
     return ray.get(handle.store.runs.remote(submission_id))
 
 
+def audits_of(handle: ClusterHandle, submission_id: str) -> list[AuditRecord]:
+    return ray.get(handle.store.list_audits.remote(submission_id=submission_id))
+
+
 def events_of(handle: ClusterHandle, submission_id: str) -> list[dict]:
     return ray.get(handle.store.events.remote(submission_id))
 
@@ -121,6 +136,44 @@ class TestOnTwoGpuNodes:
         assert ray.get(handle.store.curve.remote(ids[0]))[-1]["bpb"] == pytest.approx(first["report"]["bpb"])
         assert {entry.submission_id for entry in leaderboard(handle)} == set(ids)
         assert ray.get(handle.scheduler.stats.remote())["max_in_flight"] == 2
+
+    def test_a_copy_earns_nothing_and_the_original_keeps_its_weight_once_audited_on_the_other_node(
+            self, ray_cluster, handles, cache_dir, tmp_path):
+        handle = start(tiny_settings(cache_dir, tmp_path / "prism.duckdb"))
+        handles.append(handle)
+        original = submit(handle, "alice", "honest.zip", make_bundle("honest"))
+        copy = submit(handle, "bob", "mine.zip", make_bundle("honest", architecture=COPIED_ARCHITECTURE))
+        assert (copy.status, copy.copy_of, [note.rule for note in copy.notes]) == ("pending", original.id,
+                                                                                 ["copy:duplicate"])
+        records = [wait(handle, record.id, timeout=120) for record in (original, copy)]
+        assert [record.status for record in records] == ["completed", "completed"], [r.reasons for r in records]
+
+        audit = wait_until(lambda: [item for item in audits_of(handle, original.id) if item.status == "passed"],
+                           timeout=120, what="the original's audit")[0]
+        [first_run] = runs_of(handle, original.id)
+        assert (audit.why, audit.original_node) == ("top_k", first_run["node"])
+        assert audit.node != audit.original_node  # re-run on the other GPU node
+        assert audit.audit_bpb == audit.original_bpb == first_run["report"]["bpb"]  # bit-identical on CPU
+        assert [run["status"] for run in runs_of(handle, audit.id)] == ["passed"]
+        assert audits_of(handle, copy.id) == []  # a copy earns nothing, so it is never audited
+        board = leaderboard(handle)
+        assert {(entry.hotkey, entry.copy_of, entry.audit) for entry in board} == {
+            ("alice", None, "passed"), ("bob", original.id, "unaudited")}
+        assert weights(handle) == {"alice": 1.0}
+        assert ray.get(handle.scheduler.stats.remote())["audits_claimed"] == 1
+
+    def test_a_rerun_that_does_not_reproduce_invalidates_the_score(self, ray_cluster, handles, cache_dir, tmp_path):
+        handle = start(tiny_settings(cache_dir, tmp_path / "prism.duckdb"))
+        handles.append(handle)
+        clocked = submit(handle, "mallory", "clock.zip", make_bundle("clock", training=CLOCK_LEARNING_RATE))
+        assert wait(handle, clocked.id, timeout=120).status == "completed"
+        audit = wait_until(lambda: [item for item in audits_of(handle, clocked.id) if item.status == "mismatch"],
+                           timeout=120, what="the audit's verdict")[0]
+        record = ray.get(handle.store.get_submission.remote(clocked.id))
+        assert (record.status, [reason.rule for reason in record.reasons]) == ("failed", ["audit:mismatch"])
+        assert repr(audit.original_bpb) in record.reasons[0].message and repr(audit.audit_bpb) in \
+            record.reasons[0].message
+        assert leaderboard(handle) == [] and weights(handle) == {}
 
     def test_rejections_are_final_and_never_train(self, ray_cluster, handles, cache_dir, tmp_path,
                                                   openai_stub: OpenAIStub):

@@ -1,4 +1,4 @@
-"""Leaderboard, weights and architecture fingerprints (DESIGN §4): pure, total, order-independent."""
+"""Leaderboard, weights and architecture fingerprints (docs/architecture.md, "Scoring contract"): pure, total, order-independent."""
 
 from __future__ import annotations
 

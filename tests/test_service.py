@@ -72,6 +72,16 @@ def settle(http: httpx.Client, ids: list[str], timeout: float) -> list[dict]:
         time.sleep(0.5)
 
 
+def audited_weights(http: httpx.Client, timeout: float) -> httpx.Response:
+    """get_weights once no board entry waits for its audit any more."""
+    deadline = time.monotonic() + timeout
+    while True:
+        weights = http.get("/internal/v1/get_weights", headers={"Authorization": f"Bearer {TOKEN}"})
+        if not weights.json()["pending_audits"] or time.monotonic() > deadline:
+            return weights
+        time.sleep(0.5)
+
+
 def test_a_signed_post_is_scored_ranked_and_weighted(service, http):
     miner = new_keypair()
     with PrismClient(service.url, keypair=miner) as client:
@@ -85,8 +95,10 @@ def test_a_signed_post_is_scored_ranked_and_weighted(service, http):
         assert 2 <= len(curve["points"]) <= 500 and curve["points"][-1]["bytes"] >= 10_000
         board = client.leaderboard()
     assert [entry["submission_id"] for entry in board["entries"]] == [accepted["id"]]
-    weights = http.get("/internal/v1/get_weights", headers={"Authorization": f"Bearer {TOKEN}"})
-    assert weights.status_code == 200 and weights.json()["weights"] == {miner.ss58_address: 1.0}
+    weights = audited_weights(http, timeout=240)  # the top entry is re-run before it earns
+    after = http.get(f"/v1/submissions/{accepted['id']}").json()
+    assert weights.status_code == 200 and weights.json()["weights"] == {miner.ss58_address: 1.0}, \
+        (weights.json(), after["status"], after["reasons"], http.get("/v1/leaderboard").json())
     assert http.get("/internal/v1/get_weights").status_code == 401
     wrong = http.get("/internal/v1/get_weights", headers={"Authorization": "Bearer not-the-token"})
     assert wrong.status_code == 401 and wrong.headers["WWW-Authenticate"] == "Bearer"

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import duckdb
 import pytest
 
-from prism_ray.bundle import Bundle, check_contract
+from prism_ray.bundle import Bundle, check_contract, load_bundle
+from prism_ray.config import AuditSettings, ScoringSettings
 from prism_ray.errors import Reason
+from prism_ray.fingerprint import code_fingerprints
 from prism_ray.gate import CachedVerdict, GateAudit
+from prism_ray.leaderboard import ScoreRow, epoch_of, leaderboard, weights
 from prism_ray.store import TABLES, Store, StoreError
 
 
@@ -271,3 +277,120 @@ def test_unclaim_hands_an_attempt_back_without_counting_it(tmp_path, clock):
         assert again.attempt == 1
         assert store.complete(record.id, "restarted", {"stage": "score"}, {"bpb": 1.0}, [], attempt=1)
         assert kinds(store, record.id) == ["submitted", "claimed", "stage", "unclaimed", "claimed", "completed"]
+
+
+ARCH_X = "from torch import nn\n\n\ndef build_model(ctx):\n    return nn.Embedding(ctx.vocab_size, ctx.vocab_size)\n"
+ARCH_Y = ("from torch import nn\n\n\ndef build_model(ctx):\n"
+          "    return nn.Sequential(nn.Embedding(ctx.vocab_size, 64), nn.Linear(64, ctx.vocab_size))\n")
+
+
+def family_bundle(architecture: str, optimizer: str) -> Bundle:
+    training = (f"import torch\n\n\ndef train(ctx):\n    model = ctx.build_model()\n"
+                f"    opt = torch.optim.{optimizer}(model.parameters())\n"
+                "    for batch in ctx.iter_train_batches(model, with_logits=True):\n        batch.loss.backward()\n"
+                "        opt.step()\n        opt.zero_grad()\n")
+    return check_contract({"architecture.py": architecture.encode(), "training.py": training.encode()})
+
+
+def test_two_tier_weights_group_real_bundles_by_architecture_family(tmp_path, clock):
+    """Two architecture families from real bundles: the winning family's first submitter gets 60%, the owner of
+    its best training variant 40%, the other family nothing; the epoch is the submission's, not the scoring's."""
+    two_tier = ScoringSettings(weights_mode="two_tier")
+    with Store(tmp_path / "prism.duckdb", clock=clock, scoring=two_tier, audit=AuditSettings(mode="off")) as store:
+        submitted = clock.now
+        entries = [("alice", ARCH_X, "SGD", 0.30), ("carol", ARCH_Y, "SGD", 0.45), ("bob", ARCH_X.replace(
+            "return nn", "return  nn"), "Adam", 0.50), ("dave", ARCH_Y, "AdamW", 0.20)]
+        ids = {}
+        for hotkey, architecture, optimizer, _ in entries:
+            ids[hotkey] = store.create_submission(hotkey, f"{hotkey}.zip", family_bundle(architecture, optimizer)).id
+            clock.now += 1
+        store.claim_next("sched", 60, limit=4)
+        clock.now += 2 * 86_400  # scored two days later: still the epoch of submission
+        for hotkey, _, _, score in entries:
+            assert store.complete(ids[hotkey], "sched", {"stage": "score"}, {"bpb": 1 / score - 1,
+                                                                             "final_score": score}, [])
+        rows = [ScoreRow(**row) for row in store.scored_rows()]
+        families = {row.hotkey: row.architecture_family for row in rows}
+        assert families["alice"] == families["bob"] != families["carol"] == families["dave"]
+        assert {row["epoch"] for row in store.scored_rows()} == {epoch_of(submitted)}
+        assert [entry.architecture_family for entry in leaderboard(rows, epoch=epoch_of(submitted))] == [
+            families["bob"], families["carol"], families["alice"], families["dave"]]
+        assert weights(rows, two_tier) == pytest.approx({"alice": 0.60, "bob": 0.40})
+        assert weights(rows, two_tier, epoch=epoch_of(clock.now)) == {}
+        without_x = [row for row in rows if row.architecture_family != families["bob"]]
+        assert weights(without_x, two_tier) == pytest.approx({"carol": 1.0})
+
+
+def zip_as_miners_make_it(files: dict[str, bytes], stored: bool, comment: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED) as archive:
+        archive.comment = comment
+        for name, content in files.items():
+            archive.writestr(zipfile.ZipInfo(name, date_time=(2025, 6, 1, 12, 0, 0)), content)
+    return buffer.getvalue()
+
+
+def test_the_miners_original_zip_is_kept_content_addressed(store):
+    files = make_bundle("orig").files
+    sent = zip_as_miners_make_it(files, stored=True, comment=b"made by hand")
+    bundle = load_bundle(sent)
+    assert sent != bundle.to_zip()
+    record = store.create_submission("alice", "a.zip", bundle, zipped=sent)
+    assert store.original_zip(record.id) == sent and record.zip_sha256 == hashlib.sha256(sent).hexdigest()
+    assert store.bundle_zip(record.bundle_sha256) == sent  # the files' first upload, as sent
+
+    other = zip_as_miners_make_it(files, stored=False, comment=b"")  # the same files, zipped differently
+    duplicate = store.create_submission("bob", "b.zip", load_bundle(other), zipped=other)
+    assert duplicate.status == "duplicate" and store.original_zip(duplicate.id) == other
+    assert store.bundle_zip(record.bundle_sha256) == sent
+    rejected = store.reject_submission("carol", "c.zip", [Reason(rule="intake:not_a_zip", message="no")])
+    assert store.original_zip(rejected.id) is None
+
+
+V1_TABLES = """
+CREATE TABLE schema_version (version INTEGER NOT NULL, applied_at DOUBLE NOT NULL);
+CREATE SEQUENCE submission_seq;
+CREATE TABLE submissions (
+    id VARCHAR PRIMARY KEY, seq BIGINT NOT NULL DEFAULT nextval('submission_seq'),
+    hotkey VARCHAR NOT NULL, filename VARCHAR, bundle_sha256 VARCHAR, fingerprint VARCHAR, name VARCHAR,
+    tokenizer VARCHAR, status VARCHAR NOT NULL CHECK (status IN ('pending', 'running', 'completed', 'rejected',
+    'failed', 'held', 'duplicate')), stage VARCHAR NOT NULL, reasons JSON NOT NULL, attempt INTEGER NOT NULL,
+    max_attempts INTEGER NOT NULL, lease_owner VARCHAR, lease_expires_at DOUBLE, metadata JSON,
+    created_at DOUBLE NOT NULL, updated_at DOUBLE NOT NULL, finished_at DOUBLE, duplicate_of VARCHAR);
+CREATE TABLE bundles (sha256 VARCHAR PRIMARY KEY, fingerprint VARCHAR NOT NULL, zip BLOB NOT NULL,
+    size BIGINT NOT NULL, created_at DOUBLE NOT NULL);
+CREATE TABLE scores (
+    submission_id VARCHAR PRIMARY KEY, hotkey VARCHAR NOT NULL, bpb DOUBLE, final_score DOUBLE,
+    heldout_delta DOUBLE, gap DOUBLE, penalty DOUBLE, anomaly DOUBLE, tie_break DOUBLE, architecture_family VARCHAR,
+    scored_at DOUBLE NOT NULL, epoch BIGINT);
+INSERT INTO schema_version VALUES (1, 1700000000);
+"""
+
+
+def test_a_version_1_file_is_upgraded_with_its_zips_and_families(tmp_path, clock):
+    """A file as prism-ray's first schema wrote it: one scored submission, its bundle stored as a re-zip."""
+    path = tmp_path / "v1.duckdb"
+    bundle = family_bundle(ARCH_X, "SGD")
+    with duckdb.connect(str(path)) as v1:
+        v1.execute(V1_TABLES)
+        v1.execute("INSERT INTO bundles VALUES (?, ?, ?, ?, 1700000000)",
+                   [bundle.sha256, bundle.fingerprint, bundle.to_zip(), len(bundle.to_zip())])
+        v1.execute("INSERT INTO submissions (id, hotkey, filename, bundle_sha256, fingerprint, name, tokenizer, status, "
+                   "stage, reasons, attempt, max_attempts, created_at, updated_at) VALUES ('sub_old', 'alice', 'a.zip', "
+                   "?, ?, 'architecture', 'gpt2', 'completed', 'score', '[]', 1, 3, 1700000000, 1700000100)",
+                   [bundle.sha256, bundle.fingerprint])
+        v1.execute("INSERT INTO scores (submission_id, hotkey, bpb, final_score, scored_at, epoch) "
+                   "VALUES ('sub_old', 'alice', 1.5, 0.4, 1700000100, 19675)")
+    with Store(path, clock=clock) as store:
+        old = store.get_submission("sub_old")
+        assert old.architecture_family == code_fingerprints(bundle).architecture_family and old.notes == []
+        assert store.original_zip("sub_old") == bundle.to_zip() == store.bundle_zip(bundle.sha256)
+        [row] = store.scored_rows()
+        assert row["architecture_family"] == old.architecture_family
+        copy = store.create_submission("bob", "b.zip", family_bundle(ARCH_X.replace("(ctx)", "(context)").replace(
+            "ctx.", "context."), "SGD"))
+        assert copy.copy_of == "sub_old"
+    with duckdb.connect(str(path), read_only=True) as reader:
+        assert reader.execute("SELECT version FROM schema_version ORDER BY version").fetchall() == [(1,), (2,)]
+        assert [column[0] for column in reader.execute("DESCRIBE bundles").fetchall()] == [
+            "sha256", "fingerprint", "created_at", "zip_sha256"]

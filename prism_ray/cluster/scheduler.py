@@ -1,11 +1,17 @@
-"""The scheduler: claims queued submissions from the store and runs each as a chain of stage tasks (DESIGN §3).
+"""The scheduler: claims queued submissions and audits from the store and runs each as a chain of stage tasks
+(docs/architecture.md, "One submission's path").
 
-The queue lives in the store, so the scheduler holds nothing that a restart could lose: on start it requeues every
-`running` row (those attempts died with a scheduler that crashed, their tasks with it); a scheduler that is
-stopped drains instead, handing its running attempts back uncounted. A poll loop on a side thread
-keeps at most `capacity` submissions in flight; each turn it renews the leases of its CPU-stage attempts, requeues
-expired leases, claims up to the free capacity, harvests finished stages (waking as soon as one finishes) and
-cuts stages that passed their wall-clock limit.
+The queues live in the store, so the scheduler holds nothing that a restart could lose: on start it requeues every
+`running` row (those attempts died with a scheduler that crashed, their tasks with it); a scheduler that is stopped
+drains instead, handing its running attempts back uncounted. A poll loop on a side thread
+keeps at most `capacity` chains in flight; each turn it renews the leases of its CPU-stage attempts, requeues
+expired leases, claims up to the free capacity (audits first: weights wait on them), harvests finished stages
+(waking as soon as one finishes) and cuts stages that passed their wall-clock limit.
+
+An audit re-runs a completed submission from its stored zip: every stage from the first GPU stage to the end, plus
+the earlier stages those need (the gate, whose verdict is cached), under the first run's seed and byte budget, its
+GPU stages pinned to a node other than the one the first run trained on (when the cluster has one). The store
+judges the re-run's report against the first run (prism_ray/audit.py).
 
 Failures are sorted by who caused them: a system failure (a node, worker or object lost) requeues the attempt,
 explicitly and recorded, up to the store's attempt cap; an application failure (a failed report, a rejection) is
@@ -16,6 +22,7 @@ final and never retried; a stage over its limit is cancelled and fails `run:time
 from __future__ import annotations
 
 import logging
+import random
 import re
 import threading
 import time
@@ -34,9 +41,8 @@ from prism_ray.cluster.store_actor import Beat
 from prism_ray.cluster.tasks import StageTasks
 from prism_ray.config import Settings
 from prism_ray.errors import BundleError, Reason
-from prism_ray.leaderboard import epoch_of
 from prism_ray.pipeline import STAGES, Job, Outcome, stage_limit
-from prism_ray.report import RunReport
+from prism_ray.store import AUDIT_PREFIX, AuditRecord
 
 SCHEDULER_NAME = "prism-scheduler"
 _CAPACITY_REFRESH_SECONDS = 5.0
@@ -46,10 +52,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Chain:
-    """One claimed attempt moving through the stages."""
+    """One claimed attempt of a queue item moving through its plan of stages."""
 
-    job: Job
+    job: Job  # for an audit, job.submission_id is the audit's id: its leases and timeline are the audit's
     bundle: ObjectRef
+    settings: ObjectRef
+    plan: tuple[int, ...]  # indices into STAGES, in order
+    submission_id: str  # the submission the chain runs (the one an audit re-runs)
+    target: str | None = None  # where an audit's GPU stages must run
     stage: int = -1
     outcome: ObjectRef | None = None  # the running stage's Outcome
     payloads: dict[str, ObjectRef] = field(default_factory=dict)
@@ -74,6 +84,7 @@ class Scheduler:
         self._housekeeping_at = float("-inf")
         self._max_in_flight = 0
         self._claimed = 0
+        self._audits_claimed = 0
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -113,7 +124,7 @@ class Scheduler:
     def stats(self) -> dict[str, Any]:
         chains = dict(self._chains)
         return {"owner": self.owner, "capacity": self._capacity, "in_flight": len(chains),
-                "max_in_flight": self._max_in_flight, "claimed": self._claimed,
+                "max_in_flight": self._max_in_flight, "claimed": self._claimed, "audits_claimed": self._audits_claimed,
                 "stages": {sid: STAGES[chain.stage].name for sid, chain in chains.items() if chain.stage >= 0}}
 
     # --- the loop --------------------------------------------------------------------------------------------
@@ -165,25 +176,54 @@ class Scheduler:
         free = capacity - len(self._chains)
         if free <= 0:
             return
-        for record, zipped in ray.get(self.store.claim.remote(self.owner, free)):
-            self._claimed += 1
-            job = Job(record.id, record.attempt, self.owner, time.time())
-            try:  # the store's own zip of an accepted bundle: parsing it runs no miner code
-                bundle = load_bundle(zipped, self.settings.intake)
-            except BundleError as error:
-                self._end(job, Outcome("rejected", error.reasons), "intake")
-                continue
-            chain = Chain(job, ray.put(bundle))
-            self._chains[job.submission_id] = chain
-            self._launch(chain, 0)
+        audits = ray.get(self.store.claim_audit_runs.remote(self.owner, free))
+        for audit, zipped in audits:
+            self._audits_claimed += 1
+            self._start_audit(audit, zipped)
+        if free > len(audits):
+            for record, zipped in ray.get(self.store.claim.remote(self.owner, free - len(audits))):
+                self._claimed += 1
+                job = Job(record.id, record.attempt, self.owner, time.time())
+                bundle = self._unpack(job, zipped, record.bundle_sha256)
+                if bundle is not None:
+                    self._start(Chain(job, bundle, self._settings_ref, tuple(range(len(STAGES))), record.id))
         self._max_in_flight = max(self._max_in_flight, len(self._chains))
+
+    def _start_audit(self, audit: AuditRecord, zipped: bytes | None) -> None:
+        job = Job(audit.id, audit.attempt, self.owner, time.time())
+        bundle = self._unpack(job, zipped, None)
+        if bundle is None:
+            return
+        first_run = {"seed": audit.seed, "byte_budget": audit.byte_budget}  # same seed, same data as the first run
+        settings = self.settings.model_copy(update={name: value for name, value in first_run.items()
+                                                    if value is not None})
+        self._start(Chain(job, bundle, ray.put(settings), RERUN_PLAN, audit.submission_id,
+                          target=_other_gpu_node(audit.original_node)))
+
+    def _unpack(self, job: Job, zipped: bytes | None, expected_sha256: str | None) -> ObjectRef | None:
+        """The miner's zip as accepted at intake, parsed (parsing runs no miner code); None when it ended the job."""
+        try:
+            bundle = load_bundle(zipped or b"", self.settings.intake)
+        except BundleError as error:
+            self._finish(job, Outcome("rejected", error.reasons), "intake")
+            return None
+        if expected_sha256 is not None and bundle.sha256 != expected_sha256:
+            reason = Reason(rule="infra:bundle_mismatch", message=f"the stored zip holds files {bundle.sha256[:12]}, "
+                            f"not the {expected_sha256[:12]} accepted at intake")
+            self._finish(job, Outcome("failed", [reason]), "intake")
+            return None
+        return ray.put(bundle)
+
+    def _start(self, chain: Chain) -> None:
+        self._chains[chain.job.submission_id] = chain
+        self._launch(chain, chain.plan[0])
 
     def _launch(self, chain: Chain, index: int) -> None:
         stage = STAGES[index]
         needs = [chain.payloads[name] for name in stage.needs]
-        node = chain.nodes.get(stage.colocate) if stage.colocate else None
-        chain.outcome, chain.payloads[stage.name] = self.tasks.launch(stage, chain.job, self.store,
-                                                                      self._settings_ref, dict(chain.timings),
+        node = chain.nodes.get(stage.colocate) if stage.colocate else chain.target if stage.gpu else None
+        chain.outcome, chain.payloads[stage.name] = self.tasks.launch(stage, chain.job, self.store, chain.settings,
+                                                                      dict(chain.timings),
                                                                       chain.bundle, needs, node)
         chain.stage = index
         chain.started = time.monotonic()
@@ -217,7 +257,7 @@ class Scheduler:
                 self._requeue(job, error.cause)
             else:
                 reason = Reason(rule="infra:stage_error", message=f"the {stage.name} stage raised: {error.cause!r}")
-                self._end(job, Outcome("failed", [reason]), stage.name)
+                self._finish(job, Outcome("failed", [reason]), stage.name)
             return
         except RayError as error:
             self._forget(job.submission_id)
@@ -231,14 +271,15 @@ class Scheduler:
             self._requeue_reason(job, outcome.reasons[0])
             return
         if outcome.audits:
-            self.store.record_gate_audits.remote(job.submission_id, outcome.audits)
-        if outcome.verdict == "next" and chain.stage + 1 < len(STAGES):
-            self._launch(chain, chain.stage + 1)
+            self.store.record_gate_audits.remote(chain.submission_id, outcome.audits)
+        later = [index for index in chain.plan if index > chain.stage]
+        if outcome.verdict == "next" and later:
+            self._launch(chain, later[0])
             return
         self._forget(job.submission_id)
         if outcome.verdict == "next":
             outcome = Outcome("failed", [Reason(rule="infra:no_verdict", message="the last stage gave no verdict")])
-        self._end(job, outcome, stage.name)
+        self._finish(job, outcome, stage.name)
 
     def _enforce_limits(self) -> None:
         now = time.monotonic()
@@ -248,16 +289,37 @@ class Scheduler:
             rule = "run:timeout" if stage.gpu else "infra:stage_timeout"
             reason = Reason(rule=rule, message=f"the {stage.name} stage passed its wall-clock limit of "
                             f"{stage_limit(stage, self.settings):g} s and was stopped; it is not scored")
-            self._end(chain.job, Outcome("failed", [reason]), stage.name)
+            self._finish(chain.job, Outcome("failed", [reason]), stage.name)
 
     # --- endings ---------------------------------------------------------------------------------------------
+
+    def _finish(self, job: Job, outcome: Outcome, stage: str) -> None:
+        if job.submission_id.startswith(AUDIT_PREFIX):
+            self._end_audit(job, outcome, stage)
+        else:
+            self._end(job, outcome, stage)
+
+    def _end_audit(self, job: Job, outcome: Outcome, stage: str) -> None:
+        """A re-run's report goes to the store to be judged; a re-run that produced none fails its audit."""
+        if outcome.verdict == "lost":
+            return
+        if outcome.report is not None:
+            audit = ray.get(self.store.finish_audit.remote(job.submission_id, job.owner, outcome.report,
+                                                           attempt=job.attempt))
+            ended = audit.status if audit is not None else None
+        else:
+            failed = ray.get(self.store.fail_audit.remote(job.submission_id, outcome.reasons, stage, owner=job.owner,
+                                                          attempt=job.attempt))
+            ended = "failed" if failed else None
+        if ended is not None:
+            self.metrics.audits.inc(tags={"status": ended})
 
     def _end(self, job: Job, outcome: Outcome, stage: str) -> None:
         guard = {"owner": job.owner, "attempt": job.attempt}
         if outcome.verdict == "completed" and outcome.report is not None:
             report = outcome.report
             written = ray.get(self.store.complete.remote(job.submission_id, report=report,
-                                                         score=self._score_fields(report), curve=report.curve,
+                                                         score=report.score_row(), curve=report.curve,
                                                          **guard))
             if written and report.bpb is not None:
                 self.metrics.bpb.observe(report.bpb)
@@ -278,16 +340,38 @@ class Scheduler:
 
     def _requeue_reason(self, job: Job, reason: Reason) -> None:
         if ray.get(self.store.requeue.remote(job.submission_id, reason, owner=job.owner, attempt=job.attempt)):
-            self.metrics.record_end("requeued", reason.rule)
+            if job.submission_id.startswith(AUDIT_PREFIX):
+                self.metrics.audits.inc(tags={"status": "requeued"})
+            else:
+                self.metrics.record_end("requeued", reason.rule)
 
     def _forget(self, submission_id: str, cancel: bool = False) -> None:
         chain = self._chains.pop(submission_id, None)
         if cancel and chain is not None:
             ray.cancel(chain.outcome, force=True)
 
-    def _score_fields(self, report: RunReport) -> dict[str, Any]:
-        """The scores row: the report's own (score_row), and the epoch."""
-        return {**report.score_row(), "epoch": epoch_of(time.time(), self.settings.scoring)}
+
+def _rerun_plan() -> tuple[int, ...]:
+    """The stages an audit re-runs: from the first GPU stage to the end, plus the earlier stages they need."""
+    first_gpu = next(index for index, stage in enumerate(STAGES) if stage.gpu)
+    index_of = {stage.name: index for index, stage in enumerate(STAGES)}
+    plan, frontier = set(range(first_gpu, len(STAGES))), list(range(first_gpu, len(STAGES)))
+    while frontier:
+        for need in STAGES[frontier.pop()].needs:
+            if index_of[need] not in plan:
+                plan.add(index_of[need])
+                frontier.append(index_of[need])
+    return tuple(sorted(plan))
+
+
+RERUN_PLAN = _rerun_plan()
+
+
+def _other_gpu_node(avoid: str | None) -> str | None:
+    """A live GPU node other than `avoid`, or None (then Ray picks any node: the cluster has no other)."""
+    nodes = [node["NodeID"] for node in ray.nodes()
+             if node["Alive"] and node["Resources"].get("GPU", 0) > 0 and node["NodeID"] != avoid]
+    return random.choice(nodes) if nodes else None
 
 
 def _snake(name: str) -> str:

@@ -1,9 +1,10 @@
-"""The store actor: the one owner of the DuckDB file on a cluster (DESIGN §3).
+"""The store actor: the one owner of the DuckDB file on a cluster (docs/architecture.md, "Layers").
 
 StoreService is the Store itself (every public method is forwarded by inheritance) plus heartbeat coalescing:
-trainings report every few seconds, the latest beat per submission is kept in memory and written at most once per
-`heartbeat_seconds`, so a busy cluster never writes per batch. The actor is detached and named, so the HTTP layer,
-the CLI and the scheduler all find the same one, and a restart of any of them loses nothing.
+trainings report every few seconds, the latest beat per queue item (a submission, or an audit: a Beat names either
+by id) is kept in memory and written at most once per `heartbeat_seconds`, so a busy cluster never writes per batch.
+The actor is detached and named, so the HTTP layer, the CLI and the scheduler all find the same one, and a restart
+of any of them loses nothing.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import ray
 from ray.actor import ActorHandle
 
 from prism_ray.cluster.metrics import StoreMetrics
-from prism_ray.config import ClusterSettings, Settings
-from prism_ray.store import Store, StoreLocked, SubmissionRecord
+from prism_ray.config import Settings
+from prism_ray.store import AuditRecord, Store, StoreLocked, SubmissionRecord
 
 STORE_NAME = "prism-store"
 _OPEN_WAIT_SECONDS = 30.0  # a restarted store may start while its predecessor's process still holds the file lock
@@ -40,11 +41,13 @@ def store_path(settings: Settings) -> Path:
 
 
 class StoreService(Store):
-    def __init__(self, path: Path | str, cluster: ClusterSettings) -> None:
+    def __init__(self, path: Path | str, settings: Settings) -> None:
+        cluster = settings.cluster
         deadline = time.monotonic() + _OPEN_WAIT_SECONDS
         while True:
             try:
-                super().__init__(path, max_attempts=cluster.max_attempts)
+                super().__init__(path, max_attempts=cluster.max_attempts, scoring=settings.scoring,
+                                 audit=settings.audit)
                 break
             except StoreLocked:
                 if time.monotonic() > deadline:
@@ -58,10 +61,14 @@ class StoreService(Store):
         self._speeds: dict[str, tuple[float, float]] = {}  # id → (tokens/s, monotonic time of the beat)
         self._flushed_at = time.monotonic()
 
-    def claim(self, owner: str, limit: int) -> list[tuple[SubmissionRecord, bytes]]:
-        """claim_next plus each bundle's zip, in one round trip."""
-        return [(record, self.bundle_zip(record.bundle_sha256 or ""))
-                for record in self.claim_next(owner, self.lease_seconds, limit)]
+    def claim(self, owner: str, limit: int) -> list[tuple[SubmissionRecord, bytes | None]]:
+        """claim_next plus each submission's original zip, in one round trip."""
+        return [(record, self.original_zip(record.id)) for record in self.claim_next(owner, self.lease_seconds, limit)]
+
+    def claim_audit_runs(self, owner: str, limit: int) -> list[tuple[AuditRecord, bytes | None]]:
+        """claim_audits plus the zip of each submission to re-run, in one round trip."""
+        return [(audit, self.original_zip(audit.submission_id))
+                for audit in self.claim_audits(owner, self.lease_seconds, limit)]
 
     def stage_started(self, submission_id: str, stage: str, node: str, owner: str, attempt: int) -> bool:
         """A GPU task began: record its stage and node; until it finishes only its own beats renew the lease.
@@ -124,7 +131,7 @@ class StoreService(Store):
         self._speeds = {sid: (speed, at) for sid, (speed, at) in self._speeds.items()
                         if now - at < 3 * self.flush_seconds}
         self.metrics.record_trainings([speed for speed, _ in self._speeds.values()])
-        self.metrics.record_stats(self.stats()["by_status"])
+        self.metrics.record_stats(self.stats()["by_status"], self.audit_stats()["by_status"])
         self._flushed_at = now
 
     def _renew(self, beat: Beat) -> None:
@@ -142,4 +149,4 @@ def store_actor(settings: Settings, on_head: bool) -> ActorHandle:
                      "get_if_exists": True, "num_cpus": 0, "max_restarts": -1}
     if on_head:  # the DuckDB file lives on the head node's disk
         options["resources"] = {"head": 0.001}
-    return ray.remote(StoreService).options(**options).remote(store_path(settings), settings.cluster)
+    return ray.remote(StoreService).options(**options).remote(store_path(settings), settings)

@@ -29,6 +29,9 @@ def static_files() -> StaticFiles:
     return StaticFiles(directory=STATIC)
 
 
+QUEUE_AUDITS = 100  # audits listed on the queue page
+
+
 def router(backend: Backend) -> APIRouter:
     pages = APIRouter(include_in_schema=False)
 
@@ -59,7 +62,7 @@ def router(backend: Backend) -> APIRouter:
 
     @pages.get("/queue", response_class=HTMLResponse)
     def queue_page() -> HTMLResponse:
-        return page(render_html("queue.html", queue=views.queue(backend)))
+        return page(render_html("queue.html", queue=views.queue(backend), audits=backend.audits(QUEUE_AUDITS)))
 
     return pages
 

@@ -34,8 +34,10 @@ def router(backend: Backend, token: str | None) -> APIRouter:
             raise ApiError(401, "auth:bad_token", "send Authorization: Bearer <internal token>",
                            headers={"WWW-Authenticate": "Bearer"})
         now = time.time()
+        # Pending audits first: weights read after them are as new, so an empty list means settled weights.
+        pending = [entry.submission_id for entry in backend.leaderboard(epoch) if entry.audit == "pending"]
         return Weights(weights=backend.weights(epoch), epoch=epoch_of(now, backend.settings.scoring)
                        if epoch is None else epoch, all_epochs=epoch is None,
-                       mode=backend.settings.scoring.weights_mode, computed_at=now)
+                       mode=backend.settings.scoring.weights_mode, computed_at=now, pending_audits=pending)
 
     return internal

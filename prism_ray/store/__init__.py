@@ -1,0 +1,284 @@
+"""The DuckDB store (docs/architecture.md, "Layers"; docs/store.md describes every table): submissions and their
+durable queue, the miners' original zips, runs, scores, curves, re-execution audits and their queue, the gate's
+reviews and verdict cache, auth nonces and an append-only event timeline per queue item.
+
+Exactly one process owns the database file (the store actor on a cluster, the CLI otherwise): DuckDB locks the file
+for its writer, so a second process gets `StoreLocked`. A Store is not thread-safe: its owner serialises calls (a Ray
+actor does). Every public method is one transaction. `Store` is the one facade over the parts, each with one job:
+`schema` (tables, upgrades), `queue` (the lease-guarded state machine both queues share), `submissions` (intake,
+copies, scoring), `audits` (the audit queue and its verdicts), `reads` and `sidecar` (nonces, the gate's cache).
+Timestamps are Unix epoch seconds (DOUBLE) everywhere.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from prism_ray.bundle import Bundle
+from prism_ray.config import AuditSettings, ScoringSettings
+from prism_ray.errors import Reason
+from prism_ray.fingerprint import CodeFingerprints
+from prism_ray.store.audits import Audits
+from prism_ray.store.db import Db, StoreError, StoreLocked, reasons_of
+from prism_ray.store.queue import Queue
+from prism_ray.store.reads import Reads
+from prism_ray.store.records import AUDIT_PREFIX, AuditRecord, SubmissionRecord, SubmissionStatus
+from prism_ray.store.schema import (
+    AUDIT_STATUSES,
+    AUDIT_TERMINAL,
+    SCHEMA_VERSION,
+    SUBMISSION_STATUSES,
+    SUBMISSION_TERMINAL,
+    TABLES,
+    create_or_upgrade,
+)
+from prism_ray.store.sidecar import Sidecar
+from prism_ray.store.submissions import SCORE_FIELDS, Submissions
+
+DEFAULT_MAX_ATTEMPTS = 3
+STATUSES = SUBMISSION_STATUSES
+TERMINAL_STATUSES = SUBMISSION_TERMINAL
+
+__all__ = ["AUDIT_PREFIX", "AUDIT_STATUSES", "DEFAULT_MAX_ATTEMPTS", "SCHEMA_VERSION", "SCORE_FIELDS", "STATUSES",
+           "TABLES", "TERMINAL_STATUSES", "AuditRecord", "Store", "StoreError", "StoreLocked", "SubmissionRecord",
+           "SubmissionStatus"]
+
+
+class Store:
+    def __init__(self, path: Path | str, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+                 clock: Callable[[], float] = time.time, scoring: ScoringSettings | None = None,
+                 audit: AuditSettings | None = None, rng: random.Random | None = None) -> None:
+        self.path = str(path)
+        self.max_attempts = max_attempts
+        self.scoring = scoring or ScoringSettings()
+        self.audit = audit or AuditSettings()
+        self._db = Db(path, clock)
+        try:
+            create_or_upgrade(self._db)
+        except BaseException:
+            self._db.close()
+            raise
+        self._submission_queue = Queue(self._db, "submissions", SUBMISSION_TERMINAL)
+        self._audit_queue = Queue(self._db, "audits", AUDIT_TERMINAL)
+        self._reads = Reads(self._db, audits_kept=self.audit.mode == "on")
+        self._submissions = Submissions(self._db, self._submission_queue, max_attempts, self.scoring)
+        self._audits = Audits(self._db, self._audit_queue, self.audit, self.scoring, self._reads.scored_rows,
+                              self._submissions.invalidate, rng or random.SystemRandom())
+        self._sidecar = Sidecar(self._db)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- intake -------------------------------------------------------------------------------------------------
+
+    def create_submission(self, hotkey: str, filename: str, bundle: Bundle, metadata: dict[str, Any] | None = None,
+                          zipped: bytes | None = None,
+                          fingerprints: CodeFingerprints | None = None) -> SubmissionRecord:
+        """A new pending submission, a `duplicate` of another hotkey's earlier code, or this hotkey's earlier one.
+
+        `zipped` is the miner's original zip (kept as sent; a bundle given as files is kept as their deterministic
+        zip); `fingerprints` may be computed by the caller, off the store's owner process. A pending submission is
+        marked `copy_of` when another hotkey submitted the same code first, up to names, layout and comments
+        (copy:duplicate: it is still evaluated and shown, but earns no weight), else `near_copy_of` when another
+        hotkey's earlier code differs from it only in numeric literals (copy:near, informational)."""
+        return self._submissions.create(hotkey, filename, bundle, metadata, zipped, fingerprints)
+
+    def reject_submission(self, hotkey: str, filename: str | None, reasons: Sequence[Reason | dict[str, Any]],
+                          stage: str = "intake", metadata: dict[str, Any] | None = None) -> SubmissionRecord:
+        """Store an intake or contract rejection (no valid bundle exists), so the miner can look it up."""
+        return self._submissions.reject(hotkey, filename, reasons, stage, metadata)
+
+    def original_zip(self, submission_id: str) -> bytes | None:
+        """The exact bytes the miner sent with this submission (None for intake rejections)."""
+        return self._reads.original_zip(submission_id)
+
+    def bundle_zip(self, sha256: str) -> bytes | None:
+        """The zip of a bundle (by `bundle_sha256`): the original upload of the first submission of its files."""
+        return self._reads.bundle_zip(sha256)
+
+    # --- reads --------------------------------------------------------------------------------------------------
+
+    def get_submission(self, submission_id: str) -> SubmissionRecord | None:
+        return self._submissions.record(submission_id)
+
+    def list_submissions(self, status: str | None = None, hotkey: str | None = None,
+                         limit: int = 100) -> list[SubmissionRecord]:
+        """Newest first."""
+        return self._reads.submissions(status, hotkey, limit)
+
+    def events(self, item_id: str) -> list[dict[str, Any]]:
+        """The timeline of a submission, or of an audit (by its `aud_…` id)."""
+        return self._reads.events(item_id)
+
+    def runs(self, item_id: str) -> list[dict[str, Any]]:
+        """The attempts of a submission, or of an audit (by its `aud_…` id)."""
+        return self._reads.runs(item_id)
+
+    def curve(self, submission_id: str) -> list[dict[str, Any]]:
+        """The scored attempt's learning curve: cumulative target bytes vs. running bpb."""
+        return self._reads.curve(submission_id)
+
+    def near_copies(self, submission_id: str) -> list[str]:
+        """Other hotkeys' submissions whose code differs from this one's only in numeric literals, earliest first."""
+        return self._reads.near_copies(submission_id)
+
+    def scored_rows(self) -> list[dict[str, Any]]:
+        """Completed submissions with their scores and audit state, best first (each fits `leaderboard.ScoreRow`)."""
+        return self._reads.scored_rows()
+
+    def get_audit(self, audit_id: str) -> AuditRecord | None:
+        return self._audits.record(audit_id)
+
+    def list_audits(self, status: str | None = None, submission_id: str | None = None,
+                    limit: int = 100) -> list[AuditRecord]:
+        """Oldest first."""
+        return self._reads.audits(status, submission_id, limit)
+
+    def stats(self) -> dict[str, Any]:
+        """Submissions by status, the queue's depth and what is in flight."""
+        return self._reads.stats()
+
+    def audit_stats(self) -> dict[str, Any]:
+        """The same for the audit queue."""
+        return self._reads.audit_stats()
+
+    def changes_since(self, since: float | None) -> tuple[float | None, list[tuple[str, str]]]:
+        """The newest update time and the (id, status) of submissions changed since `since` (read_model.py)."""
+        return self._reads.changes_since(since)
+
+    def rejection_counts(self, hotkey: str, since: float) -> tuple[int, int]:
+        """(stored rejections since `since`, of them this hotkey's): the bound on stored rejections."""
+        return self._reads.rejection_counts(hotkey, since)
+
+    def recent_run_seconds(self, limit: int) -> list[float]:
+        """Claim-to-finish seconds of the latest completed runs, newest first (the queue's ETA)."""
+        return self._reads.recent_run_seconds(limit)
+
+    def export_parquet(self, out_dir: Path | str) -> list[Path]:
+        """Every table to `<out_dir>/<table>.parquet`, from one consistent snapshot."""
+        return self._reads.export_parquet(out_dir)
+
+    # --- the queues (a queue item's id names its queue: `sub_…` or `aud_…`) --------------------------------------
+
+    def claim_next(self, owner: str, lease_seconds: float, limit: int = 1) -> list[SubmissionRecord]:
+        """Oldest pending submissions first → running with attempt+1 and a lease held by `owner`."""
+        return [self._submissions.record(item) for item in self._submission_queue.claim(owner, lease_seconds, limit)]
+
+    def claim_audits(self, owner: str, lease_seconds: float, limit: int = 1) -> list[AuditRecord]:
+        """Oldest pending audits first, leased like submissions (none while audits are off)."""
+        if self.audit.mode == "off":
+            return []
+        return [self._audits.record(item) for item in self._audit_queue.claim(owner, lease_seconds, limit)]
+
+    def renew_lease(self, item_id: str, owner: str, lease_seconds: float, progress_bytes: int | None = None,
+                    progress_bpb: float | None = None, tokens_per_second: float | None = None,
+                    attempt: int | None = None) -> bool:
+        """Extend the lease and record progress; False when the lease was lost (requeued or finished)."""
+        return self._queue(item_id).renew(item_id, owner, lease_seconds, progress_bytes, progress_bpb,
+                                          tokens_per_second, attempt)
+
+    def set_stage(self, item_id: str, stage: str, node: str | None = None, owner: str | None = None,
+                  attempt: int | None = None) -> bool:
+        """Record the stage a running item entered (and the node it runs on, once known)."""
+        return self._queue(item_id).set_stage(item_id, stage, node, owner, attempt)
+
+    def unclaim(self, item_id: str, owner: str, attempt: int) -> bool:
+        """A draining scheduler hands a running attempt back uncounted (see Queue.unclaim)."""
+        return self._queue(item_id).unclaim(item_id, owner, attempt)
+
+    def requeue(self, item_id: str, reason: Reason, owner: str | None = None, attempt: int | None = None) -> bool:
+        """A system failure (not the miner's): back to pending, or `failed` once the attempts are spent."""
+        return bool(self._replanned(self._queue(item_id).requeue([item_id], [reason], owner, attempt)))
+
+    def requeue_expired(self, now: float | None = None) -> list[str]:
+        """Running items whose lease expired: requeued, or failed `infra:attempts_exhausted`."""
+        now = self._db.clock() if now is None else now
+        with self._db.transaction():
+            return [*self._submission_queue.requeue_expired(now),
+                    *self._replanned(self._audit_queue.requeue_expired(now))]
+
+    def recover(self, live_ids: Sequence[str]) -> list[str]:
+        """On scheduler start: running items it does not know are orphans of a dead scheduler → requeued."""
+        with self._db.transaction():
+            return [*self._submission_queue.recover(live_ids), *self._replanned(self._audit_queue.recover(live_ids))]
+
+    # --- how a submission ends ----------------------------------------------------------------------------------
+
+    def complete(self, submission_id: str, owner: str, report: BaseModel | dict[str, Any], score: dict[str, Any],
+                 curve: Sequence[dict[str, float]], attempt: int | None = None) -> bool:
+        """Score a running submission and queue the audits the policy asks for now; False (nothing written) unless
+        `owner` still holds its lease."""
+        with self._db.transaction():
+            written = self._submissions.complete(submission_id, owner, report, score, curve, attempt)
+            if written:
+                self._audits.plan(completed=submission_id)
+            return written
+
+    def fail(self, submission_id: str, reasons: Sequence[Reason | dict[str, Any]], stage: str, terminal: bool = True,
+             status: Literal["failed", "rejected"] = "failed", report: BaseModel | dict[str, Any] | None = None,
+             owner: str | None = None, attempt: int | None = None) -> bool:
+        """End a submission `failed` (or `rejected`, e.g. by the gate); terminal=False requeues it instead."""
+        return self._submissions.fail(submission_id, reasons, stage, terminal, status, report, owner, attempt)
+
+    def hold(self, submission_id: str, reasons: Sequence[Reason | dict[str, Any]], stage: str | None = None,
+             owner: str | None = None, attempt: int | None = None) -> bool:
+        """Park a submission for an operator (the gate failed closed); `release` puts it back in the queue."""
+        return self._submissions.hold(submission_id, reasons, stage, owner, attempt)
+
+    def release(self, submission_id: str) -> bool:
+        """A held submission goes back to the queue (after an operator looked at it)."""
+        return self._submissions.release(submission_id)
+
+    # --- how an audit ends --------------------------------------------------------------------------------------
+
+    def finish_audit(self, audit_id: str, owner: str, report: BaseModel | dict[str, Any],
+                     attempt: int | None = None) -> AuditRecord | None:
+        """Judge the re-run's report against the first run: passed, or a mismatch that invalidates the score (the
+        submission ends `failed` with `audit:mismatch`). None (nothing written) unless `owner` holds the lease."""
+        return self._audits.finish(audit_id, owner, report, attempt)
+
+    def fail_audit(self, audit_id: str, reasons: Sequence[Reason | dict[str, Any]], stage: str,
+                   owner: str | None = None, attempt: int | None = None) -> bool:
+        """The re-run could not be carried out: the audit fails, and its score earns nothing."""
+        return self._audits.fail(audit_id, reasons_of(reasons), stage, owner, attempt)
+
+    # --- auth nonces and the gate -------------------------------------------------------------------------------
+
+    def check_nonce(self, hotkey: str, nonce: str, ttl: float) -> bool:
+        """Insert-once: False on a replay. Nonces older than `ttl` are purged, so callers must refuse stale
+        signed timestamps themselves (a nonce is only remembered for `ttl` seconds)."""
+        return self._sidecar.check_nonce(hotkey, nonce, ttl)
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """Gate verdict cache (the VerdictCache protocol, as plain dicts)."""
+        return self._sidecar.verdict(key)
+
+    def put(self, key: str, verdict: BaseModel | dict[str, Any]) -> None:
+        self._sidecar.keep_verdict(key, verdict)
+
+    def record_gate_audits(self, submission_id: str | None, audits: Sequence[BaseModel | dict[str, Any]]) -> None:
+        """One row per call to the gate's model, exactly what was asked and answered."""
+        self._sidecar.record_gate_reviews(submission_id, audits)
+
+    # --- internals ----------------------------------------------------------------------------------------------
+
+    def _queue(self, item_id: str) -> Queue:
+        return self._audit_queue if item_id.startswith(AUDIT_PREFIX) else self._submission_queue
+
+    def _replanned(self, audit_ids: list[str]) -> list[str]:
+        """After audits ended or went back to the queue, ask the policy again: a failed one leaves a place."""
+        if any(item.startswith(AUDIT_PREFIX) for item in audit_ids):
+            self._audits.plan()
+        return audit_ids

@@ -1,0 +1,129 @@
+"""What the store answers without changing anything: submissions, timelines, runs, curves, the scored rows the
+leaderboard and weights are computed from, audits, the kept zips, counts and a Parquet snapshot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prism_ray.store.db import Db
+from prism_ray.store.records import AuditRecord, SubmissionRecord
+from prism_ray.store.schema import AUDIT_STATUSES, SUBMISSION_STATUSES, TABLES
+
+# The audit state of a score, as leaderboard.ScoreRow.audit spells it (a mismatch has left `completed` already).
+_AUDIT_STATE = ("CASE WHEN a.id IS NULL THEN 'unaudited' WHEN a.status IN ('pending', 'running') THEN 'pending' "
+                "WHEN a.status = 'passed' THEN 'passed' ELSE 'failed' END")
+
+
+class Reads:
+    def __init__(self, db: Db, audits_kept: bool) -> None:
+        self.db = db
+        self.audits_kept = audits_kept
+
+    def submissions(self, status: str | None, hotkey: str | None, limit: int) -> list[SubmissionRecord]:
+        """Newest first."""
+        rows = self.db.rows("SELECT * FROM submissions WHERE (?::VARCHAR IS NULL OR status = ?) AND "
+                            "(?::VARCHAR IS NULL OR hotkey = ?) ORDER BY seq DESC LIMIT ?",
+                            [status, status, hotkey, hotkey, limit])
+        return [SubmissionRecord(**row) for row in rows]
+
+    def audits(self, status: str | None, submission_id: str | None, limit: int) -> list[AuditRecord]:
+        """Oldest first (the order they are claimed in)."""
+        rows = self.db.rows("SELECT * FROM audits WHERE (?::VARCHAR IS NULL OR status = ?) AND "
+                            "(?::VARCHAR IS NULL OR submission_id = ?) ORDER BY seq LIMIT ?",
+                            [status, status, submission_id, submission_id, limit])
+        return [AuditRecord(**row) for row in rows]
+
+    def events(self, item_id: str) -> list[dict[str, Any]]:
+        return self.db.rows("SELECT seq, created_at, kind, stage, detail FROM events WHERE submission_id = ? "
+                            "ORDER BY seq", [item_id])
+
+    def runs(self, item_id: str) -> list[dict[str, Any]]:
+        return self.db.rows("SELECT * FROM runs WHERE submission_id = ? ORDER BY attempt", [item_id])
+
+    def curve(self, submission_id: str) -> list[dict[str, Any]]:
+        """The scored attempt's learning curve: cumulative target bytes vs. running bpb."""
+        return self.db.rows("SELECT bytes, bpb FROM curves WHERE submission_id = ? AND attempt = (SELECT max(attempt) "
+                            "FROM curves WHERE submission_id = ?) ORDER BY bytes", [submission_id, submission_id])
+
+    def near_copies(self, submission_id: str) -> list[str]:
+        """Other hotkeys' submissions whose code differs from this one's only in numeric literals, earliest first."""
+        rows = self.db.execute(
+            "SELECT o.id FROM submissions s JOIN submissions o ON o.architecture_family = s.architecture_family AND "
+            "o.training_fingerprint = s.training_fingerprint AND o.canonical_fingerprint <> s.canonical_fingerprint "
+            "AND o.hotkey <> s.hotkey AND o.status <> 'duplicate' WHERE s.id = ? ORDER BY o.seq",
+            [submission_id]).fetchall()
+        return [row[0] for row in rows]
+
+    def scored_rows(self) -> list[dict[str, Any]]:
+        """Completed submissions with their scores, best first; ties → earliest submission, then id. Each row fits
+        `leaderboard.ScoreRow(**row)` (submitted_at = created_at, epoch seconds); `audit` is null when no audits
+        are kept."""
+        audit_state = _AUDIT_STATE if self.audits_kept else "NULL"
+        return self.db.rows(
+            "SELECT s.id AS submission_id, s.hotkey, s.status, s.name, s.filename, s.tokenizer, s.bundle_sha256, "
+            "s.seq, s.created_at AS submitted_at, s.finished_at, s.architecture_family, s.copy_of, s.near_copy_of, "
+            "sc.bpb, sc.final_score, sc.heldout_delta, sc.gap, sc.penalty, sc.anomaly, sc.tie_break, sc.scored_at, "
+            f"sc.epoch, {audit_state} AS audit, a.id AS audit_id FROM submissions s "
+            "JOIN scores sc ON sc.submission_id = s.id LEFT JOIN audits a ON a.submission_id = s.id "
+            "WHERE s.status = 'completed' ORDER BY sc.final_score DESC NULLS LAST, s.seq, s.id")
+
+    def original_zip(self, submission_id: str) -> bytes | None:
+        row = self.db.execute("SELECT z.zip FROM submissions s JOIN zips z ON z.sha256 = s.zip_sha256 "
+                              "WHERE s.id = ?", [submission_id]).fetchone()
+        return bytes(row[0]) if row else None
+
+    def bundle_zip(self, sha256: str) -> bytes | None:
+        row = self.db.execute("SELECT z.zip FROM bundles b JOIN zips z ON z.sha256 = b.zip_sha256 WHERE b.sha256 = ?",
+                              [sha256]).fetchone()
+        return bytes(row[0]) if row else None
+
+    def stats(self) -> dict[str, Any]:
+        counts = dict.fromkeys(SUBMISSION_STATUSES, 0)
+        counts.update(self.db.execute("SELECT status, count(*) FROM submissions GROUP BY status").fetchall())
+        return {"by_status": counts, "queue_depth": counts["pending"], "in_flight": counts["running"],
+                "total": sum(counts.values())}
+
+    def changes_since(self, since: float | None) -> tuple[float | None, list[tuple[str, str]]]:
+        """The newest `updated_at`, and (submission id, its status) of each submission — or audited submission —
+        updated after `since` (none when since is None): how a reader's cache (read_model.py) learns what changed.
+        Every write a reader can see (a status, a stage, progress, a score, an audit's state) stamps updated_at."""
+        newest = self.db.execute("SELECT greatest((SELECT max(updated_at) FROM submissions), "
+                                 "(SELECT max(updated_at) FROM audits))").fetchone()[0]
+        if since is None or newest is None or newest <= since:
+            return newest, []
+        rows = self.db.execute(
+            "SELECT id, status FROM submissions WHERE updated_at > ? UNION "
+            "SELECT s.id, s.status FROM audits a JOIN submissions s ON s.id = a.submission_id WHERE a.updated_at > ?",
+            [since, since]).fetchall()
+        return newest, [(row[0], row[1]) for row in rows]
+
+    def rejection_counts(self, hotkey: str, since: float) -> tuple[int, int]:
+        """(rejected submissions created since `since` in all, of them this hotkey's): the bound on stored
+        rejections (docs/api.md)."""
+        row = self.db.execute("SELECT count(*), count(*) FILTER (WHERE hotkey = ?) FROM submissions "
+                              "WHERE status = 'rejected' AND created_at >= ?", [hotkey, since]).fetchone()
+        return int(row[0]), int(row[1])
+
+    def recent_run_seconds(self, limit: int) -> list[float]:
+        """Seconds from claim to finish of the latest completed runs, newest first: the queue's ETA basis."""
+        rows = self.db.execute("SELECT finished_at - started_at FROM runs WHERE status = 'completed' "
+                               "ORDER BY finished_at DESC LIMIT ?", [limit]).fetchall()
+        return [row[0] for row in rows]
+
+    def audit_stats(self) -> dict[str, Any]:
+        counts = dict.fromkeys(AUDIT_STATUSES, 0)
+        counts.update(self.db.execute("SELECT status, count(*) FROM audits GROUP BY status").fetchall())
+        return {"by_status": counts, "queue_depth": counts["pending"], "in_flight": counts["running"],
+                "total": sum(counts.values())}
+
+    def export_parquet(self, out_dir: Path | str) -> list[Path]:
+        """Every table to `<out_dir>/<table>.parquet`, from one consistent snapshot."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = [out / f"{table}.parquet" for table in TABLES]
+        with self.db.transaction() as con:
+            for table, path in zip(TABLES, paths, strict=True):
+                quoted = str(path).replace("'", "''")
+                con.execute(f"COPY {table} TO '{quoted}' (FORMAT parquet)")
+        return paths

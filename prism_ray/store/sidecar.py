@@ -1,0 +1,50 @@
+"""The small tables beside the queue: auth nonces (replay protection), the gate's verdict cache and the record of
+every call to the gate's model."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import BaseModel
+
+from prism_ray.store.db import Db, plain, to_json
+
+_GATE_REVIEW_COLUMNS = (("request_sha256", "VARCHAR"), ("model", "VARCHAR"), ("prompt_version", "VARCHAR"),
+                        ("outcome", "VARCHAR"), ("raw_reply", "VARCHAR"), ("latency_s", "DOUBLE"),
+                        ("prompt_tokens", "INTEGER"), ("completion_tokens", "INTEGER"), ("attempt", "INTEGER"),
+                        ("error", "VARCHAR"))
+
+
+class Sidecar:
+    def __init__(self, db: Db) -> None:
+        self.db = db
+
+    def check_nonce(self, hotkey: str, nonce: str, ttl: float) -> bool:
+        now = self.db.clock()
+        with self.db.transaction() as con:
+            con.execute("DELETE FROM nonces WHERE seen_at < ?", [now - ttl])
+            inserted = con.execute("INSERT INTO nonces VALUES (?, ?, ?) ON CONFLICT DO NOTHING RETURNING nonce",
+                                   [hotkey, nonce, now]).fetchall()
+            return bool(inserted)
+
+    def verdict(self, key: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT verdict FROM gate_verdicts WHERE cache_key = ?", [key]).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def keep_verdict(self, key: str, verdict: BaseModel | dict[str, Any]) -> None:
+        with self.db.transaction() as con:
+            con.execute("INSERT OR REPLACE INTO gate_verdicts VALUES (?, ?::JSON, ?)",
+                        [key, to_json(plain(verdict)), self.db.clock()])
+
+    def record_gate_reviews(self, submission_id: str | None, reviews: Sequence[BaseModel | dict[str, Any]]) -> None:
+        if not reviews:
+            return
+        rows = [plain(review) for review in reviews]
+        names = [name for name, _ in _GATE_REVIEW_COLUMNS]
+        selects = ", ".join(f"unnest(?::{kind}[]) AS {name}" for name, kind in _GATE_REVIEW_COLUMNS)
+        with self.db.transaction() as con:
+            con.execute(f"INSERT INTO gate_reviews (submission_id, created_at, {', '.join(names)}) "
+                        f"SELECT ?, ?, {selects}", [submission_id, self.db.clock(),
+                                                    *([row.get(name) for row in rows] for name in names)])

@@ -1,0 +1,193 @@
+"""Copies at intake on a real DuckDB file: renamed, reformatted and re-commented copies of another hotkey's code are
+flagged copy:duplicate and earn no weight; a numbers-only change is a near-copy; a genuinely different bundle and a
+hotkey's own resubmission are neither."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster_helpers import ARCHITECTURE
+from prism_ray.bundle import Bundle, check_contract
+from prism_ray.config import AuditSettings, ScoringSettings
+from prism_ray.fingerprint import code_fingerprints
+from prism_ray.leaderboard import ScoreRow, leaderboard, weights
+from prism_ray.store import Store
+
+TRAINING = """\
+import torch
+
+
+def train(ctx):
+    model = ctx.build_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for batch in ctx.iter_train_batches(model, batch_size=4, seq_len=64, with_logits=True):
+        batch.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+"""
+
+RENAMED = {
+    "architecture.py": """\
+from torch import nn
+
+
+class NextByte(nn.Module):
+    def __init__(self, size):
+        super().__init__()
+        self.lookup = nn.Embedding(size, size)
+
+    def forward(self, ids):
+        return self.lookup(ids)
+
+
+def build_model(context):
+    return NextByte(context.vocab_size)
+""",
+    "training.py": """\
+import torch
+
+
+def train(context):
+    net = context.build_model()
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    for step in context.iter_train_batches(net, batch_size=4, seq_len=64, with_logits=True):
+        step.loss.backward()
+        opt.step()
+        opt.zero_grad()
+""",
+}
+
+REFORMATTED = {
+    "architecture.py": """\
+from torch import nn
+class Bigram( nn.Module ):
+    def __init__(self, vocab: int) -> None:
+        super().__init__(); self.table = nn.Embedding(
+            vocab,
+            vocab,
+        )
+    def forward(self, tokens: "torch.Tensor"):
+        return (self.table(tokens))
+def build_model(ctx):
+    return Bigram(ctx.vocab_size)
+""",
+    "training.py": """\
+import torch
+def train(ctx) -> None:
+    model = ctx.build_model(); optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for batch in ctx.iter_train_batches(model, batch_size=4, seq_len=64,
+                                        with_logits=True):
+        batch.loss.backward(); optimizer.step(); optimizer.zero_grad()
+""",
+}
+
+RECOMMENTED = {
+    "architecture.py": '"""My own bigram model (honest!)."""\n' + ARCHITECTURE.replace(
+        "    def forward", "    # the whole model is one lookup\n    def forward").replace(
+        "def build_model(ctx):\n", 'def build_model(ctx):\n    """Entry point."""\n    ...\n'),
+    "training.py": TRAINING.replace("def train(ctx):\n", 'def train(ctx):\n    """Plain SGD."""  # tuned by hand\n'),
+}
+
+# The same code split differently across renamed files, entered through renamed symbols.
+RENAMED_FILES = {
+    "layers.py": ARCHITECTURE.replace("def build_model(ctx):\n    return Bigram(ctx.vocab_size)\n", ""),
+    "model.py": "from layers import Bigram\n\n\ndef make(ctx):\n    return Bigram(ctx.vocab_size)\n",
+    "loop.py": TRAINING.replace("def train", "def fit"),
+    "prism.yaml": "architecture: model.py::make\ntraining: loop.py::fit\ntokenizer: bytes\n",
+}
+SPLIT = {
+    "blocks.py": RENAMED_FILES["layers.py"],
+    "architecture.py": RENAMED_FILES["model.py"].replace("from layers", "from blocks"),
+    "training.py": TRAINING.replace("def train", "def fit"),
+    "prism.yaml": "architecture: architecture.py::make\ntraining: training.py::fit\ntokenizer: bytes\n",
+}
+
+
+def make_bundle(files: dict[str, str] | None = None) -> Bundle:
+    files = files or {"architecture.py": ARCHITECTURE, "training.py": TRAINING}
+    files = {"prism.yaml": "tokenizer: bytes\n", **files}
+    return check_contract({path: text.encode() for path, text in files.items()})
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store(tmp_path / "prism.duckdb", audit=AuditSettings(mode="off")) as opened:  # weights at once (test_audits)
+        yield opened
+
+
+@pytest.mark.parametrize("variant", [RENAMED, REFORMATTED, RECOMMENTED], ids=["renamed", "reformatted", "recommented"])
+def test_renamed_reformatted_and_recommented_copies_are_flagged(store, variant):
+    original = store.create_submission("alice", "a.zip", make_bundle())
+    copy = store.create_submission("bob", "b.zip", make_bundle(variant))
+    assert copy.fingerprint != original.fingerprint  # not the exact-duplicate rule: the bytes differ
+    assert (copy.status, copy.copy_of, copy.near_copy_of) == ("pending", original.id, None)  # still evaluated
+    [note] = copy.notes
+    assert note.rule == "copy:duplicate" and original.id in note.message
+    assert store.events(copy.id)[0]["detail"]["copy_of"] == original.id
+    assert (original.copy_of, original.notes) == (None, [])
+
+
+def test_copies_split_over_renamed_files_are_flagged(store):
+    original = store.create_submission("alice", "a.zip", make_bundle(RENAMED_FILES))
+    assert store.create_submission("bob", "b.zip", make_bundle(SPLIT)).copy_of == original.id
+    assert code_fingerprints(make_bundle(SPLIT)) == code_fingerprints(make_bundle(RENAMED_FILES))
+
+
+@pytest.mark.parametrize("change", [("architecture.py", "return self.table(tokens)", "return self.table(tokens).relu()"),
+                                    ("training.py", "SGD", "Adam"),
+                                    ("training.py", "batch.loss.backward()", "(2 * batch.loss).backward()")])
+def test_a_genuinely_different_bundle_is_not_a_copy(store, change):
+    path, old, new = change
+    files = {"architecture.py": ARCHITECTURE, "training.py": TRAINING}
+    files[path] = files[path].replace(old, new)
+    store.create_submission("alice", "a.zip", make_bundle())
+    different = store.create_submission("bob", "b.zip", make_bundle(files))
+    assert (different.copy_of, different.near_copy_of, different.notes) == (None, None, [])
+
+
+NORMED = ARCHITECTURE.replace("nn.Embedding(vocab, vocab)", "nn.Embedding(vocab, vocab, max_norm=2.0)")
+
+
+@pytest.mark.parametrize(("first", "later"), [
+    ({"architecture.py": ARCHITECTURE, "training.py": TRAINING},
+     {"architecture.py": ARCHITECTURE, "training.py": TRAINING.replace("lr=0.5", "lr=0.1")}),
+    ({"architecture.py": NORMED, "training.py": TRAINING},
+     {"architecture.py": NORMED.replace("2.0", "1.0"), "training.py": TRAINING.replace("seq_len=64", "seq_len=128")}),
+], ids=["learning-rate", "architecture-and-training-numbers"])
+def test_a_numbers_only_change_is_a_near_copy_not_a_copy(store, first, later):
+    original = store.create_submission("alice", "a.zip", make_bundle(first))
+    near = store.create_submission("bob", "b.zip", make_bundle(later))
+    assert (near.status, near.copy_of, near.near_copy_of) == ("pending", None, original.id)
+    assert [note.rule for note in near.notes] == ["copy:near"] and original.id in near.notes[0].message
+    assert near.architecture_family == original.architecture_family
+    assert store.near_copies(original.id) == [near.id] and store.near_copies(near.id) == [original.id]
+
+
+def test_a_hotkey_resubmitting_its_own_code_is_not_a_copy_but_later_copiers_are(store):
+    first = store.create_submission("alice", "a.zip", make_bundle())
+    again = store.create_submission("alice", "a2.zip", make_bundle(REFORMATTED))  # a new row: the bytes differ
+    assert (again.reused, again.copy_of, again.near_copy_of) == (False, None, None)
+    tuned = store.create_submission("alice", "a3.zip", make_bundle(
+        {"architecture.py": ARCHITECTURE, "training.py": TRAINING.replace("lr=0.5", "lr=0.2")}))
+    assert (tuned.copy_of, tuned.near_copy_of) == (None, None)  # tuning one's own numbers is no near-copy
+    assert store.create_submission("bob", "b.zip", make_bundle(RENAMED)).copy_of == first.id
+    assert store.create_submission("carol", "c.zip", make_bundle(RECOMMENTED)).copy_of == first.id
+    exact = store.create_submission("dave", "d.zip", make_bundle(REFORMATTED))  # the same bytes: the old rule
+    assert (exact.status, exact.duplicate_of, exact.copy_of) == ("duplicate", again.id, None)
+
+
+def test_a_copy_is_ranked_but_earns_no_weight_and_the_original_keeps_it(store):
+    original = store.create_submission("alice", "a.zip", make_bundle())
+    copy = store.create_submission("bob", "b.zip", make_bundle(RENAMED))
+    other = store.create_submission("carol", "c.zip", make_bundle(
+        {"architecture.py": ARCHITECTURE, "training.py": TRAINING.replace("SGD", "Adam")}))
+    store.claim_next("sched", 60, limit=3)
+    for record, score in ((original, 0.40), (copy, 0.45), (other, 0.20)):  # the copy happened to score best
+        assert store.complete(record.id, "sched", {"stage": "score"}, {"bpb": 1 / score - 1, "final_score": score}, [])
+    rows = [ScoreRow(**row) for row in store.scored_rows()]
+    assert [(entry.hotkey, entry.copy_of) for entry in leaderboard(rows)] == [("bob", original.id), ("alice", None),
+                                                                               ("carol", None)]
+    assert weights(rows) == pytest.approx({"alice": 0.40 / 0.60, "carol": 0.20 / 0.60})
+    two_tier = weights(rows, ScoringSettings(weights_mode="two_tier"))
+    assert two_tier == pytest.approx({"alice": 1.0})  # owner and best variant of the family, the copier nothing
+    assert {row.architecture_family for row in rows} == {original.architecture_family}

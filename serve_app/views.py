@@ -24,7 +24,7 @@ from serve_app.models import (
 def submission_status(backend: Backend, detail: SubmissionDetail) -> SubmissionStatus:
     record = detail.record
     run = detail.runs[-1] if detail.runs else None
-    report = _report(run)
+    report = report_of(run)
     return SubmissionStatus(
         **record.model_dump(include=set(SubmissionStatus.model_fields) - {"scores", "progress", "events"}),
         scores=scores(report) if record.status == "completed" and report is not None else None,
@@ -42,7 +42,7 @@ def curve(backend: Backend, detail: SubmissionDetail) -> Curve:
                  profile=profile(backend, run))
 
 
-def _report(run: dict[str, Any] | None) -> RunReport | None:
+def report_of(run: dict[str, Any] | None) -> RunReport | None:
     return RunReport.model_validate(run["report"]) if run and run.get("report") else None
 
 
@@ -65,7 +65,7 @@ def progress(backend: Backend, run: dict[str, Any], report: RunReport | None) ->
 
 def profile(backend: Backend, run: dict[str, Any]) -> ComputeProfile:
     """What the run's report says about its compute; a field the run never reached (a failed run) stays null."""
-    report = _report(run)
+    report = report_of(run)
     fields = set(ComputeProfile.model_fields) - {"node", "node_address", "tokens_per_second"}
     known = {name: getattr(report, name, None) or None for name in fields}  # 0 batches / 0 s: "never ran"
     return ComputeProfile(**known, node=run.get("node"), node_address=backend.node_address(run.get("node")),

@@ -45,9 +45,10 @@ def zip_files(files: dict[str, str]) -> bytes:
 
 
 def bundle_zip(tag: str, training: str | None = None, architecture: str = BIGRAM_ARCHITECTURE) -> bytes:
-    """A real bundle zip; `tag` makes its code (and so its fingerprint) distinct."""
+    """A real bundle zip; `tag` makes its code (and so its fingerprints) distinct — a constant, not a comment, since
+    copies are recognised whatever their comments say."""
     if training is None:
-        training = f"# {tag}\n{learner_loop(seq_len=64, lr=0.1)}"
+        training = f"TAG = {tag!r}\n{learner_loop(seq_len=64, lr=0.1)}"
     return zip_files({"architecture.py": architecture, "training.py": training,
                       "prism.yaml": f"tokenizer: bytes\nname: {tag}\n"})
 

@@ -50,7 +50,7 @@ def router(backend: Backend) -> APIRouter:
         record = detail.record
         run = detail.runs[-1] if detail.runs else {}
         report = run.get("report") or {}
-        progress = views.progress(backend, run, report)
+        progress = views.progress(backend, run, views.report_of(run))
         points = backend.curve(submission_id)
         if not points and progress.bytes_scored and progress.running_bpb is not None:
             points = [{"bytes": progress.bytes_scored, "bpb": progress.running_bpb}]  # live: latest heartbeat

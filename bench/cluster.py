@@ -44,7 +44,7 @@ from ray.cluster_utils import Cluster
 
 from prism_ray.bundle import Bundle, check_contract
 from prism_ray.cluster import ClusterHandle, start_cluster, submit, wait
-from prism_ray.config import ClusterSettings, GateSettings, Settings
+from prism_ray.config import AuditSettings, ClusterSettings, GateSettings, Settings
 from prism_ray.data.dataset import open_dataset
 from prism_ray.data.token_cache import load_token_stream
 from prism_ray.pipeline import evaluate
@@ -61,8 +61,9 @@ def tiny_bundle(tag: str) -> Bundle:
 
 
 def settings_for(cache_dir: Path, store_path: Path, byte_budget: int) -> Settings:
+    # audits off: this measures submissions through the cluster, not their re-runs
     return Settings(cache_dir=cache_dir, byte_budget=byte_budget, runner_threads=1, gate=GateSettings(mode="off"),
-                    cluster=ClusterSettings(store_path=store_path))
+                    audit=AuditSettings(mode="off"), cluster=ClusterSettings(store_path=store_path))
 
 
 def in_process(bundle: Bundle, settings: Settings) -> float:

@@ -139,7 +139,7 @@ class TestOnTwoGpuNodes:
 
     def test_a_copy_earns_nothing_and_the_original_keeps_its_weight_once_audited_on_the_other_node(
             self, ray_cluster, handles, cache_dir, tmp_path):
-        handle = start(tiny_settings(cache_dir, tmp_path / "prism.duckdb"))
+        handle = start(tiny_settings(cache_dir, tmp_path / "prism.duckdb", audits=True))
         handles.append(handle)
         original = submit(handle, "alice", "honest.zip", make_bundle("honest"))
         copy = submit(handle, "bob", "mine.zip", make_bundle("honest", architecture=COPIED_ARCHITECTURE))
@@ -163,7 +163,7 @@ class TestOnTwoGpuNodes:
         assert ray.get(handle.scheduler.stats.remote())["audits_claimed"] == 1
 
     def test_a_rerun_that_does_not_reproduce_invalidates_the_score(self, ray_cluster, handles, cache_dir, tmp_path):
-        handle = start(tiny_settings(cache_dir, tmp_path / "prism.duckdb"))
+        handle = start(tiny_settings(cache_dir, tmp_path / "prism.duckdb", audits=True))
         handles.append(handle)
         clocked = submit(handle, "mallory", "clock.zip", make_bundle("clock", training=CLOCK_LEARNING_RATE))
         assert wait(handle, clocked.id, timeout=120).status == "completed"

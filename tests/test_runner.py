@@ -147,7 +147,7 @@ def test_a_run_is_two_sandboxed_interpreters_and_a_forked_prober(bundle_factory,
     import threading
 
     training = loop("model = ctx.build_model()").replace("optimizer.zero_grad()", "optimizer.zero_grad()\n"
-                                                          "        import time; time.sleep(0.3)")
+                                                          "        import time; time.sleep(0.05)")
     result = {}
     thread = threading.Thread(target=lambda: result.update(outcome=run(bundle_factory, tmp_path, training)))
     thread.start()

@@ -77,3 +77,18 @@ def drift(scorer_row: np.ndarray, prober_row: np.ndarray, boundary: int) -> floa
     scored, probed = scorer_row[:boundary].astype(np.float64), prober_row.astype(np.float64)
     difference = np.where(scored == probed, 0.0, np.abs(scored - probed))  # equal −∞ is no drift
     return float(difference.max()) if np.all(np.isfinite(difference)) else float("inf")
+
+
+def causality_tolerance(dtypes: list[str], device_type: str) -> float:
+    """How far a row's log-probs may move between two forwards of different batch shapes (rounding only): one ulp of
+    a bfloat16 logit near 16 is 0.0625; GPU kernels for different batch shapes may reduce in other orders."""
+    if any(d.removeprefix("torch.") in ("float16", "bfloat16") for d in dtypes):
+        return 0.25
+    return 1e-2 if device_type == "cuda" else 1e-3
+
+
+def non_causal_message(boundary: int, drift: float) -> str:
+    return (f"predictions before position {boundary} of a row changed by {drift:.3g} nats when later tokens of the "
+            "row (or other rows of the batch) changed: the model sees the future (attention mask, shifts, "
+            "cross-row mixing or batch statistics), or its eval-mode output is not a deterministic function of "
+            "its input")

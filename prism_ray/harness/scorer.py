@@ -20,8 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prism_ray.harness import cuda_ipc, shared_state
+from prism_ray.harness import cuda_ipc, layout, shared_state
 from prism_ray.harness.context import RunError, count_parameters, device_of, force_seed, logits_of, rows
+from prism_ray.harness.probes import causality_tolerance, non_causal_message
 from prism_ray.harness.protocol import Channel, Kind, parse_batch, parse_json
 
 PROBE_SEQ_LEN = 64
@@ -77,7 +78,7 @@ class Scorer:
         if kind != Kind.SHARE:
             raise self.fail("run:protocol", f"unexpected frame {kind.name} from the parent")
         share = parse_json(payload)
-        slots, nbytes = shared_state.plan_slots(share["layout"])
+        slots, nbytes = layout.plan_slots(share["layout"])
         exported: list[int] = []  # descriptors of the GPU buffers this process shares (through the parent)
         if share["where"] == "memfd":
             shared = shared_state.map_memfd(self.channel.take_fd(), nbytes, writable=False)
@@ -103,7 +104,7 @@ class Scorer:
             self._heldout(model, shared, private, step0, slots)
 
     def _stream(self, model: torch.nn.Module, shared: torch.Tensor, private: torch.Tensor, step0: torch.Tensor,
-                staged: torch.Tensor, slots: list[shared_state.Slot]) -> bool:
+                staged: torch.Tensor, slots: list[layout.Slot]) -> bool:
         """Snapshot, score and stage probes until the parent says FINAL (True: held-out follows) or END."""
         last: tuple[int, torch.Tensor] | None = None
         while True:
@@ -134,7 +135,7 @@ class Scorer:
             else:
                 raise self.fail("run:protocol", f"unexpected frame {kind.name} from the parent")
 
-    def _check_init(self, private: torch.Tensor, step0: torch.Tensor, slots: list[shared_state.Slot]) -> None:
+    def _check_init(self, private: torch.Tensor, step0: torch.Tensor, slots: list[layout.Slot]) -> None:
         if torch.equal(private, step0):
             return
         changed = next(slot.name for slot, mine, theirs in zip(slots, shared_state.views(step0, slots),
@@ -146,7 +147,7 @@ class Scorer:
                         "device before iter_train_batches is fine")
 
     def _heldout(self, model: torch.nn.Module, shared: torch.Tensor, private: torch.Tensor, step0: torch.Tensor,
-                 slots: list[shared_state.Slot]) -> None:
+                 slots: list[layout.Slot]) -> None:
         """The trainer has exited: score parent-sent batches with its final state (aux 1) or step-0 state (aux 0)."""
         private.copy_(shared)
         twin = self.build()
@@ -188,21 +189,6 @@ class Scorer:
         return model
 
 
-def causality_tolerance(dtypes: list[str], device_type: str) -> float:
-    """How far a row's log-probs may move between two forwards of different batch shapes (rounding only): one ulp of
-    a bfloat16 logit near 16 is 0.0625; GPU kernels for different batch shapes may reduce in other orders."""
-    if any(d.removeprefix("torch.") in ("float16", "bfloat16") for d in dtypes):
-        return 0.25
-    return 1e-2 if device_type == "cuda" else 1e-3
-
-
-def non_causal_message(boundary: int, drift: float) -> str:
-    return (f"predictions before position {boundary} of a row changed by {drift:.3g} nats when later tokens of the "
-            "row (or other rows of the batch) changed: the model sees the future (attention mask, shifts, "
-            "cross-row mixing or batch statistics), or its eval-mode output is not a deterministic function of "
-            "its input")
-
-
 def _synchronize(tensor: torch.Tensor) -> None:
     if tensor.is_cuda:
         torch.cuda.current_stream(tensor.device).synchronize()
@@ -218,7 +204,7 @@ def run_prober(channel: Channel, spec: dict, builder: Callable[..., Any], contex
     if kind != Kind.SHARE:
         raise RunError("run:protocol", f"unexpected frame {kind.name} for the prober")
     share = parse_json(payload)
-    slots, nbytes = shared_state.plan_slots(share["layout"])
+    slots, nbytes = layout.plan_slots(share["layout"])
     if share["where"] == "cuda":
         staged = cuda_ipc.open_fd(channel.take_fd(), nbytes, device)
     else:

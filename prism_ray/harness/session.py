@@ -18,13 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from prism_ray.errors import PrismError, Reason
-from prism_ray.harness import shared_state
+from prism_ray.harness import layout
 from prism_ray.harness.heldout import HeldoutError, score_passes
 from prism_ray.harness.isolation import SandboxPolicy
-from prism_ray.harness.probes import ProbePlan, ProbeRow, drift
+from prism_ray.harness.probes import ProbePlan, ProbeRow, causality_tolerance, drift, non_causal_message
 from prism_ray.harness.protocol import Channel, Kind, ProtocolError, parse_json, parse_record, parse_row
 from prism_ray.harness.records import Books, HeldoutPlan, Progress, RunSpec, TrainOutcome
-from prism_ray.harness.scorer import causality_tolerance, non_causal_message
 from prism_ray.harness.stream import BatchSlice, StreamPlan, check_geometry
 from prism_ray.harness.supervise import Runner
 
@@ -338,7 +337,7 @@ class _Session:
             self.channels["trainer"].send_json(Kind.REFUSE, {"rule": "run:model_mismatch", "message": message})
             self._fail(Reason(rule="run:model_mismatch", message=message))
         try:
-            _, nbytes = shared_state.plan_slots(theirs)
+            _, nbytes = layout.plan_slots(theirs)
         except (ValueError, TypeError) as error:
             raise self._crash("trainer", f"bad state layout: {error}") from None
         plan = StreamPlan(self.tokens, self.byte_lengths, self.outcome.batch_size, self.outcome.seq_len,
@@ -352,7 +351,7 @@ class _Session:
         if on_gpu:  # the scorer allocates on its GPU and hands over the buffer's descriptor (READY)
             self.channels["scorer"].send_json(Kind.SHARE, {"where": "cuda", "layout": theirs})
             return
-        fd = shared_state.new_memfd("prism-state", nbytes)
+        fd = layout.new_memfd("prism-state", nbytes)
         try:
             for role in ("scorer", "trainer"):
                 self.channels[role].send_json(Kind.SHARE, {"where": "memfd", "layout": theirs}, fds=(fd,))

@@ -11,22 +11,11 @@ see the next batch (docs/architecture.md, "Trust boundaries").
 from __future__ import annotations
 
 import mmap
-import os
 import warnings
-from dataclasses import dataclass
 
 import torch
 
-ALIGN = 64
-
-
-@dataclass(frozen=True)
-class Slot:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str  # torch dtype name without the "torch." prefix, e.g. "float32"
-    offset: int
-    nbytes: int
+from prism_ray.harness.layout import Slot
 
 
 def state_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -47,32 +36,6 @@ def layout_of(model: torch.nn.Module) -> list[list]:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def plan_slots(layout: list[list]) -> tuple[list[Slot], int]:
-    """Offsets for a layout; the total size in bytes."""
-    slots, offset = [], 0
-    for name, shape, dtype in layout:
-        nbytes = _itemsize(dtype) * _numel(shape)
-        slots.append(Slot(str(name), tuple(int(d) for d in shape), str(dtype), offset, nbytes))
-        offset += -(-nbytes // ALIGN) * ALIGN
-    return slots, max(offset, ALIGN)
-
-
-def _itemsize(dtype: str) -> int:
-    resolved = getattr(torch, dtype, None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}")
-    return resolved.itemsize
-
-
-def _numel(shape: list[int] | tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        if not isinstance(dim, int) or dim < 0:
-            raise ValueError(f"bad shape {shape!r}")
-        count *= dim
-    return count
 
 
 def views(flat: torch.Tensor, slots: list[Slot]) -> list[torch.Tensor]:
@@ -109,9 +72,3 @@ def map_memfd(fd: int, nbytes: int, writable: bool) -> torch.Tensor:
     with warnings.catch_warnings():  # a read-only mapping: the scorer only ever copies out of it
         warnings.simplefilter("ignore", UserWarning)
         return torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes)
-
-
-def new_memfd(name: str, nbytes: int) -> int:
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
-    os.ftruncate(fd, nbytes)
-    return fd

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from prism_ray.harness import cuda_ipc, shared_state
+from prism_ray.harness import cuda_ipc, layout, shared_state
 from prism_ray.harness.context import PrismBatch, RunError, device_of, force_seed, logits_of, rows
 from prism_ray.harness.protocol import Channel, Kind, parse_batch, parse_json
 
@@ -88,7 +88,7 @@ class TrainerHarness:
         flat, slots = self._share(built)
         return self._batches(model, built, flat, slots, with_logits)
 
-    def _share(self, built: torch.nn.Module) -> tuple[torch.Tensor, list[shared_state.Slot]]:
+    def _share(self, built: torch.nn.Module) -> tuple[torch.Tensor, list[layout.Slot]]:
         """Move the model's state into the buffer the scorer reads (the parent says where it lives)."""
         kind, payload = self.channel.recv()
         if kind == Kind.REFUSE:
@@ -97,7 +97,7 @@ class TrainerHarness:
         if kind != Kind.SHARE:
             raise self.fail("run:protocol", f"unexpected frame {kind.name} from the parent")
         share = parse_json(payload)
-        slots, nbytes = shared_state.plan_slots(share["layout"])
+        slots, nbytes = layout.plan_slots(share["layout"])
         if share["where"] == "memfd":
             flat = shared_state.map_memfd(self.channel.take_fd(), nbytes, writable=True)
         else:
@@ -106,7 +106,7 @@ class TrainerHarness:
         self.channel.send(Kind.READY)
         return flat, slots
 
-    def _batches(self, model: Any, built: torch.nn.Module, flat: torch.Tensor, slots: list[shared_state.Slot],
+    def _batches(self, model: Any, built: torch.nn.Module, flat: torch.Tensor, slots: list[layout.Slot],
                  with_logits: bool) -> Iterator[PrismBatch]:
         device = device_of(built, self.spec["device"])
         while True:

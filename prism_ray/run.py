@@ -131,6 +131,8 @@ class _HeldoutPlan:
                                          "needs; scored on bpb alone")
             return []
         budget = self.settings.scoring.heldout_byte_budget
+        if self.settings.byte_budget:  # a pass never scores more text than the run itself did
+            budget = min(budget, self.settings.byte_budget)
         slice_budget = min(budget, sum(outcome.batch_bytes))
         return [EvalPass("val_twin", val.tokens, budget, trained=False),
                 EvalPass("val_trained", val.tokens, budget, trained=True),

@@ -54,7 +54,7 @@ class Server:
         self.env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(root / "home"),
                     "RAY_TMPDIR": self.ray_tmp, "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
                     "PRISM_RUNNER_THREADS": "1", "PRISM_SCORING_HELDOUT_BYTE_BUDGET": "2000",
-                    "PRISM_CLUSTER_HEARTBEAT_SECONDS": "0.5", "PRISM_GATE_MODE": "off"}
+                    "PRISM_CLUSTER_HEARTBEAT_SECONDS": "0.5", "PRISM_GATE_MODE": "off", "PRISM_AUDIT_MODE": "off"}
         self.line = [*CLI, "serve", "--auth", "dev", "--port", str(port), "--state-dir", str(root / "state"),
                      "--byte-budget", "3000"]
         self.runs = 0

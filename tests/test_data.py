@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from prism_ray.config import EMBEDDED_DATA_DIR
 from prism_ray.data import SplitRule, open_dataset, prepare
-from prism_ray.data import dataset as dataset_module
+from prism_ray.data import preparation as prepare_module
 from prism_ray.data.cli import data_app
 from prism_ray.data.dataset import MANIFEST_NAME
 from prism_ray.errors import DataError
@@ -91,7 +91,7 @@ def small(tmp_path, records) -> Path:
 # ------------------------------------------------------------------------------------------ prepare
 
 def test_prepare_is_byte_identical_for_any_order_and_file_layout(tmp_path, records, monkeypatch):
-    monkeypatch.setattr(dataset_module, "_INSERT_BATCH_DOCS", 64)  # many staging inserts
+    monkeypatch.setattr(prepare_module, "_INSERT_BATCH_DOCS", 64)  # many staging inserts
     a = tmp_path / "a"
     a.mkdir()
     prepare([write_jsonl(a / "all.jsonl", records)], tmp_path / "out_a", SplitRule(800, 100, 100))

@@ -11,7 +11,8 @@ import pytest
 
 from conftest import bigram_architecture, learner_loop, write_bundle
 from prism_ray.config import EMBEDDED_DATA_DIR, Settings
-from prism_ray.data.dataset import SplitRule, open_dataset, prepare
+from prism_ray.data.dataset import open_dataset
+from prism_ray.data.preparation import SplitRule, prepare
 from prism_ray.data.token_cache import load_token_stream
 from prism_ray.pipeline import evaluate
 

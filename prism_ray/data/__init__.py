@@ -1,6 +1,7 @@
 """Locked data, tokenizers and token caches (docs/architecture.md, "Scoring contract")."""
 
-from prism_ray.data.dataset import SPLITS, LockedDataset, PrepareSummary, SplitRule, open_dataset, prepare
+from prism_ray.data.dataset import SPLITS, LockedDataset, open_dataset
+from prism_ray.data.preparation import PrepareSummary, SplitRule, prepare
 from prism_ray.data.token_cache import TokenStream, build_token_cache, is_cached, load_token_stream
 from prism_ray.data.tokenizers import TOKENIZER_NAMES, Tokenizer, get_tokenizer
 

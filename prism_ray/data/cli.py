@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from prism_ray.config import Settings
-from prism_ray.data.dataset import SPLITS, SplitRule, open_dataset, prepare
+from prism_ray.data.dataset import SPLITS, open_dataset
+from prism_ray.data.preparation import SplitRule, prepare
 from prism_ray.data.token_cache import build_token_cache, is_cached, load_token_stream
 from prism_ray.data.tokenizers import TOKENIZER_NAMES
 from prism_ray.errors import DataError

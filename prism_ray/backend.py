@@ -19,9 +19,10 @@ from prism_ray.bundle import Bundle, decode_base64, load_bundle
 from prism_ray.config import Settings
 from prism_ray.errors import BundleError, Reason
 from prism_ray.fingerprint import code_fingerprints
+from prism_ray.group_commit import GroupCommit
 from prism_ray.leaderboard import LeaderboardEntry
 from prism_ray.read_model import QueueView, ReadModel, StorePort, SubmissionDetail
-from prism_ray.store import AuditRecord, Store, SubmissionRecord
+from prism_ray.store import AuditRecord, NewSubmission, Store, SubmissionRecord
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ class Backend:
         self.reads = ReadModel(store, settings, max_staleness_s)
         self._on_queued = on_queued
         self._node_address = node_address
+        # Concurrent intakes and nonce checks share store round trips (a burst of posts is a few transactions).
+        self._creates = GroupCommit(lambda items: store.call("create_submissions", items))
+        self._nonces = GroupCommit(lambda checks: store.call("check_nonces", checks))
 
     # --- writes -------------------------------------------------------------------------------------------------
 
@@ -64,8 +68,8 @@ class Backend:
             bundle = source if isinstance(source, Bundle) else load_bundle(zipped or source, self.settings.intake)
         except BundleError as error:
             return self.reject(hotkey, filename, error.reasons, metadata, cap)
-        record: SubmissionRecord = self.store.call("create_submission", hotkey, filename, bundle, metadata, zipped,
-                                                   code_fingerprints(bundle))
+        record = self._creates.commit(NewSubmission(hotkey, filename, bundle, metadata, zipped,
+                                                    code_fingerprints(bundle)))
         self.reads.invalidate()
         if record.status == "pending" and self._on_queued is not None:
             self._on_queued()
@@ -86,7 +90,7 @@ class Backend:
 
     def check_nonce(self, hotkey: str, nonce: str, ttl: float) -> bool:
         """Insert-once: False when this hotkey already used this nonce within `ttl` seconds."""
-        return self.store.call("check_nonce", hotkey, nonce, ttl)
+        return self._nonces.commit((hotkey, nonce, ttl))
 
     # --- reads (the read model) ---------------------------------------------------------------------------------
 

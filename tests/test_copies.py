@@ -11,7 +11,7 @@ from prism_ray.bundle import Bundle, check_contract
 from prism_ray.config import AuditSettings, ScoringSettings
 from prism_ray.fingerprint import code_fingerprints
 from prism_ray.leaderboard import ScoreRow, leaderboard, weights
-from prism_ray.store import Store
+from prism_ray.store import NewSubmission, Store
 
 TRAINING = """\
 import torch
@@ -146,6 +146,8 @@ def test_a_genuinely_different_bundle_is_not_a_copy(store, change):
 
 
 NORMED = ARCHITECTURE.replace("nn.Embedding(vocab, vocab)", "nn.Embedding(vocab, vocab, max_norm=2.0)")
+NORMED_PAIR = ({"architecture.py": NORMED, "training.py": TRAINING},
+               {"architecture.py": NORMED.replace("2.0", "1.0"), "training.py": TRAINING})
 
 
 @pytest.mark.parametrize(("first", "later"), [
@@ -174,6 +176,37 @@ def test_a_hotkey_resubmitting_its_own_code_is_not_a_copy_but_later_copiers_are(
     assert store.create_submission("carol", "c.zip", make_bundle(RECOMMENTED)).copy_of == first.id
     exact = store.create_submission("dave", "d.zip", make_bundle(REFORMATTED))  # the same bytes: the old rule
     assert (exact.status, exact.duplicate_of, exact.copy_of) == ("duplicate", again.id, None)
+
+
+def test_one_batch_of_intakes_decides_as_the_same_intakes_one_by_one(store, tmp_path):
+    """Group commit writes a burst of posts in one call: every rule (own resubmission, exact duplicate, copy,
+    near-copy) must see the earlier items of the same call as it sees stored rows."""
+    store.create_submission("erin", "e.zip", make_bundle(NORMED_PAIR[0]))  # already stored before the burst
+    burst = [("alice", make_bundle()), ("bob", make_bundle(RENAMED)), ("alice", make_bundle()),
+             ("dave", make_bundle()), ("carol", make_bundle(NORMED_PAIR[1])), ("carol", make_bundle(RECOMMENTED)),
+             ("frank", make_bundle(NORMED_PAIR[1]))]
+    batched = store.create_submissions([NewSubmission(hotkey, f"{i}.zip", bundle) for i, (hotkey, bundle)
+                                        in enumerate(burst)])
+    with Store(tmp_path / "one-by-one.duckdb", audit=AuditSettings(mode="off")) as alone:
+        alone.create_submission("erin", "e.zip", make_bundle(NORMED_PAIR[0]))
+        single = [alone.create_submission(hotkey, f"{i}.zip", bundle) for i, (hotkey, bundle) in enumerate(burst)]
+        stored_alone = {alone.list_submissions(hotkey="erin")[0].id: "stored"}
+
+    def decisions(records, known):
+        position = dict(known)
+        for i, record in enumerate(records):
+            position.setdefault(record.id, i)
+        return [(record.status, record.reused, position.get(record.duplicate_of), position.get(record.copy_of),
+                 position.get(record.near_copy_of), [note.rule for note in record.notes]) for record in records]
+
+    first = {store.list_submissions(hotkey="erin")[0].id: "stored"}
+    assert decisions(batched, first) == decisions(single, stored_alone)
+    assert [decision[:5] for decision in decisions(batched, first)] == [
+        ("pending", False, None, None, None), ("pending", False, None, 0, None), ("pending", True, None, None, None),
+        ("duplicate", False, 0, None, None), ("pending", False, None, None, "stored"), ("pending", False, None, 0, None),
+        ("duplicate", False, 4, None, None)]
+    assert [record.seq for record in batched if not record.reused] == sorted(
+        record.seq for record in batched if not record.reused)  # stored in arrival order
 
 
 def test_a_copy_is_ranked_but_earns_no_weight_and_the_original_keeps_it(store):

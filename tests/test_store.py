@@ -189,6 +189,9 @@ def test_nonces_refuse_replays_until_purged(store, clock):
     assert store.check_nonce("other", "n1", ttl=300)
     clock.now += 301
     assert store.check_nonce("hk", "n1", ttl=300)
+    # a burst checked in one call: a nonce repeated inside the call is a replay too
+    assert store.check_nonces([("hk", "n2", 300), ("hk", "n1", 300), ("hk", "n2", 300), ("other", "n2", 300)]) == [
+        True, False, False, True]
 
 
 def test_gate_verdict_cache_and_audits(store, tmp_path):

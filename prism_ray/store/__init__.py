@@ -39,15 +39,15 @@ from prism_ray.store.schema import (
     create_or_upgrade,
 )
 from prism_ray.store.sidecar import Sidecar
-from prism_ray.store.submissions import SCORE_FIELDS, Submissions
+from prism_ray.store.submissions import SCORE_FIELDS, NewSubmission, Submissions
 
 DEFAULT_MAX_ATTEMPTS = 3
 STATUSES = SUBMISSION_STATUSES
 TERMINAL_STATUSES = SUBMISSION_TERMINAL
 
 __all__ = ["AUDIT_PREFIX", "AUDIT_STATUSES", "DEFAULT_MAX_ATTEMPTS", "SCHEMA_VERSION", "SCORE_FIELDS", "STATUSES",
-           "TABLES", "TERMINAL_STATUSES", "AuditRecord", "Store", "StoreError", "StoreLocked", "SubmissionRecord",
-           "SubmissionStatus"]
+           "TABLES", "TERMINAL_STATUSES", "AuditRecord", "NewSubmission", "Store", "StoreError", "StoreLocked",
+           "SubmissionRecord", "SubmissionStatus"]
 
 
 class Store:
@@ -93,7 +93,13 @@ class Store:
         marked `copy_of` when another hotkey submitted the same code first, up to names, layout and comments
         (copy:duplicate: it is still evaluated and shown, but earns no weight), else `near_copy_of` when another
         hotkey's earlier code differs from it only in numeric literals (copy:near, informational)."""
-        return self._submissions.create(hotkey, filename, bundle, metadata, zipped, fingerprints)
+        return self.create_submissions([NewSubmission(hotkey, filename, bundle, metadata, zipped, fingerprints)])[0]
+
+    def create_submissions(self, items: Sequence[NewSubmission]) -> list[SubmissionRecord]:
+        """create_submission for each item, in one transaction: the same records as one call per item in this order
+        (a later item is a duplicate, copy or reuse of an earlier one of the same call as it would be of a stored
+        one), at the cost of a few statements in all (the HTTP layer batches concurrent requests into one call)."""
+        return self._submissions.create(items)
 
     def reject_submission(self, hotkey: str, filename: str | None, reasons: Sequence[Reason | dict[str, Any]],
                           stage: str = "intake", metadata: dict[str, Any] | None = None) -> SubmissionRecord:
@@ -259,7 +265,12 @@ class Store:
     def check_nonce(self, hotkey: str, nonce: str, ttl: float) -> bool:
         """Insert-once: False on a replay. Nonces older than `ttl` are purged, so callers must refuse stale
         signed timestamps themselves (a nonce is only remembered for `ttl` seconds)."""
-        return self._sidecar.check_nonce(hotkey, nonce, ttl)
+        return self.check_nonces([(hotkey, nonce, ttl)])[0]
+
+    def check_nonces(self, checks: Sequence[tuple[str, str, float]]) -> list[bool]:
+        """check_nonce for each (hotkey, nonce, ttl) in order, in one transaction: a nonce used earlier in the same
+        call is a replay too."""
+        return self._sidecar.check_nonces(checks)
 
     def get(self, key: str) -> dict[str, Any] | None:
         """Gate verdict cache (the VerdictCache protocol, as plain dicts)."""

@@ -21,13 +21,28 @@ class Sidecar:
     def __init__(self, db: Db) -> None:
         self.db = db
 
-    def check_nonce(self, hotkey: str, nonce: str, ttl: float) -> bool:
+    def check_nonces(self, checks: Sequence[tuple[str, str, float]]) -> list[bool]:
+        """Per (hotkey, nonce, ttl): True, and remembered, unless that nonce was seen within `ttl` seconds."""
+        if not checks:
+            return []
         now = self.db.clock()
         with self.db.transaction() as con:
-            con.execute("DELETE FROM nonces WHERE seen_at < ?", [now - ttl])
-            inserted = con.execute("INSERT INTO nonces VALUES (?, ?, ?) ON CONFLICT DO NOTHING RETURNING nonce",
-                                   [hotkey, nonce, now]).fetchall()
-            return bool(inserted)
+            con.execute("DELETE FROM nonces WHERE seen_at < ?", [now - max(ttl for _, _, ttl in checks)])
+            seen = dict(((hotkey, nonce), seen_at) for hotkey, nonce, seen_at in con.execute(
+                "SELECT n.hotkey, n.nonce, n.seen_at FROM nonces n JOIN (SELECT unnest(?::VARCHAR[]) AS hotkey, "
+                "unnest(?::VARCHAR[]) AS nonce) b ON n.hotkey = b.hotkey AND n.nonce = b.nonce",
+                [[hotkey for hotkey, _, _ in checks], [nonce for _, nonce, _ in checks]]).fetchall())
+            fresh = []
+            for hotkey, nonce, ttl in checks:
+                fresh.append(seen.get((hotkey, nonce), float("-inf")) < now - ttl)
+                if fresh[-1]:
+                    seen[(hotkey, nonce)] = now
+            new = [(hotkey, nonce) for (hotkey, nonce, _), ok in zip(checks, fresh, strict=True) if ok]
+            if new:
+                con.execute("INSERT INTO nonces (hotkey, nonce, seen_at) SELECT unnest(?::VARCHAR[]), "
+                            "unnest(?::VARCHAR[]), ? ON CONFLICT DO UPDATE SET seen_at = excluded.seen_at",
+                            [[hotkey for hotkey, _ in new], [nonce for _, nonce in new], now])
+            return fresh
 
     def verdict(self, key: str) -> dict[str, Any] | None:
         row = self.db.execute("SELECT verdict FROM gate_verdicts WHERE cache_key = ?", [key]).fetchone()

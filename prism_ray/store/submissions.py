@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel
@@ -21,6 +23,67 @@ from prism_ray.store.records import SubmissionRecord
 from prism_ray.store.schema import SUBMISSION_TERMINAL
 
 SCORE_FIELDS = ("bpb", "final_score", "heldout_delta", "gap", "penalty", "anomaly", "tie_break")
+_COLUMNS = (("id", "VARCHAR"), ("hotkey", "VARCHAR"), ("filename", "VARCHAR"), ("bundle_sha256", "VARCHAR"),
+            ("fingerprint", "VARCHAR"), ("name", "VARCHAR"), ("tokenizer", "VARCHAR"), ("status", "VARCHAR"),
+            ("stage", "VARCHAR"), ("reasons", "JSON"), ("attempt", "INTEGER"), ("max_attempts", "INTEGER"),
+            ("metadata", "JSON"), ("created_at", "DOUBLE"), ("updated_at", "DOUBLE"), ("finished_at", "DOUBLE"),
+            ("duplicate_of", "VARCHAR"), ("architecture_family", "VARCHAR"), ("training_fingerprint", "VARCHAR"),
+            ("canonical_fingerprint", "VARCHAR"), ("copy_of", "VARCHAR"), ("near_copy_of", "VARCHAR"),
+            ("notes", "JSON"), ("zip_sha256", "VARCHAR"))
+
+_INSERT_ZIPS = ("INSERT INTO zips (sha256, zip, size, created_at) "
+                "SELECT unnest(?::VARCHAR[]), unnest(?::BLOB[]), unnest(?::BIGINT[]), ? ON CONFLICT DO NOTHING")
+_INSERT_BUNDLES = ("INSERT INTO bundles (sha256, fingerprint, zip_sha256, created_at) "
+                   "SELECT unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), ? ON CONFLICT DO NOTHING")
+
+# Per item of a batch, the first stored submission each intake rule can pick (create() and _copy_links() apply the
+# rules): its own earlier same code, the first same code that is no duplicate, the first same canonical code, the
+# first near copy by another hotkey.
+_CANDIDATES = """
+WITH batch AS (SELECT unnest(?::VARCHAR[]) AS fingerprint, unnest(?::VARCHAR[]) AS hotkey,
+                      unnest(?::VARCHAR[]) AS canonical, unnest(?::VARCHAR[]) AS family,
+                      unnest(?::VARCHAR[]) AS training, unnest(range(?)) AS position),
+firsts AS (
+    SELECT b.position, arg_min(s.id, s.seq) AS id FROM batch b JOIN submissions s
+        ON s.fingerprint = b.fingerprint AND s.hotkey = b.hotkey GROUP BY b.position
+    UNION ALL
+    SELECT b.position, arg_min(s.id, s.seq) FROM batch b JOIN submissions s
+        ON s.fingerprint = b.fingerprint AND s.status <> 'duplicate' GROUP BY b.position
+    UNION ALL
+    SELECT b.position, arg_min(s.id, s.seq) FROM batch b JOIN submissions s
+        ON s.canonical_fingerprint = b.canonical AND s.status <> 'duplicate' GROUP BY b.position
+    UNION ALL
+    SELECT b.position, arg_min(s.id, s.seq) FROM batch b JOIN submissions s
+        ON s.architecture_family = b.family AND s.training_fingerprint = b.training
+        AND s.canonical_fingerprint <> b.canonical AND s.hotkey <> b.hotkey AND s.status <> 'duplicate'
+        GROUP BY b.position)
+SELECT DISTINCT f.position, s.seq, s.id, s.hotkey, s.status, s.fingerprint, s.canonical_fingerprint,
+       s.architecture_family, s.training_fingerprint
+FROM firsts f JOIN submissions s ON s.id = f.id
+ORDER BY f.position, s.seq
+"""
+
+
+@dataclass(frozen=True)
+class NewSubmission:
+    """One checked bundle to store: the zip as the miner sent it (None: the bundle's files, zipped
+    deterministically) and its code fingerprints (None: computed by the store; callers compute them off the
+    store's owner)."""
+
+    hotkey: str
+    filename: str
+    bundle: Bundle
+    metadata: dict[str, Any] | None = None
+    zipped: bytes | None = None
+    fingerprints: CodeFingerprints | None = None
+
+    def completed(self) -> NewSubmission:
+        return replace(self, zipped=self.bundle.to_zip() if self.zipped is None else self.zipped,
+                       fingerprints=self.fingerprints or code_fingerprints(self.bundle))
+
+    @cached_property
+    def zip_sha256(self) -> str:  # of a completed() one
+        return hashlib.sha256(self.zipped).hexdigest()
 
 
 class Submissions:
@@ -36,87 +99,110 @@ class Submissions:
 
     # --- intake -------------------------------------------------------------------------------------------------
 
-    def create(self, hotkey: str, filename: str, bundle: Bundle, metadata: dict[str, Any] | None,
-               zipped: bytes | None, fingerprints: CodeFingerprints | None) -> SubmissionRecord:
+    def create(self, items: Sequence[NewSubmission]) -> list[SubmissionRecord]:
+        """Each item's record, as if the items were created one by one in this order (an item sees the earlier ones,
+        those of the same call included), in one transaction of a few statements however many items there are."""
         now = self.db.clock()
-        zipped = bundle.to_zip() if zipped is None else zipped
-        fingerprints = fingerprints or code_fingerprints(bundle)
-        with self.db.transaction() as con:
-            own = self.db.rows("SELECT id FROM submissions WHERE fingerprint = ? AND hotkey = ? ORDER BY seq LIMIT 1",
-                               [bundle.fingerprint, hotkey])
-            if own:
-                return self.record(own[0]["id"]).model_copy(update={"reused": True})
-            earlier = self.db.rows("SELECT id FROM submissions WHERE fingerprint = ? AND status <> 'duplicate' "
-                                   "ORDER BY seq LIMIT 1", [bundle.fingerprint])
-            zip_sha256 = hashlib.sha256(zipped).hexdigest()
-            con.execute("INSERT INTO zips (sha256, zip, size, created_at) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                        [zip_sha256, zipped, len(zipped), now])
-            con.execute("INSERT INTO bundles (sha256, fingerprint, zip_sha256, created_at) VALUES (?, ?, ?, ?) "
-                        "ON CONFLICT DO NOTHING", [bundle.sha256, bundle.fingerprint, zip_sha256, now])
-            links: dict[str, Any] = {"zip_sha256": zip_sha256}
-            if earlier:
-                original = earlier[0]["id"]
-                reasons = [Reason(rule="duplicate", message=f"identical to the earlier submission {original}; "
-                                  "the earliest submission of the same code wins")]
-                status, stage, kind, detail = "duplicate", "intake", "duplicate", {"duplicate_of": original}
-            else:
-                original, reasons = None, []
-                status, stage, kind, detail = "pending", "queued", "submitted", {"filename": filename}
-                links |= self._copy_links(hotkey, fingerprints)
-                detail |= {name: links[name] for name in ("copy_of", "near_copy_of") if links.get(name)}
-            submission_id = self._insert(hotkey, filename, status, stage, reasons, now, metadata, bundle=bundle,
-                                         duplicate_of=original, fingerprints=fingerprints, **links)
-            self.db.append_events([(submission_id, kind, stage, {**detail, "reasons": dump(reasons)})], now)
-            return self.record(submission_id)
+        items = [item.completed() for item in items]
+        with self.db.transaction():
+            candidates = self._candidates(items)
+            answers: list[tuple[str, bool]] = []  # (submission id, reused) per item
+            rows: list[dict[str, Any]] = []
+            stored: list[NewSubmission] = []
+            events = []
+            for item, stored_rows in zip(items, candidates, strict=True):
+                known = [*stored_rows, *rows]
+                same_code = [row for row in known if row["fingerprint"] == item.bundle.fingerprint]
+                own = next((row for row in same_code if row["hotkey"] == item.hotkey), None)
+                if own:
+                    answers.append((own["id"], True))
+                    continue
+                earlier = next((row for row in same_code if row["status"] != "duplicate"), None)
+                links: dict[str, Any] = {"zip_sha256": item.zip_sha256}
+                if earlier:
+                    original = earlier["id"]
+                    reasons = [Reason(rule="duplicate", message=f"identical to the earlier submission {original}; "
+                                      "the earliest submission of the same code wins")]
+                    status, stage, kind, detail = "duplicate", "intake", "duplicate", {"duplicate_of": original}
+                else:
+                    original, reasons = None, []
+                    status, stage, kind, detail = "pending", "queued", "submitted", {"filename": item.filename}
+                    links |= _copy_links(item.hotkey, item.fingerprints, known)
+                    detail |= {name: links[name] for name in ("copy_of", "near_copy_of") if links.get(name)}
+                row = self._row(item.hotkey, item.filename, status, stage, reasons, now, item.metadata,
+                                bundle=item.bundle, duplicate_of=original, fingerprints=item.fingerprints, **links)
+                rows.append(row)
+                stored.append(item)
+                answers.append((row["id"], False))
+                events.append((row["id"], kind, stage, {**detail, "reasons": dump(reasons)}))
+            self._keep_zips(stored, now)
+            self._insert(rows)
+            self.db.append_events(events, now)
+            records = self.records([submission_id for submission_id, _ in answers])
+            return [records[submission_id].model_copy(update={"reused": reused}) for submission_id, reused in answers]
 
-    def _copy_links(self, hotkey: str, fingerprints: CodeFingerprints) -> dict[str, Any]:
-        """copy_of / near_copy_of and the note the miner reads, against the earlier submissions of other hotkeys."""
-        first = self.db.rows("SELECT id, hotkey FROM submissions WHERE canonical_fingerprint = ? AND "
-                             "status <> 'duplicate' ORDER BY seq LIMIT 1", [fingerprints.canonical])
-        if first and first[0]["hotkey"] != hotkey:  # a hotkey's own earlier code is never a copy
-            original = first[0]["id"]
-            return {"copy_of": original, "notes": [Reason(
-                rule="copy:duplicate", message=f"the same code as the earlier submission {original} of another "
-                "hotkey, up to names, formatting and comments; it is evaluated and shown, but earns no weight: the "
-                "earliest submission of the code keeps it")]}
-        near = self.db.rows(
-            "SELECT id FROM submissions WHERE architecture_family = ? AND training_fingerprint = ? AND "
-            "canonical_fingerprint <> ? AND hotkey <> ? AND status <> 'duplicate' ORDER BY seq LIMIT 1",
-            [fingerprints.architecture_family, fingerprints.training, fingerprints.canonical, hotkey])
-        if near:
-            return {"near_copy_of": near[0]["id"], "notes": [Reason(
-                rule="copy:near", message=f"the same architecture and training loop as the earlier submission "
-                f"{near[0]['id']} of another hotkey, differing only in numeric literals (hyperparameters); shown for "
-                "reference, it earns weight as usual")]}
-        return {}
+    def _candidates(self, items: list[NewSubmission]) -> list[list[dict[str, Any]]]:
+        """Per item, oldest first, the stored rows its rules can pick (the first of each): so, for every rule, the
+        first match among them and the rows created before it in the same call is the one a call of its own finds."""
+        rows = self.db.rows(_CANDIDATES, [[item.bundle.fingerprint for item in items], [item.hotkey for item in items],
+                                          [item.fingerprints.canonical for item in items],
+                                          [item.fingerprints.architecture_family for item in items],
+                                          [item.fingerprints.training for item in items], len(items)])
+        candidates: list[list[dict[str, Any]]] = [[] for _ in items]
+        for row in rows:
+            candidates[row.pop("position")].append(row)
+        return candidates
+
+    def _keep_zips(self, items: list[NewSubmission], now: float) -> None:
+        """The original zips of new submissions, and the first zip of each bundle (its files, by sha256)."""
+        zips = {item.zip_sha256: item.zipped for item in items}
+        bundles = {item.bundle.sha256: (item.bundle.fingerprint, item.zip_sha256) for item in reversed(items)}
+        if zips:
+            self.db.execute(_INSERT_ZIPS, [list(zips), list(zips.values()), [len(zip_) for zip_ in zips.values()], now])
+            self.db.execute(_INSERT_BUNDLES, [list(bundles), [fingerprint for fingerprint, _ in bundles.values()],
+                                              [zip_sha256 for _, zip_sha256 in bundles.values()], now])
+
+    def records(self, ids: Sequence[str]) -> dict[str, SubmissionRecord]:
+        rows = self.db.rows("SELECT * FROM submissions WHERE id IN (SELECT unnest(?::VARCHAR[]))", [list(ids)])
+        return {row["id"]: SubmissionRecord(**row) for row in rows}
 
     def reject(self, hotkey: str, filename: str | None, reasons: Sequence[Reason | dict[str, Any]], stage: str,
                metadata: dict[str, Any] | None) -> SubmissionRecord:
         now = self.db.clock()
         typed = reasons_of(reasons)
         with self.db.transaction():
-            submission_id = self._insert(hotkey, filename, "rejected", stage, typed, now, metadata)
-            self.db.append_events([(submission_id, "rejected", stage, {"reasons": dump(typed)})], now)
-            return self.record(submission_id)
+            row = self._row(hotkey, filename, "rejected", stage, typed, now, metadata)
+            self._insert([row])
+            self.db.append_events([(row["id"], "rejected", stage, {"reasons": dump(typed)})], now)
+            return self.record(row["id"])
 
-    def _insert(self, hotkey: str, filename: str | None, status: str, stage: str, reasons: list[Reason], now: float,
-                metadata: dict[str, Any] | None, bundle: Bundle | None = None, duplicate_of: str | None = None,
-                fingerprints: CodeFingerprints | None = None, copy_of: str | None = None,
-                near_copy_of: str | None = None, notes: Sequence[Reason] = (), zip_sha256: str | None = None) -> str:
-        submission_id = f"sub_{uuid.uuid4().hex}"
-        finished_at = now if status in SUBMISSION_TERMINAL else None
-        self.db.execute(
-            "INSERT INTO submissions (id, hotkey, filename, bundle_sha256, fingerprint, name, tokenizer, status, "
-            "stage, reasons, attempt, max_attempts, metadata, created_at, updated_at, finished_at, duplicate_of, "
-            "architecture_family, training_fingerprint, canonical_fingerprint, copy_of, near_copy_of, notes, "
-            "zip_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?::JSON, 0, ?, ?::JSON, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-            "?::JSON, ?)",
-            [submission_id, hotkey, filename, bundle and bundle.sha256, bundle and bundle.fingerprint,
-             bundle and bundle.display_name, bundle and bundle.config.tokenizer, status, stage, to_json(dump(reasons)),
-             self.max_attempts, None if metadata is None else to_json(metadata), now, now, finished_at, duplicate_of,
-             fingerprints and fingerprints.architecture_family, fingerprints and fingerprints.training,
-             fingerprints and fingerprints.canonical, copy_of, near_copy_of, to_json(dump(notes)), zip_sha256])
-        return submission_id
+    def _row(self, hotkey: str, filename: str | None, status: str, stage: str, reasons: list[Reason], now: float,
+             metadata: dict[str, Any] | None, bundle: Bundle | None = None, duplicate_of: str | None = None,
+             fingerprints: CodeFingerprints | None = None, copy_of: str | None = None, near_copy_of: str | None = None,
+             notes: Sequence[Reason] = (), zip_sha256: str | None = None) -> dict[str, Any]:
+        """A new row of `submissions`, JSON columns spelled as JSON text."""
+        return {"id": f"sub_{uuid.uuid4().hex}", "hotkey": hotkey, "filename": filename,
+                "bundle_sha256": bundle and bundle.sha256, "fingerprint": bundle and bundle.fingerprint,
+                "name": bundle and bundle.display_name, "tokenizer": bundle and bundle.config.tokenizer,
+                "status": status, "stage": stage, "reasons": to_json(dump(reasons)), "attempt": 0,
+                "max_attempts": self.max_attempts, "metadata": None if metadata is None else to_json(metadata),
+                "created_at": now, "updated_at": now, "finished_at": now if status in SUBMISSION_TERMINAL else None,
+                "duplicate_of": duplicate_of,
+                "architecture_family": fingerprints and fingerprints.architecture_family,
+                "training_fingerprint": fingerprints and fingerprints.training,
+                "canonical_fingerprint": fingerprints and fingerprints.canonical, "copy_of": copy_of,
+                "near_copy_of": near_copy_of, "notes": to_json(dump(notes)), "zip_sha256": zip_sha256}
+
+    def _insert(self, rows: list[dict[str, Any]]) -> None:
+        """One statement for all rows; they take their `seq` in list order."""
+        if not rows:
+            return
+        columns = ", ".join(name for name, _ in _COLUMNS)
+        values = ", ".join(f"unnest(?::{'VARCHAR' if kind == 'JSON' else kind}[])::{kind} AS {name}"
+                           for name, kind in _COLUMNS)
+        self.db.execute(f"INSERT INTO submissions ({columns}) SELECT {columns} FROM (SELECT {values}, "
+                        f"unnest(range(?)) AS position) ORDER BY position",
+                        [*([row[name] for row in rows] for name, _ in _COLUMNS), len(rows)])
 
     # --- the ends of a run --------------------------------------------------------------------------------------
 
@@ -184,3 +270,25 @@ class Submissions:
             self.queue.apply([Change(row["id"], row["attempt"], "failed", "audit", reasons, "invalidated",
                                      {**detail, "reasons": dump(reasons)}) for row in rows])
             return bool(rows)
+
+
+def _copy_links(hotkey: str, fingerprints: CodeFingerprints, known: list[dict[str, Any]]) -> dict[str, Any]:
+    """copy_of / near_copy_of and the note the miner reads, against the earlier submissions of other hotkeys
+    (`known`, oldest first)."""
+    kept = [row for row in known if row["status"] != "duplicate"]
+    first = next((row for row in kept if row["canonical_fingerprint"] == fingerprints.canonical), None)
+    if first and first["hotkey"] != hotkey:  # a hotkey's own earlier code is never a copy
+        original = first["id"]
+        return {"copy_of": original, "notes": [Reason(
+            rule="copy:duplicate", message=f"the same code as the earlier submission {original} of another "
+            "hotkey, up to names, formatting and comments; it is evaluated and shown, but earns no weight: the "
+            "earliest submission of the code keeps it")]}
+    near = next((row for row in kept if row["architecture_family"] == fingerprints.architecture_family
+                 and row["training_fingerprint"] == fingerprints.training
+                 and row["canonical_fingerprint"] != fingerprints.canonical and row["hotkey"] != hotkey), None)
+    if near:
+        return {"near_copy_of": near["id"], "notes": [Reason(
+            rule="copy:near", message=f"the same architecture and training loop as the earlier submission "
+            f"{near['id']} of another hotkey, differing only in numeric literals (hyperparameters); shown for "
+            "reference, it earns weight as usual")]}
+    return {}

@@ -4,7 +4,7 @@ arrive while a call is in flight share the next one, and a failing call fails ex
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
@@ -28,27 +28,30 @@ class Recorder:
         return [item.upper() for item in items]
 
 
-def waiting(commit: GroupCommit, count: int) -> None:
-    """Until `count` callers are queued behind the call in flight."""
+def burst(pool: ThreadPoolExecutor, commit: GroupCommit, run: Recorder, later: str) -> list[Future]:
+    """Commit "a", then each item of `later` while "a"'s call is in flight; release "a" once all of them queue behind
+    it. The futures, "a"'s first."""
+    first = pool.submit(commit.commit, "a")
     for _ in range(3000):
-        if len(commit._queued) >= count:
-            return
+        if run.calls:
+            break
         threading.Event().wait(0.01)
-    raise AssertionError(f"{count} callers never queued")
+    futures = [first, *(pool.submit(commit.commit, item) for item in later)]
+    for _ in range(3000):
+        if len(commit._queued) >= len(later):
+            break
+        threading.Event().wait(0.01)
+    else:
+        raise AssertionError(f"{len(later)} callers never queued")
+    run.release.set()
+    return futures
 
 
 def test_callers_arriving_during_a_call_share_the_next_and_each_gets_its_own_result():
     run = Recorder()
     commit = GroupCommit(run)
     with ThreadPoolExecutor(8) as pool:
-        first = pool.submit(commit.commit, "a")
-        while not run.calls:
-            threading.Event().wait(0.01)
-        later = [pool.submit(commit.commit, item) for item in "bcdefg"]
-        waiting(commit, 6)
-        run.release.set()
-        assert first.result(30) == "A"
-        assert [future.result(30) for future in later] == list("BCDEFG")
+        assert [future.result(30) for future in burst(pool, commit, run, "bcdefg")] == list("ABCDEFG")
     assert run.calls[0] == ["a"] and sorted(run.calls[1]) == list("bcdefg") and len(run.calls) == 2
 
 
@@ -56,12 +59,7 @@ def test_a_failed_call_raises_in_its_own_callers_only():
     run = Recorder(fail_on="c")
     commit = GroupCommit(run)
     with ThreadPoolExecutor(4) as pool:
-        first = pool.submit(commit.commit, "a")
-        while not run.calls:
-            threading.Event().wait(0.01)
-        batch = [pool.submit(commit.commit, item) for item in "bc"]
-        waiting(commit, 2)
-        run.release.set()
+        first, *batch = burst(pool, commit, run, "bc")
         assert first.result(30) == "A"
         for future in batch:
             with pytest.raises(RuntimeError, match="store refused c"):
@@ -73,11 +71,5 @@ def test_batches_are_bounded():
     run = Recorder()
     commit = GroupCommit(run, max_batch=2)
     with ThreadPoolExecutor(8) as pool:
-        first = pool.submit(commit.commit, "a")
-        while not run.calls:
-            threading.Event().wait(0.01)
-        later = [pool.submit(commit.commit, item) for item in "bcde"]
-        waiting(commit, 4)
-        run.release.set()
-        assert [future.result(30) for future in [first, *later]] == list("ABCDE")
+        assert [future.result(30) for future in burst(pool, commit, run, "bcde")] == list("ABCDE")
     assert [len(call) for call in run.calls] == [1, 2, 2]

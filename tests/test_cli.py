@@ -87,3 +87,12 @@ def test_unpinned_directory_is_accepted(tmp_path, cache_dir):
     assert code == 0, report
     assert report["data"]["pinned"] is False and report["data"]["fingerprint"].startswith("unpinned-")
     assert report["stopped_reason"] == "stream_exhausted"
+
+
+def test_eval_help_shows_each_default_and_its_variable():
+    done = subprocess.run([*CLI, "eval", "--help"], capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "COLUMNS": "200", "TERM": "dumb"})
+    assert done.returncode == 0, done.stderr
+    for shown in ("200,000 bytes, or PRISM_BYTE_BUDGET", "1337, or PRISM_SEED", "or PRISM_TIME_LIMIT",
+                  "or PRISM_DEVICE", "the embedded Python docs"):
+        assert shown in done.stdout, (shown, done.stdout)

@@ -70,12 +70,69 @@ class ProbePlan:
         return filler
 
 
+class ProbeError(Exception):
+    """A runner answered for a probe row that was not asked of it (a protocol breach)."""
+
+
+class ProbeDesk:
+    """The probes in flight, as the parent tracks them. A probed batch waits in line until the prober is free; then
+    the scorer stages that batch's snapshot for the prober and sends its own log-probs of each probed row; once all
+    are in, the rows go to the prober, and each of its answers is paired with the scorer's. The prober holds one
+    staged snapshot, so one probed batch is staged or probed at a time."""
+
+    def __init__(self) -> None:
+        self.waiting: list[list[ProbeRow]] = []  # probed batches whose snapshot is not staged yet
+        self._staged: list[ProbeRow] = []  # the batch being staged
+        self._staging: set[tuple[int, int]] = set()  # its rows whose scorer log-probs have not arrived
+        self._scored: dict[tuple[int, int], np.ndarray] = {}
+        self._probing: dict[tuple[int, int], ProbeRow] = {}  # sent to the prober
+
+    @property
+    def idle(self) -> bool:
+        return not (self.waiting or self._staging or self._probing)
+
+    @property
+    def prober_free(self) -> bool:
+        return not self._probing
+
+    def add(self, rows: list[ProbeRow]) -> None:
+        self.waiting.append(rows)
+
+    def next_batch(self) -> list[ProbeRow] | None:
+        """The rows of the next batch to stage, once the prober is free and one waits."""
+        if self._probing or self._staging or not self.waiting:
+            return None
+        self._staged = self.waiting.pop(0)
+        self._staging = {(row.index, row.row) for row in self._staged}
+        return self._staged
+
+    def scorer_row(self, index: int, row: int, log_probs: np.ndarray) -> list[ProbeRow]:
+        """Keep the scorer's log-probs of a staged row; the batch's rows, for the prober, once all of them are in."""
+        if (index, row) not in self._staging:
+            raise ProbeError(f"log-probs of row {row} of batch {index} were not asked for")
+        self._staging.discard((index, row))
+        self._scored[(index, row)] = log_probs
+        if self._staging:
+            return []
+        ready, self._staged = self._staged, []
+        self._probing.update(((probe.index, probe.row), probe) for probe in ready)
+        return ready
+
+    def prober_row(self, index: int, row: int, log_probs: np.ndarray) -> tuple[ProbeRow, float]:
+        """The probe the prober answered, and how far its log-probs moved from the scorer's before the boundary."""
+        probe = self._probing.pop((index, row), None)
+        if probe is None:
+            raise ProbeError(f"the prober answered for row {row} of batch {index}, which was not probed")
+        return probe, drift(self._scored.pop((index, row)), log_probs, probe.boundary)
+
+
 def drift(scorer_row: np.ndarray, prober_row: np.ndarray, boundary: int) -> float:
     """Largest change of a target log-prob before the boundary between the batch and its probe (∞ if malformed)."""
     if len(prober_row) != boundary or len(scorer_row) < boundary:
         return float("inf")
     scored, probed = scorer_row[:boundary].astype(np.float64), prober_row.astype(np.float64)
-    difference = np.where(scored == probed, 0.0, np.abs(scored - probed))  # equal −∞ is no drift
+    with np.errstate(invalid="ignore"):  # −∞ − −∞ is NaN before np.where discards it
+        difference = np.where(scored == probed, 0.0, np.abs(scored - probed))  # equal −∞ is no drift
     return float(difference.max()) if np.all(np.isfinite(difference)) else float("inf")
 
 

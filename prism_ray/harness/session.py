@@ -21,7 +21,7 @@ from prism_ray.errors import PrismError, Reason
 from prism_ray.harness import layout
 from prism_ray.harness.heldout import HeldoutError, score_passes
 from prism_ray.harness.isolation import SandboxPolicy
-from prism_ray.harness.probes import ProbePlan, ProbeRow, causality_tolerance, drift, non_causal_message
+from prism_ray.harness.probes import ProbeDesk, ProbeError, ProbePlan, causality_tolerance, non_causal_message
 from prism_ray.harness.protocol import Channel, Kind, ProtocolError, parse_json, parse_record, parse_row
 from prism_ray.harness.records import Books, HeldoutPlan, Progress, RunSpec, TrainOutcome
 from prism_ray.harness.stream import BatchSlice, StreamPlan, check_geometry
@@ -70,11 +70,7 @@ class _Session:
         self.trainer_waiting = False  # the trainer asked for a batch and has none
         self.snapshotting: BatchSlice | None = None
         self.unrecorded: dict[int, BatchSlice] = {}
-        self.probe_queue: list[list[ProbeRow]] = []  # probe rows whose snapshot the scorer has not staged yet
-        self.staged: list[ProbeRow] = []  # the batch being staged for the prober
-        self.staging: set[tuple[int, int]] = set()  # its rows whose scorer log-probs have not arrived
-        self.scored_rows: dict[tuple[int, int], np.ndarray] = {}
-        self.probing: dict[tuple[int, int], ProbeRow] = {}  # sent to the prober
+        self.desk = ProbeDesk()
         self.stream_ended = False
         self.trainer_done = False
         self.trainer_error: Reason | None = None  # the trainer's failure, held until the scorer's probe is in
@@ -135,7 +131,7 @@ class _Session:
             self._dispatch(self.deadline)
 
     def _settled(self) -> bool:
-        return not (self.unrecorded or self.probe_queue or self.staging or self.probing or self.snapshotting)
+        return not (self.unrecorded or self.snapshotting) and self.desk.idle
 
     def _dispatch(self, deadline: float) -> None:
         """Handle the next frame from whichever runner sent one."""
@@ -240,7 +236,7 @@ class _Session:
         assert self.probes is not None
         rows = self.probes.rows_for(piece)
         if rows:
-            self.probe_queue.append(rows)
+            self.desk.add(rows)
             self._stage_probe()
 
     def _scorer_record(self, payload: bytes) -> None:
@@ -261,30 +257,25 @@ class _Session:
         self.channels[role].send_batch(piece.index, self.outcome.batch_size, self.outcome.seq_len, piece.chunk)
 
     def _scorer_row(self, payload: bytes) -> None:
-        index, row, log_probs = parse_row(payload)
-        if (index, row) not in self.staging:
-            raise self._crash("scorer", f"log-probs of row {row} of batch {index} were not asked for")
-        self.staging.discard((index, row))
-        self.scored_rows[(index, row)] = log_probs
-        if not self.staging:  # the snapshot is staged: hand every row of this batch to the prober
-            for probe in self.staged:
-                self.channels["prober"].send_batch(probe.index, probe.row, self.outcome.seq_len, probe.tokens,
-                                                   probe.boundary)
-                self.probing[(probe.index, probe.row)] = probe
-            self.staged = []
+        try:
+            ready = self.desk.scorer_row(*parse_row(payload))
+        except ProbeError as error:
+            raise self._crash("scorer", str(error)) from None
+        for probe in ready:  # the snapshot is staged: the prober gets every probed row of this batch
+            self.channels["prober"].send_batch(probe.index, probe.row, self.outcome.seq_len, probe.tokens,
+                                               probe.boundary)
 
     def _prober_row(self, payload: bytes) -> None:
-        index, row, log_probs = parse_row(payload)
-        probe = self.probing.pop((index, row), None)
-        if probe is None:
-            raise self._crash("scorer", f"the prober answered for row {row} of batch {index}, which was not probed")
-        moved = drift(self.scored_rows.pop((index, row)), log_probs, probe.boundary)
+        try:
+            probe, moved = self.desk.prober_row(*parse_row(payload))
+        except ProbeError as error:
+            raise self._crash("scorer", str(error)) from None
         self.outcome.probe_rows += 1
         self.outcome.max_probe_drift = max(self.outcome.max_probe_drift, moved)
         if not moved <= self.tolerance:
-            self._fail(Reason(rule="run:non_causal", message=f"batch {index}, row {row}: "
+            self._fail(Reason(rule="run:non_causal", message=f"batch {probe.index}, row {probe.row}: "
                               + non_causal_message(probe.boundary, moved)))
-        if not self.probing:
+        if self.desk.prober_free:
             self._stage_probe()
             self._advance()
 
@@ -367,7 +358,7 @@ class _Session:
 
     def _advance(self) -> None:
         """Release the next batch when the trainer waits for one and every earlier probe is staged."""
-        if not self.trainer_waiting or self.snapshotting is not None or self.probe_queue or self.batches is None:
+        if not self.trainer_waiting or self.snapshotting is not None or self.desk.waiting or self.batches is None:
             return
         self.trainer_waiting = False
         piece = next(self.batches, None)
@@ -386,11 +377,9 @@ class _Session:
 
     def _stage_probe(self) -> None:
         """Ask the scorer to stage the next probed batch's snapshot, once the prober is free."""
-        if self.probing or self.staging or not self.probe_queue:
+        rows = self.desk.next_batch()
+        if rows is None:
             return
-        rows = self.probe_queue.pop(0)
-        self.staged = rows
-        self.staging = {(row.index, row.row) for row in rows}
         self.channels["scorer"].send_json(Kind.PROBE, {"index": rows[0].index, "rows": [r.row for r in rows]})
         self._advance()
 

@@ -34,10 +34,10 @@ def cache_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("example", ["tiny-gpt", "byte-lm", "seed-tiny"])
 def test_examples_score_on_embedded_data(example, cache_dir):
-    code, report, _ = eval_json(str(EXAMPLES / example), "--byte-budget", "20000", cache_dir=cache_dir)
+    code, report, _ = eval_json(str(EXAMPLES / example), "--byte-budget", "10000", cache_dir=cache_dir)
     assert code == 0, report
     assert report["status"] == "completed" and report["stage"] == "score"
-    assert report["bytes_scored"] >= 20000 and report["stopped_reason"] == "byte_budget"
+    assert report["bytes_scored"] >= 10000 and report["stopped_reason"] == "byte_budget"
     assert 0 < report["bpb"] < 20 and 0 < report["final_score"] < 1
     assert report["data"]["pinned"] and report["data"]["path"] == str(EMBEDDED_DATA_DIR)
     assert report["gate"]["status"] == "skipped"

@@ -398,10 +398,16 @@ class Runs:
         self.failed: dict[str, str] = {}
 
     def attempt(self, name: str, call) -> None:
+        started = time.monotonic()
         try:
-            self.measured.setdefault(name, []).append(call())
+            measured = call()
         except RunFailed as error:
             self.failed.setdefault(name, str(error))
+            print(f"{name}: failed after {time.monotonic() - started:.0f} s: {error}", file=sys.stderr, flush=True)
+            return
+        self.measured.setdefault(name, []).append(measured)
+        print(f"{name}: {measured.tokens_per_second:.0f} tokens/s, bpb {measured.bpb}, "
+              f"{time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)  # progress while the table waits
 
     def speed(self, name: str) -> float | None:
         values = [m.tokens_per_second for m in self.measured.get(name, [])]

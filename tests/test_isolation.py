@@ -140,3 +140,16 @@ def test_an_install_under_tmp_is_bound_over_the_sandbox_tmp(tmp_path, monkeypatc
                                tmp_path, SandboxPolicy(mode="required"))
     assert process.wait(30) == 0, process.log_tail()
     assert process.log_tail().strip() == "from the venv under /tmp"
+
+
+def test_sandboxed_code_holds_no_capability_and_runs_as_nobody(bundle_factory, tmp_path):
+    """As root the launcher keeps CAP_SETUID, CAP_SETGID and CAP_SETPCAP only for setpriv, which must leave the
+    miner's process with every capability set empty (a bounding set with anything left in it could be regained)."""
+    prelude = ("    status = dict(line.split(':\\t', 1) for line in open('/proc/self/status').read().splitlines()\n"
+               "                  if line.startswith(('Cap', 'Uid')))\n"
+               "    open(os.path.join(ctx.artifacts_dir, 'status.txt'), 'w').write(repr(status))\n"
+               "    if any(int(status[name], 16) for name in ('CapInh', 'CapPrm', 'CapEff', 'CapBnd', 'CapAmb')) \\\n"
+               "            or status['Uid'].split()[0] == '0':\n"
+               "        raise RuntimeError(f'capabilities or root left: {status}')\n")
+    outcome = run(bundle_factory, tmp_path, attack(prelude))
+    assert outcome.status == "completed", outcome.reasons

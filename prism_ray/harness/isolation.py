@@ -103,9 +103,12 @@ def _bind_once(mounts: _Mounts, path: Path) -> None:
 
 
 def bwrap_args(policy: SandboxPolicy, as_root: bool) -> list[str]:
-    # As root there is no user namespace (its uid map would hold only root); setpriv drops to SANDBOX_UID.
+    # As root there is no user namespace (its uid map would hold only root); setpriv drops to SANDBOX_UID. It keeps
+    # CAP_SETPCAP for setpriv to empty the bounding set: bubblewrap leaves the capabilities it does not know (a newer
+    # kernel's) in it, and dropping those needs CAP_SETPCAP. setpriv then drops every capability, this one too.
     namespaces = ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
-                  "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"] if as_root else \
+                  "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add",
+                  "CAP_SETPCAP"] if as_root else \
         ["--unshare-all", "--cap-drop", "ALL"]
     mounts = _Mounts()
     for system_dir in _SYSTEM_DIRS:

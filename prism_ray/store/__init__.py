@@ -180,7 +180,9 @@ class Store:
 
     def claim_next(self, owner: str, lease_seconds: float, limit: int = 1) -> list[SubmissionRecord]:
         """Oldest pending submissions first → running with attempt+1 and a lease held by `owner`."""
-        return [self._submissions.record(item) for item in self._submission_queue.claim(owner, lease_seconds, limit)]
+        claimed = self._submission_queue.claim(owner, lease_seconds, limit)
+        records = self._submissions.records(claimed)
+        return [records[item] for item in claimed]
 
     def claim_audits(self, owner: str, lease_seconds: float, limit: int = 1) -> list[AuditRecord]:
         """Oldest pending audits first, leased like submissions (none while audits are off)."""

@@ -94,8 +94,12 @@ class Submissions:
         self.scoring = scoring
 
     def record(self, submission_id: str) -> SubmissionRecord | None:
-        rows = self.db.rows("SELECT * FROM submissions WHERE id = ?", [submission_id])
-        return SubmissionRecord(**rows[0]) if rows else None
+        return self.records([submission_id]).get(submission_id)
+
+    def records(self, ids: Sequence[str]) -> dict[str, SubmissionRecord]:
+        """Several records in one query, by id."""
+        rows = self.db.rows("SELECT * FROM submissions WHERE id IN (SELECT unnest(?::VARCHAR[]))", [list(ids)])
+        return {row["id"]: SubmissionRecord(**row) for row in rows}
 
     # --- intake -------------------------------------------------------------------------------------------------
 
@@ -161,10 +165,6 @@ class Submissions:
             self.db.execute(_INSERT_ZIPS, [list(zips), list(zips.values()), [len(zip_) for zip_ in zips.values()], now])
             self.db.execute(_INSERT_BUNDLES, [list(bundles), [fingerprint for fingerprint, _ in bundles.values()],
                                               [zip_sha256 for _, zip_sha256 in bundles.values()], now])
-
-    def records(self, ids: Sequence[str]) -> dict[str, SubmissionRecord]:
-        rows = self.db.rows("SELECT * FROM submissions WHERE id IN (SELECT unnest(?::VARCHAR[]))", [list(ids)])
-        return {row["id"]: SubmissionRecord(**row) for row in rows}
 
     def reject(self, hotkey: str, filename: str | None, reasons: Sequence[Reason | dict[str, Any]], stage: str,
                metadata: dict[str, Any] | None) -> SubmissionRecord:

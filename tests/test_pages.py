@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import NoAlertPresentException
+from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -208,6 +208,11 @@ def test_a_second_attempt_says_why_it_happened(site, browser):
     screenshot(browser, "submission-retried.png")
 
 
+def live_wait(browser) -> WebDriverWait:
+    """Until a condition on a live page: its script swaps elements while we read them, so a stale one is retried."""
+    return WebDriverWait(browser, 15, poll_frequency=0.2, ignored_exceptions=(StaleElementReferenceException,))
+
+
 def test_a_running_submission_shows_progress_that_moves(site, browser):
     page = f"/submissions/{site.ids['live-run']}"
 
@@ -221,8 +226,8 @@ def test_a_running_submission_shows_progress_that_moves(site, browser):
     second = progress()
     assert 0 < first < second < 800_000
     # Without reloading, the script polls the JSON API, moves the bar and extends the curve.
-    WebDriverWait(browser, 15, poll_frequency=0.2).until(lambda _: progress() > second)
-    WebDriverWait(browser, 15, poll_frequency=0.2).until(lambda driver: len(re.findall(
+    live_wait(browser).until(lambda _: progress() > second)
+    live_wait(browser).until(lambda driver: len(re.findall(
         r"L", driver.find_element(By.CSS_SELECTOR, "svg#curve path.series").get_attribute("d"))) >= 2)
     assert browser.find_element(By.CSS_SELECTOR, "[data-field=status]").get_attribute("textContent") == "running"
     screenshot(browser, "submission-running.png")
@@ -249,7 +254,7 @@ def test_the_queue_shows_running_and_pending_work_and_refreshes(site, browser):
         return float(browser.find_element(By.CSS_SELECTOR, "table.queue progress").get_attribute("value"))
 
     before = bar()
-    WebDriverWait(browser, 15, poll_frequency=0.2).until(lambda _: bar() > before)  # swapped in by live.js
+    live_wait(browser).until(lambda _: bar() > before)  # swapped in by live.js
     screenshot(browser, "queue.png")
 
 

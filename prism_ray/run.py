@@ -69,12 +69,12 @@ def run_spec(bundle: Bundle, settings: Settings, run_dir: Path, tokenizer: str, 
     entry_a, entry_t = bundle.config.architecture_entry, bundle.config.training_entry
     return RunSpec(
         bundle_dir=bundle.write_to(run_dir / "bundle"),
-        scorer_bundle_dir=bundle.write_to(run_dir / "scorer-bundle", without_training=True),
+        exporter_bundle_dir=bundle.write_to(run_dir / "exporter-bundle", without_training=True),
         architecture=(entry_a.file, entry_a.symbol), training=(entry_t.file, entry_t.symbol), tokenizer=tokenizer,
         vocab_size=vocab_size, max_seq_len=settings.max_seq_len, max_params=settings.max_params, seed=settings.seed,
         device=settings.device, byte_budget=settings.byte_budget, artifacts_dir=run_dir / "artifacts",
         data_dir=data_dir, threads=settings.runner_threads or len(os.sched_getaffinity(0)),
-        probe_rows=settings.causality_probe_rows,
+        probe_every=settings.causality_probe_every,
     )
 
 

@@ -93,14 +93,14 @@ def test_leak_is_caught_at_the_first_batch(bundle_factory, tmp_path, leak):
 
 
 def test_learned_leak_is_caught_later(bundle_factory, tmp_path):
-    outcome = run(bundle_factory, tmp_path, GATED_LEAK, probe_rows=2)
+    outcome = run(bundle_factory, tmp_path, GATED_LEAK, probe_every=1)
     assert outcome.status == "failed"
     assert outcome.reasons[0].rule == "run:non_causal"
     assert outcome.batches >= 1  # invisible at step 0: the gate starts at zero
 
 
 def test_dropout_attention_convolution_and_recurrence_pass(bundle_factory, tmp_path):
-    outcome = run(bundle_factory, tmp_path, CAUSAL_ZOO, probe_rows=2)
+    outcome = run(bundle_factory, tmp_path, CAUSAL_ZOO, probe_every=1)
     assert outcome.status == "completed", outcome.reasons
 
 

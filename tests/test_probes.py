@@ -1,12 +1,12 @@
-"""The parent's side of the causality probes (prism_ray/harness/probes.py), without runners: what a probe row holds,
-how the desk pairs the scorer's and the prober's answers, and how drift is measured."""
+"""The parent's side of the causality probes (prism_ray/harness/probes.py), without runners: what a probe batch
+holds, how often batches are probed, how drift is measured, and the detection bound docs/rules.md states."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from prism_ray.harness.probes import ProbeDesk, ProbeError, ProbePlan, drift
+from prism_ray.harness.probes import ProbePlan, causality_tolerance, drift, escape_probability, probe_rows_per_batch
 from prism_ray.harness.stream import StreamPlan
 
 VOCAB = 50
@@ -18,42 +18,52 @@ def plan() -> StreamPlan:
     return StreamPlan(tokens, np.ones(VOCAB, dtype=np.int64), batch_size=4, seq_len=33, byte_budget=0)
 
 
-def test_a_probe_row_keeps_the_prefix_and_fills_the_future_with_other_scored_text(plan):
-    probes = ProbePlan(plan, rows_per_batch=2, vocab_size=VOCAB)
+def test_a_probe_batch_keeps_each_probe_rows_prefix_and_fills_the_rest_with_scored_text(plan):
+    probes = ProbePlan(plan, every=1, vocab_size=VOCAB)
     for index in (0, 5, 20):
         piece = plan.batch(index)
-        rows = probes.rows_for(piece)
-        assert len(rows) == 2 and len({probe.row for probe in rows}) == 2
-        for probe in rows:
-            real = piece.chunk[probe.row * 32: probe.row * 32 + 33]
-            assert 1 <= probe.boundary <= 32 and len(probe.tokens) == 34
-            assert np.array_equal(probe.tokens[:probe.boundary], real[:probe.boundary])
-            assert probe.tokens[probe.boundary] != real[probe.boundary]  # a peek at the next token shows
-            assert probe.tokens[-1] == real[probe.boundary]  # the target at the boundary, for the prober
+        probe = probes.for_batch(piece)
+        assert probe is not None and probe.index == index and probe.tokens.shape == (4, 33)
+        assert len(probe.rows) == probe_rows_per_batch(4) == 3 and len({row for row, _ in probe.rows}) == 3
+        past = plan.tokens[: index * plan.span] if index else piece.chunk
+        text = past.tobytes()
+        for row, boundary in probe.rows:
+            real = piece.chunk[row * 32: row * 32 + 33]
+            assert 1 <= boundary <= 32
+            assert np.array_equal(probe.tokens[row, :boundary], real[:boundary])
+            assert probe.tokens[row, boundary] != real[boundary]  # a peek at the next token shows
+            assert probe.tokens[row, boundary:].astype(np.int64).tobytes() in text  # filler: scored past text
+        for row in set(range(4)) - {row for row, _ in probe.rows}:
+            assert probe.tokens[row].astype(np.int64).tobytes() in text
 
 
-def test_the_desk_stages_one_probed_batch_at_a_time_and_pairs_each_answer(plan):
-    probes, desk = ProbePlan(plan, rows_per_batch=2, vocab_size=VOCAB), ProbeDesk()
-    first, second = probes.rows_for(plan.batch(0)), probes.rows_for(plan.batch(1))
-    desk.add(first)
-    desk.add(second)
-    assert desk.next_batch() == first and desk.next_batch() is None  # the prober holds one snapshot
-    with pytest.raises(ProbeError, match="were not asked for"):
-        desk.scorer_row(1, second[0].row, np.zeros(32))
-    scored = {probe.row: np.linspace(-3, -1, 32) for probe in first}
-    assert desk.scorer_row(0, first[0].row, scored[first[0].row]) == []  # not all of the batch's rows yet
-    assert desk.scorer_row(0, first[1].row, scored[first[1].row]) == first
-    with pytest.raises(ProbeError, match="which was not probed"):
-        desk.prober_row(1, second[0].row, np.zeros(3))
-    probe, moved = desk.prober_row(0, first[0].row, scored[first[0].row][:first[0].boundary])
-    assert probe == first[0] and moved == 0.0 and not desk.prober_free
-    shifted = scored[first[1].row][:first[1].boundary] + 0.5
-    assert desk.prober_row(0, first[1].row, shifted) == (first[1], pytest.approx(0.5))
-    assert desk.prober_free and not desk.idle and desk.next_batch() == second
+def test_the_first_batch_is_always_probed_and_later_ones_at_the_configured_rate(plan):
+    probes = ProbePlan(plan, every=4, vocab_size=VOCAB)
+    assert probes.for_batch(plan.batch(0)) is not None
+    probed = sum(probes.for_batch(plan.batch(1 + k % 70)) is not None for k in range(2000))
+    assert 400 < probed < 600  # one in four on average
+    assert ProbePlan(plan, every=0, vocab_size=VOCAB).for_batch(plan.batch(0)) is None
 
 
-def test_drift_ignores_equal_impossible_targets_and_flags_malformed_answers():
-    scored = np.array([-1.0, -np.inf, -2.0, -5.0])
-    assert drift(scored, np.array([-1.0, -np.inf, -2.25]), boundary=3) == pytest.approx(0.25)
-    assert drift(scored, np.array([-1.0, -2.0]), boundary=3) == float("inf")  # wrong length
-    assert drift(scored, np.array([-1.0, -1.0, -2.0]), boundary=3) == float("inf")  # −∞ against a finite value
+def test_probed_rows_and_boundaries_vary(plan):
+    probes = ProbePlan(plan, every=1, vocab_size=VOCAB)
+    seen = {tuple(probes.for_batch(plan.batch(3)).rows) for _ in range(30)}
+    assert len(seen) > 20
+
+
+def test_drift_is_exact_and_treats_equal_minus_infinity_as_no_change():
+    real = np.array([-1.0, -np.inf, -2.5])
+    assert drift(real, real.copy()) == 0.0
+    assert drift(real, real + np.array([0.0, 0.0, 1e-12])) == pytest.approx(1e-12)
+    assert drift(real, np.array([-1.0, -1.0, -2.5])) == float("inf")
+    assert drift(real, np.array([-1.0, -np.inf, np.nan])) == float("inf")
+
+
+def test_tolerance_is_zero_on_cpu_and_follows_the_logits_dtype_on_a_gpu():
+    assert causality_tolerance("float32", "cpu") == causality_tolerance("bfloat16", "cpu") == 0.0
+    assert causality_tolerance("float32", "cuda") < causality_tolerance("float16", "cuda") \
+        < causality_tolerance("bfloat16", "cuda")
+
+
+def test_escape_probability_is_the_documented_bound():
+    assert escape_probability(0.1, 132) < 1e-6 < escape_probability(0.1, 130)

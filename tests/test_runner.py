@@ -140,9 +140,9 @@ def test_an_architecture_that_raises_before_any_data_names_its_file_and_line(bun
     assert (reason.file, reason.line) == ("architecture.py", line), reason
 
 
-def test_a_run_is_two_sandboxed_interpreters_and_a_forked_prober(bundle_factory, tmp_path):
-    """The trusted layout costs two interpreter + torch starts: the trainer and the scorer; the prober is a fork of
-    the scorer (same executable image, no second start), and neither sandbox holds the other's process."""
+def test_a_run_is_three_sandboxed_interpreters_and_the_scorer_holds_no_bundle(bundle_factory, tmp_path):
+    """A run starts three sandboxed interpreters: the exporter (architecture.py only), the trusted scorer (no bundle
+    file at all: its sandbox binds neither bundle copy) and the trainer; none holds another's process."""
     import subprocess
     import threading
 
@@ -151,22 +151,25 @@ def test_a_run_is_two_sandboxed_interpreters_and_a_forked_prober(bundle_factory,
     result = {}
     thread = threading.Thread(target=lambda: result.update(outcome=run(bundle_factory, tmp_path, training)))
     thread.start()
-    seen: dict[int, tuple[int, str]] = {}
+    seen: dict[int, tuple[str, str]] = {}
+    sandboxes: dict[int, str] = {}
     while thread.is_alive():
         listing = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
         table = {int(pid): (int(ppid), args) for pid, ppid, args in (line.split(None, 2) for line in listing.splitlines())}
         ours = {pid for pid, (_, args) in table.items() if args.split()[0].endswith("bwrap") and str(tmp_path) in args}
+        sandboxes.update({pid: table[pid][1] for pid in ours})
         for pid, (ppid, args) in table.items():
             argv, ancestor = args.split(), ppid
             while ancestor in table and ancestor not in ours:  # only this run's sandboxes: the machine is shared
                 ancestor = table[ancestor][0]
-            if ancestor in ours and argv[0].rsplit("/", 1)[-1].startswith("python") \
-                    and argv[1:3] == ["-m", "prism_ray.harness.runner"]:
-                seen[pid] = (ppid, argv[-1])
+            if ancestor in ours and argv[0].rsplit("/", 1)[-1].startswith("python") and argv[1] == "-m" \
+                    and argv[2].startswith("prism_ray.harness."):
+                seen[pid] = (argv[2], argv[-1])
         threading.Event().wait(0.2)
     thread.join()
     assert result["outcome"].status == "completed", result["outcome"].reasons
-    roles = sorted(role for _, role in seen.values())
-    assert roles == ["scorer", "scorer", "trainer"], seen  # the prober runs the scorer's command line: a fork
-    scorer_pids = {pid for pid, (_, role) in seen.items() if role == "scorer"}
-    assert any(ppid in scorer_pids for pid, (ppid, role) in seen.items() if role == "scorer")
+    assert sorted(seen.values()) == [("prism_ray.harness.runner", "exporter"), ("prism_ray.harness.runner", "trainer"),
+                                     ("prism_ray.harness.scorer", "scorer")], seen
+    scorer = [args for args in sandboxes.values() if "prism_ray.harness.scorer" in args]
+    assert len(scorer) == 1 and str(tmp_path / "run" / "bundle") not in scorer[0] \
+        and "exporter-bundle" not in scorer[0], scorer

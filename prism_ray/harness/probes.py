@@ -1,19 +1,22 @@
-"""Causality probes, decided and judged by the trusted parent (docs/architecture.md, "Trust boundaries").
+"""Causality probes, planned by the trusted parent and run by the trusted scorer (docs/rules.md, "The scored
+forward"; docs/architecture.md, "Trust boundaries").
 
-Each scored batch gets `rows_per_batch` probe rows, drawn from a secret RNG after the batch was scored. A probe row
-is one row of the batch with every token from a random boundary p on replaced by real stream text taken from what
-was already scored (so the filler looks like text and leaks no future). The prober — a process that never sees a
-real batch — scores it on the very snapshot the batch was scored on; the parent compares its log-probs of the
-targets before p with the scorer's for the same row. A model whose prediction at position t uses anything after t
-(the row's future, or another row of the batch) fails with `run:non_causal`.
+A probed batch gets a probe batch of the same [B, L] shape. About three rows in four of it are probe rows, at
+random row positions: the real row's tokens up to a random boundary p, then real text from the already-scored
+stream. The other rows are already-scored text too. The scorer runs the probe batch on the very snapshot the real
+batch was scored on, with the same graph, and compares each probe row's target log-probs before p with the real
+row's, at the same row index: a forward whose prediction at position t uses anything after t (the row's future, or
+another row of the batch) moves them. The graph keeps no state between calls, so it cannot tell the two calls apart
+by anything but their input; which batches, rows and boundaries are probed comes from a secret RNG.
 
-Why another process: inside one process a model can keep state across calls (a module-level cache) and replay its
-first answer for the second input, whatever the order of the two calls. The prober cannot see the scorer's input,
-and the scorer cannot know which row or boundary will be probed.
+Detection: a cheat at a fraction ρ of the positions of a row is seen by a probe row whose boundary lands just after
+a cheating position, so each probe row catches it with probability ≥ ρ and R probe rows miss it with probability at
+most (1 − ρ)^R (`escape_probability`).
 """
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass
 
@@ -25,34 +28,42 @@ _FILLER_TRIES = 16
 
 
 @dataclass(frozen=True)
-class ProbeRow:
-    index: int  # the batch
-    row: int
-    boundary: int  # first replaced position of the row, 1 ≤ p ≤ L−1
-    tokens: np.ndarray  # L probe-input tokens, then the real token at the boundary
+class ProbeBatch:
+    index: int  # the real batch it probes
+    rows: list[tuple[int, int]]  # (row, boundary p), 1 ≤ p ≤ L−1: the row keeps its real tokens before p
+    tokens: np.ndarray  # [B, L]
+
+
+def probe_rows_per_batch(batch_size: int) -> int:
+    return max(1, math.ceil(3 * batch_size / 4))
 
 
 class ProbePlan:
-    def __init__(self, plan: StreamPlan, rows_per_batch: int, vocab_size: int):
+    """Which batches are probed (each with probability 1/`every`, the first always) and their probe batches."""
+
+    def __init__(self, plan: StreamPlan, every: int, vocab_size: int):
         self.plan = plan
-        self.rows_per_batch = min(rows_per_batch, plan.batch_size)
+        self.every = every
         self.vocab_size = vocab_size
         self.random = secrets.SystemRandom()
 
-    def rows_for(self, piece: BatchSlice) -> list[ProbeRow]:
-        if self.rows_per_batch <= 0:
-            return []
-        chosen = self.random.sample(range(self.plan.batch_size), self.rows_per_batch)
-        return [self._probe_row(piece, row) for row in sorted(chosen)]
-
-    def _probe_row(self, piece: BatchSlice, row: int) -> ProbeRow:
-        seq_len = self.plan.seq_len
-        start = row * (seq_len - 1)
-        real = piece.chunk[start: start + seq_len]
-        boundary = self.random.randint(1, seq_len - 1)
-        filler = self._filler(piece, seq_len - boundary, int(real[boundary]))
-        tokens = np.concatenate([real[:boundary], filler, real[boundary: boundary + 1]])
-        return ProbeRow(piece.index, row, boundary, tokens)
+    def for_batch(self, piece: BatchSlice) -> ProbeBatch | None:
+        if self.every <= 0 or (piece.index and self.random.randrange(self.every)):
+            return None
+        batch_size, seq_len = self.plan.batch_size, self.plan.seq_len
+        real = piece.chunk[np.arange(batch_size)[:, None] * (seq_len - 1) + np.arange(seq_len)]
+        tokens = np.empty((batch_size, seq_len), dtype=np.uint32)
+        probed = sorted(self.random.sample(range(batch_size), probe_rows_per_batch(batch_size)))
+        rows = []
+        for row in range(batch_size):
+            if row in probed:
+                boundary = self.random.randint(1, seq_len - 1)
+                tokens[row, :boundary] = real[row, :boundary]
+                tokens[row, boundary:] = self._filler(piece, seq_len - boundary, avoid=int(real[row, boundary]))
+                rows.append((row, boundary))
+            else:
+                tokens[row] = self._filler(piece, seq_len, avoid=-1)
+        return ProbeBatch(piece.index, rows, tokens)
 
     def _filler(self, piece: BatchSlice, length: int, avoid: int) -> np.ndarray:
         """`length` real tokens from the scored past (batch 0: from this batch), whose first differs from `avoid`,
@@ -66,86 +77,35 @@ class ProbePlan:
             if int(candidate[0]) != avoid:
                 return candidate
         filler = np.asarray(past[-length:] if len(past) >= length else np.resize(past, length)).copy()
-        filler[0] = (avoid + 1 + self.random.randrange(self.vocab_size - 1)) % self.vocab_size
+        if int(filler[0]) == avoid:
+            filler[0] = (avoid + 1 + self.random.randrange(self.vocab_size - 1)) % self.vocab_size
         return filler
 
 
-class ProbeError(Exception):
-    """A runner answered for a probe row that was not asked of it (a protocol breach)."""
-
-
-class ProbeDesk:
-    """The probes in flight, as the parent tracks them. A probed batch waits in line until the prober is free; then
-    the scorer stages that batch's snapshot for the prober and sends its own log-probs of each probed row; once all
-    are in, the rows go to the prober, and each of its answers is paired with the scorer's. The prober holds one
-    staged snapshot, so one probed batch is staged or probed at a time."""
-
-    def __init__(self) -> None:
-        self.waiting: list[list[ProbeRow]] = []  # probed batches whose snapshot is not staged yet
-        self._staged: list[ProbeRow] = []  # the batch being staged
-        self._staging: set[tuple[int, int]] = set()  # its rows whose scorer log-probs have not arrived
-        self._scored: dict[tuple[int, int], np.ndarray] = {}
-        self._probing: dict[tuple[int, int], ProbeRow] = {}  # sent to the prober
-
-    @property
-    def idle(self) -> bool:
-        return not (self.waiting or self._staging or self._probing)
-
-    @property
-    def prober_free(self) -> bool:
-        return not self._probing
-
-    def add(self, rows: list[ProbeRow]) -> None:
-        self.waiting.append(rows)
-
-    def next_batch(self) -> list[ProbeRow] | None:
-        """The rows of the next batch to stage, once the prober is free and one waits."""
-        if self._probing or self._staging or not self.waiting:
-            return None
-        self._staged = self.waiting.pop(0)
-        self._staging = {(row.index, row.row) for row in self._staged}
-        return self._staged
-
-    def scorer_row(self, index: int, row: int, log_probs: np.ndarray) -> list[ProbeRow]:
-        """Keep the scorer's log-probs of a staged row; the batch's rows, for the prober, once all of them are in."""
-        if (index, row) not in self._staging:
-            raise ProbeError(f"log-probs of row {row} of batch {index} were not asked for")
-        self._staging.discard((index, row))
-        self._scored[(index, row)] = log_probs
-        if self._staging:
-            return []
-        ready, self._staged = self._staged, []
-        self._probing.update(((probe.index, probe.row), probe) for probe in ready)
-        return ready
-
-    def prober_row(self, index: int, row: int, log_probs: np.ndarray) -> tuple[ProbeRow, float]:
-        """The probe the prober answered, and how far its log-probs moved from the scorer's before the boundary."""
-        probe = self._probing.pop((index, row), None)
-        if probe is None:
-            raise ProbeError(f"the prober answered for row {row} of batch {index}, which was not probed")
-        return probe, drift(self._scored.pop((index, row)), log_probs, probe.boundary)
-
-
-def drift(scorer_row: np.ndarray, prober_row: np.ndarray, boundary: int) -> float:
-    """Largest change of a target log-prob before the boundary between the batch and its probe (∞ if malformed)."""
-    if len(prober_row) != boundary or len(scorer_row) < boundary:
-        return float("inf")
-    scored, probed = scorer_row[:boundary].astype(np.float64), prober_row.astype(np.float64)
+def drift(real: np.ndarray, probed: np.ndarray) -> float:
+    """Largest change between two rows of target log-probs (equal −∞ is no change; NaN is infinite)."""
+    real, probed = real.astype(np.float64), probed.astype(np.float64)
     with np.errstate(invalid="ignore"):  # −∞ − −∞ is NaN before np.where discards it
-        difference = np.where(scored == probed, 0.0, np.abs(scored - probed))  # equal −∞ is no drift
+        difference = np.where(real == probed, 0.0, np.abs(real - probed))
+    if not len(difference):
+        return 0.0
     return float(difference.max()) if np.all(np.isfinite(difference)) else float("inf")
 
 
-def causality_tolerance(dtypes: list[str], device_type: str) -> float:
-    """How far a row's log-probs may move between two forwards of different batch shapes (rounding only): one ulp of
-    a bfloat16 logit near 16 is 0.0625; GPU kernels for different batch shapes may reduce in other orders."""
-    if any(d.removeprefix("torch.") in ("float16", "bfloat16") for d in dtypes):
-        return 0.25
-    return 1e-2 if device_type == "cuda" else 1e-3
+def causality_tolerance(logits_dtype: str, device_type: str) -> float:
+    """How far a probe row may move: nothing on CPU, where the same graph on the same shapes is bitwise
+    reproducible; on a GPU a few units of rounding of the logits' own dtype, which the scorer computed."""
+    if device_type != "cuda":
+        return 0.0
+    return {"float64": 1e-9, "float32": 1e-4, "float16": 4e-3, "bfloat16": 3e-2}.get(logits_dtype, 3e-2)
+
+
+def escape_probability(cheat_fraction: float, probe_rows: int) -> float:
+    """The chance that R probe rows all miss a cheat at a fraction ρ of positions: (1 − ρ)^R."""
+    return (1.0 - cheat_fraction) ** probe_rows
 
 
 def non_causal_message(boundary: int, drift: float) -> str:
     return (f"predictions before position {boundary} of a row changed by {drift:.3g} nats when later tokens of the "
             "row (or other rows of the batch) changed: the model sees the future (attention mask, shifts, "
-            "cross-row mixing or batch statistics), or its eval-mode output is not a deterministic function of "
-            "its input")
+            "cross-row mixing or batch statistics)")

@@ -20,7 +20,8 @@ import numpy as np
 _HEADER = struct.Struct("<IB")
 _BATCH = struct.Struct("<qiiBq")  # batch index, batch_size, seq_len, token itemsize, aux (see Kind.BATCH)
 _RECORD = struct.Struct("<qd?")  # batch index, summed nats, finite
-_ROW = struct.Struct("<qq")  # batch index, row; float32 log-probs follow
+_PROBE = struct.Struct("<qiii")  # batch index, probe rows, batch_size, seq_len; then (row, boundary) int32 pairs
+# and batch_size·seq_len uint32 tokens
 MAX_FRAME = 1 << 30
 _FDS = socket.CMSG_SPACE(4 * array.array("i").itemsize)  # room for up to four descriptors per read
 
@@ -29,22 +30,25 @@ class Kind(IntEnum):
     CONFIG = 1  # parent → runner: the run spec
     HELLO = 2  # runner → parent: started, environment facts
     GEOMETRY = 3  # trainer → parent: batch_size, seq_len, with_logits and the model's state layout (once)
-    BATCH = 4  # parent → runner: tokens; aux = held-out model (scorer), probe boundary (prober), unused (trainer)
+    BATCH = 4  # parent → runner: tokens; aux = held-out model (scorer), unused (trainer)
     RECORD = 5  # scorer → parent: the loss of one batch
     NEXT = 6  # trainer → parent: the miner asks for the next batch
     END = 7  # parent → runner: the stream (or the run) is over
     REFUSE = 8  # parent → trainer: a request broke a rule
-    INFO = 9  # scorer → parent: facts about the model (params, ...)
+    INFO = 9  # scorer → parent: facts about the loaded forward (params, logits dtype)
     ERROR = 10  # runner → parent: a typed failure
     DONE = 11  # runner → parent: finished (train(ctx) returned, or the scorer's passes are done)
-    LAYOUT = 12  # scorer → parent: the state layout of a fresh build_model()
+    LAYOUT = 12  # exporter → parent: the state layout of a fresh build_model()
     SHARE = 13  # parent → runner: where the shared state lives, with its file descriptor
     READY = 14  # runner → parent: mapped (the scorer on a GPU: with the descriptors of its exported buffers)
     SNAPSHOT = 15  # parent → scorer: copy the shared state into private memory now
     SNAPPED = 16  # scorer → parent: the snapshot is complete; the trainer may now see the batch
-    PROBE = 17  # parent → scorer: send the target log-probs of one row and stage the snapshot for the prober
-    ROW = 18  # scorer/prober → parent: target log-probs of one row
+    PROBE = 17  # parent → scorer: a probe batch for the batch just scored (rows, boundaries, tokens)
+    PROBED = 18  # scorer → parent: each probe row's drift before its boundary
     FINAL = 19  # parent → scorer: the trainer is gone; snapshot its final state for the held-out passes
+    EXPORT = 20  # parent → exporter: the run's geometry and the trainer's dtypes: export the forward now
+    GRAPH = 21  # exporter → parent: the exported graph (JSON), with a memfd of its initial state and constants
+    LOAD = 22  # parent → scorer: that graph, with the memfd
 
 
 class ProtocolError(Exception):
@@ -79,8 +83,11 @@ class Channel:
     def send_record(self, index: int, nats: float, finite: bool) -> None:
         self.send(Kind.RECORD, _RECORD.pack(index, nats, finite))
 
-    def send_row(self, index: int, row: int, log_probs: np.ndarray) -> None:
-        self.send(Kind.ROW, _ROW.pack(index, row) + np.ascontiguousarray(log_probs, dtype=np.float32).tobytes())
+    def send_probe(self, index: int, rows: list[tuple[int, int]], tokens: np.ndarray) -> None:
+        """`tokens` [B, L]; `rows` the probed (row, boundary) pairs."""
+        batch_size, seq_len = tokens.shape
+        header = _PROBE.pack(index, len(rows), batch_size, seq_len) + np.asarray(rows, dtype=np.int32).tobytes()
+        self.send(Kind.PROBE, header + np.ascontiguousarray(tokens, dtype=np.uint32).tobytes())
 
     def take_fd(self) -> int:
         if not self.fds:
@@ -146,8 +153,9 @@ def parse_record(payload: bytes) -> tuple[int, float, bool]:
     return _RECORD.unpack(payload)
 
 
-def parse_row(payload: bytes) -> tuple[int, int, np.ndarray]:
-    if len(payload) < _ROW.size or (len(payload) - _ROW.size) % 4:
-        raise ProtocolError("bad log-prob row")
-    index, row = _ROW.unpack_from(payload)
-    return index, row, np.frombuffer(payload, dtype=np.float32, offset=_ROW.size)
+def parse_probe(payload: bytes) -> tuple[int, np.ndarray, np.ndarray]:
+    """→ (index, [n, 2] (row, boundary) pairs, [B, L] tokens)."""
+    index, count, batch_size, seq_len = _PROBE.unpack_from(payload)
+    rows = np.frombuffer(payload, dtype=np.int32, count=2 * count, offset=_PROBE.size).reshape(count, 2)
+    tokens = np.frombuffer(payload, dtype=np.uint32, offset=_PROBE.size + 8 * count)
+    return index, rows, tokens.reshape(batch_size, seq_len)

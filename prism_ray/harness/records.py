@@ -30,7 +30,7 @@ class RunSpec:
     """Everything the runners need; sent over their sockets, so they read no files of ours."""
 
     bundle_dir: Path  # the whole bundle: the trainer's
-    scorer_bundle_dir: Path  # the bundle without the training entry file: the scorer's
+    exporter_bundle_dir: Path  # the bundle without the training entry file: the exporter's
     architecture: tuple[str, str]
     training: tuple[str, str]
     tokenizer: str
@@ -43,14 +43,18 @@ class RunSpec:
     artifacts_dir: Path
     data_dir: str
     threads: int
-    probe_rows: int = 1  # causality probe rows per batch
+    probe_every: int = 1  # one batch in this many is probed, on average (0: none)
 
     def runner_spec(self, role: str) -> dict:
-        bundle = self.bundle_dir if role == "trainer" else self.scorer_bundle_dir
+        if role == "scorer":  # no bundle, no paths: it runs no miner code and reads no files of ours
+            return {"role": role, "vocab_size": self.vocab_size, "max_params": self.max_params, "seed": self.seed,
+                    "device": self.device, "threads": self.threads}
+        bundle = self.bundle_dir if role == "trainer" else self.exporter_bundle_dir
         return {"role": role, "bundle_dir": str(bundle), "architecture": list(self.architecture),
                 "training": list(self.training), "tokenizer": self.tokenizer, "vocab_size": self.vocab_size,
                 "max_seq_len": self.max_seq_len, "max_params": self.max_params, "seed": self.seed,
-                "device": self.device, "byte_budget": self.byte_budget, "artifacts_dir": str(self.artifacts_dir),
+                "device": self.device if role == "trainer" else "cpu",  # the exporter traces on CPU
+                "byte_budget": self.byte_budget, "artifacts_dir": str(self.artifacts_dir),
                 "data_dir": self.data_dir if role == "trainer" else "", "threads": self.threads}
 
 
@@ -89,6 +93,7 @@ class TrainOutcome:
     planned_batches: int | None = None
     probe_rows: int = 0
     max_probe_drift: float = 0.0
+    probe_tolerance: float | None = None
     stopped_reason: str | None = None
     model_params: int | None = None
     wall_seconds: float = 0.0

@@ -1,10 +1,10 @@
-"""Entry point of the sandboxed processes: `python -m prism_ray.harness.runner SOCKET ROLE`.
+"""Entry point of the sandboxed processes that run miner code: `python -m prism_ray.harness.runner SOCKET ROLE`.
 
-ROLE `trainer` imports architecture.py and training.py and calls train(ctx); ROLE `scorer` imports architecture.py
-only (its bundle copy has no training file) and, right after reading its spec and before anything touches CUDA or
-starts a thread pool, forks the `prober`. Each connects to the parent's socket, reads its spec, forces seed and
-deterministic flags BEFORE importing any miner module and installs the PRISM interface. No runner reads data:
-every batch comes from the parent.
+ROLE `trainer` imports architecture.py and training.py and calls train(ctx); ROLE `exporter` imports architecture.py
+only (its bundle copy has no training file) and exports the model's forward as a graph. Each connects to the
+parent's socket, reads its spec, forces seed and deterministic flags BEFORE importing any miner module and installs
+the PRISM interface. No runner reads data: every batch comes from the parent. The scorer, which runs no miner code,
+has an entry point of its own (scorer.py).
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ _HINTS = {
 }
 
 
-class _ScorerBackend:
-    """What `ctx` does in the scorer: build_model only (architecture code must not stream or train)."""
+class _ExporterBackend:
+    """What `ctx` does in the exporter: build_model only (architecture code must not stream or train)."""
 
     builder: Any = None
 
@@ -81,12 +81,12 @@ def _device(requested: str) -> str:
     return "cuda:0" if requested == "cuda" else requested  # one visible GPU per run (Ray sets CUDA_VISIBLE_DEVICES)
 
 
-def run(channel: Channel, spec: dict, role: str, probe_fd: int | None) -> int:
+def run(channel: Channel, spec: dict, role: str) -> int:
     force_seed(spec["seed"])
     force_determinism()
     import torch
 
-    torch.set_num_threads(1 if role == "prober" else max(1, spec["threads"]))
+    torch.set_num_threads(max(1, spec["threads"]))
     spec["device"] = _device(spec["device"])
     if spec["device"].startswith("cuda"):
         torch.cuda.set_device(torch.device(spec["device"]))
@@ -99,7 +99,7 @@ def run(channel: Channel, spec: dict, role: str, probe_fd: int | None) -> int:
 
             backend: Any = TrainerHarness(channel, spec)
         else:
-            backend = _ScorerBackend()
+            backend = _ExporterBackend()
         ctx = _context(spec, backend)  # the PRISM interface exists before any miner module is imported
         sys.path.append(bundle_dir)  # after the stdlib and site-packages: a bundle file cannot shadow them
         arch_file, arch_symbol = spec["architecture"]
@@ -111,13 +111,10 @@ def run(channel: Channel, spec: dict, role: str, probe_fd: int | None) -> int:
             setattr(architecture, arch_symbol, backend.wrap_builder(builder))
             _train(spec, ctx)
         else:
-            from prism_ray.harness.scorer import Scorer, run_prober
+            from prism_ray.harness.exporter import Exporter
 
             backend.builder = builder
-            if role == "scorer":
-                Scorer(channel, spec, builder, ctx).run(probe_fd)
-            else:
-                run_prober(channel, spec, builder, ctx, probe_fd)
+            Exporter(channel, spec, builder, ctx).run()
     except RunError as error:
         if not error.reported:
             channel.send_json(Kind.ERROR, {"rule": error.rule, "message": error.message})
@@ -176,14 +173,7 @@ def main() -> int:
     kind, payload = channel.recv()
     if kind != Kind.CONFIG:
         return 3
-    spec = parse_json(payload)
-    probe_fd = None
-    if role == "scorer":
-        probe_fd = os.memfd_create("prism-probe")  # staged snapshots for the prober; the trainer never sees it
-        if os.fork() == 0:  # before CUDA or any thread pool exists, so the child may use both
-            channel.sock.close()
-            return run(_connect(socket_path), spec, "prober", probe_fd)
-    return run(channel, spec, role, probe_fd)
+    return run(channel, parse_json(payload), role)
 
 
 if __name__ == "__main__":

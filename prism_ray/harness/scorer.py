@@ -1,46 +1,47 @@
-"""The scorer: the sandboxed process that computes every number a score rests on. It never imports training.py.
+"""The trusted scorer: the sandboxed process that computes every number a score rests on. It runs prism-ray and
+torch only: no bundle file is in its sandbox, no miner module is imported and no miner bytes are unpickled.
 
-It builds the architecture under the forced seed (the instantiation probe: parameter cap, lazy parameters, a first
-causality check), maps the trainer's shared state read-only, and per batch: copies that state into private memory
-(the snapshot, before the trainer may see the batch), scores the batch on the snapshot in eval mode and reports
-Σ −ln p(target). For causality probes it stages the snapshot for the prober, a process forked from it at start
-that only ever sees probe inputs, never the real future. After the trainer has exited it runs the held-out
-passes: the trained state and the true step-0 state (the snapshot the first batch was scored on).
-See docs/architecture.md, "Trust boundaries".
+It maps the trainer's shared state read-only, loads the forward the exporter traced (a graph of allowlisted ATen
+operations, docs/architecture.md "Trust boundaries") and checks it before any data: its state is the exported
+initial state, its output has the logits' shape, two calls on the same input agree bitwise, it is causal on random
+tokens, and what it reads fits the parameter cap. Per batch it copies the shared state into private memory (the
+snapshot, before the trainer may see the batch), scores the batch on that snapshot and reports Σ −ln p(target);
+for a probed batch it runs the probe batch on the same snapshot and reports each probe row's drift. After the
+trainer has exited it runs the held-out passes with the trained state and the step-0 state.
+
+Text a graph produces while it sees data never leaves this process: failures on data carry fixed messages.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
-from collections.abc import Callable
-from typing import Any
+import socket
+import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from prism_ray.graph.format import MAX_JSON_BYTES, GraphFile
+from prism_ray.graph.program import GraphRejected, Program
 from prism_ray.harness import cuda_ipc, layout, shared_state
-from prism_ray.harness.context import RunError, count_parameters, device_of, force_seed, logits_of, rows
-from prism_ray.harness.probes import causality_tolerance, non_causal_message
-from prism_ray.harness.protocol import Channel, Kind, parse_batch, parse_json
+from prism_ray.harness.context import RunError, force_determinism, rows
+from prism_ray.harness.probes import causality_tolerance, drift, non_causal_message
+from prism_ray.harness.protocol import Channel, Kind, parse_batch, parse_json, parse_probe
 
-PROBE_SEQ_LEN = 64
 _SOFTMAX_BYTES = 256 << 20  # rows of logits turned into log-probs at once
 
 
-def target_log_probs(model: torch.nn.Module, tokens: torch.Tensor, vocab_size: int,
-                     targets: torch.Tensor | None = None) -> torch.Tensor:
-    """log p(target) at every position of [B, L] tokens → [B, L−1], in float32 or wider (float64 logits stay
-    float64); the targets are the tokens' own next tokens unless given. A few rows at a time: a [B, L, V] float32
-    softmax at once can need gigabytes for GPT-2's vocabulary."""
-    targets = tokens[:, 1:] if targets is None else targets
-    with torch.no_grad():
-        logits = logits_of(model(tokens), tokens.shape, vocab_size)
-        dtype = torch.promote_types(logits.dtype, torch.float32)
-        batch, length, vocab = logits.shape
-        rows_at_once = max(1, _SOFTMAX_BYTES // (length * vocab * dtype.itemsize))
-        out = torch.empty(batch, length - 1, dtype=dtype, device=tokens.device)
+def target_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) at every position of [B, L, ≥V] logits for [B, L−1] targets → [B, L−1], in float32 or wider
+    (float64 logits stay float64). A few rows at a time: a [B, L, V] float32 softmax at once can need gigabytes."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    batch, length, vocab = logits.shape
+    rows_at_once = max(1, _SOFTMAX_BYTES // (length * vocab * dtype.itemsize))
+    out = torch.empty(batch, length - 1, dtype=dtype, device=logits.device)
+    with torch.inference_mode():
         for first in range(0, batch, rows_at_once):
             chunk = slice(first, first + rows_at_once)
             predicted = logits[chunk, :-1].to(dtype).reshape(-1, vocab)
@@ -48,12 +49,14 @@ def target_log_probs(model: torch.nn.Module, tokens: torch.Tensor, vocab_size: i
     return out
 
 
+class ForwardFailed(Exception):
+    """The graph raised while it saw data; only the exception's type may be told."""
+
+
 class Scorer:
-    def __init__(self, channel: Channel, spec: dict, builder: Callable[..., Any], context: Any):
+    def __init__(self, channel: Channel, spec: dict):
         self.channel = channel
         self.spec = spec
-        self.builder = builder
-        self.ctx = context
         self.device = torch.device(spec["device"])
         self.vocab_size = spec["vocab_size"]
 
@@ -61,79 +64,178 @@ class Scorer:
         self.channel.send_json(Kind.ERROR, {"rule": rule, "message": message})
         return RunError(rule, message, reported=True)
 
-    def build(self) -> torch.nn.Module:
-        force_seed(self.spec["seed"])
-        model = self.builder(self.ctx)
-        if not isinstance(model, torch.nn.Module):
-            raise self.fail("contract:build_model", f"build_model returned {type(model).__name__}, "
-                            "not a torch.nn.Module")
-        return model.to(self.device).eval()
+    # --- set-up -------------------------------------------------------------------------------------------------
 
-    def run(self, probe_fd: int) -> None:
-        model = self.probe_model()
-        self.channel.send_json(Kind.LAYOUT, {"layout": shared_state.layout_of(model)})
+    def run(self) -> None:
         kind, payload = self.channel.recv()
-        if kind == Kind.END:  # the trainer never reached iter_train_batches
+        if kind == Kind.END:  # the trainer or the exporter ended before the stream
             return
         if kind != Kind.SHARE:
             raise self.fail("run:protocol", f"unexpected frame {kind.name} from the parent")
         share = parse_json(payload)
         slots, nbytes = layout.plan_slots(share["layout"])
-        exported: list[int] = []  # descriptors of the GPU buffers this process shares (through the parent)
+        exported: list[int] = []  # the descriptor of the GPU buffer this process shares (through the parent)
         if share["where"] == "memfd":
             shared = shared_state.map_memfd(self.channel.take_fd(), nbytes, writable=False)
         else:
             shared, fd = cuda_ipc.allocate(nbytes, self.device)
             shared.zero_()
             exported.append(fd)
-        step0 = torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
-        shared_state.bind(model, slots, step0)  # the forced init, in the trainer's dtypes: the step-0 twin's state
-        private = torch.empty_like(step0)
-        shared_state.bind(model, slots, private, copy=False)
-        if self.device.type == "cuda":
-            staged, fd = cuda_ipc.allocate(nbytes, self.device)
-            exported.append(fd)
-        else:
-            os.ftruncate(probe_fd, nbytes)  # the memfd the prober inherited; the trainer never receives it
-            staged = shared_state.map_memfd(probe_fd, nbytes, writable=True)
-        self.channel.send_json(Kind.READY, {"shares_state": share["where"] != "memfd",
-                                            "shares_probe": staged.is_cuda}, fds=tuple(exported))
+        kind, payload = self.channel.recv()
+        if kind != Kind.LOAD:
+            raise self.fail("run:protocol", f"unexpected frame {kind.name} from the parent")
+        program, step0 = self._load(payload, self.channel.take_fd(), slots, nbytes)
+        self.channel.send_json(Kind.READY, {"shares_state": bool(exported)}, fds=tuple(exported))
         for fd in exported:
             os.close(fd)
-        if self._stream(model, shared, private, step0, staged, slots):
-            self._heldout(model, shared, private, step0, slots)
+        private = torch.empty_like(step0)
+        if self._stream(program, shared, private, step0, slots):
+            self._heldout(program, shared, private, step0, slots)
 
-    def _stream(self, model: torch.nn.Module, shared: torch.Tensor, private: torch.Tensor, step0: torch.Tensor,
-                staged: torch.Tensor, slots: list[layout.Slot]) -> bool:
-        """Snapshot, score and stage probes until the parent says FINAL (True: held-out follows) or END."""
-        last: tuple[int, torch.Tensor] | None = None
+    def _load(self, payload: bytes, blob_fd: int, slots: list[layout.Slot], nbytes: int
+              ) -> tuple[Program, torch.Tensor]:
+        """Parse and check the graph, read the exported initial state and constants, and try the forward on random
+        tokens before any data."""
+        try:
+            if len(payload) > MAX_JSON_BYTES:
+                raise GraphRejected("contract:graph_format", "the exported graph is too large")
+            file = GraphFile.model_validate_json(payload)
+        except ValueError as error:  # pydantic's ValidationError is a ValueError
+            os.close(blob_fd)
+            message = error.message if isinstance(error, GraphRejected) else "the exported graph is malformed"
+            raise self.fail("contract:graph_format", message) from None
+        blob = _read_blob(blob_fd, nbytes + sum(c.nbytes for c in file.constants))
+        if blob is None:
+            raise self.fail("contract:graph_format", "the exporter's state and constants are incomplete")
+        step0 = torch.from_numpy(blob[:nbytes].copy()).to(self.device)
+        constants = {}
+        for spec in file.constants:
+            if spec.dtype not in layout.ITEMSIZE or spec.nbytes != layout.ITEMSIZE[spec.dtype] * math.prod(spec.shape):
+                raise self.fail("contract:graph_format", "a constant's size does not match its dtype and shape")
+            raw = torch.from_numpy(blob[nbytes + spec.offset: nbytes + spec.offset + spec.nbytes].copy())
+            constants[spec.name] = raw.view(getattr(torch, spec.dtype)).view(spec.shape).to(self.device)
+        try:
+            program = Program(file, [slot.name for slot in slots], constants, self.device)
+        except GraphRejected as error:
+            raise self.fail(error.rule, error.message) from None
+        self._check_cap(program, slots, constants)
+        self._check_forward(program, shared_state.views(step0, slots), file.batch_size, file.seq_len)
+        return program, step0
+
+    def _check_cap(self, program: Program, slots: list[layout.Slot], constants: dict[str, torch.Tensor]) -> None:
+        """Everything the forward reads but the tokens counts: parameters, buffers and constants."""
+        read = program.state_names()
+        state = sum(math.prod(slot.shape) for slot in slots if slot.name in read)
+        total = state + sum(tensor.numel() for tensor in constants.values())
+        params = sum(math.prod(slot.shape) for slot in slots if slot.name in set(program.parameter_names()))
+        self.model_params = params
+        if total > self.spec["max_params"]:
+            raise self.fail("contract:param_cap", f"the scored forward reads {total:,} numbers (parameters, buffers "
+                            f"and constants), over the cap of {self.spec['max_params']:,}")
+
+    def _check_forward(self, program: Program, state: list[torch.Tensor], batch_size: int, seq_len: int) -> None:
+        generator = torch.Generator().manual_seed(self.spec["seed"])
+        tokens = torch.randint(0, self.vocab_size, (batch_size, seq_len), generator=generator).to(self.device)
+        try:
+            first = program(state, tokens)
+            second = program(state, tokens)
+        except Exception as error:  # noqa: BLE001 — random tokens only: the message may be shown
+            raise self.fail("run:forward_failed", f"the exported forward raised on random tokens: "
+                            f"{type(error).__name__}: {str(error)[:1500]}") from None
+        self._check_logits(first, batch_size, seq_len)
+        if first.dtype != second.dtype or not torch.equal(first, second):
+            raise self.fail("run:nondeterministic", "two calls of the exported forward on the same input gave "
+                            "different logits: the scored forward must be a deterministic function of its input")
+        self.channel.send_json(Kind.INFO, {"model_params": self.model_params,
+                                           "logits_dtype": str(first.dtype).removeprefix("torch.")})
+        boundary = seq_len // 2
+        perturbed = tokens.clone()
+        perturbed[:, boundary:] = (tokens[:, boundary:] + 1) % self.vocab_size
+        if batch_size > 1:
+            perturbed[1:] = (tokens[1:] + 7) % self.vocab_size  # other rows must not mix in either
+        clean = target_log_probs(first, tokens[:, 1:])[0, :boundary].cpu().numpy()
+        probed = target_log_probs(program(state, perturbed), tokens[:, 1:])[0, :boundary].cpu().numpy()
+        moved = drift(clean, probed)
+        if not moved <= causality_tolerance(str(first.dtype).removeprefix("torch."), self.device.type):
+            raise self.fail("run:non_causal", non_causal_message(boundary, moved))
+
+    def _check_logits(self, logits: torch.Tensor, batch_size: int, seq_len: int) -> None:
+        shape = list(logits.shape)
+        if logits.dim() != 3 or shape[:2] != [batch_size, seq_len] or shape[2] < self.vocab_size:
+            hint = ""
+            if logits.dim() == 3 and shape[0] == batch_size and shape[1] == 1:
+                hint = (": the forward returns only the last position's logits — nanoGPT-style models do this when "
+                        "called without targets (`logits = self.lm_head(x[:, [-1], :])`); return every position's")
+            raise self.fail("run:bad_logits", f"logits must have shape [{batch_size}, {seq_len}, ≥{self.vocab_size}], "
+                            f"got {shape}{hint}")
+        if not logits.is_floating_point():
+            raise self.fail("run:bad_logits", f"logits must be floating point, got {logits.dtype}")
+
+    # --- the stream ---------------------------------------------------------------------------------------------
+
+    def _forward(self, program: Program, state: list[torch.Tensor], tokens: torch.Tensor, what: str) -> torch.Tensor:
+        try:
+            logits = program(state, tokens)
+            return target_log_probs(logits, tokens[:, 1:])
+        except Exception as error:  # noqa: BLE001 — the graph saw data: only the type is told
+            raise ForwardFailed(f"the exported forward raised {type(error).__name__} on {what} (its message is "
+                                "withheld: it may contain data); it ran on random tokens before the stream") from None
+
+    def _stream(self, program: Program, shared: torch.Tensor, private: torch.Tensor, step0: torch.Tensor,
+                slots: list[layout.Slot]) -> bool:
+        """Snapshot, score and probe until the parent says FINAL (True: held-out follows) or END."""
+        state = shared_state.views(private, slots)
+        last: tuple[int, torch.Tensor, torch.Tensor] | None = None  # index, tokens, log-probs of the last batch
         while True:
             kind, payload = self.channel.recv()
             if kind == Kind.SNAPSHOT:
                 private.copy_(shared)
-                if last is None:  # the first batch is scored on the forced init, nothing else
+                if last is None:  # the first batch is scored on the exported initial state, nothing else
                     self._check_init(private, step0, slots)
                 _synchronize(private)
                 self.channel.send(Kind.SNAPPED, payload)
             elif kind == Kind.BATCH:
                 index, _, seq_len, chunk, _ = parse_batch(payload)
-                torch.manual_seed(self.spec["seed"] + index)  # anything random in an eval forward repeats in an audit
-                log_probs = target_log_probs(model, rows(chunk, seq_len).to(self.device), self.vocab_size)
+                tokens = rows(chunk, seq_len).to(self.device)
+                log_probs = self._scored(program, state, tokens, f"scored batch {index}")
                 nats = -float(log_probs.double().sum())
                 self.channel.send_record(index, nats if math.isfinite(nats) else 0.0, math.isfinite(nats))
-                last = (index, log_probs)
+                last = (index, tokens, log_probs)
             elif kind == Kind.PROBE:
-                request = parse_json(payload)
-                if last is None or last[0] != request["index"]:
+                index, probe_rows, probe_tokens = parse_probe(payload)
+                if last is None or last[0] != index:
                     raise self.fail("run:protocol", "probe of a batch the scorer does not hold")
-                staged.copy_(private)
-                _synchronize(staged)
-                for row in request["rows"]:
-                    self.channel.send_row(last[0], row, last[1][row].cpu().numpy())
+                self._probe(program, state, last, probe_rows, probe_tokens)
             elif kind in (Kind.FINAL, Kind.END):
                 return kind == Kind.FINAL
             else:
                 raise self.fail("run:protocol", f"unexpected frame {kind.name} from the parent")
+
+    def _scored(self, program: Program, state: list[torch.Tensor], tokens: torch.Tensor, what: str) -> torch.Tensor:
+        try:
+            return self._forward(program, state, tokens, what)
+        except ForwardFailed as error:
+            raise self.fail("run:forward_failed", str(error)) from None
+
+    def _probe(self, program: Program, state: list[torch.Tensor], last: tuple[int, torch.Tensor, torch.Tensor],
+               probe_rows: np.ndarray, probe_tokens: np.ndarray) -> None:
+        """The probe batch on the same snapshot; each probe row's target log-probs before its boundary, against the
+        real row's targets (the real token at the boundary too: the probe input holds filler there)."""
+        index, real_tokens, real = last
+        tokens = torch.from_numpy(probe_tokens.astype(np.int64)).to(self.device)
+        if tokens.shape != real_tokens.shape:
+            raise self.fail("run:protocol", "a probe batch of another shape")
+        try:
+            logits = program(state, tokens)
+            probed = target_log_probs(logits, real_tokens[:, 1:])
+        except Exception as error:  # noqa: BLE001 — the graph saw data: only the type is told
+            raise self.fail("run:forward_failed", f"the exported forward raised {type(error).__name__} on a probe "
+                            "batch (its message is withheld: it may contain data)") from None
+        drifts = []
+        for row, boundary in probe_rows.tolist():
+            drifts.append([row, boundary, drift(real[row, :boundary].cpu().numpy(),
+                                                probed[row, :boundary].cpu().numpy())])
+        self.channel.send(Kind.PROBED, json.dumps({"index": index, "rows": drifts}).encode())
 
     def _check_init(self, private: torch.Tensor, step0: torch.Tensor, slots: list[layout.Slot]) -> None:
         if torch.equal(private, step0):
@@ -146,13 +248,11 @@ class Scorer:
                         "torch.zeros, not torch.empty) in build_model, not in training.py; converting dtype or "
                         "device before iter_train_batches is fine")
 
-    def _heldout(self, model: torch.nn.Module, shared: torch.Tensor, private: torch.Tensor, step0: torch.Tensor,
+    def _heldout(self, program: Program, shared: torch.Tensor, private: torch.Tensor, step0: torch.Tensor,
                  slots: list[layout.Slot]) -> None:
         """The trainer has exited: score parent-sent batches with its final state (aux 1) or step-0 state (aux 0)."""
         private.copy_(shared)
-        twin = self.build()
-        shared_state.bind(twin, slots, step0, copy=False)
-        models = {0: twin, 1: model}
+        states = {0: shared_state.views(step0, slots), 1: shared_state.views(private, slots)}
         self.channel.send(Kind.READY)
         while True:
             kind, payload = self.channel.recv()
@@ -161,32 +261,32 @@ class Scorer:
             if kind != Kind.BATCH:
                 raise self.fail("run:protocol", f"unexpected frame {kind.name} from the parent")
             index, _, seq_len, chunk, which = parse_batch(payload)
-            log_probs = target_log_probs(models[which], rows(chunk, seq_len).to(self.device), self.vocab_size)
+            if which not in states:
+                raise self.fail("run:protocol", "a held-out batch for an unknown state")
+            try:
+                log_probs = self._forward(program, states[which], rows(chunk, seq_len).to(self.device),
+                                          "a held-out batch")
+            except ForwardFailed as error:
+                raise self.fail("run:heldout_failed", str(error)) from None
             nats = -float(log_probs.double().sum())
             self.channel.send_record(index, nats if math.isfinite(nats) else 0.0, math.isfinite(nats))
 
-    def probe_model(self) -> torch.nn.Module:
-        """Instantiate the architecture under the forced seed, materialise lazy parameters with a dummy forward,
-        count parameters and check causality on random tokens — before any data."""
-        model = self.build()
-        seq_len = min(PROBE_SEQ_LEN, self.spec["max_seq_len"])
-        generator = torch.Generator().manual_seed(self.spec["seed"])
-        tokens = torch.randint(0, self.vocab_size, (2, seq_len), generator=generator).to(device_of(model, "cpu"))
-        clean = target_log_probs(model, tokens, self.vocab_size)
-        params = count_parameters(model)
-        self.channel.send_json(Kind.INFO, {"model_params": params})
-        if params > self.spec["max_params"]:
-            raise self.fail("contract:param_cap", f"the model has {params:,} parameters, over the cap of "
-                            f"{self.spec['max_params']:,}")
-        boundary = seq_len // 2
-        perturbed = tokens.clone()
-        perturbed[:, boundary:] = (tokens[:, boundary:] + 1) % self.vocab_size
-        perturbed[1] = (tokens[1] + 7) % self.vocab_size  # a different later row: rows must not mix either
-        probed = target_log_probs(model, perturbed, self.vocab_size, targets=tokens[:, 1:])
-        drift = float((clean[0, :boundary] - probed[0, :boundary]).abs().max())
-        if not drift <= causality_tolerance([str(p.dtype) for p in model.parameters()], self.device.type):
-            raise self.fail("run:non_causal", non_causal_message(boundary, drift))
-        return model
+
+def _read_blob(fd: int, size: int) -> np.ndarray | None:
+    """The exporter's memfd, read into private memory (the exporter has exited: nothing writes it any more)."""
+    try:
+        if os.fstat(fd).st_size < size:
+            return None
+        out = bytearray(size)
+        view, got = memoryview(out), 0
+        while got < size:
+            n = os.preadv(fd, [view[got:]], got)
+            if n <= 0:
+                return None
+            got += n
+        return np.frombuffer(out, dtype=np.uint8)
+    finally:
+        os.close(fd)
 
 
 def _synchronize(tensor: torch.Tensor) -> None:
@@ -194,38 +294,36 @@ def _synchronize(tensor: torch.Tensor) -> None:
         torch.cuda.current_stream(tensor.device).synchronize()
 
 
-def run_prober(channel: Channel, spec: dict, builder: Callable[..., Any], context: Any, probe_fd: int) -> None:
-    """The forked prober: the model on staged snapshots, one probe row at a time; never a real batch."""
-    device = torch.device(spec["device"])
-    vocab_size = spec["vocab_size"]
+def main() -> int:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(sys.argv[1])
+    channel = Channel(sock, accept_fds=True)
     kind, payload = channel.recv()
-    if kind == Kind.END:
-        return
-    if kind != Kind.SHARE:
-        raise RunError("run:protocol", f"unexpected frame {kind.name} for the prober")
-    share = parse_json(payload)
-    slots, nbytes = layout.plan_slots(share["layout"])
-    if share["where"] == "cuda":
-        staged = cuda_ipc.open_fd(channel.take_fd(), nbytes, device)
-    else:
-        staged = shared_state.map_memfd(probe_fd, nbytes, writable=False)
-    force_seed(spec["seed"])
-    model = builder(context).to(device).eval()
-    shared_state.bind(model, slots, staged, copy=False)
-    channel.send(Kind.READY)
-    while True:
-        kind, payload = channel.recv()
-        if kind == Kind.END:
-            return
-        if kind != Kind.BATCH:
-            raise RunError("run:protocol", f"unexpected frame {kind.name} for the prober")
-        index, row, seq_len, chunk, boundary = parse_batch(payload)
-        tokens = torch.from_numpy(chunk[:seq_len].astype(np.int64))[None].to(device)
-        # targets before the boundary: the input's own next tokens, then the real token AT the boundary (the input
-        # holds filler there), so a model that peeks past the boundary is compared on what it would have seen
-        targets = torch.from_numpy(np.append(chunk[1:boundary], chunk[seq_len]).astype(np.int64)).to(device)
-        with torch.no_grad():
-            logits = logits_of(model(tokens), tokens.shape, vocab_size)[0, :boundary]
-            log_probs = -F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets,
-                                         reduction="none")
-        channel.send_row(index, row, log_probs.cpu().numpy())
+    if kind != Kind.CONFIG:
+        return 3
+    spec = parse_json(payload)
+    force_determinism()
+    torch.set_num_threads(max(1, spec["threads"]))
+    if spec["device"] == "auto":
+        spec["device"] = "cuda:0" if torch.cuda.is_available() else "cpu"
+    elif spec["device"] == "cuda":
+        spec["device"] = "cuda:0"  # one visible GPU per run (Ray sets CUDA_VISIBLE_DEVICES)
+    if spec["device"].startswith("cuda"):
+        torch.cuda.set_device(torch.device(spec["device"]))
+    channel.send_json(Kind.HELLO, {"role": "scorer", "pid": os.getpid(), "torch": torch.__version__,
+                                   "device": spec["device"]})
+    try:
+        Scorer(channel, spec).run()
+    except RunError as error:
+        if not error.reported:
+            channel.send_json(Kind.ERROR, {"rule": error.rule, "message": error.message})
+        return 1
+    channel.send(Kind.DONE)
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # every record has left over the socket: skip the interpreter's teardown

@@ -1,14 +1,19 @@
-"""The trusted parent of one run: it owns the stream, launches the scorer and the trainer, and keeps the books.
+"""The trusted parent of one run: it owns the stream, launches the exporter, the scorer and the trainer, and keeps
+the books.
 
-Per batch k: the trainer asks for it (NEXT) → the scorer snapshots the shared state (SNAPSHOT/SNAPPED) → batch k
-goes to the scorer and, only now, to the trainer → the scorer's record of Σ −ln p(target) on the snapshot arrives
-while the trainer trains → the batch's probe rows go to the prober, whose log-probs are compared here. Targets and
-bytes are counted here from the stream geometry; the scorer reports only nats, the trainer nothing that counts.
-After the trainer has exited, the scorer runs the held-out passes. docs/architecture.md, "One submission's path".
+Before data: the exporter reports the layout of a fresh build_model(); once the trainer has sent its geometry and
+its model's layout (they must agree) the exporter exports the forward at that [B, L] and exits, and only then does
+the trusted scorer get the graph. Per batch k: the trainer asks for it (NEXT) → the scorer snapshots the shared
+state (SNAPSHOT/SNAPPED) → batch k goes to the scorer and, only now, to the trainer → the scorer's record of
+Σ −ln p(target) on the snapshot arrives while the trainer trains → for a probed batch the probe batch goes to the
+scorer, whose drifts are judged here. Targets and bytes are counted here from the stream geometry; the scorer
+reports only nats, the trainer nothing that counts. After the trainer has exited, the scorer runs the held-out
+passes. docs/architecture.md, "One submission's path".
 """
 
 from __future__ import annotations
 
+import math
 import os
 import selectors
 import time
@@ -18,11 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from prism_ray.errors import PrismError, Reason
+from prism_ray.graph.format import MAX_JSON_BYTES
 from prism_ray.harness import layout
 from prism_ray.harness.heldout import HeldoutError, score_passes
 from prism_ray.harness.isolation import SandboxPolicy
-from prism_ray.harness.probes import ProbeDesk, ProbeError, ProbePlan, causality_tolerance, non_causal_message
-from prism_ray.harness.protocol import Channel, Kind, ProtocolError, parse_json, parse_record, parse_row
+from prism_ray.harness.probes import ProbePlan, causality_tolerance, non_causal_message
+from prism_ray.harness.protocol import Channel, Kind, ProtocolError, parse_json, parse_record
 from prism_ray.harness.records import Books, HeldoutPlan, Progress, RunSpec, TrainOutcome
 from prism_ray.harness.stream import BatchSlice, StreamPlan, check_geometry
 from prism_ray.harness.supervise import Runner
@@ -56,24 +62,25 @@ class _Session:
         self.selector = selectors.DefaultSelector()
         self.deadline = 0.0
         # stream state
-        self.layout: list | None = None
-        self.geometry: dict | None = None
+        self.layout: list | None = None  # the exporter's fresh build
+        self.geometry: dict | None = None  # the trainer's request, with its model's layout
+        self.state_fd: int | None = None  # the shared state's memfd (CPU), kept for the scorer
         self.ready: set[str] = set()
         self.plan: StreamPlan | None = None
         self.batches: Iterator[BatchSlice] | None = None
         self.probes: ProbePlan | None = None
-        self.tolerance = 0.0
+        self.probing: set[int] = set()  # probed batches whose drifts have not arrived
         # On a GPU the trainer gets a batch as soon as its snapshot is taken, so the scorer's forward overlaps the
         # trainer's step (the GPU interleaves them). On CPU both would fight for the same cores: the trainer waits
         # for the record instead, as a bare loop with one extra forward would.
         self.overlap = False
+        self.on_gpu = False
         self.trainer_waiting = False  # the trainer asked for a batch and has none
         self.snapshotting: BatchSlice | None = None
         self.unrecorded: dict[int, BatchSlice] = {}
-        self.desk = ProbeDesk()
         self.stream_ended = False
         self.trainer_done = False
-        self.trainer_error: Reason | None = None  # the trainer's failure, held until the scorer's probe is in
+        self.trainer_error: Reason | None = None  # the trainer's failure, held until the exporter's build is in
         self.stream_started = 0.0
 
     # --- the run ------------------------------------------------------------------------------------------------
@@ -103,22 +110,25 @@ class _Session:
     def _launch(self) -> None:
         spec = self.spec
         spec.artifacts_dir.mkdir(parents=True, exist_ok=True)
-        self.runners["scorer"] = Runner("scorer", self.run_dir, spec.threads, self.policy,
-                                        (spec.scorer_bundle_dir,), None)
+        # the scorer's sandbox holds no bundle file: it runs prism-ray and torch only
+        self.runners["scorer"] = Runner("scorer", self.run_dir, spec.threads, self.policy, (), None,
+                                        module="prism_ray.harness.scorer")
+        self.runners["exporter"] = Runner("exporter", self.run_dir, spec.threads, self.policy,
+                                          (spec.exporter_bundle_dir,), None)
         self.runners["trainer"] = Runner("trainer", self.run_dir, spec.threads, self.policy, (spec.bundle_dir,),
                                          spec.artifacts_dir)
         self.outcome.sandboxed = self.runners["trainer"].process.sandboxed
-        for role in ("scorer", "trainer"):
-            channel = self._accept(role, role)
+        for role in ("scorer", "exporter", "trainer"):
+            channel = self._accept(role)
             channel.send_json(Kind.CONFIG, spec.runner_spec(role))
-        self._accept("scorer", "prober")
 
-    def _accept(self, runner: str, role: str) -> Channel:
+    def _accept(self, role: str) -> Channel:
         try:
-            channel = self.runners[runner].accept(self.deadline)
+            channel = self.runners[role].accept(self.deadline)
         except ProtocolError as error:
-            raise self._crash(runner, str(error)) from None
-        channel.accept_fds = role == "scorer"  # only to pass on its GPU buffers; the trainer's are closed at once
+            raise self._crash(role, str(error)) from None
+        # descriptors: the scorer's GPU buffer, the exporter's graph memfd; the trainer's are closed at once
+        channel.accept_fds = role in ("scorer", "exporter")
         self.channels[role] = channel
         self.selector.register(channel.sock, selectors.EVENT_READ, role)
         return channel
@@ -131,7 +141,7 @@ class _Session:
             self._dispatch(self.deadline)
 
     def _settled(self) -> bool:
-        return not (self.unrecorded or self.snapshotting) and self.desk.idle
+        return not (self.unrecorded or self.snapshotting or self.probing)
 
     def _dispatch(self, deadline: float) -> None:
         """Handle the next frame from whichever runner sent one."""
@@ -146,12 +156,11 @@ class _Session:
                 kind, payload = self.channels[role].recv(timeout=max(0.001, deadline - time.monotonic()))
             except ProtocolError as error:
                 self._pending_errors(role)
-                raise self._crash("trainer" if role == "trainer" else "scorer", f"{role}: {error}") from None
+                raise self._crash(role, f"{role}: {error}") from None
             self._handle(role, kind, payload)
 
     def _pending_errors(self, closed: str) -> None:
-        """A runner's socket closed: if another runner already said why (the scorer's typed error ends the prober
-        with it), that reason wins over a bare crash."""
+        """A runner's socket closed: if another runner already said why, that reason wins over a bare crash."""
         waited = time.monotonic() + 1.0
         for role, channel in self.channels.items():
             if role == closed:
@@ -174,55 +183,82 @@ class _Session:
             reason = Reason(rule=str(error.get("rule", "run:exception")), message=str(error.get("message", ""))[:4000],
                             file=error.get("file"), line=error.get("line"))
             if role == "trainer" and self.layout is None:
-                # The trainer builds the same architecture: if the scorer's instantiation probe fails too, the bundle
-                # is rejected for that (before any data); only a sound architecture leaves the failure to training.
+                # The trainer builds the same architecture: if the exporter's build fails too, the bundle is rejected
+                # for that (before any data); only a sound architecture leaves the failure to training.
                 self.trainer_error = reason
                 self.selector.unregister(self.channels["trainer"].sock)
                 return
-            self._fail(reason, before_data=role != "trainer" and self.layout is None)
+            self._fail(reason, before_data=role != "trainer" and not self.ready >= {"scorer"})
         handler = getattr(self, f"_{role}_{kind.name.lower()}", None)
         if handler is None:
-            raise self._crash("trainer" if role == "trainer" else "scorer",
-                              f"unexpected frame {kind.name} from the {role}")
+            raise self._crash(role, f"unexpected frame {kind.name} from the {role}")
         handler(payload)
+
+    # --- exporter frames ----------------------------------------------------------------------------------------
+
+    def _exporter_hello(self, payload: bytes) -> None:
+        pass
+
+    def _exporter_layout(self, payload: bytes) -> None:
+        self.layout = parse_json(payload).get("layout")
+        try:
+            slots, _ = layout.plan_slots(self.layout if isinstance(self.layout, list) else None)
+        except (ValueError, TypeError):
+            raise self._crash("exporter", "bad state layout") from None
+        state = sum(math.prod(slot.shape) for slot in slots)
+        if state > self.spec.max_params:  # early: the scorer checks what the exported forward reads again
+            self._fail(Reason(rule="contract:param_cap", message=f"the model holds {state:,} numbers in parameters "
+                              f"and buffers, over the cap of {self.spec.max_params:,}"), before_data=True)
+        if self.trainer_error is not None:
+            self._fail(self.trainer_error)
+        self._share()
+
+    def _exporter_graph(self, payload: bytes) -> None:
+        """The exported forward. The exporter must be gone before the scorer reads its memfd: nothing may write it
+        any more."""
+        exporter = self.channels.pop("exporter")
+        self.selector.unregister(exporter.sock)
+        blob = exporter.take_fd()
+        try:
+            runner = self.runners["exporter"]
+            code = runner.wait(max(0.0, min(10.0, self.deadline - time.monotonic())))
+            if code != 0:
+                raise self._crash("exporter", f"the exporter did not exit after sending its graph (exit code {code})")
+            if len(payload) > MAX_JSON_BYTES:
+                self._fail(Reason(rule="contract:graph_format", message="the exported graph is too large"),
+                           before_data=True)
+            assert self.geometry is not None
+            where = "cuda" if self.on_gpu else "memfd"
+            scorer = self.channels["scorer"]
+            scorer.send_json(Kind.SHARE, {"where": where, "layout": self.geometry["layout"]},
+                             fds=(self.state_fd,) if self.state_fd is not None else ())
+            scorer.send(Kind.LOAD, payload, fds=(blob,))
+        finally:
+            os.close(blob)
+            exporter.close()
 
     # --- scorer frames ------------------------------------------------------------------------------------------
 
     def _scorer_hello(self, payload: bytes) -> None:
         self.outcome.device = parse_json(payload).get("device")
 
-    def _prober_hello(self, payload: bytes) -> None:
-        pass
-
     def _scorer_info(self, payload: bytes) -> None:
-        self.outcome.model_params = parse_json(payload).get("model_params")
-
-    def _scorer_layout(self, payload: bytes) -> None:
-        self.layout = parse_json(payload)["layout"]
-        if self.trainer_error is not None:
-            self._fail(self.trainer_error)
-        self._share()
+        info = parse_json(payload)
+        self.outcome.model_params = info.get("model_params")
+        self.outcome.probe_tolerance = causality_tolerance(str(info.get("logits_dtype")),
+                                                           "cuda" if self.on_gpu else "cpu")
 
     def _scorer_ready(self, payload: bytes) -> None:
-        """The scorer mapped the state; on a GPU it passes on the descriptors of the buffers it exported."""
-        ready = parse_json(payload)
-        assert self.geometry is not None
-        layout = self.geometry["layout"]
-        scorer = self.channels["scorer"]
-        passed = [scorer.take_fd() for flag in ("shares_state", "shares_probe") if ready.get(flag)]
-        try:
-            if ready.get("shares_state"):
-                self.channels["trainer"].send_json(Kind.SHARE, {"where": "cuda", "layout": layout}, fds=(passed[0],))
-            where = "cuda" if ready.get("shares_probe") else "memfd"
-            self.channels["prober"].send_json(Kind.SHARE, {"where": where, "layout": layout},
-                                              fds=(passed[-1],) if where == "cuda" else ())
-        finally:
-            for fd in passed:
+        """The scorer loaded and checked the forward; on a GPU it passes on the descriptor of the state buffer."""
+        if parse_json(payload).get("shares_state"):
+            fd = self.channels["scorer"].take_fd()
+            try:
+                assert self.geometry is not None
+                self.channels["trainer"].send_json(Kind.SHARE, {"where": "cuda", "layout": self.geometry["layout"]},
+                                                   fds=(fd,))
+            finally:
                 os.close(fd)
         self._ready("scorer")
-
-    def _prober_ready(self, payload: bytes) -> None:
-        self._ready("prober")
 
     def _scorer_snapped(self, payload: bytes) -> None:
         piece = self.snapshotting
@@ -234,10 +270,10 @@ class _Session:
             self._send_batch("trainer", piece)
         self.unrecorded[piece.index] = piece
         assert self.probes is not None
-        rows = self.probes.rows_for(piece)
-        if rows:
-            self.desk.add(rows)
-            self._stage_probe()
+        probe = self.probes.for_batch(piece)
+        if probe is not None:  # the scorer runs it on the same snapshot, before it takes the next one
+            self.probing.add(piece.index)
+            self.channels["scorer"].send_probe(piece.index, probe.rows, probe.tokens)
 
     def _scorer_record(self, payload: bytes) -> None:
         index, nats, finite = parse_record(payload)
@@ -256,28 +292,20 @@ class _Session:
         assert self.outcome.batch_size is not None and self.outcome.seq_len is not None
         self.channels[role].send_batch(piece.index, self.outcome.batch_size, self.outcome.seq_len, piece.chunk)
 
-    def _scorer_row(self, payload: bytes) -> None:
-        try:
-            ready = self.desk.scorer_row(*parse_row(payload))
-        except ProbeError as error:
-            raise self._crash("scorer", str(error)) from None
-        for probe in ready:  # the snapshot is staged: the prober gets every probed row of this batch
-            self.channels["prober"].send_batch(probe.index, probe.row, self.outcome.seq_len, probe.tokens,
-                                               probe.boundary)
-
-    def _prober_row(self, payload: bytes) -> None:
-        try:
-            probe, moved = self.desk.prober_row(*parse_row(payload))
-        except ProbeError as error:
-            raise self._crash("scorer", str(error)) from None
-        self.outcome.probe_rows += 1
-        self.outcome.max_probe_drift = max(self.outcome.max_probe_drift, moved)
-        if not moved <= self.tolerance:
-            self._fail(Reason(rule="run:non_causal", message=f"batch {probe.index}, row {probe.row}: "
-                              + non_causal_message(probe.boundary, moved)))
-        if self.desk.prober_free:
-            self._stage_probe()
-            self._advance()
+    def _scorer_probed(self, payload: bytes) -> None:
+        answer = parse_json(payload)
+        index = answer.get("index")
+        if index not in self.probing:
+            raise self._crash("scorer", f"probe drifts for batch {index} were not expected")
+        self.probing.discard(index)
+        tolerance = self.outcome.probe_tolerance or 0.0
+        for row, boundary, moved in answer.get("rows", []):
+            moved = float(moved)
+            self.outcome.probe_rows += 1
+            self.outcome.max_probe_drift = max(self.outcome.max_probe_drift, moved)
+            if not moved <= tolerance:
+                self._fail(Reason(rule="run:non_causal", message=f"batch {index}, row {row}: "
+                                  + non_causal_message(boundary, moved)))
 
     # --- trainer frames -----------------------------------------------------------------------------------------
 
@@ -317,7 +345,8 @@ class _Session:
     # --- the stream ---------------------------------------------------------------------------------------------
 
     def _share(self) -> None:
-        """Once both the scorer's fresh build and the trainer's model are known: one buffer for the state."""
+        """Once both the exporter's fresh build and the trainer's model are known: the export at the trainer's
+        geometry and dtypes, and one buffer for the state."""
         if self.layout is None or self.geometry is None or self.plan is not None:
             return
         theirs = self.geometry.get("layout")
@@ -335,30 +364,27 @@ class _Session:
                           self.spec.byte_budget)
         self.plan, self.batches = plan, plan.batches()
         self.outcome.planned_batches = plan.planned_batches()
-        self.probes = ProbePlan(plan, self.spec.probe_rows, self.spec.vocab_size)
-        on_gpu = str(self.geometry.get("device", "cpu")).startswith("cuda")
-        self.overlap = on_gpu
-        self.tolerance = causality_tolerance([e[2] for e in theirs], "cuda" if on_gpu else "cpu")
-        if on_gpu:  # the scorer allocates on its GPU and hands over the buffer's descriptor (READY)
-            self.channels["scorer"].send_json(Kind.SHARE, {"where": "cuda", "layout": theirs})
+        self.probes = ProbePlan(plan, self.spec.probe_every, self.spec.vocab_size)
+        self.on_gpu = str(self.geometry.get("device", "cpu")).startswith("cuda")
+        self.overlap = self.on_gpu
+        self.channels["exporter"].send_json(Kind.EXPORT, {"batch_size": self.outcome.batch_size,
+                                                          "seq_len": self.outcome.seq_len, "layout": theirs})
+        if self.on_gpu:  # the scorer allocates on its GPU and hands over the buffer's descriptor (READY)
             return
-        fd = layout.new_memfd("prism-state", nbytes)
-        try:
-            for role in ("scorer", "trainer"):
-                self.channels[role].send_json(Kind.SHARE, {"where": "memfd", "layout": theirs}, fds=(fd,))
-        finally:
-            os.close(fd)
+        self.state_fd = layout.new_memfd("prism-state", nbytes)
+        self.channels["trainer"].send_json(Kind.SHARE, {"where": "memfd", "layout": theirs}, fds=(self.state_fd,))
 
     def _ready(self, role: str) -> None:
         self.ready.add(role)
-        if self.ready == {"scorer", "prober", "trainer"}:
+        if self.ready == {"scorer", "trainer"}:
             self.stream_started = time.monotonic()
             self.trainer_waiting = True  # iter_train_batches waits for its first batch
             self._advance()
 
     def _advance(self) -> None:
-        """Release the next batch when the trainer waits for one and every earlier probe is staged."""
-        if not self.trainer_waiting or self.snapshotting is not None or self.desk.waiting or self.batches is None:
+        """Release the next batch when the trainer waits for one."""
+        if not self.trainer_waiting or self.snapshotting is not None or self.batches is None \
+                or self.ready != {"scorer", "trainer"}:
             return
         self.trainer_waiting = False
         piece = next(self.batches, None)
@@ -374,14 +400,6 @@ class _Session:
             return
         self.snapshotting = piece
         self.channels["scorer"].send(Kind.SNAPSHOT, str(piece.index).encode())
-
-    def _stage_probe(self) -> None:
-        """Ask the scorer to stage the next probed batch's snapshot, once the prober is free."""
-        rows = self.desk.next_batch()
-        if rows is None:
-            return
-        self.channels["scorer"].send_json(Kind.PROBE, {"index": rows[0].index, "rows": [r.row for r in rows]})
-        self._advance()
 
     # --- after training -----------------------------------------------------------------------------------------
 
@@ -424,6 +442,8 @@ class _Session:
         return _Failed()
 
     def _close(self) -> None:
+        if self.state_fd is not None:
+            os.close(self.state_fd)
         for role, channel in self.channels.items():
             if role != "trainer":
                 try:

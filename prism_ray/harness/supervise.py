@@ -41,7 +41,7 @@ class Runner:
     """One sandboxed runner process and the listener it connects to."""
 
     def __init__(self, role: str, run_dir: Path, threads: int, policy: SandboxPolicy, readable: tuple[Path, ...],
-                 artifacts_dir: Path | None):
+                 artifacts_dir: Path | None, module: str = "prism_ray.harness.runner"):
         self.role = role
         # AF_UNIX paths are limited to ~108 bytes, so the socket lives in a short private dir, not in the run dir.
         self.ipc_dir = Path(tempfile.mkdtemp(prefix=f"prism-{role}-", dir="/tmp" if os.path.isdir("/tmp") else None))
@@ -53,7 +53,7 @@ class Runner:
         os.chmod(socket_path, 0o777)  # the sandbox runs as an unprivileged uid; the dir around it stays private
         policy = replace(policy, readable=(*policy.readable, *readable, self.ipc_dir), artifacts_dir=artifacts_dir)
         self.oom_kills = _oom_kills()
-        argv = [sys.executable, "-m", "prism_ray.harness.runner", str(socket_path), role]
+        argv = [sys.executable, "-m", module, str(socket_path), role]
         try:
             self.process: Sandboxed = launch(argv, runner_env(threads, role), run_dir / f"{role}.log", cwd=run_dir,
                                              policy=policy)

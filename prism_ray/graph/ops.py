@@ -36,6 +36,7 @@ var_mean view view_as where xlogy zeros zeros_like
 _assert_tensor_metadata _fused_rms_norm _log_softmax _native_batch_norm_legit_no_training _prelu_kernel _safe_softmax
 _scaled_dot_product_cudnn_attention _scaled_dot_product_efficient_attention _scaled_dot_product_flash_attention
 _scaled_dot_product_flash_attention_for_cpu _softmax _to_copy _unsafe_view to
+__and__ __or__ __xor__ __lshift__ __rshift__
 """.split())
 
 _NAME = re.compile(r"aten\.([A-Za-z0-9_]+)\.([A-Za-z0-9_]+)")

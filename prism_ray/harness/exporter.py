@@ -16,7 +16,7 @@ import torch
 
 from prism_ray.graph.export import ExportRefused, export_forward
 from prism_ray.harness import layout, shared_state
-from prism_ray.harness.context import RunError, force_seed
+from prism_ray.harness.context import RunError, count_parameters, force_seed
 from prism_ray.harness.protocol import Channel, Kind, parse_json
 
 LAZY_SEQ_LEN = 64  # the dummy forward that materialises lazy parameters
@@ -51,7 +51,8 @@ class Exporter:
         generator = torch.Generator().manual_seed(self.spec["seed"])
         with torch.no_grad():  # lazy modules get their parameters on a first call
             model(torch.randint(0, self.spec["vocab_size"], (2, seq_len), generator=generator))
-        self.channel.send_json(Kind.LAYOUT, {"layout": shared_state.layout_of(model)})
+        self.channel.send_json(Kind.LAYOUT, {"layout": shared_state.layout_of(model),
+                                             "model_params": count_parameters(model)})
         kind, payload = self.channel.recv()
         if kind == Kind.END:  # the trainer never reached iter_train_batches
             return

@@ -200,7 +200,10 @@ class _Session:
         pass
 
     def _exporter_layout(self, payload: bytes) -> None:
-        self.layout = parse_json(payload).get("layout")
+        built = parse_json(payload)
+        self.layout = built.get("layout")
+        if isinstance(built.get("model_params"), int):  # shown until the scorer has counted what the forward reads
+            self.outcome.model_params = built["model_params"]
         try:
             slots, _ = layout.plan_slots(self.layout if isinstance(self.layout, list) else None)
         except (ValueError, TypeError):

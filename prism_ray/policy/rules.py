@@ -427,18 +427,20 @@ class Checker(ast.NodeVisitor):
             return True
         if not isinstance(base, ast.Name) or (found := self.resolver.lookup(base)) is None:
             return False
-        scope, bindings = found
-        if all(binding.kind == "def" for binding in bindings):
-            return True
-        return self.resolver.binder.init_selves.get(scope) == base.id and len(bindings) == 1
+        return all(binding.kind == "def" for binding in found[1]) or self._new_instance(base)
+
+    def _new_instance(self, name: ast.Name) -> bool:
+        """Whether `name` is the `self` of a bundle class's `__init__`, never rebound."""
+        found = self.resolver.lookup(name)
+        return found is not None and self.resolver.binder.init_selves.get(found[0]) == name.id and len(found[1]) == 1
 
     def _is_super(self, node: ast.AST) -> bool:
-        """`super()`, or `super(C, obj)` with obj the bundle's own: Python checks that the object it binds to is an
-        instance of the bundle class it names."""
+        """`super()`, or `super(C, self)` in `__init__`: Python checks that the object it binds to is an instance
+        of the bundle class it names (`super(C, C)` would bind nothing)."""
         if not (isinstance(node, ast.Call) and self.resolver.builtin_call(node) == "super" and not node.keywords):
             return False
         return not node.args or (len(node.args) == 2 and isinstance(node.args[1], ast.Name)
-                                 and self._own(node.args[1], set()))
+                                 and self._new_instance(node.args[1]))
 
     def _init_call(self, node: ast.Attribute) -> bool:
         """`super().__init__(…)`, or `X.__init__(self, …)` with the `self` of the enclosing `__init__`."""

@@ -38,7 +38,7 @@ FORBIDDEN_API: dict[str, str] = {
     "torch.distributed.launch": _PROCESS, "torch.distributed.launcher": _PROCESS,
     "torch.compiler.load_cache_artifacts": "unpickles bytes", "torch.distributed.FileStore": _FILES,
     "torch.utils.checkpoint.create_selective_checkpoint_contexts": MODE,
-    "torch.utils.flop_counter.FlopCounterMode": MODE, "torch.distributed.tensor.debug": MODE,
+    "torch.utils.flop_counter.FlopCounterMode": MODE,  # (every mode class is caught by MODE_BASES)
     "torch.utils.module_tracker": "installs hooks on every module, the harness's included",
     "torch.distributed.breakpoint": "starts a debugger",
     "torch.get_device_module": "hands out a module as a value, which the policy could not follow",

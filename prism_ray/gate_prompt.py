@@ -7,6 +7,7 @@ the verdict cache key, so old verdicts are not reused for a prompt that would be
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -180,10 +181,25 @@ def user_prompt(bundle: Bundle, files: list[ReviewedFile], nonce: str) -> str:
     ])
 
 
-def _block(file: ReviewedFile, nonce: str) -> str:
-    lines = file.text.split("\n")
+# Python ends a line at \n, \r\n and a lone \r, and nowhere else (not at \f, \v or U+2028, which
+# str.splitlines also splits on): the numbers shown must be the ones Python, the policy and tracebacks use.
+_LINE_END = re.compile(r"\r\n|\r|\n")
+# Characters a reader (or a model) may take for a line break inside one Python line, shown escaped so that no
+# line can pose as several numbered ones.
+_BREAKS = {ord(c): f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
+           for c in "\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
+def python_lines(text: str) -> list[str]:
+    """The lines of a source file, numbered as Python numbers them (line n is item n - 1)."""
+    lines = _LINE_END.split(text)
     if lines[-1] == "":
         lines.pop()
+    return lines
+
+
+def _block(file: ReviewedFile, nonce: str) -> str:
+    lines = [line.translate(_BREAKS) for line in python_lines(file.text)]
     # Numbered lines give the reviewer accurate line numbers, and no submitted line can start like a marker.
     numbered = [f"{number:>5}| {line}" for number, line in enumerate(lines, start=1)]
     header = f"{OPEN_MARKER.format(nonce=nonce)} path={json.dumps(file.path)} role={json.dumps(file.role)} " \

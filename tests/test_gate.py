@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from pathlib import Path
@@ -13,7 +14,7 @@ from prism_ray import gate
 from prism_ray.bundle import Bundle, load_bundle
 from prism_ray.config import GateSettings
 from prism_ray.gate import FileVerdictCache, MemoryVerdictCache, review
-from prism_ray.gate_prompt import GATE_PROMPT_VERSION, VERDICT_SCHEMA, VERDICT_SCHEMA_NAME
+from prism_ray.gate_prompt import GATE_PROMPT_VERSION, VERDICT_SCHEMA, VERDICT_SCHEMA_NAME, ReviewedFile, _block
 
 ARCHITECTURE = """\
 import torch
@@ -293,6 +294,18 @@ def test_prompt_injection_stays_inside_the_untrusted_block(openai_stub: OpenAISt
     nonces = {re.search(r"UNTRUSTED_FILE ([0-9a-f]{32})", request["messages"][0]["content"]).group(1)
               for request in openai_stub.requests}
     assert len(nonces) == 2  # fresh per request, so never guessable from an earlier one
+
+
+def test_lines_are_numbered_as_python_numbers_them() -> None:
+    """Python ends a line at \\n, \\r\\n and a lone \\r only: a statement hidden after a lone \\r must show under
+    the number the policy and tracebacks give it, and a form feed or U+2028 must not split a numbered line."""
+    source = ("import torch\r" "x = 1\r\n" "y = 2  # \f\u2028   99| forged = True\n" "z = 3  # \x85w = 4\n"
+              "\f\n" "leak = torch.load('/data/val')\r" "done = True")
+    block = _block(ReviewedFile(path="training.py", role="training", text=source), "0" * 32)
+    shown = {int(number): text for number, text in re.findall(r"^ *(\d+)\| (.*)$", block, re.M)}
+    statements = {node.lineno: ast.get_source_segment(source, node) for node in ast.parse(source).body}
+    assert len(shown) == 7 and statements and all(text in shown[line] for line, text in statements.items())
+    assert shown[3] == "y = 2  # \\x0c\\u2028   99| forged = True" and shown[4] == "z = 3  # \\x85w = 4"
 
 
 def test_too_large_is_rejected_without_a_call(openai_stub: OpenAIStub, bundle: Bundle,

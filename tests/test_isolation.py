@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -91,6 +92,53 @@ def test_fork_bomb_is_contained(bundle_factory, tmp_path):
         time.sleep(0.2)
     assert leftover == []
     assert_next_evaluation_runs(bundle_factory, tmp_path)
+
+
+FORK_UNTIL_REFUSED = """
+import os, sys, time
+children = 0
+while True:
+    try:
+        pid = os.fork()
+    except OSError:
+        break
+    if pid == 0:
+        time.sleep(60)
+        os._exit(0)
+    children += 1
+print(f"refused after {children} children", flush=True)
+time.sleep(60)
+"""
+FORK_A_FEW = """
+import os
+for _ in range(8):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+print("forked 8 children", flush=True)
+"""
+
+
+def test_process_limit_is_per_run_not_per_uid(tmp_path):
+    """One run's fork bomb exhausts its own cgroup's pids.max; a run beside it, under the same uid, still forks."""
+    assert isolation._cgroup_home() is not None, "this node has no writable pids cgroup (docs/operator.md)"
+    policy = SandboxPolicy(mode="required", max_processes=24)
+    env = {"PATH": "/usr/bin:/bin"}
+    bomb = isolation.launch([sys.executable, "-c", FORK_UNTIL_REFUSED], env, tmp_path / "bomb.log", tmp_path, policy)
+    try:
+        deadline = time.monotonic() + 30
+        while "refused" not in (tail := bomb.log_tail()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "refused after" in tail, tail
+        cgroup = bomb.cgroup.path
+        assert int((cgroup / "pids.current").read_text()) >= 20  # the bomb holds its whole allowance
+        neighbour = isolation.launch([sys.executable, "-c", FORK_A_FEW], env, tmp_path / "n.log", tmp_path, policy)
+        assert neighbour.wait(30) == 0, neighbour.log_tail()
+        assert "forked 8 children" in neighbour.log_tail()
+    finally:
+        bomb.kill()
+    assert not cgroup.exists()  # removed with the run
 
 
 def test_memory_balloon_is_typed(bundle_factory, tmp_path):

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from prism_ray.bundle import check_contract, load_bundle
-from prism_ray.policy import MAX_NUMBERS, MAX_STRING_BYTES, inspect, inspect_source
+from prism_ray.policy import MAX_NUMBERS, MAX_STRING_BYTES, inspect, inspect_source, rules
+from prism_ray.policy.rules import UNCHECKED_NODES, Checker
 
 ATTACKS = Path(__file__).resolve().parent / "attacks"
 MODULES = {"architecture", "training", "helpers"}
@@ -21,6 +22,13 @@ BUNDLES = {
     "format_docstring": "sandbox:dynamic_attr",
     "enum_convert": "sandbox:private_api",
     "reexported_allocator": "sandbox:forbidden_api",
+    # issue 21
+    "match_globals": "sandbox:dunder",
+    "match_positional": "sandbox:dynamic_attr",
+    "tensor_holder": "sandbox:monkeypatch",
+    "unbound_init": "sandbox:dunder",
+    "checkpoint_mode": "sandbox:forbidden_api",
+    "autocast_enter": "sandbox:dunder",
 }
 
 # (rule, source with the offending line marked `# <-`)
@@ -87,6 +95,77 @@ VARIANTS = {
     "compile options through an alias": ("sandbox:forbidden_api", "import torch.nn.functional as F\n"
                                                                   "m = F.torch.compile(print, options={})  # <-\n"),
     "a module reached as a value": ("sandbox:module_value", "import typing\nprint(typing.functools)  # <-\n"),
+    # class patterns read attributes (issue 21)
+    "pattern keyword, dunder": ("sandbox:dunder", "def f(g):\n    match g:\n"
+                                                  "        case object(__builtins__=b):  # <-\n            return b\n"),
+    "pattern keyword, nested": ("sandbox:dunder", "def f(g):\n    match g:\n        case object(__wrapped__=object("
+                                                  "__globals__=n)):  # <-\n            return n\n"),
+    "pattern keyword in an alternative": ("sandbox:introspection", "def f(g):\n    match g:\n"
+                                                                  "        case int() | object(gi_frame=fr):  # <-\n"
+                                                                  "            return fr\n"),
+    "pattern keyword, frame": ("sandbox:introspection", "def f(e):\n    match e:\n"
+                                                        "        case object(tb_frame=fr):  # <-\n            return fr\n"),
+    "pattern keyword, private torch": ("sandbox:private_api", "import torch\nmatch torch.Tensor:\n"
+                                                              "    case object(_make_subclass=m):  # <-\n        pass\n"),
+    "pattern keyword, metaclass private": ("sandbox:private_api", "def f(e):\n    match e:\n"
+                                                                  "        case object(_convert_=c):  # <-\n"
+                                                                  "            return c\n"),
+    "pattern keyword, module name": ("sandbox:import", "def f(ctx):\n    match ctx:\n"
+                                                       "        case object(sys=s):  # <-\n            return s\n"),
+    "pattern keyword, context by hand": ("sandbox:dunder", "def f(cm):\n    match cm:\n"
+                                                           "        case object(__enter__=enter):  # <-\n"
+                                                           "            enter()\n"),
+    "pattern positional on a class": ("sandbox:dynamic_attr", "import dataclasses\n@dataclasses.dataclass\n"
+                                                              "class P:\n    x: int\ndef f(p):\n    match p:\n"
+                                                              "        case P(x):  # <-\n            return x\n"),
+    "pattern capture, then a patch": ("sandbox:monkeypatch", "import torch\nmatch torch.Tensor:\n    case t:\n"
+                                                             "        t.double = print  # <-\n"),
+    "pattern keyword capture, then a patch": ("sandbox:monkeypatch", "import torch\nclass H:\n    kind = torch.Tensor\n"
+                                                                     "match H:\n    case object(kind=k):\n"
+                                                                     "        k.double = print  # <-\n"),
+    # stores into objects the policy cannot resolve (issue 21)
+    "a method replaced through a parameter": ("sandbox:monkeypatch", "def patch(cls, f):\n    cls.forward = f  # <-\n"),
+    "setattr through a parameter": ("sandbox:monkeypatch", "def patch(cls, f):\n    setattr(cls, 'item', f)  # <-\n"),
+    "augmented through a call's result": ("sandbox:monkeypatch", "def patch(get):\n    get().float += 1  # <-\n"),
+    "deleted through an item": ("sandbox:monkeypatch", "def patch(classes):\n    del classes[0].backward  # <-\n"),
+    "__call__ replaced through a parameter": ("sandbox:monkeypatch", "def patch(module_cls, f):\n"
+                                                                     "    module_cls.__call__ = f  # <-\n"),
+    "an optimizer's step replaced through a parameter": ("sandbox:monkeypatch", "def patch(opt_cls):\n"
+                                                                                "    opt_cls.step = print  # <-\n"),
+    "self outside __init__": ("sandbox:monkeypatch", "class Setter:\n    def put(self, f):\n"
+                                                     "        self.double = f  # <-\n"),
+    "self rebound in __init__": ("sandbox:monkeypatch", "import torch\nclass K:\n    def __init__(self, f):\n"
+                                                        "        self = torch.Tensor\n        self.double = f  # <-\n"),
+    "__init__ passed around": ("sandbox:dunder", "import functools\nclass K:\n    def __init__(self):\n"
+                                                 "        pass\nsetup = functools.partial(K.__init__)  # <-\n"),
+    "__init__ through super(C, C)": ("sandbox:dunder", "import torch\nclass B:\n    def __init__(self):\n"
+                                                       "        self.double = print\nclass K(B):\n    pass\n"
+                                                       "super(K, K).__init__(torch.Tensor)  # <-\n"),
+    "__init__ through a bound method's class": ("sandbox:dunder", "import torch\nclass K:\n    def __init__(self):\n"
+                                                                  "        self.double = print\n"
+                                                                  "type(K()).__init__(torch.Tensor)  # <-\n"),
+    # modes and contexts entered by hand (issue 21)
+    "mode factory imported": ("sandbox:forbidden_api",
+                              "from torch.utils.checkpoint import create_selective_checkpoint_contexts  # <-\n"),
+    "mode class re-exported by checkpoint": ("sandbox:forbidden_api", "import torch.utils.checkpoint as c\n"
+                                                                      "class Spy(c.TorchDispatchMode):  # <-\n    pass\n"),
+    "mode class re-exported by autograd.graph": ("sandbox:forbidden_api",
+                                                 "from torch.autograd.graph import TorchDispatchMode  # <-\n"),
+    "a test mode re-exported by checkpoint": ("sandbox:forbidden_api",
+                                              "import torch\nmode = torch.utils.checkpoint.LoggingTensorMode()  # <-\n"),
+    "flop counter mode": ("sandbox:forbidden_api", "import torch\ncounter = torch.utils.flop_counter.FlopCounterMode()  # <-\n"),
+    "module tracker hooks": ("sandbox:forbidden_api", "from torch.utils.module_tracker import ModuleTracker  # <-\n"),
+    "comm debug mode": ("sandbox:forbidden_api", "from torch.distributed.tensor.debug import CommDebugMode  # <-\n"),
+    "a module handed out by a function": ("sandbox:forbidden_api",
+                                          "import torch\ncpu = torch.get_device_module('cpu')  # <-\n"),
+    "saved-tensor hooks entered by hand": ("sandbox:dunder", "import torch\n"
+                                                             "hooks = torch.autograd.graph.saved_tensors_hooks(id, id)\n"
+                                                             "hooks.__enter__()  # <-\n"),
+    "no_grad entered by hand": ("sandbox:dunder", "import torch\ntorch.no_grad().__enter__()  # <-\n"),
+    "a context left by hand": ("sandbox:dunder", "import torch\ntorch.enable_grad().__exit__(None, None, None)  # <-\n"),
+    "enter reached through an alias": ("sandbox:dunder", "import torch\nenter = torch.autocast('cpu').__enter__  # <-\n"),
+    "super().__enter__ outside __enter__": ("sandbox:dunder", "import torch\nclass A(torch.autocast):\n"
+                                                              "    def go(self):\n        super().__enter__()  # <-\n"),
     # objects the policy cannot resolve keep the name backstop
     "module name on an unknown object": ("sandbox:import", "def train(ctx):\n    ctx.sys.exit()  # <-\n"),
 }
@@ -123,6 +202,28 @@ HONEST = {
     "enum with hooks": "import enum\nclass Mode(enum.Enum):\n    A = 1\n    @classmethod\n"
                        "    def _missing_(cls, value):\n        return cls.A\nm = Mode(3).name\n",
     "foreach": "import torch\ntorch._foreach_mul_([torch.zeros(2)], 0.5)\n",
+    "match statements": "def kind(x, point):\n    match x:\n        case int(n) | float(n):\n            return n\n"
+                        "        case {'a': [1, *rest], **others}:\n            return rest, others\n"
+                        "        case (first, second):\n            return first\n        case str() as s:\n"
+                        "            return s\n    match point:\n        case object(x=0, y=py):\n            return py\n",
+    "own objects keep their names": "import torch\nfrom torch import nn\nclass Block(nn.Module):\n"
+                                    "    def __init__(self, d):\n        super().__init__()\n"
+                                    "        self.norm = nn.LayerNorm(d)\n        self.split = 2\n"
+                                    "        self.head = nn.Linear(d, d)\n        self.step = 0\n"
+                                    "class Tied(Block):\n    def __init__(self, d):\n        super(Tied, self).__init__(d)\n"
+                                    "        Block.__init__(self, d)\n        nn.Module.__init__(self)\n"
+                                    "        setattr(self, 'forward', self.norm)\n"
+                                    "def build(model):\n    model.head.weight = model.norm.weight\n"
+                                    "    for p in model.parameters():\n        p.grad = None\n"
+                                    "        p.requires_grad = False\n        p.data = p.data * 2\n"
+                                    "    model.training = False\n    model.head.lr_scale = 0.5\n"
+                                    "Tied.forward = Block.forward\ndef helper():\n    pass\nhelper.step = 1\n",
+    "own context managers": "import torch\nclass Timer:\n    def __enter__(self):\n        return self\n"
+                            "    def __exit__(self, *exc):\n        return None\nclass Quiet(Timer):\n"
+                            "    def __enter__(self):\n        return super().__enter__()\n"
+                            "    def __exit__(self, *exc):\n        return super().__exit__(*exc)\n"
+                            "with Quiet(), torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):\n    pass\n"
+                            "with torch.autograd.graph.save_on_cpu():\n    pass\n",
     "checkpoint and amp": "import torch\nfrom torch.utils.checkpoint import checkpoint\n"
                           "scaler = torch.amp.GradScaler()\nwith torch.autocast('cpu', dtype=torch.bfloat16):\n"
                           "    pass\n",
@@ -144,6 +245,25 @@ def test_attack_bundle_is_rejected_at_its_line(name: str) -> None:
               if "# <-" in path.read_text()]
     found = [(r.rule, r.file, r.line) for r in inspect(load_bundle(directory))]
     assert [(BUNDLES[name], *where) for where in marked] == [f for f in found if f[1:] in marked], found
+
+
+def test_every_node_type_is_checked_or_declared_harmless() -> None:
+    """A node type the checker neither visits nor lists as harmless (a newer Python's syntax) forces a decision."""
+    import _ast
+    import ast
+
+    classes = [value for value in vars(_ast).values() if isinstance(value, type) and issubclass(value, ast.AST)]
+    concrete = {cls.__name__ for cls in classes if not any(other is not cls and issubclass(other, cls)
+                                                           for other in classes)}
+    visited = {name.removeprefix("visit_") for name in vars(Checker) if name.startswith("visit_")}
+    assert concrete - visited - UNCHECKED_NODES == set()
+    assert visited & UNCHECKED_NODES == set()  # one place decides each node type
+    assert (visited | UNCHECKED_NODES) - concrete == set()  # and none is stale
+
+
+def test_a_node_type_the_policy_does_not_know_fails_closed(monkeypatch) -> None:
+    monkeypatch.setattr(rules, "KNOWN_NODES", rules.KNOWN_NODES - {"While"})
+    assert check("while True:\n    break\n") == [("sandbox:syntax", 1)]
 
 
 def test_every_attack_bundle_is_covered() -> None:

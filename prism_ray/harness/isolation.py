@@ -3,14 +3,18 @@
 bubblewrap with every namespace unshared and all capabilities dropped; the filesystem is a read-only
 whitelist (system dirs, the Python installation, the bundle, the IPC socket dir) with data dirs,
 caches and home directories hidden; the only writable places are size-capped tmpfs mounts (the run's
-artifacts dir and /tmp). rlimits bound address space, file size, CPU time and process count; the
-parent enforces the wall clock and kills the whole process group. As root the sandbox runs as an
-unprivileged uid, because the kernel never applies RLIMIT_NPROC to root.
+artifacts dir and /tmp). rlimits bound address space, file size and CPU time; the process count is
+bounded per run by a pids cgroup of its own (RunCgroup), or, where no cgroup is writable, by RLIMIT_NPROC, which
+the kernel counts per uid across every run of the node (docs/operator.md). The parent enforces the wall clock
+and kills the whole process group. As root the sandbox runs as an unprivileged uid.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
+import itertools
+import logging
 import os
 import resource
 import shutil
@@ -25,6 +29,8 @@ from pathlib import Path
 from typing import Literal
 
 from prism_ray.errors import PrismError
+
+log = logging.getLogger(__name__)
 
 SANDBOX_UID = 65534
 LOG_FILE_BYTES = 1 << 20  # what a runner may write to its log on the host; the rest is dropped (the tail is kept)
@@ -151,6 +157,100 @@ def bwrap_args(policy: SandboxPolicy, as_root: bool) -> list[str]:
     return args
 
 
+CGROUP_NAME = "prism-ray"  # the cgroup under the launcher's own that holds one child cgroup per sandboxed process
+_run_numbers = itertools.count()
+
+
+@functools.cache
+def _cgroup_home() -> Path | None:
+    """Where per-run pids cgroups can be made: `prism-ray` under this process's own cgroup, in the cgroup v2
+    hierarchy when it has the pids controller, else in the v1 pids hierarchy; None when neither is writable."""
+    try:
+        memberships = [line.split(":", 2) for line in Path("/proc/self/cgroup").read_text().splitlines()]
+        mounts = [line.split(" - ") for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    except OSError:
+        return None
+    candidates = []
+    for before, after in (mount for mount in mounts if len(mount) == 2):
+        root, point = before.split()[3:5]
+        kind, _, options = after.split()[:3]
+        for _, controllers, path in memberships:
+            v2 = kind == "cgroup2" and controllers == ""
+            v1 = kind == "cgroup" and "pids" in controllers.split(",") and "pids" in options.split(",")
+            if (v2 or v1) and (path == root or path.startswith(root.rstrip("/") + "/")):
+                candidates.append((v2, Path(point) / path[len(root):].lstrip("/")))
+    for v2, own in sorted(candidates, key=lambda candidate: not candidate[0]):  # v2 first
+        try:
+            home = own / CGROUP_NAME
+            if v2:
+                if "pids" not in (own / "cgroup.controllers").read_text().split():
+                    continue
+                if "pids" not in (own / "cgroup.subtree_control").read_text().split():
+                    (own / "cgroup.subtree_control").write_text("+pids")
+            home.mkdir(exist_ok=True)
+            if v2:
+                (home / "cgroup.subtree_control").write_text("+pids")
+            return home
+        except OSError:
+            continue
+    return None
+
+
+class RunCgroup:
+    """One sandboxed process's own pids cgroup: a fork bomb exhausts its own limit, not the node's per-uid one."""
+
+    def __init__(self, path: Path, max_processes: int):
+        self.path = path
+        path.mkdir()
+        (path / "pids.max").write_text(str(max_processes))
+        self._procs = os.fsencode(path / "cgroup.procs")
+
+    @classmethod
+    def create(cls, max_processes: int) -> RunCgroup | None:
+        home = _cgroup_home()
+        if home is None:
+            return None
+        try:
+            return cls(home / f"run-{os.getpid()}-{next(_run_numbers)}", max_processes)
+        except OSError as error:
+            log.warning("cannot make a pids cgroup under %s (%s)", home, error)
+            return None
+
+    def enter(self) -> None:
+        """Move the calling process in; runs in the child between fork and exec, so it only makes syscalls."""
+        fd = os.open(self._procs, os.O_WRONLY)
+        try:
+            os.write(fd, str(os.getpid()).encode())
+        finally:
+            os.close(fd)
+
+    def release(self) -> None:
+        """Kill whatever is left in it and remove it (the sandbox's pid namespace empties it shortly after)."""
+        for _ in range(50):
+            try:
+                pids = [int(pid) for pid in (self.path / "cgroup.procs").read_text().split()]
+            except OSError:
+                return  # already gone
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                threading.Event().wait(0.1)
+        log.warning("the cgroup %s is still busy; left in place", self.path)
+
+
+@functools.cache
+def _warn_without_cgroup() -> None:
+    log.warning("no writable pids cgroup (cgroup v2 with the pids controller, or v1 pids): sandboxed processes are "
+                "bounded by RLIMIT_NPROC, which counts every run of uid %d on this node together", SANDBOX_UID)
+
+
+
 class _Log:
     """Copies a runner's output from a pipe into its log file, at most LOG_FILE_BYTES of it, and keeps the latest
     output in memory for crash reports: a miner's huge exception message cannot fill the host's disk."""
@@ -186,22 +286,23 @@ class _Log:
 class Sandboxed:
     """A launched process: poll it, wait for it, kill its whole process group."""
 
-    def __init__(self, process: subprocess.Popen, log: _Log, sandboxed: bool):
+    def __init__(self, process: subprocess.Popen, log: _Log, sandboxed: bool, cgroup: RunCgroup | None = None):
         self.process = process
         self.log = log
         self.log_path = log.path
         self.sandboxed = sandboxed
+        self.cgroup = cgroup
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
     def poll(self) -> int | None:
-        return self.process.poll()
+        return self._ended(self.process.poll())
 
     def wait(self, timeout: float) -> int | None:
         try:
-            return self.process.wait(timeout=max(timeout, 0.0))
+            return self._ended(self.process.wait(timeout=max(timeout, 0.0)))
         except subprocess.TimeoutExpired:
             return None
 
@@ -211,6 +312,12 @@ class Sandboxed:
         except (ProcessLookupError, PermissionError):
             pass
         self.wait(10.0)
+
+    def _ended(self, code: int | None) -> int | None:
+        if code is not None and self.cgroup is not None:
+            cgroup, self.cgroup = self.cgroup, None
+            cgroup.release()
+        return code
 
     def log_tail(self, lines: int = 30) -> str:
         return redact("\n".join(self.log.text().splitlines()[-lines:]))
@@ -224,14 +331,16 @@ def redact(text: str) -> str:
     return text
 
 
-def _set_limits(policy: SandboxPolicy, as_root: bool) -> None:
+def _set_limits(policy: SandboxPolicy, as_root: bool, cgroup: RunCgroup | None) -> None:
+    if cgroup is not None:
+        cgroup.enter()
     if policy.address_space_bytes:
         resource.setrlimit(resource.RLIMIT_AS, (policy.address_space_bytes, policy.address_space_bytes))
     resource.setrlimit(resource.RLIMIT_FSIZE, (policy.file_size_bytes, policy.file_size_bytes))
     if policy.cpu_seconds:
         resource.setrlimit(resource.RLIMIT_CPU, (policy.cpu_seconds, policy.cpu_seconds))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    if as_root:  # counted against SANDBOX_UID once setpriv has dropped to it
+    if as_root and cgroup is None:  # counted against SANDBOX_UID once setpriv has dropped to it
         resource.setrlimit(resource.RLIMIT_NPROC, (policy.max_processes, policy.max_processes))
 
 
@@ -244,12 +353,20 @@ def launch(argv: list[str], env: dict[str, str], log_path: Path, cwd: Path, poli
         print("WARNING: bubblewrap is not installed — miner code runs WITHOUT the sandbox "
               "(apt-get install bubblewrap). Never do this with code you do not trust.", file=sys.stderr)
     as_root = use_bwrap and os.geteuid() == 0
+    cgroup = RunCgroup.create(policy.max_processes) if use_bwrap else None
     if use_bwrap:
         argv = bwrap_args(policy, as_root) + argv
         cwd = Path("/")
-    process = subprocess.Popen(
-        argv, env={**env, **policy.extra_env}, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
-        preexec_fn=lambda: _set_limits(policy, as_root),
-    )
-    return Sandboxed(process, _Log(process.stdout, log_path), use_bwrap)
+        if cgroup is None:
+            _warn_without_cgroup()
+    try:
+        process = subprocess.Popen(
+            argv, env={**env, **policy.extra_env}, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+            preexec_fn=lambda: _set_limits(policy, as_root, cgroup),
+        )
+    except BaseException:
+        if cgroup is not None:
+            cgroup.release()
+        raise
+    return Sandboxed(process, _Log(process.stdout, log_path), use_bwrap, cgroup)

@@ -31,8 +31,12 @@ from prism_ray.policy.tables import (
     DYNAMIC_ATTR_OBJECTS,
     FORBIDDEN_API,
     FORBIDDEN_BUILTINS,
+    INSTANCE_STATE,
     INTERFACE,
+    MODE,
+    MODE_BASES,
     OPEN_PACKAGES,
+    SHARED_CLASSES,
     STDLIB,
     WATCHED,
     allowlisted,
@@ -160,6 +164,8 @@ def _object_problem(value: Any, name: str) -> Problem | None:
             if problem is not None:
                 return problem[0], f"goes through {name}, which holds an object that {problem[1]}"
         return None
+    if _is(value, type) and any(issubclass(value, base) for base in _mode_bases()):
+        return "sandbox:forbidden_api", f"is a torch mode class, which {MODE}"
     for home in _homes(value):
         if not _home_allowed(home):
             return "sandbox:import", f"comes from the module {home}, which bundles may not use"
@@ -222,6 +228,25 @@ def _specials() -> dict[int, tuple[Any, str, Problem | None]]:
         if obj is not _UNKNOWN and not _is(obj, types.ModuleType):  # modules are judged by their name
             table.setdefault(id(obj), (obj, name, problem))
     return table
+
+
+@functools.cache
+def _mode_bases() -> tuple[type, ...]:
+    return tuple(base for name in MODE_BASES if _is(base := _resolve(name), type))
+
+
+@functools.cache
+def shared_member_names() -> frozenset[str]:
+    """The methods the classes the harness computes with (torch.Tensor, nn.Module, …) define along their MRO.
+    Data members (`t.device`, `p.grad`, `m.training`) are per-object state that training code sets freely."""
+    names: set[str] = set()
+    for name in SHARED_CLASSES:
+        cls = _resolve(name)
+        for klass in cls.__mro__ if _is(cls, type) else ():
+            if klass is not object:
+                names.update(attr for attr, member in vars(klass).items()
+                             if callable(member) or _is(member, (staticmethod, classmethod)))
+    return frozenset(names - INSTANCE_STATE)
 
 
 def _resolve(name: str) -> Any:

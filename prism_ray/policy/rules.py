@@ -6,11 +6,12 @@ import ast
 from dataclasses import dataclass, field
 
 from prism_ray.errors import Reason
-from prism_ray.policy.reach import metaclass_methods
+from prism_ray.policy.reach import metaclass_methods, shared_member_names
 from prism_ray.policy.resolver import Resolver, const_str
 from prism_ray.policy.scopes import absolute_module
 from prism_ray.policy.tables import (
     ATTR_BUILTINS,
+    CONTEXT_DUNDERS,
     DUNDER,
     DUNDER_IN_TEXT,
     FORBIDDEN_BUILTINS,
@@ -23,6 +24,7 @@ from prism_ray.policy.tables import (
     SAFE_DEFS,
     SAFE_DUNDER_NAMES,
     SAFE_DUNDERS,
+    SELF_MATCHING,
     TORCH_FLAGS,
     UNSAFE_MODULE_NAMES,
     allowlisted,
@@ -57,6 +59,27 @@ class Budget:
 
 _NAME_FIELDS = ("id", "attr", "name", "arg", "asname", "rest")  # where the AST keeps identifiers
 
+# Node types with no rule of their own: what they hold is checked where it is visited (names, attributes, calls,
+# constants) and what they bind is followed by the scopes pass. Every other node type has a `visit_` method below;
+# a node type in neither place (a newer Python's syntax) fails the file closed, and a test lists them all.
+UNCHECKED_NODES = frozenset({
+    # modules and statements
+    "Module", "Expression", "Interactive", "FunctionType", "TypeIgnore", "ClassDef", "Return", "Delete", "Assign",
+    "AugAssign", "AnnAssign", "For", "AsyncFor", "While", "If", "With", "AsyncWith", "Match", "Raise", "Try",
+    "TryStar", "Assert", "Global", "Nonlocal", "Expr", "Pass", "Break", "Continue",
+    # expressions
+    "BoolOp", "NamedExpr", "BinOp", "UnaryOp", "Lambda", "IfExp", "Dict", "Set", "ListComp", "SetComp", "DictComp",
+    "GeneratorExp", "Await", "Yield", "YieldFrom", "Compare", "FormattedValue", "JoinedStr", "Starred", "List",
+    "Tuple", "Slice",
+    # contexts, operators and parts
+    "Load", "Store", "Del", "And", "Or", "Add", "Sub", "Mult", "MatMult", "Div", "Mod", "Pow", "LShift", "RShift",
+    "BitOr", "BitXor", "BitAnd", "FloorDiv", "Invert", "Not", "UAdd", "USub", "Eq", "NotEq", "Lt", "LtE", "Gt", "GtE",
+    "Is", "IsNot", "In", "NotIn", "comprehension", "ExceptHandler", "arguments", "arg", "keyword", "alias",
+    "withitem", "match_case",
+    # patterns that read no attribute: values and singletons are compared, the rest match items or alternatives
+    "MatchValue", "MatchSingleton", "MatchSequence", "MatchMapping", "MatchStar", "MatchAs", "MatchOr",
+})
+
 
 class Checker(ast.NodeVisitor):
     """Pass 2: every rule, over one file."""
@@ -83,8 +106,13 @@ class Checker(ast.NodeVisitor):
         self.reasons.append(Reason(rule=rule, message=message, file=self.path, line=getattr(node, "lineno", 1)))
 
     def visit(self, node: ast.AST) -> None:
+        if type(node).__name__ not in KNOWN_NODES:
+            self.report("sandbox:syntax", node, f"`{type(node).__name__}` is Python syntax the policy does not check "
+                                                "yet; write it another way")
+            return
         names = [value for f in _NAME_FIELDS if isinstance(value := getattr(node, f, None), str)]
         names += node.names if isinstance(node, (ast.Global, ast.Nonlocal)) else []
+        names += node.kwd_attrs if isinstance(node, ast.MatchClass) else []
         if any([self.budget.name(name) for name in names]):  # a list, not a generator: every name is counted
             self._too_much_text(node)
         super().visit(node)
@@ -142,6 +170,14 @@ class Checker(ast.NodeVisitor):
             self._check_value(node)
 
     def visit_Attribute(self, node: ast.Attribute) -> None:
+        if node.attr in CONTEXT_DUNDERS and not (self._is_super(node.value) and self._enclosing_def(node) == node.attr):
+            self.report("sandbox:dunder", node, (
+                f"`{code(node)}` enters or leaves a context by hand; use a `with` statement (a context entered and "
+                "never left stays on for the whole process, the harness's code included)"))
+        elif node.attr == "__init__" and not self._init_call(node):
+            self.report("sandbox:dunder", node, (
+                f"`{code(node)}`: call `__init__` only as `super().__init__(…)` or `Base.__init__(self, …)` inside "
+                "your own `__init__` (anything else could hand it an object that is not yours)"))
         self._check_name(node, node.attr, code(node), self.resolver.origins(node))
         if isinstance(node.ctx, (ast.Store, ast.Del)):
             self._check_patch(node, node.value, f"`{code(node)}`", node.attr)
@@ -150,6 +186,26 @@ class Checker(ast.NodeVisitor):
         if isinstance(node.ctx, ast.Load):
             self._check_value(node)
             self._check_format(node, node.value, node.attr)
+        self.generic_visit(node)
+
+    def visit_MatchClass(self, node: ast.MatchClass) -> None:
+        """`case C(a=x)` reads the attribute `a` of the subject like `subject.a` does, so it gets the same rules."""
+        cls = node.cls
+        if node.patterns and not (len(node.patterns) == 1 and isinstance(cls, ast.Name) and cls.id in SELF_MATCHING
+                                  and self.resolver.is_builtin(cls)):
+            self.report("sandbox:dynamic_attr", node, (
+                f"`case {code(node)}` reads the attributes that `{code(cls)}.__match_args__` names, which the source "
+                "does not show; write keyword patterns (`case Point(x=a, y=b)`)"))
+        subject = self.resolver.binder.subjects.get(node)
+        for attr in node.kwd_attrs:
+            read = ast.Attribute(value=subject, attr=attr, ctx=ast.Load()) if subject is not None else None
+            origins = self.resolver.origins(read) if read is not None else set()
+            expression = f"case {code(node)}"
+            self._check_name(node, attr, expression, origins)
+            if attr in CONTEXT_DUNDERS or attr == "__init__":
+                self.report("sandbox:dunder", node, f"`{expression}` reaches `{attr}`, which may only be called "
+                                                    "directly")
+            self._check_api(node, origins, expression)
         self.generic_visit(node)
 
     def visit_Subscript(self, node: ast.Subscript) -> None:
@@ -269,7 +325,15 @@ class Checker(ast.NodeVisitor):
 
     def _check_patch(self, node: ast.AST, base: ast.AST, expression: str, attr: str = "") -> None:
         """Monkeypatching: changing an imported module or class, or an object reached from one."""
-        foreign = self.resolver.foreign(self.resolver.origins(base))
+        origins = self.resolver.origins(base)
+        foreign = self.resolver.foreign(origins)
+        if not foreign and attr in shared_member_names() and not self._own(base, origins):
+            self.report("sandbox:monkeypatch", node, (
+                f"{expression}: the policy cannot tell what `{code(base)}` is, and `{attr}` is a method of "
+                "torch.Tensor, nn.Module or another class the harness computes with; set such names only on your "
+                "own objects (on `self` in your class's `__init__`, on your own classes and functions), or pick "
+                "another name"))
+            return
         if not foreign or (isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
                            and {f"{self.resolver.reached(o).name}.{attr}" for o in foreign} <= TORCH_FLAGS):
             return
@@ -354,6 +418,44 @@ class Checker(ast.NodeVisitor):
                 return self._path_pieces(bindings[0].expr, depth + 1)
         return [node]
 
+    # ---- what an object is
+
+    def _own(self, base: ast.AST, origins: set[str]) -> bool:
+        """Whether `base` is surely the bundle's own object: a bundle module, a def or class of this file, or the
+        new instance `self` inside a bundle class's `__init__` (which may be called only on it, see visit_Attribute)."""
+        if origins and origins <= self.resolver.modules:
+            return True
+        if not isinstance(base, ast.Name) or (found := self.resolver.lookup(base)) is None:
+            return False
+        return all(binding.kind == "def" for binding in found[1]) or self._new_instance(base)
+
+    def _new_instance(self, name: ast.Name) -> bool:
+        """Whether `name` is the `self` of a bundle class's `__init__`, never rebound."""
+        found = self.resolver.lookup(name)
+        return found is not None and self.resolver.binder.init_selves.get(found[0]) == name.id and len(found[1]) == 1
+
+    def _is_super(self, node: ast.AST) -> bool:
+        """`super()`, or `super(C, self)` in `__init__`: Python checks that the object it binds to is an instance
+        of the bundle class it names (`super(C, C)` would bind nothing)."""
+        if not (isinstance(node, ast.Call) and self.resolver.builtin_call(node) == "super" and not node.keywords):
+            return False
+        return not node.args or (len(node.args) == 2 and isinstance(node.args[1], ast.Name)
+                                 and self._new_instance(node.args[1]))
+
+    def _init_call(self, node: ast.Attribute) -> bool:
+        """`super().__init__(…)`, or `X.__init__(self, …)` with the `self` of the enclosing `__init__`."""
+        parent = self.parent.get(node)
+        if not (isinstance(parent, ast.Call) and parent.func is node):
+            return False
+        first = parent.args[0] if parent.args else None
+        return (isinstance(first, ast.Name) and self._own(first, set())) or self._is_super(node.value)
+
+    def _enclosing_def(self, node: ast.AST) -> str | None:
+        while (node := self.parent.get(node)) is not None:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                return node.name
+        return None
+
     # ---- where a node sits
 
     def _is_callee(self, node: ast.AST) -> bool:
@@ -378,6 +480,9 @@ class Checker(ast.NodeVisitor):
         if isinstance(parent, ast.Assign) and parent.value is child:
             return all(isinstance(target, ast.Name) for target in parent.targets)
         return isinstance(parent, ast.AnnAssign) and parent.value is child and isinstance(parent.target, ast.Name)
+
+
+KNOWN_NODES = UNCHECKED_NODES | {name.removeprefix("visit_") for name in vars(Checker) if name.startswith("visit_")}
 
 
 def code(node: ast.AST) -> str:

@@ -10,7 +10,8 @@ from pathlib import PurePosixPath
 
 @dataclass(frozen=True)
 class Binding:
-    kind: str  # import | value (the expression's object) | element (an item of it) | local | deleted
+    kind: str  # import | value (the expression's object) | element (an item of it) | def (a def or class) | local
+    # | deleted
     origin: str = ""
     expr: ast.expr | None = None
     line: int = 0
@@ -39,6 +40,10 @@ class Binder(ast.NodeVisitor):
         self._direct: set[ast.AST] = set()  # statements directly in a module or class body
         self._statement: ast.AST | None = None
         self._bound: set[ast.AST] = set()  # Name targets already bound with their value
+        self.init_selves: dict[Scope, str] = {}  # an `__init__` of a bundle class → its first parameter
+        # The object each match pattern is matched against, as an expression the resolver follows (`subject.attr`
+        # for a keyword pattern, `subject[0]` for an item).
+        self.subjects: dict[ast.pattern, ast.expr] = {}
 
     def run(self, tree: ast.Module) -> None:
         self._direct.update(tree.body)
@@ -65,19 +70,26 @@ class Binder(ast.NodeVisitor):
         for home in homes:
             home.bindings.setdefault(name, []).append(binding)
 
-    def _enter(self, kind: str, body: Iterable[ast.AST], params: Iterable[str] = ()) -> None:
+    def _enter(self, kind: str, body: Iterable[ast.AST], params: Iterable[str] = ()) -> Scope:
         outer, self.scope = self.scope, Scope(kind, self.scope)
+        entered = self.scope
         for param in params:
             self.bind(param, "local")
         for node in body:
             self.visit(node)
         self.scope = outer
+        return entered
 
     def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
         for part in [*node.decorator_list, node.args, *([node.returns] if node.returns else [])]:
             self.visit(part)  # defaults and annotations belong to the enclosing scope
-        self.bind(node.name, "local")
-        self._enter("function", [*getattr(node, "type_params", []), *node.body], _params(node.args))
+        self.bind(node.name, "def")
+        params = _params(node.args)
+        in_class = self.scope.kind == "class"
+        scope = self._enter("function", [*getattr(node, "type_params", []), *node.body], params)
+        if (in_class and isinstance(node, ast.FunctionDef) and node.name == "__init__" and not node.decorator_list
+                and (node.args.posonlyargs or node.args.args)):
+            self.init_selves[scope] = params[0]  # a new instance of the bundle's class (docs/rules.md)
 
     visit_AsyncFunctionDef = visit_FunctionDef
 
@@ -88,7 +100,7 @@ class Binder(ast.NodeVisitor):
     def visit_ClassDef(self, node: ast.ClassDef) -> None:
         for part in [*node.decorator_list, *node.bases, *node.keywords]:
             self.visit(part)
-        self.bind(node.name, "local")
+        self.bind(node.name, "def")
         self._direct.update(node.body)
         self._enter("class", [*getattr(node, "type_params", []), *node.body])
 
@@ -177,19 +189,37 @@ class Binder(ast.NodeVisitor):
             self.bind(node.name, "local")
         self.generic_visit(node)
 
-    def visit_MatchAs(self, node: ast.MatchAs) -> None:
-        if node.name:
-            self.bind(node.name, "local")
-        self.generic_visit(node)
+    def visit_Match(self, node: ast.Match) -> None:
+        self.visit(node.subject)
+        for case in node.cases:
+            self._pattern(case.pattern, node.subject)
+            self.visit(case)
 
-    def visit_MatchStar(self, node: ast.MatchStar) -> None:
-        if node.name:
-            self.bind(node.name, "local")
-
-    def visit_MatchMapping(self, node: ast.MatchMapping) -> None:
-        if node.rest:
-            self.bind(node.rest, "local")
-        self.generic_visit(node)
+    def _pattern(self, pattern: ast.pattern, subject: ast.expr) -> None:
+        """Captures hold the subject, or what a pattern reads from it: `case object(f=g)` binds g to `subject.f`."""
+        self.subjects[pattern] = subject
+        item = ast.Subscript(value=subject, slice=ast.Constant(0), ctx=ast.Load())
+        if isinstance(pattern, ast.MatchAs):
+            if pattern.name:
+                self.bind(pattern.name, "value", expr=subject)
+            if pattern.pattern:
+                self._pattern(pattern.pattern, subject)
+        elif isinstance(pattern, ast.MatchOr):
+            for part in pattern.patterns:
+                self._pattern(part, subject)
+        elif isinstance(pattern, ast.MatchClass):
+            for part in pattern.patterns:  # only `case int(n)` passes, which binds the subject itself
+                self._pattern(part, subject)
+            for attr, part in zip(pattern.kwd_attrs, pattern.kwd_patterns, strict=True):
+                self._pattern(part, ast.Attribute(value=subject, attr=attr, ctx=ast.Load()))
+        elif isinstance(pattern, (ast.MatchSequence, ast.MatchMapping)):
+            for part in pattern.patterns:
+                self._pattern(part, item)
+            rest = pattern.rest if isinstance(pattern, ast.MatchMapping) else None
+            if rest:
+                self.bind(rest, "local")  # a new dict
+        elif isinstance(pattern, ast.MatchStar) and pattern.name:
+            self.bind(pattern.name, "local")  # a new list
 
 
 def _params(args: ast.arguments) -> list[str]:

@@ -20,6 +20,7 @@ _FILES = "reads or writes files"
 _NATIVE = "loads native code"
 _EVAL = "evaluates strings as code"
 _PROCESS = "starts processes"
+MODE = "installs a dispatch mode that sees and can change every torch operation of the process, the harness's too"
 FORBIDDEN_API: dict[str, str] = {
     "torch.hub": "downloads and runs code", "torch.utils.model_zoo": "downloads and runs code",
     "torch.utils.cpp_extension": _NATIVE, "torch.ops.load_library": _NATIVE, "torch.classes": _NATIVE,
@@ -36,6 +37,11 @@ FORBIDDEN_API: dict[str, str] = {
     "torch.multiprocessing": _PROCESS, "torch.distributed.elastic": _PROCESS, "torch.distributed.run": _PROCESS,
     "torch.distributed.launch": _PROCESS, "torch.distributed.launcher": _PROCESS,
     "torch.compiler.load_cache_artifacts": "unpickles bytes", "torch.distributed.FileStore": _FILES,
+    "torch.utils.checkpoint.create_selective_checkpoint_contexts": MODE,
+    "torch.utils.flop_counter.FlopCounterMode": MODE,  # (every mode class is caught by MODE_BASES)
+    "torch.utils.module_tracker": "installs hooks on every module, the harness's included",
+    "torch.distributed.breakpoint": "starts a debugger",
+    "torch.get_device_module": "hands out a module as a value, which the policy could not follow",
     "torch.fx": "generates and runs Python code from strings",
     "torch.ao.quantization.quantize_fx": "generates and runs Python code from strings",
     "torch.cuda.caching_allocator_delete": "frees arbitrary GPU memory",
@@ -59,6 +65,9 @@ FORBIDDEN_API: dict[str, str] = {
     **dict.fromkeys(("warnings.formatwarning", "warnings.showwarning", "warnings.warn_explicit"),
                     "reads source lines from any file"),
 }
+# Torch's mode classes: an instance entered once sees and can rewrite every torch operation of the process. Every
+# subclass is forbidden, whatever name reaches it (torch.utils.checkpoint re-exports TorchDispatchMode).
+MODE_BASES = ("torch.utils._python_dispatch.TorchDispatchMode", "torch.overrides.TorchFunctionMode")
 # Objects that read or call attributes named by a string at run time, whatever name they are reached under.
 DYNAMIC_ATTR_OBJECTS = ("operator.attrgetter", "operator.methodcaller")
 FORBIDDEN_METHODS = {  # on any object
@@ -98,6 +107,21 @@ UNSAFE_MODULE_NAMES = frozenset({"os", "sys", "subprocess", "builtins", "importl
                                  "_thread", "multiprocessing", "runpy", "linecache", "pdb", "pydoc", "mmap",
                                  "tempfile", "zipimport", "pkgutil", "_posixsubprocess", "_imp", "imp", "asyncio",
                                  "shelve"})
+
+# Classes whose objects the harness computes with. A store into an object the policy cannot resolve (a parameter,
+# a call's result) may not use one of their member names: the object could be the class itself (issue 21:
+# `holder.kind.double = …` with `kind = torch.Tensor`). Your own objects are exempt (docs/rules.md, monkeypatch).
+SHARED_CLASSES = ("torch.Tensor", "torch.nn.Parameter", "torch.nn.Module", "torch.optim.Optimizer",
+                  "torch.optim.lr_scheduler.LRScheduler", "torch.autograd.Function", "torch.no_grad",
+                  "torch.enable_grad", "torch.inference_mode", "torch.set_grad_enabled", "torch.autocast")
+# Per-object state that training code sets on parameters and modules through those classes' descriptors.
+INSTANCE_STATE = frozenset({"grad", "data", "requires_grad", "training"})
+# Entering a context by hand can leave it on for the whole process: contexts are entered with `with` only.
+CONTEXT_DUNDERS = frozenset({"__enter__", "__exit__", "__aenter__", "__aexit__"})
+# Builtin classes whose one positional pattern matches the subject itself (`case int(n)`); any other positional
+# pattern reads the attributes that the class's `__match_args__` names, which the source does not show.
+SELF_MATCHING = frozenset({"bool", "bytearray", "bytes", "dict", "float", "frozenset", "int", "list", "set", "str",
+                           "tuple"})
 
 DUNDER = re.compile(r"^__\w+__$")
 DUNDER_IN_TEXT = re.compile(r"(?<![A-Za-z0-9])__[A-Za-z]\w*?__(?![A-Za-z0-9])")

@@ -26,8 +26,9 @@ TIMESTAMP_HEADER = "X-Timestamp"
 SIGNED_HEADERS = (HOTKEY_HEADER, SIGNATURE_HEADER, NONCE_HEADER, TIMESTAMP_HEADER)
 DEFAULT_WINDOW_S = 300.0
 
-# A nonce is one token: the message is colon-separated, so a colon inside it would make messages ambiguous.
-NONCE_PATTERN = r"[A-Za-z0-9._~-]{8,128}"
+# PRISM's rule: any 1-128 printable characters. A colon in a nonce leaves the message unambiguous: the hotkey (ss58)
+# has none, and the timestamp (digits) and body hash (hex) after it have none either.
+NONCE_PATTERN = r"[^\x00-\x1f\x7f]{1,128}"
 TIMESTAMP_PATTERN = r"\d{1,12}(\.\d{1,6})?"
 SIGNATURE_PATTERN = r"(0x)?[0-9a-fA-F]{128}"
 _NONCE, _TIMESTAMP, _SIGNATURE = (re.compile(p) for p in (NONCE_PATTERN, TIMESTAMP_PATTERN, SIGNATURE_PATTERN))
@@ -35,7 +36,8 @@ _SEED = re.compile(r"(0x)?[0-9a-fA-F]{64}")
 
 
 class AuthError(Exception):
-    """A request that fails authentication: `status` is the HTTP answer (401, or 409 for a replayed nonce)."""
+    """A request that fails authentication: `status` is the HTTP answer (401; 400 for an unreadable timestamp and
+    409 for a replayed nonce, as PRISM answers)."""
 
     def __init__(self, rule: str, message: str, status: int = 401) -> None:
         super().__init__(message)
@@ -83,9 +85,9 @@ class SignedHeaders:
         if not _SIGNATURE.fullmatch(signature):
             raise AuthError("auth:bad_signature", "X-Signature must be 64 bytes of hex (with or without 0x)")
         if not _NONCE.fullmatch(nonce):
-            raise AuthError("auth:bad_nonce", "X-Nonce must be 8-128 characters of [A-Za-z0-9._~-]")
+            raise AuthError("auth:bad_nonce", "X-Nonce must be 1-128 printable characters")
         if not _TIMESTAMP.fullmatch(stamp):
-            raise AuthError("auth:bad_timestamp", "X-Timestamp must be Unix seconds")
+            raise AuthError("auth:bad_timestamp", "X-Timestamp must be Unix seconds", status=400)
         skew = float(stamp) - (time.time() if now is None else now)
         if abs(skew) > window_s:
             raise AuthError("auth:stale_timestamp", f"X-Timestamp is {skew:+.0f} s from the server's clock; "

@@ -18,7 +18,8 @@ from pathlib import Path, PurePosixPath
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from prism_ray.config import IntakeLimits
 from prism_ray.errors import BundleError, Reason
@@ -41,8 +42,32 @@ class Entrypoint(BaseModel):
         return f"{self.file}::{self.symbol}"
 
 
+class RoleSection(BaseModel):
+    """PRISM's nested form of one role (docs/miner.md): `entrypoint: file.py` (or `file.py::symbol`), the symbol
+    under any of upstream's keys, and the extra `files` the role uses."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    entrypoint: str | None = None
+    symbol: str | None = Field(default=None, validation_alias=AliasChoices("symbol", "factory", "function", "entry"))
+    files: list[str] = Field(default_factory=list)
+
+    @field_validator("files", mode="before")
+    @classmethod
+    def _one_file(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    def spec(self, default_file: str) -> str:
+        file, _, declared = (self.entrypoint or default_file).partition("::")
+        if self.symbol and declared and self.symbol != declared:
+            raise ValueError(f"entrypoint {self.entrypoint!r} and symbol {self.symbol!r} name different functions")
+        symbol = self.symbol or declared
+        return f"{file}::{symbol}" if symbol else file
+
+
 class BundleConfig(BaseModel):
-    """prism.yaml: two entrypoints (`file.py` or `file.py::symbol`), the tokenizer and a display name."""
+    """prism.yaml: two entrypoints (`file.py` or `file.py::symbol`, or PRISM's nested `entrypoint:` sections), the
+    tokenizer and a display name."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -52,6 +77,30 @@ class BundleConfig(BaseModel):
     name: str | None = None
     version: int | str | None = None
     description: str | None = None
+    kind: Literal["full"] = Field(default="full", description="PRISM's project kind; prism-ray scores full bundles")
+    architecture_id: str | None = Field(default=None, description="PRISM's label; kept, not used")
+    component_files: list[str] = Field(default_factory=list, description="the roles' declared `files`: each must exist")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nested_roles(cls, data: object) -> object:
+        # PRISM's quickstart writes `architecture: {entrypoint: architecture.py}`; the flat string form is the same.
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for role, default_file in (("architecture", "architecture.py"), ("training", "training.py")):
+            section = data.get(role)
+            if isinstance(section, dict):
+                try:
+                    parsed = RoleSection.model_validate(section)
+                    data[role] = parsed.spec(default_file)
+                except ValidationError as error:
+                    raise PydanticCustomError("prism_yaml", "; ".join(
+                        f"{role}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())) from None
+                except ValueError as error:
+                    raise PydanticCustomError("prism_yaml", f"{role}: {error}") from None
+                data["component_files"] = [*data.get("component_files", []), *parsed.files]
+        return data
 
     @field_validator("architecture", "training")
     @classmethod
@@ -320,6 +369,10 @@ def check_contract(files: dict[str, bytes]) -> Bundle:
     if arch.file == train.file:
         reasons.append(Reason(rule="contract:same_file", file=MANIFEST_NAME,
                               message=f"architecture and training must be two files, both are {arch.file}"))
+    for extra in config.component_files:
+        if extra not in files:
+            reasons.append(Reason(rule="contract:missing_file", file=MANIFEST_NAME,
+                                  message=f"prism.yaml lists {extra}, which is missing from the bundle"))
     for role, entry in (("architecture", arch), ("training", train)):
         if entry.file not in files:
             reasons.append(Reason(rule="contract:missing_file", file=entry.file,

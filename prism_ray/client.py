@@ -19,7 +19,7 @@ from bittensor_wallet import Keypair
 
 from prism_ray.auth import HOTKEY_HEADER, sign_request
 
-SETTLED_STATUSES = ("completed", "rejected", "failed", "held", "duplicate")  # held waits for an operator
+SETTLED_STATUSES = ("completed", "rejected", "failed", "held")  # held waits for an operator; a duplicate is rejected
 _FIXED_DATE = (1980, 1, 1, 0, 0, 0)
 
 
@@ -75,7 +75,7 @@ class PrismClient:
 
     def submit(self, source: Path | bytes, filename: str | None = None,
                metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-        """POST the bundle (JSON with base64 code); the answer carries `id`, `status` and `reused`."""
+        """POST the bundle (JSON with base64 code); the answer (200) carries `id`, `status`, `state` and `reused`."""
         if isinstance(source, bytes):
             zipped, default_name = source, "bundle.zip"
         else:
@@ -93,7 +93,9 @@ class PrismClient:
         return self._request("GET", f"/v1/submissions/{submission_id}/curve")
 
     def leaderboard(self, epoch: int | None = None) -> dict[str, Any]:
-        return self._request("GET", "/v1/leaderboard", params={} if epoch is None else {"epoch": epoch})
+        """One epoch's board, or (no `epoch`) every epoch's: the server's default is the current epoch only."""
+        params = {"all_epochs": "true"} if epoch is None else {"epoch": epoch}
+        return self._request("GET", "/v1/leaderboard", params=params)
 
     def wait(self, submission_id: str, poll_s: float = 1.0, timeout_s: float | None = None,
              on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:

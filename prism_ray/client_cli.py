@@ -90,8 +90,9 @@ def print_leaderboard(board: dict[str, Any], console: Console, epoch: int | None
 
 
 def print_submission(status: dict[str, Any], console: Console) -> None:
-    colour = {"completed": "green", "pending": "cyan", "running": "cyan"}.get(status["status"], "yellow")
-    console.print(f"[bold]{status['id']}[/bold]  [bold {colour}]{status['status']}[/bold {colour}] at stage "
+    state = status.get("state", status["status"])  # prism-ray's own status: PRISM's six, or duplicate
+    colour = {"completed": "green", "pending": "cyan", "running": "cyan"}.get(state, "yellow")
+    console.print(f"[bold]{status['id']}[/bold]  [bold {colour}]{state}[/bold {colour}] at stage "
                   f"[bold]{status['stage']}[/bold]" + (f" — {status['name']}" if status.get("name") else ""))
     _print_reasons(status.get("reasons") or [], console)
     table = Table(show_header=False, box=None, pad_edge=False)

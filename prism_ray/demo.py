@@ -71,7 +71,7 @@ def _describe(status: dict[str, Any], byte_budget: int) -> tuple[str, str, int, 
     progress, scores = status.get("progress") or {}, status.get("scores") or {}
     total = progress.get("byte_budget") or byte_budget
     done = progress.get("bytes_scored") or 0
-    state = f"running {status['stage']}" if status["status"] == "running" else status["status"]
+    state = f"running {status['stage']}" if status["status"] == "running" else status.get("state", status["status"])
     if status["status"] == "completed" and scores.get("bpb") is not None:
         return state, f"{done:,}/{total:,} B  bpb {scores['bpb']:.4f}", total, total
     if status.get("reasons") and status["status"] != "pending":

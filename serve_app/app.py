@@ -37,7 +37,7 @@ def create_app(backend: Backend, settings: ApiSettings | None = None) -> FastAPI
     app.include_router(submissions.router(backend, settings, registry))
     app.include_router(leaderboard.router(backend))
     app.include_router(queue.router(backend))
-    app.include_router(weights.router(backend, settings.bearer_token()))
+    app.include_router(weights.router(backend, settings.bearer_token(), settings.challenge_slug))
     app.include_router(health.router(backend, settings, registry))
     app.include_router(pages.router(backend))
     app.mount("/static", pages.static_files(), name="static")

@@ -17,12 +17,12 @@ from prism_ray.store import SubmissionRecord
 from serve_app.models import ErrorBody
 
 ERROR_TEXT = {
+    400: "X-Timestamp is not Unix seconds, or (internal routes) X-Base-Challenge-Slug names another challenge",
     401: "missing, malformed, forged or stale signature / bearer token",
     403: "the hotkey is not registered on the subnet (or not on this server's allow-list); nothing is stored",
     404: "no such submission",
     409: "the nonce was already used by this hotkey (a replay)",
     413: "the body is over max_body_bytes (refused while reading)",
-    415: "the body is neither application/json nor application/zip",
     422: "malformed path or query parameters",
     429: "this hotkey, or this client address, is over its submission rate; see Retry-After",
     503: "the store does not answer",

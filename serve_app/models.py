@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    computed_field,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from prism_ray.backend import RejectionCap
 from prism_ray.errors import Reason
 from prism_ray.registry import RegistrySettings
+from serve_app.wire import PrismStatus
 
 MAX_METADATA_BYTES = 16_384
 
@@ -32,6 +43,9 @@ class ApiSettings(BaseSettings):
         validation_alias=AliasChoices("internal_token", "PRISM_INTERNAL_TOKEN", "PRISM_API_INTERNAL_TOKEN"),
         description="bearer token of /internal routes; unset (and no file): those routes answer 503")
     internal_token_file: Path | None = Field(default=None, description="file holding the bearer token; wins")
+    challenge_slug: str = Field(
+        default="prism", validation_alias=AliasChoices("challenge_slug", "PRISM_API_CHALLENGE_SLUG", "CHALLENGE_SLUG"),
+        description="this challenge's slug on the BASE platform: X-Base-Challenge-Slug must name it")
     timestamp_window_s: float = Field(default=300.0, gt=0, description="accepted |X-Timestamp − now|, seconds")
     nonce_ttl_s: float = Field(default=600.0, gt=0, description="how long a used nonce is remembered, seconds")
     stored_rejections_per_hotkey: int = Field(
@@ -71,7 +85,8 @@ class SubmissionRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")  # PRISM clients may send fields this server does not use
 
-    filename: str = Field(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$", examples=["model.zip"])
+    filename: str = Field(default="bundle.zip", min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$",
+                          examples=["model.zip"])
     code: str = Field(min_length=1, description="the bundle zip, base64", examples=["UEsDBBQAAAAIAAAAIQ..."])
     metadata: dict[str, Any] | None = Field(default=None, description=f"free-form, ≤ {MAX_METADATA_BYTES} bytes "
                                             "as JSON", examples=[{"notes": "rope + swiglu"}])
@@ -95,15 +110,29 @@ class ErrorBody(BaseModel):
     id: str | None = None
     status: str | None = None
 
+    @computed_field(description="the message again, where PRISM's (FastAPI's) clients read it")  # type: ignore[prop-decorator]
+    @property
+    def detail(self) -> str:
+        return self.message
+
+
+STATUS_TEXT = "PRISM's six statuses; a duplicate is `rejected` (its `state` says `duplicate`)"
+STATE_TEXT = "prism-ray's own status: PRISM's six, or `duplicate`"
+
 
 class SubmissionAccepted(BaseModel):
     id: str
-    status: str
+    status: PrismStatus = Field(description=STATUS_TEXT)
+    state: Literal["pending", "running", "completed", "rejected", "failed", "held", "duplicate"] = Field(
+        description=STATE_TEXT)
     stage: str
     hotkey: str
+    epoch_id: int = Field(description="the scoring epoch of its submission time")
+    code_hash: str = Field(description="sha256 of the uploaded zip; empty when no zip was kept (a stored rejection)")
     filename: str | None
     name: str | None
-    created_at: float = Field(description="Unix seconds")
+    created_at: datetime = Field(description="ISO 8601, UTC")
+    created_at_unix: float = Field(description="the same time in Unix seconds")
     reused: bool = Field(description="true: this hotkey already submitted identical code; that submission is returned")
     duplicate_of: str | None = None
     reasons: list[Reason] = Field(default_factory=list)
@@ -147,12 +176,21 @@ class SubmissionStatus(BaseModel):
     filename: str | None
     name: str | None
     tokenizer: str | None
-    status: Literal["pending", "running", "completed", "rejected", "failed", "held", "duplicate"]
+    status: PrismStatus = Field(description=STATUS_TEXT)
+    state: Literal["pending", "running", "completed", "rejected", "failed", "held", "duplicate"] = Field(
+        description=STATE_TEXT)
     stage: str
+    epoch_id: int = Field(description="the scoring epoch of its submission time")
+    code_hash: str = Field(description="sha256 of the uploaded zip; empty when no zip was kept (a stored rejection)")
+    final_score: float | None = Field(default=None, description="scores.final_score, once completed")
+    penalty: float | None = Field(default=None, description="scores.penalty, once completed")
+    error: str | None = Field(default=None, description="why it was not scored: the reasons in one line (failed, "
+                              "rejected, held, duplicate)")
     reasons: list[Reason]
     attempt: int
     max_attempts: int
-    created_at: float
+    created_at: datetime = Field(description="ISO 8601, UTC")
+    created_at_unix: float = Field(description="the same time in Unix seconds")
     updated_at: float
     finished_at: float | None
     duplicate_of: str | None
@@ -188,11 +226,42 @@ class ComputeProfile(BaseModel):
     tokenizer: str | None = None
 
 
+class LossCurveSeries(BaseModel):
+    online_loss: list[float] = Field(description="the online loss of each stretch between two points, nats per byte")
+    covered_bytes_cumulative: list[float]
+    step0_loss: float | None = Field(description="the loss on the first batch, nats per token")
+    baseline_nats: float | None = Field(description="ln(vocab size): a uniform guess's loss, nats per token")
+    points: int
+    downsampled: bool
+
+
+class CurveBpb(BaseModel):
+    prequential_bpb: float | None
+    bits_per_byte: float | None
+
+
+class CurveCompute(BaseModel):
+    gpu_count: int | None
+    device: str | None
+    gpu_tier: str | None
+    model_params: int | None
+    tokens_consumed: int | None
+    estimated_flops: float | None = Field(description="6 · model_params · tokens_consumed")
+    wall_clock_seconds: float | None
+    gpu_hours: float | None
+    peak_vram_bytes: int | None
+    peak_rss_bytes: int | None
+
+
 class Curve(BaseModel):
     id: str
     status: str
     points: list[CurvePoint] = Field(description="cumulative target bytes vs. running bpb, at most 500 points")
     profile: ComputeProfile = Field(description="null fields: what the run never reached (e.g. a failed run)")
+    submission_id: str = Field(description="PRISM's name for `id`")
+    loss_curve: LossCurveSeries = Field(description="PRISM's curve (docs/api.md, PRISM compatibility)")
+    bpb: CurveBpb
+    compute: CurveCompute
 
 
 class QueueEntry(BaseModel):
@@ -233,16 +302,20 @@ class LeaderboardRow(BaseModel):
     audit: Literal["unaudited", "pending", "passed", "failed"] | None = Field(
         default=None, description="the score's re-execution audit; only `passed` earns weight (null: audits are off)")
     submitted_at: float
+    score: float = Field(description="PRISM's name for final_score")
 
 
 class Leaderboard(BaseModel):
-    epoch: int | None = Field(description="the epoch asked for; null: all epochs")
+    epoch: int | None = Field(description="the epoch shown; null: all epochs (`?all_epochs=true`)")
+    epoch_id: int = Field(description="PRISM's name: the epoch shown, else (all epochs) the current one")
+    all_epochs: bool = Field(description="true: every epoch's submissions are ranked")
     computed_at: float
     entries: list[LeaderboardRow]
 
 
 class Epoch(BaseModel):
     epoch: int
+    epoch_id: int = Field(description="PRISM's name for `epoch`")
     starts_at: float
     ends_at: float
     epoch_seconds: int
@@ -258,6 +331,8 @@ class Weights(BaseModel):
     pending_audits: list[str] = Field(default_factory=list, description="board entries whose re-run has not been "
                                       "judged yet: they earn nothing until it passes, so these weights may change")
     dry_run: Literal[True] = Field(default=True, description="weights are served, never set on chain")
+    challenge_slug: str = Field(description="this challenge's slug (the BASE platform checks it)")
+    metadata: dict[str, str] = Field(description="PRISM's metadata: computed_at as ISO 8601")
 
 
 class RegistryStatus(BaseModel):
@@ -281,3 +356,6 @@ class Version(BaseModel):
     name: str
     version: str
     api: str
+    api_version: str = Field(description="the BASE challenge API this server speaks")
+    challenge_version: str = Field(description="the package version, under the BASE platform's name")
+    capabilities: list[str] = Field(description="what the BASE platform may use: get_weights, proxy_routes")

@@ -3,14 +3,19 @@ status, its live progress, its compute profile, its curve, the queue."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from prism_ray.backend import Backend
 from prism_ray.read_model import SubmissionDetail
 from prism_ray.report import RunReport
+from serve_app import wire
+from serve_app.errors import ApiError
 from serve_app.models import (
     ComputeProfile,
     Curve,
+    CurveBpb,
+    CurveCompute,
     CurvePoint,
     Event,
     Progress,
@@ -25,21 +30,42 @@ def submission_status(backend: Backend, detail: SubmissionDetail) -> SubmissionS
     record = detail.record
     run = detail.runs[-1] if detail.runs else None
     report = report_of(run)
+    scored = scores(report) if record.status == "completed" and report is not None else None
+    named = wire.identity(record, backend.settings.scoring)
     return SubmissionStatus(
-        **record.model_dump(include=set(SubmissionStatus.model_fields) - {"scores", "progress", "events"}),
-        scores=scores(report) if record.status == "completed" and report is not None else None,
-        progress=progress(backend, run, report) if run else None,
+        **record.model_dump(include=set(SubmissionStatus.model_fields) - {"scores", "progress", "events", *named}),
+        **named, scores=scored, final_score=scored and scored.final_score, penalty=scored and scored.penalty,
+        error=wire.error_text(record), progress=progress(backend, run, report) if run else None,
         events=[Event(seq=e["seq"], at=e["created_at"], kind=e["kind"], stage=e["stage"], detail=e["detail"])
                 for e in detail.events])
 
 
 def curve(backend: Backend, detail: SubmissionDetail) -> Curve:
-    """The scored attempt's points and the profile of the latest run that has a report (else the latest run)."""
+    """The scored attempt's points and the profile of the latest run that has a report (else the latest run); 404
+    until there are points, as PRISM answers."""
+    points = backend.curve(detail.record.id)
+    if not points:
+        raise ApiError(404, "curve:not_scored", f"{detail.record.id} has no learning curve yet (it is "
+                       f"{detail.record.status}); a curve exists once the run is scored")
     reported = [run for run in detail.runs if run.get("report")]
     run = reported[-1] if reported else (detail.runs[-1] if detail.runs else {})
+    report, shown = report_of(run), profile(backend, run)
+    vocab = report and report.vocab_size
+    gpus = (1 if shown.device.startswith("cuda") else 0) if shown.device else None
     return Curve(id=detail.record.id, status=detail.record.status,
-                 points=[CurvePoint(**point) for point in backend.curve(detail.record.id)],
-                 profile=profile(backend, run))
+                 points=[CurvePoint(**point) for point in points], profile=shown, submission_id=detail.record.id,
+                 loss_curve={**wire.loss_curve(points), "step0_loss": report and report.step0_loss,
+                             "baseline_nats": math.log(vocab) if vocab else None,
+                             "downsampled": (shown.batches or 0) > len(points)},
+                 bpb=CurveBpb(prequential_bpb=report and report.bpb, bits_per_byte=report and report.bpb),
+                 compute=CurveCompute(
+                     gpu_count=gpus, device=shown.device, gpu_tier=None, model_params=shown.model_params,
+                     tokens_consumed=shown.tokens_scored,
+                     estimated_flops=6.0 * shown.model_params * shown.tokens_scored
+                     if shown.model_params and shown.tokens_scored else None,
+                     wall_clock_seconds=shown.wall_seconds,
+                     gpu_hours=gpus * shown.wall_seconds / 3600 if gpus is not None and shown.wall_seconds else None,
+                     peak_vram_bytes=None, peak_rss_bytes=None))
 
 
 def report_of(run: dict[str, Any] | None) -> RunReport | None:

@@ -20,6 +20,15 @@ BYTE_LENGTHS = np.ones(257, dtype=np.int64)
 BYTE_LENGTHS[256] = 0
 
 
+# PRISM's quickstart prism.yaml, verbatim (its miner guide and examples/tiny-1m).
+QUICKSTART_YAML = """architecture:
+  entrypoint: architecture.py
+training:
+  entrypoint: training.py
+tokenizer: gpt2
+"""
+
+
 def bigram_architecture(init: str = "") -> str:
     """The smallest real learner: a [V, V] table of next-token logits; `init` runs at the end of __init__."""
     return f"""

@@ -4,6 +4,7 @@ requests with real sr25519 keys of registered miners, and a small scheduler thre
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -13,6 +14,7 @@ import socket
 import time
 import zipfile
 
+import httpx
 import pytest
 import schemathesis
 import typer
@@ -83,7 +85,7 @@ def test_the_helper_bundle_passes_the_check_trains_and_is_scored(tmp_path):
 def test_a_submission_goes_from_post_to_scores_leaderboard_and_weights(api):
     miner = api.miner()
     accepted = api.submit(miner, bundle_zip("full-path"))
-    assert accepted.status_code == 202, accepted.text
+    assert accepted.status_code == 200, accepted.text
     body = accepted.json()
     assert (body["status"], body["reused"], body["hotkey"]) == ("pending", False, miner.ss58_address)
 
@@ -123,7 +125,7 @@ def test_a_raw_zip_body_is_accepted(api):
     zipped = bundle_zip("raw-zip")
     headers = {"Content-Type": "application/zip", "X-Submission-Filename": "raw.zip", **sign_request(miner, zipped)}
     response = api.http.post("/v1/submissions", content=zipped, headers=headers)
-    assert response.status_code == 202, response.text
+    assert response.status_code == 200, response.text
     assert response.json()["filename"] == "raw.zip"
     assert api.wait_settled(response.json()["id"])["status"] == "completed"
 
@@ -239,27 +241,28 @@ def test_a_broken_bundle_is_answered_422_with_reasons_and_stored(api):
     assert api.backend.get_submission(bad_base64.json()["id"]).status == "rejected"
 
 
-def test_a_malformed_request_is_422_and_an_unknown_media_type_415(api):
+def test_a_malformed_request_is_422_and_any_other_media_type_is_read_as_the_zip(api):
     miner = api.miner()
     body = json.dumps({"filename": "x.zip"}).encode()
     response = api.http.post("/v1/submissions", content=body,
                              headers={"Content-Type": "application/json", **sign_request(miner, body)})
     assert response.status_code == 422 and response.json()["error"] == "request:invalid"
     assert "code" in response.json()["reasons"][0]["message"]
+    assert response.json()["detail"] == response.json()["message"]  # where PRISM's clients read it
     text = b"hello"
     response = api.http.post("/v1/submissions", content=text,
                              headers={"Content-Type": "text/plain", **sign_request(miner, text)})
-    assert response.status_code == 415
+    assert response.status_code == 422 and response.json()["reasons"][0]["rule"] == "intake:not_a_zip"
 
 
 def test_a_hotkey_over_its_rate_is_answered_429_with_retry_after(api_with):
     with api_with(rate_limit_burst=2, rate_limit_per_minute=1) as limited:
         miner, other = limited.miner(), limited.miner()
-        assert [limited.submit(miner, bundle_zip(f"rate-{i}")).status_code for i in range(2)] == [202, 202]
+        assert [limited.submit(miner, bundle_zip(f"rate-{i}")).status_code for i in range(2)] == [200, 200]
         refused = limited.submit(miner, bundle_zip("rate-2"))
         assert refused.status_code == 429 and refused.json()["error"] == "rate_limited"
         assert 1 <= int(refused.headers["Retry-After"]) <= 60
-        assert limited.submit(other, bundle_zip("rate-other")).status_code == 202  # buckets are per hotkey
+        assert limited.submit(other, bundle_zip("rate-other")).status_code == 200  # buckets are per hotkey
 
 
 def test_token_buckets_refill_at_their_rate():
@@ -294,7 +297,7 @@ def test_weights_need_the_bearer_token(api, api_with, monkeypatch):
 def test_replayed_forged_and_stale_requests_are_refused(api):
     miner = api.miner()
     body, headers = signed_json(miner, bundle_zip("replay"))
-    assert api.http.post("/v1/submissions", content=body, headers=headers).status_code == 202
+    assert api.http.post("/v1/submissions", content=body, headers=headers).status_code == 200
     replay = api.http.post("/v1/submissions", content=body, headers=headers)
     assert replay.status_code == 409 and replay.json()["error"] == "auth:replayed_nonce"
 
@@ -312,7 +315,7 @@ def test_dev_auth_mode_is_announced(api_with, caplog):
     with caplog.at_level(logging.WARNING, logger="prism_ray.api"), api_with(auth_mode="dev", registry={}) as dev:  # dev: open by default
         response = dev.http.post("/v1/submissions", content=bundle_zip("dev-mode"),
                                  headers={"Content-Type": "application/zip", "X-Hotkey": "local-miner"})
-        assert response.status_code == 202 and response.headers["X-Prism-Auth"] == "dev"
+        assert response.status_code == 200 and response.headers["X-Prism-Auth"] == "dev"
         assert dev.http.get("/health").headers["X-Prism-Auth"] == "dev"
     assert any("DEV" in record.message for record in caplog.records)
 
@@ -402,3 +405,85 @@ def test_no_generated_request_gets_a_server_error(backend, mode):
                         case.validate_response(response, checks=[response_schema_conformance])
 
                 no_server_error()
+
+
+# --- PRISM's wire format: the answers a real server's conformance run (test_conformance.py) does not reach ---------
+
+def bridge_post(api, zipped: bytes, hotkey: str, **headers: str) -> httpx.Response:
+    """An upload as the BASE platform forwards it: bearer, slug, verified hotkey and nonce, the body's sha256."""
+    base = {"Authorization": f"Bearer {TOKEN}", "X-Base-Challenge-Slug": "prism", "X-Base-Verified-Hotkey": hotkey,
+            "X-Base-Verified-Nonce": os.urandom(6).hex(), "X-Base-Request-Hash": hashlib.sha256(zipped).hexdigest(),
+            "Content-Type": "application/zip", "X-Submission-Filename": "bridged.zip"}
+    return api.http.post("/internal/v1/bridge/submissions", content=zipped,
+                         headers={k: v for k, v in {**base, **headers}.items() if v is not None})
+
+
+def test_the_bridge_checks_token_slug_request_hash_registry_and_nonce(api):
+    miner, zipped = api.miner(), bundle_zip("bridge-checks")
+    refusals = [({"Authorization": None}, 401, "auth:bad_token"),
+                ({"X-Base-Challenge-Slug": "agent-challenge"}, 400, "request:challenge_slug"),
+                ({"X-Base-Challenge-Slug": None}, 400, "request:challenge_slug"),
+                ({"X-Base-Request-Hash": hashlib.sha256(b"another body").hexdigest()}, 400, "request:hash_mismatch"),
+                ({"X-Base-Request-Hash": None}, 400, "request:hash_mismatch"),
+                ({"X-Base-Verified-Hotkey": "not-ss58"}, 422, "request:invalid"),
+                ({"X-Base-Verified-Hotkey": new_keypair().ss58_address}, 403, "registry:unregistered")]
+    for changed, code, error in refusals:
+        response = bridge_post(api, zipped, miner.ss58_address, **changed)
+        assert (response.status_code, response.json()["error"]) == (code, error), (changed, response.text)
+    accepted = bridge_post(api, zipped, miner.ss58_address, **{"X-Base-Verified-Nonce": "base-n1"})
+    assert accepted.status_code == 200 and accepted.json()["hotkey"] == miner.ss58_address, accepted.text
+    assert accepted.json()["filename"] == "bridged.zip"
+    replay = bridge_post(api, bundle_zip("bridge-replay"), miner.ss58_address, **{"X-Base-Verified-Nonce": "base-n1"})
+    assert (replay.status_code, replay.json()["error"]) == (409, "auth:replayed_nonce")
+
+
+def test_internal_routes_check_the_slug_when_sent(api):
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    wrong = api.http.get("/internal/v1/get_weights", headers={**bearer, "X-Base-Challenge-Slug": "other"})
+    assert (wrong.status_code, wrong.json()["error"]) == (400, "request:challenge_slug")
+    assert "detail" in wrong.json()
+    right = api.http.get("/internal/v1/get_weights", headers={**bearer, "X-Base-Challenge-Slug": "prism"})
+    assert right.status_code == 200 and right.json()["challenge_slug"] == "prism"
+    assert api.http.get("/internal/v1/get_weights", headers=bearer).status_code == 200  # prism-ray's own callers
+
+
+def test_a_duplicate_is_rejected_for_prism_clients_and_a_duplicate_in_state(api):
+    first, second, zipped = api.miner(), api.miner(), bundle_zip("copied-whole")
+    original = api.submit(first, zipped).json()
+    copy = api.submit(second, zipped)
+    assert copy.status_code == 200
+    assert (copy.json()["status"], copy.json()["state"], copy.json()["duplicate_of"]) == \
+        ("rejected", "duplicate", original["id"])
+    status = api.http.get(f"/v1/submissions/{copy.json()['id']}").json()
+    assert (status["status"], status["state"]) == ("rejected", "duplicate")
+    assert status["error"].startswith(f"duplicate of {original['id']}") and status["final_score"] is None
+
+
+def test_a_curve_is_404_until_scored_and_a_bad_timestamp_400(api):
+    miner = api.miner()
+    body = json.dumps({"code": "not base64 at all!"}).encode()  # no filename: PRISM's default
+    rejected = api.http.post("/v1/submissions", content=body,
+                             headers={"Content-Type": "application/json", **sign_request(miner, body)}).json()
+    assert rejected["status"] == "rejected" and rejected["id"]
+    curve = api.http.get(f"/v1/submissions/{rejected['id']}/curve")
+    assert (curve.status_code, curve.json()["error"]) == (404, "curve:not_scored")
+    status = api.http.get(f"/v1/submissions/{rejected['id']}").json()
+    assert status["error"].startswith("intake:bad_base64") and status["code_hash"] == ""
+    bad_time = {**sign_request(miner, body), "X-Timestamp": "soon"}
+    response = api.http.post("/v1/submissions", content=body, headers={"Content-Type": "application/json", **bad_time})
+    assert (response.status_code, response.json()["error"]) == (400, "auth:bad_timestamp")
+
+
+def test_the_board_defaults_to_the_current_epoch(api):
+    miner = api.miner()
+    accepted = api.submit(miner, bundle_zip("board-epochs")).json()
+    api.wait_settled(accepted["id"])
+    current = api.http.get("/v1/epochs/current").json()["epoch_id"]
+    board = api.http.get("/v1/leaderboard").json()
+    assert (board["epoch_id"], board["epoch"], board["all_epochs"]) == (current, current, False)
+    row = next(entry for entry in board["entries"] if entry["submission_id"] == accepted["id"])
+    assert row["score"] == row["final_score"]
+    assert api.http.get("/v1/leaderboard", params={"epoch_id": current + 1}).json()["entries"] == []
+    everything = api.http.get("/v1/leaderboard", params={"all_epochs": "true"}).json()
+    assert (everything["epoch"], everything["epoch_id"], everything["all_epochs"]) == (None, current, True)
+    assert accepted["id"] in [entry["submission_id"] for entry in everything["entries"]]

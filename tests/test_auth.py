@@ -118,13 +118,22 @@ def test_a_replayed_nonce_is_refused_with_409(keypair, store):
     assert SignedHeaders.parse(reused).authenticate(BODY, remember(store)) == other.ss58_address
 
 
+@pytest.mark.parametrize("nonce", ["val-n1", "n", "has:colon", "with space", "x" * 128])
+def test_any_printable_nonce_of_1_to_128_characters_signs(keypair, nonce):
+    """PRISM's rule (its own end-to-end harness signs with `val-n1`)."""
+    headers = sign_request(keypair, BODY, nonce=nonce)
+    SignedHeaders.parse(headers).verify(BODY)
+
+
 def test_missing_and_malformed_headers_are_refused(keypair):
     headers = sign_request(keypair, BODY)
     for name in headers:
         assert rejected({k: v for k, v in headers.items() if k != name}).rule == "auth:missing_headers"
     assert rejected({**headers, "X-Hotkey": "not-an-ss58-address"}).rule == "auth:bad_hotkey"
-    assert rejected({**headers, "X-Nonce": "has:colon"}).rule == "auth:bad_nonce"
-    assert rejected({**headers, "X-Timestamp": "yesterday"}).rule == "auth:bad_timestamp"
+    assert rejected({**headers, "X-Nonce": "n" * 129}).rule == "auth:bad_nonce"
+    assert rejected({**headers, "X-Nonce": "tab\there"}).rule == "auth:bad_nonce"
+    bad_time = rejected({**headers, "X-Timestamp": "yesterday"})
+    assert (bad_time.rule, bad_time.status) == ("auth:bad_timestamp", 400)  # PRISM: 400, unlike a stale one (401)
     assert rejected({**headers, "X-Signature": "0x1234"}).rule == "auth:bad_signature"
 
 

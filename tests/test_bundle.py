@@ -9,7 +9,7 @@ import zipfile
 
 import pytest
 
-from conftest import write_bundle
+from conftest import QUICKSTART_YAML, write_bundle
 from prism_ray.bundle import load_bundle
 from prism_ray.config import IntakeLimits
 from prism_ray.errors import BundleError
@@ -105,3 +105,35 @@ def test_custom_entrypoints():
              "prism.yaml": "architecture: model.py::make\ntraining: loop.py::run\n"}
     bundle = load_bundle(zipped(files))
     assert (bundle.config.architecture_entry.symbol, bundle.config.training_entry.file) == ("make", "loop.py")
+
+
+@pytest.mark.parametrize("manifest,expected", [
+    (QUICKSTART_YAML, ("architecture.py::build_model", "training.py::train")),
+    ("architecture:\n  entrypoint: model.py::make\ntraining:\n  entrypoint: loop.py\n  symbol: run\n",
+     ("model.py::make", "loop.py::run")),
+    ("architecture:\n  entrypoint: model.py\n  factory: make\ntraining:\n  entrypoint: loop.py\n  function: run\n",
+     ("model.py::make", "loop.py::run")),
+    ("architecture:\n  entrypoint: model.py\n  entry: make\n  files: helpers.py\ntraining:\n  entry: run\n"
+     "  files: [helpers.py]\nkind: full\narchitecture_id: arch-1\n", ("model.py::make", "training.py::run")),
+    ("architecture: model.py::make\ntraining: loop.py::run\n", ("model.py::make", "loop.py::run")),
+])
+def test_prism_yaml_nested_sections_as_upstream_writes_them(manifest, expected):
+    files = {"architecture.py": ARCH, "training.py": TRAIN + "def run(ctx):\n    pass\n", "model.py": "def make(ctx):\n    pass\n",
+             "loop.py": "def run(ctx):\n    pass\n", "helpers.py": "X = 1\n", "prism.yaml": manifest}
+    config = load_bundle(zipped(files)).config
+    assert (str(config.architecture_entry), str(config.training_entry)) == expected
+
+
+@pytest.mark.parametrize("manifest,says", [
+    ("architecture:\n  entrypoint: architecture.py::build_model\n  symbol: other\n", "name different functions"),
+    ("architecture:\n  entrypoint: [architecture.py]\n", "architecture.entrypoint: Input should be a valid string"),
+    ("training:\n  entrypoint: training.py\n  typo: 1\n", "training.typo: Extra inputs are not permitted"),
+    ("training:\n  entrypoint: training.py\n  files: [missing.py]\n", "prism.yaml lists missing.py"),
+    ("kind: architecture_only\n", "kind: Input should be 'full'"),
+])
+def test_prism_yaml_nested_mistakes_are_typed(manifest, says):
+    with pytest.raises(BundleError) as caught:
+        load_bundle(zipped({**GOOD, "prism.yaml": manifest}))
+    reason = caught.value.reasons[0]
+    assert reason.rule in ("contract:prism_yaml", "contract:missing_file") and reason.file == "prism.yaml"
+    assert says in reason.message, reason.message

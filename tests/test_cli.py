@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLES, write_bundle
+from conftest import EXAMPLES, QUICKSTART_YAML, write_bundle
 from prism_ray.config import EMBEDDED_DATA_DIR
 
 CLI = [sys.executable, "-m", "prism_ray.cli"]
@@ -46,6 +46,16 @@ def test_examples_score_on_embedded_data(example, cache_dir):
                 "seed", "step0_loss", "wall_seconds", "tokens_per_second"):
         assert report[key] is not None, key
     assert (Path(report["run_dir"]) / "report.json").is_file()
+
+
+def test_the_prism_quickstart_bundle_scores(tmp_path, cache_dir):
+    """PRISM's quickstart: its prism.yaml verbatim, its TinyModel (seed-tiny's architecture.py) and a plain loop."""
+    bundle = tmp_path / "quickstart"
+    shutil.copytree(EXAMPLES / "seed-tiny", bundle)
+    (bundle / "prism.yaml").write_text(QUICKSTART_YAML)
+    code, report, _ = eval_json(str(bundle), "--byte-budget", "5000", cache_dir=cache_dir)
+    assert code == 0, report
+    assert (report["status"], report["tokenizer"]) == ("completed", "gpt2") and 0 < report["final_score"] < 1
 
 
 def test_rejected_bundle_exits_1_with_reasons(tmp_path, cache_dir):

@@ -395,7 +395,7 @@ def check_submit(done: Done, ws: Workspace) -> None:
         assert state["status"] == "completed" and state["scores"]["bpb"] > 0, state
         assert re.search(rf"{state['id']} +completed at stage score", done.stdout), done
     else:  # accepted without waiting: the id alone on stdout
-        assert done.stdout.strip() == state["id"] and state["status"] in ("pending", "duplicate"), done
+        assert done.stdout.strip() == state["id"] and state["state"] in ("pending", "duplicate"), done
 
 
 def check_status(done: Done, ws: Workspace) -> None:

@@ -116,7 +116,7 @@ def test_forged_stale_replayed_and_wrong_body_signatures_are_refused(http):
     miner = new_keypair()
     body, headers = signed_json(miner, bundle_zip("replay", training="def train(ctx):\n    import os\n"))
     first = http.post("/v1/submissions", content=body, headers=headers)
-    assert first.status_code == 202, first.text
+    assert first.status_code == 200, first.text
     replayed = http.post("/v1/submissions", content=body, headers=headers)
     assert replayed.status_code == 409 and replayed.json()["error"] == "auth:replayed_nonce"
 
@@ -157,7 +157,7 @@ def test_oversized_broken_and_too_frequent_posts_get_413_422_and_429(http):
     limited = post(http, miner, bundle_zip("one-too-many"))
     assert limited.status_code == 429 and limited.json()["error"] == "rate_limited"
     assert 1 <= int(limited.headers["Retry-After"]) <= 60
-    assert post(http, new_keypair(), bundle_zip("rate-other", training=FORBIDDEN_IMPORT)).status_code == 202
+    assert post(http, new_keypair(), bundle_zip("rate-other", training=FORBIDDEN_IMPORT)).status_code == 200
 
 
 def test_a_server_with_public_submissions_off_answers_404(service, http):
@@ -191,13 +191,13 @@ def test_200_concurrent_posts_are_all_stored_once_and_all_reach_a_terminal_state
             ThreadPoolExecutor(32) as pool:
         responses = list(pool.map(lambda request: client.post("/v1/submissions", content=request[0],
                                                               headers=request[1]), requests))
-    expected = [422 if n % 10 == 1 else 202 for n in range(200)]
+    expected = [422 if n % 10 == 1 else 200 for n in range(200)]
     assert [response.status_code for response in responses] == expected, [r.text for r in responses if
                                                                           r.status_code >= 500][:3]
     ids = [response.json()["id"] for response in responses]
     assert len(set(ids)) == 200
     accepted = [(response, miner) for response, miner in zip(responses, miners, strict=True)
-                if response.status_code == 202]
+                if response.status_code == 200]
     assert all(response.json()["hotkey"] == miner.ss58_address for response, miner in accepted)
 
     states = settle(http, ids, timeout=600)

@@ -11,6 +11,8 @@ from prism_ray.registry import Registry
 from serve_app.errors import ApiError, responses
 from serve_app.models import ApiSettings, Health, RegistryStatus, Version
 
+BASE_API_VERSION = "1.0"  # the BASE platform's challenge API: /health, /version, /internal/v1/* (docs/api.md)
+
 
 def router(backend: Backend, settings: ApiSettings, registry: Registry) -> APIRouter:
     meta = APIRouter(tags=["meta"])
@@ -29,7 +31,9 @@ def router(backend: Backend, settings: ApiSettings, registry: Registry) -> APIRo
 
     @meta.get("/version", response_model=Version)
     def get_version() -> Version:
-        """The server's name, package version and API version."""
-        return Version(name="prism-ray", version=version("prism-ray"), api="v1")
+        """The server's name, package version and API version; `api_version` and `capabilities` are what the BASE
+        platform checks before it marks the challenge ready."""
+        return Version(name="prism-ray", version=version("prism-ray"), api="v1", api_version=BASE_API_VERSION,
+                       challenge_version=version("prism-ray"), capabilities=["get_weights", "proxy_routes"])
 
     return meta

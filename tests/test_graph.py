@@ -65,7 +65,7 @@ def exported(model: nn.Module, tokens: torch.Tensor) -> tuple[GraphFile, dict, l
     tensors = state_tensors(model)
     file, constants = export_forward(model, tokens, {id(t): name for name, t in tensors})
     file = GraphFile.model_validate_json(file.model_dump_json())  # through the wire format
-    return file, {c.name: v for c, v in zip(file.constants, constants)}, [t for _, t in tensors], \
+    return file, {c.name: v for c, v in zip(file.constants, constants, strict=True)}, [t for _, t in tensors], \
         [name for name, _ in tensors]
 
 

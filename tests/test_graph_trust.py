@@ -10,7 +10,6 @@ import math
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from conftest import bigram_architecture, byte_stream, train_on_stream, write_bundle

@@ -73,6 +73,8 @@ class TrainerHarness:
         if self.stream_started:
             raise self.fail("run:stream_reused", "ctx.iter_train_batches may be called once per run")
         self.stream_started = True
+        if tokenizer is not None and not isinstance(tokenizer, str):  # ctx.reference_tokenizer(...), as upstream
+            tokenizer = getattr(tokenizer, "name", tokenizer)
         if tokenizer is not None and tokenizer != self.spec["tokenizer"]:
             raise self.fail("contract:tokenizer", f"iter_train_batches(tokenizer={tokenizer!r}) does not match "
                             f"the bundle's tokenizer {self.spec['tokenizer']!r} (set it in prism.yaml)")

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class Reader(abc.ABC):
+class Reader(abc.ABC):  # noqa: B024
     __match_args__ = ("_" * 2 + "globals" + "_" * 2,)
 
 

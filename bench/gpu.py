@@ -207,7 +207,9 @@ class BareContext:
         for index, (host, targets) in enumerate(self.batches):
             tokens = host.to(self.device, non_blocking=True)
             if self.extra_forward:  # the scorer's per-batch work, its host sync included
-                self.recorded += -float(target_log_probs(model, tokens, self.vocab_size).double().sum())
+                with torch.no_grad():
+                    logits = model(tokens)
+                self.recorded += -float(target_log_probs(logits, tokens[:, 1:]).double().sum())
             batch = SimpleNamespace(tokens=tokens, index=index, logits=None, loss=None)
             if with_logits:  # what the trainer harness computes for with_logits=True
                 batch.logits = model(tokens)

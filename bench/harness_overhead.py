@@ -1,5 +1,6 @@
 """Harness overhead on CPU: bare PyTorch loops vs. `prism-ray eval` on tiny-gpt, GPT-2 tokens, the embedded data,
-with the harness of this checkout and the one before the scorer process (commit eef77f1), in one run.
+with the harness of this checkout (the exported graph in a trusted scorer) and the previous one (commit ce813fd: a
+scorer and a forked prober that ran architecture.py), in one run.
 
 Rows (same model, optimizer, geometry and batches everywhere; every eval with the LLM gate off):
 - bare loop: forward + backward + step, nothing else;
@@ -8,9 +9,9 @@ Rows (same model, optimizer, geometry and batches everywhere; every eval with th
 - eval, own forward: examples/tiny-gpt with the loss written in training.py (the way most miners write a loop);
 - eval, with_logits: examples/tiny-gpt as shipped. The trainer runs its forward with graph and the scorer scores
   its own snapshot anyway, so this path pays a forward too: it is compared with both bare rows;
-- the two eval rows with causality probes off (`causality_probe_rows=0`), so the probes' own cost shows;
-- the old path: both loops through commit eef77f1's eval (exported with `git archive`, its own cache dir; it scored
-  inside the runner, one forward for with_logits). "scorer process cost" = new ÷ old.
+- the two eval rows with causality probes off (`causality_probe_every=0`), so the probes' own cost shows;
+- the previous path: both loops through commit ce813fd's eval (exported with `git archive`, its own cache dir; its
+  scorer imported architecture.py and a forked prober ran one probe row per batch). "trusted scorer cost" = new ÷ old.
 
 Every variant runs in a fresh process (bare loops: in the runners' environment, `runner_env`; evals: through
 bench/eval_driver.py, with this checkout's or the old tree first on PYTHONPATH), interleaved, the order rotated
@@ -23,7 +24,8 @@ Two figures per variant:
   measures the share the scheduler gave, CPU time the work done; read the ratios of the second when the load
   average is above the core count. CPU ratios are written speed-like: base cost ÷ variant cost.
 
-Targets (issues #14, #16): own forward ÷ bare+fwd ≥ 0.97; with_logits ÷ bare ≥ 0.97; new ÷ old ≥ 0.95.
+Targets: own forward ÷ bare+fwd ≥ 0.97; with_logits ÷ bare ≥ 0.97; new ÷ old ≥ 1.0 (the trusted scorer costs no
+more than the previous scorer + prober).
 
     python bench/harness_overhead.py [--byte-budget 24000] [--rounds 3] [--quick] [--no-old]
 """
@@ -47,7 +49,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "tiny-gpt"
 DRIVER = REPO / "bench" / "eval_driver.py"
-OLD_COMMIT = "eef77f1"  # the last harness that scored inside the runner running training.py
+OLD_COMMIT = "ce813fd"  # the last harness whose scorer and prober ran architecture.py
 BATCH, LENGTH = 8, 128
 HELDOUT_BYTES = 1  # one batch per held-out pass: it runs after the stream and is not timed, so keep it short
 OWN_LOSS = '''
@@ -106,7 +108,9 @@ def bare_child(job: dict) -> None:
     started = time.perf_counter()
     for step, (tokens, count) in enumerate(batches):
         if job["extra_forward"]:  # exactly the scorer's per-batch computation, its record included
-            recorded += -float(target_log_probs(model, tokens, stream.vocab_size).double().sum())
+            with torch.no_grad():
+                logits = model(tokens)
+            recorded += -float(target_log_probs(logits, tokens[:, 1:]).double().sum())
         for group in optimizer.param_groups:
             group["lr"] = 3e-3 * min(1.0, (step + 1) / 20)
         logits = model(tokens)
@@ -195,7 +199,7 @@ def main() -> None:
         # the cache (run dirs included) sits outside the trees: the old sandbox hides a cache inside a bound dir
         env = {**os.environ, "PRISM_GATE_MODE": "off", "PRISM_CACHE_DIR": str(cache),
                "PRISM_BYTE_BUDGET": str(args.byte_budget), "PRISM_SCORING_HELDOUT_BYTE_BUDGET": str(HELDOUT_BYTES)}
-        no_probes = {**env, "PRISM_CAUSALITY_PROBE_ROWS": "0"}
+        no_probes = {**env, "PRISM_CAUSALITY_PROBE_EVERY": "0", "PRISM_CAUSALITY_PROBE_ROWS": "0"}  # new, old
         threads = settings.runner_threads or len(os.sched_getaffinity(0))
         job = {"cache_dir": str(cache), "byte_budget": args.byte_budget, "seed": settings.seed,
                "max_seq_len": settings.max_seq_len, "threads": threads}

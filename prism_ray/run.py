@@ -23,7 +23,7 @@ from prism_ray.config import EMBEDDED_DATA_DIR, Settings
 from prism_ray.data.dataset import LockedDataset, open_dataset
 from prism_ray.data.token_cache import load_token_stream
 from prism_ray.data.tokenizers import get_tokenizer
-from prism_ray.errors import PrismError
+from prism_ray.errors import PrismError, Reason
 from prism_ray.harness.isolation import SandboxPolicy
 from prism_ray.harness.records import EvalPass, PassResult, Progress, RunSpec, TrainOutcome
 from prism_ray.harness.session import run_session
@@ -102,12 +102,16 @@ def train(bundle: Bundle, settings: Settings, run_dir: Path,
                                  heldout_time_limit=settings.heldout_time_limit)
     if result.outcome.status == "completed":
         result.heldout = heldout.result(result.outcome)
+        if result.heldout.status == "failed":  # never "scored on bpb alone" when the dataset has a val split
+            result.outcome.status = "failed"
+            result.outcome.reasons = list(result.heldout.reasons)
     return result
 
 
 class _HeldoutPlan:
     """Which held-out passes a completed run gets, and what their results mean. Never silent: the status says
-    why a pass did not run, and the score then rests on bpb alone."""
+    why a pass did not run (a dataset without a usable val split: the score rests on bpb alone), and a pass that
+    failed fails the run."""
 
     def __init__(self, dataset: LockedDataset, train_tokens: np.ndarray, settings: Settings, tokenizer: str):
         self.dataset, self.train_tokens, self.settings, self.tokenizer = dataset, train_tokens, settings, tokenizer
@@ -122,7 +126,7 @@ class _HeldoutPlan:
             val = load_token_stream(self.dataset, "val", self.tokenizer, self.settings.cache_dir)
         except PrismError as error:
             self.skipped = HeldoutResult(status="failed", reasons=error.reasons, message=f"held-out: failed "
-                                         f"({error.rule}); scored on bpb alone")
+                                         f"({error.rule}); the run is not scored")
             return []
         batch_size, seq_len = outcome.batch_size, outcome.seq_len
         if not StreamPlan(val.tokens, val.byte_lengths, batch_size, seq_len, 0).available_batches:
@@ -144,9 +148,10 @@ class _HeldoutPlan:
             return self.skipped.model_copy(update={"seconds": outcome.heldout_seconds})
         if outcome.heldout_reasons or outcome.heldout is None:
             reasons = outcome.heldout_reasons
-            rule = reasons[0].rule if reasons else "run:heldout"
+            if not reasons:
+                reasons = [Reason(rule="run:heldout_failed", message="the held-out passes gave no result")]
             return HeldoutResult(status="failed", reasons=reasons, seconds=outcome.heldout_seconds,
-                                 message=f"held-out: failed ({rule}); scored on bpb alone")
+                                 message=f"held-out: failed ({reasons[0].rule}); the run is not scored")
         passed: dict[str, PassResult] = outcome.heldout
         bpb = {name: scoring.bits_per_byte(p.nats, p.bytes) for name, p in passed.items()}
         delta = bpb["val_twin"] - bpb["val_trained"]

@@ -100,7 +100,7 @@ def test_tensor_subclass_logits_are_refused(bundle_factory, tmp_path):
         .replace("class Bigram", "class Sneaky(torch.Tensor):\n    pass\n\nclass Bigram")
     outcome = run(bundle_factory, tmp_path, loop("model = ctx.build_model()"), architecture=architecture)
     assert outcome.status == "failed"
-    assert outcome.reasons[0].rule == "run:bad_logits"
+    assert outcome.reasons[0].rule == "contract:not_exportable"  # a subclass's own code cannot become a graph
 
 
 def test_parameter_cap(bundle_factory, tmp_path):
@@ -143,6 +143,7 @@ def test_an_architecture_that_raises_before_any_data_names_its_file_and_line(bun
 def test_a_run_is_three_sandboxed_interpreters_and_the_scorer_holds_no_bundle(bundle_factory, tmp_path):
     """A run starts three sandboxed interpreters: the exporter (architecture.py only), the trusted scorer (no bundle
     file at all: its sandbox binds neither bundle copy) and the trainer; none holds another's process."""
+    import os
     import subprocess
     import threading
 
@@ -156,7 +157,7 @@ def test_a_run_is_three_sandboxed_interpreters_and_the_scorer_holds_no_bundle(bu
     while thread.is_alive():
         listing = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
         table = {int(pid): (int(ppid), args) for pid, ppid, args in (line.split(None, 2) for line in listing.splitlines())}
-        ours = {pid for pid, (_, args) in table.items() if args.split()[0].endswith("bwrap") and str(tmp_path) in args}
+        ours = {pid for pid, (ppid, args) in table.items() if args.split()[0].endswith("bwrap") and ppid == os.getpid()}
         sandboxes.update({pid: table[pid][1] for pid in ours})
         for pid, (ppid, args) in table.items():
             argv, ancestor = args.split(), ppid

@@ -257,10 +257,12 @@ def build_model(ctx):
 
 
 @pytest.mark.parametrize("rule", sorted(PEEKERS))
-def test_a_model_that_tells_probes_from_scoring_is_still_caught(bundle_factory, tmp_path, rule):
+def test_a_model_that_tells_probes_from_scoring_is_still_caught(bundle_factory, tmp_path, honest, rule):
+    """Python state in forward is fixed when the exporter traces it: the graph either peeks (caught), cannot be
+    traced (a data-dependent `float(...)`), or is the honest model, which gains nothing."""
     architecture = PEEKER.replace("        RULE\n", PEEKERS[rule]) + PEEKER_FOOTER
     outcome = run(bundle_factory, tmp_path, trainer(), architecture=architecture)
-    assert outcome.status == "failed", f"{rule} was not caught: bpb {bpb(outcome):.3f}"
-    assert outcome.reasons[0].rule == "run:non_causal"
-    if rule == "late_cheat":  # honest at first, so caught on the first batch it cheats, not at instantiation
-        assert 8 <= outcome.batches <= 12
+    if outcome.status == "completed":
+        assert bpb(outcome) >= bpb(honest) - 1e-9, f"{rule} gained: bpb {bpb(outcome):.3f}"
+    else:
+        assert outcome.reasons[0].rule in ("run:non_causal", "contract:not_exportable"), outcome.reasons

@@ -1,8 +1,8 @@
 """What miner code sees in a runner: `ctx`, the batches, the PRISM interface module, and the forced seed.
 
-Shared by the two sandboxed processes (the trainer runs training.py, the scorer only architecture.py); neither
-trusts anything here to decide a score on its own — the trusted parent checks what the scorer reports and the
-trainer reports nothing that counts (docs/architecture.md, "Trust boundaries").
+Used by the sandboxed processes that run miner code (the trainer runs training.py, the exporter only
+architecture.py); nothing here decides a score: the trusted scorer runs the exported graph, and the trainer reports
+nothing that counts (docs/architecture.md, "Trust boundaries").
 """
 
 from __future__ import annotations

@@ -145,7 +145,7 @@ class Scorer:
             raise self.fail("run:forward_failed", f"the exported forward raised on random tokens: "
                             f"{type(error).__name__}: {str(error)[:1500]}") from None
         self._check_logits(first, batch_size, seq_len)
-        if first.dtype != second.dtype or not torch.equal(first, second):
+        if first.dtype != second.dtype or not _bitwise_equal(first, second):
             raise self.fail("run:nondeterministic", "two calls of the exported forward on the same input gave "
                             "different logits: the scored forward must be a deterministic function of its input")
         self.channel.send_json(Kind.INFO, {"model_params": self.model_params,
@@ -272,6 +272,12 @@ class Scorer:
                 raise self.fail("run:heldout_failed", str(error)) from None
             nats = -float(log_probs.double().sum())
             self.channel.send_record(index, nats if math.isfinite(nats) else 0.0, math.isfinite(nats))
+
+
+def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit (NaN where NaN was): what a deterministic function gives twice."""
+    return a.shape == b.shape and torch.equal(a.contiguous().view(-1).view(torch.uint8),
+                                              b.contiguous().view(-1).view(torch.uint8))
 
 
 def _read_blob(fd: int, size: int) -> np.ndarray | None:

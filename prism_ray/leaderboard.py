@@ -79,24 +79,52 @@ def priority_margin(head_start: float, settings: ScoringSettings) -> float:
     return settings.priority_epsilon * max(0.0, 1.0 - head_start / settings.priority_decay_seconds)
 
 
+_BLOCK = 64  # rows per block of the placed list (see ranked)
+
+
 def ranked(rows: Iterable[ScoreRow], settings: ScoringSettings) -> list[ScoreRow]:
     """Rows best first under time priority. They are placed in order of submission (time, then id); each new row
     moves up past the rows it beats by their margin and stops below the first one it does not. So a later row sits
     above an earlier one only if it beat it by the margin, and with a zero margin this is final_score desc →
-    earliest → id."""
-    placed: list[ScoreRow] = []
+    earliest → id.
+
+    The placed rows are kept in blocks with their best score: a block whose best score times (1 + ε0) is below the
+    new row's is beaten whole and skipped, so a board of thousands is placed in milliseconds, not O(n²) compares."""
+    blocks: list[list[tuple[float, float, ScoreRow]]] = []
+    tops: list[float] = []
+    ceiling = 1.0 + settings.priority_epsilon
     for row in sorted(rows, key=_arrival):
-        seconds = epoch_seconds_of(row.submitted_at)
-        at = len(placed)
-        while at and _beats(row.final_score or 0.0, placed[at - 1], seconds, settings):
-            at -= 1
-        placed.insert(at, row)
-    return placed
+        score, at = row.final_score or 0.0, epoch_seconds_of(row.submitted_at)
+        where = _lowest_unbeaten(blocks, tops, score, at, ceiling, settings)
+        if where is None:  # it beats every placed row
+            where = (0, 0)
+            if not blocks:
+                blocks.append([])
+                tops.append(score)
+        number, index = where
+        block = blocks[number]
+        block.insert(index, (score, at, row))
+        tops[number] = max(tops[number], score)
+        if len(block) > 2 * _BLOCK:
+            blocks[number:number + 1] = [block[:_BLOCK], block[_BLOCK:]]
+            tops[number:number + 1] = [max(entry[0] for entry in part) for part in blocks[number:number + 2]]
+    return [entry[2] for block in blocks for entry in block]
 
 
-def _beats(score: float, earlier: ScoreRow, seconds: float, settings: ScoringSettings) -> bool:
-    margin = priority_margin(seconds - epoch_seconds_of(earlier.submitted_at), settings)
-    return score > (earlier.final_score or 0.0) * (1.0 + margin)
+def _lowest_unbeaten(blocks: list[list[tuple[float, float, ScoreRow]]], tops: list[float], score: float, at: float,
+                     ceiling: float, settings: ScoringSettings) -> tuple[int, int] | None:
+    """(block, index) just below the lowest placed row the new one does not beat by its margin; None if none."""
+    for number in range(len(blocks) - 1, -1, -1):
+        if tops[number] * ceiling < score:  # no margin reaches ε0: the whole block is beaten
+            continue
+        block = blocks[number]
+        for index in range(len(block) - 1, -1, -1):
+            earlier_score, earlier_at, _ = block[index]
+            if earlier_score * ceiling < score:  # beaten whatever its margin
+                continue
+            if earlier_score >= score or not score > earlier_score * (1.0 + priority_margin(at - earlier_at, settings)):
+                return number, index + 1
+    return None
 
 
 def weights(rows: Iterable[ScoreRow], settings: ScoringSettings | None = None,

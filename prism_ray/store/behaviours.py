@@ -55,7 +55,8 @@ class Behaviours:
                 now: float) -> tuple[str, str, str, dict[str, Any]] | None:
         """Make `original` the run's original; update its copy link (and note) if that changes it. The event of the
         change, if any."""
-        self.db.execute("UPDATE behaviours SET original = ? WHERE submission_id = ?", [original["id"], row["id"]])
+        if row["original"] != original["id"]:
+            self.db.execute("UPDATE behaviours SET original = ? WHERE submission_id = ?", [original["id"], row["id"]])
         wanted = original["id"] if original["hotkey"] != row["hotkey"] else None
         if row["linked"] == wanted or (row["linked"] is None and row["copy_of"] is not None):
             return None

@@ -20,7 +20,8 @@ def router(backend: Backend) -> APIRouter:
 
     @board.get("/v1/leaderboard", response_model=Leaderboard, responses=responses(422))
     def get_leaderboard(epoch: EpochQuery = None) -> Response:
-        """Best completed submission per hotkey, by final_score; ties → earliest submission."""
+        """Best completed submission per hotkey, by final_score with time priority (a later submission passes an
+        earlier one only by a margin, docs/scoring.md); ties → earliest submission."""
         # Serialised once per change of the board: a read is then a cache lookup (`computed_at` says when).
         body = backend.reads.cached(("board", "json", epoch), lambda: _render(backend, epoch))
         return Response(body, media_type="application/json")

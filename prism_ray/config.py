@@ -85,6 +85,13 @@ class ScoringSettings(BaseSettings):
     weights_mode: Literal["per_hotkey", "two_tier"] = "per_hotkey"
     two_tier_split: tuple[float, float] = Field(default=(0.60, 0.40),
                                                 description="(architecture owner, best training variant's owner)")
+    priority_epsilon: float = Field(default=0.005, ge=0, le=0.5, description="time priority: a later submission "
+                                    "ranks above an earlier one only if its final score is higher by more than this "
+                                    "fraction (at age 0; 0 = off)")
+    priority_decay_seconds: float = Field(default=7 * 86_400, gt=0, description="time priority: the margin falls "
+                                          "linearly to 0 as the earlier submission's head start grows to this")
+    copy_batches: int = Field(default=8, ge=1, description="copies by behaviour: runs whose first this many "
+                              "per-batch losses agree are the same learner")
 
     @field_validator("two_tier_split")
     @classmethod

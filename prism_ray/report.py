@@ -102,6 +102,8 @@ class RunReport(BaseModel):
     tokens_per_second: float | None = None
     run_dir: str | None = None
     curve: list[dict[str, float]] = Field(default_factory=list)
+    head_nats: list[float] = Field(default_factory=list, description="the first per-batch nats (ScoringSettings."
+                                   "copy_batches of them), exactly as scored: copies by behaviour (docs/scoring.md)")
 
     @property
     def ok(self) -> bool:
@@ -160,4 +162,5 @@ def assemble(result: TrainResult, bundle_sha256: str, name: str, settings: Setti
         tokens_per_second=targets / outcome.stream_seconds if outcome.stream_seconds > 0 else None,
         run_dir=result.run_dir,
         curve=scoring.learning_curve(outcome.batch_nats, outcome.batch_bytes, settings.curve_points),
+        head_nats=list(outcome.batch_nats[:settings.scoring.copy_batches]),
     )

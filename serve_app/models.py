@@ -196,7 +196,8 @@ class SubmissionStatus(BaseModel):
     duplicate_of: str | None
     architecture_family: str | None = None
     copy_of: str | None = Field(default=None, description="copy:duplicate: another hotkey's earlier submission of the "
-                                "same code (up to names, layout, comments); this one earns no weight")
+                                "same code (up to names, layout, comments) or with the same first per-batch losses "
+                                "(the same learner); this one earns no weight")
     near_copy_of: str | None = Field(default=None, description="copy:near: another hotkey's earlier submission that "
                                      "differs from this one only in numeric literals")
     notes: list[Reason] = Field(default_factory=list, description="typed notes kept whatever the status (copy:*)")

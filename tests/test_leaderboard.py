@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from prism_ray.config import ScoringSettings
 from prism_ray.errors import BundleError
 from prism_ray.fingerprint import architecture_family
-from prism_ray.leaderboard import ScoreRow, epoch_of, leaderboard, weights
+from prism_ray.leaderboard import ScoreRow, epoch_of, epoch_seconds_of, leaderboard, priority_margin, weights
 
 TWO_TIER = ScoringSettings(weights_mode="two_tier")
 DAY = 86_400.0
@@ -152,6 +152,82 @@ def test_epochs_have_configurable_length_and_filter_the_board():
     assert board_ids(rows, epoch=1) == ["b", "c"]
     assert board_ids(rows, epoch=5) == []
     assert weights(rows, epoch=1) == pytest.approx({"bob": 5 / 9, "alice": 4 / 9})
+
+
+
+# --- time priority (docs/scoring.md, "The leaderboard") -------------------------------------------------------------
+
+PRIORITY = ScoringSettings(priority_epsilon=0.01, priority_decay_seconds=10 * DAY)
+
+
+@pytest.mark.parametrize(("later_score", "expected"), [(0.5044, ["early", "late"]), (0.5046, ["late", "early"])],
+                         ids=["by-less-than-the-margin", "by-more"])
+def test_a_later_submission_passes_an_earlier_one_only_by_the_margin(later_score, expected):
+    # bob's run comes 1 day after alice's: the margin is 0.01 · (1 − 1/10) = 0.9%, i.e. a score above 0.5045.
+    rows = [row("early", "alice", 0.5, at=0), row("late", "bob", later_score, at=DAY)]
+    assert priority_margin(DAY, PRIORITY) == pytest.approx(0.009)
+    assert board_ids(rows, settings=PRIORITY) == expected
+    assert board_ids(rows, settings=ScoringSettings(priority_epsilon=0)) == ["late", "early"]  # no priority: by score
+
+
+def test_the_margin_decays_with_the_earlier_submissions_head_start():
+    assert [priority_margin(age, PRIORITY) for age in (0, DAY, 5 * DAY, 10 * DAY, 30 * DAY)] == pytest.approx(
+        [0.0, 0.009, 0.005, 0.0, 0.0])  # 0 at age 0: rows submitted together are compared on score alone
+    late = 0.5 * 1.006  # 0.6% better: enough against a head start of 5 days (0.5%), not of 2 days (0.8%)
+    assert board_ids([row("early", "alice", 0.5, at=0), row("late", "bob", late, at=2 * DAY)],
+                     settings=PRIORITY) == ["early", "late"]
+    assert board_ids([row("early", "alice", 0.5, at=0), row("late", "bob", late, at=5 * DAY + 1)],
+                     settings=PRIORITY) == ["late", "early"]
+    assert board_ids([row("early", "alice", 0.5, at=0), row("late", "bob", 0.5000001, at=10 * DAY)],
+                     settings=PRIORITY) == ["late", "early"]  # once fully decayed, any better score passes
+
+
+def test_the_default_margin_protects_an_original_from_a_slightly_better_perturbed_copy():
+    rows = [row("original", "alice", 0.40, at=0), row("perturbed", "bob", 0.40 * 1.004, at=3600)]
+    assert board_ids(rows) == ["original", "perturbed"]
+    assert board_ids(rows, settings=TWO_TIER)[0] == "original" and weights(rows, TWO_TIER) == {"alice": 1.0}
+
+
+def test_a_hotkeys_own_resubmission_replaces_its_entry_only_by_the_margin():
+    # alice's tweak is 0.2% better than her first run: her entry stays the first run, which keeps its place
+    # above bob's (submitted between the two), as her tweak would not.
+    rows = [row("a1", "alice", 0.500, at=0), row("b1", "bob", 0.5009, at=DAY), row("a2", "alice", 0.501, at=2 * DAY)]
+    assert board_ids(rows, settings=PRIORITY) == ["a1", "b1"]
+    assert board_ids([*rows, row("a3", "alice", 0.52, at=3 * DAY)], settings=PRIORITY) == ["a3", "b1"]
+
+
+def test_a_later_row_cannot_jump_a_row_it_does_not_beat():
+    # carol beats alice's old run by its (decayed) margin but not bob's fresh one, which sits below alice's:
+    # she stays below bob, so every later row above an earlier one has beaten it by the margin.
+    rows = [row("a", "alice", 0.500, at=0), row("b", "bob", 0.499, at=9 * DAY), row("c", "carol", 0.5008, at=9 * DAY + 1)]
+    assert board_ids(rows, settings=PRIORITY) == ["a", "b", "c"]
+
+
+scores = st.sampled_from([0.0, 0.3, 0.5, 0.5005, 0.502, 0.51, 0.6])
+timed_rows = st.lists(st.tuples(st.sampled_from(["h1", "h2", "h3", "h4", "h5"]), scores,
+                                st.sampled_from([0.0, 3600.0, DAY, 4 * DAY, 12 * DAY])), max_size=10).map(
+    lambda specs: [row(f"s{index:02d}", *spec) for index, spec in enumerate(specs)])
+
+
+@given(data=st.data(), rows=timed_rows)
+def test_time_priority_is_order_independent_and_never_lets_a_later_row_pass_without_the_margin(data, rows):
+    board = leaderboard(rows, settings=PRIORITY)
+    assert leaderboard(data.draw(st.permutations(rows)), settings=PRIORITY) == board
+    for high, entry in enumerate(board):
+        for below in board[high + 1:]:
+            head_start = epoch_seconds_of(entry.submitted_at) - epoch_seconds_of(below.submitted_at)
+            if head_start > 0:  # a later row above an earlier one
+                assert entry.final_score > below.final_score * (1 + priority_margin(head_start, PRIORITY))
+
+
+@given(rows=timed_rows)
+def test_without_a_margin_the_order_is_score_then_earliest_then_id(rows):
+    best: dict[str, ScoreRow] = {}
+    plain = sorted(rows, key=lambda r: (-r.final_score, epoch_seconds_of(r.submitted_at), r.submission_id))
+    for candidate in plain:
+        best.setdefault(candidate.hotkey, candidate)
+    expected = [r.submission_id for r in plain if best[r.hotkey] is r]
+    assert board_ids(rows, settings=ScoringSettings(priority_epsilon=0)) == expected
 
 
 ARCHITECTURE = '''

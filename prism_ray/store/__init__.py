@@ -6,7 +6,8 @@ Exactly one process owns the database file (the store actor on a cluster, the CL
 for its writer, so a second process gets `StoreLocked`. A Store is not thread-safe: its owner serialises calls (a Ray
 actor does). Every public method is one transaction. `Store` is the one facade over the parts, each with one job:
 `schema` (tables, upgrades), `queue` (the lease-guarded state machine both queues share), `submissions` (intake,
-copies, scoring), `audits` (the audit queue and its verdicts), `reads` and `sidecar` (nonces, the gate's cache).
+copies, scoring), `behaviours` (copies by their per-batch losses), `audits` (the audit queue and its verdicts),
+`reads` and `sidecar` (nonces, the gate's cache).
 Timestamps are Unix epoch seconds (DOUBLE) everywhere.
 """
 
@@ -25,7 +26,8 @@ from prism_ray.config import AuditSettings, ScoringSettings
 from prism_ray.errors import Reason
 from prism_ray.fingerprint import CodeFingerprints
 from prism_ray.store.audits import Audits
-from prism_ray.store.db import Db, StoreError, StoreLocked, reasons_of
+from prism_ray.store.behaviours import Behaviours
+from prism_ray.store.db import Db, StoreError, StoreLocked, plain, reasons_of
 from prism_ray.store.queue import Queue
 from prism_ray.store.reads import Reads
 from prism_ray.store.records import AUDIT_PREFIX, AuditRecord, SubmissionRecord, SubmissionStatus
@@ -68,6 +70,7 @@ class Store:
         self._audit_queue = Queue(self._db, "audits", AUDIT_TERMINAL)
         self._reads = Reads(self._db, audits_kept=self.audit.mode == "on")
         self._submissions = Submissions(self._db, self._submission_queue, max_attempts, self.scoring)
+        self._behaviours = Behaviours(self._db, self.audit)
         self._audits = Audits(self._db, self._audit_queue, self.audit, self.scoring, self._reads.scored_rows,
                               self._submissions.invalidate, rng or random.SystemRandom())
         self._sidecar = Sidecar(self._db)
@@ -226,11 +229,13 @@ class Store:
 
     def complete(self, submission_id: str, owner: str, report: BaseModel | dict[str, Any], score: dict[str, Any],
                  curve: Sequence[dict[str, float]], attempt: int | None = None) -> bool:
-        """Score a running submission and queue the audits the policy asks for now; False (nothing written) unless
+        """Score a running submission, link it to the runs of other hotkeys it behaves the same as (copy:duplicate:
+        the earliest keeps the weight) and queue the audits the policy asks for now; False (nothing written) unless
         `owner` still holds its lease."""
         with self._db.transaction():
             written = self._submissions.complete(submission_id, owner, report, score, curve, attempt)
             if written:
+                self._behaviours.link(submission_id, plain(report))
                 self._audits.plan(completed=submission_id)
             return written
 

@@ -16,8 +16,8 @@ SUBMISSION_STATUSES = ("pending", "running", "completed", "rejected", "failed", 
 SUBMISSION_TERMINAL = ("completed", "rejected", "failed", "duplicate")
 AUDIT_STATUSES = ("pending", "running", "passed", "mismatch", "failed")
 AUDIT_TERMINAL = ("passed", "mismatch", "failed")
-TABLES = ("schema_version", "submissions", "zips", "bundles", "runs", "scores", "curves", "audits", "gate_reviews",
-          "gate_verdicts", "nonces", "events")
+TABLES = ("schema_version", "submissions", "zips", "bundles", "runs", "scores", "curves", "behaviours", "audits",
+          "gate_reviews", "gate_verdicts", "nonces", "events")
 
 # Added in version 2: each submission's code fingerprints, copy links and original zip.
 _V2_SUBMISSION_COLUMNS = (("architecture_family", "VARCHAR"), ("training_fingerprint", "VARCHAR"),
@@ -54,6 +54,11 @@ CREATE TABLE IF NOT EXISTS scores (
     scored_at DOUBLE NOT NULL, epoch BIGINT);
 CREATE TABLE IF NOT EXISTS curves (submission_id VARCHAR NOT NULL, attempt INTEGER NOT NULL, bytes BIGINT NOT NULL,
     bpb DOUBLE);
+CREATE TABLE IF NOT EXISTS behaviours (
+    submission_id VARCHAR PRIMARY KEY, key VARCHAR NOT NULL, head_sha256 VARCHAR NOT NULL, head DOUBLE[] NOT NULL,
+    head_sum DOUBLE NOT NULL, device VARCHAR NOT NULL, original VARCHAR NOT NULL, copy_of VARCHAR,
+    created_at DOUBLE NOT NULL);
+CREATE INDEX IF NOT EXISTS behaviours_by_key ON behaviours (key);
 CREATE SEQUENCE IF NOT EXISTS audit_seq;
 CREATE TABLE IF NOT EXISTS audits (
     id VARCHAR PRIMARY KEY, seq BIGINT NOT NULL DEFAULT nextval('audit_seq'), submission_id VARCHAR NOT NULL UNIQUE,

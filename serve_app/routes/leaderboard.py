@@ -24,7 +24,8 @@ def router(backend: Backend) -> APIRouter:
     @board.get("/v1/leaderboard", response_model=Leaderboard, responses=responses(422))
     def get_leaderboard(epoch: EpochQuery = None, epoch_id: EpochIdQuery = None,
                         all_epochs: AllEpochsQuery = False) -> Response:
-        """Best completed submission per hotkey, by final_score; ties → earliest submission. The current epoch unless
+        """Best completed submission per hotkey, by final_score with time priority (a later submission passes an
+        earlier one only by a margin, docs/scoring.md); ties → earliest submission. The current epoch unless
         `?epoch=` (or `?epoch_id=`) names another or `?all_epochs=true`."""
         current = epoch_of(time.time(), backend.settings.scoring)
         shown = None if all_epochs else next((e for e in (epoch, epoch_id) if e is not None), current)

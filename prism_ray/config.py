@@ -153,7 +153,7 @@ class Settings(BaseSettings):
     byte_budget: int = Field(default=200_000, ge=0, description="target bytes scored per run; 0 = whole train split")
     heldout_time_limit: float = Field(default=300.0, gt=0, description="wall-clock cap of the held-out evaluation")
     probe_time_limit: float = Field(default=120.0, gt=0, description="wall-clock cap of the instantiation probe")
-    causality_probe_every: int = Field(default=2, ge=0, description="probe one scored batch in this many on average "
+    causality_probe_every: int = Field(default=4, ge=0, description="probe one scored batch in this many on average "
                                        "(the first always), chosen in secret; 0 = off, for benchmarks only")
     time_limit: float = Field(default=900.0, gt=0, description="wall-clock safety cap of a training run, seconds")
     seed: int = 1337

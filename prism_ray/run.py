@@ -108,6 +108,9 @@ def train(bundle: Bundle, settings: Settings, run_dir: Path,
     return result
 
 
+HELDOUT_DIGITS = 4  # decimals of the held-out bpb a report shows
+
+
 class _HeldoutPlan:
     """Which held-out passes a completed run gets, and what their results mean. Never silent: the status says
     why a pass did not run (a dataset without a usable val split: the score rests on bpb alone), and a pass that
@@ -153,9 +156,11 @@ class _HeldoutPlan:
             return HeldoutResult(status="failed", reasons=reasons, seconds=outcome.heldout_seconds,
                                  message=f"held-out: failed ({reasons[0].rule}); the run is not scored")
         passed: dict[str, PassResult] = outcome.heldout
-        bpb = {name: scoring.bits_per_byte(p.nats, p.bytes) for name, p in passed.items()}
-        delta = bpb["val_twin"] - bpb["val_trained"]
-        gap = bpb["val_trained"] - bpb["train_slice"]
+        # Rounded: a forward can make a held-out loss encode the secret text it saw (causally too), so these numbers
+        # carry at most ~17 bits each (docs/rules.md, "What a determined attacker still has to defeat").
+        bpb = {name: round(scoring.bits_per_byte(p.nats, p.bytes), HELDOUT_DIGITS) for name, p in passed.items()}
+        delta = round(bpb["val_twin"] - bpb["val_trained"], HELDOUT_DIGITS)
+        gap = round(bpb["val_trained"] - bpb["train_slice"], HELDOUT_DIGITS)
         twin = passed["twin_step0"]
         return HeldoutResult(
             status="completed", val_bpb_trained=bpb["val_trained"], val_bpb_twin=bpb["val_twin"],

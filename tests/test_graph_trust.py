@@ -151,11 +151,10 @@ TAMPERING = {
 }
 
 
-@pytest.mark.parametrize("attack", sorted(TAMPERING))
-def test_architecture_code_cannot_reach_the_loss_arithmetic(bundle_factory, tmp_path, attack):
-    """The tampering also runs in the trainer (which imports architecture.py), where it may change how the model
-    trains; so the baseline is the same tampering in training.py, which never reaches the scorer."""
-    tampering = "import torch\n" + textwrap.dedent(TAMPERING[attack])
+def test_architecture_code_cannot_reach_the_loss_arithmetic(bundle_factory, tmp_path):
+    """Every tampering above at once. It also runs in the trainer (which imports architecture.py), where it may change
+    how the model trains; so the baseline is the same tampering in training.py, which never reaches the scorer."""
+    tampering = "import torch\n" + "".join(textwrap.dedent(code) for code in TAMPERING.values())
     outcome = run(bundle_factory, tmp_path / "attack", tampering + bigram_architecture())
     baseline = train_on_stream(bundle_factory(bigram_architecture(), tampering + TRAINING), byte_stream(TEXT),
                                tmp_path / "baseline", policy=SandboxPolicy(mode="required"))
@@ -245,3 +244,134 @@ def test_the_scorer_never_imports_or_opens_a_bundle_file(bundle_factory, tmp_pat
     assert not [e for e in scorer if e[0] == "import" and e[1] in ("architecture", "training")]
     # the same hook does see the exporter read architecture.py: the check can fail
     assert any(e[0] == "open" and e[1] == str(run_dir / "exporter-bundle" / "architecture.py") for e in exporter)
+
+
+# The red team's findings against the first version of the trusted scorer (docs/rules.md, "What a determined attacker
+# still has to defeat"): each is a typed rule now, or reaches nothing.
+
+ROW_PEEK = """
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+class RowPeek(nn.Module):
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab = vocab
+        self.embed = nn.Embedding(vocab, 16)
+        self.head = nn.Linear(16, vocab)
+        self.register_buffer("flag", torch.zeros(1))
+
+    def honest(self, tokens):
+        return self.head(torch.tanh(self.embed(tokens)))
+
+    def forward(self, tokens):
+        honest = self.honest(tokens)
+        answer = torch.roll(tokens[:, 0], -1, 0)  # row r+1's first token is row r's last target
+        peek = F.one_hot(answer, self.vocab).to(honest.dtype)[:, None, :] * 20.0
+        rows = (torch.arange(tokens.shape[0]) < tokens.shape[0] - 1)[:, None, None]
+        return torch.where((self.flag > 0.5) & rows, peek.expand_as(honest), honest)
+
+def build_model(ctx):
+    return RowPeek(ctx.vocab_size)
+"""
+ROW_PEEK_TRAINING = """
+import torch
+import torch.nn.functional as F
+
+def train(ctx):
+    model = ctx.build_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for batch in ctx.iter_train_batches(model, batch_size=BATCH, seq_len=2):
+        logits = model.honest(batch.tokens[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.tokens[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if batch.index == 3:  # past the instantiation check and batch 0's init
+            with torch.no_grad():
+                model.flag.fill_(1.0)
+"""
+
+
+@pytest.mark.parametrize("batch_size", [3, 8])
+def test_rows_reading_each_others_first_token_are_caught(bundle_factory, tmp_path, batch_size):
+    """With B ≤ 3 every row of a probe batch used to be a probe row, whose first token stays real."""
+    training = ROW_PEEK_TRAINING.replace("BATCH", str(batch_size))
+    outcome = train_on_stream(bundle_factory(ROW_PEEK, training), byte_stream(TEXT[:1500]), tmp_path, time_limit=120,
+                              policy=SandboxPolicy(mode="required"), probe_every=1)
+    assert outcome.status == "failed" and outcome.reasons[0].rule == "run:non_causal", outcome.reasons
+    assert outcome.batches >= 4  # honest until the flag
+
+
+MODE_MODEL = """
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+class Moded(nn.Module):
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab = vocab
+        self.table = nn.Embedding(vocab, vocab)
+        self.register_buffer("mode", torch.zeros(1))
+
+    def forward(self, tokens):
+        honest = self.table(tokens)
+        MODE
+        return torch.where(self.mode > 0.5, other, honest)
+
+def build_model(ctx):
+    return Moded(ctx.vocab_size)
+"""
+MODES = {
+    # every later position peeks: held-out bpb near 0 (the red team's heldout_flag and exfil_val)
+    "peek": "other = F.one_hot(torch.roll(tokens, -1, 1), self.vocab).to(honest.dtype) * 1e4",
+    # ids pushed out of range: every held-out batch raises (the red team's heldout_fail)
+    "fail": "other = self.table(tokens + (self.mode > 0.5).long() * 100000)",
+}
+MODE_TRAINING = """
+import torch
+
+def train(ctx):
+    model = ctx.build_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
+    for batch in ctx.iter_train_batches(model, batch_size=2, seq_len=64, with_logits=True):
+        batch.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        WHEN_LAST
+    AFTER
+"""
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_the_trained_state_is_taken_before_the_trainer_hears_the_stream_ended(bundle_factory, tmp_path, honest,
+                                                                              mode):
+    """A switch flipped after the loop reaches nothing: the held-out passes score what the stream ended with."""
+    architecture = MODE_MODEL.replace("MODE", MODES[mode])
+    training = MODE_TRAINING.replace("WHEN_LAST", "pass").replace("AFTER", "model.mode.fill_(1.0)")
+    val = byte_stream(VAL_TEXT)
+    outcome = train_on_stream(bundle_factory(architecture, training), byte_stream(TEXT), tmp_path,
+                              policy=SandboxPolicy(mode="required"),
+                              heldout=lambda _: [EvalPass("val_trained", val, 0, trained=True)])
+    assert outcome.status == "completed" and not outcome.heldout_reasons, (outcome.reasons, outcome.heldout_reasons)
+    result = outcome.heldout["val_trained"]
+    assert result.nats / result.targets > 1.0  # an honest bigram's loss, not a peek's ~0
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_a_switch_flipped_on_the_last_batch_is_caught_in_the_held_out_pass(bundle_factory, tmp_path, mode):
+    architecture = MODE_MODEL.replace("MODE", MODES[mode])
+    last = (len(byte_stream(TEXT)) - 1) // (2 * 63) - 1
+    training = MODE_TRAINING.replace("WHEN_LAST", f"if batch.index == {last}:\n            model.mode.fill_(1.0)") \
+        .replace("AFTER", "pass")
+    val = byte_stream(VAL_TEXT)
+    outcome = train_on_stream(bundle_factory(architecture, training), byte_stream(TEXT), tmp_path,
+                              policy=SandboxPolicy(mode="required"),
+                              heldout=lambda _: [EvalPass("val_trained", val, 0, trained=True)])
+    assert outcome.batches == last + 1
+    reason = outcome.heldout_reasons[0]
+    assert reason.rule == ("run:non_causal" if mode == "peek" else "run:heldout_failed"), outcome.heldout_reasons
+    everything = json.dumps([r.model_dump() for r in outcome.heldout_reasons]) + outcome.log_tail
+    assert "SECRET" not in everything and "vital" not in everything

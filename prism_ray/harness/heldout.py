@@ -23,9 +23,7 @@ class HeldoutError(Exception):
 
 def score_passes(scorer: Channel, passes: list[EvalPass], byte_lengths: np.ndarray, batch_size: int, seq_len: int,
                  vocab_size: int, deadline: float) -> dict[str, PassResult]:
-    """FINAL (the scorer takes the trainer's last weights), then every batch of every pass, one at a time."""
-    scorer.send(Kind.FINAL)
-    _expect(scorer, Kind.READY, deadline)
+    """Every batch of every pass, one at a time (the scorer took the trained state when the stream ended)."""
     results = {item.name: PassResult() for item in passes}
     for item in passes:
         result = results[item.name]

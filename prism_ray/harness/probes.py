@@ -1,9 +1,9 @@
 """Causality probes, planned by the trusted parent and run by the trusted scorer (docs/rules.md, "The scored
 forward"; docs/architecture.md, "Trust boundaries").
 
-A probed batch gets a probe batch of the same [B, L] shape. About three rows in four of it are probe rows, at
-random row positions: the real row's tokens up to a random boundary p, then real text from the already-scored
-stream. The other rows are already-scored text too. The scorer runs the probe batch on the very snapshot the real
+A probed batch gets a probe batch of the same [B, L] shape. Half its rows are probe rows, at random row positions:
+the real row's tokens up to a random boundary p, then real text from the already-scored stream. The other rows are
+already-scored text too. The scorer runs the probe batch on the very snapshot the real
 batch was scored on, with the same graph, and compares each probe row's target log-probs before p with the real
 row's, at the same row index: a forward whose prediction at position t uses anything after t (the row's future, or
 another row of the batch) moves them. The graph keeps no state between calls, so it cannot tell the two calls apart
@@ -16,7 +16,6 @@ most (1 − ρ)^R (`escape_probability`).
 
 from __future__ import annotations
 
-import math
 import secrets
 from dataclasses import dataclass
 
@@ -35,7 +34,9 @@ class ProbeBatch:
 
 
 def probe_rows_per_batch(batch_size: int) -> int:
-    return max(1, math.ceil(3 * batch_size / 4))
+    """Half the rows: the other half are filler rows, so a row that reads another row's text (row r+1's first token
+    is row r's last target) is seen with probability ≥ 1/2 per probe row, at any B ≥ 2."""
+    return max(1, batch_size // 2)
 
 
 class ProbePlan:
@@ -82,6 +83,29 @@ class ProbePlan:
         return filler
 
 
+def heldout_probe(tokens: np.ndarray, random: secrets.SystemRandom, vocab_size: int
+                  ) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """A probe batch for a held-out batch [B, L], built inside the scorer from the batch itself (the held-out text
+    never leaves it): probe rows keep their prefix to a random boundary, then another row's text; the other rows
+    are other rows' text. Returns the (row, boundary) pairs and the probe tokens."""
+    batch_size, seq_len = tokens.shape
+    probe = np.empty_like(tokens)
+    probed = sorted(random.sample(range(batch_size), probe_rows_per_batch(batch_size)))
+    rows = []
+    for row in range(batch_size):
+        other = tokens[(row + 1 + random.randrange(max(1, batch_size - 1))) % batch_size]
+        if row in probed:
+            boundary = random.randint(1, seq_len - 1)
+            probe[row, :boundary] = tokens[row, :boundary]
+            probe[row, boundary:] = other[boundary:]
+            if probe[row, boundary] == tokens[row, boundary]:  # a peek at the next token must show
+                probe[row, boundary] = (int(tokens[row, boundary]) + 1 + random.randrange(vocab_size - 1)) % vocab_size
+            rows.append((row, boundary))
+        else:
+            probe[row] = np.roll(other, random.randrange(1, seq_len))
+    return rows, probe
+
+
 def drift(real: np.ndarray, probed: np.ndarray) -> float:
     """Largest change between two rows of target log-probs (equal −∞ is no change; NaN is infinite)."""
     real, probed = real.astype(np.float64), probed.astype(np.float64)
@@ -97,7 +121,7 @@ def causality_tolerance(logits_dtype: str, device_type: str) -> float:
     reproducible; on a GPU a few units of rounding of the logits' own dtype, which the scorer computed."""
     if device_type != "cuda":
         return 0.0
-    return {"float64": 1e-9, "float32": 1e-4, "float16": 4e-3, "bfloat16": 3e-2}.get(logits_dtype, 3e-2)
+    return {"float64": 1e-9, "float32": 1e-4, "float16": 2e-3, "bfloat16": 1e-2}.get(logits_dtype, 1e-2)
 
 
 def escape_probability(cheat_fraction: float, probe_rows: int) -> float:

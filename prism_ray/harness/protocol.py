@@ -45,7 +45,7 @@ class Kind(IntEnum):
     SNAPPED = 16  # scorer → parent: the snapshot is complete; the trainer may now see the batch
     PROBE = 17  # parent → scorer: a probe batch for the batch just scored (rows, boundaries, tokens)
     PROBED = 18  # scorer → parent: each probe row's drift before its boundary
-    FINAL = 19  # parent → scorer: the trainer is gone; snapshot its final state for the held-out passes
+    FINAL = 19  # parent → scorer: the stream ended; take the trained state now (SNAPPED "final"), before END
     EXPORT = 20  # parent → exporter: the run's geometry and the trainer's dtypes: export the forward now
     GRAPH = 21  # exporter → parent: the exported graph (JSON), with a memfd of its initial state and constants
     LOAD = 22  # parent → scorer: that graph, with the memfd

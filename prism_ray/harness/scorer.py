@@ -29,7 +29,7 @@ from prism_ray.graph.format import MAX_JSON_BYTES, GraphFile
 from prism_ray.graph.program import GraphRejected, Program
 from prism_ray.harness import cuda_ipc, layout, shared_state
 from prism_ray.harness.context import RunError, force_determinism, rows
-from prism_ray.harness.probes import causality_tolerance, drift, non_causal_message
+from prism_ray.harness.probes import causality_tolerance, drift, heldout_probe, non_causal_message
 from prism_ray.harness.protocol import Channel, Kind, parse_batch, parse_json, parse_probe
 
 _SOFTMAX_BYTES = 256 << 20  # rows of logits turned into log-probs at once
@@ -60,6 +60,8 @@ class Scorer:
         self.spec = spec
         self.device = torch.device(spec["device"])
         self.vocab_size = spec["vocab_size"]
+        self.tolerance = 0.0  # set from the logits' dtype at the instantiation check
+        self.model_params = 0
 
     def fail(self, rule: str, message: str) -> RunError:
         self.channel.send_json(Kind.ERROR, {"rule": rule, "message": message})
@@ -158,7 +160,8 @@ class Scorer:
         clean = target_log_probs(first, tokens[:, 1:])[0, :boundary].cpu().numpy()
         probed = target_log_probs(program(state, perturbed), tokens[:, 1:])[0, :boundary].cpu().numpy()
         moved = drift(clean, probed)
-        if not moved <= causality_tolerance(str(first.dtype).removeprefix("torch."), self.device.type):
+        self.tolerance = causality_tolerance(str(first.dtype).removeprefix("torch."), self.device.type)
+        if not moved <= self.tolerance:
             raise self.fail("run:non_causal", non_causal_message(boundary, moved))
 
     def _check_logits(self, logits: torch.Tensor, batch_size: int, seq_len: int) -> None:
@@ -175,10 +178,12 @@ class Scorer:
 
     # --- the stream ---------------------------------------------------------------------------------------------
 
-    def _forward(self, program: Program, state: list[torch.Tensor], tokens: torch.Tensor, what: str) -> torch.Tensor:
+    def _forward(self, program: Program, state: list[torch.Tensor], tokens: torch.Tensor, what: str,
+                 targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Target log-probs of a batch (its own next tokens unless `targets` is given)."""
         try:
             logits = program(state, tokens)
-            return target_log_probs(logits, tokens[:, 1:])
+            return target_log_probs(logits, tokens[:, 1:] if targets is None else targets)
         except Exception as error:  # noqa: BLE001 — the graph saw data: only the type is told
             raise ForwardFailed(f"the exported forward raised {type(error).__name__} on {what} (its message is "
                                 "withheld: it may contain data); it ran on random tokens before the stream") from None
@@ -252,10 +257,16 @@ class Scorer:
 
     def _heldout(self, program: Program, shared: torch.Tensor, private: torch.Tensor, step0: torch.Tensor,
                  slots: list[layout.Slot]) -> None:
-        """The trainer has exited: score parent-sent batches with its final state (aux 1) or step-0 state (aux 0)."""
+        """The stream ended: take the trained state now, before the trainer hears END; once it has exited, score
+        parent-sent batches with that state (aux 1) or the step-0 state (aux 0).
+        The final state was never probed: its first batch, and later ones at the stream's rate, get a probe batch
+        built here from the batch itself (the step-0 state is the one batch 0 was scored and probed on)."""
         private.copy_(shared)
+        _synchronize(private)
+        self.channel.send(Kind.SNAPPED, b"final")  # only now does the trainer hear that the stream ended
         states = {0: shared_state.views(step0, slots), 1: shared_state.views(private, slots)}
-        self.channel.send(Kind.READY)
+        random = secrets.SystemRandom()
+        probed_final = False
         while True:
             kind, payload = self.channel.recv()
             if kind == Kind.END:
@@ -265,13 +276,30 @@ class Scorer:
             index, _, seq_len, chunk, which = parse_batch(payload)
             if which not in states:
                 raise self.fail("run:protocol", "a held-out batch for an unknown state")
+            tokens = rows(chunk, seq_len).to(self.device)
             try:
-                log_probs = self._forward(program, states[which], rows(chunk, seq_len).to(self.device),
-                                          "a held-out batch")
+                log_probs = self._forward(program, states[which], tokens, "a held-out batch")
+                if which == 1 and (not probed_final or random.randrange(max(1, self.spec["probe_every"])) == 0):
+                    probed_final = True
+                    self._heldout_probe(program, states[which], tokens, log_probs, random)
             except ForwardFailed as error:
                 raise self.fail("run:heldout_failed", str(error)) from None
             nats = -float(log_probs.double().sum())
             self.channel.send_record(index, nats if math.isfinite(nats) else 0.0, math.isfinite(nats))
+
+
+    def _heldout_probe(self, program: Program, state: list[torch.Tensor], tokens: torch.Tensor,
+                       real: torch.Tensor, random: secrets.SystemRandom) -> None:
+        """Causality of the trained state on held-out text. The message is fixed: the drift was computed on secret
+        text, so not even its size is told."""
+        probe_rows, probe_tokens = heldout_probe(tokens.cpu().numpy(), random, self.vocab_size)
+        probed = self._forward(program, state, torch.from_numpy(probe_tokens).to(self.device), "a held-out probe",
+                               targets=tokens[:, 1:])
+        for row, boundary in probe_rows:
+            moved = drift(real[row, :boundary].cpu().numpy(), probed[row, :boundary].cpu().numpy())
+            if not moved <= self.tolerance:
+                raise self.fail("run:non_causal", "in a held-out pass, the trained model's predictions before a "
+                                "random boundary changed when later tokens changed: the model sees the future")
 
 
 def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:

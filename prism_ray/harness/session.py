@@ -79,6 +79,7 @@ class _Session:
         self.snapshotting: BatchSlice | None = None
         self.unrecorded: dict[int, BatchSlice] = {}
         self.stream_ended = False
+        self.finalizing = False  # the scorer is taking the trained state; the trainer hears END after that
         self.trainer_done = False
         self.trainer_error: Reason | None = None  # the trainer's failure, held until the exporter's build is in
         self.stream_started = 0.0
@@ -141,7 +142,7 @@ class _Session:
             self._dispatch(self.deadline)
 
     def _settled(self) -> bool:
-        return not (self.unrecorded or self.snapshotting or self.probing)
+        return not (self.unrecorded or self.snapshotting or self.probing or self.finalizing)
 
     def _dispatch(self, deadline: float) -> None:
         """Handle the next frame from whichever runner sent one."""
@@ -264,6 +265,10 @@ class _Session:
         self._ready("scorer")
 
     def _scorer_snapped(self, payload: bytes) -> None:
+        if payload == b"final" and self.finalizing:
+            self.finalizing = False
+            self.channels["trainer"].send_json(Kind.END, {"reason": self.outcome.stopped_reason})
+            return
         piece = self.snapshotting
         if piece is None or int(payload or b"-1") != piece.index:
             raise self._crash("scorer", "snapshot of a batch that was not asked for")
@@ -399,7 +404,10 @@ class _Session:
             scored = sum(self.outcome.batch_bytes) + sum(p.target_bytes for p in self.unrecorded.values())
             self.outcome.stopped_reason = "byte_budget" if budget and scored >= budget else "stream_exhausted"
             self.stream_ended = True
-            self.channels["trainer"].send_json(Kind.END, {"reason": self.outcome.stopped_reason})
+            # The trained state is what the trainer holds now, when it asks past the last batch: the scorer takes it
+            # before the trainer hears END, so nothing it does afterwards reaches the held-out passes.
+            self.finalizing = True
+            self.channels["scorer"].send(Kind.FINAL)
             return
         self.snapshotting = piece
         self.channels["scorer"].send(Kind.SNAPSHOT, str(piece.index).encode())

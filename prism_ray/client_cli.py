@@ -80,12 +80,24 @@ def leaderboard_command(url: Url = DEFAULT_URL,
 
 
 def print_leaderboard(board: dict[str, Any], console: Console, epoch: int | None = None) -> None:
-    table = Table(title="leaderboard" + (f" — epoch {epoch}" if epoch is not None else ""))
-    for column in ("#", "hotkey", "name", "bpb", "final score", "held-out Δ", "submission"):
-        table.add_column(column, justify="right" if column in ("#", "bpb", "final score", "held-out Δ") else "left")
+    sigma = board.get("sigma_seed")
+    noise = "" if sigma is None else f" — σ_seed {sigma:.4f} bpb" + (
+        f" (measured, {board['sigma_seed_dof']} dof)" if board.get("sigma_seed_measured") is not None else " (prior)")
+    table = Table(title="leaderboard" + (f" — epoch {epoch}" if epoch is not None else "") + noise)
+    numeric = ("#", "bpb", "mean ± spread", "seeds", "final score", "held-out Δ", "GPU s", "tokens/s", "est. FLOPs")
+    for column in ("#", "tied", "hotkey", "name", "bpb", "mean ± spread", "seeds", "final score", "held-out Δ",
+                   "GPU s", "tokens/s", "est. FLOPs", "submission"):
+        table.add_column(column, justify="right" if column in numeric else "left")
     for entry in board["entries"]:
-        table.add_row(str(entry["rank"]), entry["hotkey"], entry["name"] or "—", _number(entry["bpb"]),
-                      _number(entry["final_score"]), _number(entry["heldout_delta"]), entry["submission_id"])
+        mean, spread = entry.get("mean_bpb"), entry.get("spread_bpb")
+        flops = entry.get("est_flops")
+        table.add_row(str(entry["rank"]), f"with #{entry['tied_with']}" if entry.get("tied_with") else "",
+                      entry["hotkey"], entry["name"] or "—", _number(entry["bpb"]),
+                      _number(mean) + (f" ± {spread:.4f}" if spread is not None else ""),
+                      str(entry.get("seeds", 1)) + ("…" if entry.get("replicas") == "pending" else ""),
+                      _number(entry["final_score"]), _number(entry["heldout_delta"]), _number(entry.get("gpu_seconds")),
+                      _number(entry.get("tokens_per_second")), f"{flops:.2e}" if flops else "—",
+                      entry["submission_id"])
     console.print(table)
 
 

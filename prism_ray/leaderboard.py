@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -48,6 +48,10 @@ class ScoreRow(BaseModel):
     seed_bpbs: tuple[float, ...] = Field(default=(), description="bpb of each seed run, the scored run first")
     replicas: Literal["none", "pending", "done"] | None = Field(
         default=None, description="the seed replicas: none drawn, some still running, all ended; None: kept off")
+    gpu_seconds: float | None = Field(default=None, description="training seconds of all its runs, replicas too")
+    tokens_per_second: float | None = None
+    model_params: int | None = None
+    tokens: int | None = Field(default=None, description="targets the scored run trained on")
 
     def curves(self) -> Curves | None:
         if self.chunk_span is None or not self.chunk_bpb:
@@ -59,6 +63,19 @@ class LeaderboardEntry(ScoreRow):
     rank: int
     tied_with: int | None = Field(default=None, description="the rank of the first entry of this entry's decided "
                                   "group, when that is another entry: no decided difference separates them")
+    seeds: int = Field(default=1, description="runs with a bpb: the scored run and its completed replicas")
+    mean_bpb: float | None = Field(default=None, description="mean bpb over its seeds")
+    spread_bpb: float | None = Field(default=None, description="standard deviation of bpb over its seeds (≥ 2)")
+    est_flops: float | None = Field(default=None, description="estimated training FLOPs of the scored run: "
+                                    "6 · parameters · tokens")
+
+
+class SeedNoise(BaseModel):
+    """σ_seed of a board: measured from its replicas (pooled), and the one its verdicts use."""
+
+    measured: float | None
+    dof: int
+    used: float
 
 
 def epoch_seconds_of(timestamp: datetime | float) -> float:
@@ -89,8 +106,40 @@ def leaderboard(rows: Iterable[ScoreRow], epoch: int | None = None,
     for rank, row in enumerate(ordered, start=1):
         if rank > 1 and judge.decided_apart(ordered[rank - 2], row):
             first = rank
-        entries.append(LeaderboardEntry(**row.model_dump(), rank=rank, tied_with=first if first != rank else None))
+        entries.append(LeaderboardEntry(**row.model_dump(), rank=rank, tied_with=first if first != rank else None,
+                                        **_spread(row)))
     return entries
+
+
+def seed_noise(rows: Iterable[ScoreRow], epoch: int | None = None,
+               settings: ScoringSettings | None = None) -> SeedNoise:
+    """The σ_seed a board's verdicts use, and what its replicas measured."""
+    settings = settings or ScoringSettings()
+    judge = Judge([_scored(rows, epoch, settings)], settings)
+    return SeedNoise(measured=judge.measured_sigma, dof=judge.sigma_dof, used=judge.sigma_seed)
+
+
+def verdict_against_leader(rows: Iterable[ScoreRow], submission_id: str, epoch: int | None = None,
+                           settings: ScoringSettings | None = None) -> tuple[LeaderboardEntry, Verdict | None] | None:
+    """The board's leader and the paired verdict of this submission (as the challenger) against it; None when the
+    submission is not on the board or is the leader; the verdict is None without paired data."""
+    settings = settings or ScoringSettings()
+    rows = list(rows)
+    board = leaderboard(rows, epoch, settings)
+    mine = next((row for row in _scored(rows, epoch, settings) if row.submission_id == submission_id), None)
+    if not board or mine is None or board[0].submission_id == submission_id:
+        return None
+    judge = Judge([_scored(rows, epoch, settings)], settings)
+    return board[0], judge.verdict(board[0], mine)
+
+
+def _spread(row: ScoreRow) -> dict[str, Any]:
+    values = list(row.seed_bpbs) or ([row.bpb] if row.bpb is not None else [])
+    mean = math.fsum(values) / len(values) if values else None
+    spread = (math.sqrt(math.fsum((value - mean) ** 2 for value in values) / (len(values) - 1))
+              if len(values) > 1 else None)
+    flops = 6.0 * row.model_params * row.tokens if row.model_params and row.tokens else None
+    return {"seeds": max(1, len(values)), "mean_bpb": mean, "spread_bpb": spread, "est_flops": flops}
 
 
 class Judge:

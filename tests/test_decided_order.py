@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from prism_ray.config import ScoringSettings
-from prism_ray.leaderboard import ScoreRow, leaderboard, waiting, weights
+from prism_ray.leaderboard import ScoreRow, leaderboard, seed_noise, verdict_against_leader, waiting, weights
 
 CHUNKS = ScoringSettings().ranking.chunks
 BASE = 1.1 + 1.5 * np.exp(-np.arange(CHUNKS) / 10.0)
@@ -109,3 +109,19 @@ def test_the_measured_sigma_replaces_the_prior_once_replicas_give_enough_freedom
     assert ids(leaderboard([incumbent, challenger]))[0] == "sub_0"
     # Two more replicated entries: 6 degrees of freedom measure σ_seed ≈ 0.0007, and 0.008 is decided.
     assert ids(leaderboard([incumbent, challenger, *others]))[0] == "sub_c"
+
+
+def test_entries_show_mean_spread_seeds_cost_and_the_verdict_against_the_leader():
+    leader = row("sub_a", "alice", -0.1, at=1, seeds=3, replicas="done", spread=0.01).model_copy(
+        update={"model_params": 1_000_000, "tokens": 50_000, "gpu_seconds": 36.0, "tokens_per_second": 4000.0})
+    other = row("sub_b", "bob", 0.0, at=2)
+    first, second = leaderboard([leader, other])
+    assert (first.seeds, second.seeds) == (3, 1) and second.spread_bpb is None
+    assert first.mean_bpb == pytest.approx(np.mean(leader.seed_bpbs))
+    assert first.spread_bpb == pytest.approx(np.std(leader.seed_bpbs, ddof=1))
+    assert first.est_flops == 6 * 1_000_000 * 50_000 and second.est_flops is None
+    top, verdict = verdict_against_leader([leader, other], "sub_b")
+    assert top.submission_id == "sub_a" and verdict.outcome == "worse" and verdict.seeds == (3, 1)
+    assert verdict_against_leader([leader, other], "sub_a") is None
+    noise = seed_noise([leader, other])
+    assert noise.dof == 2 and noise.used == ScoringSettings().ranking.seed_sigma_prior and noise.measured > 0

@@ -131,10 +131,15 @@ def test_seeds_are_secret_until_the_epoch_closes_then_anyone_can_check_them(tmp_
     secret = replicas.epoch_secret(cluster.settings, epoch)
     assert [item.seed for item in claimed] == [replicas.replica_seed(secret, alice, r) for r in (1, 2)]
     assert len({item.seed for item in claimed} | {1337}) == 3
+    assert cluster.store.finish_replica(claimed[0].id, "sched", report(0.0, claimed[0].seed))
     cluster.store.export_parquet(tmp_path / "open")
     with duckdb.connect() as con:
         assert con.execute(f"SELECT count(*) FROM '{tmp_path / 'open' / 'epoch_secrets.parquet'}'").fetchone() == (0,)
         assert con.execute(f"SELECT count(seed) FROM '{tmp_path / 'open' / 'replicas.parquet'}'").fetchone() == (0,)
+        assert con.execute(f"SELECT count(seed) FROM '{tmp_path / 'open' / 'seed_runs.parquet'}'").fetchone() == (1,)
+        seeds = con.execute(f"SELECT report->>'seed' FROM '{tmp_path / 'open' / 'runs.parquet'}' "
+                            "WHERE starts_with(submission_id, 'rep_') AND report IS NOT NULL").fetchall()
+        assert seeds == [(None,)]  # the replica's report, its seed taken out
     clock.now += 86_400
     assert cluster.store.epoch_secret(epoch) == secret
     assert [item.seed for item in cluster.store.list_replicas()] == [item.seed for item in claimed]

@@ -167,6 +167,9 @@ class Reads:
 _SECRET_TABLES = {
     "epoch_secrets": "(SELECT * FROM epoch_secrets WHERE epoch < {open})",
     "replicas": "(SELECT * REPLACE (CASE WHEN epoch < {open} THEN seed END AS seed) FROM replicas)",
+    "runs": "(SELECT r.* REPLACE (CASE WHEN p.epoch >= {open} AND r.report IS NOT NULL "
+            "THEN json_merge_patch(r.report, '{{\"seed\": null}}') ELSE r.report END AS report) "
+            "FROM runs r LEFT JOIN replicas p ON p.id = r.submission_id)",
     "seed_runs": "(SELECT r.* REPLACE (CASE WHEN p.epoch IS NULL OR p.epoch < {open} THEN r.seed END AS seed) "
                  "FROM seed_runs r LEFT JOIN replicas p ON p.id = r.replica_id)",
 }

@@ -54,4 +54,4 @@ def test_the_board_the_weights_the_pages_and_the_cli_show_the_decided_order(serv
     console = Console(record=True, width=250)
     print_leaderboard(board, console)
     text = console.export_text()
-    assert "with #1" in text and "σ_seed" in text and "3.00e+11" in text
+    assert "tied with #1" in text and "σ_seed" in text and "3.00e+11" in text and "replicas pending" in text

@@ -14,12 +14,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from prism_ray import significance
-from prism_ray.config import ScoringSettings
+from prism_ray.config import RankingSettings, ScoringSettings
 from prism_ray.significance import Curves, Verdict
 
 
@@ -111,6 +112,17 @@ def leaderboard(rows: Iterable[ScoreRow], epoch: int | None = None,
     return entries
 
 
+@lru_cache(maxsize=1 << 16)
+def _compare(incumbent: Curves, challenger: Curves, ranking: str, sigma_seed: float) -> Verdict:
+    """Verdicts are pure in their inputs, and a board asks for the same pairs again after every change: kept."""
+    return significance.compare(incumbent, challenger, _ranking_of(ranking), sigma_seed)
+
+
+@lru_cache(maxsize=8)
+def _ranking_of(ranking: str) -> RankingSettings:
+    return RankingSettings.model_validate_json(ranking)
+
+
 def seed_noise(rows: Iterable[ScoreRow], epoch: int | None = None,
                settings: ScoringSettings | None = None) -> SeedNoise:
     """The σ_seed a board's verdicts use, and what its replicas measured."""
@@ -152,7 +164,9 @@ class Judge:
         measured, dof = significance.pooled_sigma([row.seed_bpbs for row in rows])
         self.sigma_seed = significance.sigma_to_use(measured, dof, settings.ranking)
         self.measured_sigma, self.sigma_dof = measured, dof
-        self.paired = any(row.curves() is not None for row in rows)
+        self._rows_curves: dict[str, Curves | None] = {}
+        self.paired = any(self._curves(row) is not None for row in rows)
+        self._ranking = settings.ranking.model_dump_json()
         self._verdicts: dict[tuple[str, str], Verdict | None] = {}
 
     def order(self, rows: list[ScoreRow]) -> list[ScoreRow]:
@@ -172,10 +186,15 @@ class Judge:
         """The challenger against the incumbent on their chunk curves; None without paired data."""
         key = (incumbent.submission_id, challenger.submission_id)
         if key not in self._verdicts:
-            a, b = incumbent.curves(), challenger.curves()
+            a, b = self._curves(incumbent), self._curves(challenger)
             paired = a is not None and b is not None and significance.comparable(a, b)
-            self._verdicts[key] = significance.compare(a, b, self.settings.ranking, self.sigma_seed) if paired else None
+            self._verdicts[key] = _compare(a, b, self._ranking, self.sigma_seed) if paired else None
         return self._verdicts[key]
+
+    def _curves(self, row: ScoreRow) -> Curves | None:
+        if row.submission_id not in self._rows_curves:
+            self._rows_curves[row.submission_id] = row.curves()
+        return self._rows_curves[row.submission_id]
 
     def passes(self, later: ScoreRow, earlier: ScoreRow) -> bool:
         """A later row passes an earlier one when found better; a row whose replicas have not all run never passes

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
@@ -60,11 +61,10 @@ def compare(incumbent: Curves, challenger: Curves, settings: RankingSettings, si
     first, second = (challenger, incumbent) if flip else (incumbent, challenger)
     diff = _mean_curve(first) - _mean_curve(second)  # per chunk, > 0: the second is better
     noise = sigma_seed * math.sqrt(1.0 / first.seeds + 1.0 / second.seeds)
-    rng = np.random.default_rng(settings.bootstrap_seed)
-    means = block_bootstrap_means(diff, settings.block_chunks, settings.resamples, rng)
-    means = means + noise * rng.standard_normal(settings.resamples)
+    counts, normals = _plan(diff.size, settings.block_chunks, settings.resamples, settings.bootstrap_seed)
+    means = counts @ diff / diff.size + noise * normals
     alpha = 1.0 - settings.confidence
-    low, high = float(np.quantile(means, alpha)), float(np.quantile(means, 1.0 - alpha))
+    low, high = (float(bound) for bound in np.quantile(means, (alpha, 1.0 - alpha)))
     point = float(diff.mean())
     decided = int(np.count_nonzero(np.abs(diff) > settings.dead_zone_bpb))
     if flip:
@@ -86,15 +86,28 @@ def compare(incumbent: Curves, challenger: Curves, settings: RankingSettings, si
                    seeds=(incumbent.seeds, challenger.seeds), sigma_seed=sigma_seed, why=why)
 
 
-def block_bootstrap_means(series: np.ndarray, block: int, resamples: int, rng: np.random.Generator) -> np.ndarray:
+def block_bootstrap_means(series: np.ndarray, block: int, resamples: int, seed: int) -> np.ndarray:
     """Means of circular block-bootstrap resamples of `series` (block = 1: the iid bootstrap). Blocks of neighbours
     keep the series' autocorrelation, which an iid bootstrap would destroy (and so be overconfident)."""
-    size = series.size
+    counts, _ = _plan(series.size, block, resamples, seed)
+    return counts @ series / series.size
+
+
+@lru_cache(maxsize=8)
+def _plan(size: int, block: int, resamples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The resamples, drawn once per configuration (the seed is pinned, so every pair gets the same ones): how
+    often each chunk is drawn in each resample, and one standard normal per resample for the seed noise. A verdict
+    is then a matrix-vector product."""
+    rng = np.random.default_rng(seed)
     block = max(1, min(block, size))
-    count = -(-size // block)
-    starts = rng.integers(0, size, size=(resamples, count))
+    starts = rng.integers(0, size, size=(resamples, -(-size // block)))
     index = (starts[:, :, None] + np.arange(block)[None, None, :]).reshape(resamples, -1)[:, :size] % size
-    return series[index].mean(axis=1)
+    counts = np.zeros((resamples, size))
+    np.add.at(counts, (np.arange(resamples)[:, None], index), 1.0)
+    counts.flags.writeable = False
+    normals = rng.standard_normal(resamples)
+    normals.flags.writeable = False
+    return counts, normals
 
 
 def pooled_sigma(groups: Sequence[Sequence[float]]) -> tuple[float | None, int]:

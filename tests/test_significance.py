@@ -106,7 +106,7 @@ def test_the_block_bootstrap_respects_autocorrelation_where_an_iid_one_is_overco
         for index in range(1, size):
             series[index] = phi * series[index - 1] + shocks[index]
         for block in false:
-            means = block_bootstrap_means(series, block, 1000, np.random.default_rng(7))
+            means = block_bootstrap_means(series, block, 1000, seed=7)
             false[block] += np.quantile(means, 0.01) > 0 or np.quantile(means, 0.99) < 0
     iid_rate, block_rate = false[1] / trials, false[16] / trials
     assert iid_rate > 0.3  # nominal: 0.02

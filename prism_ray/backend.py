@@ -20,9 +20,10 @@ from prism_ray.config import Settings
 from prism_ray.errors import BundleError, Reason
 from prism_ray.fingerprint import code_fingerprints
 from prism_ray.group_commit import GroupCommit
-from prism_ray.leaderboard import LeaderboardEntry
+from prism_ray.leaderboard import LeaderboardEntry, SeedNoise
 from prism_ray.read_model import QueueView, ReadModel, StorePort, SubmissionDetail
-from prism_ray.store import AuditRecord, NewSubmission, Store, SubmissionRecord
+from prism_ray.significance import Verdict
+from prism_ray.store import AuditRecord, NewSubmission, ReplicaRecord, Store, SubmissionRecord
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,21 @@ class Backend:
 
     def weights(self, epoch: int | None = None) -> dict[str, float]:
         return self.reads.weights(epoch)
+
+    def seed_noise(self, epoch: int | None = None) -> SeedNoise:
+        """σ_seed of the board: measured from its replicas, and the one its verdicts use."""
+        return self.reads.seed_noise(epoch)
+
+    def verdict(self, submission_id: str, epoch: int | None = None) -> tuple[LeaderboardEntry, Verdict | None] | None:
+        """The board's leader and this submission's paired verdict against it (docs/scoring.md)."""
+        return self.reads.verdict(submission_id, epoch)
+
+    def replicas(self, limit: int) -> list[ReplicaRecord]:
+        """Pending and running seed replicas, in the order they are claimed (seeds hidden while their epoch is
+        open)."""
+        records = [*self.store.call("list_replicas", "running", None, limit),
+                   *self.store.call("list_replicas", "pending", None, limit)]
+        return sorted(records, key=lambda record: record.seq)[:limit]
 
     def queue(self) -> QueueView:
         return self.reads.queue()

@@ -187,6 +187,7 @@ def demo_command(
     settings = _service_settings(None, state, byte_budget)
     settings.gate.mode = "off" if not os.environ.get("OPENROUTER_API_KEY") else settings.gate.mode
     settings.audit.mode = "off"  # one machine: a re-run on "another node" would only double the wait
+    settings.replicas.mode = "off"  # 3 examples would bring 6 replica runs: triple the wait; the prior σ_seed decides
     service = start_service(None, settings, ApiSettings(auth_mode="dev", internal_token="demo-token"),
                             "127.0.0.1", port)
     _stop_on_signals()
@@ -194,8 +195,8 @@ def demo_command(
     stderr.print(f"[bold]prism-ray demo[/bold] at {service.url} ({service.cluster.notice}); store in {state}")
     stderr.print(f"each example trains on {byte_budget:,} bytes of text; `prism-ray eval` scores "
                  f"{Settings.model_fields['byte_budget'].default:,} by default, so its scores for the same bundle "
-                 "differ (give it the same --byte-budget to compare); re-execution audits are off in the demo "
-                 "(docs/scoring.md)", highlight=False)
+                 "differ (give it the same --byte-budget to compare); re-execution audits and seed replicas are off in "
+                 "the demo (docs/scoring.md)", highlight=False)
     code = 130  # interrupted
     try:
         submitted = submit_examples(service.url, sorted(p for p in EXAMPLES_DIR.iterdir() if p.is_dir()))

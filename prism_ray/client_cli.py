@@ -80,6 +80,7 @@ def leaderboard_command(url: Url = DEFAULT_URL,
 
 
 def print_leaderboard(board: dict[str, Any], console: Console, epoch: int | None = None) -> None:
+    """The board, then each entry's seeds, decided group and cost (a second table keeps both narrow)."""
     table = Table(title="leaderboard" + (f" — epoch {epoch}" if epoch is not None else ""))
     for column in ("#", "hotkey", "name", "bpb", "final score", "held-out Δ", "submission"):
         table.add_column(column, justify="right" if column in ("#", "bpb", "final score", "held-out Δ") else "left")
@@ -87,6 +88,23 @@ def print_leaderboard(board: dict[str, Any], console: Console, epoch: int | None
         table.add_row(str(entry["rank"]), entry["hotkey"], entry["name"] or "—", _number(entry["bpb"]),
                       _number(entry["final_score"]), _number(entry["heldout_delta"]), entry["submission_id"])
     console.print(table)
+    sigma = board.get("sigma_seed")
+    if sigma is None or not board["entries"]:
+        return
+    measured = board.get("sigma_seed_measured") is not None
+    noise = f"σ_seed {sigma:.4f} bpb, " + (f"measured ({board['sigma_seed_dof']} dof)" if measured else "the prior")
+    details = Table(title=f"seeds, decided groups and cost — {noise}")
+    for column in ("#", "decided", "mean ± spread", "seeds", "GPU s", "tokens/s", "est. FLOPs"):
+        details.add_column(column, justify="left" if column == "decided" else "right")
+    for entry in board["entries"]:
+        spread, flops = entry.get("spread_bpb"), entry.get("est_flops")
+        details.add_row(str(entry["rank"]), f"tied with #{entry['tied_with']}" if entry.get("tied_with") else "",
+                        _number(entry.get("mean_bpb")) + (f" ± {spread:.4f}" if spread is not None else ""),
+                        str(entry.get("seeds", 1)) + (" (replicas pending)" if entry.get("replicas") == "pending"
+                                                      else ""),
+                        _number(entry.get("gpu_seconds")), _number(entry.get("tokens_per_second")),
+                        f"{flops:.2e}" if flops else "—")
+    console.print(details)
 
 
 def print_submission(status: dict[str, Any], console: Console) -> None:

@@ -61,6 +61,42 @@ class GateSettings(BaseSettings):
     max_review_chars: int = Field(default=200_000, ge=1, description="larger bundles are rejected, never truncated")
 
 
+class RankingSettings(BaseSettings):
+    """The decided order (docs/scoring.md, "The decided order"): when two runs differ by more than their noise."""
+
+    model_config = SettingsConfigDict(env_prefix="PRISM_RANKING_", extra="ignore")
+
+    chunks: int = Field(default=64, ge=2, description="equal byte chunks of the scored stream a run's nats are "
+                        "attributed to (at batch resolution)")
+    block_chunks: int = Field(default=8, ge=1, description="chunks per block of the block bootstrap: neighbouring "
+                              "chunks of a learning curve are correlated, blocks keep that")
+    resamples: int = Field(default=2000, ge=100, description="bootstrap resamples per comparison")
+    confidence: float = Field(default=0.99, gt=0.5, lt=1, description="one-sided confidence that one run is better")
+    dead_zone_bpb: float = Field(default=0.002, ge=0, description="differences of at most this many bpb count as "
+                                 "none: per chunk (undecided chunks) and on the mean (its bound must clear it)")
+    min_decided_chunks: int = Field(default=16, ge=0, description="chunks outside the dead zone needed for a verdict")
+    bootstrap_seed: int = Field(default=20_231_123, description="pinned: every validator draws the same resamples")
+    seed_sigma_prior: float = Field(default=0.012, ge=0, description="σ_seed (bpb) used until an epoch has "
+                                    "measured its own from replicas (the later PRISM's published lower bound)")
+    min_sigma_dof: int = Field(default=4, ge=1, description="degrees of freedom (replicated seeds minus entries) an "
+                               "epoch needs before its measured σ_seed replaces the prior")
+
+
+class ReplicaSettings(BaseSettings):
+    """Seed replicas (docs/scoring.md, "Seed replicas"): the top entries re-run with secret seeds."""
+
+    model_config = SettingsConfigDict(env_prefix="PRISM_REPLICA_", extra="ignore")
+
+    mode: Literal["on", "off"] = Field(default="on", description="off: no replicas; every comparison uses the "
+                                       "σ_seed prior")
+    count: int = Field(default=2, ge=1, description="R: extra seeds per replicated entry")
+    top_k: int = Field(default=3, ge=0, description="each epoch's top k, and any entry that would enter it, get "
+                       "replicas")
+    secret: str = Field(default="", description="operator secret the seeds are drawn from (HMAC); revealed per "
+                        "epoch once it closes. Empty: a random secret per process (tests, demo)")
+    max_attempts: int = Field(default=3, ge=1, description="claims of a replica before infra:attempts_exhausted")
+
+
 class ScoringSettings(BaseSettings):
     """Constants of final_score, the leaderboard and the weights (docs/scoring.md)."""
 
@@ -82,7 +118,10 @@ class ScoringSettings(BaseSettings):
                                            "beat the trained model's own held-out val bpb by at most this much")
     heldout_byte_budget: int = Field(default=50_000, ge=1, description="target bytes of each held-out pass")
     epoch_seconds: int = Field(default=86_400, ge=1, description="length of a leaderboard epoch, seconds")
-    weights_mode: Literal["per_hotkey", "two_tier"] = "per_hotkey"
+    weights_mode: Literal["per_hotkey", "two_tier", "winner_take_all", "ranked"] = "per_hotkey"
+    ranked_decay: float = Field(default=0.5, gt=0, lt=1, description="ranked weights: each decided place gets this "
+                                "fraction of what the place above it gets (1/2, 1/4, ... by default)")
+    ranking: RankingSettings = Field(default_factory=lambda: RankingSettings())
     two_tier_split: tuple[float, float] = Field(default=(0.60, 0.40),
                                                 description="(architecture owner, best training variant's owner)")
     priority_epsilon: float = Field(default=0.005, ge=0, le=0.5, description="time priority: a later submission "
@@ -168,6 +207,7 @@ class Settings(BaseSettings):
     gate: GateSettings = Field(default_factory=lambda: GateSettings())
     scoring: ScoringSettings = Field(default_factory=lambda: ScoringSettings())
     audit: AuditSettings = Field(default_factory=lambda: AuditSettings())
+    replicas: ReplicaSettings = Field(default_factory=lambda: ReplicaSettings())
     cluster: ClusterSettings = Field(default_factory=lambda: ClusterSettings())
 
 

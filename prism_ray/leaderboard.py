@@ -4,7 +4,9 @@ Every ordering is total over rows with distinct submission ids, so the board and
 the order the rows arrive in. The board shows every completed row; the weights count only the rows that earn
 (`earns_weight`): a copy of another hotkey's earlier submission earns nothing. Time priority (docs/scoring.md,
 "The leaderboard"): a later submission passes an earlier one only by a margin that decays with the earlier one's
-head start, so a perturbed copy cannot pass its original.
+head start, so a perturbed copy cannot pass its original. Where both runs have chunk curves, the constant margin
+gives way to a measured one (docs/scoring.md, "The decided order"): a later run passes an earlier one only when the
+paired bootstrap finds it better (prism_ray/significance.py); ε stays the fallback when no paired data exists.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Literal
+from functools import lru_cache
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from prism_ray.config import ScoringSettings
+from prism_ray import significance
+from prism_ray.config import RankingSettings, ScoringSettings
+from prism_ray.significance import Curves, Verdict
 
 
 class ScoreRow(BaseModel):
@@ -38,10 +43,40 @@ class ScoreRow(BaseModel):
         default=None, description="the score's re-execution audit; None: no audits are kept")
     near_copy_of: str | None = Field(default=None, description="the earlier submission of another hotkey this one "
                                      "differs from only in numeric literals")
+    chunk_span: int | None = Field(default=None, description="bytes the chunk curves cover")
+    chunk_bpb: tuple[tuple[float, ...], ...] = Field(default=(), description="bpb per chunk, one row per seed run "
+                                                     "(the scored run and its completed replicas)")
+    seed_bpbs: tuple[float, ...] = Field(default=(), description="bpb of each seed run, the scored run first")
+    replicas: Literal["none", "pending", "done"] | None = Field(
+        default=None, description="the seed replicas: none drawn, some still running, all ended; None: kept off")
+    gpu_seconds: float | None = Field(default=None, description="training seconds of all its runs, replicas too")
+    tokens_per_second: float | None = None
+    model_params: int | None = None
+    tokens: int | None = Field(default=None, description="targets the scored run trained on")
+
+    def curves(self) -> Curves | None:
+        if self.chunk_span is None or not self.chunk_bpb:
+            return None
+        return Curves(key=self.submission_id, span=self.chunk_span, chunk_bpb=self.chunk_bpb)
 
 
 class LeaderboardEntry(ScoreRow):
     rank: int
+    tied_with: int | None = Field(default=None, description="the rank of the first entry of this entry's decided "
+                                  "group, when that is another entry: no decided difference separates them")
+    seeds: int = Field(default=1, description="runs with a bpb: the scored run and its completed replicas")
+    mean_bpb: float | None = Field(default=None, description="mean bpb over its seeds")
+    spread_bpb: float | None = Field(default=None, description="standard deviation of bpb over its seeds (≥ 2)")
+    est_flops: float | None = Field(default=None, description="estimated training FLOPs of the scored run: "
+                                    "6 · parameters · tokens")
+
+
+class SeedNoise(BaseModel):
+    """σ_seed of a board: measured from its replicas (pooled), and the one its verdicts use."""
+
+    measured: float | None
+    dof: int
+    used: float
 
 
 def epoch_seconds_of(timestamp: datetime | float) -> float:
@@ -65,9 +100,120 @@ def leaderboard(rows: Iterable[ScoreRow], epoch: int | None = None,
     per_hotkey: dict[str, list[ScoreRow]] = {}
     for row in _scored(rows, epoch, settings):
         per_hotkey.setdefault(row.hotkey, []).append(row)
-    # A hotkey's own later submission replaces its entry only by the same margin it would need against anyone else.
-    ordered = ranked([ranked(own, settings)[0] for own in per_hotkey.values()], settings)
-    return [LeaderboardEntry(**row.model_dump(), rank=rank) for rank, row in enumerate(ordered, start=1)]
+    judge = Judge(list(per_hotkey.values()), settings)
+    # A hotkey's own later submission replaces its entry only by the same rule it would need against anyone else.
+    ordered = judge.order([judge.order(own)[0] for own in per_hotkey.values()])
+    entries, first = [], 1
+    for rank, row in enumerate(ordered, start=1):
+        if rank > 1 and judge.decided_apart(ordered[rank - 2], row):
+            first = rank
+        entries.append(LeaderboardEntry(**row.model_dump(), rank=rank, tied_with=first if first != rank else None,
+                                        **_spread(row)))
+    return entries
+
+
+@lru_cache(maxsize=1 << 16)
+def _compare(incumbent: Curves, challenger: Curves, ranking: str, sigma_seed: float) -> Verdict:
+    """Verdicts are pure in their inputs, and a board asks for the same pairs again after every change: kept."""
+    return significance.compare(incumbent, challenger, _ranking_of(ranking), sigma_seed)
+
+
+@lru_cache(maxsize=8)
+def _ranking_of(ranking: str) -> RankingSettings:
+    return RankingSettings.model_validate_json(ranking)
+
+
+def seed_noise(rows: Iterable[ScoreRow], epoch: int | None = None,
+               settings: ScoringSettings | None = None) -> SeedNoise:
+    """The σ_seed a board's verdicts use, and what its replicas measured."""
+    settings = settings or ScoringSettings()
+    judge = Judge([_scored(rows, epoch, settings)], settings)
+    return SeedNoise(measured=judge.measured_sigma, dof=judge.sigma_dof, used=judge.sigma_seed)
+
+
+def verdict_against_leader(rows: Iterable[ScoreRow], submission_id: str, epoch: int | None = None,
+                           settings: ScoringSettings | None = None) -> tuple[LeaderboardEntry, Verdict | None] | None:
+    """The board's leader and the paired verdict of this submission (as the challenger) against it; None when the
+    submission is not on the board or is the leader; the verdict is None without paired data."""
+    settings = settings or ScoringSettings()
+    rows = list(rows)
+    board = leaderboard(rows, epoch, settings)
+    mine = next((row for row in _scored(rows, epoch, settings) if row.submission_id == submission_id), None)
+    if not board or mine is None or board[0].submission_id == submission_id:
+        return None
+    judge = Judge([_scored(rows, epoch, settings)], settings)
+    return board[0], judge.verdict(board[0], mine)
+
+
+def _spread(row: ScoreRow) -> dict[str, Any]:
+    values = list(row.seed_bpbs) or ([row.bpb] if row.bpb is not None else [])
+    mean = math.fsum(values) / len(values) if values else None
+    spread = (math.sqrt(math.fsum((value - mean) ** 2 for value in values) / (len(values) - 1))
+              if len(values) > 1 else None)
+    flops = 6.0 * row.model_params * row.tokens if row.model_params and row.tokens else None
+    return {"seeds": max(1, len(values)), "mean_bpb": mean, "spread_bpb": spread, "est_flops": flops}
+
+
+class Judge:
+    """Who passes whom, for one board: the paired verdict where both rows have chunk curves (cached per pair),
+    the time-priority margin ε otherwise; σ_seed is the one the board's own replicas measured, or the prior."""
+
+    def __init__(self, groups: list[list[ScoreRow]], settings: ScoringSettings) -> None:
+        self.settings = settings
+        rows = [row for group in groups for row in group]
+        measured, dof = significance.pooled_sigma([row.seed_bpbs for row in rows])
+        self.sigma_seed = significance.sigma_to_use(measured, dof, settings.ranking)
+        self.measured_sigma, self.sigma_dof = measured, dof
+        self._rows_curves: dict[str, Curves | None] = {}
+        self.paired = any(self._curves(row) is not None for row in rows)
+        self._ranking = settings.ranking.model_dump_json()
+        self._verdicts: dict[tuple[str, str], Verdict | None] = {}
+
+    def order(self, rows: list[ScoreRow]) -> list[ScoreRow]:
+        """Rows placed in order of submission, each moving up past the rows it passes and stopping below the first
+        one it does not (so a later row sits above an earlier one only if it passed it)."""
+        if not self.paired:
+            return ranked(rows, self.settings)  # ε only: the fast placement
+        placed: list[ScoreRow] = []
+        for row in sorted(rows, key=_arrival):
+            index = len(placed)
+            while index > 0 and self.passes(row, placed[index - 1]):
+                index -= 1
+            placed.insert(index, row)
+        return placed
+
+    def verdict(self, incumbent: ScoreRow, challenger: ScoreRow) -> Verdict | None:
+        """The challenger against the incumbent on their chunk curves; None without paired data."""
+        key = (incumbent.submission_id, challenger.submission_id)
+        if key not in self._verdicts:
+            a, b = self._curves(incumbent), self._curves(challenger)
+            paired = a is not None and b is not None and significance.comparable(a, b)
+            self._verdicts[key] = _compare(a, b, self._ranking, self.sigma_seed) if paired else None
+        return self._verdicts[key]
+
+    def _curves(self, row: ScoreRow) -> Curves | None:
+        if row.submission_id not in self._rows_curves:
+            self._rows_curves[row.submission_id] = row.curves()
+        return self._rows_curves[row.submission_id]
+
+    def passes(self, later: ScoreRow, earlier: ScoreRow) -> bool:
+        """A later row passes an earlier one when found better; a row whose replicas have not all run never passes
+        one whose replicas have (a clear improvement takes a replicated place only once its own seeds agree)."""
+        if earlier.replicas == "done" and later.replicas in ("none", "pending"):
+            return False
+        verdict = self.verdict(earlier, later)
+        if verdict is not None:
+            return verdict.outcome == "better"
+        score, earlier_score = later.final_score or 0.0, earlier.final_score or 0.0
+        head_start = epoch_seconds_of(later.submitted_at) - epoch_seconds_of(earlier.submitted_at)
+        return score > earlier_score and score > earlier_score * (1.0 + priority_margin(head_start, self.settings))
+
+    def decided_apart(self, upper: ScoreRow, lower: ScoreRow) -> bool:
+        """The upper row is decidedly better than the lower one: a paired verdict, else the full margin ε0."""
+        verdict = self.verdict(lower, upper)
+        if verdict is not None:
+            return verdict.outcome == "better"
+        return (upper.final_score or 0.0) > (lower.final_score or 0.0) * (1.0 + self.settings.priority_epsilon)
 
 
 def priority_margin(head_start: float, settings: ScoringSettings) -> float:
@@ -141,8 +287,27 @@ def weights(rows: Iterable[ScoreRow], settings: ScoringSettings | None = None,
         shares = {owner.hotkey: split[0]}
         shares[variant.hotkey] = shares.get(variant.hotkey, 0.0) + split[1]
         return shares
-    total = math.fsum(entry.final_score for entry in board)
-    return {entry.hotkey: entry.final_score / total for entry in board}
+    if settings.weights_mode == "winner_take_all":
+        return {board[0].hotkey: 1.0}
+    if settings.weights_mode == "ranked":
+        places = [entry for entry in board if entry.tied_with is None and (entry.final_score or 0) > 0]
+        decay = settings.ranked_decay
+        shares = [(1.0 - decay) * decay ** place for place in range(len(places) - 1)] + [decay ** (len(places) - 1)]
+        return {entry.hotkey: share for entry, share in zip(places, shares, strict=True)}
+    # per_hotkey: proportional to the final score, but nothing to an entry tied with the leader (its place is the
+    # leader's: weights never move to a challenger that no decided difference separates from it).
+    paid = [entry for entry in board if entry.rank == 1 or entry.tied_with != 1]
+    total = math.fsum(entry.final_score for entry in paid)
+    return {entry.hotkey: entry.final_score / total for entry in paid}
+
+
+def waiting(rows: Iterable[ScoreRow], settings: ScoringSettings | None = None,
+            epoch: int | None = None) -> dict[str, list[str]]:
+    """The board entries whose weight is not settled yet: `audits` (a re-run pending) and `replicas` (seeds still
+    running), by submission id in board order."""
+    board = leaderboard(rows, epoch, settings)
+    return {"audits": [entry.submission_id for entry in board if entry.audit == "pending"],
+            "replicas": [entry.submission_id for entry in board if entry.replicas == "pending"]}
 
 
 def earns_weight(row: ScoreRow) -> bool:

@@ -16,9 +16,18 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from prism_ray.config import Settings
-from prism_ray.leaderboard import LeaderboardEntry, ScoreRow, leaderboard, weights
+from prism_ray.leaderboard import (
+    LeaderboardEntry,
+    ScoreRow,
+    SeedNoise,
+    leaderboard,
+    seed_noise,
+    verdict_against_leader,
+    weights,
+)
 from prism_ray.queue_eta import QueueItem, plan_queue
 from prism_ray.scoring import thin_curve
+from prism_ray.significance import Verdict
 from prism_ray.store import SubmissionRecord
 
 QUEUE_LIMIT = 500  # pending and running submissions the queue shows
@@ -88,6 +97,14 @@ class ReadModel:
     def weights(self, epoch: int | None) -> dict[str, float]:
         return self.cached(("board", "weights", epoch),
                            lambda: weights(self.score_rows(), self.settings.scoring, epoch))
+
+    def seed_noise(self, epoch: int | None) -> SeedNoise:
+        return self.cached(("board", "noise", epoch), lambda: seed_noise(self.score_rows(), epoch,
+                                                                         self.settings.scoring))
+
+    def verdict(self, submission_id: str, epoch: int | None) -> tuple[LeaderboardEntry, Verdict | None] | None:
+        return self.cached(("board", "verdict", submission_id, epoch), lambda: verdict_against_leader(
+            self.score_rows(), submission_id, epoch, self.settings.scoring))
 
     def stats(self) -> dict[str, Any]:
         return self.cached(("stats",), lambda: self.store.call("stats"))

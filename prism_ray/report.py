@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, Field
 
 from prism_ray import scoring
+from prism_ray.chunks import ChunkCurve, chunk_curve
 from prism_ray.config import Settings
 from prism_ray.errors import PrismError, Reason
 from prism_ray.scoring import ScoreBreakdown
@@ -104,6 +105,8 @@ class RunReport(BaseModel):
     curve: list[dict[str, float]] = Field(default_factory=list)
     head_nats: list[float] = Field(default_factory=list, description="the first per-batch nats (ScoringSettings."
                                    "copy_batches of them), exactly as scored: copies by behaviour (docs/scoring.md)")
+    chunks: ChunkCurve | None = Field(default=None, description="nats per fixed byte chunk of the scored stream, at "
+                                      "batch resolution: paired comparisons (docs/scoring.md, \"Chunks\")")
 
     @property
     def ok(self) -> bool:
@@ -163,4 +166,6 @@ def assemble(result: TrainResult, bundle_sha256: str, name: str, settings: Setti
         run_dir=result.run_dir,
         curve=scoring.learning_curve(outcome.batch_nats, outcome.batch_bytes, settings.curve_points),
         head_nats=list(outcome.batch_nats[:settings.scoring.copy_batches]),
+        chunks=chunk_curve(outcome.batch_nats, outcome.batch_bytes, result.byte_budget,
+                           settings.scoring.ranking.chunks) if scored else None,
     )

@@ -304,6 +304,16 @@ class LeaderboardRow(BaseModel):
         default=None, description="the score's re-execution audit; only `passed` earns weight (null: audits are off)")
     submitted_at: float
     score: float = Field(description="PRISM's name for final_score")
+    tied_with: int | None = Field(default=None, description="rank of the first entry of its decided group when that "
+                                  "is another one: no decided difference separates them (docs/scoring.md)")
+    replicas: Literal["none", "pending", "done"] | None = Field(default=None, description="its seed replicas "
+                                                                "(null: replicas are off)")
+    seeds: int = Field(default=1, description="runs with a bpb: the scored run and its completed replicas")
+    mean_bpb: float | None = Field(default=None, description="mean bpb over its seeds")
+    spread_bpb: float | None = Field(default=None, description="standard deviation of bpb over its seeds")
+    gpu_seconds: float | None = Field(default=None, description="training seconds of all its runs")
+    tokens_per_second: float | None = None
+    est_flops: float | None = Field(default=None, description="estimated training FLOPs: 6 · parameters · tokens")
 
 
 class Leaderboard(BaseModel):
@@ -311,6 +321,9 @@ class Leaderboard(BaseModel):
     epoch_id: int = Field(description="PRISM's name: the epoch shown, else (all epochs) the current one")
     all_epochs: bool = Field(description="true: every epoch's submissions are ranked")
     computed_at: float
+    sigma_seed: float = Field(description="σ_seed (bpb) the verdicts use: measured from replicas, else the prior")
+    sigma_seed_measured: float | None = Field(description="σ_seed pooled over the shown entries' replicas")
+    sigma_seed_dof: int = Field(description="its degrees of freedom: replicated seeds minus entries")
     entries: list[LeaderboardRow]
 
 
@@ -331,6 +344,8 @@ class Weights(BaseModel):
     computed_at: float
     pending_audits: list[str] = Field(default_factory=list, description="board entries whose re-run has not been "
                                       "judged yet: they earn nothing until it passes, so these weights may change")
+    pending_replicas: list[str] = Field(default_factory=list, description="board entries whose seed replicas have "
+                                        "not all run: the order around them, and so these weights, may change")
     dry_run: Literal[True] = Field(default=True, description="weights are served, never set on chain")
     challenge_slug: str = Field(description="this challenge's slug (the BASE platform checks it)")
     metadata: dict[str, str] = Field(description="PRISM's metadata: computed_at as ISO 8601")

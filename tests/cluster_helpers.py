@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from prism_ray.bundle import Bundle, check_contract
-from prism_ray.config import AuditSettings, ClusterSettings, GateSettings, Settings
+from prism_ray.config import AuditSettings, ClusterSettings, GateSettings, ReplicaSettings, Settings
 from prism_ray.data.dataset import open_dataset
 from prism_ray.data.token_cache import load_token_stream
 
@@ -87,11 +87,13 @@ def make_bundle(tag: str, pause: float = 0.0, training: str | None = None, archi
     return check_contract(files)
 
 
-def tiny_settings(cache_dir: Path, store_path: Path, audits: bool = False, **cluster: object) -> Settings:
-    """A 20 kB byte budget, one runner thread, the gate off, fast heartbeats, and re-execution audits only for the
-    tests about them (elsewhere they would re-run every top score beside the work under test)."""
+def tiny_settings(cache_dir: Path, store_path: Path, audits: bool = False, replicas: bool = False,
+                  **cluster: object) -> Settings:
+    """A 20 kB byte budget, one runner thread, the gate off, fast heartbeats, and re-execution audits and seed
+    replicas only for the tests about them (elsewhere they would re-run every top score beside the work under test)."""
     return Settings(cache_dir=cache_dir, byte_budget=20_000, runner_threads=1, time_limit=120,
                     gate=GateSettings(mode="off"), audit=AuditSettings(mode="on" if audits else "off"),
+                    replicas=ReplicaSettings(mode="on" if replicas else "off", top_k=1, count=1),
                     cluster=ClusterSettings(store_path=store_path, heartbeat_seconds=1.0, **cluster))
 
 

@@ -137,6 +137,25 @@ class TestOnTwoGpuNodes:
         assert {entry.submission_id for entry in leaderboard(handle)} == set(ids)
         assert ray.get(handle.scheduler.stats.remote())["max_in_flight"] == 2
 
+    def test_the_top_entry_is_re_run_under_a_secret_seed_and_the_board_shows_its_spread(
+            self, ray_cluster, handles, cache_dir, tmp_path):
+        handle = start(tiny_settings(cache_dir, tmp_path / "prism.duckdb", replicas=True))
+        handles.append(handle)
+        record = submit(handle, "alice", "honest.zip", make_bundle("replicated"))
+        assert wait(handle, record.id, timeout=120).status == "completed"
+        [replica] = wait_until(lambda: [item for item in ray.get(handle.store.list_replicas.remote(
+            submission_id=record.id)) if item.status == "completed"], timeout=120, what="the replica")
+        assert (replica.why, replica.replica, replica.seed) == ("top_k", 1, None)  # the epoch is open: seed hidden
+        [scored] = [run["report"] for run in runs_of(handle, record.id)]
+        [rerun] = [run["report"] for run in runs_of(handle, replica.id)]
+        assert rerun["seed"] != scored["seed"] and rerun["byte_budget"] == scored["byte_budget"]
+        assert rerun["chunks"]["span"] == scored["chunks"]["span"] == 20_000
+        [entry] = leaderboard(handle)
+        assert (entry.seeds, entry.replicas) == (2, "done") and entry.mean_bpb == pytest.approx(
+            (scored["bpb"] + replica.bpb) / 2)
+        assert entry.spread_bpb > 0 and entry.gpu_seconds > scored["train_seconds"]  # another init, another bpb
+        assert ray.get(handle.scheduler.stats.remote())["replicas_claimed"] == 1
+
     def test_a_copy_earns_nothing_and_the_original_keeps_its_weight_once_audited_on_the_other_node(
             self, ray_cluster, handles, cache_dir, tmp_path):
         handle = start(tiny_settings(cache_dir, tmp_path / "prism.duckdb", audits=True))

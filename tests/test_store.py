@@ -394,6 +394,6 @@ def test_a_version_1_file_is_upgraded_with_its_zips_and_families(tmp_path, clock
             "ctx.", "context."), "SGD"))
         assert copy.copy_of == "sub_old"
     with duckdb.connect(str(path), read_only=True) as reader:
-        assert reader.execute("SELECT version FROM schema_version ORDER BY version").fetchall() == [(1,), (2,)]
+        assert reader.execute("SELECT version FROM schema_version ORDER BY version").fetchall() == [(1,), (3,)]
         assert [column[0] for column in reader.execute("DESCRIBE bundles").fetchall()] == [
             "sha256", "fingerprint", "created_at", "zip_sha256"]

@@ -8,6 +8,8 @@ keeps at most `capacity` chains in flight; each turn it renews the leases of its
 expired leases, claims up to the free capacity (audits first: weights wait on them), harvests finished stages
 (waking as soon as one finishes) and cuts stages that passed their wall-clock limit.
 
+A seed replica (docs/scoring.md, "Seed replicas") is run the same way under its own seed, on any GPU node.
+
 An audit re-runs a completed submission from its stored zip: every stage from the first GPU stage to the end, plus
 the earlier stages those need (the gate, whose verdict is cached), under the first run's seed and byte budget, its
 GPU stages pinned to a node other than the one the first run trained on (when the cluster has one). The store
@@ -42,7 +44,7 @@ from prism_ray.cluster.tasks import StageTasks
 from prism_ray.config import Settings
 from prism_ray.errors import BundleError, Reason
 from prism_ray.pipeline import STAGES, Job, Outcome, stage_limit
-from prism_ray.store import AUDIT_PREFIX, AuditRecord
+from prism_ray.store import AUDIT_PREFIX, REPLICA_PREFIX, AuditRecord, ReplicaRecord
 
 SCHEDULER_NAME = "prism-scheduler"
 _CAPACITY_REFRESH_SECONDS = 5.0
@@ -85,6 +87,7 @@ class Scheduler:
         self._max_in_flight = 0
         self._claimed = 0
         self._audits_claimed = 0
+        self._replicas_claimed = 0
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -125,6 +128,7 @@ class Scheduler:
         chains = dict(self._chains)
         return {"owner": self.owner, "capacity": self._capacity, "in_flight": len(chains),
                 "max_in_flight": self._max_in_flight, "claimed": self._claimed, "audits_claimed": self._audits_claimed,
+                "replicas_claimed": self._replicas_claimed,
                 "stages": {sid: STAGES[chain.stage].name for sid, chain in chains.items() if chain.stage >= 0}}
 
     # --- the loop --------------------------------------------------------------------------------------------
@@ -180,8 +184,15 @@ class Scheduler:
         for audit, zipped in audits:
             self._audits_claimed += 1
             self._start_audit(audit, zipped)
-        if free > len(audits):
-            for record, zipped in ray.get(self.store.claim.remote(self.owner, free - len(audits))):
+        free -= len(audits)
+        # Replicas next: the board's top places wait on them, as weights wait on audits.
+        replicas = ray.get(self.store.claim_replica_runs.remote(self.owner, free)) if free > 0 else []
+        for replica, zipped in replicas:
+            self._replicas_claimed += 1
+            self._start_replica(replica, zipped)
+        free -= len(replicas)
+        if free > 0:
+            for record, zipped in ray.get(self.store.claim.remote(self.owner, free)):
                 self._claimed += 1
                 job = Job(record.id, record.attempt, self.owner, time.time())
                 bundle = self._unpack(job, zipped, record.bundle_sha256)
@@ -199,6 +210,16 @@ class Scheduler:
                                                     if value is not None})
         self._start(Chain(job, bundle, ray.put(settings), RERUN_PLAN, audit.submission_id,
                           target=_other_gpu_node(audit.original_node)))
+
+    def _start_replica(self, replica: ReplicaRecord, zipped: bytes | None) -> None:
+        job = Job(replica.id, replica.attempt, self.owner, time.time())
+        bundle = self._unpack(job, zipped, None)
+        if bundle is None:
+            return
+        update = {"seed": replica.seed} | ({"byte_budget": replica.byte_budget} if replica.byte_budget is not None
+                                           else {})
+        self._start(Chain(job, bundle, ray.put(self.settings.model_copy(update=update)), RERUN_PLAN,
+                          replica.submission_id))
 
     def _unpack(self, job: Job, zipped: bytes | None, expected_sha256: str | None) -> ObjectRef | None:
         """The miner's zip as accepted at intake, parsed (parsing runs no miner code); None when it ended the job."""
@@ -296,6 +317,8 @@ class Scheduler:
     def _finish(self, job: Job, outcome: Outcome, stage: str) -> None:
         if job.submission_id.startswith(AUDIT_PREFIX):
             self._end_audit(job, outcome, stage)
+        elif job.submission_id.startswith(REPLICA_PREFIX):
+            self._end_replica(job, outcome, stage)
         else:
             self._end(job, outcome, stage)
 
@@ -313,6 +336,21 @@ class Scheduler:
             ended = "failed" if failed else None
         if ended is not None:
             self.metrics.audits.inc(tags={"status": ended})
+
+    def _end_replica(self, job: Job, outcome: Outcome, stage: str) -> None:
+        """A replica's report joins the entry's seeds; a replica that produced none fails."""
+        if outcome.verdict == "lost":
+            return
+        if outcome.report is not None:
+            replica = ray.get(self.store.finish_replica.remote(job.submission_id, job.owner, outcome.report,
+                                                               attempt=job.attempt))
+            ended = replica.status if replica is not None else None
+        else:
+            failed = ray.get(self.store.fail_replica.remote(job.submission_id, outcome.reasons, stage,
+                                                            owner=job.owner, attempt=job.attempt))
+            ended = "failed" if failed else None
+        if ended is not None:
+            self.metrics.replicas.inc(tags={"status": ended})
 
     def _end(self, job: Job, outcome: Outcome, stage: str) -> None:
         guard = {"owner": job.owner, "attempt": job.attempt}
@@ -342,6 +380,8 @@ class Scheduler:
         if ray.get(self.store.requeue.remote(job.submission_id, reason, owner=job.owner, attempt=job.attempt)):
             if job.submission_id.startswith(AUDIT_PREFIX):
                 self.metrics.audits.inc(tags={"status": "requeued"})
+            elif job.submission_id.startswith(REPLICA_PREFIX):
+                self.metrics.replicas.inc(tags={"status": "requeued"})
             else:
                 self.metrics.record_end("requeued", reason.rule)
 

@@ -18,7 +18,7 @@ from ray.actor import ActorHandle
 
 from prism_ray.cluster.metrics import StoreMetrics
 from prism_ray.config import Settings
-from prism_ray.store import AuditRecord, Store, StoreLocked, SubmissionRecord
+from prism_ray.store import AuditRecord, ReplicaRecord, Store, StoreLocked, SubmissionRecord
 
 STORE_NAME = "prism-store"
 _OPEN_WAIT_SECONDS = 30.0  # a restarted store may start while its predecessor's process still holds the file lock
@@ -47,7 +47,7 @@ class StoreService(Store):
         while True:
             try:
                 super().__init__(path, max_attempts=cluster.max_attempts, scoring=settings.scoring,
-                                 audit=settings.audit)
+                                 audit=settings.audit, replicas=settings.replicas)
                 break
             except StoreLocked:
                 if time.monotonic() > deadline:
@@ -69,6 +69,11 @@ class StoreService(Store):
         """claim_audits plus the zip of each submission to re-run, in one round trip."""
         return [(audit, self.original_zip(audit.submission_id))
                 for audit in self.claim_audits(owner, self.lease_seconds, limit)]
+
+    def claim_replica_runs(self, owner: str, limit: int) -> list[tuple[ReplicaRecord, bytes | None]]:
+        """claim_replicas plus the zip of each submission to re-run, in one round trip."""
+        return [(replica, self.original_zip(replica.submission_id))
+                for replica in self.claim_replicas(owner, self.lease_seconds, limit)]
 
     def stage_started(self, submission_id: str, stage: str, node: str, owner: str, attempt: int) -> bool:
         """A GPU task began: record its stage and node; until it finishes only its own beats renew the lease.
@@ -131,7 +136,8 @@ class StoreService(Store):
         self._speeds = {sid: (speed, at) for sid, (speed, at) in self._speeds.items()
                         if now - at < 3 * self.flush_seconds}
         self.metrics.record_trainings([speed for speed, _ in self._speeds.values()])
-        self.metrics.record_stats(self.stats()["by_status"], self.audit_stats()["by_status"])
+        self.metrics.record_stats(self.stats()["by_status"], self.audit_stats()["by_status"],
+                                  self.replica_stats()["by_status"])
         self._flushed_at = now
 
     def _renew(self, beat: Beat) -> None:

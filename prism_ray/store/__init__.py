@@ -22,18 +22,29 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from prism_ray.bundle import Bundle
-from prism_ray.config import AuditSettings, ScoringSettings
+from prism_ray.config import AuditSettings, ReplicaSettings, ScoringSettings
 from prism_ray.errors import Reason
 from prism_ray.fingerprint import CodeFingerprints
+from prism_ray.leaderboard import epoch_of
 from prism_ray.store.audits import Audits
 from prism_ray.store.behaviours import Behaviours
 from prism_ray.store.db import Db, StoreError, StoreLocked, plain, reasons_of
 from prism_ray.store.queue import Queue
 from prism_ray.store.reads import Reads
-from prism_ray.store.records import AUDIT_PREFIX, AuditRecord, SubmissionRecord, SubmissionStatus
+from prism_ray.store.records import (
+    AUDIT_PREFIX,
+    REPLICA_PREFIX,
+    AuditRecord,
+    ReplicaRecord,
+    SubmissionRecord,
+    SubmissionStatus,
+)
+from prism_ray.store.replicas import Replicas
 from prism_ray.store.schema import (
     AUDIT_STATUSES,
     AUDIT_TERMINAL,
+    REPLICA_STATUSES,
+    REPLICA_TERMINAL,
     SCHEMA_VERSION,
     SUBMISSION_STATUSES,
     SUBMISSION_TERMINAL,
@@ -47,19 +58,21 @@ DEFAULT_MAX_ATTEMPTS = 3
 STATUSES = SUBMISSION_STATUSES
 TERMINAL_STATUSES = SUBMISSION_TERMINAL
 
-__all__ = ["AUDIT_PREFIX", "AUDIT_STATUSES", "DEFAULT_MAX_ATTEMPTS", "SCHEMA_VERSION", "SCORE_FIELDS", "STATUSES",
-           "TABLES", "TERMINAL_STATUSES", "AuditRecord", "NewSubmission", "Store", "StoreError", "StoreLocked",
-           "SubmissionRecord", "SubmissionStatus"]
+__all__ = ["AUDIT_PREFIX", "AUDIT_STATUSES", "DEFAULT_MAX_ATTEMPTS", "REPLICA_PREFIX", "REPLICA_STATUSES",
+           "SCHEMA_VERSION", "SCORE_FIELDS", "STATUSES", "TABLES", "TERMINAL_STATUSES", "AuditRecord", "NewSubmission",
+           "ReplicaRecord", "Store", "StoreError", "StoreLocked", "SubmissionRecord", "SubmissionStatus"]
 
 
 class Store:
     def __init__(self, path: Path | str, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
                  clock: Callable[[], float] = time.time, scoring: ScoringSettings | None = None,
-                 audit: AuditSettings | None = None, rng: random.Random | None = None) -> None:
+                 audit: AuditSettings | None = None, rng: random.Random | None = None,
+                 replicas: ReplicaSettings | None = None) -> None:
         self.path = str(path)
         self.max_attempts = max_attempts
         self.scoring = scoring or ScoringSettings()
         self.audit = audit or AuditSettings()
+        self.replica_settings = replicas or ReplicaSettings()
         self._db = Db(path, clock)
         try:
             create_or_upgrade(self._db)
@@ -68,11 +81,15 @@ class Store:
             raise
         self._submission_queue = Queue(self._db, "submissions", SUBMISSION_TERMINAL)
         self._audit_queue = Queue(self._db, "audits", AUDIT_TERMINAL)
-        self._reads = Reads(self._db, audits_kept=self.audit.mode == "on")
+        self._replica_queue = Queue(self._db, "replicas", REPLICA_TERMINAL)
+        self._reads = Reads(self._db, audits_kept=self.audit.mode == "on",
+                            replicas_kept=self.replica_settings.mode == "on")
         self._submissions = Submissions(self._db, self._submission_queue, max_attempts, self.scoring)
         self._behaviours = Behaviours(self._db, self.audit)
         self._audits = Audits(self._db, self._audit_queue, self.audit, self.scoring, self._reads.scored_rows,
                               self._submissions.invalidate, rng or random.SystemRandom())
+        self._replicas = Replicas(self._db, self._replica_queue, self.replica_settings, self.scoring,
+                                  self._reads.scored_rows)
         self._sidecar = Sidecar(self._db)
 
     def close(self) -> None:
@@ -155,6 +172,24 @@ class Store:
         """Oldest first."""
         return self._reads.audits(status, submission_id, limit)
 
+    def get_replica(self, replica_id: str) -> ReplicaRecord | None:
+        """A replica; its seed is None while its epoch is open."""
+        found = self._replicas.records(ids=[replica_id], limit=1)
+        return found[0] if found else None
+
+    def list_replicas(self, status: str | None = None, submission_id: str | None = None,
+                      limit: int = 100) -> list[ReplicaRecord]:
+        """Oldest first; seeds hidden while their epoch is open."""
+        return self._replicas.records(status, submission_id, limit=limit)
+
+    def replica_stats(self) -> dict[str, Any]:
+        """The replica queue's counts, like `audit_stats`."""
+        return self._reads.replica_stats()
+
+    def epoch_secret(self, epoch: int) -> str | None:
+        """The seed secret of a closed epoch (every replica seed of it follows from it); None while it is open."""
+        return self._replicas.secret(epoch)
+
     def stats(self) -> dict[str, Any]:
         """Submissions by status, the queue's depth and what is in flight."""
         return self._reads.stats()
@@ -177,7 +212,7 @@ class Store:
 
     def export_parquet(self, out_dir: Path | str) -> list[Path]:
         """Every table to `<out_dir>/<table>.parquet`, from one consistent snapshot."""
-        return self._reads.export_parquet(out_dir)
+        return self._reads.export_parquet(out_dir, epoch_of(self._db.clock(), self.scoring))
 
     # --- the queues (a queue item's id names its queue: `sub_…` or `aud_…`) --------------------------------------
 
@@ -192,6 +227,13 @@ class Store:
         if self.audit.mode == "off":
             return []
         return [self._audits.record(item) for item in self._audit_queue.claim(owner, lease_seconds, limit)]
+
+    def claim_replicas(self, owner: str, lease_seconds: float, limit: int = 1) -> list[ReplicaRecord]:
+        """Oldest pending replicas first, with their seeds (for the scheduler only; none while replicas are off)."""
+        if self.replica_settings.mode == "off":
+            return []
+        return self._replicas.records(ids=self._replica_queue.claim(owner, lease_seconds, limit), limit=limit,
+                                      reveal=True)
 
     def renew_lease(self, item_id: str, owner: str, lease_seconds: float, progress_bytes: int | None = None,
                     progress_bpb: float | None = None, tokens_per_second: float | None = None,
@@ -218,12 +260,14 @@ class Store:
         now = self._db.clock() if now is None else now
         with self._db.transaction():
             return [*self._submission_queue.requeue_expired(now),
-                    *self._replanned(self._audit_queue.requeue_expired(now))]
+                    *self._replanned(self._audit_queue.requeue_expired(now)),
+                    *self._replanned(self._replica_queue.requeue_expired(now))]
 
     def recover(self, live_ids: Sequence[str]) -> list[str]:
         """On scheduler start: running items it does not know are orphans of a dead scheduler → requeued."""
         with self._db.transaction():
-            return [*self._submission_queue.recover(live_ids), *self._replanned(self._audit_queue.recover(live_ids))]
+            return [*self._submission_queue.recover(live_ids), *self._replanned(self._audit_queue.recover(live_ids)),
+                    *self._replanned(self._replica_queue.recover(live_ids))]
 
     # --- how a submission ends ----------------------------------------------------------------------------------
 
@@ -236,7 +280,9 @@ class Store:
             written = self._submissions.complete(submission_id, owner, report, score, curve, attempt)
             if written:
                 self._behaviours.link(submission_id, plain(report))
+                self._replicas.keep(submission_id, plain(report))
                 self._audits.plan(completed=submission_id)
+                self._replicas.plan()
             return written
 
     def fail(self, submission_id: str, reasons: Sequence[Reason | dict[str, Any]], stage: str, terminal: bool = True,
@@ -260,12 +306,37 @@ class Store:
                      attempt: int | None = None) -> AuditRecord | None:
         """Judge the re-run's report against the first run: passed, or a mismatch that invalidates the score (the
         submission ends `failed` with `audit:mismatch`). None (nothing written) unless `owner` holds the lease."""
-        return self._audits.finish(audit_id, owner, report, attempt)
+        with self._db.transaction():
+            record = self._audits.finish(audit_id, owner, report, attempt)
+            if record is not None:
+                self._replicas.plan()
+            return record
 
     def fail_audit(self, audit_id: str, reasons: Sequence[Reason | dict[str, Any]], stage: str,
                    owner: str | None = None, attempt: int | None = None) -> bool:
         """The re-run could not be carried out: the audit fails, and its score earns nothing."""
-        return self._audits.fail(audit_id, reasons_of(reasons), stage, owner, attempt)
+        with self._db.transaction():
+            failed = self._audits.fail(audit_id, reasons_of(reasons), stage, owner, attempt)
+            if failed:
+                self._replicas.plan()
+            return failed
+
+    # --- how a replica ends -------------------------------------------------------------------------------------
+
+    def finish_replica(self, replica_id: str, owner: str, report: BaseModel | dict[str, Any],
+                       attempt: int | None = None) -> ReplicaRecord | None:
+        """Keep the replica's run (completed: its bpb and chunk curve join the entry's seeds; else it fails) and ask
+        both policies again. None (nothing written) unless `owner` holds the lease."""
+        with self._db.transaction():
+            record = self._replicas.finish(replica_id, owner, report, attempt)
+            if record is not None:
+                self._audits.plan()  # the board may have changed: a new top k to audit
+            return record
+
+    def fail_replica(self, replica_id: str, reasons: Sequence[Reason | dict[str, Any]], stage: str,
+                     owner: str | None = None, attempt: int | None = None) -> bool:
+        """The re-run could not be carried out: the replica fails; the entry keeps the seeds it has."""
+        return self._replicas.fail(replica_id, reasons_of(reasons), stage, owner, attempt)
 
     # --- auth nonces and the gate -------------------------------------------------------------------------------
 
@@ -293,10 +364,14 @@ class Store:
     # --- internals ----------------------------------------------------------------------------------------------
 
     def _queue(self, item_id: str) -> Queue:
-        return self._audit_queue if item_id.startswith(AUDIT_PREFIX) else self._submission_queue
+        if item_id.startswith(AUDIT_PREFIX):
+            return self._audit_queue
+        return self._replica_queue if item_id.startswith(REPLICA_PREFIX) else self._submission_queue
 
-    def _replanned(self, audit_ids: list[str]) -> list[str]:
-        """After audits ended or went back to the queue, ask the policy again: a failed one leaves a place."""
-        if any(item.startswith(AUDIT_PREFIX) for item in audit_ids):
+    def _replanned(self, item_ids: list[str]) -> list[str]:
+        """After audits or replicas ended or went back to the queue, ask both policies again: a failed one may leave
+        a place, a finished replica may reorder the board."""
+        if any(item.startswith((AUDIT_PREFIX, REPLICA_PREFIX)) for item in item_ids):
             self._audits.plan()
-        return audit_ids
+            self._replicas.plan()
+        return item_ids

@@ -10,7 +10,9 @@ from prism_ray.errors import Reason
 
 SubmissionStatus = Literal["pending", "running", "completed", "rejected", "failed", "held", "duplicate"]
 AuditStatus = Literal["pending", "running", "passed", "mismatch", "failed"]
-AUDIT_PREFIX = "aud_"  # a queue item's id names its queue: `sub_…` submissions, `aud_…` audits
+ReplicaStatus = Literal["pending", "running", "completed", "failed"]
+AUDIT_PREFIX = "aud_"  # a queue item's id names its queue: `sub_…` submissions, `aud_…` audits, `rep_…` replicas
+REPLICA_PREFIX = "rep_"
 
 
 class QueueItem(BaseModel):
@@ -72,3 +74,18 @@ class AuditRecord(QueueItem):
     audit_bpb: float | None
     tolerance: float | None = Field(description="the relative bpb difference the comparison allowed")
     node: str | None = Field(description="the node the audit trained on")
+
+
+class ReplicaRecord(QueueItem):
+    """One row of `replicas`: a completed submission re-run under another, secret seed (docs/scoring.md,
+    "Seed replicas"). The seed is shown only once its epoch has closed."""
+
+    status: ReplicaStatus
+    submission_id: str
+    replica: int = Field(description="1 … R")
+    epoch: int
+    why: Literal["top_k", "entrant"]
+    seed: int | None = Field(description="None while the epoch is open (hidden)")
+    byte_budget: int | None
+    bpb: float | None
+    node: str | None = None

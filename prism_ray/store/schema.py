@@ -10,14 +10,16 @@ from prism_ray.errors import BundleError
 from prism_ray.fingerprint import code_fingerprints
 from prism_ray.store.db import Db, StoreError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SUBMISSION_STATUSES = ("pending", "running", "completed", "rejected", "failed", "held", "duplicate")
 SUBMISSION_TERMINAL = ("completed", "rejected", "failed", "duplicate")
 AUDIT_STATUSES = ("pending", "running", "passed", "mismatch", "failed")
 AUDIT_TERMINAL = ("passed", "mismatch", "failed")
+REPLICA_STATUSES = ("pending", "running", "completed", "failed")
+REPLICA_TERMINAL = ("completed", "failed")
 TABLES = ("schema_version", "submissions", "zips", "bundles", "runs", "scores", "curves", "behaviours", "audits",
-          "gate_reviews", "gate_verdicts", "nonces", "events")
+          "seed_runs", "replicas", "epoch_secrets", "gate_reviews", "gate_verdicts", "nonces", "events")
 
 # Added in version 2: each submission's code fingerprints, copy links and original zip.
 _V2_SUBMISSION_COLUMNS = (("architecture_family", "VARCHAR"), ("training_fingerprint", "VARCHAR"),
@@ -67,6 +69,19 @@ CREATE TABLE IF NOT EXISTS audits (
     lease_owner VARCHAR, lease_expires_at DOUBLE, original_bpb DOUBLE, original_node VARCHAR, original_device VARCHAR,
     original_data VARCHAR, seed BIGINT, byte_budget BIGINT, audit_bpb DOUBLE, tolerance DOUBLE, node VARCHAR,
     created_at DOUBLE NOT NULL, updated_at DOUBLE NOT NULL, finished_at DOUBLE);
+CREATE TABLE IF NOT EXISTS seed_runs (
+    submission_id VARCHAR NOT NULL, replica_id VARCHAR, seed BIGINT, bpb DOUBLE, span BIGINT, nats DOUBLE[],
+    bytes BIGINT[], device VARCHAR, train_seconds DOUBLE, created_at DOUBLE NOT NULL);
+CREATE SEQUENCE IF NOT EXISTS replica_seq;
+CREATE TABLE IF NOT EXISTS replicas (
+    id VARCHAR PRIMARY KEY, seq BIGINT NOT NULL DEFAULT nextval('replica_seq'), submission_id VARCHAR NOT NULL,
+    hotkey VARCHAR NOT NULL, replica INTEGER NOT NULL, epoch BIGINT NOT NULL, why VARCHAR NOT NULL,
+    status VARCHAR NOT NULL {_checked(REPLICA_STATUSES)}, stage VARCHAR NOT NULL, reasons JSON NOT NULL,
+    attempt INTEGER NOT NULL, max_attempts INTEGER NOT NULL, lease_owner VARCHAR, lease_expires_at DOUBLE,
+    seed BIGINT NOT NULL, byte_budget BIGINT, bpb DOUBLE, node VARCHAR, created_at DOUBLE NOT NULL,
+    updated_at DOUBLE NOT NULL, finished_at DOUBLE, UNIQUE (submission_id, replica));
+CREATE TABLE IF NOT EXISTS epoch_secrets (epoch BIGINT PRIMARY KEY, secret VARCHAR NOT NULL,
+    created_at DOUBLE NOT NULL);
 CREATE TABLE IF NOT EXISTS gate_reviews (
     request_sha256 VARCHAR, submission_id VARCHAR, model VARCHAR, prompt_version VARCHAR, outcome VARCHAR,
     raw_reply VARCHAR, latency_s DOUBLE, prompt_tokens INTEGER, completion_tokens INTEGER, attempt INTEGER,
@@ -90,6 +105,7 @@ def create_or_upgrade(db: Db) -> None:
             raise StoreError(f"{db.path} has schema version {version}; this prism-ray knows {SCHEMA_VERSION}")
         if version == 1:
             _upgrade_to_v2(con)
+        # Version 2 → 3 adds tables only (seed_runs, replicas, epoch_secrets), created above.
         if version != SCHEMA_VERSION:
             con.execute("INSERT INTO schema_version VALUES (?, ?)", [SCHEMA_VERSION, db.clock()])
 

@@ -24,9 +24,9 @@ def router(backend: Backend) -> APIRouter:
     @board.get("/v1/leaderboard", response_model=Leaderboard, responses=responses(422))
     def get_leaderboard(epoch: EpochQuery = None, epoch_id: EpochIdQuery = None,
                         all_epochs: AllEpochsQuery = False) -> Response:
-        """Best completed submission per hotkey, by final_score with time priority (a later submission passes an
-        earlier one only by a margin, docs/scoring.md); ties → earliest submission. The current epoch unless
-        `?epoch=` (or `?epoch_id=`) names another or `?all_epochs=true`."""
+        """Best completed submission per hotkey in the decided order (a later submission passes an earlier one only
+        when a paired bootstrap finds it better, else by the margin ε, docs/scoring.md); ties → earliest submission.
+        The current epoch unless `?epoch=` (or `?epoch_id=`) names another or `?all_epochs=true`."""
         current = epoch_of(time.time(), backend.settings.scoring)
         shown = None if all_epochs else next((e for e in (epoch, epoch_id) if e is not None), current)
         # Serialised once per change of the board: a read is then a cache lookup (`computed_at` says when).
@@ -50,5 +50,7 @@ def _render(backend: Backend, epoch: int | None, epoch_id: int) -> bytes:
     entries = [LeaderboardRow(**entry.model_dump(include=set(LeaderboardRow.model_fields) - {"submitted_at"}),
                               submitted_at=epoch_seconds_of(entry.submitted_at), score=entry.final_score)
                for entry in backend.leaderboard(epoch)]
+    noise = backend.seed_noise(epoch)
     return Leaderboard(epoch=epoch, epoch_id=epoch_id, all_epochs=epoch is None, computed_at=time.time(),
+                       sigma_seed=noise.used, sigma_seed_measured=noise.measured, sigma_seed_dof=noise.dof,
                        entries=entries).model_dump_json().encode()

@@ -29,7 +29,7 @@ def static_files() -> StaticFiles:
     return StaticFiles(directory=STATIC)
 
 
-QUEUE_AUDITS = 100  # audits listed on the queue page
+QUEUE_AUDITS = 100  # audits (and replicas) listed on the queue page
 
 
 def router(backend: Backend) -> APIRouter:
@@ -54,7 +54,8 @@ def router(backend: Backend) -> APIRouter:
         points = backend.curve(submission_id)
         if not points and progress.bytes_scored and progress.running_bpb is not None:
             points = [{"bytes": progress.bytes_scored, "bpb": progress.running_bpb}]  # live: latest heartbeat
-        return page(render_html("submission.html", record=record, report=report, progress=progress,
+        against = backend.verdict(submission_id) if record.status == "completed" else None
+        return page(render_html("submission.html", record=record, report=report, progress=progress, against=against,
                                 profile=profile_facts(views.profile(backend, run)) if report else [],
                                 retries=retries(detail.events), chart=line_chart([("running bpb", points)]),
                                 live_points=json.dumps(drawable(points)), events=_readable(backend, detail.events),
@@ -62,7 +63,8 @@ def router(backend: Backend) -> APIRouter:
 
     @pages.get("/queue", response_class=HTMLResponse)
     def queue_page() -> HTMLResponse:
-        return page(render_html("queue.html", queue=views.queue(backend), audits=backend.audits(QUEUE_AUDITS)))
+        return page(render_html("queue.html", queue=views.queue(backend), audits=backend.audits(QUEUE_AUDITS),
+                                replicas=backend.replicas(QUEUE_AUDITS)))
 
     return pages
 
@@ -78,7 +80,8 @@ def _leaderboard(backend: Backend, epoch: int | None, current_epoch: int) -> str
         return format_span(number * seconds, (number + 1) * seconds)
 
     return render_html("leaderboard.html", entries=entries, chart=chart, epoch=epoch, current_epoch=current_epoch,
-                       current_span=span(current_epoch), epoch_span=None if epoch is None else span(epoch))
+                       current_span=span(current_epoch), epoch_span=None if epoch is None else span(epoch),
+                       noise=backend.seed_noise(epoch))
 
 
 def profile_facts(profile: ComputeProfile) -> list[tuple[str, str]]:

@@ -28,10 +28,13 @@ def router(backend: Backend, token: str | None, slug: str) -> APIRouter:
         check_internal(token, slug, credentials, challenge_slug)
         now = time.time()
         # Pending audits first: weights read after them are as new, so an empty list means settled weights.
-        pending = [entry.submission_id for entry in backend.leaderboard(epoch) if entry.audit == "pending"]
+        board = backend.leaderboard(epoch)
+        pending = [entry.submission_id for entry in board if entry.audit == "pending"]
+        replicating = [entry.submission_id for entry in board if entry.replicas == "pending"]
         return Weights(weights=backend.weights(epoch), epoch=epoch_of(now, backend.settings.scoring)
                        if epoch is None else epoch, all_epochs=epoch is None,
                        mode=backend.settings.scoring.weights_mode, computed_at=now, pending_audits=pending,
+                       pending_replicas=replicating,
                        challenge_slug=slug, metadata={"computed_at": wire.iso(now).isoformat()})
 
     return internal

@@ -24,7 +24,7 @@ def test_a_probe_batch_keeps_each_probe_rows_prefix_and_fills_the_rest_with_scor
         piece = plan.batch(index)
         probe = probes.for_batch(piece)
         assert probe is not None and probe.index == index and probe.tokens.shape == (4, 33)
-        assert len(probe.rows) == probe_rows_per_batch(4) == 3 and len({row for row, _ in probe.rows}) == 3
+        assert len(probe.rows) == probe_rows_per_batch(4) == 2 and len({row for row, _ in probe.rows}) == 2
         past = plan.tokens[: index * plan.span] if index else piece.chunk
         text = past.tobytes()
         for row, boundary in probe.rows:
@@ -67,3 +67,23 @@ def test_tolerance_is_zero_on_cpu_and_follows_the_logits_dtype_on_a_gpu():
 
 def test_escape_probability_is_the_documented_bound():
     assert escape_probability(0.1, 132) < 1e-6 < escape_probability(0.1, 130)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 8])
+def test_half_the_rows_are_filler_at_every_batch_size(batch_size):
+    """A probe row's first token stays real, so another row's first token is seen changing only in a filler row."""
+    assert probe_rows_per_batch(batch_size) == max(1, batch_size // 2)
+    assert batch_size == 1 or batch_size - probe_rows_per_batch(batch_size) >= 1
+
+
+def test_a_held_out_probe_batch_is_built_from_the_batch_itself():
+    import secrets
+
+    from prism_ray.harness.probes import heldout_probe
+
+    tokens = np.random.default_rng(1).integers(0, VOCAB, (4, 33)).astype(np.int64)
+    rows, probe = heldout_probe(tokens, secrets.SystemRandom(), VOCAB)
+    assert probe.shape == tokens.shape and len(rows) == 2
+    for row, boundary in rows:
+        assert np.array_equal(probe[row, :boundary], tokens[row, :boundary])
+        assert probe[row, boundary] != tokens[row, boundary]

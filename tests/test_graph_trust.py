@@ -88,16 +88,6 @@ STATEFUL = {
         self.memory.copy_(tokens)
         return torch.where(same[..., None], self.table(tokens), self.peek(tokens))
     """),
-    # a module-level cache of the last batch and its output, replayed where the input repeats it
-    "python_replay": ("pass", """
-        out = self.peek(tokens)
-        if SEEN and SEEN[-1][0].shape == tokens.shape:
-            last_tokens, last_out = SEEN[-1]
-            same = (last_tokens == tokens).cumprod(dim=1).bool()
-            out = torch.where(same[..., None], last_out, out)
-        SEEN.append((tokens.clone(), out.detach().clone()))
-        return out
-    """),
     # the prober used to get one row, the scorer B
     "row_count": ("pass", """
         return self.table(tokens) if tokens.shape[0] == 1 else self.peek(tokens)
@@ -330,19 +320,7 @@ MODES = {
     # ids pushed out of range: every held-out batch raises (the red team's heldout_fail)
     "fail": "other = self.table(tokens + (self.mode > 0.5).long() * 100000)",
 }
-MODE_TRAINING = """
-import torch
-
-def train(ctx):
-    model = ctx.build_model()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
-    for batch in ctx.iter_train_batches(model, batch_size=2, seq_len=64, with_logits=True):
-        batch.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        WHEN_LAST
-    AFTER
-"""
+MODE_TRAINING = TRAINING + "        WHEN_LAST\n    AFTER\n"
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from prism_ray import manifest_yaml
 from prism_ray.config import IntakeLimits
 from prism_ray.errors import BundleError, Reason
 
-MANIFEST_NAME = "prism.yaml"
+MANIFEST_NAME = manifest_yaml.MANIFEST_NAME
 _ARCHIVE_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"7z\xbc\xaf", b"Rar!")
 _READ_CHUNK = 64 * 1024
 
@@ -277,12 +277,7 @@ def parse_config(files: dict[str, bytes]) -> BundleConfig:
     raw = files.get(MANIFEST_NAME)
     if raw is None:
         return BundleConfig()
-    try:
-        data = yaml.safe_load(raw.decode("utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        line = getattr(getattr(error, "problem_mark", None), "line", None)
-        raise BundleError("contract:prism_yaml", f"prism.yaml is not valid YAML ({error})", file=MANIFEST_NAME,
-                          line=line + 1 if line is not None else None) from None
+    data = manifest_yaml.load(raw) or {}
     if not isinstance(data, dict):
         raise BundleError("contract:prism_yaml", "prism.yaml must be a mapping", file=MANIFEST_NAME)
     entrypoints = data.pop("entrypoints", None)

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal, NoReturn
 
 import typer
+from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperCommand
 
 from prism_ray.client_cli import register as register_client_commands
 from prism_ray.config import Settings, load_settings
 from prism_ray.data.cli import data_app
+from prism_ray.errors import Reason
 from prism_ray.harness.records import Progress as RunProgress
 from prism_ray.pipeline import evaluate
 from prism_ray.registry import registry_app
@@ -42,7 +46,61 @@ def _default(name: str, unit: str = "") -> str:
     return f"{shown}{unit}, or PRISM_{name.upper()}"
 
 
-@app.command("eval")
+class UsageError(BaseModel):
+    """What `eval --json` prints when the command line itself is wrong (exit 2): never a report, still one object."""
+
+    status: Literal["usage_error"] = "usage_error"
+    reasons: list[Reason]
+
+
+class _EvalCommand(TyperCommand):
+    """With --json, a usage error the parser finds is one JSON object on stdout as well, like every other outcome."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        ctx.meta["as_json"] = "--json" in args
+        try:
+            return super().parse_args(ctx, args)
+        except Exception as error:
+            _json_usage_error(ctx, error)
+            raise
+
+    def invoke(self, ctx: typer.Context) -> object:
+        try:  # values are converted and range-checked here, after parsing
+            return super().invoke(ctx)
+        except Exception as error:
+            _json_usage_error(ctx, error)
+            raise
+
+
+def _json_usage_error(ctx: typer.Context, error: Exception) -> None:
+    # Click's UsageError (exit code 2), whether typer vendors click or not.
+    if ctx.meta.get("as_json") and getattr(error, "exit_code", None) == 2 and hasattr(error, "format_message"):
+        _usage_error("usage:bad_arguments", error.format_message(), as_json=True)
+
+
+def _usage_error(rule: str, message: str, as_json: bool) -> NoReturn:
+    stderr.print(f"[red]error:[/red] {message}", highlight=False)
+    if as_json:
+        sys.stdout.write(UsageError(reasons=[Reason(rule=rule, message=message)]).model_dump_json() + "\n")
+    raise typer.Exit(2)
+
+
+def _device_problem(device: str | None) -> str | None:
+    """Why a requested device cannot run here (None when it can): a usage error, not a run that crashes later."""
+    if device in (None, "auto", "cpu"):
+        return None
+    if not re.fullmatch(r"cuda(:\d+)?", device):
+        return f"--device must be auto, cpu, cuda or cuda:N, not {device!r}"
+    import torch  # only when a GPU is asked for
+
+    index = int(device.partition(":")[2] or 0)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index >= count:
+        return f"--device {device}: this machine has {count} CUDA device(s) visible to torch; use --device cpu or auto"
+    return None
+
+
+@app.command("eval", cls=_EvalCommand)
 def eval_command(
     bundle: Annotated[Path, typer.Argument(help="bundle directory or .zip")],
     data: Annotated[Path | None, typer.Option(help="locked dataset dir", show_default="the embedded Python docs, "
@@ -60,12 +118,23 @@ def eval_command(
 ) -> None:
     """Dry-run a bundle exactly as the cluster scores it."""
     if not bundle.exists():
-        stderr.print(f"[red]error:[/red] bundle {bundle} does not exist")
-        raise typer.Exit(2)
-    settings = load_settings(data_dir=data, byte_budget=byte_budget, time_limit=time_limit, seed=seed, device=device)
+        _usage_error("usage:no_bundle", f"bundle {bundle} does not exist", as_json)
+    if problem := _device_problem(device):
+        _usage_error("usage:device", problem, as_json)
+    try:
+        settings = load_settings(data_dir=data, byte_budget=byte_budget, time_limit=time_limit, seed=seed,
+                                 device=device)
+    except ValidationError as error:  # a PRISM_* variable with a value it cannot take
+        _usage_error("usage:settings", "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                                 for e in error.errors()), as_json)
     if use_gate is not None:
         settings.gate.mode = "required" if use_gate else "off"
-    report = _run_with_progress(bundle, settings)
+    try:
+        report = _run_with_progress(bundle, settings)
+    except Exception as error:  # a fault of prism-ray or this machine: still one typed object, never a bare traceback
+        stderr.print_exception()
+        report = RunReport(status="failed", stage="eval", reasons=[Reason(
+            rule="infra:eval_error", message=f"prism-ray failed on this machine: {type(error).__name__}: {error}")])
     if as_json:
         sys.stdout.write(report.model_dump_json() + "\n")
     else:

@@ -94,6 +94,24 @@ def test_contract_rules_name_the_file(files, rule, where):
     assert caught.value.rule == rule and caught.value.reasons[0].file == where
 
 
+@pytest.mark.parametrize("manifest,says", [
+    ("x: " + "[" * 5000 + "]" * 5000 + "\n", "nested deeper than"),  # PyYAML alone: RecursionError
+    ("x:\n" + "".join("  " * (i + 1) + f"k{i}:\n" for i in range(40)), "nested deeper than"),
+    ("a: &a [x, x, x, x, x, x, x, x, x, x]\nb: [" + ", ".join(["*a"] * 2500) + "]\n", "aliases count"),
+    ("name: " + "x" * 70_000 + "\n", "byte limit"),
+])
+def test_hostile_prism_yaml_is_a_typed_rejection(manifest, says):
+    with pytest.raises(BundleError) as caught:
+        load_bundle(zipped({**GOOD, "prism.yaml": manifest}))
+    reason = caught.value.reasons[0]
+    assert (reason.rule, reason.file) == ("contract:prism_yaml", "prism.yaml") and says in reason.message, reason
+
+
+def test_nesting_within_the_bound_is_read():
+    bundle = load_bundle(zipped({**GOOD, "prism.yaml": "name: ok\ndescription: fine\n"}))
+    assert bundle.config.name == "ok"
+
+
 def test_syntax_error_has_its_line():
     with pytest.raises(BundleError) as caught:
         load_bundle(zipped({**GOOD, "training.py": "import torch\n\ndef train(ctx)\n    pass\n"}))

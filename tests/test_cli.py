@@ -62,6 +62,29 @@ def test_usage_error_exits_2(tmp_path, cache_dir):
     assert done.returncode == 2
 
 
+@pytest.mark.parametrize("args,rule", [
+    (["MISSING"], "usage:no_bundle"),
+    ([str(EXAMPLES / "seed-tiny"), "--byte-budget", "-5"], "usage:bad_arguments"),
+    ([str(EXAMPLES / "seed-tiny"), "--no-such-option"], "usage:bad_arguments"),
+    ([str(EXAMPLES / "seed-tiny"), "--device", "cuda:7"], "usage:device"),  # this machine has no such GPU
+    ([str(EXAMPLES / "seed-tiny"), "--device", "tpu"], "usage:device"),
+])
+def test_json_usage_errors_are_one_object(tmp_path, cache_dir, args, rule):
+    """`eval --json` prints exactly one JSON object for every outcome, a wrong command line included (exit 2)."""
+    args = [str(tmp_path / "missing") if arg == "MISSING" else arg for arg in args]
+    code, report, stderr = eval_json(*args, cache_dir=cache_dir)
+    assert code == 2, stderr
+    assert report["status"] == "usage_error" and report["reasons"][0]["rule"] == rule, report
+
+
+def test_json_hostile_prism_yaml_is_a_rejection_not_a_traceback(tmp_path, cache_dir):
+    bundle = write_bundle(tmp_path / "b", "def build_model(ctx):\n    return None\n", "def train(ctx):\n    pass\n")
+    (bundle / "prism.yaml").write_text("x: " + "[" * 5000 + "]" * 5000 + "\n")
+    code, report, stderr = eval_json(str(bundle), cache_dir=cache_dir)
+    assert code == 1 and report["status"] == "rejected" and report["stage"] == "intake"
+    assert report["reasons"][0]["rule"] == "contract:prism_yaml" and "Traceback" not in stderr
+
+
 def test_tampered_shard_is_refused(tmp_path, cache_dir):
     data = tmp_path / "data"
     shutil.copytree(EMBEDDED_DATA_DIR, data)

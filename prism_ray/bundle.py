@@ -13,6 +13,7 @@ import hashlib
 import io
 import stat
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Literal
@@ -242,7 +243,7 @@ def _inflate(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, total: 
                                       f"the bundle is over {limits.max_total_bytes:,} bytes uncompressed",
                                       file=name)
                 chunks.append(chunk)
-    except (zipfile.BadZipFile, NotImplementedError, RuntimeError, OSError, EOFError) as error:
+    except (zipfile.BadZipFile, NotImplementedError, RuntimeError, OSError, EOFError, ValueError, zlib.error) as error:
         raise BundleError("intake:not_a_zip", f"{name} cannot be read from the zip ({error})", file=name) from None
     return b"".join(chunks), total
 
@@ -284,7 +285,7 @@ def parse_config(files: dict[str, bytes]) -> BundleConfig:
     if isinstance(entrypoints, dict):
         data = {**{k: v for k, v in entrypoints.items()}, **data}
     try:
-        return BundleConfig(**data)
+        return BundleConfig.model_validate(data)  # not **data: YAML keys need not be strings
     except ValidationError as error:
         reasons = [Reason(rule="contract:prism_yaml",
                           message=f"prism.yaml: {'.'.join(str(p) for p in e['loc']) or 'root'}: {e['msg']}",

@@ -79,6 +79,13 @@ def test_encodings():
     assert rule_of(zipped({**GOOD, "helpers.py": b"\xff\xfe bad"})) == "intake:not_utf8"
 
 
+def test_a_corrupt_deflate_stream_is_not_a_zip():
+    data = bytearray(zipped({**GOOD, "architecture.py": ARCH * 50}))
+    name_length, extra_length = int.from_bytes(data[26:28], "little"), int.from_bytes(data[28:30], "little")
+    data[30 + name_length + extra_length] = 0x07  # a deflate block of the reserved type: zlib.error (was a 500)
+    assert rule_of(bytes(data)) == "intake:not_a_zip"
+
+
 @pytest.mark.parametrize("files,rule,where", [
     ({"architecture.py": ARCH}, "contract:missing_file", "training.py"),
     ({**GOOD, "training.py": "def fit(ctx):\n    pass\n"}, "contract:missing_symbol", "training.py"),
@@ -99,6 +106,7 @@ def test_contract_rules_name_the_file(files, rule, where):
     ("x:\n" + "".join("  " * (i + 1) + f"k{i}:\n" for i in range(40)), "nested deeper than"),
     ("a: &a [x, x, x, x, x, x, x, x, x, x]\nb: [" + ", ".join(["*a"] * 2500) + "]\n", "aliases count"),
     ("name: " + "x" * 70_000 + "\n", "byte limit"),
+    ("1: a\n", "Keys should be strings"),  # a key that is not a string (was a TypeError)
 ])
 def test_hostile_prism_yaml_is_a_typed_rejection(manifest, says):
     with pytest.raises(BundleError) as caught:

@@ -160,6 +160,24 @@ def test_oversized_broken_and_too_frequent_posts_get_413_422_and_429(http):
     assert post(http, new_keypair(), bundle_zip("rate-other", training=FORBIDDEN_IMPORT)).status_code == 202
 
 
+def test_the_serve_proxy_refuses_oversized_heads(service):
+    """The connection guard runs in Ray Serve's proxy too (the proxy callback `start_service` sets)."""
+    host, port = service.url.removeprefix("http://").split(":")
+    for head, error in ((b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 1_000_000 + b"\r\n\r\n",
+                         b"request:headers_too_large"),
+                        (b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(500))
+                         + b"\r\n", b"request:too_many_headers")):
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            try:
+                sock.sendall(head)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 431 ") and error in answer, answer[:300]
+
+
 def test_a_server_with_public_submissions_off_answers_404(service, http):
     closed = ApiSettings(internal_token=TOKEN, public_submissions=False)
     serve.run(build_ingress(ReplicaBackend(service.cluster.settings), closed), name="closed", route_prefix="/closed")

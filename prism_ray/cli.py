@@ -223,8 +223,10 @@ def serve_command(
     if auth not in ("signed", "dev"):
         stderr.print("[red]error:[/red] --auth must be signed or dev")
         raise typer.Exit(2)
-    service = start_service(address, _service_settings(data, state_dir, byte_budget), ApiSettings(auth_mode=auth),
-                            host, port)
+    settings = _service_settings(data, state_dir, byte_budget)
+    if address is None:  # a joined cluster's store is already someone else's to check
+        _preflight(settings)
+    service = start_service(address, settings, ApiSettings(auth_mode=auth), host, port)
     _stop_on_signals()
     stderr.print(f"[bold]prism-ray[/bold] serving at {service.url} ({service.cluster.notice})")
     if auth == "dev":
@@ -256,6 +258,7 @@ def demo_command(
     settings = _service_settings(None, state, byte_budget)
     settings.gate.mode = "off" if not os.environ.get("OPENROUTER_API_KEY") else settings.gate.mode
     settings.audit.mode = "off"  # one machine: a re-run on "another node" would only double the wait
+    _preflight(settings)
     service = start_service(None, settings, ApiSettings(auth_mode="dev", internal_token="demo-token"),
                             "127.0.0.1", port)
     _stop_on_signals()
@@ -287,6 +290,36 @@ def demo_command(
     if not keep_serving and code != 130:
         out.print(f"the server has stopped; `prism-ray demo --keep-serving` keeps it up ({browse})", highlight=False)
     raise typer.Exit(code)
+
+
+def _preflight(settings: Settings) -> None:
+    """One line and exit 1 when the state dir cannot run a server (before Ray starts, so within seconds)."""
+    from prism_ray.preflight import StartupError, check_state
+
+    try:
+        check_state(settings)
+    except StartupError as error:
+        stderr.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+@app.command("check-store")
+def check_store_command(
+    path: Annotated[Path | None, typer.Argument(help="a DuckDB store file (default: the state dir's)")] = None,
+) -> None:
+    """Read back every block of a store file (a stopped server's, or a copy): exit 0 when sound, 1 with what to do."""
+    from prism_ray.preflight import StartupError, check_store, store_file
+
+    path = path or store_file(Settings())
+    if not path.is_file():
+        stderr.print(f"[red]error:[/red] {path} does not exist", highlight=False)
+        raise typer.Exit(2)
+    try:
+        check_store(path)
+    except StartupError as error:
+        stderr.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    Console().print(f"ok: every table of {path} reads back", highlight=False)
 
 
 def _stop_on_signals() -> None:

@@ -135,6 +135,10 @@ class ClusterSettings(BaseSettings):
                                            "replace the two above, e.g. {\"train\": 1200}")
     cpus_per_gpu_stage: float = Field(default=1.0, ge=0, description="CPUs reserved with each GPU stage's GPU")
     cpus_per_cpu_stage: float = Field(default=0.25, ge=0, description="CPUs reserved by a check, gate or score task")
+    min_free_bytes: int = Field(default=1 << 30, ge=0, description="free disk the store's filesystem must keep: "
+                                "below it /health answers 503 and intake 503 infra:disk_full")
+    health_probe_seconds: float = Field(default=5.0, gt=0, description="how long a store probe (a read and a "
+                                        "write) answers for /health and intake before the next one")
 
 
 class Settings(BaseSettings):

@@ -24,8 +24,9 @@ from prism_ray.bundle import Bundle
 from prism_ray.config import AuditSettings, ScoringSettings
 from prism_ray.errors import Reason
 from prism_ray.fingerprint import CodeFingerprints
+from prism_ray.store import health
 from prism_ray.store.audits import Audits
-from prism_ray.store.db import Db, StoreError, StoreLocked, reasons_of
+from prism_ray.store.db import Db, StoreError, StoreLocked, StoreUnavailable, reasons_of
 from prism_ray.store.queue import Queue
 from prism_ray.store.reads import Reads
 from prism_ray.store.records import AUDIT_PREFIX, AuditRecord, SubmissionRecord, SubmissionStatus
@@ -47,7 +48,7 @@ TERMINAL_STATUSES = SUBMISSION_TERMINAL
 
 __all__ = ["AUDIT_PREFIX", "AUDIT_STATUSES", "DEFAULT_MAX_ATTEMPTS", "SCHEMA_VERSION", "SCORE_FIELDS", "STATUSES",
            "TABLES", "TERMINAL_STATUSES", "AuditRecord", "NewSubmission", "Store", "StoreError", "StoreLocked",
-           "SubmissionRecord", "SubmissionStatus"]
+           "StoreUnavailable", "SubmissionRecord", "SubmissionStatus"]
 
 
 class Store:
@@ -171,6 +172,17 @@ class Store:
     def recent_run_seconds(self, limit: int) -> list[float]:
         """Claim-to-finish seconds of the latest completed runs, newest first (the queue's ETA)."""
         return self._reads.recent_run_seconds(limit)
+
+    # --- health (docs/operator.md, "Liveness and failures") -----------------------------------------------------
+
+    def probe(self) -> int:
+        """A read and a committed write, then the free bytes on the file's filesystem; raises when the store fails."""
+        health.probe(self._db)
+        return health.free_bytes(self.path)
+
+    def check_integrity(self) -> None:
+        """Read back every block of every table (checksums verified); raises on a damaged file."""
+        health.check_integrity(self._db, TABLES)
 
     def export_parquet(self, out_dir: Path | str) -> list[Path]:
         """Every table to `<out_dir>/<table>.parquet`, from one consistent snapshot."""

@@ -122,6 +122,8 @@ class ClusterSettings(BaseSettings):
     namespace: str = Field(default="prism-ray", description="Ray namespace of the detached store and scheduler")
     capacity: int = Field(default=0, ge=0, description="submissions in flight at once; 0 = the cluster's GPU count")
     max_attempts: int = Field(default=3, ge=1, description="claims of a submission before infra:attempts_exhausted")
+    max_infra_requeues: int = Field(default=3, ge=0, description="uncharged requeues of a submission after operator-"
+                                    "side faults (infra:disk_full, ...) before it is held for the operator")
     lease_seconds: float = Field(default=60.0, gt=0, description="a running submission whose lease is not renewed "
                                  "for this long is requeued")
     heartbeat_seconds: float = Field(default=2.0, gt=0, description="how often leases are renewed and progress "

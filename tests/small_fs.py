@@ -31,3 +31,8 @@ def fill(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def resize(path: Path, size: str) -> None:
+    """Give the tmpfs at `path` a new size (the operator freed space)."""
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(path)], check=True, capture_output=True)

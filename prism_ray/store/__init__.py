@@ -222,6 +222,16 @@ class Store:
         """A system failure (not the miner's): back to pending, or `failed` once the attempts are spent."""
         return bool(self._replanned(self._queue(item_id).requeue([item_id], [reason], owner, attempt)))
 
+    def requeue_uncharged(self, item_id: str, reason: Reason, owner: str, attempt: int, cap: int) -> str | None:
+        """An operator-side fault: requeued without costing an attempt, `cap` times, then held for the operator
+        (a submission) or requeued as usual (an audit). The new status, or None when the lease was lost."""
+        audit = item_id.startswith(AUDIT_PREFIX)
+        status = self._queue(item_id).requeue_uncharged(item_id, reason, owner, attempt, cap,
+                                                         None if audit else "held")
+        if audit and status is not None:
+            self._replanned([item_id])
+        return status
+
     def requeue_expired(self, now: float | None = None) -> list[str]:
         """Running items whose lease expired: requeued, or failed `infra:attempts_exhausted`."""
         now = self._db.clock() if now is None else now

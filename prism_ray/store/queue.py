@@ -184,3 +184,38 @@ class Queue:
                                   "NOT list_contains(?::VARCHAR[], id) ORDER BY seq", [list(live_ids)]).fetchall()
         reason = Reason(rule="infra:orphaned", message="the scheduler restarted while this run was in flight")
         return self.requeue([row[0] for row in orphans], [reason])
+
+    def requeue_uncharged(self, item_id: str, reason: Reason, owner: str, attempt: int, cap: int,
+                          held: str | None) -> str | None:
+        """An operator-side fault ended the attempt (a full disk, an unwritable cache, a lost object, a failed store
+        write: docs/operator.md, "Operator faults"): pending again with the claim undone, so it costs no attempt —
+        the first `cap` times. Past the cap the item goes to `held` (when this queue has that status; `held` names
+        it) for an operator, uncharged too; without it, to the charged `requeue`. Returns the new status, or None
+        unless `owner` still holds that attempt's lease."""
+        now = self.db.clock()
+        with self.db.transaction() as con:
+            rows = self.guarded([item_id], ("running",), owner, attempt)
+            if not rows:
+                return None
+            faults = con.execute("SELECT count(*) FROM events WHERE submission_id = ? AND kind = 'infra_requeued'",
+                                 [item_id]).fetchone()[0]
+            if faults >= cap and held is None:
+                self.requeue([item_id], [reason], owner, attempt)
+                return "charged"
+            interrupted = self.db.rows("DELETE FROM runs WHERE submission_id = ? AND attempt = ? RETURNING stage, "
+                                       "node, progress_bytes, progress_bpb", [item_id, attempt])
+            if faults < cap:
+                status, stage, kind, reasons = "pending", "queued", "infra_requeued", [reason]
+            else:
+                status, stage, kind = held, rows[0]["stage"], "held"
+                reasons = [Reason(rule="infra:held_for_operator", message=f"{faults + 1} operator-side faults ended "
+                                  "this submission's attempts without charging them; it waits for the operator to "
+                                  f"fix the cause and release it. The last one: {reason.message}"), reason]
+            con.execute(f"UPDATE {self.table} SET status = ?, stage = ?, reasons = ?::JSON, attempt = attempt - 1, "
+                        "lease_owner = NULL, lease_expires_at = NULL, updated_at = ? WHERE id = ?",
+                        [status, stage, to_json(dump(reasons)), now, item_id])
+            self.db.append_events([(item_id, kind, stage, {"owner": owner, "attempt": attempt, "not_counted": True,
+                                                           "reasons": dump(reasons),
+                                                           "interrupted": interrupted[0] if interrupted else None})],
+                                  now)
+            return status

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from prism_ray import manifest_yaml
 from prism_ray.config import IntakeLimits
-from prism_ray.errors import BundleError, Reason
+from prism_ray.errors import BundleError, Reason, escape_name
 
 MANIFEST_NAME = manifest_yaml.MANIFEST_NAME
 _ARCHIVE_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"7z\xbc\xaf", b"Rar!")
@@ -58,6 +58,9 @@ class BundleConfig(BaseModel):
     @classmethod
     def _entrypoint(cls, value: str) -> str:
         file, _, symbol = value.partition("::")
+        if not value.isascii():
+            raise ValueError(f"entrypoint '{escape_name(value)}' has non-ASCII characters; entrypoints must be plain "
+                             "ASCII names (a letter that only looks Latin is refused)")
         if not file.endswith(".py") or file.startswith("/") or ".." in PurePosixPath(file).parts:
             raise ValueError(f"entrypoint {value!r} must be 'file.py' or 'file.py::symbol'")
         if symbol and not symbol.isidentifier():
@@ -318,8 +321,11 @@ def check_contract(files: dict[str, bytes]) -> Bundle:
                               message=f"architecture and training must be two files, both are {arch.file}"))
     for role, entry in (("architecture", arch), ("training", train)):
         if entry.file not in files:
+            lookalikes = [escape_name(name) for name in files if not name.isascii() and name.endswith(".py")]
             reasons.append(Reason(rule="contract:missing_file", file=entry.file,
-                                  message=f"the {role} script {entry.file} is missing from the bundle"))
+                                  message=f"the {role} script {entry.file} is missing from the bundle"
+                                  + (f"; these file names are not ASCII and cannot be an entrypoint: "
+                                     f"{', '.join(lookalikes)}" if lookalikes else "")))
             continue
         tree = trees.get(entry.file)
         if tree is None:

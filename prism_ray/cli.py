@@ -167,33 +167,38 @@ def print_report(report: RunReport, console: Console) -> None:
         console.print(f"  [red]{reason.rule}[/red]{where}: {reason.message}", markup=True, highlight=False)
     table = Table(show_header=False, box=None, pad_edge=False)
     flags = ", ".join(report.score.flags) if report.score else ""
+    ran = report.batches > 0  # a bundle stopped before its first scored batch has no run numbers to show
     rows = [
-        ("bpb", f"{report.bpb:.6f}" if report.bpb is not None else "—"),
-        ("final score", (f"{report.final_score:.6f}" if report.final_score is not None else "—")
-         + (f"  [yellow]{flags}[/yellow]" if flags else "")),
-        ("bytes scored", f"{report.bytes_scored:,} of budget {report.byte_budget or 'whole split':,}"
-         if isinstance(report.byte_budget, int) and report.byte_budget else f"{report.bytes_scored:,}"),
+        ("bpb", f"{report.bpb:.6f}" if report.bpb is not None else None),
+        ("final score", (f"{report.final_score:.6f}" if report.final_score is not None else "")
+         + (f"  [yellow]{flags}[/yellow]" if flags else "") or None),
+        ("bytes scored", (f"{report.bytes_scored:,} of budget {report.byte_budget:,}"
+                          if isinstance(report.byte_budget, int) and report.byte_budget
+                          else f"{report.bytes_scored:,}") if ran else None),
         ("tokens scored", f"{report.tokens_scored:,} in {report.batches} batches of "
-                          f"{report.batch_size}×{report.seq_len}"),
-        ("stopped", report.stopped_reason or "—"),
-        ("tokenizer", f"{report.tokenizer} (vocab {report.vocab_size})"),
-        ("model", f"{report.model_params:,} parameters" if report.model_params else "—"),
-        ("step-0 loss", f"{report.step0_loss:.4f} nats" if report.step0_loss is not None else "—"),
-        ("speed", f"{report.tokens_per_second:,.0f} tokens/s on {report.device}" if report.tokens_per_second else "—"),
+                          f"{report.batch_size}×{report.seq_len}" if ran else None),
+        ("stopped", report.stopped_reason),
+        ("tokenizer", f"{report.tokenizer}" + (f" (vocab {report.vocab_size})" if report.vocab_size else "")
+         if report.tokenizer else None),
+        ("model", f"{report.model_params:,} parameters" if report.model_params else None),
+        ("step-0 loss", f"{report.step0_loss:.4f} nats" if report.step0_loss is not None else None),
+        ("speed", f"{report.tokens_per_second:,.0f} tokens/s on {report.device}" if report.tokens_per_second
+         else None),
         ("data", f"{report.data.path} ({report.data.fingerprint[:24]}"
-                 f"{'' if report.data.pinned else ', unpinned'})" if report.data else "—"),
-        ("held-out", report.heldout.message or report.heldout.status if report.heldout else "—"),
+                 f"{'' if report.data.pinned else ', unpinned'})" if report.data else None),
+        ("held-out", report.heldout.message or report.heldout.status if report.heldout else None),
         ("probes", f"{report.probes.rows} causality probe rows, largest drift {report.probes.max_drift:.2g} nats"
-         if report.probes and report.probes.rows else "—"),
-        ("gate", report.gate.message or report.gate.status if report.gate else "—"),
-        ("isolation", report.isolation or "—"),
+         if report.probes and report.probes.rows else None),
+        ("gate", report.gate.message or report.gate.status if report.gate else None),
+        ("isolation", report.isolation),
         ("wall", f"{report.wall_seconds:.1f} s" + (" (" + ", ".join(f"{name} {seconds:.1f} s" for name, seconds
                                                                   in report.timings.items()) + ")"
-                                                   if report.timings else "")),
-        ("run dir", report.run_dir or "—"),
+                                                   if report.timings else "") if report.wall_seconds else None),
+        ("run dir", report.run_dir),
     ]
     for key, value in rows:
-        table.add_row(f"[dim]{key}[/dim]", value)
+        if value:  # only what is known: a rejection at intake shows its reasons and nothing else
+            table.add_row(f"[dim]{key}[/dim]", value)
     console.print(table)
 
 

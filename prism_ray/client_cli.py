@@ -15,6 +15,7 @@ from rich.table import Table
 
 from prism_ray.auth import KeyLoadError, load_keypair
 from prism_ray.client import ClientError, PrismClient
+from prism_ray.leaderboard import ORDER_NOTE
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 Url = Annotated[str, typer.Option(envvar="PRISM_URL", help="the prism-ray API")]
@@ -80,13 +81,23 @@ def leaderboard_command(url: Url = DEFAULT_URL,
 
 
 def print_leaderboard(board: dict[str, Any], console: Console, epoch: int | None = None) -> None:
-    table = Table(title="leaderboard" + (f" — epoch {epoch}" if epoch is not None else ""))
-    for column in ("#", "hotkey", "name", "bpb", "final score", "held-out Δ", "submission"):
-        table.add_column(column, justify="right" if column in ("#", "bpb", "final score", "held-out Δ") else "left")
-    for entry in board["entries"]:
+    """Every column whole (full hotkeys and submission ids, to paste into `status`), the flags next to bpb."""
+    entries = board["entries"]
+    table = Table(title="leaderboard" + (f" — epoch {epoch}" if epoch is not None else ""), caption=ORDER_NOTE)
+    for column in ("#", "hotkey", "name", "bpb", "flags", "final score", "held-out Δ", "submission"):
+        table.add_column(column, justify="right" if column in ("#", "bpb", "final score", "held-out Δ") else "left",
+                         no_wrap=True)
+    for entry in entries:
         table.add_row(str(entry["rank"]), entry["hotkey"], entry["name"] or "—", _number(entry["bpb"]),
-                      _number(entry["final_score"]), _number(entry["heldout_delta"]), entry["submission_id"])
-    console.print(table)
+                      ", ".join(entry.get("flags") or []) or "—", _number(entry["final_score"]),
+                      _number(entry["heldout_delta"]), entry["submission_id"])
+    # Never shorten an id: wider than the terminal, the terminal wraps the line instead of rich cutting a cell.
+    width, needed = console.width, console.measure(table, options=console.options.update_width(10_000)).maximum
+    console.width = max(width, needed)
+    try:
+        console.print(table, crop=False)
+    finally:
+        console.width = width
 
 
 def print_submission(status: dict[str, Any], console: Console) -> None:

@@ -36,6 +36,22 @@ class ScoreRow(BaseModel):
         default=None, description="the score's re-execution audit; None: no audits are kept")
     near_copy_of: str | None = Field(default=None, description="the earlier submission of another hotkey this one "
                                      "differs from only in numeric literals")
+    penalty: float | None = Field(default=None, description="the memorisation-gap multiplier (1: none)")
+    anomaly: float | None = Field(default=None, description="0 when the step-0 anomaly check zeroed the score")
+
+    @property
+    def flags(self) -> list[str]:
+        """Why final_score is not 1/(1+bpb): what the board shows next to bpb (docs/scoring.md)."""
+        flags = []
+        if self.penalty is not None and self.penalty < 1:
+            flags.append(f"memorisation_gap ×{self.penalty:.2f}")
+        if self.anomaly == 0:
+            flags.append("step0_anomaly: scored 0")
+        elif self.final_score == 0:
+            flags.append("implausible: scored 0")
+        if self.heldout_delta is None:
+            flags.append("no_heldout")
+        return flags
 
 
 class LeaderboardEntry(ScoreRow):
@@ -65,6 +81,10 @@ def leaderboard(rows: Iterable[ScoreRow], epoch: int | None = None,
             best[row.hotkey] = row
     ordered = sorted(best.values(), key=_rank_key)
     return [LeaderboardEntry(**row.model_dump(), rank=rank) for rank, row in enumerate(ordered, start=1)]
+
+
+ORDER_NOTE = ("ranked by final score = 1/(1+bpb) × the memorisation-gap penalty (+ a held-out tie-break), zeroed by "
+              "the anomaly and plausibility checks; so a lower bpb can rank below a higher one (docs/scoring.md)")
 
 
 def weights(rows: Iterable[ScoreRow], settings: ScoringSettings | None = None,

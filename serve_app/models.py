@@ -233,6 +233,9 @@ class LeaderboardRow(BaseModel):
     audit: Literal["unaudited", "pending", "passed", "failed"] | None = Field(
         default=None, description="the score's re-execution audit; only `passed` earns weight (null: audits are off)")
     submitted_at: float
+    penalty: float | None = Field(default=None, description="the memorisation-gap multiplier of final_score (1: none)")
+    flags: list[str] = Field(default_factory=list, description="why final_score is not 1/(1+bpb): "
+                             "`memorisation_gap ×p`, `step0_anomaly: scored 0`, `implausible: scored 0`, `no_heldout`")
 
 
 class Leaderboard(BaseModel):

@@ -120,6 +120,21 @@ def test_nesting_within_the_bound_is_read():
     assert bundle.config.name == "ok"
 
 
+def test_look_alike_names_are_escaped_and_never_an_entrypoint():
+    cyrillic = "\u0430rchitecture.py"  # a Cyrillic "а": looks exactly like architecture.py
+    with pytest.raises(BundleError) as caught:
+        load_bundle(zipped({cyrillic: ARCH, "training.py": TRAIN}))
+    reason = caught.value.reasons[0]
+    assert reason.rule == "contract:missing_file" and "\\u0430rchitecture.py" in reason.message
+    with pytest.raises(BundleError) as caught:
+        load_bundle(zipped({cyrillic: ARCH, "training.py": TRAIN, "prism.yaml": f"architecture: {cyrillic}\n"}))
+    reason = caught.value.reasons[0]
+    assert reason.rule == "contract:prism_yaml" and "'\\u0430rchitecture.py' has non-ASCII" in reason.message
+    with pytest.raises(BundleError) as caught:
+        load_bundle(zipped({**GOOD, "helpers.py": "import os\n", cyrillic: b"\xff"}))
+    assert caught.value.reasons[0].file == "\\u0430rchitecture.py"  # shown escaped wherever a reason names it
+
+
 def test_syntax_error_has_its_line():
     with pytest.raises(BundleError) as caught:
         load_bundle(zipped({**GOOD, "training.py": "import torch\n\ndef train(ctx)\n    pass\n"}))

@@ -102,6 +102,8 @@ def start_cluster(address: str | None, settings: Settings | None = None) -> Clus
         owns_ray = True
         notice = f"local Ray cluster with {gpus} GPU(s)" if gpus else NO_GPU_NOTICE
         dashboard = f"; Ray dashboard at http://{context.dashboard_url}" if context.dashboard_url else ""
+        if dashboard and os.environ.get("RAY_AUTH_MODE") == "token":  # Ray turned on token auth: the page says 401
+            dashboard += " (it asks for this cluster's token: `ray get-auth-token` prints it)"
     resources = ray.cluster_resources()
     gpus_seen = "" if notice.startswith(NO_GPU_NOTICE) else f"{int(resources.get('GPU', 0))} GPU(s), "
     notice += f"; {gpus_seen}{int(resources.get('CPU', 0))} CPU(s){dashboard}"

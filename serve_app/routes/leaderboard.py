@@ -38,7 +38,7 @@ def router(backend: Backend) -> APIRouter:
 
 
 def _render(backend: Backend, epoch: int | None) -> bytes:
-    entries = [LeaderboardRow(**entry.model_dump(include=set(LeaderboardRow.model_fields) - {"submitted_at"}),
-                              submitted_at=epoch_seconds_of(entry.submitted_at))
+    entries = [LeaderboardRow(**entry.model_dump(include=set(LeaderboardRow.model_fields) - {"submitted_at", "flags"}),
+                              submitted_at=epoch_seconds_of(entry.submitted_at), flags=entry.flags)
                for entry in backend.leaderboard(epoch)]
     return Leaderboard(epoch=epoch, computed_at=time.time(), entries=entries).model_dump_json().encode()

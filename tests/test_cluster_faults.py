@@ -1,6 +1,7 @@
 """A full disk on a real local Ray cluster (one logical GPU): the token cache lives on a small tmpfs, so the train
 stage fails writing it. The attempt is requeued without charge (`infra:disk_full`), then the submission is held for
-the operator; once the disk is grown and the submission released, it trains and is scored on attempt 1."""
+the operator; once the disk is grown and the submission released, it trains and is scored on attempt 1 (its
+timeline says the gate was skipped)."""
 
 from __future__ import annotations
 
@@ -41,3 +42,5 @@ def test_a_full_disk_never_costs_the_miner_an_attempt(cluster_on_a_small_disk):
     handle.scheduler.wake.remote()
     done = wait(handle, submission.id, timeout=240)
     assert (done.status, done.attempt) == ("completed", 1), done.reasons
+    decided = [event for event in ray.get(handle.store.events.remote(submission.id)) if event["kind"] == "decided"]
+    assert decided and decided[-1]["stage"] == "gate" and decided[-1]["detail"]["gate"] == "skipped"  # gate off

@@ -3,6 +3,7 @@ trained in the sandbox, scored, ranked and weighted — the path `prism-ray serv
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -176,6 +177,14 @@ def test_the_serve_proxy_refuses_oversized_heads(service):
             while chunk := sock.recv(65536):
                 answer += chunk
         assert answer.startswith(b"HTTP/1.1 431 ") and error in answer, answer[:300]
+
+
+def test_the_banner_says_the_dashboard_asks_for_a_token(service):
+    """Ray turns on token auth for the clusters it starts: the dashboard's data answers 401, and the banner says
+    why."""
+    dashboard = re.search(r"Ray dashboard at (http://\S+)", service.cluster.notice)
+    assert dashboard and "`ray get-auth-token` prints it" in service.cluster.notice, service.cluster.notice
+    assert httpx.get(f"{dashboard.group(1)}/api/cluster_status", timeout=30).status_code == 401
 
 
 def test_a_server_with_public_submissions_off_answers_404(service, http):

@@ -280,6 +280,8 @@ class Scheduler:
             return
         if outcome.audits:
             self.store.record_gate_audits.remote(chain.submission_id, outcome.audits)
+        if outcome.note is not None:
+            self.store.note.remote(job.submission_id, stage.name, outcome.note, job.owner, job.attempt)
         later = [index for index in chain.plan if index > chain.stage]
         if outcome.verdict == "next" and later:
             self._launch(chain, later[0])

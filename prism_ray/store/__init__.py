@@ -214,6 +214,10 @@ class Store:
         """Record the stage a running item entered (and the node it runs on, once known)."""
         return self._queue(item_id).set_stage(item_id, stage, node, owner, attempt)
 
+    def note(self, item_id: str, stage: str, detail: dict[str, Any], owner: str, attempt: int) -> bool:
+        """What a stage decided, on the timeline (a `decided` event), while `owner` holds the attempt's lease."""
+        return self._queue(item_id).note(item_id, stage, detail, owner, attempt)
+
     def unclaim(self, item_id: str, owner: str, attempt: int) -> bool:
         """A draining scheduler hands a running attempt back uncounted (see Queue.unclaim)."""
         return self._queue(item_id).unclaim(item_id, owner, attempt)

@@ -78,7 +78,25 @@ class Queue:
                 "progress_bpb = coalesce(?, progress_bpb), tokens_per_second = coalesce(?, tokens_per_second), "
                 "progress_at = ? WHERE submission_id = ? AND attempt = ?",
                 [progress_bytes, finite(progress_bpb), finite(tokens_per_second), now, item_id, renewed[0]])
+            if self.table == "submissions" and progress_bytes and finite(progress_bpb) is not None:
+                # A live point: a page opened mid-run draws the curve so far (replaced by the run's own at the end).
+                con.execute("INSERT INTO curves VALUES (?, ?, ?, ?)", [item_id, renewed[0], progress_bytes,
+                                                                        progress_bpb])
             return True
+
+    def note(self, item_id: str, stage: str, detail: dict[str, Any], owner: str, attempt: int) -> bool:
+        """A `decided` event on the timeline (what a stage decided, e.g. the gate skipped), under the lease."""
+        with self.db.transaction():
+            if not self.guarded([item_id], ("running",), owner, attempt):
+                return False
+            self.db.append_events([(item_id, "decided", stage, detail)], self.db.clock())
+            return True
+
+    def _drop_live_curve(self, pairs: list[tuple[str, int]]) -> None:
+        """The live points of attempts that will never complete (requeued, handed back)."""
+        if self.table == "submissions" and pairs:
+            self.db.execute("DELETE FROM curves WHERE (submission_id, attempt) IN (SELECT unnest(?::VARCHAR[]), "
+                            "unnest(?::INTEGER[]))", [[item for item, _ in pairs], [attempt for _, attempt in pairs]])
 
     def set_stage(self, item_id: str, stage: str, node: str | None = None, owner: str | None = None,
                   attempt: int | None = None) -> bool:
@@ -133,6 +151,7 @@ class Queue:
                  [change.stage for change in changes], reasons,
                  [None if change.report is None else to_json(change.report) for change in changes]])
             self.db.append_events([(change.id, change.kind, change.stage, change.detail) for change in changes], now)
+            self._drop_live_curve([(change.id, change.attempt) for change in changes if change.status == "pending"])
 
     def unclaim(self, item_id: str, owner: str, attempt: int) -> bool:
         """A draining scheduler hands a running attempt back (an operator stopped the cluster: nobody's failure):
@@ -145,6 +164,7 @@ class Queue:
                 return False
             interrupted = self.db.rows("DELETE FROM runs WHERE submission_id = ? AND attempt = ? RETURNING stage, "
                                        "node, progress_bytes, progress_bpb", [item_id, attempt])
+            self._drop_live_curve([(item_id, attempt)])
             con.execute(f"UPDATE {self.table} SET status = 'pending', stage = 'queued', reasons = '[]', "
                         "attempt = attempt - 1, lease_owner = NULL, lease_expires_at = NULL, updated_at = ? "
                         "WHERE id = ?", [now, item_id])
@@ -204,6 +224,7 @@ class Queue:
                 return "charged"
             interrupted = self.db.rows("DELETE FROM runs WHERE submission_id = ? AND attempt = ? RETURNING stage, "
                                        "node, progress_bytes, progress_bpb", [item_id, attempt])
+            self._drop_live_curve([(item_id, attempt)])
             if faults < cap:
                 status, stage, kind, reasons = "pending", "queued", "infra_requeued", [reason]
             else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -268,7 +269,8 @@ def demo_command(
                             "127.0.0.1", port)
     _stop_on_signals()
     out = Console()
-    stderr.print(f"[bold]prism-ray demo[/bold] at {service.url} ({service.cluster.notice}); store in {state}")
+    kept = "" if state_dir else " (a temporary directory, removed at exit; --state-dir keeps it)"
+    stderr.print(f"[bold]prism-ray demo[/bold] at {service.url} ({service.cluster.notice}); store in {state}{kept}")
     stderr.print(f"each example trains on {byte_budget:,} bytes of text; `prism-ray eval` scores "
                  f"{Settings.model_fields['byte_budget'].default:,} by default, so its scores for the same bundle "
                  "differ (give it the same --byte-budget to compare); re-execution audits are off in the demo "
@@ -292,6 +294,8 @@ def demo_command(
         pass
     finally:
         _stop(service)
+        if state_dir is None:  # nothing outlives the demo's own temporary store
+            shutil.rmtree(state, ignore_errors=True)
     if not keep_serving and code != 130:
         out.print(f"the server has stopped; `prism-ray demo --keep-serving` keeps it up ({browse})", highlight=False)
     raise typer.Exit(code)

@@ -42,7 +42,6 @@ class StoreHealth:
     ok: bool
     error: str | None = None  # `store_unavailable` or `infra:disk_full` when not ok
     message: str = ""
-    free_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -86,8 +85,8 @@ class Backend:
         if free < floor:
             return StoreHealth(False, "infra:disk_full", f"the store's disk has {free:,} bytes free, below the "
                                f"floor of {floor:,} (PRISM_CLUSTER_MIN_FREE_BYTES); intake waits until space is "
-                               "freed", free)
-        return StoreHealth(True, free_bytes=free)
+                               "freed")
+        return StoreHealth(True)
 
     def require_disk(self) -> None:
         """Intake's check: refuse (503, nothing stored, nothing charged) while the disk is below its floor."""

@@ -5,13 +5,15 @@ on loopback.
 Each mode gets a fresh copy of the seeded file and its own server. `before` is the old per-request path, kept here
 only: every read goes to the store and is built and serialised again, every intake and nonce is its own store
 transaction. `after` is the app as it ships: reads come from the read model the server keeps, concurrent intakes
-share transactions (prism_ray/group_commit.py). For each mode: p50/p99 of GET /health (the baseline: routing and JSON
-only), GET /v1/leaderboard, GET /v1/submissions/{id} and signed POST /v1/submissions, each p50 as a ratio of that
-mode's /health, measured the same minute; then bursts of B signed posts sent at once (B connections), as when a
-subnet's miners all submit at an epoch boundary; then the targets.
+share transactions (prism_ray/group_commit.py), behind the connection guard (serve_app/connection_guard.py) with its
+default limits; `unguarded` is `after` on uvicorn's plain protocol, to show what the guard costs. For each mode:
+p50/p99 of GET /health (the baseline: routing and JSON only), GET /v1/leaderboard, GET /v1/submissions/{id} and
+signed POST /v1/submissions, each p50 as a ratio of that mode's /health, measured the same minute; then bursts of B
+signed posts sent at once (B connections), as when a subnet's miners all submit at an epoch boundary; then the
+targets.
 
     python bench/http_latency.py [--concurrency 16] [--requests 400] [--scored 1000] [--burst 100] [--bursts 3]
-                                 [--modes before,after]
+                                 [--modes before,after,unguarded]
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ def serve(path: str, mode: str, ports: multiprocessing.Queue) -> None:
     from prism_ray.group_commit import GroupCommit
     from prism_ray.read_model import ReadModel
     from serve_app import ApiSettings, StoreBackend, create_app
+    from serve_app.connection_guard import guarded
+    from serve_app.limits import ConnectionLimits
 
     class PerRequest(ReadModel):
         """The old path: nothing kept between requests."""
@@ -101,8 +105,9 @@ def serve(path: str, mode: str, ports: multiprocessing.Queue) -> None:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     ports.put(sock.getsockname()[1])
-    uvicorn.Server(uvicorn.Config(create_app(backend, settings), log_level="warning", access_log=False)).run(
-        sockets=[sock])
+    protocol = "httptools" if mode == "unguarded" else guarded(ConnectionLimits())
+    uvicorn.Server(uvicorn.Config(create_app(backend, settings), log_level="warning", access_log=False,
+                                  http=protocol)).run(sockets=[sock])
 
 
 async def measure(url: str, concurrency: int, requests: list[dict]) -> list[float]:
@@ -194,7 +199,8 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=100, help="posts sent at once in each burst")
     parser.add_argument("--bursts", type=int, default=3)
     parser.add_argument("--modes", default="before,after",
-                        help="before (per-request reads and transactions), after (read model, group commit)")
+                        help="before (per-request reads and transactions), after (read model, group commit, "
+                        "connection guard), unguarded (after without the connection guard)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         seeded = Path(tmp) / "seeded.duckdb"

@@ -23,7 +23,15 @@ from prism_ray.group_commit import GroupCommit
 from prism_ray.leaderboard import LeaderboardEntry, SeedNoise
 from prism_ray.read_model import QueueView, ReadModel, StorePort, SubmissionDetail
 from prism_ray.significance import Verdict
-from prism_ray.store import AuditRecord, NewSubmission, ReplicaRecord, Store, SubmissionRecord
+from prism_ray.store import (
+    AuditRecord,
+    NewSubmission,
+    ReplicaRecord,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    SubmissionRecord,
+)
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,15 @@ class RejectionCap:
     per_hotkey: int
     total: int
     window_s: float
+
+
+@dataclass(frozen=True)
+class StoreHealth:
+    """The latest probe of the store: a read, a committed write and the free disk against the floor."""
+
+    ok: bool
+    error: str | None = None  # `store_unavailable` or `infra:disk_full` when not ok
+    message: str = ""
 
 
 @dataclass(frozen=True)
@@ -55,6 +72,36 @@ class Backend:
         # Concurrent intakes and nonce checks share store round trips (a burst of posts is a few transactions).
         self._creates = GroupCommit(lambda items: store.call("create_submissions", items))
         self._nonces = GroupCommit(lambda checks: store.call("check_nonces", checks))
+        self._health: tuple[float, StoreHealth] | None = None  # (monotonic time, result) of the latest probe
+        self._probing = threading.Lock()
+
+    # --- health -------------------------------------------------------------------------------------------------
+
+    def health(self) -> StoreHealth:
+        """The store probed for real, at most once per `health_probe_seconds` (concurrent callers share a probe)."""
+        interval = self.settings.cluster.health_probe_seconds
+        with self._probing:
+            if self._health is None or time.monotonic() - self._health[0] >= interval:
+                self._health = (time.monotonic(), self._probe())
+            return self._health[1]
+
+    def _probe(self) -> StoreHealth:
+        try:
+            free = self.store.call("probe")
+        except Exception as error:  # a damaged file, a dead actor, a full disk under a commit: all unusable
+            return StoreHealth(False, "store_unavailable", f"the store does not answer: {describe(error)}")
+        floor = self.settings.cluster.min_free_bytes
+        if free < floor:
+            return StoreHealth(False, "infra:disk_full", f"the store's disk has {free:,} bytes free, below the "
+                               f"floor of {floor:,} (PRISM_CLUSTER_MIN_FREE_BYTES); intake waits until space is "
+                               "freed")
+        return StoreHealth(True)
+
+    def require_disk(self) -> None:
+        """Intake's check: refuse (503, nothing stored, nothing charged) while the disk is below its floor."""
+        health = self.health()
+        if health.error == "infra:disk_full":
+            raise StoreUnavailable(health.error, health.message)
 
     # --- writes -------------------------------------------------------------------------------------------------
 
@@ -64,6 +111,7 @@ class Backend:
         """A new `pending` submission, a `duplicate` of another hotkey's earlier code, this hotkey's own earlier
         submission of the same code (`reused`), or — an intake or contract rule broken — a `rejected` one. A zip is
         kept in the store exactly as sent; the code's fingerprints are computed here, not in the store's owner."""
+        self.require_disk()
         try:
             zipped = _zip_of(source)
             bundle = source if isinstance(source, Bundle) else load_bundle(zipped or source, self.settings.intake)
@@ -79,6 +127,7 @@ class Backend:
     def reject(self, hotkey: str, filename: str | None, reasons: Sequence[Reason],
                metadata: dict[str, Any] | None = None, cap: RejectionCap | None = None) -> SubmissionRecord | NotStored:
         """Store an intake rejection (no valid bundle exists) so the miner can look it up — unless `cap` is full."""
+        self.require_disk()
         if cap is not None:
             total, own = self.store.call("rejection_counts", hotkey, time.time() - cap.window_s)
             if own >= cap.per_hotkey or total >= cap.total:
@@ -144,6 +193,22 @@ class Backend:
         if node is None or self._node_address is None:
             return node
         return self._node_address(node) or node
+
+
+def describe(error: BaseException) -> str:
+    """One line for a store failure: the first line of what DuckDB (or Ray) said."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:300]}" if text else type(error).__name__
+
+
+def store_failure_types() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean the store failed (not a bug of the caller): DuckDB's errors, the store's own, a failed
+    file write, the store actor gone or late. A Ray task error is an instance of its cause's class too."""
+    import duckdb
+    from ray import exceptions as ray_errors
+
+    return (duckdb.Error, StoreError, OSError, ray_errors.RayActorError, ray_errors.GetTimeoutError,
+            ray_errors.RaySystemError)
 
 
 def _zip_of(source: bytes | str | Path | Bundle) -> bytes | None:

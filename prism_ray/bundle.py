@@ -13,18 +13,19 @@ import hashlib
 import io
 import stat
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from prism_ray import manifest_yaml
 from prism_ray.config import IntakeLimits
-from prism_ray.errors import BundleError, Reason
+from prism_ray.errors import BundleError, Reason, escape_name
 
-MANIFEST_NAME = "prism.yaml"
+MANIFEST_NAME = manifest_yaml.MANIFEST_NAME
 _ARCHIVE_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"7z\xbc\xaf", b"Rar!")
 _READ_CHUNK = 64 * 1024
 
@@ -106,6 +107,9 @@ class BundleConfig(BaseModel):
     @classmethod
     def _entrypoint(cls, value: str) -> str:
         file, _, symbol = value.partition("::")
+        if not value.isascii():
+            raise ValueError(f"entrypoint '{escape_name(value)}' has non-ASCII characters; entrypoints must be plain "
+                             "ASCII names (a letter that only looks Latin is refused)")
         if not file.endswith(".py") or file.startswith("/") or ".." in PurePosixPath(file).parts:
             raise ValueError(f"entrypoint {value!r} must be 'file.py' or 'file.py::symbol'")
         if symbol and not symbol.isidentifier():
@@ -291,7 +295,7 @@ def _inflate(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, total: 
                                       f"the bundle is over {limits.max_total_bytes:,} bytes uncompressed",
                                       file=name)
                 chunks.append(chunk)
-    except (zipfile.BadZipFile, NotImplementedError, RuntimeError, OSError, EOFError) as error:
+    except (zipfile.BadZipFile, NotImplementedError, RuntimeError, OSError, EOFError, ValueError, zlib.error) as error:
         raise BundleError("intake:not_a_zip", f"{name} cannot be read from the zip ({error})", file=name) from None
     return b"".join(chunks), total
 
@@ -326,19 +330,14 @@ def parse_config(files: dict[str, bytes]) -> BundleConfig:
     raw = files.get(MANIFEST_NAME)
     if raw is None:
         return BundleConfig()
-    try:
-        data = yaml.safe_load(raw.decode("utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        line = getattr(getattr(error, "problem_mark", None), "line", None)
-        raise BundleError("contract:prism_yaml", f"prism.yaml is not valid YAML ({error})", file=MANIFEST_NAME,
-                          line=line + 1 if line is not None else None) from None
+    data = manifest_yaml.load(raw) or {}
     if not isinstance(data, dict):
         raise BundleError("contract:prism_yaml", "prism.yaml must be a mapping", file=MANIFEST_NAME)
     entrypoints = data.pop("entrypoints", None)
     if isinstance(entrypoints, dict):
         data = {**{k: v for k, v in entrypoints.items()}, **data}
     try:
-        return BundleConfig(**data)
+        return BundleConfig.model_validate(data)  # not **data: YAML keys need not be strings
     except ValidationError as error:
         reasons = [Reason(rule="contract:prism_yaml",
                           message=f"prism.yaml: {'.'.join(str(p) for p in e['loc']) or 'root'}: {e['msg']}",
@@ -375,8 +374,11 @@ def check_contract(files: dict[str, bytes]) -> Bundle:
                                   message=f"prism.yaml lists {extra}, which is missing from the bundle"))
     for role, entry in (("architecture", arch), ("training", train)):
         if entry.file not in files:
+            lookalikes = [escape_name(name) for name in files if not name.isascii() and name.endswith(".py")]
             reasons.append(Reason(rule="contract:missing_file", file=entry.file,
-                                  message=f"the {role} script {entry.file} is missing from the bundle"))
+                                  message=f"the {role} script {entry.file} is missing from the bundle"
+                                  + (f"; these file names are not ASCII and cannot be an entrypoint: "
+                                     f"{', '.join(lookalikes)}" if lookalikes else "")))
             continue
         tree = trees.get(entry.file)
         if tree is None:

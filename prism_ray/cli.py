@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal, NoReturn
 
 import typer
+from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperCommand
 
 from prism_ray.client_cli import register as register_client_commands
 from prism_ray.config import Settings, load_settings
 from prism_ray.data.cli import data_app
+from prism_ray.errors import Reason
 from prism_ray.harness.records import Progress as RunProgress
 from prism_ray.pipeline import evaluate
 from prism_ray.registry import registry_app
@@ -42,7 +47,61 @@ def _default(name: str, unit: str = "") -> str:
     return f"{shown}{unit}, or PRISM_{name.upper()}"
 
 
-@app.command("eval")
+class UsageError(BaseModel):
+    """What `eval --json` prints when the command line itself is wrong (exit 2): never a report, still one object."""
+
+    status: Literal["usage_error"] = "usage_error"
+    reasons: list[Reason]
+
+
+class _EvalCommand(TyperCommand):
+    """With --json, a usage error the parser finds is one JSON object on stdout as well, like every other outcome."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        ctx.meta["as_json"] = "--json" in args
+        try:
+            return super().parse_args(ctx, args)
+        except Exception as error:
+            _json_usage_error(ctx, error)
+            raise
+
+    def invoke(self, ctx: typer.Context) -> object:
+        try:  # values are converted and range-checked here, after parsing
+            return super().invoke(ctx)
+        except Exception as error:
+            _json_usage_error(ctx, error)
+            raise
+
+
+def _json_usage_error(ctx: typer.Context, error: Exception) -> None:
+    # Click's UsageError (exit code 2), whether typer vendors click or not.
+    if ctx.meta.get("as_json") and getattr(error, "exit_code", None) == 2 and hasattr(error, "format_message"):
+        _usage_error("usage:bad_arguments", error.format_message(), as_json=True)
+
+
+def _usage_error(rule: str, message: str, as_json: bool) -> NoReturn:
+    stderr.print(f"[red]error:[/red] {message}", highlight=False)
+    if as_json:
+        sys.stdout.write(UsageError(reasons=[Reason(rule=rule, message=message)]).model_dump_json() + "\n")
+    raise typer.Exit(2)
+
+
+def _device_problem(device: str | None) -> str | None:
+    """Why a requested device cannot run here (None when it can): a usage error, not a run that crashes later."""
+    if device in (None, "auto", "cpu"):
+        return None
+    if not re.fullmatch(r"cuda(:\d+)?", device):
+        return f"--device must be auto, cpu, cuda or cuda:N, not {device!r}"
+    import torch  # only when a GPU is asked for
+
+    index = int(device.partition(":")[2] or 0)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index >= count:
+        return f"--device {device}: this machine has {count} CUDA device(s) visible to torch; use --device cpu or auto"
+    return None
+
+
+@app.command("eval", cls=_EvalCommand)
 def eval_command(
     bundle: Annotated[Path, typer.Argument(help="bundle directory or .zip")],
     data: Annotated[Path | None, typer.Option(help="locked dataset dir", show_default="the embedded Python docs, "
@@ -60,12 +119,23 @@ def eval_command(
 ) -> None:
     """Dry-run a bundle exactly as the cluster scores it."""
     if not bundle.exists():
-        stderr.print(f"[red]error:[/red] bundle {bundle} does not exist")
-        raise typer.Exit(2)
-    settings = load_settings(data_dir=data, byte_budget=byte_budget, time_limit=time_limit, seed=seed, device=device)
+        _usage_error("usage:no_bundle", f"bundle {bundle} does not exist", as_json)
+    if problem := _device_problem(device):
+        _usage_error("usage:device", problem, as_json)
+    try:
+        settings = load_settings(data_dir=data, byte_budget=byte_budget, time_limit=time_limit, seed=seed,
+                                 device=device)
+    except ValidationError as error:  # a PRISM_* variable with a value it cannot take
+        _usage_error("usage:settings", "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                                 for e in error.errors()), as_json)
     if use_gate is not None:
         settings.gate.mode = "required" if use_gate else "off"
-    report = _run_with_progress(bundle, settings)
+    try:
+        report = _run_with_progress(bundle, settings)
+    except Exception as error:  # a fault of prism-ray or this machine: still one typed object, never a bare traceback
+        stderr.print_exception()
+        report = RunReport(status="failed", stage="eval", reasons=[Reason(
+            rule="infra:eval_error", message=f"prism-ray failed on this machine: {type(error).__name__}: {error}")])
     if as_json:
         sys.stdout.write(report.model_dump_json() + "\n")
     else:
@@ -98,33 +168,38 @@ def print_report(report: RunReport, console: Console) -> None:
         console.print(f"  [red]{reason.rule}[/red]{where}: {reason.message}", markup=True, highlight=False)
     table = Table(show_header=False, box=None, pad_edge=False)
     flags = ", ".join(report.score.flags) if report.score else ""
+    ran = report.batches > 0  # a bundle stopped before its first scored batch has no run numbers to show
     rows = [
-        ("bpb", f"{report.bpb:.6f}" if report.bpb is not None else "—"),
-        ("final score", (f"{report.final_score:.6f}" if report.final_score is not None else "—")
-         + (f"  [yellow]{flags}[/yellow]" if flags else "")),
-        ("bytes scored", f"{report.bytes_scored:,} of budget {report.byte_budget or 'whole split':,}"
-         if isinstance(report.byte_budget, int) and report.byte_budget else f"{report.bytes_scored:,}"),
+        ("bpb", f"{report.bpb:.6f}" if report.bpb is not None else None),
+        ("final score", (f"{report.final_score:.6f}" if report.final_score is not None else "")
+         + (f"  [yellow]{flags}[/yellow]" if flags else "") or None),
+        ("bytes scored", (f"{report.bytes_scored:,} of budget {report.byte_budget:,}"
+                          if isinstance(report.byte_budget, int) and report.byte_budget
+                          else f"{report.bytes_scored:,}") if ran else None),
         ("tokens scored", f"{report.tokens_scored:,} in {report.batches} batches of "
-                          f"{report.batch_size}×{report.seq_len}"),
-        ("stopped", report.stopped_reason or "—"),
-        ("tokenizer", f"{report.tokenizer} (vocab {report.vocab_size})"),
-        ("model", f"{report.model_params:,} parameters" if report.model_params else "—"),
-        ("step-0 loss", f"{report.step0_loss:.4f} nats" if report.step0_loss is not None else "—"),
-        ("speed", f"{report.tokens_per_second:,.0f} tokens/s on {report.device}" if report.tokens_per_second else "—"),
+                          f"{report.batch_size}×{report.seq_len}" if ran else None),
+        ("stopped", report.stopped_reason),
+        ("tokenizer", f"{report.tokenizer}" + (f" (vocab {report.vocab_size})" if report.vocab_size else "")
+         if report.tokenizer else None),
+        ("model", f"{report.model_params:,} parameters" if report.model_params else None),
+        ("step-0 loss", f"{report.step0_loss:.4f} nats" if report.step0_loss is not None else None),
+        ("speed", f"{report.tokens_per_second:,.0f} tokens/s on {report.device}" if report.tokens_per_second
+         else None),
         ("data", f"{report.data.path} ({report.data.fingerprint[:24]}"
-                 f"{'' if report.data.pinned else ', unpinned'})" if report.data else "—"),
-        ("held-out", report.heldout.message or report.heldout.status if report.heldout else "—"),
+                 f"{'' if report.data.pinned else ', unpinned'})" if report.data else None),
+        ("held-out", report.heldout.message or report.heldout.status if report.heldout else None),
         ("probes", f"{report.probes.rows} causality probe rows, largest drift {report.probes.max_drift:.2g} nats"
-         if report.probes and report.probes.rows else "—"),
-        ("gate", report.gate.message or report.gate.status if report.gate else "—"),
-        ("isolation", report.isolation or "—"),
+         if report.probes and report.probes.rows else None),
+        ("gate", report.gate.message or report.gate.status if report.gate else None),
+        ("isolation", report.isolation),
         ("wall", f"{report.wall_seconds:.1f} s" + (" (" + ", ".join(f"{name} {seconds:.1f} s" for name, seconds
                                                                   in report.timings.items()) + ")"
-                                                   if report.timings else "")),
-        ("run dir", report.run_dir or "—"),
+                                                   if report.timings else "") if report.wall_seconds else None),
+        ("run dir", report.run_dir),
     ]
     for key, value in rows:
-        table.add_row(f"[dim]{key}[/dim]", value)
+        if value:  # only what is known: a rejection at intake shows its reasons and nothing else
+            table.add_row(f"[dim]{key}[/dim]", value)
     console.print(table)
 
 
@@ -154,8 +229,10 @@ def serve_command(
     if auth not in ("signed", "dev"):
         stderr.print("[red]error:[/red] --auth must be signed or dev")
         raise typer.Exit(2)
-    service = start_service(address, _service_settings(data, state_dir, byte_budget), ApiSettings(auth_mode=auth),
-                            host, port)
+    settings = _service_settings(data, state_dir, byte_budget)
+    if address is None:  # a joined cluster's store is already someone else's to check
+        _preflight(settings)
+    service = start_service(address, settings, ApiSettings(auth_mode=auth), host, port)
     _stop_on_signals()
     stderr.print(f"[bold]prism-ray[/bold] serving at {service.url} ({service.cluster.notice})")
     if auth == "dev":
@@ -188,11 +265,13 @@ def demo_command(
     settings.gate.mode = "off" if not os.environ.get("OPENROUTER_API_KEY") else settings.gate.mode
     settings.audit.mode = "off"  # one machine: a re-run on "another node" would only double the wait
     settings.replicas.mode = "off"  # 3 examples would bring 6 replica runs: triple the wait; the prior σ_seed decides
+    _preflight(settings)
     service = start_service(None, settings, ApiSettings(auth_mode="dev", internal_token="demo-token"),
                             "127.0.0.1", port)
     _stop_on_signals()
     out = Console()
-    stderr.print(f"[bold]prism-ray demo[/bold] at {service.url} ({service.cluster.notice}); store in {state}")
+    kept = "" if state_dir else " (a temporary directory, removed at exit; --state-dir keeps it)"
+    stderr.print(f"[bold]prism-ray demo[/bold] at {service.url} ({service.cluster.notice}); store in {state}{kept}")
     stderr.print(f"each example trains on {byte_budget:,} bytes of text; `prism-ray eval` scores "
                  f"{Settings.model_fields['byte_budget'].default:,} by default, so its scores for the same bundle "
                  "differ (give it the same --byte-budget to compare); re-execution audits and seed replicas are off in "
@@ -216,9 +295,41 @@ def demo_command(
         pass
     finally:
         _stop(service)
+        if state_dir is None:  # nothing outlives the demo's own temporary store
+            shutil.rmtree(state, ignore_errors=True)
     if not keep_serving and code != 130:
         out.print(f"the server has stopped; `prism-ray demo --keep-serving` keeps it up ({browse})", highlight=False)
     raise typer.Exit(code)
+
+
+def _preflight(settings: Settings) -> None:
+    """One line and exit 1 when the state dir cannot run a server (before Ray starts, so within seconds)."""
+    from prism_ray.preflight import StartupError, check_state
+
+    try:
+        check_state(settings)
+    except StartupError as error:
+        stderr.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+@app.command("check-store")
+def check_store_command(
+    path: Annotated[Path | None, typer.Argument(help="a DuckDB store file (default: the state dir's)")] = None,
+) -> None:
+    """Read back every block of a store file (a stopped server's, or a copy): exit 0 when sound, 1 with what to do."""
+    from prism_ray.preflight import StartupError, check_store, store_file
+
+    path = path or store_file(Settings())
+    if not path.is_file():
+        stderr.print(f"[red]error:[/red] {path} does not exist", highlight=False)
+        raise typer.Exit(2)
+    try:
+        check_store(path)
+    except StartupError as error:
+        stderr.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    Console().print(f"ok: every table of {path} reads back", highlight=False)
 
 
 def _stop_on_signals() -> None:

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from prism_ray.auth import KeyLoadError, load_keypair
 from prism_ray.client import ClientError, PrismClient
+from prism_ray.leaderboard import ORDER_NOTE
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 Url = Annotated[str, typer.Option(envvar="PRISM_URL", help="the prism-ray API")]
@@ -80,23 +81,27 @@ def leaderboard_command(url: Url = DEFAULT_URL,
 
 
 def print_leaderboard(board: dict[str, Any], console: Console, epoch: int | None = None) -> None:
-    """The board, then each entry's seeds, decided group and cost (a second table keeps both narrow)."""
-    table = Table(title="leaderboard" + (f" — epoch {epoch}" if epoch is not None else ""))
-    for column in ("#", "hotkey", "name", "bpb", "final score", "held-out Δ", "submission"):
-        table.add_column(column, justify="right" if column in ("#", "bpb", "final score", "held-out Δ") else "left")
-    for entry in board["entries"]:
+    """The board with every column whole (full hotkeys and submission ids, to paste into `status`) and the flags
+    next to bpb, then each entry's seeds, decided group and cost (a second table keeps both narrow)."""
+    entries = board["entries"]
+    table = Table(title="leaderboard" + (f" — epoch {epoch}" if epoch is not None else ""), caption=ORDER_NOTE)
+    for column in ("#", "hotkey", "name", "bpb", "flags", "final score", "held-out Δ", "submission"):
+        table.add_column(column, justify="right" if column in ("#", "bpb", "final score", "held-out Δ") else "left",
+                         no_wrap=True)
+    for entry in entries:
         table.add_row(str(entry["rank"]), entry["hotkey"], entry["name"] or "—", _number(entry["bpb"]),
-                      _number(entry["final_score"]), _number(entry["heldout_delta"]), entry["submission_id"])
-    console.print(table)
+                      ", ".join(entry.get("flags") or []) or "—", _number(entry["final_score"]),
+                      _number(entry["heldout_delta"]), entry["submission_id"])
+    _print_whole(table, console)
     sigma = board.get("sigma_seed")
-    if sigma is None or not board["entries"]:
+    if sigma is None or not entries:
         return
     measured = board.get("sigma_seed_measured") is not None
     noise = f"σ_seed {sigma:.4f} bpb, " + (f"measured ({board['sigma_seed_dof']} dof)" if measured else "the prior")
     details = Table(title=f"seeds, decided groups and cost — {noise}")
     for column in ("#", "decided", "mean ± spread", "seeds", "GPU s", "tokens/s", "est. FLOPs"):
-        details.add_column(column, justify="left" if column == "decided" else "right")
-    for entry in board["entries"]:
+        details.add_column(column, justify="left" if column == "decided" else "right", no_wrap=True)
+    for entry in entries:
         spread, flops = entry.get("spread_bpb"), entry.get("est_flops")
         details.add_row(str(entry["rank"]), f"tied with #{entry['tied_with']}" if entry.get("tied_with") else "",
                         _number(entry.get("mean_bpb")) + (f" ± {spread:.4f}" if spread is not None else ""),
@@ -104,7 +109,17 @@ def print_leaderboard(board: dict[str, Any], console: Console, epoch: int | None
                                                       else ""),
                         _number(entry.get("gpu_seconds")), _number(entry.get("tokens_per_second")),
                         f"{flops:.2e}" if flops else "—")
-    console.print(details)
+    _print_whole(details, console)
+
+
+def _print_whole(table: Table, console: Console) -> None:
+    """Never shorten a cell: wider than the terminal, the terminal wraps the line instead of rich cutting a cell."""
+    width, needed = console.width, console.measure(table, options=console.options.update_width(10_000)).maximum
+    console.width = max(width, needed)
+    try:
+        console.print(table, crop=False)
+    finally:
+        console.width = width
 
 
 def print_submission(status: dict[str, Any], console: Console) -> None:

@@ -168,6 +168,8 @@ class ClusterSettings(BaseSettings):
     namespace: str = Field(default="prism-ray", description="Ray namespace of the detached store and scheduler")
     capacity: int = Field(default=0, ge=0, description="submissions in flight at once; 0 = the cluster's GPU count")
     max_attempts: int = Field(default=3, ge=1, description="claims of a submission before infra:attempts_exhausted")
+    max_infra_requeues: int = Field(default=3, ge=0, description="uncharged requeues of a submission after operator-"
+                                    "side faults (infra:disk_full, ...) before it is held for the operator")
     lease_seconds: float = Field(default=60.0, gt=0, description="a running submission whose lease is not renewed "
                                  "for this long is requeued")
     heartbeat_seconds: float = Field(default=2.0, gt=0, description="how often leases are renewed and progress "
@@ -181,6 +183,10 @@ class ClusterSettings(BaseSettings):
                                            "replace the two above, e.g. {\"train\": 1200}")
     cpus_per_gpu_stage: float = Field(default=1.0, ge=0, description="CPUs reserved with each GPU stage's GPU")
     cpus_per_cpu_stage: float = Field(default=0.25, ge=0, description="CPUs reserved by a check, gate or score task")
+    min_free_bytes: int = Field(default=1 << 30, ge=0, description="free disk the store's filesystem must keep: "
+                                "below it /health answers 503 and intake 503 infra:disk_full")
+    health_probe_seconds: float = Field(default=5.0, gt=0, description="how long a store probe (a read and a "
+                                        "write) answers for /health and intake before the next one")
 
 
 class Settings(BaseSettings):

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, field_validator
+
+
+def escape_name(name: str) -> str:
+    """`name` with every non-ASCII character as a backslash escape (\\u0430), so look-alikes are visible."""
+    return name.encode("ascii", "backslashreplace").decode("ascii")
 
 
 class Reason(BaseModel):
@@ -12,6 +17,12 @@ class Reason(BaseModel):
     message: str
     file: str | None = None
     line: int | None = None
+
+    @field_validator("file")
+    @classmethod
+    def _escaped(cls, file: str | None) -> str | None:
+        # A Cyrillic "а" looks like a Latin "a": a file name is shown with its non-ASCII characters escaped.
+        return file if file is None or file.isascii() else escape_name(file)
 
     def __str__(self) -> str:
         where = f" ({self.file}:{self.line})" if self.file and self.line else f" ({self.file})" if self.file else ""

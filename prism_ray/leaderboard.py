@@ -53,11 +53,27 @@ class ScoreRow(BaseModel):
     tokens_per_second: float | None = None
     model_params: int | None = None
     tokens: int | None = Field(default=None, description="targets the scored run trained on")
+    penalty: float | None = Field(default=None, description="the memorisation-gap multiplier (1: none)")
+    anomaly: float | None = Field(default=None, description="0 when the step-0 anomaly check zeroed the score")
 
     def curves(self) -> Curves | None:
         if self.chunk_span is None or not self.chunk_bpb:
             return None
         return Curves(key=self.submission_id, span=self.chunk_span, chunk_bpb=self.chunk_bpb)
+
+    @property
+    def flags(self) -> list[str]:
+        """Why final_score is not 1/(1+bpb): what the board shows next to bpb (docs/scoring.md)."""
+        flags = []
+        if self.penalty is not None and self.penalty < 1:
+            flags.append(f"memorisation_gap ×{self.penalty:.2f}")
+        if self.anomaly == 0:
+            flags.append("step0_anomaly: scored 0")
+        elif self.final_score == 0:
+            flags.append("implausible: scored 0")
+        if self.heldout_delta is None:
+            flags.append("no_heldout")
+        return flags
 
 
 class LeaderboardEntry(ScoreRow):
@@ -271,6 +287,11 @@ def _lowest_unbeaten(blocks: list[list[tuple[float, float, ScoreRow]]], tops: li
             if earlier_score >= score or not score > earlier_score * (1.0 + priority_margin(at - earlier_at, settings)):
                 return number, index + 1
     return None
+
+
+ORDER_NOTE = ("in the decided order (a later submission passes an earlier one only when better beyond the seed noise) "
+              "of final score = 1/(1+bpb) × the memorisation-gap penalty (+ a held-out tie-break), zeroed by the "
+              "anomaly and plausibility checks; so a lower bpb can rank below a higher one (docs/scoring.md)")
 
 
 def weights(rows: Iterable[ScoreRow], settings: ScoringSettings | None = None,

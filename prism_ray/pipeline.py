@@ -47,6 +47,7 @@ class Outcome:
     audits: list[gate.GateAudit] = field(default_factory=list)
     node: str | None = None  # the Ray node the stage ran on
     seconds: float = 0.0
+    note: dict[str, Any] | None = None  # what a stage that let the submission through decided, for the timeline
 
 
 @dataclass
@@ -71,7 +72,8 @@ def gate_stage(ctx: StageContext, bundle: Bundle) -> StageResult:
     verdict = gate.review(bundle, ctx.settings.gate, ctx.verdicts if ctx.verdicts is not None else
                           gate.FileVerdictCache(ctx.settings.cache_dir / "gate-verdicts"))
     ends = verdict.status in ("rejected", "held")
-    return Outcome(verdict.status if ends else "next", verdict.reasons, audits=verdict.audits), verdict
+    note = {"gate": verdict.status, "message": verdict.message, "cached": verdict.cached}  # skipped shows too
+    return Outcome(verdict.status if ends else "next", verdict.reasons, audits=verdict.audits, note=note), verdict
 
 
 def train_stage(ctx: StageContext, bundle: Bundle) -> StageResult:

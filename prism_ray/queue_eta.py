@@ -1,10 +1,12 @@
 """Where each queued submission stands and roughly when it runs: positions and ETAs for the queue page and
 `GET /v1/queue`.
 
-The estimate is deliberately simple, so a miner can check it: a run takes about the median duration (claim to
-finish) of the latest completed runs; the running submissions hold the slots (when work waits, the scheduler runs
-as many at once as it can, so the number running is its capacity), each frees its slot when that duration has
-passed since it was claimed, and the waiting ones take the slots in queue order as they free up.
+The estimate is deliberately simple, so a miner can check it: a running submission that has reported progress
+finishes when the rest of its byte budget is scored at its own rate so far (bytes scored since it was claimed);
+one that has not, and every waiting one, takes about the median duration (claim to finish) of the latest completed
+runs. The running submissions hold the slots (when work waits, the scheduler runs as many at once as it can, so the
+number running is its capacity), each frees its slot when it finishes, and the waiting ones take the slots in queue
+order as they free up.
 """
 
 from __future__ import annotations
@@ -27,15 +29,17 @@ class QueueItem:
 
 
 def plan_queue(running: list[SubmissionRecord], pending: list[SubmissionRecord], runs: dict[str, dict[str, Any]],
-               recent_seconds: list[float], now: float) -> tuple[list[QueueItem], float | None]:
+               recent_seconds: list[float], now: float,
+               byte_budget: int | None = None) -> tuple[list[QueueItem], float | None]:
     """(every item in line with its position and ETA, the typical run's seconds); `runs` maps a running id to its
-    current run row, `recent_seconds` are durations of the latest completed runs."""
+    current run row, `recent_seconds` are durations of the latest completed runs, `byte_budget` the bytes each run
+    scores (0 or None: unknown, the whole split)."""
     typical = statistics.median(recent_seconds) if recent_seconds else None
     items = []
     free_at: list[float] = []  # seconds from now when each slot frees up
     for position, record in enumerate(running, start=1):
         run = runs.get(record.id, {})
-        left = None if typical is None else max(0.0, typical - (now - run.get("started_at", now)))
+        left = _time_left(run, typical, now, byte_budget)
         items.append(QueueItem(record, position, run, 0.0, left))
         free_at.append(left or 0.0)
     free_at = free_at or [0.0]  # nothing running: the scheduler claims the first one right away
@@ -48,3 +52,12 @@ def plan_queue(running: list[SubmissionRecord], pending: list[SubmissionRecord],
         heapq.heappush(free_at, start + typical)
         items.append(QueueItem(record, position, {}, start, start + typical))
     return items, typical
+
+
+def _time_left(run: dict[str, Any], typical: float | None, now: float, byte_budget: int | None) -> float | None:
+    """The rest of its budget at its own rate once it has scored bytes; else the typical run, from its claim."""
+    done, at, started = run.get("progress_bytes"), run.get("progress_at"), run.get("started_at")
+    if byte_budget and done and at and started and at > started:
+        rate = done / (at - started)
+        return max(0.0, (byte_budget - done) / rate - (now - at))
+    return None if typical is None else max(0.0, typical - (now - (started or now)))

@@ -120,7 +120,7 @@ class ReadModel:
             latest = {record.id: attempts[-1] if attempts else {} for record, attempts in zip(running, runs,
                                                                                               strict=True)}
             items, typical = plan_queue(running, sorted(pending, key=lambda record: record.seq), latest, seconds,
-                                        time.time())
+                                        time.time(), self.settings.byte_budget)
             return QueueView(items[:QUEUE_LIMIT], typical)
 
         return self.cached(("queue",), build)

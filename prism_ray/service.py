@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 from ray import serve
@@ -10,6 +11,7 @@ from ray import serve
 from prism_ray.cluster.client import ClusterBackend
 from prism_ray.cluster.runtime import ClusterHandle, connect, start_cluster
 from prism_ray.config import Settings
+from serve_app.connection_guard import PROXY_CALLBACK, PROXY_CALLBACK_VARIABLE
 from serve_app.deployment import build_ingress
 from serve_app.models import ApiSettings
 
@@ -49,6 +51,9 @@ _QUIET = {"enable_access_log": False, "log_level": "WARNING"}
 
 
 def start_service(address: str | None, settings: Settings, api: ApiSettings, host: str, port: int) -> Service:
+    # The Serve proxy takes its HTTP protocol from this callback, read from the environment Ray's processes inherit:
+    # a cluster started here gets the connection guard; a joined one needs it set where `ray start` ran.
+    os.environ.setdefault(PROXY_CALLBACK_VARIABLE, PROXY_CALLBACK)
     cluster = start_cluster(address, settings)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # "Started Serve", "Application is ready", ...
     serve.start(http_options={"host": host, "port": port}, logging_config=_QUIET)

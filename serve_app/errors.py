@@ -3,6 +3,7 @@ error responses each route declares in the OpenAPI schema."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -11,11 +12,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from prism_ray.auth import AuthError
+from prism_ray.backend import describe, store_failure_types
 from prism_ray.errors import Reason
 from prism_ray.registry import RegistryError
-from prism_ray.store import SubmissionRecord
+from prism_ray.store import StoreUnavailable, SubmissionRecord
 from serve_app.models import ErrorBody
 
+logger = logging.getLogger("prism_ray.api")
+STORE_RETRY_AFTER_S = 10  # a store that failed is probed again within seconds; the client should not hammer it
 ERROR_TEXT = {
     400: "X-Timestamp is not Unix seconds, or (internal routes) X-Base-Challenge-Slug names another challenge",
     401: "missing, malformed, forged or stale signature / bearer token",
@@ -25,7 +29,8 @@ ERROR_TEXT = {
     413: "the body is over max_body_bytes (refused while reading)",
     422: "malformed path or query parameters",
     429: "this hotkey, or this client address, is over its submission rate; see Retry-After",
-    503: "the store does not answer",
+    503: "the store does not answer (`store_unavailable`), or its disk is below the floor (`infra:disk_full`); see "
+         "Retry-After",
 }
 
 
@@ -72,6 +77,24 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:
         return render(error.status_code, ErrorBody(error=f"http:{error.status_code}", message=str(error.detail)),
                       error.headers)
+
+    @app.exception_handler(StoreUnavailable)
+    async def store_unavailable(_: Request, error: StoreUnavailable) -> JSONResponse:
+        return render(503, ErrorBody(error=error.error, message=error.message),
+                      {"Retry-After": str(STORE_RETRY_AFTER_S)})
+
+    async def store_failed(request: Request, error: Exception) -> JSONResponse:
+        logger.warning("store failure on %s %s: %s", request.method, request.url.path, describe(error))
+        return render(503, ErrorBody(error="store_unavailable", message=f"the store does not answer "
+                                     f"({describe(error)}); retry later"), {"Retry-After": str(STORE_RETRY_AFTER_S)})
+
+    for failure in store_failure_types():  # retry later: a store transaction that failed stored nothing
+        app.add_exception_handler(failure, store_failed)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        """A bug of this server still gets the JSON shape (its traceback goes to the log)."""
+        return render(500, ErrorBody(error="internal", message=f"the server failed: {type(error).__name__}"))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:

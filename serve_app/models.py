@@ -314,6 +314,9 @@ class LeaderboardRow(BaseModel):
     gpu_seconds: float | None = Field(default=None, description="training seconds of all its runs")
     tokens_per_second: float | None = None
     est_flops: float | None = Field(default=None, description="estimated training FLOPs: 6 · parameters · tokens")
+    penalty: float | None = Field(default=None, description="the memorisation-gap multiplier of final_score (1: none)")
+    flags: list[str] = Field(default_factory=list, description="why final_score is not 1/(1+bpb): "
+                             "`memorisation_gap ×p`, `step0_anomaly: scored 0`, `implausible: scored 0`, `no_heldout`")
 
 
 class Leaderboard(BaseModel):

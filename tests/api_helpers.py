@@ -31,6 +31,8 @@ from prism_ray.config import Settings
 from prism_ray.report import RunReport
 from prism_ray.store import TERMINAL_STATUSES, Store
 from serve_app import ApiSettings, StoreBackend, create_app
+from serve_app.connection_guard import guarded
+from serve_app.limits import ConnectionLimits
 
 BIGRAM_ARCHITECTURE = bigram_architecture()
 TOKEN = "internal-test-token"
@@ -114,11 +116,13 @@ def fake_result(submission_id: str, bpb: float | None = None) -> tuple[RunReport
 
 
 @contextmanager
-def serve(app) -> Iterator[str]:
-    """The app under uvicorn on a free loopback port, in a background thread; stopped on exit."""
+def serve(app, limits: ConnectionLimits | None = None) -> Iterator[str]:
+    """The app under uvicorn on a free loopback port, in a background thread, behind the connection guard as in
+    production (`limits`, or the defaults); stopped on exit."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                           http=guarded(limits or ConnectionLimits())))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

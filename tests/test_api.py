@@ -177,6 +177,11 @@ def test_the_queue_estimate_fills_the_slots_in_order():
         ("sub_1", 1, 0.0, 200.0), ("sub_2", 2, 0.0, 50.0),  # 300 s each, from when it was claimed
         ("sub_3", 3, 50.0, 350.0), ("sub_4", 4, 200.0, 500.0), ("sub_5", 5, 350.0, 650.0)]  # the earliest free slot
     assert [item.starts_in for item in plan_queue([], waiting, {}, [], now=0.0)[0]] == [None, None, None]
+    # With progress, a run's own rate decides: sub_1 scored 100,000 of 300,000 bytes in its first 50 s (reported
+    # 10 s ago), so 200,000 more take 100 s, 90 s from now; one other run's 14 s says nothing about it.
+    runs["sub_1"] = {"started_at": 900.0, "progress_at": 950.0, "progress_bytes": 100_000}
+    items, _ = plan_queue(running, waiting, runs, [14.0], now=960.0, byte_budget=300_000)
+    assert items[0].done_in == 90.0 and items[2].starts_in == items[1].done_in
 
 
 # --- refusals -----------------------------------------------------------------------------------------------------

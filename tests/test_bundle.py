@@ -79,6 +79,13 @@ def test_encodings():
     assert rule_of(zipped({**GOOD, "helpers.py": b"\xff\xfe bad"})) == "intake:not_utf8"
 
 
+def test_a_corrupt_deflate_stream_is_not_a_zip():
+    data = bytearray(zipped({**GOOD, "architecture.py": ARCH * 50}))
+    name_length, extra_length = int.from_bytes(data[26:28], "little"), int.from_bytes(data[28:30], "little")
+    data[30 + name_length + extra_length] = 0x07  # a deflate block of the reserved type: zlib.error (was a 500)
+    assert rule_of(bytes(data)) == "intake:not_a_zip"
+
+
 @pytest.mark.parametrize("files,rule,where", [
     ({"architecture.py": ARCH}, "contract:missing_file", "training.py"),
     ({**GOOD, "training.py": "def fit(ctx):\n    pass\n"}, "contract:missing_symbol", "training.py"),
@@ -92,6 +99,40 @@ def test_contract_rules_name_the_file(files, rule, where):
     with pytest.raises(BundleError) as caught:
         load_bundle(zipped(files))
     assert caught.value.rule == rule and caught.value.reasons[0].file == where
+
+
+@pytest.mark.parametrize("manifest,says", [
+    ("x: " + "[" * 5000 + "]" * 5000 + "\n", "nested deeper than"),  # PyYAML alone: RecursionError
+    ("x:\n" + "".join("  " * (i + 1) + f"k{i}:\n" for i in range(40)), "nested deeper than"),
+    ("a: &a [x, x, x, x, x, x, x, x, x, x]\nb: [" + ", ".join(["*a"] * 2500) + "]\n", "aliases count"),
+    ("name: " + "x" * 70_000 + "\n", "byte limit"),
+    ("1: a\n", "Keys should be strings"),  # a key that is not a string (was a TypeError)
+])
+def test_hostile_prism_yaml_is_a_typed_rejection(manifest, says):
+    with pytest.raises(BundleError) as caught:
+        load_bundle(zipped({**GOOD, "prism.yaml": manifest}))
+    reason = caught.value.reasons[0]
+    assert (reason.rule, reason.file) == ("contract:prism_yaml", "prism.yaml") and says in reason.message, reason
+
+
+def test_nesting_within_the_bound_is_read():
+    bundle = load_bundle(zipped({**GOOD, "prism.yaml": "name: ok\ndescription: fine\n"}))
+    assert bundle.config.name == "ok"
+
+
+def test_look_alike_names_are_escaped_and_never_an_entrypoint():
+    cyrillic = "\u0430rchitecture.py"  # a Cyrillic "а": looks exactly like architecture.py
+    with pytest.raises(BundleError) as caught:
+        load_bundle(zipped({cyrillic: ARCH, "training.py": TRAIN}))
+    reason = caught.value.reasons[0]
+    assert reason.rule == "contract:missing_file" and "\\u0430rchitecture.py" in reason.message
+    with pytest.raises(BundleError) as caught:
+        load_bundle(zipped({cyrillic: ARCH, "training.py": TRAIN, "prism.yaml": f"architecture: {cyrillic}\n"}))
+    reason = caught.value.reasons[0]
+    assert reason.rule == "contract:prism_yaml" and "'\\u0430rchitecture.py' has non-ASCII" in reason.message
+    with pytest.raises(BundleError) as caught:
+        load_bundle(zipped({**GOOD, "helpers.py": "import os\n", cyrillic: b"\xff"}))
+    assert caught.value.reasons[0].file == "\\u0430rchitecture.py"  # shown escaped wherever a reason names it
 
 
 def test_syntax_error_has_its_line():

@@ -72,6 +72,29 @@ def test_usage_error_exits_2(tmp_path, cache_dir):
     assert done.returncode == 2
 
 
+@pytest.mark.parametrize("args,rule", [
+    (["MISSING"], "usage:no_bundle"),
+    ([str(EXAMPLES / "seed-tiny"), "--byte-budget", "-5"], "usage:bad_arguments"),
+    ([str(EXAMPLES / "seed-tiny"), "--no-such-option"], "usage:bad_arguments"),
+    ([str(EXAMPLES / "seed-tiny"), "--device", "cuda:7"], "usage:device"),  # this machine has no such GPU
+    ([str(EXAMPLES / "seed-tiny"), "--device", "tpu"], "usage:device"),
+])
+def test_json_usage_errors_are_one_object(tmp_path, cache_dir, args, rule):
+    """`eval --json` prints exactly one JSON object for every outcome, a wrong command line included (exit 2)."""
+    args = [str(tmp_path / "missing") if arg == "MISSING" else arg for arg in args]
+    code, report, stderr = eval_json(*args, cache_dir=cache_dir)
+    assert code == 2, stderr
+    assert report["status"] == "usage_error" and report["reasons"][0]["rule"] == rule, report
+
+
+def test_json_hostile_prism_yaml_is_a_rejection_not_a_traceback(tmp_path, cache_dir):
+    bundle = write_bundle(tmp_path / "b", "def build_model(ctx):\n    return None\n", "def train(ctx):\n    pass\n")
+    (bundle / "prism.yaml").write_text("x: " + "[" * 5000 + "]" * 5000 + "\n")
+    code, report, stderr = eval_json(str(bundle), cache_dir=cache_dir)
+    assert code == 1 and report["status"] == "rejected" and report["stage"] == "intake"
+    assert report["reasons"][0]["rule"] == "contract:prism_yaml" and "Traceback" not in stderr
+
+
 def test_tampered_shard_is_refused(tmp_path, cache_dir):
     data = tmp_path / "data"
     shutil.copytree(EMBEDDED_DATA_DIR, data)
@@ -106,3 +129,30 @@ def test_eval_help_shows_each_default_and_its_variable():
     for shown in ("200,000 bytes, or PRISM_BYTE_BUDGET", "1337, or PRISM_SEED", "or PRISM_TIME_LIMIT",
                   "or PRISM_DEVICE", "the embedded Python docs"):
         assert shown in done.stdout, (shown, done.stdout)
+
+
+def test_a_rejected_bundles_report_shows_only_what_is_known(tmp_path, cache_dir):
+    bundle = write_bundle(tmp_path / "b", "def build_model(ctx):\n    return None\n", "def train(ctx):\n    pass\n",
+                          prism_yaml="tokenizer: llama\n")
+    done = subprocess.run([*CLI, "eval", str(bundle)], capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "PRISM_CACHE_DIR": str(cache_dir), "HOME": str(cache_dir)})
+    assert done.returncode == 1
+    assert "rejected at stage intake" in done.stdout and "contract:prism_yaml" in done.stdout
+    assert "—" not in done.stdout and "bytes scored" not in done.stdout, done.stdout
+
+
+def test_the_cli_leaderboard_never_cuts_an_id_and_shows_why_it_is_ordered():
+    import io
+
+    from rich.console import Console
+
+    from prism_ray.client_cli import print_leaderboard
+
+    hotkey, submission = "5FHneW46xGXgs5mUiveU4sbTyGBzmstUspZC92UhjJM694ty", "sub_6f445c795080469bb79d129f9d285031"
+    board = {"entries": [{"rank": 1, "hotkey": hotkey, "name": "memorised", "bpb": 5.2, "final_score": 0.05,
+                          "heldout_delta": None, "submission_id": submission, "flags": ["memorisation_gap ×0.31"]}]}
+    out = io.StringIO()
+    print_leaderboard(board, Console(file=out, width=80))
+    text = out.getvalue()
+    assert hotkey in text and submission in text and "memorisation_gap ×0.31" in text
+    assert "a lower bpb can rank below a higher one" in " ".join(text.split())

@@ -350,3 +350,13 @@ def test_cli_errors(tmp_path, records, cli):
     shutil.rmtree(tmp_path / "o")
     result = cli("info", tmp_path / "o")
     assert result.exit_code == 1 and "error [data:not_found]" in result.output
+
+
+def test_cli_prepare_fails_when_a_split_ends_up_empty(tmp_path, cli):
+    """Three good documents and three bad lines: with the default rule val and test stay empty, which is an error
+    (exit 1, data:empty_split), not a quiet "skipped lines: 3"; a rule that asks for no val/test accepts it."""
+    src = tmp_path / "s.jsonl"
+    src.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(3)) + "{bad\n[1]\n\"x\"\n")
+    result = cli("prepare", src, "--out", tmp_path / "o")
+    assert result.exit_code == 1 and "data:empty_split" in result.output and "3 skipped lines" in result.output
+    assert cli("prepare", src, "--out", tmp_path / "p", "--split", "1000,0,0").exit_code == 0

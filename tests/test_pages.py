@@ -59,7 +59,7 @@ def site(tmp_path_factory) -> Iterator[Site]:
             site.ids[name] = response.json()["id"]
             return site.ids[name]
 
-        scored = ("twin-a", "twin-b", "rope-swiglu", "tiny-gpt", "byte-lstm", SCRIPT_NAME, IMG_NAME, "retry-node")
+        scored = ("twin-a", "twin-b", "rope-swiglu", "tiny-gpt", "gap-lstm", SCRIPT_NAME, IMG_NAME, "retry-node")
         for name in (*scored, "fail-imports", "crash-oom"):
             submit(name)
         submit("broken", BROKEN_TRAINING)
@@ -110,6 +110,25 @@ def test_leaderboard_lists_submissions_in_score_order(site, browser):
     assert len(browser.find_elements(By.CSS_SELECTOR, "#top-curves path.series")) == 5
     assert len(browser.find_elements(By.CSS_SELECTOR, "ul.legend li")) == 5
     screenshot(browser, "leaderboard.png")
+
+
+def test_the_board_shows_the_penalty_next_to_bpb_and_explains_the_order(site, browser):
+    """gap-lstm has the board's lowest bpb, but its memorisation-gap penalty (×0.25) ranks it below higher bpbs."""
+    open_page(browser, site, "/")
+    rows = {row.find_element(By.CSS_SELECTOR, "a.name").text: row
+            for row in browser.find_elements(By.CSS_SELECTOR, "table.board tbody tr")}
+    penalised = rows["gap-lstm"]
+    assert penalised.find_element(By.CSS_SELECTOR, "td.penalty").text.startswith("×0.25")
+    assert "memorisation_gap ×0.25" in penalised.text
+    assert all(row.find_element(By.CSS_SELECTOR, "td.penalty").text == "—" for name, row in rows.items()
+               if name != "gap-lstm")
+    lede = browser.find_element(By.CSS_SELECTOR, ".lede").text
+    assert "1/(1+bpb) × penalty" in lede and "a lower bpb can rank below a higher one" in lede
+    entries = site.http.get("/v1/leaderboard").json()["entries"]
+    gap = next(entry for entry in entries if entry["name"] == "gap-lstm")
+    assert gap["penalty"] == 0.25 and gap["flags"] == ["memorisation_gap ×0.25"]
+    assert gap["bpb"] == min(entry["bpb"] for entry in entries) and gap["rank"] > 1
+    screenshot(browser, "leaderboard-penalty.png")
 
 
 def test_the_epoch_is_a_date_range_not_a_day_count(site, browser):
@@ -172,6 +191,9 @@ def test_a_scored_submission_shows_its_curve_heldout_block_profile_and_timeline(
              for row in browser.find_elements(By.CSS_SELECTOR, "table.timeline tbody tr")]
     assert kinds == [event["kind"] for event in status["events"]]
     assert browser.find_element(By.ID, "page").get_attribute("data-live") is None  # finished: nothing to poll
+    decided = [row.text for row in browser.find_elements(By.CSS_SELECTOR, "table.timeline tbody tr")
+               if row.find_element(By.CSS_SELECTOR, ".event").text == "decided"]
+    assert len(decided) == 1 and "gate" in decided[0] and "gate: skipped" in decided[0]  # a skipped gate shows
     screenshot(browser, "submission.png")
 
 
@@ -211,6 +233,17 @@ def test_a_second_attempt_says_why_it_happened(site, browser):
 def live_wait(browser) -> WebDriverWait:
     """Until a condition on a live page: its script swaps elements while we read them, so a stale one is retried."""
     return WebDriverWait(browser, 15, poll_frequency=0.2, ignored_exceptions=(StaleElementReferenceException,))
+
+
+def test_a_page_opened_mid_run_draws_the_curve_so_far(site, browser):
+    """The stored heartbeats are the curve's points: no one-point curve for a run half done."""
+    page = f"/submissions/{site.ids['live-run']}"
+    time.sleep(1.0)  # a few heartbeats
+    html = site.http.get(page).text
+    drawn = re.search(r'<svg[^>]*id="curve".*?<path class="series[^"]*" d="([^"]+)"', html, re.S)
+    assert drawn and len(re.findall(r"[ML]", drawn.group(1))) >= 3, html[:2000]
+    open_page(browser, site, page)
+    screenshot(browser, "submission-opened-mid-run.png")
 
 
 def test_a_running_submission_shows_progress_that_moves(site, browser):

@@ -4,8 +4,11 @@ cluster with it, and the restarted server completes every submission once, each 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -48,3 +51,36 @@ def test_sigterm_mid_training_drains_and_the_restart_charges_no_attempt(server):
         assert [[run["attempt"] for run in store.runs(submission_id)] for submission_id in ids] == [[1], [1]]
         kinds = [event["kind"] for event in store.events(ids[0])]
         assert kinds.count("claimed") == 2 and kinds.count("completed") == 1 and "requeued" not in kinds, kinds
+
+
+def orphaned_agents(ray_tmp: str) -> list[int]:
+    """Ray processes (`ray::…`) re-parented to init that still hold files of this server's Ray temp dir."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            title = (stat.parent / "cmdline").read_bytes()
+            if fields[0] != "Z" and fields[1] == "1" and title.startswith(b"ray::") and any(
+                    os.readlink(fd).startswith(ray_tmp) for fd in (stat.parent / "fd").iterdir()):
+                found.append(int(stat.parent.name))
+    return found
+
+
+def test_a_hard_kill_leaves_ray_agents_that_the_next_start_reaps(server):
+    with server.running() as process:
+        process.kill()  # kill -9: no drain, no clean-up
+        process.wait()
+    store_file = server.root / "state" / "prism.duckdb"
+
+    def store_free() -> bool:  # the store actor's process has gone with its raylet
+        with contextlib.suppress(Exception), Store(store_file):
+            return True
+        return False
+
+    wait_until(store_free, timeout=60, what="the store file to be released")
+    orphans = orphaned_agents(server.ray_tmp)
+    assert orphans  # ray::DashboardAgent, ray::RuntimeEnvAgent: they hold their ports long after
+    with server.running() as process:
+        assert not [pid for pid in orphans if Path(f"/proc/{pid}").exists() and pid in orphaned_agents(server.ray_tmp)]
+        assert "orphaned Ray process(es) of the previous cluster" in server.output()  # reaped, not gone by themselves
+        server.stop(process, signal.SIGTERM)  # and nothing of either run is left behind

@@ -3,6 +3,7 @@ trained in the sandbox, scored, ranked and weighted — the path `prism-ray serv
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -159,6 +160,32 @@ def test_oversized_broken_and_too_frequent_posts_get_413_422_and_429(http):
     assert limited.status_code == 429 and limited.json()["error"] == "rate_limited"
     assert 1 <= int(limited.headers["Retry-After"]) <= 60
     assert post(http, new_keypair(), bundle_zip("rate-other", training=FORBIDDEN_IMPORT)).status_code == 200
+
+
+def test_the_serve_proxy_refuses_oversized_heads(service):
+    """The connection guard runs in Ray Serve's proxy too (the proxy callback `start_service` sets)."""
+    host, port = service.url.removeprefix("http://").split(":")
+    for head, error in ((b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 1_000_000 + b"\r\n\r\n",
+                         b"request:headers_too_large"),
+                        (b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(500))
+                         + b"\r\n", b"request:too_many_headers")):
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            try:
+                sock.sendall(head)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 431 ") and error in answer, answer[:300]
+
+
+def test_the_banner_says_the_dashboard_asks_for_a_token(service):
+    """Ray turns on token auth for the clusters it starts: the dashboard's data answers 401, and the banner says
+    why."""
+    dashboard = re.search(r"Ray dashboard at (http://\S+)", service.cluster.notice)
+    assert dashboard and "`ray get-auth-token` prints it" in service.cluster.notice, service.cluster.notice
+    assert httpx.get(f"{dashboard.group(1)}/api/cluster_status", timeout=30).status_code == 401
 
 
 def test_a_server_with_public_submissions_off_answers_404(service, http):

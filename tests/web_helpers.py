@@ -46,7 +46,8 @@ class PageScheduler(threading.Thread):
     """Claims pending work and plays it by name: `live-*` trains for `live_seconds` with a heartbeat (one at a time,
     so a second one waits in the queue), `fail-*` fails the check with a typed reason, `crash-*` fails in training
     before the runner reported its device, `retry-*` loses its node on the first attempt and is scored on the
-    second, `twin-*` are scored with one and the same curve, anything else is scored at once."""
+    second, `twin-*` are scored with one and the same curve, `gap-*` scores the lowest bpb but has its final score
+    halved by a memorisation gap, anything else is scored at once. Every run's gate is skipped (on its timeline)."""
 
     def __init__(self, backend: StoreBackend, live_seconds: float = 120.0) -> None:
         super().__init__(daemon=True)
@@ -66,6 +67,8 @@ class PageScheduler(threading.Thread):
     def _start(self, store: Store, record: SubmissionRecord) -> None:
         for stage in ("check", "gate"):
             store.set_stage(record.id, stage, owner=OWNER)
+        store.note(record.id, "gate", {"gate": "skipped", "message": "the gate is off on this server"}, OWNER,
+                   record.attempt)
         name = record.name or ""
         if name.startswith("fail-"):
             store.fail(record.id, [HOSTILE_REASON], stage="check", owner=OWNER)
@@ -85,6 +88,9 @@ class PageScheduler(threading.Thread):
             return
         store.set_stage(record.id, "heldout", owner=OWNER)
         report, score, curve = fake_result("twin", bpb=0.5) if name.startswith("twin-") else fake_result(record.id)
+        if name.startswith("gap-"):  # the best bpb on the board, ranked below worse ones by its penalty
+            report, score, curve = fake_result(record.id, bpb=0.3)
+            score = {**score, "penalty": 0.25, "gap": 0.4, "final_score": score["final_score"] * 0.25}
         store.complete(record.id, OWNER, report, score, curve)
 
     def _heartbeat(self, store: Store, submission_id: str, started: float) -> None:

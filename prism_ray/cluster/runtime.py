@@ -17,6 +17,7 @@ from pathlib import Path
 import ray
 from ray.actor import ActorHandle
 
+from prism_ray.cluster import orphans
 from prism_ray.cluster.scheduler import SCHEDULER_NAME, scheduler_actor
 from prism_ray.cluster.store_actor import STORE_NAME, store_actor
 from prism_ray.config import Settings
@@ -94,14 +95,19 @@ def start_cluster(address: str | None, settings: Settings | None = None) -> Clus
             raise PrismError("sandbox:unavailable", "bubblewrap (bwrap) is not installed; the cluster refuses to run "
                              "miner code without the sandbox (apt-get install bubblewrap)")
         gpus = _local_gpus()
+        orphans.reap(settings.cache_dir)  # agents a hard-killed predecessor on this state dir left holding ports
         not_ray = frozenset(_descendants(os.getpid()))
         # address="local": never attach to some other cluster that happens to run on this machine. Ray's
         # start-up chatter stays in its logs; the notice says what matters.
         context = ray.init(address="local", namespace=namespace, num_gpus=gpus or 1, resources={"head": 1},
                            logging_level=logging.WARNING)
         owns_ray = True
+        settings.cache_dir.mkdir(parents=True, exist_ok=True)
+        orphans.remember_session(settings.cache_dir, context.address_info["session_dir"])
         notice = f"local Ray cluster with {gpus} GPU(s)" if gpus else NO_GPU_NOTICE
         dashboard = f"; Ray dashboard at http://{context.dashboard_url}" if context.dashboard_url else ""
+        if dashboard and os.environ.get("RAY_AUTH_MODE") == "token":  # Ray turned on token auth: the page says 401
+            dashboard += " (it asks for this cluster's token: `ray get-auth-token` prints it)"
     resources = ray.cluster_resources()
     gpus_seen = "" if notice.startswith(NO_GPU_NOTICE) else f"{int(resources.get('GPU', 0))} GPU(s), "
     notice += f"; {gpus_seen}{int(resources.get('CPU', 0))} CPU(s){dashboard}"

@@ -15,8 +15,10 @@ the earlier stages those need (the gate, whose verdict is cached), under the fir
 GPU stages pinned to a node other than the one the first run trained on (when the cluster has one). The store
 judges the re-run's report against the first run (prism_ray/audit.py).
 
-Failures are sorted by who caused them: a system failure (a node, worker or object lost) requeues the attempt,
-explicitly and recorded, up to the store's attempt cap; an application failure (a failed report, a rejection) is
+Failures are sorted by who caused them: an operator-side fault (a full disk, an unwritable cache, a lost object, a
+failed store write: prism_ray/faults.py) requeues the attempt without charging it, up to a cap, then holds the
+submission for the operator; another system failure (a node or worker lost) requeues the attempt, explicitly and
+recorded, up to the store's attempt cap; an application failure (a failed report, a rejection) is
 final and never retried; a stage over its limit is cancelled and fails `run:timeout` (GPU stages) or
 `infra:stage_timeout`.
 """
@@ -43,6 +45,7 @@ from prism_ray.cluster.store_actor import Beat
 from prism_ray.cluster.tasks import StageTasks
 from prism_ray.config import Settings
 from prism_ray.errors import BundleError, Reason
+from prism_ray.faults import operator_fault
 from prism_ray.pipeline import STAGES, Job, Outcome, stage_limit
 from prism_ray.store import AUDIT_PREFIX, REPLICA_PREFIX, AuditRecord, ReplicaRecord
 
@@ -274,7 +277,9 @@ class Scheduler:
             outcome: Outcome = ray.get(chain.outcome)
         except RayTaskError as error:
             self._forget(job.submission_id)
-            if isinstance(error.cause, RayError):  # the task itself hit a system failure (e.g. the store restarting)
+            if fault := operator_fault(error.cause):  # a full disk, an unwritable cache, a lost object: not the miner's
+                self._requeue_uncharged(job, fault)
+            elif isinstance(error.cause, RayError):  # the task itself hit a system failure (e.g. the store restarting)
                 self._requeue(job, error.cause)
             else:
                 reason = Reason(rule="infra:stage_error", message=f"the {stage.name} stage raised: {error.cause!r}")
@@ -282,7 +287,10 @@ class Scheduler:
             return
         except RayError as error:
             self._forget(job.submission_id)
-            self._requeue(job, error)
+            if fault := operator_fault(error):
+                self._requeue_uncharged(job, fault)
+            else:
+                self._requeue(job, error)
             return
         if outcome.node is not None:
             chain.nodes[stage.name] = outcome.node
@@ -293,6 +301,8 @@ class Scheduler:
             return
         if outcome.audits:
             self.store.record_gate_audits.remote(chain.submission_id, outcome.audits)
+        if outcome.note is not None:
+            self.store.note.remote(job.submission_id, stage.name, outcome.note, job.owner, job.attempt)
         later = [index for index in chain.plan if index > chain.stage]
         if outcome.verdict == "next" and later:
             self._launch(chain, later[0])
@@ -353,6 +363,15 @@ class Scheduler:
             self.metrics.replicas.inc(tags={"status": ended})
 
     def _end(self, job: Job, outcome: Outcome, stage: str) -> None:
+        try:
+            self._write_end(job, outcome, stage)
+        except RayError as error:  # the store failed to write the result: the operator's fault, never the miner's
+            fault = operator_fault(error)
+            if fault is None:
+                raise
+            self._requeue_uncharged(job, fault)
+
+    def _write_end(self, job: Job, outcome: Outcome, stage: str) -> None:
         guard = {"owner": job.owner, "attempt": job.attempt}
         if outcome.verdict == "completed" and outcome.report is not None:
             report = outcome.report
@@ -375,6 +394,12 @@ class Scheduler:
         self._requeue_reason(job, Reason(rule=f"infra:{_snake(type(error).__name__)}",
                                          message=f"a system failure ended this attempt, it is retried: "
                                                  f"{str(error)[:500]}"))
+
+    def _requeue_uncharged(self, job: Job, reason: Reason) -> None:
+        status = ray.get(self.store.requeue_uncharged.remote(job.submission_id, reason, job.owner, job.attempt,
+                                                             self.cluster.max_infra_requeues))
+        if status is not None and not job.submission_id.startswith((AUDIT_PREFIX, REPLICA_PREFIX)):
+            self.metrics.record_end("requeued" if status != "held" else "held", reason.rule)
 
     def _requeue_reason(self, job: Job, reason: Reason) -> None:
         if ray.get(self.store.requeue.remote(job.submission_id, reason, owner=job.owner, attempt=job.attempt)):

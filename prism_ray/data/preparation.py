@@ -292,6 +292,11 @@ def _stage_and_write(con, files: list[Path], staging: Path, rule: SplitRule, sha
     if not splits["train"]:
         raise DataError("data:no_train_split", "no document landed in the train split "
                         f"({stager.count} valid records, {skipped} skipped lines)")
+    for split in ("val", "test"):  # a split the rule gives a share must hold something (held-out passes read val)
+        if getattr(rule, split) and not splits[split]:
+            raise DataError("data:empty_split", f"no document landed in the {split} split ({stager.count} valid "
+                            f"records, {skipped} skipped lines, split rule {rule.train},{rule.val},{rule.test}): give "
+                            f"more input, or a rule with {split} 0 (--split) if that is what you mean")
     written = sum(e["documents"] for entries in splits.values() for e in entries)
     return build_manifest(rule, splits, skipped_lines=skipped, duplicates=stager.count - written)
 

@@ -26,9 +26,10 @@ from prism_ray.config import AuditSettings, ReplicaSettings, ScoringSettings
 from prism_ray.errors import Reason
 from prism_ray.fingerprint import CodeFingerprints
 from prism_ray.leaderboard import epoch_of
+from prism_ray.store import health
 from prism_ray.store.audits import Audits
 from prism_ray.store.behaviours import Behaviours
-from prism_ray.store.db import Db, StoreError, StoreLocked, plain, reasons_of
+from prism_ray.store.db import Db, StoreError, StoreLocked, StoreUnavailable, plain, reasons_of
 from prism_ray.store.queue import Queue
 from prism_ray.store.reads import Reads
 from prism_ray.store.records import (
@@ -60,7 +61,8 @@ TERMINAL_STATUSES = SUBMISSION_TERMINAL
 
 __all__ = ["AUDIT_PREFIX", "AUDIT_STATUSES", "DEFAULT_MAX_ATTEMPTS", "REPLICA_PREFIX", "REPLICA_STATUSES",
            "SCHEMA_VERSION", "SCORE_FIELDS", "STATUSES", "TABLES", "TERMINAL_STATUSES", "AuditRecord", "NewSubmission",
-           "ReplicaRecord", "Store", "StoreError", "StoreLocked", "SubmissionRecord", "SubmissionStatus"]
+           "ReplicaRecord", "Store", "StoreError", "StoreLocked", "StoreUnavailable", "SubmissionRecord",
+           "SubmissionStatus"]
 
 
 class Store:
@@ -210,6 +212,17 @@ class Store:
         """Claim-to-finish seconds of the latest completed runs, newest first (the queue's ETA)."""
         return self._reads.recent_run_seconds(limit)
 
+    # --- health (docs/operator.md, "Liveness and failures") -----------------------------------------------------
+
+    def probe(self) -> int:
+        """A read and a committed write, then the free bytes on the file's filesystem; raises when the store fails."""
+        health.probe(self._db)
+        return health.free_bytes(self.path)
+
+    def check_integrity(self) -> None:
+        """Read back every block of every table (checksums verified); raises on a damaged file."""
+        health.check_integrity(self._db, TABLES)
+
     def export_parquet(self, out_dir: Path | str) -> list[Path]:
         """Every table to `<out_dir>/<table>.parquet`, from one consistent snapshot."""
         return self._reads.export_parquet(out_dir, epoch_of(self._db.clock(), self.scoring))
@@ -247,6 +260,10 @@ class Store:
         """Record the stage a running item entered (and the node it runs on, once known)."""
         return self._queue(item_id).set_stage(item_id, stage, node, owner, attempt)
 
+    def note(self, item_id: str, stage: str, detail: dict[str, Any], owner: str, attempt: int) -> bool:
+        """What a stage decided, on the timeline (a `decided` event), while `owner` holds the attempt's lease."""
+        return self._queue(item_id).note(item_id, stage, detail, owner, attempt)
+
     def unclaim(self, item_id: str, owner: str, attempt: int) -> bool:
         """A draining scheduler hands a running attempt back uncounted (see Queue.unclaim)."""
         return self._queue(item_id).unclaim(item_id, owner, attempt)
@@ -254,6 +271,17 @@ class Store:
     def requeue(self, item_id: str, reason: Reason, owner: str | None = None, attempt: int | None = None) -> bool:
         """A system failure (not the miner's): back to pending, or `failed` once the attempts are spent."""
         return bool(self._replanned(self._queue(item_id).requeue([item_id], [reason], owner, attempt)))
+
+    def requeue_uncharged(self, item_id: str, reason: Reason, owner: str, attempt: int, cap: int) -> str | None:
+        """An operator-side fault: requeued without costing an attempt, `cap` times, then held for the operator
+        (a submission) or requeued as usual (an audit or a seed replica). The new status, or None when the lease was
+        lost."""
+        audit = item_id.startswith((AUDIT_PREFIX, REPLICA_PREFIX))
+        status = self._queue(item_id).requeue_uncharged(item_id, reason, owner, attempt, cap,
+                                                         None if audit else "held")
+        if audit and status is not None:
+            self._replanned([item_id])
+        return status
 
     def requeue_expired(self, now: float | None = None) -> list[str]:
         """Running items whose lease expired: requeued, or failed `infra:attempts_exhausted`."""

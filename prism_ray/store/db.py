@@ -34,6 +34,16 @@ class StoreError(Exception):
     """The store cannot do what was asked (a newer schema, bad input)."""
 
 
+class StoreUnavailable(StoreError):
+    """The store cannot be used now (a failed probe, a damaged file, the disk below its floor): answered 503 with
+    `error`, never charged to anyone (docs/api.md, "Errors")."""
+
+    def __init__(self, error: str, message: str) -> None:
+        super().__init__(message)
+        self.error = error
+        self.message = message
+
+
 class StoreLocked(StoreError):
     """Another process holds the database file; only its owner (the store actor) may open it."""
 

@@ -78,7 +78,25 @@ class Queue:
                 "progress_bpb = coalesce(?, progress_bpb), tokens_per_second = coalesce(?, tokens_per_second), "
                 "progress_at = ? WHERE submission_id = ? AND attempt = ?",
                 [progress_bytes, finite(progress_bpb), finite(tokens_per_second), now, item_id, renewed[0]])
+            if self.table == "submissions" and progress_bytes and finite(progress_bpb) is not None:
+                # A live point: a page opened mid-run draws the curve so far (replaced by the run's own at the end).
+                con.execute("INSERT INTO curves VALUES (?, ?, ?, ?)", [item_id, renewed[0], progress_bytes,
+                                                                        progress_bpb])
             return True
+
+    def note(self, item_id: str, stage: str, detail: dict[str, Any], owner: str, attempt: int) -> bool:
+        """A `decided` event on the timeline (what a stage decided, e.g. the gate skipped), under the lease."""
+        with self.db.transaction():
+            if not self.guarded([item_id], ("running",), owner, attempt):
+                return False
+            self.db.append_events([(item_id, "decided", stage, detail)], self.db.clock())
+            return True
+
+    def _drop_live_curve(self, pairs: list[tuple[str, int]]) -> None:
+        """The live points of attempts that will never complete (requeued, handed back)."""
+        if self.table == "submissions" and pairs:
+            self.db.execute("DELETE FROM curves WHERE (submission_id, attempt) IN (SELECT unnest(?::VARCHAR[]), "
+                            "unnest(?::INTEGER[]))", [[item for item, _ in pairs], [attempt for _, attempt in pairs]])
 
     def set_stage(self, item_id: str, stage: str, node: str | None = None, owner: str | None = None,
                   attempt: int | None = None) -> bool:
@@ -133,6 +151,7 @@ class Queue:
                  [change.stage for change in changes], reasons,
                  [None if change.report is None else to_json(change.report) for change in changes]])
             self.db.append_events([(change.id, change.kind, change.stage, change.detail) for change in changes], now)
+            self._drop_live_curve([(change.id, change.attempt) for change in changes if change.status == "pending"])
 
     def unclaim(self, item_id: str, owner: str, attempt: int) -> bool:
         """A draining scheduler hands a running attempt back (an operator stopped the cluster: nobody's failure):
@@ -145,6 +164,7 @@ class Queue:
                 return False
             interrupted = self.db.rows("DELETE FROM runs WHERE submission_id = ? AND attempt = ? RETURNING stage, "
                                        "node, progress_bytes, progress_bpb", [item_id, attempt])
+            self._drop_live_curve([(item_id, attempt)])
             con.execute(f"UPDATE {self.table} SET status = 'pending', stage = 'queued', reasons = '[]', "
                         "attempt = attempt - 1, lease_owner = NULL, lease_expires_at = NULL, updated_at = ? "
                         "WHERE id = ?", [now, item_id])
@@ -184,3 +204,39 @@ class Queue:
                                   "NOT list_contains(?::VARCHAR[], id) ORDER BY seq", [list(live_ids)]).fetchall()
         reason = Reason(rule="infra:orphaned", message="the scheduler restarted while this run was in flight")
         return self.requeue([row[0] for row in orphans], [reason])
+
+    def requeue_uncharged(self, item_id: str, reason: Reason, owner: str, attempt: int, cap: int,
+                          held: str | None) -> str | None:
+        """An operator-side fault ended the attempt (a full disk, an unwritable cache, a lost object, a failed store
+        write: docs/operator.md, "Operator faults"): pending again with the claim undone, so it costs no attempt —
+        the first `cap` times. Past the cap the item goes to `held` (when this queue has that status; `held` names
+        it) for an operator, uncharged too; without it, to the charged `requeue`. Returns the new status, or None
+        unless `owner` still holds that attempt's lease."""
+        now = self.db.clock()
+        with self.db.transaction() as con:
+            rows = self.guarded([item_id], ("running",), owner, attempt)
+            if not rows:
+                return None
+            faults = con.execute("SELECT count(*) FROM events WHERE submission_id = ? AND kind = 'infra_requeued'",
+                                 [item_id]).fetchone()[0]
+            if faults >= cap and held is None:
+                self.requeue([item_id], [reason], owner, attempt)
+                return "charged"
+            interrupted = self.db.rows("DELETE FROM runs WHERE submission_id = ? AND attempt = ? RETURNING stage, "
+                                       "node, progress_bytes, progress_bpb", [item_id, attempt])
+            self._drop_live_curve([(item_id, attempt)])
+            if faults < cap:
+                status, stage, kind, reasons = "pending", "queued", "infra_requeued", [reason]
+            else:
+                status, stage, kind = held, rows[0]["stage"], "held"
+                reasons = [Reason(rule="infra:held_for_operator", message=f"{faults + 1} operator-side faults ended "
+                                  "this submission's attempts without charging them; it waits for the operator to "
+                                  f"fix the cause and release it. The last one: {reason.message}"), reason]
+            con.execute(f"UPDATE {self.table} SET status = ?, stage = ?, reasons = ?::JSON, attempt = attempt - 1, "
+                        "lease_owner = NULL, lease_expires_at = NULL, updated_at = ? WHERE id = ?",
+                        [status, stage, to_json(dump(reasons)), now, item_id])
+            self.db.append_events([(item_id, kind, stage, {"owner": owner, "attempt": attempt, "not_counted": True,
+                                                           "reasons": dump(reasons),
+                                                           "interrupted": interrupted[0] if interrupted else None})],
+                                  now)
+            return status

@@ -229,6 +229,8 @@ class Submissions:
                         f"{', '.join(SCORE_FIELDS)}) VALUES (?, ?, ?, ?, ?, {marks})",
                         [submission_id, row["hotkey"], now, row["architecture_family"],
                          epoch_of(row["created_at"], self.scoring), *values])
+            # The run's own curve replaces the points its heartbeats left (Queue.renew).
+            con.execute("DELETE FROM curves WHERE submission_id = ? AND attempt = ?", [submission_id, row["attempt"]])
             if curve:
                 con.execute("INSERT INTO curves SELECT ?, ?, unnest(?::BIGINT[]), unnest(?::DOUBLE[])",
                             [submission_id, row["attempt"], [int(point["bytes"]) for point in curve],

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 
 from prism_ray.backend import Backend
 from prism_ray.registry import Registry
-from serve_app.errors import ApiError, responses
+from serve_app.errors import STORE_RETRY_AFTER_S, ApiError, responses
 from serve_app.models import ApiSettings, Health, RegistryStatus, Version
 
 BASE_API_VERSION = "1.0"  # the BASE platform's challenge API: /health, /version, /internal/v1/* (docs/api.md)
@@ -19,12 +19,14 @@ def router(backend: Backend, settings: ApiSettings, registry: Registry) -> APIRo
 
     @meta.get("/health", response_model=Health, responses=responses(503))
     def health() -> Health:
-        """Liveness: the auth mode, whether submissions are open, who may submit, the queue depth and submissions in
+        """Liveness: the store probed for real (a read, a write, free disk above its floor; 503 with the reason when
+        not), the auth mode, whether submissions are open, who may submit, the queue depth and submissions in
         flight."""
-        try:
-            stats = backend.stats()
-        except Exception as error:  # any backend failure (a dead actor, a closed file) means unhealthy
-            raise ApiError(503, "store_unavailable", f"the store does not answer: {type(error).__name__}") from None
+        health = backend.health()  # a real read and write, and the free disk, at most every few seconds
+        if not health.ok:
+            raise ApiError(503, health.error or "store_unavailable", health.message,
+                           headers={"Retry-After": str(STORE_RETRY_AFTER_S)})
+        stats = backend.stats()
         return Health(status="ok", auth_mode=settings.auth_mode, public_submissions=settings.public_submissions,
                       queue_depth=stats["queue_depth"], in_flight=stats["in_flight"],
                       registry=RegistryStatus(**registry.describe()))

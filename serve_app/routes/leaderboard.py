@@ -47,8 +47,9 @@ def router(backend: Backend) -> APIRouter:
 
 
 def _render(backend: Backend, epoch: int | None, epoch_id: int) -> bytes:
-    entries = [LeaderboardRow(**entry.model_dump(include=set(LeaderboardRow.model_fields) - {"submitted_at"}),
-                              submitted_at=epoch_seconds_of(entry.submitted_at), score=entry.final_score)
+    fields = set(LeaderboardRow.model_fields) - {"submitted_at", "flags"}
+    entries = [LeaderboardRow(**entry.model_dump(include=fields), submitted_at=epoch_seconds_of(entry.submitted_at),
+                              score=entry.final_score, flags=entry.flags)
                for entry in backend.leaderboard(epoch)]
     noise = backend.seed_noise(epoch)
     return Leaderboard(epoch=epoch, epoch_id=epoch_id, all_epochs=epoch is None, computed_at=time.time(),

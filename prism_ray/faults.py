@@ -1,0 +1,50 @@
+"""Whose fault an exception out of a stage is. Miner code runs in the sandbox and ends as a typed report, so an
+exception that escapes a stage is prism-ray's or the machine's; these are the operator's side — the disk, the
+cache directory, Ray's object store, the store — and must never cost the miner an attempt (docs/operator.md,
+"Operator faults"). Anything else stays `infra:stage_error`."""
+
+from __future__ import annotations
+
+import errno
+import re
+
+from prism_ray.errors import Reason
+from prism_ray.store import StoreError
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+# numpy's tofile and memmap on a full disk raise OSErrors without an errno
+_NO_SPACE_TEXT = re.compile(r"\d+ requested and \d+ written|not enough free space", re.IGNORECASE)
+
+RULES = {
+    "infra:disk_full": "a disk on the operator's side is full",
+    "infra:unwritable": "a cache or run directory cannot be written",
+    "infra:io_error": "a file operation on the operator's side failed",
+    "infra:object_lost": "Ray lost an object this attempt needed (its node or its store went away)",
+    "infra:store_write": "the store could not write this attempt's result",
+}
+
+
+def operator_fault(error: BaseException) -> Reason | None:
+    """The typed reason when `error` (or what caused it) is an operator-side fault, else None."""
+    import duckdb
+    from ray.exceptions import ObjectLostError
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ObjectLostError):
+            return _reason("infra:object_lost", seen)
+        if isinstance(seen, duckdb.Error | StoreError):
+            return _reason("infra:store_write", seen)
+        if isinstance(seen, OSError):
+            if seen.errno in _DISK_FULL or _NO_SPACE_TEXT.search(str(seen)):
+                return _reason("infra:disk_full", seen)
+            return _reason("infra:unwritable" if seen.errno in _UNWRITABLE else "infra:io_error", seen)
+        seen = seen.__cause__
+    return None
+
+
+def _reason(rule: str, error: BaseException) -> Reason:
+    said = (str(error).strip().splitlines() or [""])[0][:300]
+    return Reason(rule=rule, message=f"{RULES[rule]} ({type(error).__name__}: {said}); this attempt is not charged "
+                  "to the miner")

@@ -63,19 +63,22 @@ class Spill:
         for index in range(1 << bits):
             yield from self._drain(part, bits, index)
 
-    def _drain(self, part: int, bits: int, index: int) -> Iterator[Record]:
+    def _drain(self, part: int, bits: int, index: int, split_again: bool = True) -> Iterator[Record]:
         path = self._path(part, bits, index)
         if not path.exists():
             return
-        if path.stat().st_size > self.bucket_bytes * 3 // 2 and bits + _RESPLIT_BITS <= KEY_BITS:
+        if split_again and path.stat().st_size > self.bucket_bytes * 3 // 2 and bits + _RESPLIT_BITS <= KEY_BITS:
             # more data than estimated (compressed input, skewed keys): split it by the next key bits
             for chunk in _chunks(path):
                 for record in chunk:
                     self._put(part, bits + _RESPLIT_BITS, record)
             self.flush()
             path.unlink()
-            for child in range(index << _RESPLIT_BITS, (index + 1) << _RESPLIT_BITS):
-                yield from self._drain(part, bits + _RESPLIT_BITS, child)
+            children = range(index << _RESPLIT_BITS, (index + 1) << _RESPLIT_BITS)
+            # all in one child: most likely a single key (one id with many texts), which no split can divide
+            one = sum(self._path(part, bits + _RESPLIT_BITS, c).exists() for c in children) == 1
+            for child in children:
+                yield from self._drain(part, bits + _RESPLIT_BITS, child, split_again=not one)
             return
         records = [record for chunk in _chunks(path) for record in chunk]
         path.unlink()

@@ -26,6 +26,7 @@ from prism_ray.errors import DataError
 _FETCH_ROWS = 1024
 STAGING_DIR = ".prepare-staging"
 DEFAULT_MEMORY_MB = 256
+_BUCKET_SHARE = 8  # the spill buffer and the bucket being sorted each hold about memory / 8 of documents
 _COMPRESSED_RATIO = 4  # estimated text bytes per byte of .jsonl.gz / Parquet, to size the buckets up front
 
 
@@ -157,7 +158,7 @@ def prepare(sources: list[Path], out: Path, split_rule: SplitRule = SplitRule(),
     """Build a locked dataset in `out` from JSONL / JSONL.gz / Parquet sources (files or directories).
 
     Output depends only on the multiset of records, never on their order or on the source file order.
-    `memory_mb` bounds the documents held at once (a spill buffer, then one sorted bucket: each memory_mb / 8)."""
+    `memory_mb` bounds the documents held at once: a spill buffer, then one bucket being sorted."""
     if shard_bytes < 1:
         raise DataError("data:bad_shard_size", f"shard size must be positive, got {shard_bytes}")
     if memory_mb < 16:
@@ -168,7 +169,7 @@ def prepare(sources: list[Path], out: Path, split_rule: SplitRule = SplitRule(),
     staging = out / STAGING_DIR
     staging.mkdir(parents=True)
     try:
-        manifest = _spill_and_write(files, staging, split_rule, shard_bytes, (memory_mb << 20) // 8)
+        manifest = _spill_and_write(files, staging, split_rule, shard_bytes, (memory_mb << 20) // _BUCKET_SHARE)
         for split in SPLITS:
             if (staging / "out" / split).exists():
                 (staging / "out" / split).rename(out / split)

@@ -254,6 +254,10 @@ def test_prepare_input_errors(tmp_path):
     with pytest.raises(DataError) as err:
         SplitRule(900, 50, 40)
     assert err.value.rule == "data:bad_split_rule"
+    (tmp_path / "ok.jsonl").write_text('{"text": "fine"}\n')
+    with pytest.raises(DataError) as err:
+        prepare([tmp_path / "ok.jsonl"], tmp_path / "o", memory_mb=8)
+    assert err.value.rule == "data:bad_memory"
 
 
 def test_embedded_dataset_regenerates_to_its_committed_fingerprint(tmp_path):
@@ -382,7 +386,7 @@ def cli():
 
 def test_cli_prepare_info_tokenize(tmp_path, records, cli):
     src = write_jsonl(tmp_path / "s.jsonl", records)
-    result = cli("prepare", src, "--out", tmp_path / "o", "--split", "900,50,50", "--shard-mb", "1")
+    result = cli("prepare", src, "--out", tmp_path / "o", "--split", "900,50,50", "--shard-mb", "1", "--memory-mb", "16")
     assert result.exit_code == 0, result.output
     fingerprint = open_dataset(tmp_path / "o").fingerprint
     assert fingerprint in result.output
@@ -397,6 +401,7 @@ def test_cli_errors(tmp_path, records, cli):
     assert cli("prepare", src, "--out", tmp_path / "o", "--split", "1,2").exit_code == 2
     assert cli("prepare", src, "--out", tmp_path / "o", "--split", "500,400,50").exit_code == 2
     assert cli("tokenize", tmp_path, "--tokenizer", "llama").exit_code == 2
+    assert cli("prepare", src, "--out", tmp_path / "o", "--memory-mb", "8").exit_code == 2
     assert cli("prepare", src, "--out", tmp_path / "o").exit_code == 0
     shard = tmp_path / "o" / "train" / "train-00000.jsonl.gz"
     shard.write_bytes(shard.read_bytes() + b"x")

@@ -169,7 +169,10 @@ def prepare(sources: list[Path], out: Path, split_rule: SplitRule = SplitRule(),
     staging = out / STAGING_DIR
     staging.mkdir(parents=True)
     try:
-        manifest = _spill_and_write(files, staging, split_rule, shard_bytes, (memory_mb << 20) // _BUCKET_SHARE)
+        try:
+            manifest = _spill_and_write(files, staging, split_rule, shard_bytes, (memory_mb << 20) // _BUCKET_SHARE)
+        except OSError as e:  # sources are read through DataError already: this is the staging or output disk
+            raise DataError("data:write_failed", f"cannot write under {out}: {e}", file=str(out)) from e
         for split in SPLITS:
             if (staging / "out" / split).exists():
                 (staging / "out" / split).rename(out / split)

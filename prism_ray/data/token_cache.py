@@ -92,12 +92,13 @@ def _chunks(texts: Iterator[str]) -> Iterator[list[str]]:
 
 def _encode_chunk(tok: Tokenizer, chunk: list[str]) -> tuple[np.ndarray, np.ndarray, int, int]:
     """(tokens with eot after each document, per-document token counts, text bytes, bytes the tokens cover)."""
-    arrays = tok.encode_ordinary_arrays(chunk, 1)
-    eot = np.array([tok.eot_id], dtype=tok.dtype)
-    buf = np.concatenate([part for a in arrays for part in (a, eot)], dtype=tok.dtype, casting="unsafe")
-    lengths = np.fromiter((len(a) + 1 for a in arrays), dtype=np.int64, count=len(arrays))
+    buf = tok.encode_documents(chunk)
+    ends = np.flatnonzero(buf == tok.eot_id) + 1  # ordinary tokens are never eot
+    if len(ends) != len(chunk) or (len(buf) and ends[-1] != len(buf)):
+        raise DataError("data:token_cache", f"{tok.name} gave {len(ends)} end-of-text tokens for {len(chunk)} "
+                        "documents")
     text_bytes = sum(len(t) if t.isascii() else len(t.encode("utf-8")) for t in chunk)
-    return buf, lengths, text_bytes, int(tok.token_byte_lengths()[buf].sum())
+    return buf, np.diff(ends, prepend=0), text_bytes, int(tok.token_byte_lengths()[buf].sum())
 
 
 def _encode_split(dataset: LockedDataset, split: str, tok: Tokenizer, out: Path, threads: int) -> dict:

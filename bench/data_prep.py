@@ -7,7 +7,7 @@ The input is synthetic JSONL (seeded): FineWeb-like documents of log-normal leng
 integer and missing ids, some non-ASCII text and about 3% exact duplicate lines, in no particular order.
 
 Every measurement runs in a fresh process (this checkout's or the old tree first on PYTHONPATH), interleaved old /
-new for each size and round; peak RSS is the child's `ru_maxrss` (its whole life: interpreter, imports, DuckDB),
+new for each size and round; peak RSS is the child's VmHWM (its whole life: interpreter, imports, DuckDB),
 MB/s is input bytes ÷ seconds of the `prepare()` call. Old and new outputs are compared byte for byte. Token-cache
 rows encode the smaller dataset's train split: tiktoken on texts already in memory, then the full cache build
 (reading and verifying the shards, encoding, writing), each with the same thread count.
@@ -104,23 +104,28 @@ def child(job: dict) -> None:
         encoding.encode_ordinary_batch(texts, num_threads=job["threads"])
         result.update(seconds=time.perf_counter() - start, cpu=time.process_time() - cpu,
                       text_bytes=sum(len(t.encode("utf-8")) for t in texts))
-    print(json.dumps(result))
+    print(json.dumps({**result, "rss_mb": peak_rss_mb()}))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS since exec (VmHWM). Not ru_maxrss: Linux folds the RSS of the address space exec
+    replaced into it, and subprocess starts children with vfork, so that would be the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise SystemExit("no VmHWM in /proc/self/status: peak RSS needs Linux")
 
 
 def run_child(tree: Path, job: dict) -> dict:
-    """Run one job in a fresh interpreter with `tree` first on PYTHONPATH; adds its peak RSS in MB."""
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(job)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stdout, stderr = proc.stdout.read(), proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"{job['what']} in {tree} failed ({proc.returncode}):\n{stderr[-3000:]}")
-    result = json.loads(stdout.strip().splitlines()[-1])
+    """Run one job in a fresh interpreter with `tree` first on PYTHONPATH."""
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(job)],
+                          env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{job['what']} in {tree} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
     if Path(result["tree"]).resolve() != tree.resolve():
         raise SystemExit(f"child imported prism_ray from {result['tree']}, not {tree}")
-    return {**result, "rss_mb": usage.ru_maxrss / 1024}
+    return result
 
 
 def export_old(scratch: Path) -> tuple[Path | None, str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from prism_ray.data.dataset import file_sha256
 
 GZIP_LEVEL = 6
-_BLOCK_BYTES = 1 << 20  # lines travel to the compressor in blocks of about this size
+_BLOCK_BYTES = 256 << 10  # lines travel to the compressor in blocks of about this size
 _QUEUE_BLOCKS = 8  # at most this many blocks wait: bounded memory when compression is the slower side
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 

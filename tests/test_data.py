@@ -5,14 +5,18 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import duckdb
 import numpy as np
 import pytest
 import typer
+from prepare_reference import reference_prepare
 from typer.testing import CliRunner
 
 from prism_ray.config import EMBEDDED_DATA_DIR
@@ -22,6 +26,7 @@ from prism_ray.data.cli import data_app
 from prism_ray.data.dataset import MANIFEST_NAME
 from prism_ray.errors import DataError
 
+REPO = Path(__file__).resolve().parents[1]
 EMBEDDED_SOURCE = Path("/work/shared/data/python-docs-edu.jsonl.gz")
 WORDS = ["alpha", "beta", "gamma", "naïve", "日本語", "🤖", "don't", "  spaced  ", "tab\tbed", "line\nbreak"]
 
@@ -91,7 +96,7 @@ def small(tmp_path, records) -> Path:
 # ------------------------------------------------------------------------------------------ prepare
 
 def test_prepare_is_byte_identical_for_any_order_and_file_layout(tmp_path, records, monkeypatch):
-    monkeypatch.setattr(prepare_module, "_INSERT_BATCH_DOCS", 64)  # many staging inserts
+    monkeypatch.setattr(prepare_module, "_BUCKET_SHARE", 1 << 12)  # 4 KiB buckets: many spills and buckets
     a = tmp_path / "a"
     a.mkdir()
     prepare([write_jsonl(a / "all.jsonl", records)], tmp_path / "out_a", SplitRule(800, 100, 100))
@@ -109,6 +114,60 @@ def test_prepare_is_byte_identical_for_any_order_and_file_layout(tmp_path, recor
     assert files_a == files_b
     assert set(files_a) == {MANIFEST_NAME, "train/train-00000.jsonl.gz", "val/val-00000.jsonl.gz",
                             "test/test-00000.jsonl.gz"}
+
+
+def awkward_corpus(tmp_path: Path) -> list[Path]:
+    """make_records plus what stresses the order: one id with many texts, "" and absent ids, NUL and control
+    characters, repeats across files, bad lines; shuffled over JSONL, JSONL.gz and Parquet."""
+    recs = make_records(600, seed=3)
+    recs += [{"id": "shared", "text": f"text {i} {'é' * (i % 3)}"} for i in range(40)]  # one key, many texts
+    recs += [{"text": "shared"}, {"text": "0"}]  # the same keys without an id: sorted first
+    recs += [{"id": "", "text": "empty id"}, {"text": "empty id"}, {"id": "", "text": "a\x00b\x01c"},
+             {"text": "tab\tand\x7f"}, {"id": 0, "text": "zero"}, {"id": 0.0, "text": "zero"}]
+    recs += random.Random(4).sample(recs, 80)  # duplicates, landing in other files
+    random.Random(5).shuffle(recs)
+    bad = (b"not json\n", b'{"text": ""}\n', b'{"text": "x", "id": {"a": 1}}\n')
+    return [write_jsonl(tmp_path / "a.jsonl", recs[:300], bad), write_jsonl(tmp_path / "b.jsonl.gz", recs[300:600]),
+            write_parquet(tmp_path / "c.parquet", recs[600:])]
+
+
+@pytest.mark.parametrize("bucket_share", [8, 1 << 12, 1 << 15])
+def test_prepare_matches_the_old_duckdb_algorithm(tmp_path, monkeypatch, bucket_share):
+    """Byte-identical to the DuckDB staging it replaced, whether the split fits one bucket (8: the default
+    share), many (4 KiB) or needs oversized buckets split again (512 B, smaller than the estimate assumed)."""
+    sources = awkward_corpus(tmp_path)
+    rule = SplitRule(700, 150, 150)
+    reference_prepare(sources, tmp_path / "old", rule, shard_bytes=20_000)
+    monkeypatch.setattr(prepare_module, "_BUCKET_SHARE", bucket_share)
+    summary = prepare(sources[::-1], tmp_path / "new", rule, shard_bytes=20_000, memory_mb=16)
+    old, new = all_files(tmp_path / "old"), all_files(tmp_path / "new")
+    assert sorted(new) == sorted(old) and len(old) > 6  # several train shards
+    assert new == old
+    assert summary.duplicates > 80 and summary.skipped_lines == 3
+
+
+def test_prepare_memory_does_not_grow_with_input(tmp_path):
+    """Peak RSS of a prepare process (a fresh interpreter, 16 MiB budget) at 3 and 12 MB of JSONL."""
+    rng = random.Random(6)
+    words = [f"w{i}" for i in range(5000)] + ["naïve", "日本語"]
+    peaks = []
+    for mb in (3, 12):
+        src = tmp_path / f"in{mb}.jsonl"
+        with open(src, "w") as f:
+            while f.tell() < mb * 1_000_000:
+                text = " ".join(rng.choices(words, k=rng.randint(50, 1500)))
+                f.write(json.dumps({"id": rng.getrandbits(40), "text": text}) + "\n")
+        # VmHWM, not ru_maxrss: that one also counts the RSS of the process exec replaced (pytest, via vfork)
+        code = ("import sys; from pathlib import Path; from prism_ray.data import prepare; "
+                "prepare([Path(sys.argv[1])], Path(sys.argv[2]), memory_mb=16); "
+                "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])")
+        done = subprocess.run([sys.executable, "-c", code, str(src), str(tmp_path / f"out{mb}")],
+                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert done.returncode == 0, done.stderr
+        peaks.append(int(done.stdout.split()[-1]))
+    # the interpreter is most of it at these sizes: also hold the growth to under half the input's 9 MB
+    grown = (peaks[1] - peaks[0]) / 1024
+    assert peaks[1] < 1.3 * peaks[0] and grown < 4.5, f"peak RSS {peaks[0] // 1024} MB at 3 MB, {peaks[1] // 1024} MB at 12 MB"
 
 
 def test_prepare_splits_dedups_and_sorts(small, records):
@@ -198,6 +257,10 @@ def test_prepare_input_errors(tmp_path):
     with pytest.raises(DataError) as err:
         SplitRule(900, 50, 40)
     assert err.value.rule == "data:bad_split_rule"
+    (tmp_path / "ok.jsonl").write_text('{"text": "fine"}\n')
+    with pytest.raises(DataError) as err:
+        prepare([tmp_path / "ok.jsonl"], tmp_path / "o", memory_mb=8)
+    assert err.value.rule == "data:bad_memory"
 
 
 def test_embedded_dataset_regenerates_to_its_committed_fingerprint(tmp_path):
@@ -326,7 +389,7 @@ def cli():
 
 def test_cli_prepare_info_tokenize(tmp_path, records, cli):
     src = write_jsonl(tmp_path / "s.jsonl", records)
-    result = cli("prepare", src, "--out", tmp_path / "o", "--split", "900,50,50", "--shard-mb", "1")
+    result = cli("prepare", src, "--out", tmp_path / "o", "--split", "900,50,50", "--shard-mb", "1", "--memory-mb", "16")
     assert result.exit_code == 0, result.output
     fingerprint = open_dataset(tmp_path / "o").fingerprint
     assert fingerprint in result.output
@@ -341,6 +404,7 @@ def test_cli_errors(tmp_path, records, cli):
     assert cli("prepare", src, "--out", tmp_path / "o", "--split", "1,2").exit_code == 2
     assert cli("prepare", src, "--out", tmp_path / "o", "--split", "500,400,50").exit_code == 2
     assert cli("tokenize", tmp_path, "--tokenizer", "llama").exit_code == 2
+    assert cli("prepare", src, "--out", tmp_path / "o", "--memory-mb", "8").exit_code == 2
     assert cli("prepare", src, "--out", tmp_path / "o").exit_code == 0
     shard = tmp_path / "o" / "train" / "train-00000.jsonl.gz"
     shard.write_bytes(shard.read_bytes() + b"x")

@@ -150,3 +150,16 @@ def test_missing_split_and_empty_stream(dataset, tmp_path):
     (tmp_path / "junk" / "train" / "only-bad.jsonl").write_text('{"nope": 1}\nnot json\n')
     stream = load_token_stream(open_dataset(tmp_path / "junk"), "train", "gpt2", tmp_path / "cache")
     assert len(stream.tokens) == 0 and stream.documents == 0 and stream.skipped_lines == 2
+
+
+@pytest.mark.parametrize("texts", [
+    TEXTS[:4] + TEXTS[5:6],  # no text holds the end-of-text string: one tiktoken call for all
+    TEXTS,  # one does: it stays plain text, the slow path
+    ["ends <|endof", "text|> starts", "<|", "|>", "  \n", "\n\n<|endoftext"],  # pieces across the separators
+])
+@pytest.mark.parametrize("tokenizer", ["gpt2", "bytes"])
+def test_encode_documents_is_encode_ordinary_then_eot(texts, tokenizer):
+    tok = get_tokenizer(tokenizer)
+    want = [i for t in texts for i in tok.encode_ordinary(t) + [tok.eot_id]]
+    got = tok.encode_documents(texts)
+    assert got.dtype == tok.dtype and got.tolist() == want

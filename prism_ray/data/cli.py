@@ -11,7 +11,7 @@ from rich.table import Table
 
 from prism_ray.config import Settings
 from prism_ray.data.dataset import SPLITS, open_dataset
-from prism_ray.data.preparation import SplitRule, prepare
+from prism_ray.data.preparation import DEFAULT_MEMORY_MB, SplitRule, prepare
 from prism_ray.data.token_cache import build_token_cache, is_cached, load_token_stream
 from prism_ray.data.tokenizers import TOKENIZER_NAMES
 from prism_ray.errors import DataError
@@ -52,10 +52,12 @@ def prepare_command(
                                        help="per-mille TRAIN,VAL,TEST of sha256(id or text) % 1000")] = SPLIT,
     shard_mb: Annotated[int, typer.Option(min=1, help="uncompressed MiB of JSONL per shard")] = 128,
     overwrite: Annotated[bool, typer.Option(help="replace an existing dataset in --out")] = False,
+    memory_mb: Annotated[int, typer.Option(min=16, help="MiB of documents held in memory at once; the rest "
+                                           "waits in hash buckets under --out")] = DEFAULT_MEMORY_MB,
 ) -> None:
     """Lock raw text into deterministic, hashed train/val/test shards with a MANIFEST.json."""
     try:
-        summary = prepare(sources, out, SplitRule.parse(split), shard_mb << 20, overwrite)
+        summary = prepare(sources, out, SplitRule.parse(split), shard_mb << 20, overwrite, memory_mb)
     except DataError as e:
         raise _fail(e) from None
     table = Table(title=f"prepared {summary.out}")

@@ -1,9 +1,9 @@
 """`prepare` (README, "Locked data"): raw JSONL, JSONL.gz or Parquet → hashed, deterministic train/val/test shards and
-their MANIFEST.json. The same input in any order gives byte-identical output."""
+their MANIFEST.json. The same input in any order gives byte-identical output, in memory that does not grow with the
+input (docs/operator.md, "Preparing locked data")."""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import shutil
@@ -11,43 +11,43 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
+from prism_ray.data.buckets import Spill, fanout_bits
 from prism_ray.data.dataset import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
     SPLITS,
-    file_sha256,
     json_object,
     manifest_fingerprint,
     open_lines,
-    utf8_ok,
-    valid_text,
 )
+from prism_ray.data.shard_writer import ShardWriter
 from prism_ray.errors import DataError
 
 _FETCH_ROWS = 1024
-_INSERT_BATCH_BYTES = 64 << 20
-_INSERT_BATCH_DOCS = 4096
-GZIP_LEVEL = 6
 STAGING_DIR = ".prepare-staging"
+DEFAULT_MEMORY_MB = 256
+_BUCKET_SHARE = 8  # the spill buffer and the bucket being sorted each hold about memory / 8 of documents
+_COMPRESSED_RATIO = 4  # estimated text bytes per byte of .jsonl.gz / Parquet, to size the buckets up front
 
 
 def _normalise_id(value: object) -> tuple[bool, str | None]:
     """(ok, id as str). Any JSON scalar is accepted; objects/arrays/other types make the record invalid."""
-    if value is None:
-        return True, None
-    if isinstance(value, str):
-        return utf8_ok(value), value
+    if value is None or isinstance(value, str):
+        return True, value
     if isinstance(value, bool | int | float):
         return True, json.dumps(value)  # same spelling whether it came from JSON or Parquet
     return False, None
 
 
-def _record(text: object, doc_id: object) -> tuple[str, str | None] | None:
-    text = valid_text(text)
+def _record(text: object, doc_id: object) -> tuple[bytes, bytes | None] | None:
+    """(text, id) as UTF-8 if this is a document (non-empty string text, scalar id), else None."""
     ok, norm_id = _normalise_id(doc_id)
-    return (text, norm_id) if text is not None and ok else None
+    if not ok or not isinstance(text, str) or not text:
+        return None
+    try:  # lone surrogates from "\ud800" escapes have no UTF-8 bytes
+        return text.encode("utf-8"), None if norm_id is None else norm_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
 
 
 # --------------------------------------------------------------------------------------------- split rule
@@ -128,17 +128,16 @@ def _source_kind(path: Path) -> str | None:
     return "parquet" if name.endswith(".parquet") else None
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[str, str | None] | None]:
+def _jsonl_records(path: Path) -> Iterator[tuple[bytes, bytes | None] | None]:
     for raw in open_lines(path):
         obj = json_object(raw)
         yield _record(obj.get("text"), obj.get("id")) if obj is not None else None
 
 
-def _parquet_records(path: Path) -> Iterator[tuple[str, str | None] | None]:
+def _parquet_records(path: Path) -> Iterator[tuple[bytes, bytes | None] | None]:
     import duckdb
 
     try:
-        # its own connection: staging inserts on the other one would cut this open result short
         with duckdb.connect() as con:
             described = con.execute("DESCRIBE SELECT * FROM read_parquet(?)", [str(path)]).fetchall()
             columns = {row[0] for row in described}
@@ -153,101 +152,27 @@ def _parquet_records(path: Path) -> Iterator[tuple[str, str | None] | None]:
         raise DataError("data:bad_file", f"cannot read Parquet {path.name}: {e}", file=str(path)) from e
 
 
-class _Stager:
-    """Buffers normalised records and bulk-inserts them into the on-disk DuckDB staging table."""
-
-    def __init__(self, con, rule: SplitRule):
-        self.con, self.rule = con, rule
-        self.rows: list[tuple[int, str, str | None, str]] = []
-        self.pending_bytes = 0
-        self.count = 0
-
-    def add(self, text: str, doc_id: str | None) -> None:
-        key = hashlib.sha256((doc_id if doc_id is not None else text).encode("utf-8")).hexdigest()
-        self.rows.append((self.rule.split_index(int(key, 16) % 1000), key, doc_id, text))
-        self.pending_bytes += len(text)
-        self.count += 1
-        if len(self.rows) >= _INSERT_BATCH_DOCS or self.pending_bytes >= _INSERT_BATCH_BYTES:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.rows:
-            return
-        split, key, doc_id, text = zip(*self.rows, strict=True)
-        # DuckDB scans a dict of numpy arrays directly: one bulk insert, no pandas/pyarrow needed.
-        self.con.register("batch", {
-            "split": np.array(split, dtype=np.int8), "key": np.array(key, dtype=object),
-            "id": np.array(doc_id, dtype=object), "text": np.array(text, dtype=object)})
-        self.con.execute("INSERT INTO docs SELECT split, key, id::VARCHAR, text FROM batch")
-        self.con.unregister("batch")
-        self.rows, self.pending_bytes = [], 0
-
-
-class _ShardWriter:
-    """Writes one split's sorted lines into deterministic gzip shards of about `shard_bytes` each."""
-
-    def __init__(self, root: Path, split: str, shard_bytes: int):
-        self.root, self.split, self.shard_bytes = root, split, shard_bytes
-        self.entries: list[dict] = []
-        self._file = self._gz = None
-
-    def write(self, doc_id: str | None, text: str) -> None:
-        record = {"id": doc_id, "text": text} if doc_id is not None else {"text": text}
-        line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
-        if self._gz is None or self._overflows(len(line)):
-            self._close()
-            self._open()
-        self._gz.write(line)
-        self._cur["line_bytes"] += len(line)
-        self._cur["documents"] += 1
-        self._cur["text_bytes"] += len(text.encode("utf-8"))
-
-    def _overflows(self, n: int) -> bool:
-        """A non-empty shard that would grow past shard_bytes is closed first (a huge line gets its own)."""
-        used = self._cur["line_bytes"]
-        return used > 0 and used + n > self.shard_bytes
-
-    def _open(self) -> None:
-        rel = f"{self.split}/{self.split}-{len(self.entries):05d}.jsonl.gz"
-        (self.root / self.split).mkdir(parents=True, exist_ok=True)
-        self._cur = {"path": rel, "documents": 0, "text_bytes": 0, "line_bytes": 0}
-        self._file = open(self.root / rel, "wb")
-        # mtime=0 and an empty name keep the gzip header free of time and paths: same input, same bytes.
-        self._gz = gzip.GzipFile(filename="", mode="wb", fileobj=self._file, compresslevel=GZIP_LEVEL,
-                                 mtime=0)
-
-    def _close(self) -> None:
-        if self._gz is None:
-            return
-        self._gz.close()
-        self._file.close()
-        path = self.root / self._cur["path"]
-        del self._cur["line_bytes"]
-        self.entries.append({**self._cur, "sha256": file_sha256(path), "bytes": path.stat().st_size})
-        self._file = self._gz = None
-
-    def finish(self) -> list[dict]:
-        self._close()
-        return self.entries
-
-
 def prepare(sources: list[Path], out: Path, split_rule: SplitRule = SplitRule(),
-            shard_bytes: int = 128 << 20, overwrite: bool = False) -> PrepareSummary:
+            shard_bytes: int = 128 << 20, overwrite: bool = False,
+            memory_mb: int = DEFAULT_MEMORY_MB) -> PrepareSummary:
     """Build a locked dataset in `out` from JSONL / JSONL.gz / Parquet sources (files or directories).
 
-    Output depends only on the multiset of records, never on their order or on the source file order."""
-    import duckdb  # only `prepare` needs DuckDB; keep `import prism_ray.data` light for the runner
-
+    Output depends only on the multiset of records, never on their order or on the source file order.
+    `memory_mb` bounds the documents held at once: a spill buffer, then one bucket being sorted."""
     if shard_bytes < 1:
         raise DataError("data:bad_shard_size", f"shard size must be positive, got {shard_bytes}")
+    if memory_mb < 16:
+        raise DataError("data:bad_memory", f"memory budget must be at least 16 MiB, got {memory_mb}")
     files = _source_files(sources)
     out = Path(out)
     _claim_out_dir(out, overwrite)
     staging = out / STAGING_DIR
     staging.mkdir(parents=True)
     try:
-        with duckdb.connect(str(staging / "stage.duckdb")) as con:
-            manifest = _stage_and_write(con, files, staging, split_rule, shard_bytes)
+        try:
+            manifest = _spill_and_write(files, staging, split_rule, shard_bytes, (memory_mb << 20) // _BUCKET_SHARE)
+        except OSError as e:  # sources are read through DataError already: this is the staging or output disk
+            raise DataError("data:write_failed", f"cannot write under {out}: {e}", file=str(out)) from e
         for split in SPLITS:
             if (staging / "out" / split).exists():
                 (staging / "out" / split).rename(out / split)
@@ -264,41 +189,43 @@ def prepare(sources: list[Path], out: Path, split_rule: SplitRule = SplitRule(),
                           duplicates=manifest["source"]["duplicates"])
 
 
-def _stage_and_write(con, files: list[Path], staging: Path, rule: SplitRule, shard_bytes: int) -> dict:
-    """Stage every record in DuckDB, then stream each split out in canonical order; returns the manifest."""
-    spill = (staging / "spill").as_posix().replace("'", "''")
-    con.execute(f"SET temp_directory = '{spill}'")  # spill sorts next to the output, not to a RAM-backed /tmp
-    con.execute("CREATE TABLE docs (split TINYINT, key VARCHAR, id VARCHAR, text VARCHAR)")
-    stager, skipped = _Stager(con, rule), 0
+def _spill_and_write(files: list[Path], staging: Path, rule: SplitRule, shard_bytes: int, bucket_bytes: int) -> dict:
+    """Spill every record into per-split hash buckets, then write each split out bucket by bucket in canonical
+    order (sha256 key, id with no id first, text); returns the manifest."""
+    estimate = sum(p.stat().st_size * (1 if p.name.lower().endswith(".jsonl") else _COMPRESSED_RATIO)
+                   for p in files)
+    shares = (rule.train, rule.val, rule.test)
+    spill = Spill(staging / "buckets", [fanout_bits(estimate * share // 1000, bucket_bytes) for share in shares],
+                  buffer_bytes=bucket_bytes, bucket_bytes=bucket_bytes)
+    valid = skipped = 0
     for path in files:
         records = _parquet_records(path) if _source_kind(path) == "parquet" else _jsonl_records(path)
         for rec in records:
             if rec is None:
                 skipped += 1
-            else:
-                stager.add(*rec)
-    stager.flush()
+                continue
+            text, doc_id = rec
+            key = hashlib.sha256(text if doc_id is None else doc_id).digest()
+            part = rule.split_index(int.from_bytes(key, "big") % 1000)
+            spill.add(part, (key, 0, b"", text) if doc_id is None else (key, 1, doc_id, text))
+            valid += 1
 
     splits: dict[str, list[dict]] = {}
     for index, split in enumerate(SPLITS):
-        writer = _ShardWriter(staging / "out", split, shard_bytes)
-        # (key, id, text) is a total order on distinct records, so the sort is fully deterministic.
-        cur = con.execute("SELECT DISTINCT key, id, text FROM docs WHERE split = ? "
-                          "ORDER BY key, id NULLS FIRST, text", [index])
-        while rows := cur.fetchmany(_FETCH_ROWS):
-            for _, doc_id, text in rows:
-                writer.write(doc_id, text)
-        splits[split] = writer.finish()
+        with ShardWriter(staging / "out", split, shard_bytes) as writer:
+            for _, has_id, doc_id, text in spill.distinct_sorted(index):
+                writer.write(doc_id.decode("utf-8") if has_id else None, text.decode("utf-8"), len(text))
+            splits[split] = writer.finish()
     if not splits["train"]:
         raise DataError("data:no_train_split", "no document landed in the train split "
-                        f"({stager.count} valid records, {skipped} skipped lines)")
+                        f"({valid} valid records, {skipped} skipped lines)")
     for split in ("val", "test"):  # a split the rule gives a share must hold something (held-out passes read val)
         if getattr(rule, split) and not splits[split]:
-            raise DataError("data:empty_split", f"no document landed in the {split} split ({stager.count} valid "
+            raise DataError("data:empty_split", f"no document landed in the {split} split ({valid} valid "
                             f"records, {skipped} skipped lines, split rule {rule.train},{rule.val},{rule.test}): give "
                             f"more input, or a rule with {split} 0 (--split) if that is what you mean")
     written = sum(e["documents"] for entries in splits.values() for e in entries)
-    return build_manifest(rule, splits, skipped_lines=skipped, duplicates=stager.count - written)
+    return build_manifest(rule, splits, skipped_lines=skipped, duplicates=valid - written)
 
 
 def _claim_out_dir(out: Path, overwrite: bool) -> None:

@@ -10,6 +10,9 @@ import os
 import shutil
 import time
 import uuid
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +25,8 @@ from prism_ray.errors import DataError
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = "prism-ray-token-cache/1"
-_CHUNK_TEXT_BYTES = 8 << 20  # documents are encoded in chunks of about this much text: bounded memory
-_CHUNK_DOCS = 4096
+_CHUNK_TEXT_CHARS = 1 << 20  # documents are encoded in chunks of about this much text: bounded memory
+_CHUNK_DOCS = 1024
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,39 +77,55 @@ def is_cached(dataset: LockedDataset, split: str, tokenizer: str, cache_dir: Pat
     return _valid_meta(path, _expected_meta(dataset, split, get_tokenizer(tokenizer))) is not None
 
 
+def _chunks(texts: Iterator[str]) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    size = 0
+    for text in texts:
+        chunk.append(text)
+        size += len(text)
+        if size >= _CHUNK_TEXT_CHARS or len(chunk) >= _CHUNK_DOCS:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _encode_chunk(tok: Tokenizer, chunk: list[str]) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """(tokens with eot after each document, per-document token counts, text bytes, bytes the tokens cover)."""
+    buf = tok.encode_documents(chunk)
+    ends = np.flatnonzero(buf == tok.eot_id) + 1  # ordinary tokens are never eot
+    if len(ends) != len(chunk) or (len(buf) and ends[-1] != len(buf)):
+        raise DataError("data:token_cache", f"{tok.name} gave {len(ends)} end-of-text tokens for {len(chunk)} "
+                        "documents")
+    text_bytes = sum(len(t) if t.isascii() else len(t.encode("utf-8")) for t in chunk)
+    return buf, np.diff(ends, prepend=0), text_bytes, int(tok.token_byte_lengths()[buf].sum())
+
+
 def _encode_split(dataset: LockedDataset, split: str, tok: Tokenizer, out: Path, threads: int) -> dict:
-    """Stream the split's documents into out/tokens.bin + doc_starts.npy; returns counts."""
-    byte_lengths = tok.token_byte_lengths()
+    """Stream the split's documents into out/tokens.bin + doc_starts.npy; returns counts.
+
+    Chunks are encoded on `threads` workers (the tokenizer releases the GIL) while this thread reads the next
+    ones and writes finished ones in order; at most 2 × threads chunks are in flight, so memory stays flat."""
     starts: list[np.ndarray] = []
     counts = {"tokens": 0, "documents": 0, "text_bytes": 0, "token_bytes": 0}
 
-    def flush(chunk: list[str], f) -> None:
-        arrays = tok.encode_ordinary_arrays(chunk, threads)
-        lengths = np.fromiter((len(a) + 1 for a in arrays), dtype=np.int64, count=len(arrays))
-        offsets = np.concatenate(([0], np.cumsum(lengths)))
-        buf = np.empty(int(offsets[-1]), dtype=tok.dtype)
-        for a, lo, hi in zip(arrays, offsets[:-1], offsets[1:], strict=True):
-            buf[lo:hi - 1] = a
-            buf[hi - 1] = tok.eot_id
+    def write(done: Future, f) -> None:
+        buf, lengths, text_bytes, token_bytes = done.result()
         buf.tofile(f)
-        starts.append(offsets[:-1] + counts["tokens"])
+        starts.append(np.cumsum(lengths) - lengths + counts["tokens"])
         counts["tokens"] += len(buf)
-        counts["documents"] += len(chunk)
-        counts["token_bytes"] += int(byte_lengths[buf].sum())
+        counts["documents"] += len(lengths)
+        counts["text_bytes"] += text_bytes
+        counts["token_bytes"] += token_bytes
 
-    with open(out / "tokens.bin", "wb") as f:
-        chunk: list[str] = []
-        chunk_bytes = 0
-        for text in dataset.iter_documents(split):
-            n = len(text.encode("utf-8"))
-            counts["text_bytes"] += n
-            chunk.append(text)
-            chunk_bytes += n
-            if chunk_bytes >= _CHUNK_TEXT_BYTES or len(chunk) >= _CHUNK_DOCS:
-                flush(chunk, f)
-                chunk, chunk_bytes = [], 0
-        if chunk:
-            flush(chunk, f)
+    with open(out / "tokens.bin", "wb") as f, ThreadPoolExecutor(threads, thread_name_prefix="tokenize") as pool:
+        pending: deque[Future] = deque()
+        for chunk in _chunks(dataset.iter_documents(split)):
+            pending.append(pool.submit(_encode_chunk, tok, chunk))
+            if len(pending) >= 2 * threads:
+                write(pending.popleft(), f)
+        while pending:
+            write(pending.popleft(), f)
     if counts["token_bytes"] != counts["text_bytes"]:  # §4.3: a document's tokens sum to its UTF-8 length
         raise DataError("data:token_bytes",
                         f"{tok.name} tokens of {split} cover {counts['token_bytes']} bytes, "

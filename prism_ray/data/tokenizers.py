@@ -56,6 +56,12 @@ class Tokenizer:
         """encode_ordinary of each text as an integer array (the token-cache fast path)."""
         raise NotImplementedError
 
+    def encode_documents(self, texts: list[str]) -> np.ndarray:
+        """The token cache's stream of these texts: each one's encode_ordinary, then eot; as self.dtype."""
+        eot = np.array([self.eot_id], dtype=self.dtype)
+        parts = [part for a in self.encode_ordinary_arrays(texts, 1) for part in (a, eot)]
+        return np.concatenate(parts, dtype=self.dtype, casting="unsafe")
+
     def decode(self, ids) -> str:
         raise NotImplementedError
 
@@ -173,6 +179,7 @@ class Gpt2Tokenizer(Tokenizer):
             lengths[rank] = len(token)
         lengths.flags.writeable = False
         self._byte_lengths = lengths
+        self._eot_only = frozenset({ENDOFTEXT})
 
     def encode_ordinary(self, text: str) -> list[int]:
         return self._enc.encode_ordinary(text)
@@ -190,6 +197,17 @@ class Gpt2Tokenizer(Tokenizer):
             return [one(t) for t in texts]
         with ThreadPoolExecutor(num_threads) as pool:
             return list(pool.map(one, texts))
+
+    def encode_documents(self, texts: list[str]) -> np.ndarray:
+        # One call into tiktoken for all the texts, with the GIL released throughout: joined by the end-of-text
+        # string with only that special allowed, each text is split and merged on its own (exactly
+        # encode_ordinary) and every separator becomes eot. The string cannot straddle a separator (it has no
+        # prefix that is also its suffix), so any extra occurrence is inside a text: those take the slow path.
+        joined = ENDOFTEXT.join(texts) + ENDOFTEXT
+        if joined.count(ENDOFTEXT) != len(texts):
+            return super().encode_documents(texts)
+        return self._enc.encode_to_numpy(joined, allowed_special=self._eot_only, disallowed_special=()).astype(
+            self.dtype)
 
     def decode(self, ids) -> str:
         return self._enc.decode([int(i) for i in ids])

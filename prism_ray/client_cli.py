@@ -92,7 +92,7 @@ def print_leaderboard(board: dict[str, Any], console: Console, epoch: int | None
         table.add_row(str(entry["rank"]), entry["hotkey"], entry["name"] or "—", _number(entry["bpb"]),
                       ", ".join(entry.get("flags") or []) or "—", _number(entry["final_score"]),
                       _number(entry["heldout_delta"]), entry["submission_id"])
-    _print_whole(table, console)
+    print_whole(table, console)
     sigma = board.get("sigma_seed")
     if sigma is None or not entries:
         return
@@ -109,10 +109,10 @@ def print_leaderboard(board: dict[str, Any], console: Console, epoch: int | None
                                                       else ""),
                         _number(entry.get("gpu_seconds")), _number(entry.get("tokens_per_second")),
                         f"{flops:.2e}" if flops else "—")
-    _print_whole(details, console)
+    print_whole(details, console)
 
 
-def _print_whole(table: Table, console: Console) -> None:
+def print_whole(table: Table, console: Console) -> None:
     """Never shorten a cell: wider than the terminal, the terminal wraps the line instead of rich cutting a cell."""
     width, needed = console.width, console.measure(table, options=console.options.update_width(10_000)).maximum
     console.width = max(width, needed)

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from prism_ray.client import SETTLED_STATUSES, PrismClient
+from prism_ray.client_cli import print_whole
 from prism_ray.leaderboard import ORDER_NOTE
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
@@ -86,8 +87,7 @@ def _describe(status: dict[str, Any], byte_budget: int) -> tuple[str, str, int, 
 def print_ranking(board: dict[str, Any], console: Console) -> None:
     """The leaderboard's entries with full submission ids (never cut, whatever the terminal's width)."""
     entries = board["entries"]
-    table = Table(title="leaderboard", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,  # fits 80 columns
-                  caption=ORDER_NOTE)
+    table = Table(title="leaderboard", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, caption=ORDER_NOTE)
     table.add_column("#", justify="right")
     table.add_column("name", no_wrap=True, min_width=max((len(entry["name"] or "") for entry in entries), default=4))
     table.add_column("bpb", justify="right")
@@ -100,7 +100,7 @@ def print_ranking(board: dict[str, Any], console: Console) -> None:
         table.add_row(str(entry["rank"]), entry["name"] or "—", _number(entry["bpb"]),
                       ", ".join(entry.get("flags") or []) or "—", _number(entry["final_score"]),
                       _number(entry["heldout_delta"]), entry["submission_id"])
-    console.print(table)
+    print_whole(table, console)
 
 
 def _number(value: float | None) -> str:

@@ -439,7 +439,7 @@ def check_serve(done: Done, ws: Workspace) -> None:
 def check_demo(done: Done, ws: Workspace) -> None:
     assert done.returncode == 0, done
     out, err = ANSI.sub("", done.stdout), ANSI.sub("", done.stderr).replace("\r", "\n")
-    ranked = re.findall(r"^(\d) +(\S+) +(\d+\.\d{4}) +\S+ +\S+ +(sub_[0-9a-f]{32})$", out, re.MULTILINE)
+    ranked = re.findall(r"^(\d) +(\S+) +(\d+\.\d{4}) +\S+ +\S+ +\S+ +(sub_[0-9a-f]{32})$", out, re.MULTILINE)
     assert sorted(name for _, name, _, _ in ranked) == ["byte-lm", "seed-tiny", "tiny-gpt"], done
     assert [rank for rank, *_ in ranked] == ["1", "2", "3"], done
     with Store(ws.root / "demo-state" / "prism.duckdb") as store:  # the full ids, as `prism-ray status` takes them

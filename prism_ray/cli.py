@@ -329,7 +329,7 @@ def check_store_command(
     except StartupError as error:
         stderr.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
-    Console().print(f"ok: every table of {path} reads back", highlight=False)
+    Console().print(f"ok: every table of {path} reads back", highlight=False, soft_wrap=True)  # a path is never cut
 
 
 def _stop_on_signals() -> None:

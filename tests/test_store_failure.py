@@ -5,6 +5,7 @@ Retry-After, never a text 500; /health says so; a post made meanwhile stores not
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import httpx
@@ -97,6 +98,11 @@ def test_every_route_answers_a_store_closed_under_it_with_json_503_and_stores_no
             assert http.get("/health").status_code == 200
             assert http.get(f"/v1/submissions/{ids[0]}").status_code == 200
         store.close()  # the DuckDB connection is gone under the running server
+        # reads come from the in-memory read model, which looks at the store again within its refresh interval
+        with httpx.Client(base_url=url, timeout=30) as http:
+            deadline = time.monotonic() + 15
+            while http.get(f"/v1/submissions/{ids[0]}").status_code != 503 and time.monotonic() < deadline:
+                time.sleep(0.2)
         assert_503_everywhere(url, app, ids[0])
     with Store(path) as reopened:
         assert len(reopened.list_submissions(limit=100)) == 5  # the posts made meanwhile left nothing behind

@@ -249,7 +249,7 @@ def _add_member(files: dict[str, bytes], name: str, content: bytes, limits: Inta
 def _read_zip(data: bytes, limits: IntakeLimits) -> dict[str, bytes]:
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, ValueError, OSError):
+    except (zipfile.BadZipFile, NotImplementedError, ValueError, OSError, EOFError):  # e.g. "zip file version 14.3"
         raise BundleError("intake:not_a_zip", "the bundle is not a zip archive") from None
     files: dict[str, bytes] = {}
     total = 0

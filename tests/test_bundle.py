@@ -86,6 +86,13 @@ def test_a_corrupt_deflate_stream_is_not_a_zip():
     assert rule_of(bytes(data)) == "intake:not_a_zip"
 
 
+def test_a_zip_needing_a_newer_zip_version_is_not_a_zip():
+    data = bytearray(zipped(GOOD))
+    central = data.index(b"PK\x01\x02")
+    data[central + 6] = 143  # "version needed to extract" 14.3: zipfile raises NotImplementedError (was a 500)
+    assert rule_of(bytes(data)) == "intake:not_a_zip"
+
+
 @pytest.mark.parametrize("files,rule,where", [
     ({"architecture.py": ARCH}, "contract:missing_file", "training.py"),
     ({**GOOD, "training.py": "def fit(ctx):\n    pass\n"}, "contract:missing_symbol", "training.py"),

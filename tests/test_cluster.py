@@ -267,15 +267,15 @@ class TestOnTwoGpuNodes:
         worker = stage_task_of(wait_until(lambda: pids(training), timeout=60, what="the training's runner"))
         os.kill(worker, signal.SIGSTOP)  # the task and its heartbeat thread go silent, as on a hung host
         try:
-            requeued = wait_until(lambda: [run for run in runs_of(handle, submission_id)
-                                           if run["status"] == "requeued"], timeout=60, what="the lease to expire")
+            requeued = wait_until(lambda: [event for event in events_of(handle, submission_id)
+                                           if event["kind"] == "infra_requeued"], timeout=60,
+                                  what="the lease to expire")
         finally:
             os.kill(worker, signal.SIGCONT)  # lets the cancelled worker take its kill
-        assert requeued[0]["reasons"][0]["rule"] == "infra:lease_expired"
+        assert requeued[0]["detail"]["reasons"][0]["rule"] == "infra:lease_expired"  # not charged: the claim undone
         record = wait(handle, submission_id, timeout=120)
         assert record.status == "completed", record.reasons
-        assert [(run["attempt"], run["status"]) for run in runs_of(handle, submission_id)] == [(1, "requeued"),
-                                                                                              (2, "completed")]
+        assert [(run["attempt"], run["status"]) for run in runs_of(handle, submission_id)] == [(1, "completed")]
         wait_until(lambda: not pids(bundle.sha256[:10]), timeout=10, what="the frozen attempt's runner to die")
 
     def test_eval_and_the_cluster_give_the_same_report(self, ray_cluster, handles, cache_dir, tmp_path):

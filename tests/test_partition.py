@@ -29,6 +29,10 @@ from netns_driver import MARK
 
 LEASE_SECONDS = 6.0
 HEARTBEAT_SECONDS = 1.0  # tiny_settings'
+# Ray's defaults (a check every 3 s, 10 s to answer, 5 misses) take ~63 s to declare a cut node dead; these ~15 s,
+# still well after the lease lapses, so the test sees both in order and stays short.
+RAY_HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "2000",
+                     "RAY_health_check_failure_threshold": "5"}
 
 
 class Driver:
@@ -114,17 +118,15 @@ def cluster(tmp_path) -> Iterator[Cluster]:
            "RAY_AUTH_MODE": "token", "PYTHONPATH": str(Path(__file__).parent)}
     subprocess.run(["ray", "get-auth-token", "--generate"], env=env, capture_output=True, check=True)
     with topology(tmp_path, env) as topo:
-        for node in topo.nodes:
-            topo.start(node)
+        for node in topo.nodes:  # the head's GCS declares a node dead after ~15 s of failed checks (Ray: ~60 s)
+            topo.start(node, RAY_HEALTH_CHECKS if node is topo.head else None)
         driver = Driver(topo, settings_file)
         cluster = Cluster(topo, driver)
         try:
             wait_until(lambda: all_up(cluster), timeout=120, poll=1, what="three nodes and two GPUs")
             yield cluster
         finally:
-            driver.process.kill()
-            for node in topo.nodes:
-                topo.stop(node)
+            driver.process.kill()  # the namespaces' processes are killed as they go
 
 
 def test_a_cut_link_costs_no_attempt_and_the_healed_node_rejoins(cluster):

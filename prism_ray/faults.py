@@ -1,7 +1,7 @@
 """Whose fault an exception out of a stage is. Miner code runs in the sandbox and ends as a typed report, so an
 exception that escapes a stage is prism-ray's or the machine's; these are the operator's side — the disk, the
-cache directory, Ray's object store, the store, a node lost — and must never cost the miner an attempt (docs/operator.md,
-"Operator faults"). Anything else stays `infra:stage_error`."""
+cache directory, Ray's object store, the store, a node lost — and must never cost the miner an attempt
+(docs/operator.md, "Operator faults"). Anything else stays `infra:stage_error`."""
 
 from __future__ import annotations
 

@@ -16,11 +16,11 @@ GPU stages pinned to a node other than the one the first run trained on (when th
 judges the re-run's report against the first run (prism_ray/audit.py).
 
 Failures are sorted by who caused them: an operator-side fault (a full disk, an unwritable cache, a lost object, a
-failed store write: prism_ray/faults.py) requeues the attempt without charging it, up to a cap, then holds the
-submission for the operator; another system failure (a node or worker lost) requeues the attempt, explicitly and
-recorded, up to the store's attempt cap; an application failure (a failed report, a rejection) is
-final and never retried; a stage over its limit is cancelled and fails `run:timeout` (GPU stages) or
-`infra:stage_timeout`.
+failed store write, a node declared dead: prism_ray/faults.py; a lapsed lease: its node hung or was cut off)
+requeues the attempt without charging it, up to a cap, then holds the submission for the operator; another system
+failure (a worker lost) requeues the attempt, explicitly and recorded, up to the store's attempt cap; an
+application failure (a failed report, a rejection) is final and never retried; a stage over its limit is cancelled
+and fails `run:timeout` (GPU stages) or `infra:stage_timeout`.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ from prism_ray.pipeline import evaluate
 from prism_ray.report import RunReport
 from prism_ray.store import AuditRecord, Store
 
-pytestmark = pytest.mark.skipif(not sandbox_available(), reason="the cluster requires bubblewrap")
+pytestmark = [pytest.mark.cluster, pytest.mark.sandbox, pytest.mark.skipif(not sandbox_available(), reason="the cluster requires bubblewrap")]
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -14,6 +14,8 @@ from cluster_helpers import make_bundle, tiny_settings, wait_until
 from prism_ray.cluster import ClusterHandle, start_cluster, submit, wait
 from small_fs import resize, small_filesystem
 
+pytestmark = [pytest.mark.cluster, pytest.mark.sandbox]
+
 
 @pytest.fixture
 def cluster_on_a_small_disk(tmp_path) -> Iterator[ClusterHandle]:

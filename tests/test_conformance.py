@@ -27,6 +27,8 @@ from prism_ray.data.dataset import open_dataset
 from prism_ray.data.token_cache import load_token_stream
 from serve_helpers import Server, free_port
 
+pytestmark = [pytest.mark.cluster, pytest.mark.sandbox]
+
 TOKEN = "conformance-token"
 SLUG = "prism"
 TERMINAL = {"completed", "failed", "rejected", "held"}  # what PRISM's pollers stop on

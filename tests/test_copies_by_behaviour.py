@@ -180,6 +180,7 @@ def train(context):
 """
 
 
+@pytest.mark.sandbox
 def test_a_no_op_edited_copy_trains_bit_identically_and_is_stored_as_a_copy(tmp_path, store):
     settings = Settings(byte_budget=5_000, cache_dir=tmp_path / "cache")
     settings.gate.mode = "off"

@@ -29,6 +29,7 @@ def settings(openai_stub, tmp_path, monkeypatch):
     return settings
 
 
+@pytest.mark.sandbox
 def test_allowed_bundle_trains_and_reports_the_gate(openai_stub, settings, tmp_path):
     openai_stub.script([ALLOW])
     bundle = write_bundle(tmp_path / "b", bigram_architecture(), learner_loop(seq_len=64), "tokenizer: bytes\n")

@@ -17,7 +17,7 @@ from prism_ray.bundle import load_bundle
 from prism_ray.harness.isolation import SandboxPolicy, sandbox_available
 from prism_ray.harness.records import EvalPass
 
-pytestmark = pytest.mark.skipif(not sandbox_available(), reason="bubblewrap is required (apt-get install bubblewrap)")
+pytestmark = [pytest.mark.sandbox, pytest.mark.skipif(not sandbox_available(), reason="bubblewrap is required (apt-get install bubblewrap)")]
 
 TEXT = "The forward that is scored is data: a graph of ATen operations run by prism-ray's own code. " * 50
 VAL_TEXT = "SECRET-VAL Élan vital: this sentence is held out and must never reach a report. " * 20

@@ -16,6 +16,8 @@ from prism_ray.data.preparation import SplitRule, prepare
 from prism_ray.data.token_cache import load_token_stream
 from prism_ray.pipeline import evaluate
 
+pytestmark = pytest.mark.sandbox
+
 NO_OP = """
 def train(ctx):
     model = ctx.build_model()

@@ -17,6 +17,8 @@ from prism_ray.client import PrismClient
 from prism_ray.store import Store
 from serve_helpers import Server, free_port
 
+pytestmark = [pytest.mark.cluster, pytest.mark.sandbox]
+
 
 @pytest.fixture
 def server(tmp_path):

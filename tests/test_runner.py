@@ -6,6 +6,8 @@ import pytest
 
 from conftest import bigram_architecture, byte_stream, train_on_stream
 
+pytestmark = pytest.mark.sandbox
+
 TEXT = "The runner owns nothing but the model; the parent owns the stream. " * 60
 
 ARCH = bigram_architecture()

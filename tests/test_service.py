@@ -23,6 +23,8 @@ from prism_ray.store import TERMINAL_STATUSES
 from serve_app.deployment import build_ingress
 from serve_app.models import ApiSettings
 
+pytestmark = [pytest.mark.cluster, pytest.mark.sandbox]
+
 TOKEN = "t0ken-for-tests"
 BURST = 5
 

@@ -20,49 +20,6 @@ BYTE_LENGTHS = np.ones(257, dtype=np.int64)
 BYTE_LENGTHS[256] = 0
 
 
-# PRISM's quickstart prism.yaml, verbatim (its miner guide and examples/tiny-1m).
-QUICKSTART_YAML = """architecture:
-  entrypoint: architecture.py
-training:
-  entrypoint: training.py
-tokenizer: gpt2
-"""
-
-
-def bigram_architecture(init: str = "") -> str:
-    """The smallest real learner: a [V, V] table of next-token logits; `init` runs at the end of __init__."""
-    return f"""
-import torch
-from torch import nn
-
-class Bigram(nn.Module):
-    def __init__(self, vocab):
-        super().__init__()
-        self.table = nn.Embedding(vocab, vocab)
-        {init}
-    def forward(self, tokens):
-        return self.table(tokens)
-
-def build_model(ctx):
-    return Bigram(ctx.vocab_size)
-"""
-
-
-def learner_loop(batch_size: int = 4, seq_len: int = 128, optimizer: str = "Adam", lr: float = 0.01) -> str:
-    """An honest training script: backprop through the harness's forward (with_logits=True) on every batch."""
-    return f"""
-import torch
-
-def train(ctx):
-    model = ctx.build_model()
-    optimizer = torch.optim.{optimizer}(model.parameters(), lr={lr})
-    for batch in ctx.iter_train_batches(model, batch_size={batch_size}, seq_len={seq_len}, with_logits=True):
-        batch.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-"""
-
-
 def write_bundle(directory: Path, architecture: str, training: str, prism_yaml: str | None = None,
                  extra: dict[str, str] | None = None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)

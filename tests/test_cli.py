@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLES, QUICKSTART_YAML, write_bundle
+from conftest import EXAMPLES, write_bundle
+from miners import QUICKSTART_YAML
 from prism_ray.config import EMBEDDED_DATA_DIR
 
 CLI = [sys.executable, "-m", "prism_ray.cli"]

@@ -16,17 +16,8 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from cluster_helpers import (
-    CLOCK_LEARNING_RATE,
-    COPIED_ARCHITECTURE,
-    FORBIDDEN_IMPORT,
-    INFINITE_LOOP,
-    make_bundle,
-    pids,
-    tiny_settings,
-    wait_until,
-    warm_token_cache,
-)
+from cluster_helpers import pids, tiny_settings, wait_until, warm_token_cache
+from miners import CLOCK_LEARNING_RATE, COPIED_ARCHITECTURE, FORBIDDEN_IMPORT, INFINITE_LOOP, make_bundle
 from openai_stub import OpenAIStub, StubReply, openai_stub_fixture, openai_stub_server_fixture  # noqa: F401
 from prism_ray.cluster import (
     NO_GPU_NOTICE,

@@ -32,7 +32,8 @@ import pytest
 import torch
 from bittensor_wallet import Keypair, Wallet
 
-from conftest import REPO, bigram_architecture, learner_loop, write_bundle
+from conftest import REPO, write_bundle
+from miners import bigram_architecture, learner_loop
 from prism_ray.client import bundle_bytes
 from prism_ray.config import EMBEDDED_DATA_DIR
 from prism_ray.data.dataset import open_dataset

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from conftest import bigram_architecture, learner_loop, write_bundle
+from conftest import write_bundle
+from miners import bigram_architecture, learner_loop
 from openai_stub import openai_stub_fixture, openai_stub_server_fixture  # noqa: F401
 from prism_ray.config import Settings
 from prism_ray.pipeline import evaluate

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import bigram_architecture, byte_stream, train_on_stream, write_bundle
+from conftest import byte_stream, train_on_stream, write_bundle
+from miners import bigram_architecture
 from prism_ray.bundle import load_bundle
 from prism_ray.harness.isolation import SandboxPolicy, sandbox_available
 from prism_ray.harness.records import EvalPass

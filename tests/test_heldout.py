@@ -9,7 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from conftest import bigram_architecture, learner_loop, write_bundle
+from conftest import write_bundle
+from miners import bigram_architecture, learner_loop
 from prism_ray.config import EMBEDDED_DATA_DIR, Settings
 from prism_ray.data.dataset import open_dataset
 from prism_ray.data.preparation import SplitRule, prepare

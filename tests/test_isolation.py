@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import bigram_architecture, byte_stream, train_on_stream
+from conftest import byte_stream, train_on_stream
+from miners import bigram_architecture
 from prism_ray.config import EMBEDDED_DATA_DIR
 from prism_ray.harness import isolation
 from prism_ray.harness.isolation import SandboxPolicy, sandbox_available

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster_helpers import make_bundle, wait_until, warm_token_cache
+from cluster_helpers import wait_until, warm_token_cache
+from miners import make_bundle
 from prism_ray.client import PrismClient
 from prism_ray.store import Store
 from serve_helpers import Server, free_port

@@ -15,7 +15,8 @@ import pytest
 import ray
 
 from api_helpers import fake_result
-from cluster_helpers import make_bundle, tiny_settings
+from cluster_helpers import tiny_settings
+from miners import make_bundle
 from prism_ray.cluster.scheduler import Scheduler
 from prism_ray.cluster.store_actor import store_actor
 from prism_ray.config import Settings

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import bigram_architecture, byte_stream, train_on_stream, write_bundle
+from conftest import byte_stream, train_on_stream, write_bundle
+from miners import bigram_architecture
 from prism_ray.bundle import load_bundle
 from prism_ray.harness.isolation import LOG_FILE_BYTES, SandboxPolicy, sandbox_available
 

@@ -1,4 +1,37 @@
-"""Shared test helpers: real bundles on disk, real runner processes over synthetic token streams."""
+"""Shared test helpers: real bundles on disk, real runner processes over synthetic token streams.
+
+Where the tests of each part live (markers: pyproject.toml; the inner loop is `pytest -m "not cluster and not
+browser"`, README "Contributing"):
+
+    bundle.py, manifest_yaml.py       test_bundle, test_intake_fuzz (over HTTP)
+    policy/                           test_sandbox (every rule), test_policy_attacks (escapes by reach)
+    gate.py, gate_prompt.py           test_gate, test_gate_eval (inside `eval`)
+    pipeline.py, cli.py (eval)        test_cli, test_gate_eval, test_heldout
+    run.py, harness/                  test_runner, test_prequential, test_causality, test_probes, test_heldout,
+                                      test_isolation, test_trust (the trainer attacks), test_graph_trust (the
+                                      exporter attacks), test_operator_faults
+    graph/                            test_graph, test_graph_trust
+    scoring.py, report.py, chunks.py  test_scoring, test_prequential, test_chunks
+    data/                             test_data, test_token_cache, test_tokenizers
+    store/                            test_store, test_audits, test_replicas, test_copies, test_copies_by_behaviour,
+                                      test_store_failure, test_startup (a damaged or locked file)
+    backend.py, group_commit.py       test_api, test_registry, test_group_commit
+    read_model.py, queue_eta.py       test_read_model, test_api
+    leaderboard.py, significance.py   test_leaderboard, test_decided_order, test_significance, test_ranking_views
+    audit.py, replicas.py             test_audits, test_replicas, test_cluster (re-runs on real nodes)
+    fingerprint.py, behaviour.py      test_copies, test_copies_by_behaviour, test_leaderboard (families)
+    auth.py, registry.py              test_auth, test_registry
+    faults.py, preflight.py           test_operator_faults, test_cluster_faults, test_startup
+    cluster/                          test_scheduler (turn by turn), test_cluster, test_cluster_faults, test_restart
+    service.py, demo.py               test_service, test_conformance, test_restart, test_docs (the demo)
+    serve_app/                        test_api, test_http_limits, test_pages (Chromium), test_ranking_views,
+                                      test_conformance (PRISM's clients), test_cluster_yaml (the proxy guard)
+    docs/, README.md                  test_docs (every documented command), test_architecture_doc, test_bench_gpu
+
+Helpers: miners.py (the bundles' code), api_helpers.py (signed requests, a served app, a fake scheduler),
+cluster_helpers.py, serve_helpers.py (a real `prism-ray serve`), web_helpers.py, openai_stub.py, small_fs.py (tmpfs
+disks), damage.py (damaged store files), prepare_reference.py.
+"""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ import httpx
 import uvicorn
 from bittensor_wallet import Keypair
 
-from conftest import bigram_architecture, learner_loop
+from miners import bigram_architecture, learner_loop
 from prism_ray.auth import sign_request
 from prism_ray.config import Settings
 from prism_ray.report import RunReport

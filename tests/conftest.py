@@ -1,4 +1,37 @@
-"""Shared test helpers: real bundles on disk, real runner processes over synthetic token streams."""
+"""Shared test helpers: real bundles on disk, real runner processes over synthetic token streams.
+
+Where the tests of each part live (markers: pyproject.toml; the inner loop is `pytest -m "not cluster and not
+browser"`, README "Contributing"):
+
+    bundle.py, manifest_yaml.py       test_bundle, test_intake_fuzz (over HTTP)
+    policy/                           test_sandbox (every rule), test_policy_attacks (escapes by reach)
+    gate.py, gate_prompt.py           test_gate, test_gate_eval (inside `eval`)
+    pipeline.py, cli.py (eval)        test_cli, test_gate_eval, test_heldout
+    run.py, harness/                  test_runner, test_prequential, test_causality, test_probes, test_heldout,
+                                      test_isolation, test_trust (the trainer attacks), test_graph_trust (the
+                                      exporter attacks), test_operator_faults
+    graph/                            test_graph, test_graph_trust
+    scoring.py, report.py, chunks.py  test_scoring, test_prequential, test_chunks
+    data/                             test_data, test_token_cache, test_tokenizers
+    store/                            test_store, test_audits, test_replicas, test_copies, test_copies_by_behaviour,
+                                      test_store_failure, test_startup (a damaged or locked file)
+    backend.py, group_commit.py       test_api, test_registry, test_group_commit
+    read_model.py, queue_eta.py       test_read_model, test_api
+    leaderboard.py, significance.py   test_leaderboard, test_decided_order, test_significance, test_ranking_views
+    audit.py, replicas.py             test_audits, test_replicas, test_cluster (re-runs on real nodes)
+    fingerprint.py, behaviour.py      test_copies, test_copies_by_behaviour, test_leaderboard (families)
+    auth.py, registry.py              test_auth, test_registry
+    faults.py, preflight.py           test_operator_faults, test_cluster_faults, test_startup
+    cluster/                          test_scheduler (turn by turn), test_cluster, test_cluster_faults, test_restart
+    service.py, demo.py               test_service, test_conformance, test_restart, test_docs (the demo)
+    serve_app/                        test_api, test_http_limits, test_pages (Chromium), test_ranking_views,
+                                      test_conformance (PRISM's clients), test_cluster_yaml (the proxy guard)
+    docs/, README.md                  test_docs (every documented command), test_architecture_doc, test_bench_gpu
+
+Helpers: miners.py (the bundles' code), api_helpers.py (signed requests, a served app, a fake scheduler),
+cluster_helpers.py, serve_helpers.py (a real `prism-ray serve`), web_helpers.py, openai_stub.py, small_fs.py (tmpfs
+disks), damage.py (damaged store files), prepare_reference.py.
+"""
 
 from __future__ import annotations
 
@@ -18,49 +51,6 @@ EXAMPLES = REPO / "examples"
 
 BYTE_LENGTHS = np.ones(257, dtype=np.int64)
 BYTE_LENGTHS[256] = 0
-
-
-# PRISM's quickstart prism.yaml, verbatim (its miner guide and examples/tiny-1m).
-QUICKSTART_YAML = """architecture:
-  entrypoint: architecture.py
-training:
-  entrypoint: training.py
-tokenizer: gpt2
-"""
-
-
-def bigram_architecture(init: str = "") -> str:
-    """The smallest real learner: a [V, V] table of next-token logits; `init` runs at the end of __init__."""
-    return f"""
-import torch
-from torch import nn
-
-class Bigram(nn.Module):
-    def __init__(self, vocab):
-        super().__init__()
-        self.table = nn.Embedding(vocab, vocab)
-        {init}
-    def forward(self, tokens):
-        return self.table(tokens)
-
-def build_model(ctx):
-    return Bigram(ctx.vocab_size)
-"""
-
-
-def learner_loop(batch_size: int = 4, seq_len: int = 128, optimizer: str = "Adam", lr: float = 0.01) -> str:
-    """An honest training script: backprop through the harness's forward (with_logits=True) on every batch."""
-    return f"""
-import torch
-
-def train(ctx):
-    model = ctx.build_model()
-    optimizer = torch.optim.{optimizer}(model.parameters(), lr={lr})
-    for batch in ctx.iter_train_batches(model, batch_size={batch_size}, seq_len={seq_len}, with_logits=True):
-        batch.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-"""
 
 
 def write_bundle(directory: Path, architecture: str, training: str, prism_yaml: str | None = None,

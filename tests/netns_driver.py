@@ -15,7 +15,7 @@ import ray
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from cluster_helpers import make_bundle  # noqa: E402
+from miners import make_bundle  # noqa: E402
 from prism_ray.cluster import start_cluster, submit  # noqa: E402
 
 MARK = "@@netns-driver "

@@ -67,6 +67,7 @@ def api_with(backend, api):
 
 # --- the helper's bundle is real ---------------------------------------------------------------------------------
 
+@pytest.mark.sandbox
 def test_the_helper_bundle_passes_the_check_trains_and_is_scored(tmp_path):
     """The bundle every test here posts, run through the real pipeline (static check, sandboxed probe, training,
     held-out, score): what the fake scheduler below stands in for would really complete it."""

@@ -6,7 +6,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
+
+pytestmark = pytest.mark.sandbox
 
 SPEED_ROWS = ("bare loop", "bare + scorer forward", "eval own forward", "eval with_logits", "eval no-op trainer",
               "stream protocol only")

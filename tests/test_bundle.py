@@ -9,7 +9,8 @@ import zipfile
 
 import pytest
 
-from conftest import QUICKSTART_YAML, write_bundle
+from conftest import write_bundle
+from miners import QUICKSTART_YAML
 from prism_ray.bundle import load_bundle
 from prism_ray.config import IntakeLimits
 from prism_ray.errors import BundleError

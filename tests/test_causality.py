@@ -6,6 +6,8 @@ import pytest
 
 from conftest import byte_stream, train_on_stream
 
+pytestmark = pytest.mark.sandbox
+
 TEXT = "A causal model may look back, never ahead. " * 120
 
 LOOP = """

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLES, QUICKSTART_YAML, write_bundle
+from conftest import EXAMPLES, write_bundle
+from miners import QUICKSTART_YAML
 from prism_ray.config import EMBEDDED_DATA_DIR
 
 CLI = [sys.executable, "-m", "prism_ray.cli"]
@@ -32,6 +33,7 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
+@pytest.mark.sandbox
 @pytest.mark.parametrize("example", ["tiny-gpt", "byte-lm", "seed-tiny"])
 def test_examples_score_on_embedded_data(example, cache_dir):
     code, report, _ = eval_json(str(EXAMPLES / example), "--byte-budget", "10000", cache_dir=cache_dir)
@@ -48,6 +50,7 @@ def test_examples_score_on_embedded_data(example, cache_dir):
     assert (Path(report["run_dir"]) / "report.json").is_file()
 
 
+@pytest.mark.sandbox
 def test_the_prism_quickstart_bundle_scores(tmp_path, cache_dir):
     """PRISM's quickstart: its prism.yaml verbatim, its TinyModel (seed-tiny's architecture.py) and a plain loop."""
     bundle = tmp_path / "quickstart"
@@ -110,6 +113,7 @@ def test_tampered_shard_is_refused(tmp_path, cache_dir):
     assert report["reasons"][0]["rule"] == "data:tampered"
 
 
+@pytest.mark.sandbox
 def test_unpinned_directory_is_accepted(tmp_path, cache_dir):
     data = tmp_path / "unpinned"
     (data / "train").mkdir(parents=True)

@@ -16,17 +16,8 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from cluster_helpers import (
-    CLOCK_LEARNING_RATE,
-    COPIED_ARCHITECTURE,
-    FORBIDDEN_IMPORT,
-    INFINITE_LOOP,
-    make_bundle,
-    pids,
-    tiny_settings,
-    wait_until,
-    warm_token_cache,
-)
+from cluster_helpers import pids, tiny_settings, wait_until, warm_token_cache
+from miners import CLOCK_LEARNING_RATE, COPIED_ARCHITECTURE, FORBIDDEN_IMPORT, INFINITE_LOOP, make_bundle
 from openai_stub import OpenAIStub, StubReply, openai_stub_fixture, openai_stub_server_fixture  # noqa: F401
 from prism_ray.cluster import (
     NO_GPU_NOTICE,
@@ -44,7 +35,7 @@ from prism_ray.pipeline import evaluate
 from prism_ray.report import RunReport
 from prism_ray.store import AuditRecord, Store
 
-pytestmark = pytest.mark.skipif(not sandbox_available(), reason="the cluster requires bubblewrap")
+pytestmark = [pytest.mark.cluster, pytest.mark.sandbox, pytest.mark.skipif(not sandbox_available(), reason="the cluster requires bubblewrap")]
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -10,9 +10,12 @@ from collections.abc import Iterator
 import pytest
 import ray
 
-from cluster_helpers import make_bundle, tiny_settings, wait_until
+from cluster_helpers import tiny_settings, wait_until
+from miners import make_bundle
 from prism_ray.cluster import ClusterHandle, start_cluster, submit, wait
 from small_fs import resize, small_filesystem
+
+pytestmark = [pytest.mark.cluster, pytest.mark.sandbox]
 
 
 @pytest.fixture

@@ -21,11 +21,14 @@ from pydantic import BaseModel
 
 from api_helpers import bundle_zip, new_keypair, zip_files
 from cluster_helpers import warm_token_cache
-from conftest import EXAMPLES, QUICKSTART_YAML
+from conftest import EXAMPLES
+from miners import QUICKSTART_YAML
 from prism_ray.config import Settings
 from prism_ray.data.dataset import open_dataset
 from prism_ray.data.token_cache import load_token_stream
 from serve_helpers import Server, free_port
+
+pytestmark = [pytest.mark.cluster, pytest.mark.sandbox]
 
 TOKEN = "conformance-token"
 SLUG = "prism"

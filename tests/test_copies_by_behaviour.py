@@ -9,9 +9,9 @@ import itertools
 import struct
 
 import pytest
-from test_copies import ARCHITECTURE, TRAINING, make_bundle
 
 from conftest import write_bundle
+from miners import BIGRAM_ARCHITECTURE, SGD_TRAINING, bundle_of
 from prism_ray.bundle import load_bundle
 from prism_ray.config import AuditSettings, Settings
 from prism_ray.leaderboard import ScoreRow, leaderboard, weights
@@ -21,8 +21,8 @@ from prism_ray.store import Store
 HEAD = [5.545177444479562 * 252, 1380.2549, 1371.0001, 1362.25, 1350.5, 1342.75, 1333.0, 1329.125]
 
 # Different code for each hotkey, so no code fingerprint links them: only behaviour can.
-CODES = [TRAINING, TRAINING.replace("SGD", "Adam"), TRAINING.replace("lr=0.5", "lr=0.25"),
-         TRAINING.replace("optimizer.step()", "optimizer.step()\n        optimizer.step()")]
+CODES = [SGD_TRAINING, SGD_TRAINING.replace("SGD", "Adam"), SGD_TRAINING.replace("lr=0.5", "lr=0.25"),
+         SGD_TRAINING.replace("optimizer.step()", "optimizer.step()\n        optimizer.step()")]
 
 
 def report(head: list[float] = HEAD, device: str = "cpu", **conditions) -> dict:
@@ -39,7 +39,7 @@ def store(tmp_path):
 
 
 def submit(store: Store, hotkeys: list[str]) -> list[str]:
-    ids = [store.create_submission(hotkey, f"{i}.zip", make_bundle({"architecture.py": ARCHITECTURE,
+    ids = [store.create_submission(hotkey, f"{i}.zip", bundle_of({"architecture.py": BIGRAM_ARCHITECTURE,
                                                                      "training.py": CODES[i]})).id
            for i, hotkey in enumerate(hotkeys)]
     assert len(store.claim_next("sched", 60, limit=len(ids))) == len(ids)
@@ -124,10 +124,10 @@ def test_on_the_cpu_one_ulp_is_another_learner_on_cuda_the_audit_tolerance_appli
 
 
 def test_a_code_copy_keeps_its_intake_link_and_old_reports_are_left_alone(store):
-    original = store.create_submission("alice", "a.zip", make_bundle()).id
-    code_copy = store.create_submission("bob", "b.zip", make_bundle(
-        {"architecture.py": ARCHITECTURE.replace("Bigram", "Pair"), "training.py": TRAINING})).id
-    older = store.create_submission("carol", "c.zip", make_bundle({"architecture.py": ARCHITECTURE,
+    original = store.create_submission("alice", "a.zip", bundle_of()).id
+    code_copy = store.create_submission("bob", "b.zip", bundle_of(
+        {"architecture.py": BIGRAM_ARCHITECTURE.replace("Bigram", "Pair"), "training.py": SGD_TRAINING})).id
+    older = store.create_submission("carol", "c.zip", bundle_of({"architecture.py": BIGRAM_ARCHITECTURE,
                                                                     "training.py": CODES[1]})).id
     store.claim_next("sched", 60, limit=3)
     finish(store, code_copy, report())
@@ -180,11 +180,12 @@ def train(context):
 """
 
 
+@pytest.mark.sandbox
 def test_a_no_op_edited_copy_trains_bit_identically_and_is_stored_as_a_copy(tmp_path, store):
     settings = Settings(byte_budget=5_000, cache_dir=tmp_path / "cache")
     settings.gate.mode = "off"
-    sources = {"alice": (ARCHITECTURE, TRAINING), "bob": (NO_OP_ARCHITECTURE, NO_OP_TRAINING),
-               "carol": (ARCHITECTURE, TRAINING.replace("lr=0.5", "lr=0.25"))}  # carol: another learner
+    sources = {"alice": (BIGRAM_ARCHITECTURE, SGD_TRAINING), "bob": (NO_OP_ARCHITECTURE, NO_OP_TRAINING),
+               "carol": (BIGRAM_ARCHITECTURE, SGD_TRAINING.replace("lr=0.5", "lr=0.25"))}  # carol: another learner
     bundles = {hotkey: load_bundle(write_bundle(tmp_path / hotkey, *code, "tokenizer: bytes\n"))
                for hotkey, code in sources.items()}
     reports = {hotkey: evaluate(bundle, settings) for hotkey, bundle in bundles.items()}

@@ -32,12 +32,15 @@ import pytest
 import torch
 from bittensor_wallet import Keypair, Wallet
 
-from conftest import REPO, bigram_architecture, learner_loop, write_bundle
+from conftest import REPO, write_bundle
+from miners import bigram_architecture, learner_loop
 from prism_ray.client import bundle_bytes
 from prism_ray.config import EMBEDDED_DATA_DIR
 from prism_ray.data.dataset import open_dataset
 from prism_ray.store import Store
 from serve_app import openapi_doc
+
+pytestmark = pytest.mark.docs
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 CLI = [sys.executable, "-m", "prism_ray.cli"]
@@ -471,6 +474,8 @@ CHECKS = {"eval": check_eval, "data prepare": check_prepare, "data info": check_
           "demo": check_demo, "registry": check_registry}
 
 
+@pytest.mark.cluster
+@pytest.mark.sandbox
 @pytest.mark.parametrize("doc,command", documented_commands())
 def test_documented_command_runs(doc, command, workspace):
     check = CHECKS.get(subcommand(command))
@@ -479,6 +484,8 @@ def test_documented_command_runs(doc, command, workspace):
     check(workspace.results[workspace.key(command)], workspace)
 
 
+@pytest.mark.cluster
+@pytest.mark.sandbox
 def test_the_documented_signing_recipe_posts_a_submission(workspace):
     recipes = documented_recipes()
     assert recipes

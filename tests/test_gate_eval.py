@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from conftest import bigram_architecture, learner_loop, write_bundle
+from conftest import write_bundle
+from miners import bigram_architecture, learner_loop
 from openai_stub import openai_stub_fixture, openai_stub_server_fixture  # noqa: F401
 from prism_ray.config import Settings
 from prism_ray.pipeline import evaluate
@@ -29,6 +30,7 @@ def settings(openai_stub, tmp_path, monkeypatch):
     return settings
 
 
+@pytest.mark.sandbox
 def test_allowed_bundle_trains_and_reports_the_gate(openai_stub, settings, tmp_path):
     openai_stub.script([ALLOW])
     bundle = write_bundle(tmp_path / "b", bigram_architecture(), learner_loop(seq_len=64), "tokenizer: bytes\n")

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import bigram_architecture, byte_stream, train_on_stream, write_bundle
+from conftest import byte_stream, train_on_stream, write_bundle
+from miners import bigram_architecture
 from prism_ray.bundle import load_bundle
 from prism_ray.harness.isolation import SandboxPolicy, sandbox_available
 from prism_ray.harness.records import EvalPass
 
-pytestmark = pytest.mark.skipif(not sandbox_available(), reason="bubblewrap is required (apt-get install bubblewrap)")
+pytestmark = [pytest.mark.sandbox, pytest.mark.skipif(not sandbox_available(), reason="bubblewrap is required (apt-get install bubblewrap)")]
 
 TEXT = "The forward that is scored is data: a graph of ATen operations run by prism-ray's own code. " * 50
 VAL_TEXT = "SECRET-VAL Élan vital: this sentence is held out and must never reach a report. " * 20

@@ -9,12 +9,15 @@ import math
 import numpy as np
 import pytest
 
-from conftest import bigram_architecture, learner_loop, write_bundle
+from conftest import write_bundle
+from miners import bigram_architecture, learner_loop
 from prism_ray.config import EMBEDDED_DATA_DIR, Settings
 from prism_ray.data.dataset import open_dataset
 from prism_ray.data.preparation import SplitRule, prepare
 from prism_ray.data.token_cache import load_token_stream
 from prism_ray.pipeline import evaluate
+
+pytestmark = pytest.mark.sandbox
 
 NO_OP = """
 def train(ctx):

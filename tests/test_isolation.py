@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import bigram_architecture, byte_stream, train_on_stream
+from conftest import byte_stream, train_on_stream
+from miners import bigram_architecture
 from prism_ray.config import EMBEDDED_DATA_DIR
 from prism_ray.harness import isolation
 from prism_ray.harness.isolation import SandboxPolicy, sandbox_available
 
-pytestmark = pytest.mark.skipif(not sandbox_available(), reason="bubblewrap is required (apt-get install bubblewrap)")
+pytestmark = [pytest.mark.sandbox, pytest.mark.skipif(not sandbox_available(), reason="bubblewrap is required (apt-get install bubblewrap)")]
 
 TEXT = "Sandboxes are for code you do not trust, which is all code. " * 80
 ARCH = bigram_architecture()

@@ -23,6 +23,8 @@ from serve_app import ApiSettings, StoreBackend, create_app
 from serve_app.rendering import CONTENT_SECURITY_POLICY
 from web_helpers import HOSTILE_REASON, NODE_ADDRESS, NODE_ID, PageScheduler, chromium, screenshot
 
+pytestmark = pytest.mark.browser
+
 SCRIPT_NAME = "<script>alert(1)</script>"
 IMG_NAME = '<img src=x onerror="window.pwned=1">'
 BROKEN_TRAINING = "def train(ctx):\n    for batch in (\n"  # a syntax error at line 2

@@ -27,6 +27,8 @@ from cluster_helpers import tiny_settings, wait_until, warm_token_cache
 from netns import Node, Topology, topology
 from netns_driver import MARK
 
+pytestmark = [pytest.mark.cluster, pytest.mark.sandbox]
+
 LEASE_SECONDS = 6.0
 HEARTBEAT_SECONDS = 1.0  # tiny_settings'
 # Ray's defaults (a check every 3 s, 10 s to answer, 5 misses) took 63 s to declare a cut node dead; with these,

@@ -11,6 +11,8 @@ from conftest import BYTE_LENGTHS, byte_stream, train_on_stream
 from prism_ray import scoring
 from prism_ray.harness.stream import StreamPlan
 
+pytestmark = pytest.mark.sandbox
+
 TEXT = ("Prequential coding: predict, then learn. Ünïcödé — ✓ 日本語 🙂 text keeps multi-byte characters "
         "in the stream so bytes and tokens differ. ") * 40
 

@@ -12,10 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from cluster_helpers import make_bundle, wait_until, warm_token_cache
+from cluster_helpers import wait_until, warm_token_cache
+from miners import make_bundle
 from prism_ray.client import PrismClient
 from prism_ray.store import Store
 from serve_helpers import Server, free_port
+
+pytestmark = [pytest.mark.cluster, pytest.mark.sandbox]
 
 
 @pytest.fixture

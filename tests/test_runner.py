@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import bigram_architecture, byte_stream, train_on_stream
+from conftest import byte_stream, train_on_stream
+from miners import bigram_architecture
+
+pytestmark = pytest.mark.sandbox
 
 TEXT = "The runner owns nothing but the model; the parent owns the stream. " * 60
 

@@ -14,7 +14,7 @@ import ray
 from ray import serve
 
 from api_helpers import bundle_zip, new_keypair, signed_json, zip_files
-from cluster_helpers import ARCHITECTURE, FORBIDDEN_IMPORT, TRAINING
+from miners import BIGRAM_ARCHITECTURE, FORBIDDEN_IMPORT, SGD_TRAINING
 from prism_ray.auth import sign_request
 from prism_ray.client import PrismClient
 from prism_ray.config import Settings
@@ -22,6 +22,8 @@ from prism_ray.service import ReplicaBackend, start_service
 from prism_ray.store import TERMINAL_STATUSES
 from serve_app.deployment import build_ingress
 from serve_app.models import ApiSettings
+
+pytestmark = [pytest.mark.cluster, pytest.mark.sandbox]
 
 TOKEN = "t0ken-for-tests"
 BURST = 5
@@ -35,7 +37,7 @@ def free_port() -> int:
 
 def trainable_zip(tag: str) -> bytes:
     """The tiny bigram learner on bytes; `tag` keeps its code distinct."""
-    return zip_files({"architecture.py": f"# {tag}\n{ARCHITECTURE}", "training.py": TRAINING.replace("PAUSE", "0"),
+    return zip_files({"architecture.py": f"# {tag}\n{BIGRAM_ARCHITECTURE}", "training.py": SGD_TRAINING,
                       "prism.yaml": f"name: {tag}\ntokenizer: bytes\n"})
 
 

@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import bigram_architecture, byte_stream, train_on_stream, write_bundle
+from conftest import byte_stream, train_on_stream, write_bundle
+from miners import bigram_architecture
 from prism_ray.bundle import load_bundle
 from prism_ray.harness.isolation import LOG_FILE_BYTES, SandboxPolicy, sandbox_available
 
-pytestmark = pytest.mark.skipif(not sandbox_available(), reason="bubblewrap is required (apt-get install bubblewrap)")
+pytestmark = [pytest.mark.sandbox, pytest.mark.skipif(not sandbox_available(), reason="bubblewrap is required (apt-get install bubblewrap)")]
 
 TEXT = "Whatever runs beside training.py is owned by it; the score is computed elsewhere. " * 60
 ARCH = bigram_architecture()

@@ -191,6 +191,19 @@ def test_an_install_under_tmp_is_bound_over_the_sandbox_tmp(tmp_path, monkeypatc
     assert process.log_tail().strip() == "from the venv under /tmp"
 
 
+def test_the_checkout_around_an_editable_install_is_not_in_the_sandbox(tmp_path):
+    """Only the package dir is bound: the checkout it sits in has .git and tests, which hold the locked text's
+    shards and copies of it (found by a red team: code that gets past the policy read val text out of .git)."""
+    root = Path(isolation.__file__).resolve().parents[2]
+    outside = {entry.name for entry in root.iterdir()}
+    assert {"prism_ray", "tests", ".git"} <= outside  # this checkout is an editable install: the case that matters
+    process = isolation.launch(["ls", "-a", str(root)], {"PATH": "/usr/bin:/bin"}, tmp_path / "ls.log", tmp_path,
+                               SandboxPolicy(mode="required"))
+    assert process.wait(30) == 0, process.log_tail()
+    inside = set(process.log_tail().split())
+    assert "prism_ray" in inside and not inside & {".git", "tests", "pyproject.toml"}, inside  # .venv may be there
+
+
 def test_sandboxed_code_holds_no_capability_and_runs_as_nobody(bundle_factory, tmp_path):
     """As root the launcher keeps CAP_SETUID, CAP_SETGID and CAP_SETPCAP only for setpriv, which must leave the
     miner's process with every capability set empty (a bounding set with anything left in it could be regained)."""

@@ -55,6 +55,13 @@ VARIANTS = {
     "urllib in torch": ("sandbox:import", "from torch.distributed.rendezvous import urlparse  # <-\n"),
     "_thread in functools": ("sandbox:import", "import functools\nlock = functools.RLock()  # <-\n"),
     "a container of copyreg functions": ("sandbox:import", "import copy\ncopy.dispatch_table.update({})  # <-\n"),
+    # collectives that unpickle what another rank sends (a red team ran code in rank 0 through them)
+    "broadcast_object_list": ("sandbox:forbidden_api", "import torch.distributed as dist\n"
+                              "box = [None]\ndist.broadcast_object_list(box, src=1)  # <-\n"),
+    "all_gather_object from c10d": ("sandbox:forbidden_api", "from torch.distributed.distributed_c10d import "
+                                    "all_gather_object  # <-\n"),
+    "recv_object_list": ("sandbox:forbidden_api", "import torch\ntorch.distributed.recv_object_list([None], 1)  # <-\n"),
+    "rpc": ("sandbox:forbidden_api", "import torch.distributed.rpc as rpc  # <-\n"),
     # forbidden APIs re-exported under paths that are not on the list
     "get_type_hints in torch": ("sandbox:forbidden_api",
                                 "import torch\nhints = torch.utils.checkpoint.get_type_hints(print)  # <-\n"),
@@ -183,6 +190,8 @@ HONEST = {
     "functools": "import functools\nimport torch.nn.functional as F\nact = functools.partial(F.gelu, approximate='tanh')\n"
                  "total = functools.reduce(lambda a, b: a + b, [1, 2])\n",
     "math": "import math\nscale = math.sqrt(2) * math.pi / math.log(10)\n",
+    "ddp collectives": "import torch.distributed as dist\nimport torch\ng = torch.zeros(3)\n"
+                       "dist.all_reduce(g, op=dist.ReduceOp.SUM)\ndist.broadcast(g, src=0)\ndist.barrier()\n",
     "einops": "import einops\nfrom einops.layers.torch import Rearrange\nsplit = Rearrange('b t (h d) -> b h t d', h=4)\n",
     "functional aliases": "import torch.nn.functional as F\nimport torch.nn.functional as Fn\nce = F.cross_entropy\n"
                           "y = Fn.scaled_dot_product_attention\n",

@@ -63,10 +63,11 @@ def sandbox_available() -> bool:
 
 
 def _python_dirs() -> list[Path]:
-    """The interpreter, its stdlib and site-packages, and prism_ray itself — not the script dir or cwd."""
+    """The interpreter, its stdlib and site-packages, and the prism_ray package itself — not the script dir or cwd,
+    and not the checkout an editable install points into (its .git and tests hold copies of the locked text)."""
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, *sysconfig.get_paths().values()}
     paths.update(entry for entry in sys.path if "site-packages" in entry or "dist-packages" in entry)
-    paths.add(str(Path(__file__).resolve().parents[2]))  # prism_ray's own root (editable installs)
+    paths.add(str(Path(__file__).resolve().parents[1]))  # the package dir alone (editable installs)
     resolved = {Path(p).resolve() for p in paths if p and Path(p).exists()}
     return sorted(p for p in resolved if p != Path("/tmp"))
 

@@ -41,6 +41,7 @@ FORBIDDEN_API: dict[str, str] = {
     "torch.utils.flop_counter.FlopCounterMode": MODE,  # (every mode class is caught by MODE_BASES)
     "torch.utils.module_tracker": "installs hooks on every module, the harness's included",
     "torch.distributed.breakpoint": "starts a debugger",
+    "torch.distributed.rpc": "unpickles what other ranks send, which runs any code it names",
     "torch.get_device_module": "hands out a module as a value, which the policy could not follow",
     "torch.fx": "generates and runs Python code from strings",
     "torch.ao.quantization.quantize_fx": "generates and runs Python code from strings",
@@ -155,6 +156,9 @@ def path_problem(origin: str) -> tuple[str, str] | None:
             return "sandbox:private_api", f"uses the private name `{part}`, which has no stable or safe contract"
     if parts[0] == "torch" and parts[-1].startswith("register_module_"):
         return "sandbox:forbidden_api", "installs a hook on every module, the harness's included"
+    if parts[:2] == ["torch", "distributed"] and parts[-1].endswith(("_object", "_object_list")):
+        return "sandbox:forbidden_api", ("unpickles what another rank sends, which runs any code it names; send "
+                                         "tensors (dist.broadcast, dist.all_reduce) instead")
     return None
 
 

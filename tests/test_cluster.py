@@ -289,8 +289,9 @@ class TestOnTwoGpuNodes:
         assert local.model_dump(exclude=where_and_when) == remote.model_dump(exclude=where_and_when)
 
     def test_a_runner_killed_from_outside_is_requeued_not_charged(self, ray_cluster, handles, cache_dir, tmp_path):
-        """SIGKILL of the trainer by an operator (no out-of-memory kill in its cgroup) is a system failure: the
-        attempt is requeued as infra:runner_killed and the submission completes on the next one."""
+        """SIGKILL of the trainer's sandbox by an operator (no out-of-memory kill in its cgroup) is a system
+        failure: the attempt is requeued as infra:runner_killed and the submission completes on the next one. (The
+        pattern matches bwrap's command line, which names the run dir; status 137 from inside is the bundle's.)"""
         handle = start(tiny_settings(cache_dir, tmp_path / "prism.duckdb"))
         handles.append(handle)
         bundle = make_bundle("shot", pause=0.05)

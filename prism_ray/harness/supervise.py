@@ -3,8 +3,9 @@ connections, and turn however it ended into a typed reason.
 
 Each runner gets its own socket dir, bound into its sandbox only, so the trainer cannot connect where the scorer
 does. A runner killed by SIGKILL is told apart: the memory limit (the cgroup's OOM killer) is the miner's
-`run:out_of_memory`; any other outside kill is a system failure (`infra:runner_killed`), retried and never charged
-to the miner.
+`run:out_of_memory`; the sandbox itself killed from outside is a system failure (`infra:runner_killed`), retried
+and never charged to the miner; status 137 from inside the sandbox without an OOM kill is a crash, since exit(137)
+reads the same.
 """
 
 from __future__ import annotations
@@ -76,10 +77,12 @@ class Runner:
     def end_reason(self, detail: str) -> Reason:
         """Why the runner is gone, once it is: memory, an outside kill, or a crash with its last output."""
         code = self.process.wait(5.0)
-        if code in (-signal.SIGKILL, 128 + signal.SIGKILL):
-            if _oom_kills() > self.oom_kills:
-                return Reason(rule="run:out_of_memory", message=f"the {self.role} was killed by the kernel's "
-                              "out-of-memory killer: the run used more memory than this node has for it")
+        if code in (-signal.SIGKILL, 128 + signal.SIGKILL) and _oom_kills() > self.oom_kills:
+            return Reason(rule="run:out_of_memory", message=f"the {self.role} was killed by the kernel's "
+                          "out-of-memory killer: the run used more memory than this node has for it")
+        # Only the sandbox itself killed is an outside kill: status 137 from inside is also what exit(137) gives,
+        # and a bundle must not turn its own failure into a free retry (docs/operator.md, "Liveness and failures").
+        if code == -signal.SIGKILL:
             return Reason(rule="infra:runner_killed", message=f"the {self.role} was killed from outside (an operator "
                           "or the node); this is not charged to your bundle and the run is retried")
         tail = self.process.log_tail(12)

@@ -191,6 +191,13 @@ def test_an_install_under_tmp_is_bound_over_the_sandbox_tmp(tmp_path, monkeypatc
     assert process.log_tail().strip() == "from the venv under /tmp"
 
 
+def test_status_137_from_inside_is_a_crash_not_a_free_retry(bundle_factory, tmp_path):
+    """exit(137) looks like SIGKILL through bwrap; only the sandbox killed whole is an outside kill (a red team
+    turned its own failure into `infra:runner_killed`, retried and never charged)."""
+    outcome = run(bundle_factory, tmp_path, attack("    os._exit(137)\n"))
+    assert outcome.status == "failed" and [r.rule for r in outcome.reasons] == ["run:crash"], outcome.reasons
+
+
 def test_the_checkout_around_an_editable_install_is_not_in_the_sandbox(tmp_path):
     """Only the package dir is bound: the checkout it sits in has .git and tests, which hold the locked text's
     shards and copies of it (found by a red team: code that gets past the policy read val text out of .git)."""

@@ -58,6 +58,8 @@ def classify(error: BaseException) -> str:
 _HINTS = {
     "run:process_limit": " (the sandbox runs no worker processes: use DataLoader(num_workers=0) — the stream is "
                          "already in memory — and no multiprocessing)",
+    "run:artifacts_rank": " (ranks other than 0 may write only beneath their own TMPDIR; only rank 0 may write "
+                          "ctx.artifacts_dir: guard saves with `if ctx.rank == 0:`)",
 }
 
 
@@ -134,6 +136,8 @@ def run(channel: Channel, spec: dict, role: str) -> int:
     except BaseException as error:  # noqa: BLE001 — any miner failure is reported, typed, to the parent
         file, line = _miner_frame(traceback.extract_tb(error.__traceback__), bundle_dir)
         rule = classify(error)
+        if int(spec.get("rank", 0)) > 0 and (spec["artifacts_dir"] in str(error) or "ermission denied" in str(error)):
+            rule = "run:artifacts_rank"  # Landlock refused a write (torch.save's C++ writer names no path)
         message = f"{type(error).__name__}: {str(error)[:2000]}{_HINTS.get(rule, '')}"
         channel.send_json(Kind.ERROR, {"rule": rule, "message": message, "file": file, "line": line})
         traceback.print_exc(limit=20)

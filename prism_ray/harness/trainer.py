@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
-from prism_ray.harness import cuda_ipc, layout, shared_state
+from prism_ray.harness import cuda_ipc, landlock, layout, shared_state
 from prism_ray.harness.context import PrismBatch, RunError, device_of, force_seed, logits_of, rows
 from prism_ray.harness.protocol import Channel, Kind, parse_batch, parse_json
 
@@ -39,10 +40,14 @@ class TrainerHarness:
         return RunError(rule, message, reported=True)
 
     def guard_artifacts(self) -> None:
-        """Ranks other than 0 may not write into the artifacts dir (they share it with rank 0 in one sandbox): an
-        audit hook, installed before any miner module is imported, refuses every write there. A contract check,
-        not a trust boundary: no artifact reaches a score (docs/rules.md, "Several ranks")."""
+        """Ranks other than 0 may not write into the artifacts dir (they share it with rank 0 in one sandbox).
+        Before any miner module is imported: Landlock lets this process write only beneath a scratch dir of its own
+        (its TMPDIR) and /dev, and an audit hook refuses Python-level writes into the artifacts dir with a typed
+        reason at once (docs/rules.md, "Several ranks")."""
         root = os.path.abspath(self.spec["artifacts_dir"])
+        scratch = tempfile.mkdtemp(prefix=f"prism-rank{self.spec['rank']}-")
+        os.environ["TMPDIR"] = tempfile.tempdir = scratch
+        self.spec["landlock"] = landlock.confine_writes([scratch, "/dev"])
         writes = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
         changes = {"os.mkdir", "os.rename", "os.remove", "os.rmdir", "os.symlink", "os.link", "os.truncate",
                    "os.chmod", "os.utime", "shutil.copyfile", "shutil.move"}

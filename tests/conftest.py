@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
@@ -12,6 +13,10 @@ from prism_ray.bundle import Bundle, load_bundle
 from prism_ray.harness.isolation import SandboxPolicy
 from prism_ray.harness.records import RunSpec, TrainOutcome
 from prism_ray.harness.session import run_session
+
+# The multi-GPU contract check (a short run at world size 2 before every scored run) is on by default; it would
+# double the cost of every evaluation in this suite, so only tests/test_ranks.py turns it on.
+os.environ.setdefault("PRISM_CONTRACT_WORLD_SIZES", "")
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"

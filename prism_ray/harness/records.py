@@ -46,6 +46,7 @@ class RunSpec:
     probe_every: int = 1  # one batch in this many is probed, on average (0: none)
     world_size: int = 1  # trainer ranks in the trainer's sandbox (docs/architecture.md, "Several ranks")
     rank_timeout: float = 120.0  # how long a rank may trail the first one to a step before it is run:rank_hung
+    max_batches: int | None = None  # end the stream after this many batches (the unscored contract check)
 
     def runner_spec(self, role: str) -> dict:
         if role == "scorer":  # no bundle, no paths: it runs no miner code and reads no files of ours

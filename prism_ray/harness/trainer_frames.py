@@ -138,7 +138,8 @@ class TrainerFrames:
             return
         self.trainer_waiting = False
         self.released += 1
-        piece = next(self.batches, None)
+        limit = self.spec.max_batches
+        piece = next(self.batches, None) if limit is None or self.released <= limit else None
         if piece is None:
             if self.outcome.batches == 0 and not self.unrecorded:
                 self._fail(Reason(rule="run:no_batch", message="the train split cannot fill a single batch of "

@@ -7,7 +7,11 @@ import math
 
 import pytest
 
-from conftest import bigram_architecture, byte_stream, train_on_stream
+from conftest import BYTE_LENGTHS, bigram_architecture, byte_stream, train_on_stream
+from prism_ray.cluster.tasks import placement_notice, run_slots
+from prism_ray.harness.contract import check_contract, rejection
+from prism_ray.harness.isolation import SandboxPolicy
+from prism_ray.harness.records import RunSpec
 
 TEXT = "Every rank sees its own rows of the batch; the scorer sees them all. " * 12  # six 4×32 batches
 
@@ -139,3 +143,33 @@ def test_only_rank_zero_writes_artifacts(bundle_factory, tmp_path, write):
 def test_rank_zero_writes_artifacts(bundle_factory, tmp_path):
     outcome = run(bundle_factory, tmp_path, all_reduce_loop(f"if batch.index == 0 and ctx.rank == 0: {SAVE}"))
     assert outcome.status == "completed", outcome.reasons or outcome.log_tail
+
+
+def test_a_run_of_n_gpus_needs_one_node_with_n():
+    nodes = [{"Alive": True, "Resources": {"GPU": 4.0}}, {"Alive": True, "Resources": {"GPU": 2.0}},
+             {"Alive": False, "Resources": {"GPU": 8.0}}, {"Alive": True, "Resources": {"CPU": 8.0}}]
+    assert [run_slots(nodes, n) for n in (1, 2, 4, 8)] == [6, 3, 1, 0]
+    assert placement_notice(nodes, 4) is None and placement_notice(nodes, 1) is None
+    assert placement_notice(nodes, 8) == ("no node has 8 GPUs (PRISM_GPUS_PER_RUN; the largest has 4): scored runs "
+                                          "wait until such a node joins")
+
+
+def test_the_contract_check_runs_the_bundles_own_loop_at_world_size_two(bundle_factory, tmp_path):
+    """Unscored, three batches, gloo on CPU: an honest loop passes; a loop that ignores the ranks fails, and under
+    the reject policy that is contract:multi_gpu."""
+    checks = {}
+    for name, training in (("honest", DDP_LOOP), ("ignores", all_reduce_loop(all_reduce=False))):
+        bundle = bundle_factory(ARCH, training)
+        base = RunSpec(bundle_dir=bundle.write_to(tmp_path / name / "bundle"),
+                       exporter_bundle_dir=bundle.write_to(tmp_path / name / "exp", without_training=True),
+                       architecture=("architecture.py", "build_model"), training=("training.py", "train"),
+                       tokenizer="bytes", vocab_size=257, max_seq_len=1024, max_params=10**8, seed=1337,
+                       device="cpu", byte_budget=0, artifacts_dir=tmp_path / name / "artifacts", data_dir="",
+                       threads=2)
+        [checks[name]] = check_contract(base, [2], 3, byte_stream(TEXT), BYTE_LENGTHS, tmp_path / name, 120.0,
+                                        SandboxPolicy())
+    assert checks["honest"].passed and checks["honest"].batches == 3, checks["honest"]
+    assert not checks["ignores"].passed and checks["ignores"].reasons[0].rule == "run:ranks_diverged"
+    assert rejection([checks["honest"]]) is None
+    reason = rejection([checks["honest"], checks["ignores"]])
+    assert reason is not None and reason.rule == "contract:multi_gpu" and "world size 2: failed" in reason.message

@@ -118,10 +118,9 @@ def eval_command(
     world_size: Annotated[int | None, typer.Option(min=1, max=8, help="trainer ranks of the scored run (one GPU "
                                                    "each; gloo ranks on CPU)", show_default=_default("gpus_per_run"))
                           ] = None,
-    contract: Annotated[bool | None, typer.Option("--contract/--no-contract", help="run the multi-GPU contract "
-                                                  "check (an unscored short run at each world size of "
-                                                  "PRISM_CONTRACT_WORLD_SIZES, or 2) before the scored run",
-                                                  show_default="PRISM_CONTRACT_WORLD_SIZES")] = None,
+    contract: Annotated[bool, typer.Option("--contract", help="first run the multi-GPU contract check: an unscored "
+                                           "short run at each world size of PRISM_CONTRACT_WORLD_SIZES (or 2), as "
+                                           "the cluster does before every scored run")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print exactly one JSON object, the report")] = False,
 ) -> None:
     """Dry-run a bundle exactly as the cluster scores it."""
@@ -137,8 +136,8 @@ def eval_command(
                                                  for e in error.errors()), as_json)
     if use_gate is not None:
         settings.gate.mode = "required" if use_gate else "off"
-    if contract is not None:
-        settings.contract_world_sizes = (settings.contract_world_sizes or "2") if contract else ""
+    # eval checks the contract only when asked: it costs one more short run per world size
+    settings.contract_world_sizes = (settings.contract_world_sizes or "2") if contract else ""
     try:
         report = _run_with_progress(bundle, settings)
     except Exception as error:  # a fault of prism-ray or this machine: still one typed object, never a bare traceback

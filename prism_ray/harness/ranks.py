@@ -29,6 +29,8 @@ class Rank:
 
 class Ranks:
     def __init__(self, world_size: int, timeout: float):
+        if not 1 <= world_size <= MAX_WORLD_SIZE:
+            raise ValueError(f"world size {world_size} is outside 1..{MAX_WORLD_SIZE}")
         self.world_size, self.timeout = world_size, timeout
         self.members: list[Rank] = []
         self.clock: tuple[float, str] | None = None  # since when, and which step, some rank waits for the others

@@ -154,7 +154,7 @@ class _Session(TrainerFrames):
         events = self.selector.select(timeout=max(0.0, wake - time.monotonic()))
         if not events and time.monotonic() >= deadline:
             raise TimeoutError
-        hung = self.ranks.overdue(time.monotonic()) if not events else None
+        hung = self.ranks.overdue(time.monotonic())
         if hung is not None:
             self._fail(hung)
         for channel in self.channels.values():  # sends honour the deadline too: a runner that stops reading stalls

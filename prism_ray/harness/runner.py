@@ -75,13 +75,15 @@ class _ExporterBackend:
         raise RunError("run:forbidden_call", "ctx.iter_train_batches may only be called from training code")
 
 
-def _device(requested: str, local_rank: int) -> str:
+def _device(requested: str, local_rank: int, world_size: int) -> str:
     import torch
 
     # Ray sets CUDA_VISIBLE_DEVICES to the run's GPUs: one per rank, rank r on the r-th
     if requested == "auto":
         return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    return f"cuda:{local_rank}" if requested == "cuda" else requested
+    if requested == "cuda" or (requested.startswith("cuda") and world_size > 1):
+        return f"cuda:{local_rank}"
+    return requested
 
 
 def _rank_env(spec: dict) -> None:
@@ -99,7 +101,8 @@ def run(channel: Channel, spec: dict, role: str) -> int:
     import torch
 
     torch.set_num_threads(max(1, spec["threads"]))
-    spec["device"] = _device(spec["device"], int(os.environ.get("LOCAL_RANK", "0")) if role == "trainer" else 0)
+    spec["device"] = _device(spec["device"], int(os.environ.get("LOCAL_RANK", "0")) if role == "trainer" else 0,
+                             int(spec.get("world_size", 1)))
     if spec["device"].startswith("cuda"):
         torch.cuda.set_device(torch.device(spec["device"]))
     bundle_dir = spec["bundle_dir"]

@@ -1,8 +1,9 @@
 """The train stage's work: one sandboxed run of a bundle on the locked data, held-out passes included.
 
 `train()` resolves the data, writes the bundle twice into the run dir (the trainer's copy, and the scorer's without
-the training file), launches the session (harness/session.py: scorer + trainer) and turns the held-out pass results
-into the report's held-out block. Plain Python: the CLI calls it in-process, the cluster in a num_gpus=1 task.
+the training file), runs the multi-GPU contract check (harness/contract.py), launches the session
+(harness/session.py: scorer + trainer) and turns the held-out pass results into the report's held-out block. Plain
+Python: the CLI calls it in-process, the cluster in a num_gpus=N task (PRISM_GPUS_PER_RUN).
 """
 
 from __future__ import annotations

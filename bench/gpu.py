@@ -204,6 +204,7 @@ class BareContext:
     def __init__(self, job: dict, architecture, batches: list[tuple[torch.Tensor, int]], vocab_size: int):
         self.vocab_size, self.max_seq_len, self.device = vocab_size, job["max_seq_len"], job["device"]
         self.seed, self.extra_forward = job["seed"], job["extra_forward"]
+        self.rank, self.local_rank, self.world_size = 0, 0, 1  # the bare loop is one process
         self.architecture, self.batches = architecture, batches
         self.started: float | None = None
         self.targets = 0

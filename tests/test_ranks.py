@@ -9,9 +9,11 @@ import pytest
 
 from conftest import BYTE_LENGTHS, bigram_architecture, byte_stream, train_on_stream
 from prism_ray.cluster.tasks import placement_notice, run_slots
+from prism_ray.config import Settings
 from prism_ray.harness.contract import check_contract, rejection
 from prism_ray.harness.isolation import SandboxPolicy
 from prism_ray.harness.records import RunSpec
+from prism_ray.pipeline import evaluate
 
 TEXT = "Every rank sees its own rows of the batch; the scorer sees them all. " * 12  # six 4×32 batches
 
@@ -172,3 +174,32 @@ def test_the_contract_check_runs_the_bundles_own_loop_at_world_size_two(bundle_f
     assert rejection([checks["honest"]]) is None
     reason = rejection([checks["honest"], checks["ignores"]])
     assert reason is not None and reason.rule == "contract:multi_gpu" and "world size 2: failed" in reason.message
+
+
+IGNORES_RANKS = """
+import torch
+import torch.distributed as dist
+
+def train(ctx):
+    if ctx.world_size > 1:
+        dist.init_process_group("gloo")
+    model = ctx.build_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for batch in ctx.iter_train_batches(model, batch_size=4, seq_len=32, with_logits=True):
+        batch.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+"""
+
+
+def test_the_reject_policy_rejects_a_loop_that_fails_the_contract(bundle_factory, tmp_path):
+    """The whole pipeline (static policy, contract check, no scored run), on the embedded data."""
+    bundle = bundle_factory(ARCH, IGNORES_RANKS)
+    settings = Settings(cache_dir=tmp_path / "cache", byte_budget=2_000, runner_threads=2, contract_world_sizes="2",
+                        contract_policy="reject")
+    settings.gate.mode = "off"
+    report = evaluate(bundle, settings)
+    assert (report.status, [r.rule for r in report.reasons]) == ("rejected", ["contract:multi_gpu"]), report.reasons
+    assert "world size 2: failed run:ranks_diverged" in report.reasons[0].message
+    assert [(check.world_size, check.passed) for check in report.contract] == [(2, False)]
+    assert report.batches == 0  # the scored run never started

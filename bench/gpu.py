@@ -22,6 +22,8 @@ harness's peak GPU memory ÷ the bare loop's, the stream's ceiling, and the bpb 
   audit tolerance (bit-identical expected on CPU, 1e-4 on CUDA).
 
     python bench/gpu.py                          # CUDA: planned for about 2 minutes on one H100/H200
+    python bench/gpu.py --world-size 4           # also the with_logits bundle as 4 ranks on 4 GPUs (DDP-style
+                                                 # all-reduce): tokens/s per GPU against world size 1, and its bpb
     python bench/gpu.py --device cpu --quick     # smoke test (tests/test_bench_gpu.py)
 
 A run that fails shows as "failed" with its reason in the table, the other rows still print. Where bubblewrap cannot
@@ -127,14 +129,18 @@ def build_model(ctx):
     return GPT(ctx.vocab_size, ctx.max_seq_len).to(device=ctx.device, dtype=torch.bfloat16)
 '''
 
-TRAINING = '''"""AdamW with warmup on bf16 parameters; {how} (written by bench/gpu.py)."""
+TRAINING = '''"""AdamW with warmup on bf16 parameters; {how}; at several ranks an all-reduce averages the
+gradients (written by bench/gpu.py)."""
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
 def train(ctx):
     model = ctx.build_model()
+    if ctx.world_size > 1:
+        dist.init_process_group("nccl" if ctx.device.startswith("cuda") else "gloo")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     model.train()
     batches = ctx.iter_train_batches(model, batch_size={batch_size}, seq_len={seq_len}, with_logits={with_logits})
@@ -143,9 +149,15 @@ def train(ctx):
             group["lr"] = 1e-3 * min(1.0, (step + 1) / 20)
 {loss}
         loss.backward()
+        if ctx.world_size > 1:
+            for parameter in model.parameters():
+                dist.all_reduce(parameter.grad)
+                parameter.grad /= ctx.world_size
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    if ctx.world_size > 1:
+        dist.destroy_process_group()
 '''
 OWN_LOSS = '''        logits = model(batch.tokens)
         loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch.tokens[:, 1:].reshape(-1))'''
@@ -192,6 +204,7 @@ class BareContext:
     def __init__(self, job: dict, architecture, batches: list[tuple[torch.Tensor, int]], vocab_size: int):
         self.vocab_size, self.max_seq_len, self.device = vocab_size, job["max_seq_len"], job["device"]
         self.seed, self.extra_forward = job["seed"], job["extra_forward"]
+        self.rank, self.local_rank, self.world_size = 0, 0, 1  # the bare loop is one process
         self.architecture, self.batches = architecture, batches
         self.started: float | None = None
         self.targets = 0
@@ -354,6 +367,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N, cpu")
     parser.add_argument("--quick", action="store_true", help="a tiny model and budget: a smoke test")
+    parser.add_argument("--world-size", type=int, default=1, help="also score the with_logits bundle as N ranks "
+                        "(N GPUs on CUDA, gloo ranks on CPU)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -385,6 +400,10 @@ def main() -> None:
             runs.attempt("own", lambda: run_eval(bundles["own"], settings))
             runs.attempt("logits", lambda: run_eval(bundles["logits"], settings))
             loads.append(os.getloadavg()[0])
+        if args.world_size > 1:
+            ranked = settings.model_copy(update={"gpus_per_run": args.world_size})
+            for _ in range(config.rounds):
+                runs.attempt("ranks", lambda: run_eval(bundles["logits"], ranked))
         runs.attempt("noop", lambda: run_eval(bundles["noop"], settings))
         runs.attempt("protocol", lambda: Measured(protocol_ceiling(job)))
     print_table(args, config, stream.vocab_size, runs, loads, time.monotonic() - started)
@@ -459,12 +478,26 @@ def print_table(args: argparse.Namespace, config: Config, vocab_size: int, runs:
          "scorer forward"),
         ("protocol", "stream protocol only, tokens/s", "bare", "÷ bare; socket → rows → device → NEXT, no scorer"),
     ]
+    if args.world_size > 1:
+        speeds.insert(4, ("ranks", f"eval with_logits at world size {args.world_size}, tokens/s", "logits",
+                          "÷ eval with_logits at world size 1"))
     for name, label, base, note in speeds:
         speed = runs.speed(name)
         if speed is None:
             row(label, "failed", "—", runs.failed.get(name, "not run")[:300].replace("|", "/").replace("\n", " "))
             continue
         row(label, f"{speed:.0f}", ratio(speed, runs.speed(base or "bare")), note)
+    if args.world_size > 1:
+        ranked, single = runs.speed("ranks"), runs.speed("logits")
+        per_gpu = ranked / args.world_size if ranked is not None else None
+        row(f"tokens/s per GPU at world size {args.world_size}", f"{per_gpu:.0f}" if per_gpu else "failed",
+            ratio(per_gpu, single), "÷ tokens/s at world size 1 (one GPU); 1.0 = linear scaling")
+        ranked_bpb = [m.bpb for m in runs.measured.get("ranks", [])]
+        single_bpb = [m.bpb for m in runs.measured.get("logits", [])]
+        if ranked_bpb and single_bpb:
+            difference = abs(ranked_bpb[0] - single_bpb[0]) / single_bpb[0]
+            row(f"bpb at world size {args.world_size} vs 1", f"{ranked_bpb[0]:.6f} / {single_bpb[0]:.6f}",
+                f"{difference:.2e}", "relative difference: the same run sharded across ranks, float rounding only")
     if args.device.startswith("cuda"):
         for name, label in (("bare", "bare loop"), ("own", "eval own forward"), ("logits", "eval with_logits")):
             memory = runs.memory(name)

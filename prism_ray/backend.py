@@ -188,6 +188,10 @@ class Backend:
                    *self.store.call("list_audits", "pending", None, limit)]
         return sorted(records, key=lambda record: record.seq)[:limit]
 
+    def placement_notice(self) -> str | None:
+        """Why scored runs cannot start, when no node can take one (the cluster's backend knows its nodes)."""
+        return None
+
     def node_address(self, node: str | None) -> str | None:
         """Where a run ran, as a person reads it (the cluster resolves Ray's node ids to addresses)."""
         if node is None or self._node_address is None:

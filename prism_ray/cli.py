@@ -115,6 +115,12 @@ def eval_command(
                                                show_default=_default("device"))] = None,
     use_gate: Annotated[bool | None, typer.Option("--gate/--no-gate", help="force the LLM gate on (no key: held) "
                                                   "or off", show_default="on when an API key is configured")] = None,
+    world_size: Annotated[int | None, typer.Option(min=1, max=8, help="trainer ranks of the scored run (one GPU "
+                                                   "each; gloo ranks on CPU)", show_default=_default("gpus_per_run"))
+                          ] = None,
+    contract: Annotated[bool, typer.Option("--contract", help="first run the multi-GPU contract check: an unscored "
+                                           "short run at each world size of PRISM_CONTRACT_WORLD_SIZES (or 2), as "
+                                           "the cluster does before every scored run")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print exactly one JSON object, the report")] = False,
 ) -> None:
     """Dry-run a bundle exactly as the cluster scores it."""
@@ -124,12 +130,14 @@ def eval_command(
         _usage_error("usage:device", problem, as_json)
     try:
         settings = load_settings(data_dir=data, byte_budget=byte_budget, time_limit=time_limit, seed=seed,
-                                 device=device)
+                                 device=device, gpus_per_run=world_size)
     except ValidationError as error:  # a PRISM_* variable with a value it cannot take
         _usage_error("usage:settings", "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
                                                  for e in error.errors()), as_json)
     if use_gate is not None:
         settings.gate.mode = "required" if use_gate else "off"
+    # eval checks the contract only when asked: it costs one more short run per world size
+    settings.contract_world_sizes = (settings.contract_world_sizes or "2") if contract else ""
     try:
         report = _run_with_progress(bundle, settings)
     except Exception as error:  # a fault of prism-ray or this machine: still one typed object, never a bare traceback
@@ -192,6 +200,8 @@ def print_report(report: RunReport, console: Console) -> None:
          if report.probes and report.probes.rows else None),
         ("gate", report.gate.message or report.gate.status if report.gate else None),
         ("isolation", report.isolation),
+        ("ranks", f"{report.world_size} trainer ranks" if report.world_size > 1 else None),
+        ("contract", "; ".join(check.summary() for check in report.contract) or None),
         ("wall", f"{report.wall_seconds:.1f} s" + (" (" + ", ".join(f"{name} {seconds:.1f} s" for name, seconds
                                                                   in report.timings.items()) + ")"
                                                    if report.timings else "") if report.wall_seconds else None),

@@ -208,6 +208,18 @@ class Settings(BaseSettings):
     encode_threads: int = Field(default=0, ge=0, description="token-cache build threads; 0 = all cores")
     runner_threads: int = Field(default=0, ge=0, description="torch threads in the runner; 0 = all cores")
     device: str = Field(default="auto", description="auto = the run's GPU when there is one, else cpu")
+    # --- several ranks (docs/miner.md "Several GPUs", docs/operator.md) ---
+    gpus_per_run: int = Field(default=1, ge=1, le=8, description="trainer ranks of a scored run, one GPU each (a "
+                              "num_gpus=N train task); on CPU, gloo ranks")
+    rank_timeout: float = Field(default=120.0, gt=0, description="seconds a trainer rank may trail the first one to "
+                                "a step (iter_train_batches, a batch, the end) before the run fails run:rank_hung")
+    contract_world_sizes: str = Field(default="2", pattern=r"^\s*([2-8]\s*(,\s*[2-8]\s*)*)?$",
+                                      description="world sizes of the unscored multi-GPU contract check before the "
+                                      "scored run (gloo on CPU), comma-separated; empty = off")
+    contract_policy: Literal["flag", "reject"] = Field(default="flag", description="a failed contract check only "
+                                                        "shows (flag) or rejects the bundle (contract:multi_gpu)")
+    contract_batches: int = Field(default=3, ge=1, description="batches each contract check trains on")
+    contract_time_limit: float = Field(default=300.0, gt=0, description="wall-clock cap of one contract check")
     intake: IntakeLimits = Field(default_factory=lambda: IntakeLimits())
     sandbox: SandboxSettings = Field(default_factory=lambda: SandboxSettings())
     gate: GateSettings = Field(default_factory=lambda: GateSettings())
@@ -215,6 +227,11 @@ class Settings(BaseSettings):
     audit: AuditSettings = Field(default_factory=lambda: AuditSettings())
     replicas: ReplicaSettings = Field(default_factory=lambda: ReplicaSettings())
     cluster: ClusterSettings = Field(default_factory=lambda: ClusterSettings())
+
+
+def contract_sizes(settings: Settings) -> list[int]:
+    """The world sizes PRISM_CONTRACT_WORLD_SIZES names (each 2..8, checked by the field's pattern)."""
+    return [int(part) for part in settings.contract_world_sizes.split(",") if part.strip()]
 
 
 def load_settings(**overrides) -> Settings:

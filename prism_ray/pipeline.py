@@ -94,7 +94,7 @@ class Stage:
     name: str
     run: Callable[..., StageResult]
     needs: tuple[str, ...] = ()  # earlier stages whose payloads are passed, in this order
-    gpu: bool = False  # runs miner code: a num_gpus=1 task whose own heartbeats renew the lease
+    gpu: bool = False  # runs miner code: a num_gpus=N task (PRISM_GPUS_PER_RUN) whose own heartbeats renew the lease
     on_head: bool = False  # pinned to the head node when the cluster has one (the gate's API key lives there)
     colocate: str | None = None  # runs on the node of this earlier stage, whose files (the run dir) stay there
 

@@ -13,6 +13,7 @@ from prism_ray import scoring
 from prism_ray.chunks import ChunkCurve, chunk_curve
 from prism_ray.config import Settings
 from prism_ray.errors import PrismError, Reason
+from prism_ray.harness.contract import ContractCheck
 from prism_ray.scoring import ScoreBreakdown
 
 if TYPE_CHECKING:
@@ -105,6 +106,9 @@ class RunReport(BaseModel):
     curve: list[dict[str, float]] = Field(default_factory=list)
     head_nats: list[float] = Field(default_factory=list, description="the first per-batch nats (ScoringSettings."
                                    "copy_batches of them), exactly as scored: copies by behaviour (docs/scoring.md)")
+    world_size: int = Field(default=1, description="trainer ranks of the scored run")
+    contract: list[ContractCheck] = Field(default_factory=list, description="the multi-GPU contract checks before "
+                                          "the scored run (docs/miner.md, \"Several GPUs\")")
     chunks: ChunkCurve | None = Field(default=None, description="nats per fixed byte chunk of the scored stream, at "
                                       "batch resolution: paired comparisons (docs/scoring.md, \"Chunks\")")
 
@@ -163,7 +167,7 @@ def assemble(result: TrainResult, bundle_sha256: str, name: str, settings: Setti
                           tolerance=outcome.probe_tolerance),
         timings=timings, wall_seconds=sum(timings.values()), train_seconds=outcome.stream_seconds,
         tokens_per_second=targets / outcome.stream_seconds if outcome.stream_seconds > 0 else None,
-        run_dir=result.run_dir,
+        run_dir=result.run_dir, world_size=outcome.world_size, contract=list(result.contract),
         curve=scoring.learning_curve(outcome.batch_nats, outcome.batch_bytes, settings.curve_points),
         head_nats=list(outcome.batch_nats[:settings.scoring.copy_batches]),
         chunks=chunk_curve(outcome.batch_nats, outcome.batch_bytes, result.byte_budget,

@@ -1,8 +1,9 @@
 """The train stage's work: one sandboxed run of a bundle on the locked data, held-out passes included.
 
 `train()` resolves the data, writes the bundle twice into the run dir (the trainer's copy, and the scorer's without
-the training file), launches the session (harness/session.py: scorer + trainer) and turns the held-out pass results
-into the report's held-out block. Plain Python: the CLI calls it in-process, the cluster in a num_gpus=1 task.
+the training file), runs the multi-GPU contract check (harness/contract.py), launches the session
+(harness/session.py: scorer + trainer) and turns the held-out pass results into the report's held-out block. Plain
+Python: the CLI calls it in-process, the cluster in a num_gpus=N task (PRISM_GPUS_PER_RUN).
 """
 
 from __future__ import annotations
@@ -12,20 +13,21 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from prism_ray import scoring
 from prism_ray.bundle import Bundle
-from prism_ray.config import EMBEDDED_DATA_DIR, Settings
+from prism_ray.config import EMBEDDED_DATA_DIR, Settings, contract_sizes
 from prism_ray.data.dataset import LockedDataset, open_dataset
 from prism_ray.data.token_cache import load_token_stream
 from prism_ray.data.tokenizers import get_tokenizer
 from prism_ray.errors import PrismError, Reason
+from prism_ray.harness.contract import ContractCheck, check_contract, rejection
 from prism_ray.harness.isolation import SandboxPolicy
-from prism_ray.harness.records import EvalPass, PassResult, Progress, RunSpec, TrainOutcome
+from prism_ray.harness.records import RETRYABLE_RULES, EvalPass, PassResult, Progress, RunSpec, TrainOutcome
 from prism_ray.harness.session import run_session
 from prism_ray.harness.stream import StreamPlan
 from prism_ray.report import DataInfo, HeldoutResult
@@ -43,6 +45,7 @@ class TrainResult:
     seed: int
     byte_budget: int
     run_dir: str
+    contract: list[ContractCheck] = field(default_factory=list)  # the multi-GPU contract checks, before the run
 
 
 def new_run_dir(settings: Settings, bundle: Bundle) -> Path:
@@ -74,7 +77,8 @@ def run_spec(bundle: Bundle, settings: Settings, run_dir: Path, tokenizer: str, 
         vocab_size=vocab_size, max_seq_len=settings.max_seq_len, max_params=settings.max_params, seed=settings.seed,
         device=settings.device, byte_budget=settings.byte_budget, artifacts_dir=run_dir / "artifacts",
         data_dir=data_dir, threads=settings.runner_threads or len(os.sched_getaffinity(0)),
-        probe_every=settings.causality_probe_every,
+        probe_every=settings.causality_probe_every, world_size=settings.gpus_per_run,
+        rank_timeout=settings.rank_timeout,
     )
 
 
@@ -97,6 +101,8 @@ def train(bundle: Bundle, settings: Settings, run_dir: Path,
                            documents=stream.documents, tokens=int(len(stream.tokens)))
     heldout = _HeldoutPlan(dataset, stream.tokens, settings, tokenizer.name)
     spec = run_spec(bundle, settings, run_dir, tokenizer.name, tokenizer.vocab_size, str(dataset.root))
+    if contract_sizes(settings) and _contract_ends_it(result, spec, settings, stream.tokens, stream.byte_lengths):
+        return result
     result.outcome = run_session(spec, stream.tokens, stream.byte_lengths, run_dir, settings.time_limit, progress,
                                  sandbox_policy(settings), heldout=heldout.passes,
                                  heldout_time_limit=settings.heldout_time_limit)
@@ -106,6 +112,22 @@ def train(bundle: Bundle, settings: Settings, run_dir: Path,
             result.outcome.status = "failed"
             result.outcome.reasons = list(result.heldout.reasons)
     return result
+
+
+def _contract_ends_it(result: TrainResult, spec: RunSpec, settings: Settings, tokens: np.ndarray,
+                      byte_lengths: np.ndarray) -> bool:
+    """The contract checks, into `result`; True when they end the submission (reject policy, or a system
+    failure, which is retried)."""
+    result.contract = check_contract(spec, contract_sizes(settings), settings.contract_batches, tokens,
+                                     byte_lengths, Path(result.run_dir), settings.contract_time_limit,
+                                     sandbox_policy(settings))
+    retry = [r for check in result.contract for r in check.reasons if r.rule in RETRYABLE_RULES]
+    reason = rejection(result.contract) if settings.contract_policy == "reject" else None
+    if retry or reason is not None:
+        result.outcome.reasons = retry or [reason]
+        result.outcome.before_data = not retry  # rejected: the scored run never started
+        return True
+    return False
 
 
 HELDOUT_DIGITS = 4  # decimals of the held-out bpb a report shows

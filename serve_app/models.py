@@ -286,6 +286,8 @@ class Queue(BaseModel):
     waiting: int
     typical_run_seconds: float | None = Field(description="median claim-to-finish seconds of the latest 20 "
                                               "completed runs: the basis of every ETA")
+    notice: str | None = Field(default=None, description="why scored runs cannot start, e.g. no node has the "
+                               "PRISM_GPUS_PER_RUN GPUs a run needs")
     entries: list[QueueEntry]
 
 

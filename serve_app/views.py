@@ -108,7 +108,7 @@ def queue(backend: Backend) -> Queue:
                           progress=progress(backend, item.run, None) if item.run else None)
                for item in view.items]
     return Queue(running=stats["in_flight"], waiting=stats["queue_depth"],
-                 typical_run_seconds=view.typical_run_seconds, entries=entries)
+                 typical_run_seconds=view.typical_run_seconds, notice=backend.placement_notice(), entries=entries)
 
 
 def _first(*values: Any) -> Any:

@@ -35,6 +35,7 @@ disks), damage.py (damaged store files), prepare_reference.py.
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
@@ -45,6 +46,10 @@ from prism_ray.bundle import Bundle, load_bundle
 from prism_ray.harness.isolation import SandboxPolicy
 from prism_ray.harness.records import RunSpec, TrainOutcome
 from prism_ray.harness.session import run_session
+
+# The multi-GPU contract check (a short run at world size 2 before every scored run) is on by default; it would
+# double the cost of every evaluation in this suite, so only tests/test_ranks.py turns it on.
+os.environ.setdefault("PRISM_CONTRACT_WORLD_SIZES", "")
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -73,7 +78,8 @@ def byte_stream(text: str) -> np.ndarray:
 def train_on_stream(bundle: Bundle, tokens: np.ndarray, run_dir: Path, byte_budget: int = 0,
                     time_limit: float = 120.0, seed: int = 1337, max_params: int = 150_000_000,
                     byte_lengths: np.ndarray = BYTE_LENGTHS, vocab_size: int = 257,
-                    policy: SandboxPolicy | None = None, probe_every: int = 1, heldout=None) -> TrainOutcome:
+                    policy: SandboxPolicy | None = None, probe_every: int = 1, heldout=None, world_size: int = 1,
+                    rank_timeout: float = 120.0) -> TrainOutcome:
     spec = RunSpec(
         bundle_dir=bundle.write_to(run_dir / "bundle"),
         exporter_bundle_dir=bundle.write_to(run_dir / "exporter-bundle", without_training=True),
@@ -81,7 +87,7 @@ def train_on_stream(bundle: Bundle, tokens: np.ndarray, run_dir: Path, byte_budg
         training=(bundle.config.training_entry.file, bundle.config.training_entry.symbol),
         tokenizer=bundle.config.tokenizer, vocab_size=vocab_size, max_seq_len=1024, max_params=max_params,
         seed=seed, device="cpu", byte_budget=byte_budget, artifacts_dir=run_dir / "artifacts", data_dir="",
-        threads=1, probe_every=probe_every,
+        threads=world_size, probe_every=probe_every, world_size=world_size, rank_timeout=rank_timeout,
     )
     return run_session(spec, tokens, byte_lengths, run_dir, time_limit, policy=policy, heldout=heldout)
 

@@ -36,8 +36,9 @@ def cache_dir(tmp_path_factory):
 @pytest.mark.sandbox
 @pytest.mark.parametrize("example", ["tiny-gpt", "byte-lm", "seed-tiny"])
 def test_examples_score_on_embedded_data(example, cache_dir):
-    code, report, _ = eval_json(str(EXAMPLES / example), "--byte-budget", "10000", cache_dir=cache_dir)
+    code, report, _ = eval_json(str(EXAMPLES / example), "--byte-budget", "10000", "--contract", cache_dir=cache_dir)
     assert code == 0, report
+    assert [(check["world_size"], check["passed"]) for check in report["contract"]] == [(2, True)], report["contract"]
     assert report["status"] == "completed" and report["stage"] == "score"
     assert report["bytes_scored"] >= 10000 and report["stopped_reason"] == "byte_budget"
     assert 0 < report["bpb"] < 20 and 0 < report["final_score"] < 1

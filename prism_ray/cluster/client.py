@@ -17,6 +17,7 @@ import ray
 from prism_ray.backend import Backend
 from prism_ray.bundle import Bundle
 from prism_ray.cluster.runtime import ClusterHandle
+from prism_ray.cluster.tasks import placement_notice
 from prism_ray.leaderboard import LeaderboardEntry
 from prism_ray.store import TERMINAL_STATUSES, SubmissionRecord
 
@@ -64,6 +65,11 @@ class ClusterBackend(Backend):
         self.handle = handle
         super().__init__(ActorStore(handle.store), handle.settings, on_queued=handle.scheduler.wake.remote,
                          node_address=NodeAddresses())
+
+    def placement_notice(self) -> str | None:
+        if self.handle.settings.gpus_per_run == 1:  # any GPU takes a run: nothing to say
+            return None
+        return placement_notice(ray.nodes(), self.handle.settings.gpus_per_run)
 
 
 def submit(handle: ClusterHandle, hotkey: str, filename: str, source: bytes | str | Path | Bundle,

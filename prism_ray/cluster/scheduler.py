@@ -42,7 +42,7 @@ from ray.exceptions import RayError, RayTaskError
 from prism_ray.bundle import load_bundle
 from prism_ray.cluster.metrics import SchedulerMetrics
 from prism_ray.cluster.store_actor import Beat
-from prism_ray.cluster.tasks import StageTasks
+from prism_ray.cluster.tasks import StageTasks, run_slots
 from prism_ray.config import Settings
 from prism_ray.errors import BundleError, Reason
 from prism_ray.faults import operator_fault
@@ -163,7 +163,9 @@ class Scheduler:
             return self.cluster.capacity
         now = time.monotonic()
         if now - self._capacity_at >= _CAPACITY_REFRESH_SECONDS:  # follows nodes joining and leaving
-            self._capacity = int(ray.cluster_resources().get("GPU", 0))
+            per_run = self.settings.gpus_per_run  # a run's GPUs share one node: count whole runs per node
+            self._capacity = int(ray.cluster_resources().get("GPU", 0)) if per_run == 1 else \
+                run_slots(ray.nodes(), per_run)
             self._capacity_at = now
         return self._capacity
 

@@ -92,7 +92,8 @@ def stage_task(name: str, job: Job, store: ActorHandle, settings: Settings, timi
 
 
 class StageTasks:
-    """Launches stages as Ray tasks: GPU stages with num_gpus=1 (Ray sets CUDA_VISIBLE_DEVICES), CPU stages with a
+    """Launches stages as Ray tasks: GPU stages with num_gpus=PRISM_GPUS_PER_RUN (Ray sets CUDA_VISIBLE_DEVICES), CPU
+    stages with a
     fraction of a CPU, every one with max_retries=0 (requeueing is the scheduler's, explicit and recorded)."""
 
     def __init__(self, settings: Settings, has_head: bool) -> None:
@@ -101,8 +102,8 @@ class StageTasks:
         cluster = settings.cluster
         for stage in STAGES_BY_NAME.values():
             options: dict[str, Any] = {"num_returns": 2, "max_retries": 0, "name": f"prism-{stage.name}"}
-            if stage.gpu:
-                options.update(num_gpus=1, num_cpus=cluster.cpus_per_gpu_stage)
+            if stage.gpu:  # N ranks, one GPU each, on one node (docs/operator.md, "Several GPUs per run")
+                options.update(num_gpus=settings.gpus_per_run, num_cpus=cluster.cpus_per_gpu_stage)
             else:
                 options.update(num_cpus=cluster.cpus_per_cpu_stage)
             if stage.on_head and has_head:
@@ -119,3 +120,18 @@ class StageTasks:
         outcome, payload = self._task.options(**options).remote(stage.name, job, store, settings, timings, bundle,
                                                                 *needs)
         return outcome, payload
+
+
+def run_slots(nodes: list[dict[str, Any]], gpus_per_run: int) -> int:
+    """How many scored runs fit at once: a run's N GPUs must be on one node (its ranks share one sandbox)."""
+    return sum(int(node.get("Resources", {}).get("GPU", 0)) // gpus_per_run for node in nodes if node.get("Alive"))
+
+
+def placement_notice(nodes: list[dict[str, Any]], gpus_per_run: int) -> str | None:
+    """What /queue says when no alive node can take a scored run of `gpus_per_run` GPUs."""
+    if gpus_per_run <= 1 or run_slots(nodes, gpus_per_run):
+        return None
+    largest = max((int(node.get("Resources", {}).get("GPU", 0)) for node in nodes if node.get("Alive")), default=0)
+    return (f"no node has {gpus_per_run} GPUs (PRISM_GPUS_PER_RUN; the largest has {largest}): scored runs wait "
+            "until such a node joins")
+

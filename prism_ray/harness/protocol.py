@@ -23,7 +23,7 @@ _RECORD = struct.Struct("<qd?")  # batch index, summed nats, finite
 _PROBE = struct.Struct("<qiii")  # batch index, probe rows, batch_size, seq_len; then (row, boundary) int32 pairs
 # and batch_size·seq_len uint32 tokens
 MAX_FRAME = 1 << 30
-_FDS = socket.CMSG_SPACE(4 * array.array("i").itemsize)  # room for up to four descriptors per read
+_FDS = socket.CMSG_SPACE(16 * array.array("i").itemsize)  # room for 16 descriptors per read: one per rank and more
 
 
 class Kind(IntEnum):

@@ -44,6 +44,9 @@ class RunSpec:
     data_dir: str
     threads: int
     probe_every: int = 1  # one batch in this many is probed, on average (0: none)
+    world_size: int = 1  # trainer ranks in the trainer's sandbox (docs/architecture.md, "Several ranks")
+    rank_timeout: float = 120.0  # how long a rank may trail the first one to a step before it is run:rank_hung
+    max_batches: int | None = None  # end the stream after this many batches (the unscored contract check)
 
     def runner_spec(self, role: str) -> dict:
         if role == "scorer":  # no bundle, no paths: it runs no miner code and reads no files of ours
@@ -55,7 +58,10 @@ class RunSpec:
                 "max_seq_len": self.max_seq_len, "max_params": self.max_params, "seed": self.seed,
                 "device": self.device if role == "trainer" else "cpu",  # the exporter traces on CPU
                 "byte_budget": self.byte_budget, "artifacts_dir": str(self.artifacts_dir),
-                "data_dir": self.data_dir if role == "trainer" else "", "threads": self.threads}
+                "data_dir": self.data_dir if role == "trainer" else "",
+                # the ranks share the run's cores; the exporter runs alone
+                "threads": max(1, self.threads // self.world_size) if role == "trainer" else self.threads,
+                "rank": 0, "world_size": self.world_size if role == "trainer" else 1}
 
 
 @dataclass
@@ -99,6 +105,7 @@ class TrainOutcome:
     wall_seconds: float = 0.0
     stream_seconds: float = 0.0
     device: str | None = None
+    world_size: int = 1
     sandboxed: bool = False
     log_tail: str = ""
     heldout: dict[str, PassResult] | None = None

@@ -58,6 +58,8 @@ def classify(error: BaseException) -> str:
 _HINTS = {
     "run:process_limit": " (the sandbox runs no worker processes: use DataLoader(num_workers=0) — the stream is "
                          "already in memory — and no multiprocessing)",
+    "run:artifacts_rank": " (ranks other than 0 may write only beneath their own TMPDIR; only rank 0 may write "
+                          "ctx.artifacts_dir: guard saves with `if ctx.rank == 0:`)",
 }
 
 
@@ -73,21 +75,34 @@ class _ExporterBackend:
         raise RunError("run:forbidden_call", "ctx.iter_train_batches may only be called from training code")
 
 
-def _device(requested: str) -> str:
+def _device(requested: str, local_rank: int, world_size: int) -> str:
     import torch
 
+    # Ray sets CUDA_VISIBLE_DEVICES to the run's GPUs: one per rank, rank r on the r-th
     if requested == "auto":
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
-    return "cuda:0" if requested == "cuda" else requested  # one visible GPU per run (Ray sets CUDA_VISIBLE_DEVICES)
+        return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" or (requested.startswith("cuda") and world_size > 1):
+        return f"cuda:{local_rank}"
+    return requested
+
+
+def _rank_env(spec: dict) -> None:
+    """The torch.distributed environment of this rank, as torchrun sets it, before any miner code runs."""
+    rank, world_size = int(spec.get("rank", 0)), int(spec.get("world_size", 1))
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                       "LOCAL_WORLD_SIZE": str(world_size), "GROUP_RANK": "0"})
 
 
 def run(channel: Channel, spec: dict, role: str) -> int:
+    if role == "trainer":
+        _rank_env(spec)
     force_seed(spec["seed"])
     force_determinism()
     import torch
 
     torch.set_num_threads(max(1, spec["threads"]))
-    spec["device"] = _device(spec["device"])
+    spec["device"] = _device(spec["device"], int(os.environ.get("LOCAL_RANK", "0")) if role == "trainer" else 0,
+                             int(spec.get("world_size", 1)))
     if spec["device"].startswith("cuda"):
         torch.cuda.set_device(torch.device(spec["device"]))
     bundle_dir = spec["bundle_dir"]
@@ -98,6 +113,8 @@ def run(channel: Channel, spec: dict, role: str) -> int:
             from prism_ray.harness.trainer import TrainerHarness
 
             backend: Any = TrainerHarness(channel, spec)
+            if int(spec.get("rank", 0)) > 0:
+                backend.guard_artifacts()
         else:
             backend = _ExporterBackend()
         ctx = _context(spec, backend)  # the PRISM interface exists before any miner module is imported
@@ -122,6 +139,8 @@ def run(channel: Channel, spec: dict, role: str) -> int:
     except BaseException as error:  # noqa: BLE001 — any miner failure is reported, typed, to the parent
         file, line = _miner_frame(traceback.extract_tb(error.__traceback__), bundle_dir)
         rule = classify(error)
+        if int(spec.get("rank", 0)) > 0 and (spec["artifacts_dir"] in str(error) or "ermission denied" in str(error)):
+            rule = "run:artifacts_rank"  # Landlock refused a write (torch.save's C++ writer names no path)
         message = f"{type(error).__name__}: {str(error)[:2000]}{_HINTS.get(rule, '')}"
         channel.send_json(Kind.ERROR, {"rule": rule, "message": message, "file": file, "line": line})
         traceback.print_exc(limit=20)

@@ -31,6 +31,7 @@ from prism_ray.harness import cuda_ipc, layout, shared_state
 from prism_ray.harness.context import RunError, force_determinism, rows
 from prism_ray.harness.probes import causality_tolerance, drift, heldout_probe, non_causal_message
 from prism_ray.harness.protocol import Channel, Kind, parse_batch, parse_json, parse_probe
+from prism_ray.harness.rank_check import RankCheck
 
 _SOFTMAX_BYTES = 256 << 20  # rows of logits turned into log-probs at once
 
@@ -77,13 +78,19 @@ class Scorer:
             raise self.fail("run:protocol", f"unexpected frame {kind.name} from the parent")
         share = parse_json(payload)
         slots, nbytes = layout.plan_slots(share["layout"])
-        exported: list[int] = []  # the descriptor of the GPU buffer this process shares (through the parent)
-        if share["where"] == "memfd":
-            shared = shared_state.map_memfd(self.channel.take_fd(), nbytes, writable=False)
-        else:
-            shared, fd = cuda_ipc.allocate(nbytes, self.device)
-            shared.zero_()
-            exported.append(fd)
+        world_size = int(share.get("ranks", 1))
+        exported: list[int] = []  # the descriptors of the GPU buffers this process shares (through the parent)
+        ranks: list[torch.Tensor] = []  # each trainer rank's shared state; rank 0's is the one scored
+        for rank in range(world_size):
+            if share["where"] == "memfd":
+                ranks.append(shared_state.map_memfd(self.channel.take_fd(), nbytes, writable=False))
+            else:  # rank r trains on the run's r-th GPU: its buffer lives there
+                buffer, fd = cuda_ipc.allocate(nbytes, self.device if world_size == 1 else torch.device("cuda", rank))
+                buffer.zero_()
+                ranks.append(buffer)
+                exported.append(fd)
+        self.ranks = RankCheck(ranks, slots)
+        shared = ranks[0]
         kind, payload = self.channel.recv()
         if kind != Kind.LOAD:
             raise self.fail("run:protocol", f"unexpected frame {kind.name} from the parent")
@@ -196,11 +203,14 @@ class Scorer:
         while True:
             kind, payload = self.channel.recv()
             if kind == Kind.SNAPSHOT:
+                index, _, compare = payload.decode().partition(" ")
                 private.copy_(shared)
                 if last is None:  # the first batch is scored on the exported initial state, nothing else
                     self._check_init(private, step0, slots)
+                if compare:
+                    self._check_ranks(private, f"batch {index}")
                 _synchronize(private)
-                self.channel.send(Kind.SNAPPED, payload)
+                self.channel.send(Kind.SNAPPED, index.encode())
             elif kind == Kind.BATCH:
                 index, _, seq_len, chunk, _ = parse_batch(payload)
                 tokens = rows(chunk, seq_len).to(self.device)
@@ -244,6 +254,11 @@ class Scorer:
                                                 probed[row, :boundary].cpu().numpy())])
         self.channel.send(Kind.PROBED, json.dumps({"index": index, "rows": drifts}).encode())
 
+    def _check_ranks(self, private: torch.Tensor, when: str) -> None:
+        found = self.ranks.differs(private, when)
+        if found is not None:
+            raise self.fail("run:ranks_diverged", found)
+
     def _check_init(self, private: torch.Tensor, step0: torch.Tensor, slots: list[layout.Slot]) -> None:
         if torch.equal(private, step0):
             return
@@ -262,6 +277,7 @@ class Scorer:
         The final state was never probed: its first batch, and later ones at the stream's rate, get a probe batch
         built here from the batch itself (the step-0 state is the one batch 0 was scored and probed on)."""
         private.copy_(shared)
+        self._check_ranks(private, "the end of the stream")
         _synchronize(private)
         self.channel.send(Kind.SNAPPED, b"final")  # only now does the trainer hear that the stream ended
         states = {0: shared_state.views(step0, slots), 1: shared_state.views(private, slots)}

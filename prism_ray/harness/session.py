@@ -29,11 +29,11 @@ from prism_ray.harness.heldout import HeldoutError, score_passes
 from prism_ray.harness.isolation import SandboxPolicy
 from prism_ray.harness.probes import ProbePlan, causality_tolerance, non_causal_message
 from prism_ray.harness.protocol import Channel, Kind, ProtocolError, parse_json, parse_record
+from prism_ray.harness.ranks import Ranks
 from prism_ray.harness.records import Books, HeldoutPlan, Progress, RunSpec, TrainOutcome
-from prism_ray.harness.stream import BatchSlice, StreamPlan, check_geometry
+from prism_ray.harness.stream import BatchSlice, StreamPlan
 from prism_ray.harness.supervise import Runner
-
-MAX_BATCH_TOKENS = 1 << 22
+from prism_ray.harness.trainer_frames import TrainerFrames
 
 
 class _Failed(Exception):
@@ -48,7 +48,7 @@ def run_session(spec: RunSpec, tokens: np.ndarray, byte_lengths: np.ndarray, run
                     heldout, heldout_time_limit).run()
 
 
-class _Session:
+class _Session(TrainerFrames):
     def __init__(self, spec: RunSpec, tokens: np.ndarray, byte_lengths: np.ndarray, run_dir: Path, time_limit: float,
                  progress: Callable[[Progress], None] | None, policy: SandboxPolicy, heldout: HeldoutPlan | None,
                  heldout_time_limit: float):
@@ -64,7 +64,10 @@ class _Session:
         # stream state
         self.layout: list | None = None  # the exporter's fresh build
         self.geometry: dict | None = None  # the trainer's request, with its model's layout
-        self.state_fd: int | None = None  # the shared state's memfd (CPU), kept for the scorer
+        self.ranks = Ranks(spec.world_size, spec.rank_timeout)
+        self.outcome.world_size = spec.world_size
+        self.state_fds: list[int] = []  # each rank's shared-state memfd (CPU), kept for the scorer
+        self.released = 0  # batches released to the ranks so far
         self.ready: set[str] = set()
         self.plan: StreamPlan | None = None
         self.batches: Iterator[BatchSlice] | None = None
@@ -75,7 +78,7 @@ class _Session:
         # for the record instead, as a bare loop with one extra forward would.
         self.overlap = False
         self.on_gpu = False
-        self.trainer_waiting = False  # the trainer asked for a batch and has none
+        self.trainer_waiting = False  # every rank asked for a batch and has none
         self.snapshotting: BatchSlice | None = None
         self.unrecorded: dict[int, BatchSlice] = {}
         self.stream_ended = False
@@ -117,48 +120,54 @@ class _Session:
         self.runners["exporter"] = Runner("exporter", self.run_dir, spec.threads, self.policy,
                                           (spec.exporter_bundle_dir,), None)
         self.runners["trainer"] = Runner("trainer", self.run_dir, spec.threads, self.policy, (spec.bundle_dir,),
-                                         spec.artifacts_dir)
+                                         spec.artifacts_dir, world_size=spec.world_size)
         self.outcome.sandboxed = self.runners["trainer"].process.sandboxed
-        for role in ("scorer", "exporter", "trainer"):
-            channel = self._accept(role)
-            channel.send_json(Kind.CONFIG, spec.runner_spec(role))
+        for role in ("scorer", "exporter"):
+            self._accept(role, role).send_json(Kind.CONFIG, spec.runner_spec(role))
+        # every rank connects before any learns its rank: none runs miner code while another may still connect
+        for index in range(spec.world_size):
+            self.ranks.add(self._accept("trainer", Ranks.key(index)))
+        for member in self.ranks.members:
+            member.channel.send_json(Kind.CONFIG, {**spec.runner_spec("trainer"), "rank": member.index})
 
-    def _accept(self, role: str) -> Channel:
+    def _accept(self, role: str, key: str) -> Channel:
         try:
             channel = self.runners[role].accept(self.deadline)
         except ProtocolError as error:
             raise self._crash(role, str(error)) from None
-        # descriptors: the scorer's GPU buffer, the exporter's graph memfd; the trainer's are closed at once
+        # descriptors: the scorer's GPU buffers, the exporter's graph memfd; the trainer's are closed at once
         channel.accept_fds = role in ("scorer", "exporter")
-        self.channels[role] = channel
-        self.selector.register(channel.sock, selectors.EVENT_READ, role)
+        self.channels[key] = channel
+        self.selector.register(channel.sock, selectors.EVENT_READ, key)
         return channel
 
     def _train(self) -> None:
         while not (self.trainer_done and self.stream_ended and self._settled()):
-            if self.trainer_done and not self.stream_ended:
-                self._fail(Reason(rule="run:stopped_early", message="train(ctx) returned before the scored stream "
-                                  "ended; every run must consume its whole byte budget"))
             self._dispatch(self.deadline)
 
     def _settled(self) -> bool:
         return not (self.unrecorded or self.snapshotting or self.probing or self.finalizing)
 
     def _dispatch(self, deadline: float) -> None:
-        """Handle the next frame from whichever runner sent one."""
-        events = self.selector.select(timeout=max(0.0, deadline - time.monotonic()))
+        """Handle the next frame from whichever runner sent one (or end a run whose ranks stopped following)."""
+        wake = min(deadline, self.ranks.overdue_at() or deadline)
+        events = self.selector.select(timeout=max(0.0, wake - time.monotonic()))
         if not events and time.monotonic() >= deadline:
             raise TimeoutError
+        hung = self.ranks.overdue(time.monotonic())
+        if hung is not None:
+            self._fail(hung)
         for channel in self.channels.values():  # sends honour the deadline too: a runner that stops reading stalls
             channel.sock.settimeout(max(0.001, deadline - time.monotonic()))
-        for key, _ in events:
-            role = key.data
+        for event, _ in events:
+            key = event.data
             try:
-                kind, payload = self.channels[role].recv(timeout=max(0.001, deadline - time.monotonic()))
+                kind, payload = self.channels[key].recv(timeout=max(0.001, deadline - time.monotonic()))
             except ProtocolError as error:
-                self._pending_errors(role)
-                raise self._crash(role, f"{role}: {error}") from None
-            self._handle(role, kind, payload)
+                self._pending_errors(key)
+                role, _, rank = key.partition(":")
+                raise self._crash(role, f"{self.ranks.label(int(rank)) if rank else role}: {error}") from None
+            self._handle(key, kind, payload)
 
     def _pending_errors(self, closed: str) -> None:
         """A runner's socket closed: if another runner already said why, that reason wins over a bare crash."""
@@ -178,22 +187,29 @@ class _Session:
                 if kind == Kind.ERROR:
                     self._handle(role, kind, payload)
 
-    def _handle(self, role: str, kind: Kind, payload: bytes) -> None:
+    def _handle(self, key: str, kind: Kind, payload: bytes) -> None:
+        role, _, rank = key.partition(":")
         if kind == Kind.ERROR:
             error = parse_json(payload)
-            reason = Reason(rule=str(error.get("rule", "run:exception")), message=str(error.get("message", ""))[:4000],
+            message = str(error.get("message", ""))[:4000]
+            if rank and self.ranks.world_size > 1:
+                message = f"rank {rank}: {message}"
+            reason = Reason(rule=str(error.get("rule", "run:exception")), message=message,
                             file=error.get("file"), line=error.get("line"))
             if role == "trainer" and self.layout is None:
                 # The trainer builds the same architecture: if the exporter's build fails too, the bundle is rejected
                 # for that (before any data); only a sound architecture leaves the failure to training.
-                self.trainer_error = reason
-                self.selector.unregister(self.channels["trainer"].sock)
+                self.trainer_error = self.trainer_error or reason
+                self.selector.unregister(self.channels[key].sock)
                 return
             self._fail(reason, before_data=role != "trainer" and not self.ready >= {"scorer"})
         handler = getattr(self, f"_{role}_{kind.name.lower()}", None)
         if handler is None:
             raise self._crash(role, f"unexpected frame {kind.name} from the {role}")
-        handler(payload)
+        if rank:
+            handler(int(rank), payload)
+        else:
+            handler(payload)
 
     # --- exporter frames ----------------------------------------------------------------------------------------
 
@@ -234,8 +250,8 @@ class _Session:
             assert self.geometry is not None
             where = "cuda" if self.on_gpu else "memfd"
             scorer = self.channels["scorer"]
-            scorer.send_json(Kind.SHARE, {"where": where, "layout": self.geometry["layout"]},
-                             fds=(self.state_fd,) if self.state_fd is not None else ())
+            scorer.send_json(Kind.SHARE, {"where": where, "layout": self.geometry["layout"],
+                                          "ranks": self.ranks.world_size}, fds=tuple(self.state_fds))
             scorer.send(Kind.LOAD, payload, fds=(blob,))
         finally:
             os.close(blob)
@@ -253,29 +269,33 @@ class _Session:
                                                            "cuda" if self.on_gpu else "cpu")
 
     def _scorer_ready(self, payload: bytes) -> None:
-        """The scorer loaded and checked the forward; on a GPU it passes on the descriptor of the state buffer."""
+        """The scorer loaded and checked the forward; on a GPU it passes on the descriptor of each rank's state
+        buffer."""
         if parse_json(payload).get("shares_state"):
-            fd = self.channels["scorer"].take_fd()
-            try:
-                assert self.geometry is not None
-                self.channels["trainer"].send_json(Kind.SHARE, {"where": "cuda", "layout": self.geometry["layout"]},
-                                                   fds=(fd,))
-            finally:
-                os.close(fd)
+            assert self.geometry is not None
+            for member in self.ranks.members:
+                fd = self.channels["scorer"].take_fd()
+                try:
+                    member.channel.send_json(Kind.SHARE, {"where": "cuda", "layout": self.geometry["layout"]},
+                                             fds=(fd,))
+                finally:
+                    os.close(fd)
         self._ready("scorer")
 
     def _scorer_snapped(self, payload: bytes) -> None:
         if payload == b"final" and self.finalizing:
             self.finalizing = False
-            self.channels["trainer"].send_json(Kind.END, {"reason": self.outcome.stopped_reason})
+            for member in self.ranks.members:
+                member.channel.send_json(Kind.END, {"reason": self.outcome.stopped_reason})
             return
         piece = self.snapshotting
         if piece is None or int(payload or b"-1") != piece.index:
             raise self._crash("scorer", "snapshot of a batch that was not asked for")
         self.snapshotting = None
-        self._send_batch("scorer", piece)
-        if self.overlap:  # the trainer sees batch k only now, after the snapshot it is scored on
-            self._send_batch("trainer", piece)
+        assert self.outcome.batch_size is not None and self.outcome.seq_len is not None
+        self.channels["scorer"].send_batch(piece.index, self.outcome.batch_size, self.outcome.seq_len, piece.chunk)
+        if self.overlap:  # the ranks see batch k only now, after the snapshot it is scored on
+            self._release(piece)
         self.unrecorded[piece.index] = piece
         assert self.probes is not None
         probe = self.probes.for_batch(piece)
@@ -290,15 +310,11 @@ class _Session:
             raise self._crash("scorer", f"loss record for batch {index} was not expected")
         self.books.record(piece, nats, finite)
         if not self.overlap:
-            self._send_batch("trainer", piece)
+            self._release(piece)
         self.outcome.stream_seconds = time.monotonic() - self.stream_started
         if self.progress is not None:
             self.progress(Progress(self.outcome.batches, self.books.bytes, self.spec.byte_budget,
                                    self.books.running_bpb, self.books.targets / max(self.outcome.stream_seconds, 1e-9)))
-
-    def _send_batch(self, role: str, piece: BatchSlice) -> None:
-        assert self.outcome.batch_size is not None and self.outcome.seq_len is not None
-        self.channels[role].send_batch(piece.index, self.outcome.batch_size, self.outcome.seq_len, piece.chunk)
 
     def _scorer_probed(self, payload: bytes) -> None:
         answer = parse_json(payload)
@@ -314,103 +330,6 @@ class _Session:
             if not moved <= tolerance:
                 self._fail(Reason(rule="run:non_causal", message=f"batch {index}, row {row}: "
                                   + non_causal_message(boundary, moved)))
-
-    # --- trainer frames -----------------------------------------------------------------------------------------
-
-    def _trainer_hello(self, payload: bytes) -> None:
-        pass
-
-    def _trainer_geometry(self, payload: bytes) -> None:
-        if self.geometry is not None:
-            raise self._crash("trainer", "geometry sent twice")
-        request = parse_json(payload)
-        try:
-            batch_size, seq_len = check_geometry(request.get("batch_size"), request.get("seq_len"),
-                                                 self.spec.max_seq_len, MAX_BATCH_TOKENS)
-        except PrismError as error:
-            self.channels["trainer"].send_json(Kind.REFUSE, error.reasons[0].model_dump())
-            self._fail(*error.reasons)
-        self.outcome.batch_size, self.outcome.seq_len = batch_size, seq_len
-        self.outcome.with_logits = bool(request.get("with_logits"))
-        self.geometry = request
-        self._share()
-
-    def _trainer_ready(self, payload: bytes) -> None:
-        self._ready("trainer")
-
-    def _trainer_next(self, payload: bytes) -> None:
-        if self.trainer_waiting or self.stream_ended:
-            raise self._crash("trainer", "next batch requested twice")
-        self.trainer_waiting = True
-        self._advance()
-
-    def _trainer_done(self, payload: bytes) -> None:
-        self.trainer_done = True
-        self.selector.unregister(self.channels["trainer"].sock)  # its end of the socket closes as it exits
-        if self.stream_started:  # the miner's last optimizer step is part of the run's time
-            self.outcome.stream_seconds = time.monotonic() - self.stream_started
-
-    # --- the stream ---------------------------------------------------------------------------------------------
-
-    def _share(self) -> None:
-        """Once both the exporter's fresh build and the trainer's model are known: the export at the trainer's
-        geometry and dtypes, and one buffer for the state."""
-        if self.layout is None or self.geometry is None or self.plan is not None:
-            return
-        theirs = self.geometry.get("layout")
-        if not isinstance(theirs, list) or [e[:2] for e in theirs] != [e[:2] for e in self.layout]:
-            message = ("the model passed to iter_train_batches does not have the parameters and buffers of a fresh "
-                       "ctx.build_model() (names and shapes must match; dtypes may differ): the scorer scores the "
-                       "architecture's model with the trainer's weights, so train the model build_model returns")
-            self.channels["trainer"].send_json(Kind.REFUSE, {"rule": "run:model_mismatch", "message": message})
-            self._fail(Reason(rule="run:model_mismatch", message=message))
-        try:
-            _, nbytes = layout.plan_slots(theirs)
-        except (ValueError, TypeError) as error:
-            raise self._crash("trainer", f"bad state layout: {error}") from None
-        plan = StreamPlan(self.tokens, self.byte_lengths, self.outcome.batch_size, self.outcome.seq_len,
-                          self.spec.byte_budget)
-        self.plan, self.batches = plan, plan.batches()
-        self.outcome.planned_batches = plan.planned_batches()
-        self.probes = ProbePlan(plan, self.spec.probe_every, self.spec.vocab_size)
-        self.on_gpu = str(self.geometry.get("device", "cpu")).startswith("cuda")
-        self.overlap = self.on_gpu
-        self.channels["exporter"].send_json(Kind.EXPORT, {"batch_size": self.outcome.batch_size,
-                                                          "seq_len": self.outcome.seq_len, "layout": theirs})
-        if self.on_gpu:  # the scorer allocates on its GPU and hands over the buffer's descriptor (READY)
-            return
-        self.state_fd = layout.new_memfd("prism-state", nbytes)
-        self.channels["trainer"].send_json(Kind.SHARE, {"where": "memfd", "layout": theirs}, fds=(self.state_fd,))
-
-    def _ready(self, role: str) -> None:
-        self.ready.add(role)
-        if self.ready == {"scorer", "trainer"}:
-            self.stream_started = time.monotonic()
-            self.trainer_waiting = True  # iter_train_batches waits for its first batch
-            self._advance()
-
-    def _advance(self) -> None:
-        """Release the next batch when the trainer waits for one."""
-        if not self.trainer_waiting or self.snapshotting is not None or self.batches is None \
-                or self.ready != {"scorer", "trainer"}:
-            return
-        self.trainer_waiting = False
-        piece = next(self.batches, None)
-        if piece is None:
-            if self.outcome.batches == 0 and not self.unrecorded:
-                self._fail(Reason(rule="run:no_batch", message="the train split cannot fill a single batch of "
-                                  "this geometry"))
-            budget = self.spec.byte_budget
-            scored = sum(self.outcome.batch_bytes) + sum(p.target_bytes for p in self.unrecorded.values())
-            self.outcome.stopped_reason = "byte_budget" if budget and scored >= budget else "stream_exhausted"
-            self.stream_ended = True
-            # The trained state is what the trainer holds now, when it asks past the last batch: the scorer takes it
-            # before the trainer hears END, so nothing it does afterwards reaches the held-out passes.
-            self.finalizing = True
-            self.channels["scorer"].send(Kind.FINAL)
-            return
-        self.snapshotting = piece
-        self.channels["scorer"].send(Kind.SNAPSHOT, str(piece.index).encode())
 
     # --- after training -----------------------------------------------------------------------------------------
 
@@ -453,10 +372,10 @@ class _Session:
         return _Failed()
 
     def _close(self) -> None:
-        if self.state_fd is not None:
-            os.close(self.state_fd)
-        for role, channel in self.channels.items():
-            if role != "trainer":
+        for fd in self.state_fds:
+            os.close(fd)
+        for key, channel in self.channels.items():
+            if not key.startswith("trainer"):
                 try:
                     channel.send(Kind.END)
                 except OSError:

@@ -25,7 +25,7 @@ from prism_ray.harness.isolation import Sandboxed, SandboxPolicy, launch
 from prism_ray.harness.protocol import Channel, ProtocolError
 
 
-def runner_env(threads: int, role: str) -> dict[str, str]:
+def runner_env(threads: int, role: str, world_size: int = 1) -> dict[str, str]:
     keep = ("PATH", "HOME", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "PYTHONPATH",
             "VIRTUAL_ENV", "TMPDIR")
     env = {k: v for k, v in os.environ.items() if k in keep}
@@ -35,6 +35,10 @@ def runner_env(threads: int, role: str) -> dict[str, str]:
     if role == "trainer":  # the single-rank torch.distributed environment torchrun would set, without its agent
         env.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "GROUP_RANK": "0",
                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})  # its own network namespace: no clash
+        # each rank sets its own RANK and LOCAL_RANK from the parent's config (runner.py)
+        env.update({"WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size)})
+        if world_size > 1:  # the sandbox's loopback is its only interface: the process group's transport uses it
+            env.update({"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"})
     return env
 
 
@@ -42,7 +46,7 @@ class Runner:
     """One sandboxed runner process and the listener it connects to."""
 
     def __init__(self, role: str, run_dir: Path, threads: int, policy: SandboxPolicy, readable: tuple[Path, ...],
-                 artifacts_dir: Path | None, module: str = "prism_ray.harness.runner"):
+                 artifacts_dir: Path | None, module: str = "prism_ray.harness.runner", world_size: int = 1):
         self.role = role
         # AF_UNIX paths are limited to ~108 bytes, so the socket lives in a short private dir, not in the run dir.
         self.ipc_dir = Path(tempfile.mkdtemp(prefix=f"prism-{role}-", dir="/tmp" if os.path.isdir("/tmp") else None))
@@ -50,14 +54,16 @@ class Runner:
         socket_path = self.ipc_dir / "runner.sock"
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(str(socket_path))
-        self.listener.listen(2)
+        self.listener.listen(world_size + 2)
         os.chmod(socket_path, 0o777)  # the sandbox runs as an unprivileged uid; the dir around it stays private
         policy = replace(policy, readable=(*policy.readable, *readable, self.ipc_dir), artifacts_dir=artifacts_dir)
         self.oom_kills = _oom_kills()
         argv = [sys.executable, "-m", module, str(socket_path), role]
+        if world_size > 1:  # N trainer ranks in this one sandbox, started by a launcher of ours
+            argv = [sys.executable, "-m", "prism_ray.harness.launch_ranks", str(socket_path), str(world_size)]
         try:
-            self.process: Sandboxed = launch(argv, runner_env(threads, role), run_dir / f"{role}.log", cwd=run_dir,
-                                             policy=policy)
+            self.process: Sandboxed = launch(argv, runner_env(threads, role, world_size), run_dir / f"{role}.log",
+                                             cwd=run_dir, policy=policy)
         except PrismError:
             self.close()
             raise

@@ -8,13 +8,16 @@ graph so the miner can backprop without writing the loss.
 
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
-from prism_ray.harness import cuda_ipc, layout, shared_state
+from prism_ray.harness import cuda_ipc, landlock, layout, shared_state
 from prism_ray.harness.context import PrismBatch, RunError, device_of, force_seed, logits_of, rows
 from prism_ray.harness.protocol import Channel, Kind, parse_batch, parse_json
 
@@ -35,6 +38,49 @@ class TrainerHarness:
     def fail(self, rule: str, message: str) -> RunError:
         self.channel.send_json(Kind.ERROR, {"rule": rule, "message": message})
         return RunError(rule, message, reported=True)
+
+    def guard_artifacts(self) -> None:
+        """Ranks other than 0 may not write into the artifacts dir (they share it with rank 0 in one sandbox).
+        Before any miner module is imported: Landlock lets this process write only beneath a scratch dir of its own
+        (its TMPDIR) and /dev, and an audit hook refuses Python-level writes into the artifacts dir with a typed
+        reason at once (docs/rules.md, "Several ranks")."""
+        root = os.path.abspath(self.spec["artifacts_dir"])
+        scratch = tempfile.mkdtemp(prefix=f"prism-rank{self.spec['rank']}-")
+        os.environ["TMPDIR"] = tempfile.tempdir = scratch
+        self.spec["landlock"] = landlock.confine_writes([scratch, "/dev"])
+        writes = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+        changes = {"os.mkdir", "os.rename", "os.remove", "os.rmdir", "os.symlink", "os.link", "os.truncate",
+                   "os.chmod", "os.utime", "shutil.copyfile", "shutil.move"}
+        reported: list[bool] = []
+
+        def inside(path: Any) -> bool:
+            if isinstance(path, int) or path is None:
+                return False
+            try:
+                full = os.path.abspath(os.fsdecode(path))
+            except (TypeError, ValueError):
+                return False
+            return full == root or full.startswith(root + os.sep)
+
+        def hook(event: str, args: tuple) -> None:
+            if event == "open":
+                path, mode, flags = args
+                writing = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & writes)
+                if not (writing and inside(path)):
+                    return
+            elif event in changes:
+                if not any(inside(arg) for arg in args[:2]):
+                    return
+            else:
+                return
+            message = (f"rank {self.spec['rank']} wrote into the artifacts dir ({event}): only rank 0 may write "
+                       "artifacts; guard saves with `if ctx.rank == 0:`")
+            if not reported:
+                reported.append(True)
+                self.channel.send_json(Kind.ERROR, {"rule": "run:artifacts_rank", "message": message})
+            raise RunError("run:artifacts_rank", message, reported=True)
+
+        sys.addaudithook(hook)
 
     def build(self, ctx: Any, *args: Any, **kwargs: Any) -> torch.nn.Module:
         assert self.builder is not None

@@ -1,0 +1,172 @@
+"""The trusted parent's half of the stream: the trainer ranks' frames and the release of each batch.
+
+Mixed into the session (session.py), whose state it shares. Every rank asks for batch k (NEXT); once all have, the
+scorer snapshots every rank's weights (SNAPSHOT) and only then does each rank get its rows of batch k
+(docs/architecture.md, "One submission's path" and "Several ranks").
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import TYPE_CHECKING
+
+from prism_ray.errors import PrismError, Reason
+from prism_ray.harness import layout
+from prism_ray.harness.probes import ProbePlan
+from prism_ray.harness.protocol import Kind, parse_json
+from prism_ray.harness.ranks import next_step
+from prism_ray.harness.stream import BatchSlice, StreamPlan, check_geometry
+
+if TYPE_CHECKING:
+    from prism_ray.harness.session import _Session
+
+MAX_BATCH_TOKENS = 1 << 22
+GPU_RANK_CHECK_EVERY = 8  # on a GPU, one snapshot in this many (at random) compares the ranks, and the last
+
+
+class TrainerFrames:
+    # --- trainer frames (one handler per frame kind; `rank` says whose) -------------------------------------------
+
+    def _trainer_hello(self: _Session, rank: int, payload: bytes) -> None:
+        pass
+
+    def _trainer_geometry(self: _Session, rank: int, payload: bytes) -> None:
+        member = self.ranks.members[rank]
+        if member.geometry is not None:
+            raise self._crash("trainer", f"{self.ranks.label(rank)}: geometry sent twice")
+        request = parse_json(payload)
+        member.geometry = request
+        try:
+            check_geometry(request.get("batch_size"), request.get("seq_len"), self.spec.max_seq_len,
+                           MAX_BATCH_TOKENS)
+        except PrismError as error:
+            member.channel.send_json(Kind.REFUSE, error.reasons[0].model_dump())
+            self._fail(*error.reasons)
+        if not self.ranks.reach(rank, "geometry"):
+            return
+        disagreement = self.ranks.disagreement()
+        if disagreement is not None:
+            self._refuse_all("run:ranks_disagree", f"every rank must call ctx.iter_train_batches with the same "
+                             f"arguments and the same model: {disagreement}")
+        first = self.ranks.members[0].geometry
+        assert first is not None
+        batch_size, world_size = first["batch_size"], self.ranks.world_size
+        if batch_size % world_size:
+            self._refuse_all("run:uneven_shards", f"batch_size={batch_size} does not split across "
+                             f"{world_size} ranks: batch_size is the global batch, and each rank gets "
+                             f"batch_size / world_size of its rows; make it a multiple of ctx.world_size")
+        self.outcome.batch_size, self.outcome.seq_len = batch_size, first["seq_len"]
+        self.outcome.with_logits = bool(first.get("with_logits"))
+        self.geometry = first
+        self._share()
+
+    def _trainer_ready(self: _Session, rank: int, payload: bytes) -> None:
+        if self.ranks.reach(rank, "ready"):
+            self._ready("trainer")
+
+    def _trainer_next(self: _Session, rank: int, payload: bytes) -> None:
+        step = next_step(self.released)
+        if self.trainer_waiting or self.stream_ended or step in self.ranks.members[rank].reached:
+            raise self._crash("trainer", f"{self.ranks.label(rank)}: next batch requested twice")
+        if self.ranks.reach(rank, step):
+            self.trainer_waiting = True
+            self._advance()
+
+    def _trainer_done(self: _Session, rank: int, payload: bytes) -> None:
+        self.selector.unregister(self.ranks.members[rank].channel.sock)  # its end closes as it exits
+        if not self.stream_ended:
+            who = "" if self.ranks.world_size == 1 else f"rank {rank}: "
+            self._fail(Reason(rule="run:stopped_early", message=f"{who}train(ctx) returned before the scored stream "
+                              "ended; every run must consume its whole byte budget"))
+        if not self.ranks.reach(rank, "done"):
+            return
+        self.trainer_done = True
+        if self.stream_started:  # the miner's last optimizer step is part of the run's time
+            self.outcome.stream_seconds = time.monotonic() - self.stream_started
+
+    def _refuse_all(self: _Session, rule: str, message: str) -> None:
+        for member in self.ranks.members:
+            member.channel.send_json(Kind.REFUSE, {"rule": rule, "message": message})
+        self._fail(Reason(rule=rule, message=message))
+
+    # --- the stream ---------------------------------------------------------------------------------------------
+
+    def _share(self: _Session) -> None:
+        """Once both the exporter's fresh build and the trainer's model are known: the export at the trainer's
+        geometry and dtypes, and one buffer per rank for the state."""
+        if self.layout is None or self.geometry is None or self.plan is not None:
+            return
+        theirs = self.geometry.get("layout")
+        if not isinstance(theirs, list) or [e[:2] for e in theirs] != [e[:2] for e in self.layout]:
+            self._refuse_all("run:model_mismatch", "the model passed to iter_train_batches does not have the "
+                             "parameters and buffers of a fresh ctx.build_model() (names and shapes must match; "
+                             "dtypes may differ): the scorer scores the architecture's model with the trainer's "
+                             "weights, so train the model build_model returns")
+        try:
+            _, nbytes = layout.plan_slots(theirs)
+        except (ValueError, TypeError) as error:
+            raise self._crash("trainer", f"bad state layout: {error}") from None
+        plan = StreamPlan(self.tokens, self.byte_lengths, self.outcome.batch_size, self.outcome.seq_len,
+                          self.spec.byte_budget)
+        self.plan, self.batches = plan, plan.batches()
+        self.outcome.planned_batches = plan.planned_batches()
+        self.probes = ProbePlan(plan, self.spec.probe_every, self.spec.vocab_size)
+        self.on_gpu = str(self.geometry.get("device", "cpu")).startswith("cuda")
+        self.overlap = self.on_gpu
+        self.channels["exporter"].send_json(Kind.EXPORT, {"batch_size": self.outcome.batch_size,
+                                                          "seq_len": self.outcome.seq_len, "layout": theirs})
+        if self.on_gpu:  # the scorer allocates on the ranks' GPUs and hands over the buffers' descriptors (READY)
+            return
+        self.state_fds = [layout.new_memfd(f"prism-state-{m.index}", nbytes) for m in self.ranks.members]
+        for member, fd in zip(self.ranks.members, self.state_fds, strict=True):
+            member.channel.send_json(Kind.SHARE, {"where": "memfd", "layout": theirs}, fds=(fd,))
+
+    def _ready(self: _Session, role: str) -> None:
+        self.ready.add(role)
+        if self.ready == {"scorer", "trainer"}:
+            self.stream_started = time.monotonic()
+            for member in self.ranks.members:  # iter_train_batches waits for its first batch
+                self.ranks.reach(member.index, next_step(0))
+            self.trainer_waiting = True
+            self._advance()
+
+    def _advance(self: _Session) -> None:
+        """Release the next batch when every rank waits for one."""
+        if not self.trainer_waiting or self.snapshotting is not None or self.batches is None \
+                or self.ready != {"scorer", "trainer"}:
+            return
+        self.trainer_waiting = False
+        self.released += 1
+        limit = self.spec.max_batches
+        piece = next(self.batches, None) if limit is None or self.released <= limit else None
+        if piece is None:
+            if self.outcome.batches == 0 and not self.unrecorded:
+                self._fail(Reason(rule="run:no_batch", message="the train split cannot fill a single batch of "
+                                  "this geometry"))
+            budget = self.spec.byte_budget
+            scored = sum(self.outcome.batch_bytes) + sum(p.target_bytes for p in self.unrecorded.values())
+            self.outcome.stopped_reason = "byte_budget" if budget and scored >= budget else "stream_exhausted"
+            self.stream_ended = True
+            # The trained state is what the ranks hold now, when they ask past the last batch: the scorer takes it
+            # before they hear END, so nothing they do afterwards reaches the held-out passes.
+            self.finalizing = True
+            self.channels["scorer"].send(Kind.FINAL)
+            return
+        self.snapshotting = piece
+        # Which snapshots compare the ranks' weights is the parent's choice, at random on a GPU: a rank cannot
+        # tell which ones are checked.
+        compare = self.ranks.world_size > 1 and (not self.on_gpu or piece.index == 0
+                                                  or secrets.randbelow(GPU_RANK_CHECK_EVERY) == 0)
+        self.channels["scorer"].send(Kind.SNAPSHOT, f"{piece.index}{' compare' if compare else ''}".encode())
+
+    def _release(self: _Session, piece: BatchSlice) -> None:
+        """Batch k to the ranks, each its own rows (after its snapshot)."""
+        batch_size, seq_len = self.outcome.batch_size, self.outcome.seq_len
+        assert batch_size is not None and seq_len is not None
+        if self.ranks.world_size == 1:
+            self.ranks.members[0].channel.send_batch(piece.index, batch_size, seq_len, piece.chunk)
+            return
+        for member in self.ranks.members:
+            rows, chunk = self.ranks.shard(piece.chunk, batch_size, seq_len, member.index)
+            member.channel.send_batch(piece.index, rows, seq_len, chunk)

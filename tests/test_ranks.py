@@ -1,0 +1,205 @@
+"""Several trainer ranks in one sandbox (gloo on CPU): sharded batches, one score, ranks that must agree, and typed
+endings for a rank that hangs, leaves or writes artifacts (docs/architecture.md, "Several ranks")."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from conftest import BYTE_LENGTHS, bigram_architecture, byte_stream, train_on_stream
+from prism_ray.cluster.tasks import placement_notice, run_slots
+from prism_ray.config import Settings
+from prism_ray.harness.contract import check_contract, rejection
+from prism_ray.harness.isolation import SandboxPolicy
+from prism_ray.harness.records import RunSpec
+from prism_ray.pipeline import evaluate
+
+TEXT = "Every rank sees its own rows of the batch; the scorer sees them all. " * 12  # six 4×32 batches
+
+ARCH = bigram_architecture()
+
+# An honest loop for any world size: DDP averages the gradients of each rank's rows. It also checks, from inside,
+# the environment torchrun would have set and the size of its shard.
+DDP_LOOP = """
+import os
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+def train(ctx):
+    env = {name: os.environ[name] for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+    assert env == {"RANK": str(ctx.rank), "LOCAL_RANK": str(ctx.local_rank), "WORLD_SIZE": str(ctx.world_size),
+                   "LOCAL_WORLD_SIZE": str(ctx.world_size)}, env
+    assert os.environ["MASTER_ADDR"] == "127.0.0.1" and os.environ["MASTER_PORT"]
+    dist.init_process_group("gloo")
+    model = ctx.build_model()
+    ddp = DistributedDataParallel(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for batch in ctx.iter_train_batches(ddp, batch_size=4, seq_len=32, with_logits=True):
+        assert batch.tokens.shape == (4 // ctx.world_size, 32), batch.tokens.shape
+        batch.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    dist.destroy_process_group()
+"""
+
+# An explicit all-reduce of the gradients; MISBEHAVE runs after each step.
+ALL_REDUCE_LOOP = """
+import os
+import time
+import torch
+import torch.distributed as dist
+
+def train(ctx):
+    dist.init_process_group("gloo")
+    model = ctx.build_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for batch in ctx.iter_train_batches(model, batch_size=4, seq_len=32, with_logits=True):
+        batch.loss.backward()
+        for parameter in model.parameters():
+            if ALL_REDUCE:
+                dist.all_reduce(parameter.grad)
+                parameter.grad /= ctx.world_size
+        optimizer.step()
+        optimizer.zero_grad()
+        MISBEHAVE
+"""
+
+
+def all_reduce_loop(misbehave: str = "pass", all_reduce: bool = True) -> str:
+    return ALL_REDUCE_LOOP.replace("MISBEHAVE", misbehave).replace("ALL_REDUCE", str(all_reduce))
+
+
+def run(bundle_factory, tmp_path, training: str, world_size: int = 2, **kwargs):
+    return train_on_stream(bundle_factory(ARCH, training), byte_stream(TEXT), tmp_path / f"run{world_size}",
+                           world_size=world_size, **kwargs)
+
+
+def bpb(outcome) -> float:
+    return sum(outcome.batch_nats) / math.log(2) / sum(outcome.batch_bytes)
+
+
+def rules(outcome) -> list[str]:
+    return [reason.rule for reason in outcome.reasons]
+
+
+def test_ddp_at_world_size_two_scores_as_one_process(bundle_factory, tmp_path):
+    one = run(bundle_factory, tmp_path, DDP_LOOP, world_size=1)
+    two = run(bundle_factory, tmp_path, DDP_LOOP, world_size=2)
+    assert one.status == "completed", one.reasons or one.log_tail
+    assert two.status == "completed", two.reasons or two.log_tail
+    assert two.world_size == 2 and two.batches == one.batches == 6
+    assert abs(bpb(two) - bpb(one)) <= 1e-5 * bpb(one), (bpb(one), bpb(two))
+    assert bpb(two) < 8.0  # it learned: the first batch alone is ln(257)/ln(2) ≈ 8.006 bits per byte
+
+
+def test_ranks_that_skip_the_all_reduce_diverge(bundle_factory, tmp_path):
+    outcome = run(bundle_factory, tmp_path, all_reduce_loop(all_reduce=False))
+    assert rules(outcome) == ["run:ranks_diverged"], outcome.reasons or outcome.log_tail
+    message = outcome.reasons[0].message
+    assert "rank 1's `table.weight`" in message and "at batch 1" in message and "last agreed at batch 0" in message
+    assert outcome.batches == 1  # batch 1 was not scored: its snapshot failed the check
+
+
+def test_a_rank_that_hangs_is_named_in_bounded_time(bundle_factory, tmp_path):
+    outcome = run(bundle_factory, tmp_path, all_reduce_loop("if ctx.rank == 1 and batch.index == 1: time.sleep(600)"),
+                  rank_timeout=4.0)
+    assert rules(outcome) == ["run:rank_hung"], outcome.reasons or outcome.log_tail
+    # bounded: run:rank_hung 4 s after rank 0 asked, not run:timeout at the run's wall clock
+    assert "rank 1 did not reach its request for batch 2 within 4 s of rank 0" in outcome.reasons[0].message
+
+
+def test_a_rank_that_never_reaches_the_stream_is_named(bundle_factory, tmp_path):
+    never = all_reduce_loop().replace("    optimizer =", "    if ctx.rank == 1:\n        time.sleep(600)\n"
+                                      "    optimizer =", 1)
+    outcome = run(bundle_factory, tmp_path, never, rank_timeout=4.0)
+    assert rules(outcome) == ["run:rank_hung"], outcome.reasons or outcome.log_tail
+    assert "rank 1 did not reach ctx.iter_train_batches" in outcome.reasons[0].message
+
+
+@pytest.mark.parametrize("leave, rule, says", [
+    ("return", "run:stopped_early", "rank 1: train(ctx) returned before the scored stream ended"),
+    ("os._exit(0)", "run:crash", "rank 1: connection closed"),
+])
+def test_a_rank_that_leaves_early_gets_a_typed_reason(bundle_factory, tmp_path, leave, rule, says):
+    outcome = run(bundle_factory, tmp_path, all_reduce_loop(f"if ctx.rank == 1 and batch.index == 1: {leave}"))
+    assert rules(outcome) == [rule], outcome.reasons or outcome.log_tail
+    assert says in outcome.reasons[0].message  # at once: not run:timeout at the run's wall clock
+
+
+SAVE = "torch.save(model.state_dict(), os.path.join(ctx.artifacts_dir, f'r{ctx.rank}.pt'))"
+
+
+@pytest.mark.parametrize("write", [
+    SAVE,  # torch.save opens the file in C++: Landlock refuses it
+    "open(os.path.join(ctx.artifacts_dir, 'notes.txt'), 'w').write('x')",  # a Python open: the audit hook does
+])
+def test_only_rank_zero_writes_artifacts(bundle_factory, tmp_path, write):
+    outcome = run(bundle_factory, tmp_path, all_reduce_loop(f"if batch.index == 0: {write}"))
+    assert rules(outcome) == ["run:artifacts_rank"], outcome.reasons or outcome.log_tail
+    assert outcome.reasons[0].message.startswith("rank 1: ")
+
+
+def test_rank_zero_writes_artifacts(bundle_factory, tmp_path):
+    outcome = run(bundle_factory, tmp_path, all_reduce_loop(f"if batch.index == 0 and ctx.rank == 0: {SAVE}"))
+    assert outcome.status == "completed", outcome.reasons or outcome.log_tail
+
+
+def test_a_run_of_n_gpus_needs_one_node_with_n():
+    nodes = [{"Alive": True, "Resources": {"GPU": 4.0}}, {"Alive": True, "Resources": {"GPU": 2.0}},
+             {"Alive": False, "Resources": {"GPU": 8.0}}, {"Alive": True, "Resources": {"CPU": 8.0}}]
+    assert [run_slots(nodes, n) for n in (1, 2, 4, 8)] == [6, 3, 1, 0]
+    assert placement_notice(nodes, 4) is None and placement_notice(nodes, 1) is None
+    assert placement_notice(nodes, 8) == ("no node has 8 GPUs (PRISM_GPUS_PER_RUN; the largest has 4): scored runs "
+                                          "wait until such a node joins")
+
+
+def test_the_contract_check_runs_the_bundles_own_loop_at_world_size_two(bundle_factory, tmp_path):
+    """Unscored, three batches, gloo on CPU: an honest loop passes; a loop that ignores the ranks fails, and under
+    the reject policy that is contract:multi_gpu."""
+    checks = {}
+    for name, training in (("honest", DDP_LOOP), ("ignores", all_reduce_loop(all_reduce=False))):
+        bundle = bundle_factory(ARCH, training)
+        base = RunSpec(bundle_dir=bundle.write_to(tmp_path / name / "bundle"),
+                       exporter_bundle_dir=bundle.write_to(tmp_path / name / "exp", without_training=True),
+                       architecture=("architecture.py", "build_model"), training=("training.py", "train"),
+                       tokenizer="bytes", vocab_size=257, max_seq_len=1024, max_params=10**8, seed=1337,
+                       device="cpu", byte_budget=0, artifacts_dir=tmp_path / name / "artifacts", data_dir="",
+                       threads=2)
+        [checks[name]] = check_contract(base, [2], 3, byte_stream(TEXT), BYTE_LENGTHS, tmp_path / name, 120.0,
+                                        SandboxPolicy())
+    assert checks["honest"].passed and checks["honest"].batches == 3, checks["honest"]
+    assert not checks["ignores"].passed and checks["ignores"].reasons[0].rule == "run:ranks_diverged"
+    assert rejection([checks["honest"]]) is None
+    reason = rejection([checks["honest"], checks["ignores"]])
+    assert reason is not None and reason.rule == "contract:multi_gpu" and "world size 2: failed" in reason.message
+
+
+IGNORES_RANKS = """
+import torch
+import torch.distributed as dist
+
+def train(ctx):
+    if ctx.world_size > 1:
+        dist.init_process_group("gloo")
+    model = ctx.build_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for batch in ctx.iter_train_batches(model, batch_size=4, seq_len=32, with_logits=True):
+        batch.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+"""
+
+
+def test_the_reject_policy_rejects_a_loop_that_fails_the_contract(bundle_factory, tmp_path):
+    """The whole pipeline (static policy, contract check, no scored run), on the embedded data."""
+    bundle = bundle_factory(ARCH, IGNORES_RANKS)
+    settings = Settings(cache_dir=tmp_path / "cache", byte_budget=2_000, runner_threads=2, contract_world_sizes="2",
+                        contract_policy="reject")
+    settings.gate.mode = "off"
+    report = evaluate(bundle, settings)
+    assert (report.status, [r.rule for r in report.reasons]) == ("rejected", ["contract:multi_gpu"]), report.reasons
+    assert "world size 2: failed run:ranks_diverged" in report.reasons[0].message
+    assert [(check.world_size, check.passed) for check in report.contract] == [(2, False)]
+    assert report.batches == 0  # the scored run never started

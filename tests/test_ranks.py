@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from conftest import BYTE_LENGTHS, bigram_architecture, byte_stream, train_on_stream
+from conftest import BYTE_LENGTHS, byte_stream, train_on_stream
+from miners import bigram_architecture
 from prism_ray.cluster.tasks import placement_notice, run_slots
 from prism_ray.config import Settings
 from prism_ray.harness.contract import check_contract, rejection
@@ -16,6 +17,8 @@ from prism_ray.harness.records import RunSpec
 from prism_ray.pipeline import evaluate
 
 TEXT = "Every rank sees its own rows of the batch; the scorer sees them all. " * 12  # six 4×32 batches
+
+pytestmark = pytest.mark.sandbox
 
 ARCH = bigram_architecture()
 

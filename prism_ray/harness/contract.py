@@ -34,12 +34,13 @@ class ContractCheck(BaseModel):
 
 def check_contract(spec: RunSpec, sizes: list[int], batches: int, tokens: np.ndarray, byte_lengths: np.ndarray,
                    run_dir: Path, time_limit: float, policy: SandboxPolicy) -> list[ContractCheck]:
-    """One short run per world size, on CPU with gloo, the whole stream unscored (nothing of it is kept)."""
+    """One short run per world size, on CPU with gloo, the whole stream unscored (nothing of it is kept). Its ctx
+    shows the scored run's byte budget, so a loop cannot tell the check by it (only by the device, on GPU nodes)."""
     checks = []
     for size in sizes:
         where = run_dir / f"contract-{size}"
         where.mkdir(parents=True, exist_ok=True)
-        trial = replace(spec, world_size=size, max_batches=batches, byte_budget=0, device="cpu", probe_every=0,
+        trial = replace(spec, world_size=size, max_batches=batches, device="cpu", probe_every=0,
                         artifacts_dir=where / "artifacts")
         outcome = run_session(trial, tokens, byte_lengths, where, time_limit, policy=replace(policy, gpu=False))
         passed = outcome.status == "completed"

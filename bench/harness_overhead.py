@@ -27,7 +27,11 @@ Two figures per variant:
 Targets: own forward ÷ bare+fwd ≥ 0.97; with_logits ÷ bare ≥ 0.97; new ÷ old ≥ 1.0 (the trusted scorer costs no
 more than the previous scorer + prober).
 
-    python bench/harness_overhead.py [--byte-budget 24000] [--rounds 3] [--quick] [--no-old]
+    python bench/harness_overhead.py [--byte-budget 24000] [--rounds 3] [--quick] [--no-old] [--old-commit SHA]
+        [--only bare_fwd,own,old_own]
+
+`--old-commit` compares with another commit's harness instead (e.g. the one before a change: before/after in one
+run); `--only` runs a subset of the variants (names as in `variants` below).
 """
 
 from __future__ import annotations
@@ -152,18 +156,18 @@ def run_eval(tree: Path, bundle: Path, env: dict[str, str]) -> Measured:
     return Measured(result["tokens_per_second"], result["window_cpu_seconds"] * 1e6 / window if window else 0.0)
 
 
-def export_old(scratch: Path) -> tuple[Path | None, str]:
+def export_old(scratch: Path, commit: str) -> tuple[Path | None, str]:
     """The old tree in a temp dir, or None and why not."""
-    root = scratch / f"prism-ray-{OLD_COMMIT}"
+    root = scratch / f"prism-ray-{commit}"
     if shutil.which("git") is None:
         return None, "old path skipped: git is not installed"
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", OLD_COMMIT], capture_output=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", commit], capture_output=True)
     if archive.returncode != 0:
-        return None, f"old path skipped: {REPO} is not a git checkout holding commit {OLD_COMMIT} " \
+        return None, f"old path skipped: {REPO} is not a git checkout holding commit {commit} " \
                      f"({archive.stderr.decode().strip()[:200]})"
     root.mkdir()
     subprocess.run(["tar", "-x", "-C", str(root)], input=archive.stdout, check=True)
-    return root, f"old path: commit {OLD_COMMIT}, exported to a temp dir"
+    return root, f"old path: commit {commit}, exported to a temp dir"
 
 
 def load() -> str:
@@ -176,6 +180,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table shows medians")
     parser.add_argument("--quick", action="store_true", help="a tiny run: 8,000 bytes, one round")
     parser.add_argument("--no-old", action="store_true", help="skip the old-path rows")
+    parser.add_argument("--old-commit", default=OLD_COMMIT, help="the commit of the old path")
+    parser.add_argument("--only", help="comma-separated variants to run (default: all)")
     parser.add_argument("--bare", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare:
@@ -211,11 +217,11 @@ def main() -> None:
             "own_p0": lambda: run_eval(REPO, own_loss, no_probes),
             "logits_p0": lambda: run_eval(REPO, EXAMPLE, no_probes),
         }
-        old, old_note = (None, "old path skipped (--no-old)") if args.no_old else export_old(scratch)
+        old, old_note = (None, "old path skipped (--no-old)") if args.no_old else export_old(scratch, args.old_commit)
         if old is not None:
             variants["old_own"] = lambda: run_eval(old, own_loss, env)
             variants["old_logits"] = lambda: run_eval(old, EXAMPLE, env)
-        names = list(variants)
+        names = [name for name in variants if not args.only or name in args.only.split(",")]
         results: dict[str, list[Measured]] = {name: [] for name in names}
         loads = [load()]
         started = time.monotonic()
@@ -250,8 +256,8 @@ def print_table(args: argparse.Namespace, threads: int, results: dict[str, list[
         ("logits", "eval, with_logits=True", "≥0.97 ÷bare", "old_logits"),
         ("own_p0", "eval, own forward, probes off", "", "old_own"),
         ("logits_p0", "eval, with_logits=True, probes off", "", "old_logits"),
-        ("old_own", f"old path ({OLD_COMMIT}), own forward", "", ""),
-        ("old_logits", f"old path ({OLD_COMMIT}), with_logits=True", "", ""),
+        ("old_own", f"old path ({args.old_commit}), own forward", "", ""),
+        ("old_logits", f"old path ({args.old_commit}), with_logits=True", "", ""),
     ]
     print(f"  {'':<40} {'--------- wall clock ---------':^37} | {'------------ CPU time ------------':^40}")
     print(f"  {'variant':<40} {'tok/s':>7} {'÷bare':>6} {'÷b+fwd':>6} {'÷old':>6}  {'rounds':<9}| "

@@ -77,6 +77,7 @@ class Scorer:
         if kind != Kind.SHARE:
             raise self.fail("run:protocol", f"unexpected frame {kind.name} from the parent")
         share = parse_json(payload)
+        torch.set_num_threads(max(1, int(share.get("threads", self.spec["threads"]))))  # before any forward
         slots, nbytes = layout.plan_slots(share["layout"])
         world_size = int(share.get("ranks", 1))
         exported: list[int] = []  # the descriptors of the GPU buffers this process shares (through the parent)
@@ -276,6 +277,7 @@ class Scorer:
         parent-sent batches with that state (aux 1) or the step-0 state (aux 0).
         The final state was never probed: its first batch, and later ones at the stream's rate, get a probe batch
         built here from the batch itself (the step-0 state is the one batch 0 was scored and probed on)."""
+        torch.set_num_threads(max(1, self.spec["threads"]))  # the trainer is gone: every core is the scorer's
         private.copy_(shared)
         self._check_ranks(private, "the end of the stream")
         _synchronize(private)

@@ -73,10 +73,9 @@ class _Session(TrainerFrames):
         self.batches: Iterator[BatchSlice] | None = None
         self.probes: ProbePlan | None = None
         self.probing: set[int] = set()  # probed batches whose drifts have not arrived
-        # On a GPU the trainer gets a batch as soon as its snapshot is taken, so the scorer's forward overlaps the
-        # trainer's step (the GPU interleaves them). On CPU both would fight for the same cores: the trainer waits
-        # for the record instead, as a bare loop with one extra forward would.
+        # whether a batch goes to the ranks as soon as its snapshot is taken, or only after its record (_share)
         self.overlap = False
+        self.scorer_threads = spec.threads
         self.on_gpu = False
         self.trainer_waiting = False  # every rank asked for a batch and has none
         self.snapshotting: BatchSlice | None = None
@@ -251,7 +250,8 @@ class _Session(TrainerFrames):
             where = "cuda" if self.on_gpu else "memfd"
             scorer = self.channels["scorer"]
             scorer.send_json(Kind.SHARE, {"where": where, "layout": self.geometry["layout"],
-                                          "ranks": self.ranks.world_size}, fds=tuple(self.state_fds))
+                                          "ranks": self.ranks.world_size, "threads": self.scorer_threads},
+                             fds=tuple(self.state_fds))
             scorer.send(Kind.LOAD, payload, fds=(blob,))
         finally:
             os.close(blob)

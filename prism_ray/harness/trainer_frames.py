@@ -113,7 +113,15 @@ class TrainerFrames:
         self.outcome.planned_batches = plan.planned_batches()
         self.probes = ProbePlan(plan, self.spec.probe_every, self.spec.vocab_size)
         self.on_gpu = str(self.geometry.get("device", "cpu")).startswith("cuda")
-        self.overlap = self.on_gpu
+        # Batch k goes to the ranks once its snapshot is taken, so the scorer's forward on k overlaps their step
+        # on k: on a GPU always; on CPU where the run has two cores or more, its threads split between the two
+        # (scorer_threads). With one core the ranks wait for batch k's record, as a bare loop with one more
+        # forward would: the two would only take turns on it.
+        self.overlap = self.on_gpu or self.spec.threads >= 2
+        # The ranks keep their threads (the trained weights do not depend on this switch); the scorer's forward,
+        # a third of a training step's work, takes half the cores. Fixed by the settings alone: a re-run on a
+        # node with the same PRISM_RUNNER_THREADS scores the same bits (docs/scoring.md, audits).
+        self.scorer_threads = self.spec.threads if self.on_gpu or not self.overlap else self.spec.threads // 2
         self.channels["exporter"].send_json(Kind.EXPORT, {"batch_size": self.outcome.batch_size,
                                                           "seq_len": self.outcome.seq_len, "layout": theirs})
         if self.on_gpu:  # the scorer allocates on the ranks' GPUs and hands over the buffers' descriptors (READY)

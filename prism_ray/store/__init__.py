@@ -32,7 +32,7 @@ from prism_ray.store.behaviours import Behaviours
 from prism_ray.store.db import Db, StoreError, StoreLocked, StoreUnavailable
 from prism_ray.store.queue import Queue
 from prism_ray.store.read_api import StoreReads
-from prism_ray.store.reads import Reads
+from prism_ray.store.reads import Reads, submission_records
 from prism_ray.store.records import (
     AUDIT_PREFIX,
     REPLICA_PREFIX,
@@ -162,7 +162,7 @@ class Store(StoreReads):
     def claim_next(self, owner: str, lease_seconds: float, limit: int = 1) -> list[SubmissionRecord]:
         """Oldest pending submissions first → running with attempt+1 and a lease held by `owner`."""
         claimed = self._submission_queue.claim(owner, lease_seconds, limit)
-        records = self._submissions.records(claimed)
+        records = submission_records(self._db, claimed)
         return [records[item] for item in claimed]
 
     def claim_audits(self, owner: str, lease_seconds: float, limit: int = 1) -> list[AuditRecord]:

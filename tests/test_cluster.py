@@ -212,6 +212,11 @@ class TestOnTwoGpuNodes:
         forbidden = wait(handle, forbidden.id, timeout=60)
         assert (forbidden.status, forbidden.stage) == ("rejected", "check")
         assert forbidden.reasons[0].file == "training.py"
+        [run] = runs_of(handle, forbidden.id)  # stored with the report eval prints for the same bundle
+        local = evaluate(make_bundle("os", training=FORBIDDEN_IMPORT), settings)
+        seconds = {"timings", "wall_seconds"}
+        assert run.report.model_dump(exclude=seconds) == local.model_dump(exclude=seconds)
+        assert list(run.report.timings) == list(local.timings) == ["check"]
 
         openai_stub.script([{"verdict": "reject", "confidence": 0.9, "reasons": [
             {"rule": "io_network", "message": "train opens a socket", "file": "training.py", "line": 3}]}])

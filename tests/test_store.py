@@ -14,11 +14,12 @@ import pytest
 
 from conftest import scored_report
 from prism_ray.bundle import Bundle, check_contract, load_bundle
-from prism_ray.config import AuditSettings, ScoringSettings
+from prism_ray.config import AuditSettings, ScoringSettings, Settings
 from prism_ray.errors import Reason
 from prism_ray.fingerprint import code_fingerprints
 from prism_ray.gate import CachedVerdict, GateAudit
 from prism_ray.leaderboard import epoch_of, leaderboard, weights
+from prism_ray.pipeline import STAGES_BY_NAME, Job, StageContext, evaluate, run_stage
 from prism_ray.store import TABLES, Store
 
 
@@ -180,6 +181,26 @@ def test_fail_hold_release_reject_and_guards(store):
 
     rejected = store.reject_submission("hk9", "bad.zip", [Reason(rule="intake:not_a_zip", message="not a zip")])
     assert (rejected.status, rejected.bundle_sha256, kinds(store, rejected.id)) == ("rejected", None, ["rejected"])
+
+
+def test_a_check_rejection_is_stored_with_the_report_eval_prints(store, tmp_path):
+    """The cluster runs each stage through pipeline.run_stage and stores the ending's report: for a submission that
+    ends before training it is the report `prism-ray eval` prints, apart from the seconds."""
+    bundle = check_contract({"architecture.py": b"import os\ndef build_model(ctx):\n    return None\n",
+                             "training.py": b"def train(ctx):\n    pass\n"})
+    settings = Settings(cache_dir=tmp_path / "cache")
+    record = store.create_submission("hk", "os.zip", bundle)
+    [claimed] = store.claim_next("sched", 60)
+    job = Job(record.id, claimed.attempt, "sched", 0.0)
+    outcome, _ = run_stage(STAGES_BY_NAME["check"], StageContext(job, settings), bundle)
+    assert outcome.verdict == "rejected" and outcome.report is not None
+    assert store.fail(record.id, outcome.reasons, "check", status="rejected", report=outcome.report, owner="sched")
+    [run] = store.runs(record.id)
+    local = evaluate(bundle, settings)
+    seconds = {"timings", "wall_seconds"}
+    assert (run.report.status, run.report.stage, list(run.report.timings)) == ("rejected", "check", ["check"])
+    assert run.report.model_dump(exclude=seconds) == local.model_dump(exclude=seconds)
+    assert list(run.report.timings) == list(local.timings)
 
 
 def test_nonces_refuse_replays_until_purged(store, clock):

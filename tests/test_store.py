@@ -204,11 +204,14 @@ def test_a_check_rejection_is_stored_with_the_report_eval_prints(store, tmp_path
 
 
 def test_nonces_refuse_replays_until_purged(store, clock):
-    assert store.check_nonce("hk", "n1", ttl=300)
-    assert not store.check_nonce("hk", "n1", ttl=300)
-    assert store.check_nonce("other", "n1", ttl=300)
+    def check_nonce(hotkey: str, nonce: str, ttl: float) -> bool:
+        return store.check_nonces([(hotkey, nonce, ttl)])[0]
+
+    assert check_nonce("hk", "n1", ttl=300)
+    assert not check_nonce("hk", "n1", ttl=300)
+    assert check_nonce("other", "n1", ttl=300)
     clock.now += 301
-    assert store.check_nonce("hk", "n1", ttl=300)
+    assert check_nonce("hk", "n1", ttl=300)
     # a burst checked in one call: a nonce repeated inside the call is a replay too
     assert store.check_nonces([("hk", "n2", 300), ("hk", "n1", 300), ("hk", "n2", 300), ("other", "n2", 300)]) == [
         True, False, False, True]
@@ -253,11 +256,11 @@ def test_reopening_the_file_keeps_everything(tmp_path, clock):
     with Store(path, clock=clock) as store:
         record = store.create_submission("hk", "m.zip", make_bundle("a"))
         store.claim_next("sched", 60)
-        store.check_nonce("hk", "n1", ttl=300)
+        store.check_nonces([("hk", "n1", 300)])
     with Store(path, clock=clock) as reopened:
         assert reopened.get_submission(record.id).status == "running"
         assert kinds(reopened, record.id) == ["submitted", "claimed"]
-        assert not reopened.check_nonce("hk", "n1", ttl=300)
+        assert reopened.check_nonces([("hk", "n1", 300)]) == [False]
         assert reopened.create_submission("hk", "m.zip", make_bundle("a")).reused
     with duckdb.connect(str(path), read_only=True) as reader:
         assert reader.execute("SELECT count(*) FROM schema_version").fetchone() == (1,)

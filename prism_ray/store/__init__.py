@@ -298,14 +298,10 @@ class Store(StoreReads):
 
     # --- auth nonces and the gate -------------------------------------------------------------------------------
 
-    def check_nonce(self, hotkey: str, nonce: str, ttl: float) -> bool:
-        """Insert-once: False on a replay. Nonces older than `ttl` are purged, so callers must refuse stale
-        signed timestamps themselves (a nonce is only remembered for `ttl` seconds)."""
-        return self.check_nonces([(hotkey, nonce, ttl)])[0]
-
     def check_nonces(self, checks: Sequence[tuple[str, str, float]]) -> list[bool]:
-        """check_nonce for each (hotkey, nonce, ttl) in order, in one transaction: a nonce used earlier in the same
-        call is a replay too."""
+        """Per (hotkey, nonce, ttl), in order, in one transaction: True, and remembered, unless that hotkey used that
+        nonce within `ttl` seconds (a nonce used earlier in the same call is a replay too). Nonces older than `ttl`
+        are purged, so callers must refuse stale signed timestamps themselves."""
         return self._sidecar.check_nonces(checks)
 
     def cached_verdict(self, key: str) -> CachedVerdict | None:

@@ -59,10 +59,6 @@ class StoreReads:
         durations of the latest `recent` completed runs, in one call (the queue's page and ETA read this)."""
         return self._reads.queue_snapshot(limit, recent)
 
-    def near_copies(self, submission_id: str) -> list[str]:
-        """Other hotkeys' submissions whose code differs from this one's only in numeric literals, earliest first."""
-        return self._reads.near_copies(submission_id)
-
     def scored_rows(self) -> list[ScoreRow]:
         """Completed submissions with their scores, audit state and seed runs, best first."""
         return self._reads.scored_rows()

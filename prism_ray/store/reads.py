@@ -96,15 +96,6 @@ class Reads:
             "SELECT bytes, bpb FROM curves WHERE submission_id = ? AND attempt = (SELECT max(attempt) FROM curves "
             "WHERE submission_id = ?) ORDER BY bytes", [submission_id, submission_id])]
 
-    def near_copies(self, submission_id: str) -> list[str]:
-        """Other hotkeys' submissions whose code differs from this one's only in numeric literals, earliest first."""
-        rows = self.db.execute(
-            "SELECT o.id FROM submissions s JOIN submissions o ON o.architecture_family = s.architecture_family AND "
-            "o.training_fingerprint = s.training_fingerprint AND o.canonical_fingerprint <> s.canonical_fingerprint "
-            "AND o.hotkey <> s.hotkey AND o.status <> 'duplicate' WHERE s.id = ? ORDER BY o.seq",
-            [submission_id]).fetchall()
-        return [row[0] for row in rows]
-
     def scored_rows(self) -> list[ScoreRow]:
         """Completed submissions with their scores, best first; ties → earliest submission, then id
         (submitted_at = created_at, epoch seconds); `audit` is null when no audits

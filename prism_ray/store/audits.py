@@ -5,7 +5,6 @@ After every change to who could earn, the policy is asked again (the next in lin
 from __future__ import annotations
 
 import random
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +15,7 @@ from prism_ray.report import RunReport
 from prism_ray.store.db import Db
 from prism_ray.store.queue import Queue
 from prism_ray.store.records import AUDIT_PREFIX, AuditRecord
-from prism_ray.store.reruns import Ending, Reruns
+from prism_ray.store.reruns import Ending, FirstRun, Reruns
 
 
 class Audits(Reruns):
@@ -46,25 +45,14 @@ class Audits(Reruns):
         return self._queue_up(chosen)
 
     def _queue_up(self, chosen: dict[str, audit.Why]) -> list[str]:
-        if not chosen:
-            return []
-        now = self.db.clock()
-        ids = []
-        with self.db.transaction() as con:
-            for first in self.first_runs(list(chosen)):
-                report = first.report
-                audit_id = f"{AUDIT_PREFIX}{uuid.uuid4().hex}"
-                con.execute(
-                    "INSERT INTO audits (id, submission_id, hotkey, why, status, stage, reasons, attempt, "
-                    "max_attempts, original_bpb, original_node, original_device, original_data, seed, byte_budget, "
-                    "created_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, 'pending', 'queued', '[]', 0, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [audit_id, first.submission_id, first.hotkey, chosen[first.submission_id],
-                     self.settings.max_attempts, first.bpb, first.node, report and report.device,
-                     report and report.data and report.data.fingerprint, report and report.seed,
-                     report and report.byte_budget, now, now])
-                ids.append(audit_id)
-        return ids
+        def audit_of(first: FirstRun, now: float) -> list[dict[str, Any]]:  # what the re-run must reproduce
+            report = first.report
+            return [{"original_bpb": first.bpb, "original_node": first.node,
+                     "original_device": report and report.device,
+                     "original_data": report and report.data and report.data.fingerprint,
+                     "seed": report and report.seed, "byte_budget": report and report.byte_budget}]
+
+        return self.queue_up(chosen, AUDIT_PREFIX, self.settings.max_attempts, audit_of)
 
     def finish(self, audit_id: str, owner: str, rerun: RunReport, attempt: int | None) -> AuditRecord | None:
         """Compare the re-run with the first run; a mismatch invalidates the submission's score. None (nothing

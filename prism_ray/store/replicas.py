@@ -4,7 +4,6 @@ only once the epoch has closed. After every change to the board the policy is as
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,7 +15,7 @@ from prism_ray.report import RunReport
 from prism_ray.store.db import Db
 from prism_ray.store.queue import Queue
 from prism_ray.store.records import REPLICA_PREFIX, ReplicaRecord
-from prism_ray.store.reruns import Ending, Reruns
+from prism_ray.store.reruns import Ending, FirstRun, Reruns
 
 
 class Replicas(Reruns):
@@ -51,25 +50,16 @@ class Replicas(Reruns):
         if self.settings.mode == "off":
             return []
         chosen = replicas.select(self.scored_rows(), self.scoring, self.settings)
-        if not chosen:
-            return []
-        now = self.db.clock()
-        ids = []
-        with self.db.transaction() as con:
-            for first in self.first_runs(list(chosen)):
-                epoch = epoch_of(first.created_at, self.scoring)
-                secret = self._secret(epoch, now)
-                for replica in range(1, self.settings.count + 1):
-                    replica_id = f"{REPLICA_PREFIX}{uuid.uuid4().hex}"
-                    con.execute(
-                        "INSERT INTO replicas (id, submission_id, hotkey, replica, epoch, why, status, stage, "
-                        "reasons, attempt, max_attempts, seed, byte_budget, created_at, updated_at) "
-                        "VALUES (?, ?, ?, ?, ?, ?, 'pending', 'queued', '[]', 0, ?, ?, ?, ?, ?)",
-                        [replica_id, first.submission_id, first.hotkey, replica, epoch, chosen[first.submission_id],
-                         self.settings.max_attempts, replicas.replica_seed(secret, first.submission_id, replica),
-                         first.report and first.report.byte_budget, now, now])
-                    ids.append(replica_id)
-        return ids
+
+        def seeded(first: FirstRun, now: float) -> list[dict[str, Any]]:  # R runs under the epoch's seeds
+            epoch = epoch_of(first.created_at, self.scoring)
+            secret = self._secret(epoch, now)
+            return [{"replica": replica, "epoch": epoch,
+                     "seed": replicas.replica_seed(secret, first.submission_id, replica),
+                     "byte_budget": first.report and first.report.byte_budget}
+                    for replica in range(1, self.settings.count + 1)]
+
+        return self.queue_up(chosen, REPLICA_PREFIX, self.settings.max_attempts, seeded)
 
     def secret(self, epoch: int) -> str | None:
         """An epoch's seed secret, once the epoch has closed (None before, or when it drew no replicas)."""

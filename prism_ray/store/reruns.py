@@ -4,6 +4,7 @@ without a verdict) and then ask their policy again."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,26 @@ class Reruns:
 
     def plan(self) -> list[str]:
         raise NotImplementedError
+
+    def queue_up(self, chosen: dict[str, str], prefix: str, max_attempts: int,
+                 items: Callable[[FirstRun, float], list[dict[str, Any]]]) -> list[str]:
+        """Queue re-runs of the chosen submissions (id → why): `items` gives the columns of each of a first run's
+        re-runs beyond those every re-run has (seed and byte budget included). Their ids."""
+        if not chosen:
+            return []
+        now = self.db.clock()
+        ids = []
+        with self.db.transaction() as con:
+            for first in self.first_runs(list(chosen)):
+                for columns in items(first, now):
+                    row = {"id": f"{prefix}{uuid.uuid4().hex}", "submission_id": first.submission_id,
+                           "hotkey": first.hotkey, "why": chosen[first.submission_id], "status": "pending",
+                           "stage": "queued", "reasons": "[]", "attempt": 0, "max_attempts": max_attempts,
+                           "created_at": now, "updated_at": now, **columns}
+                    con.execute(f"INSERT INTO {self.queue.table} ({', '.join(row)}) "
+                                f"VALUES ({', '.join('?' for _ in row)})", list(row.values()))
+                    ids.append(row["id"])
+        return ids
 
     def first_runs(self, submission_ids: Sequence[str]) -> list[FirstRun]:
         return [FirstRun(**{**row, "report": row["report"] and RunReport.model_validate(row["report"])})

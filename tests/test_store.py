@@ -420,3 +420,21 @@ def test_a_version_1_file_is_upgraded_with_its_zips_and_families(tmp_path, clock
         assert reader.execute("SELECT version FROM schema_version ORDER BY version").fetchall() == [(1,), (3,)]
         assert [column[0] for column in reader.execute("DESCRIBE bundles").fetchall()] == [
             "sha256", "fingerprint", "created_at", "zip_sha256"]
+
+
+def test_every_owner_of_the_store_answers_the_port_with_the_same_signatures():
+    """The backend and the read model call the store through StorePort: the Store itself, LocalStore (this process)
+    and ActorStore (the store actor) must each have every method of it, with the same parameters, so a renamed or
+    re-typed store method fails here rather than at run time on a cluster."""
+    import inspect
+
+    from prism_ray.backend import LocalStore
+    from prism_ray.cluster.client import ActorStore
+    from prism_ray.store.port import StorePort
+
+    methods = [name for name, _ in inspect.getmembers(StorePort, inspect.isfunction) if not name.startswith("_")]
+    assert {"detail", "queue_snapshot", "scored_rows", "create_submissions", "changes_since"} <= set(methods)
+    for owner in (Store, LocalStore, ActorStore):
+        for name in methods:
+            expected = inspect.signature(getattr(StorePort, name))
+            assert inspect.signature(getattr(owner, name)) == expected, (owner.__name__, name)

@@ -323,7 +323,7 @@ class TestOnTwoGpuNodes:
         handle = start(tiny_settings(cache_dir, tmp_path / "prism.duckdb"))
         handles.append(handle)
         submission_id = submit(handle, "survivor", "s.zip", make_bundle("survivor", pause=0.05)).id
-        node_id = wait_until(lambda: (runs_of(handle, submission_id) or [{}])[0].get("node"), timeout=60,
+        node_id = wait_until(lambda: next((run.node for run in runs_of(handle, submission_id)), None), timeout=60,
                              what="the training to start")
         [victim] = [node for node in ray_cluster.list_all_nodes() if node.node_id == node_id]
         ray_cluster.remove_node(victim)
@@ -348,7 +348,7 @@ def test_a_crashed_scheduler_loses_nothing_and_scores_nothing_twice(cache_dir, t
     try:
         assert handle.owns_ray and handle.notice.startswith(NO_GPU_NOTICE)
         ids = [submit(handle, f"miner-{n}", f"{n}.zip", make_bundle(f"queued-{n}", pause=0.02)).id for n in range(3)]
-        wait_until(lambda: (runs_of(handle, ids[0]) or [{}])[0].get("node"), timeout=60, what="the first training")
+        wait_until(lambda: next((run.node for run in runs_of(handle, ids[0])), None), timeout=60, what="the first training")
     finally:
         ray.kill(handle.scheduler)
         ray.get(handle.store.close.remote())

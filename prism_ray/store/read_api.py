@@ -104,7 +104,3 @@ class StoreReads:
     def rejection_counts(self, hotkey: str, since: float) -> tuple[int, int]:
         """(stored rejections since `since`, of them this hotkey's): the bound on stored rejections."""
         return self._reads.rejection_counts(hotkey, since)
-
-    def recent_run_seconds(self, limit: int) -> list[float]:
-        """Claim-to-finish seconds of the latest completed runs, newest first (the queue's ETA)."""
-        return self._reads.recent_run_seconds(limit)

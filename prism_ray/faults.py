@@ -1,7 +1,7 @@
 """Whose fault an exception out of a stage is. Miner code runs in the sandbox and ends as a typed report, so an
 exception that escapes a stage is prism-ray's or the machine's; these are the operator's side — the disk, the
-cache directory, Ray's object store, the store — and must never cost the miner an attempt (docs/operator.md,
-"Operator faults"). Anything else stays `infra:stage_error`."""
+cache directory, Ray's object store, the store, a node lost — and must never cost the miner an attempt
+(docs/operator.md, "Operator faults"). Anything else stays `infra:stage_error`."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ RULES = {
     "infra:unwritable": "a cache or run directory cannot be written",
     "infra:io_error": "a file operation on the operator's side failed",
     "infra:object_lost": "Ray lost an object this attempt needed (its node or its store went away)",
+    "infra:node_died": "the node running this attempt died or was cut off from the head",
     "infra:store_write": "the store could not write this attempt's result",
 }
 
@@ -28,12 +29,14 @@ RULES = {
 def operator_fault(error: BaseException) -> Reason | None:
     """The typed reason when `error` (or what caused it) is an operator-side fault, else None."""
     import duckdb
-    from ray.exceptions import ObjectLostError
+    from ray.exceptions import NodeDiedError, ObjectLostError
 
     seen: BaseException | None = error
     while seen is not None:
         if isinstance(seen, ObjectLostError):
             return _reason("infra:object_lost", seen)
+        if isinstance(seen, NodeDiedError):  # dead or unreachable: the same partition a lapsed lease reports
+            return _reason("infra:node_died", seen)
         if isinstance(seen, duckdb.Error | StoreError):
             return _reason("infra:store_write", seen)
         if isinstance(seen, OSError):

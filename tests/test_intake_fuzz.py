@@ -34,6 +34,8 @@ def zipped(members: list[tuple[str, bytes]]) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for name, content in members:
+            if not name.split("\0", 1)[0]:  # zipfile cuts a name at its first NUL, and an empty name crashes it
+                continue
             try:
                 archive.writestr(name, content)
             except (ValueError, UnicodeEncodeError):

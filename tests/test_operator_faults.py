@@ -44,6 +44,14 @@ def test_a_read_only_cache_is_infra_unwritable(tmp_path):
     assert fault is not None and fault.rule == "infra:unwritable", fault
 
 
+def test_a_node_dead_or_cut_off_is_infra_node_died():
+    """Ray's NodeDiedError ("dead or unreachable") is the partition a lapsed lease also reports: never charged."""
+    from ray.exceptions import NodeDiedError
+
+    fault = operator_fault(NodeDiedError("node 1234 is dead or unreachable"))
+    assert fault is not None and fault.rule == "infra:node_died" and "not charged" in fault.message
+
+
 def test_a_bug_is_not_an_operator_fault():
     assert operator_fault(ValueError("a bug")) is None
     assert operator_fault(RuntimeError("wrapped")) is None

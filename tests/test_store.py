@@ -112,46 +112,57 @@ def test_claim_respects_limit_and_order_and_never_hands_a_row_out_twice(store):
     assert store.stats() | {"by_status": None} == {"by_status": None, "queue_depth": 0, "in_flight": 5, "total": 5}
 
 
-def test_expired_lease_is_requeued_with_the_next_attempt(store, clock):
-    record = store.create_submission("hk", "m.zip", make_bundle("a"))
-    store.claim_next("sched", 30)
-    assert store.requeue_expired() == []  # not expired yet
-    assert store.requeue_expired(now=clock.now + 31) == [record.id]
+def test_an_expired_lease_is_requeued_uncharged_then_held_for_the_operator(tmp_path, clock):
+    """A lapsed lease means prism-ray's own heartbeat stopped (a node hung or cut off): the attempt is given back
+    uncharged, `cap` times, then the submission waits for the operator (docs/operator.md, "Liveness and failures")."""
+    with Store(tmp_path / "leases.duckdb", clock=clock) as store:
+        record = store.create_submission("hk", "m.zip", make_bundle("a"))
+        store.claim_next("sched.1", 30)
+        assert store.requeue_expired(cap=1) == []  # not expired yet
+        assert store.requeue_expired(now=clock.now + 31, cap=1) == [record.id]
 
-    requeued = store.get_submission(record.id)
-    assert (requeued.status, requeued.attempt, requeued.lease_owner) == ("pending", 1, None)
-    assert requeued.reasons[0].rule == "infra:lease_expired"
-    assert store.events(record.id)[-1].detail["reasons"][0]["rule"] == "infra:lease_expired"
-    [again] = store.claim_next("sched", 30)
-    assert again.attempt == 2
-    assert [(run.attempt, run.status) for run in store.runs(record.id)] == [(1, "requeued"), (2, "running")]
+        requeued = store.get_submission(record.id)
+        assert (requeued.status, requeued.attempt, requeued.lease_owner) == ("pending", 0, None)
+        assert requeued.reasons[0].rule == "infra:lease_expired" and "not charged" in requeued.reasons[0].message
+        assert store.events(record.id)[-1].kind == "infra_requeued"
+        assert store.runs(record.id) == []  # the abandoned attempt's run row goes with its claim
+        [again] = store.claim_next("sched.2", 30)
+        assert again.attempt == 1
+        clock.now += 31
+        assert store.requeue_expired(cap=1) == [record.id]
+        held = store.get_submission(record.id)
+        assert (held.status, held.attempt) == ("held", 0)
+        assert [reason.rule for reason in held.reasons] == ["infra:held_for_operator", "infra:lease_expired"]
+        assert kinds(store, record.id) == ["submitted", "claimed", "infra_requeued", "claimed", "held"]
 
 
 def test_attempts_exhausted_fails_with_infra_reason(tmp_path, clock):
     with Store(tmp_path / "capped.duckdb", max_attempts=2, clock=clock) as store:
         record = store.create_submission("hk", "m.zip", make_bundle("a"))
-        for _ in range(2):
+        crashed = Reason(rule="infra:worker_crashed", message="the worker died")
+        for attempt in (1, 2):
             store.claim_next("sched", 30)
-            clock.now += 31
-            assert store.requeue_expired() == [record.id]
+            assert store.requeue(record.id, crashed, owner="sched", attempt=attempt)
         failed = store.get_submission(record.id)
         assert (failed.status, failed.attempt) == ("failed", 2)
-        assert [reason.rule for reason in failed.reasons] == ["infra:attempts_exhausted", "infra:lease_expired"]
+        assert [reason.rule for reason in failed.reasons] == ["infra:attempts_exhausted", "infra:worker_crashed"]
         assert kinds(store, record.id) == ["submitted", "claimed", "requeued", "claimed", "failed"]
         assert store.claim_next("sched", 30) == []
 
 
 def test_stale_owner_cannot_complete_after_requeue(store, clock):
+    """An uncharged requeue gives the attempt's number back, so the scheduler leases each claim under a new owner:
+    the abandoned attempt ("old", 1) can neither renew nor complete the new one ("new", 1)."""
     record = store.create_submission("hk", "m.zip", make_bundle("a"))
     store.claim_next("old", 30)
     clock.now += 31
     store.requeue_expired()
-    store.claim_next("new", 30)
+    [again] = store.claim_next("new", 30)
+    assert again.attempt == 1
     report = scored_report(1.0, 0.5, [{"bytes": 1, "bpb": 1.0}])
-    assert not store.renew_lease(record.id, "old", 30)
-    assert not store.complete(record.id, "old", report)
-    assert not store.complete(record.id, "new", report, attempt=1)  # the first attempt's late result
-    assert store.complete(record.id, "new", report, attempt=2)
+    assert not store.renew_lease(record.id, "old", 30, attempt=1)
+    assert not store.complete(record.id, "old", report, attempt=1)
+    assert store.complete(record.id, "new", report, attempt=1)
     assert len(store.scored_rows()) == 1 and len(store.curve(record.id)) == 1
 
 

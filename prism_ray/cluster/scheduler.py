@@ -15,11 +15,11 @@ run's seed and byte budget, its GPU stages pinned to a node other than the one t
 cluster has one). The store judges the re-run's report against the first run (prism_ray/audit.py).
 
 Failures are sorted by who caused them: an operator-side fault (a full disk, an unwritable cache, a lost object, a
-failed store write: prism_ray/faults.py) requeues the attempt without charging it, up to a cap, then holds the
-submission for the operator; another system failure (a node or worker lost) requeues the attempt, explicitly and
-recorded, up to the store's attempt cap; an application failure (a failed report, a rejection) is
-final and never retried; a stage over its limit is cancelled and fails `run:timeout` (GPU stages) or
-`infra:stage_timeout`.
+failed store write, a node declared dead: prism_ray/faults.py; a lapsed lease: its node hung or was cut off)
+requeues the attempt without charging it, up to a cap, then holds the submission for the operator; another system
+failure (a worker lost) requeues the attempt, explicitly and recorded, up to the store's attempt cap; an
+application failure (a failed report, a rejection) is final and never retried; a stage over its limit is cancelled
+and fails `run:timeout` (GPU stages) or `infra:stage_timeout`.
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ class Scheduler:
         self.settings = settings
         self.cluster = settings.cluster
         self.owner = f"scheduler-{uuid.uuid4().hex[:12]}"  # new per start: a stale attempt can never renew or score
+        self._leases = 0  # each claim's lease owner is `owner.<n>` (see _claim)
         self.tasks = StageTasks(settings, has_head)
         self.metrics = SchedulerMetrics()
         self._settings_ref = ray.put(settings)
@@ -148,7 +149,7 @@ class Scheduler:
         if now - self._housekeeping_at >= self.cluster.heartbeat_seconds:
             self._housekeeping_at = now
             self._keep_alive()
-            for submission_id in ray.get(self.store.requeue_expired.remote()):
+            for submission_id in ray.get(self.store.requeue_expired.remote(cap=self.cluster.max_infra_requeues)):
                 self._forget(submission_id, cancel=True)
                 self.metrics.record_end("requeued", "infra:lease_expired")
         self._claim()
@@ -182,29 +183,34 @@ class Scheduler:
         free = capacity - len(self._chains)
         if free <= 0:
             return
-        audits = ray.get(self.store.claim_audit_runs.remote(self.owner, free))
+        # A lease owner new per claim: an uncharged requeue gives the attempt's number back, so (owner, attempt)
+        # alone tells the new claim from an abandoned one still running on a node that was cut off (its beats and
+        # stage changes are refused, never mixed into the new attempt's).
+        self._leases += 1
+        owner = f"{self.owner}.{self._leases}"
+        audits = ray.get(self.store.claim_audit_runs.remote(owner, free))
         for audit, zipped in audits:  # the audit's GPU stages avoid the node of the run it repeats
             self._audits_claimed += 1
-            self._start_rerun(audit, zipped, _other_gpu_node(audit.original_node))
+            self._start_rerun(audit, zipped, owner, _other_gpu_node(audit.original_node))
         free -= len(audits)
         # Replicas next: the board's top places wait on them, as weights wait on audits.
-        replicas = ray.get(self.store.claim_replica_runs.remote(self.owner, free)) if free > 0 else []
+        replicas = ray.get(self.store.claim_replica_runs.remote(owner, free)) if free > 0 else []
         for replica, zipped in replicas:
             self._replicas_claimed += 1
-            self._start_rerun(replica, zipped, None)
+            self._start_rerun(replica, zipped, owner, None)
         free -= len(replicas)
         if free > 0:
-            for record, zipped in ray.get(self.store.claim.remote(self.owner, free)):
+            for record, zipped in ray.get(self.store.claim.remote(owner, free)):
                 self._claimed += 1
-                job = Job(record.id, record.attempt, self.owner, time.time())
+                job = Job(record.id, record.attempt, owner, time.time())
                 bundle = self._unpack(job, zipped, record.bundle_sha256)
                 if bundle is not None:
                     self._start(Chain(job, bundle, self._settings_ref, tuple(range(len(STAGES))), record.id))
         self._max_in_flight = max(self._max_in_flight, len(self._chains))
 
-    def _start_rerun(self, item: RerunRecord, zipped: bytes | None, target: str | None) -> None:
+    def _start_rerun(self, item: RerunRecord, zipped: bytes | None, owner: str, target: str | None) -> None:
         """An audit or a seed replica: the re-run stages under its seed and byte budget (None: the settings')."""
-        job = Job(item.id, item.attempt, self.owner, time.time())
+        job = Job(item.id, item.attempt, owner, time.time())
         bundle = self._unpack(job, zipped, None)
         if bundle is None:
             return

@@ -18,7 +18,14 @@ from ray.actor import ActorHandle
 
 from prism_ray.cluster.metrics import StoreMetrics
 from prism_ray.config import Settings
-from prism_ray.store import AuditRecord, ReplicaRecord, Store, StoreLocked, SubmissionRecord
+from prism_ray.store import (
+    DEFAULT_INFRA_REQUEUES,
+    AuditRecord,
+    ReplicaRecord,
+    Store,
+    StoreLocked,
+    SubmissionRecord,
+)
 
 STORE_NAME = "prism-store"
 _OPEN_WAIT_SECONDS = 30.0  # a restarted store may start while its predecessor's process still holds the file lock
@@ -57,7 +64,7 @@ class StoreService(Store):
         self.flush_seconds = cluster.heartbeat_seconds
         self.metrics = StoreMetrics()
         self._pending: dict[str, Beat] = {}
-        self._task_owned: dict[tuple[str, int], float] = {}  # (id, attempt) → when its GPU task started (epoch)
+        self._task_owned: dict[tuple[str, str, int], float] = {}  # (id, owner, attempt) → when its GPU task started
         self._speeds: dict[str, tuple[float, float]] = {}  # id → (tokens/s, monotonic time of the beat)
         self._flushed_at = time.monotonic()
 
@@ -81,12 +88,12 @@ class StoreService(Store):
         if not self.set_stage(submission_id, stage, node=node, owner=owner, attempt=attempt):
             return False
         self.renew_lease(submission_id, owner, self.lease_seconds, attempt=attempt)
-        self._task_owned[(submission_id, attempt)] = time.time()
+        self._task_owned[(submission_id, owner, attempt)] = time.time()
         return True
 
     def stage_finished(self, beat: Beat) -> None:
         """The GPU task's last beat, written now (final progress); the scheduler renews the lease again."""
-        self._task_owned.pop((beat.submission_id, beat.attempt), None)
+        self._task_owned.pop((beat.submission_id, beat.owner, beat.attempt), None)
         self._pending.pop(beat.submission_id, None)
         self._speeds.pop(beat.submission_id, None)
         self._renew(beat)
@@ -95,7 +102,7 @@ class StoreService(Store):
         """Store.unclaim, forgetting the attempt's beats: its number is claimed again, by a new lease."""
         if (pending := self._pending.get(submission_id)) is not None and pending.owner == owner:
             del self._pending[submission_id]
-        self._task_owned.pop((submission_id, attempt), None)
+        self._task_owned.pop((submission_id, owner, attempt), None)
         self._speeds.pop(submission_id, None)
         return super().unclaim(submission_id, owner, attempt)
 
@@ -111,7 +118,7 @@ class StoreService(Store):
         its heartbeats. Returns when each running GPU task started, so stage limits count from there."""
         started = {}
         for beat in beats:
-            key = (beat.submission_id, beat.attempt)
+            key = (beat.submission_id, beat.owner, beat.attempt)
             if key in self._task_owned:
                 started[beat.submission_id] = self._task_owned[key]
             else:
@@ -119,9 +126,9 @@ class StoreService(Store):
         self._flush_if_due()
         return started
 
-    def requeue_expired(self, now: float | None = None) -> list[str]:
+    def requeue_expired(self, now: float | None = None, cap: int = DEFAULT_INFRA_REQUEUES) -> list[str]:
         self._flush_if_due()
-        return super().requeue_expired(now)
+        return super().requeue_expired(now, cap)
 
     def _flush_if_due(self) -> None:
         if time.monotonic() - self._flushed_at >= self.flush_seconds:
@@ -145,7 +152,7 @@ class StoreService(Store):
                                 progress_bpb=beat.running_bpb, tokens_per_second=beat.tokens_per_second,
                                 attempt=beat.attempt)
         if not held:
-            self._task_owned.pop((beat.submission_id, beat.attempt), None)
+            self._task_owned.pop((beat.submission_id, beat.owner, beat.attempt), None)
             self._speeds.pop(beat.submission_id, None)
 
 

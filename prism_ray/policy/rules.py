@@ -9,6 +9,7 @@ from prism_ray.errors import Reason
 from prism_ray.policy.reach import metaclass_methods, shared_member_names
 from prism_ray.policy.resolver import Resolver, const_str
 from prism_ray.policy.scopes import absolute_module
+from prism_ray.policy.shapes import Shapes
 from prism_ray.policy.tables import (
     ATTR_BUILTINS,
     CONTEXT_DUNDERS,
@@ -90,6 +91,7 @@ class Checker(ast.NodeVisitor):
         self.budget = budget
         self.reasons: list[Reason] = []
         self.parent = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+        self.shapes = Shapes(resolver, self.parent)
         self.imported = set(resolver.modules)  # module names, for modules this process cannot import (einops)
         for node in ast.walk(tree):
             named = [a.name for a in node.names] if isinstance(node, ast.Import) else (
@@ -164,24 +166,25 @@ class Checker(ast.NodeVisitor):
         elif DUNDER.match(node.id) and node.id not in SAFE_DUNDER_NAMES:
             self.report("sandbox:dunder", node, f"the name `{node.id}` reaches interpreter internals")
         if isinstance(node.ctx, ast.Load):
-            if node.id in ATTR_BUILTINS and resolver.is_builtin(node) and not self._is_callee(node):
+            if node.id in ATTR_BUILTINS and resolver.is_builtin(node) and not self.shapes.is_callee(node):
                 self.report("sandbox:dynamic_attr", node, f"`{node.id}` may only be called directly, with a "
                                                           "constant attribute name")
             self._check_value(node)
 
     def visit_Attribute(self, node: ast.Attribute) -> None:
-        if node.attr in CONTEXT_DUNDERS and not (self._is_super(node.value) and self._enclosing_def(node) == node.attr):
+        in_own_dunder = self.shapes.is_super(node.value) and self.shapes.enclosing_def(node) == node.attr
+        if node.attr in CONTEXT_DUNDERS and not in_own_dunder:
             self.report("sandbox:dunder", node, (
                 f"`{code(node)}` enters or leaves a context by hand; use a `with` statement (a context entered and "
                 "never left stays on for the whole process, the harness's code included)"))
-        elif node.attr == "__init__" and not self._init_call(node):
+        elif node.attr == "__init__" and not self.shapes.init_call(node):
             self.report("sandbox:dunder", node, (
                 f"`{code(node)}`: call `__init__` only as `super().__init__(…)` or `Base.__init__(self, …)` inside "
                 "your own `__init__` (anything else could hand it an object that is not yours)"))
         self._check_name(node, node.attr, code(node), self.resolver.origins(node))
         if isinstance(node.ctx, (ast.Store, ast.Del)):
             self._check_patch(node, node.value, f"`{code(node)}`", node.attr)
-        elif self._is_chain_top(node):
+        elif self.shapes.is_chain_top(node):
             self._check_api(node, self.resolver.origins(node), code(node))
         if isinstance(node.ctx, ast.Load):
             self._check_value(node)
@@ -248,7 +251,7 @@ class Checker(ast.NodeVisitor):
         self._check_name(node, name, code(node), self.resolver.origins(node) if builtin == "getattr" else set())
         if builtin in ("setattr", "delattr"):
             self._check_patch(node, node.args[0], f"`{code(node)}`", name)
-        elif self._is_chain_top(node):
+        elif self.shapes.is_chain_top(node):
             self._check_api(node, self.resolver.origins(node), code(node))
             if builtin == "getattr":
                 self._check_value(node)
@@ -327,7 +330,7 @@ class Checker(ast.NodeVisitor):
         """Monkeypatching: changing an imported module or class, or an object reached from one."""
         origins = self.resolver.origins(base)
         foreign = self.resolver.foreign(origins)
-        if not foreign and attr in shared_member_names() and not self._own(base, origins):
+        if not foreign and attr in shared_member_names() and not self.shapes.own(base, origins):
             self.report("sandbox:monkeypatch", node, (
                 f"{expression}: the policy cannot tell what `{code(base)}` is, and `{attr}` is a method of "
                 "torch.Tensor, nn.Module or another class the harness computes with; set such names only on your "
@@ -347,14 +350,14 @@ class Checker(ast.NodeVisitor):
 
     def _check_value(self, node: ast.AST) -> None:
         """Modules may be used only through their attributes, or renamed with `alias = module`."""
-        if not self._is_chain_top(node):
+        if not self.shapes.is_chain_top(node):
             return
         origins = self.resolver.origins(node)
         names = {self.resolver.reached(o).name for o in origins}
-        if "torch.save" in names and not self._is_callee(node) and not self._alias_context(node):
+        if "torch.save" in names and not self.shapes.is_callee(node) and not self.shapes.alias_context(node):
             self.report("sandbox:torch_save_path", node, "call torch.save directly, so its path can be checked")
         modules = sorted(o for o in origins if o in self.imported or self.resolver.reached(o).module)
-        if modules and not self._alias_context(node):
+        if modules and not self.shapes.alias_context(node):
             self.report("sandbox:module_value", node, (
                 f"`{code(node)}` passes the module {modules[0]} around as a value; use its attributes directly "
                 "(the sandbox must see every use of a module)"))
@@ -382,7 +385,7 @@ class Checker(ast.NodeVisitor):
 
     def _check_save(self, node: ast.Call) -> None:
         path = node.args[1] if len(node.args) >= 2 else next((k.value for k in node.keywords if k.arg == "f"), None)
-        pieces = self._path_pieces(path, 0) if path is not None else []
+        pieces = self.shapes.path_pieces(path, 0) if path is not None else []
         head = pieces[0] if pieces else None
         text = "".join(p if isinstance(p, str) else "\0" for p in pieces)
         under_artifacts = (isinstance(head, ast.Attribute) and head.attr == "artifacts_dir"
@@ -391,95 +394,6 @@ class Checker(ast.NodeVisitor):
             self.report("sandbox:torch_save_path", node, (
                 f"`{code(node)}`: torch.save may only write under ctx.artifacts_dir, e.g. "
                 "torch.save(model.state_dict(), f\"{ctx.artifacts_dir}/model.pt\")"))
-
-    def _path_pieces(self, node: ast.expr, depth: int) -> list[ast.expr | str]:
-        """A path expression as constant text and opaque parts, in order (locals followed once bound once)."""
-        if depth > 8:
-            return [node]
-        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
-            return [*self._path_pieces(node.left, depth + 1), *self._path_pieces(node.right, depth + 1)]
-        if isinstance(node, ast.JoinedStr):
-            pieces: list[ast.expr | str] = []
-            for value in node.values:
-                if isinstance(value, ast.Constant):
-                    pieces.append(str(value.value))
-                elif isinstance(value, ast.FormattedValue) and value.conversion == -1 and value.format_spec is None:
-                    pieces += self._path_pieces(value.value, depth + 1)
-                else:
-                    pieces.append(value)
-            return pieces
-        if isinstance(node, ast.Constant) and isinstance(node.value, str):
-            return [node.value]
-        if isinstance(node, ast.Call) and self.resolver.builtin_call(node) == "str" and len(node.args) == 1:
-            return self._path_pieces(node.args[0], depth + 1)
-        if isinstance(node, ast.Name) and (found := self.resolver.lookup(node)):
-            bindings = found[1]
-            if len(bindings) == 1 and bindings[0].kind == "value" and bindings[0].expr is not None:
-                return self._path_pieces(bindings[0].expr, depth + 1)
-        return [node]
-
-    # ---- what an object is
-
-    def _own(self, base: ast.AST, origins: set[str]) -> bool:
-        """Whether `base` is surely the bundle's own object: a bundle module, a def or class of this file, or the
-        new instance `self` inside a bundle class's `__init__` (which may be called only on it, see visit_Attribute)."""
-        if origins and origins <= self.resolver.modules:
-            return True
-        if not isinstance(base, ast.Name) or (found := self.resolver.lookup(base)) is None:
-            return False
-        return all(binding.kind == "def" for binding in found[1]) or self._new_instance(base)
-
-    def _new_instance(self, name: ast.Name) -> bool:
-        """Whether `name` is the `self` of a bundle class's `__init__`, never rebound."""
-        found = self.resolver.lookup(name)
-        return found is not None and self.resolver.binder.init_selves.get(found[0]) == name.id and len(found[1]) == 1
-
-    def _is_super(self, node: ast.AST) -> bool:
-        """`super()`, or `super(C, self)` in `__init__`: Python checks that the object it binds to is an instance
-        of the bundle class it names (`super(C, C)` would bind nothing)."""
-        if not (isinstance(node, ast.Call) and self.resolver.builtin_call(node) == "super" and not node.keywords):
-            return False
-        return not node.args or (len(node.args) == 2 and isinstance(node.args[1], ast.Name)
-                                 and self._new_instance(node.args[1]))
-
-    def _init_call(self, node: ast.Attribute) -> bool:
-        """`super().__init__(…)`, or `X.__init__(self, …)` with the `self` of the enclosing `__init__`."""
-        parent = self.parent.get(node)
-        if not (isinstance(parent, ast.Call) and parent.func is node):
-            return False
-        first = parent.args[0] if parent.args else None
-        return (isinstance(first, ast.Name) and self._own(first, set())) or self._is_super(node.value)
-
-    def _enclosing_def(self, node: ast.AST) -> str | None:
-        while (node := self.parent.get(node)) is not None:
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                return node.name
-        return None
-
-    # ---- where a node sits
-
-    def _is_callee(self, node: ast.AST) -> bool:
-        parent = self.parent.get(node)
-        return isinstance(parent, ast.Call) and parent.func is node
-
-    def _is_chain_top(self, node: ast.AST) -> bool:
-        """Whether this node ends an attribute chain (`torch.hub.load` is checked once, at `.load`)."""
-        parent = self.parent.get(node)
-        if isinstance(parent, ast.Attribute):
-            return False
-        return not (isinstance(parent, ast.Call) and parent.args and parent.args[0] is node
-                    and self.resolver.builtin_call(parent) in ATTR_BUILTINS)
-
-    def _alias_context(self, node: ast.AST) -> bool:
-        """`alias = value` into a plain name outside a class body: the alias is tracked like the original."""
-        child, parent = node, self.parent.get(node)
-        while isinstance(parent, (ast.IfExp, ast.BoolOp, ast.NamedExpr)) and child is not getattr(parent, "test", None):
-            child, parent = parent, self.parent.get(parent)
-        if self.resolver.scope(node).kind == "class":
-            return False
-        if isinstance(parent, ast.Assign) and parent.value is child:
-            return all(isinstance(target, ast.Name) for target in parent.targets)
-        return isinstance(parent, ast.AnnAssign) and parent.value is child and isinstance(parent.target, ast.Name)
 
 
 KNOWN_NODES = UNCHECKED_NODES | {name.removeprefix("visit_") for name in vars(Checker) if name.startswith("visit_")}

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prism_ray.bundle import Bundle
-from prism_ray.config import AuditSettings, ReplicaSettings, ScoringSettings
+from prism_ray.config import AuditSettings, ClusterSettings, ReplicaSettings, ScoringSettings
 from prism_ray.errors import Reason
 from prism_ray.fingerprint import CodeFingerprints
 from prism_ray.gate import CachedVerdict, GateAudit
@@ -62,6 +62,7 @@ from prism_ray.store.sidecar import Sidecar
 from prism_ray.store.submissions import NewSubmission, Submissions
 
 DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_INFRA_REQUEUES: int = ClusterSettings.model_fields["max_infra_requeues"].default
 STATUSES = SUBMISSION_STATUSES
 TERMINAL_STATUSES = SUBMISSION_TERMINAL
 
@@ -213,11 +214,13 @@ class Store(StoreReads):
             self._replanned([item_id])
         return status
 
-    def requeue_expired(self, now: float | None = None) -> list[str]:
-        """Running items whose lease expired: requeued, or failed `infra:attempts_exhausted`."""
+    def requeue_expired(self, now: float | None = None, cap: int = DEFAULT_INFRA_REQUEUES) -> list[str]:
+        """Running items whose lease expired. A submission is requeued uncharged `cap` times, then held for the
+        operator (docs/operator.md, "Liveness and failures"); an audit or a seed replica is requeued, or failed
+        `infra:attempts_exhausted`."""
         now = self._db.clock() if now is None else now
         with self._db.transaction():
-            return [*self._submission_queue.requeue_expired(now),
+            return [*self._submission_queue.requeue_expired(now, uncharged_cap=cap, held="held"),
                     *self._replanned(self._audit_queue.requeue_expired(now)),
                     *self._replanned(self._replica_queue.requeue_expired(now))]
 

@@ -13,6 +13,9 @@ from prism_ray.errors import Reason
 from prism_ray.report import RunReport
 from prism_ray.store.db import Db, dump, finite, to_json
 
+LEASE_EXPIRED = Reason(rule="infra:lease_expired", message="the node running this attempt stopped reporting (hung, "
+                       "lost or cut off from the head) and its lease expired")
+
 
 @dataclass(frozen=True)
 class Change:
@@ -193,12 +196,18 @@ class Queue:
             self.apply(changes)
         return [change.id for change in changes]
 
-    def requeue_expired(self, now: float) -> list[str]:
-        """Running items whose lease expired: requeued, or failed `infra:attempts_exhausted`."""
-        expired = self.db.execute(f"SELECT id FROM {self.table} WHERE status = 'running' AND lease_expires_at < ? "
-                                  "ORDER BY seq", [now]).fetchall()
-        reason = Reason(rule="infra:lease_expired", message="the run stopped reporting before its lease expired")
-        return self.requeue([row[0] for row in expired], [reason])
+    def requeue_expired(self, now: float, uncharged_cap: int | None = None, held: str | None = None) -> list[str]:
+        """Running items whose lease expired. With `uncharged_cap` (submissions: a lapsed lease means prism-ray's own
+        heartbeat stopped, i.e. its node hung or became unreachable, never the miner's doing) each goes through
+        `requeue_uncharged`; without it (audits, seed replicas) through the charged `requeue`."""
+        expired = self.db.execute(f"SELECT id, lease_owner, attempt FROM {self.table} WHERE status = 'running' "
+                                  "AND lease_expires_at < ? ORDER BY seq", [now]).fetchall()
+        if uncharged_cap is None:
+            return self.requeue([row[0] for row in expired], [LEASE_EXPIRED])
+        reason = LEASE_EXPIRED.model_copy(update={"message": f"{LEASE_EXPIRED.message}; this attempt is not charged "
+                                                  "to the miner"})
+        return [item for item, owner, attempt in expired
+                if self.requeue_uncharged(item, reason, owner, attempt, uncharged_cap, held) is not None]
 
     def recover(self, live_ids: Sequence[str]) -> list[str]:
         """Running items the scheduler does not know are orphans of a dead scheduler → requeued."""

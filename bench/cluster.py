@@ -158,7 +158,7 @@ def run_one(handle: ClusterHandle, tag: str) -> tuple[float, float]:
     latency = time.monotonic() - started
     assert record is not None and record.status == "completed", record
     [run] = ray.get(handle.store.runs.remote(record.id))
-    return latency, run["report"]["wall_seconds"]
+    return latency, run.report.wall_seconds
 
 
 def overhead(work: Path, byte_budget: int, repeats: int) -> None:
@@ -224,7 +224,7 @@ def phases(timelines: list[list[dict]]) -> str:
     steps: dict[str, list[float]] = {}
     for events in timelines:
         for before, after in zip(events, events[1:], strict=False):
-            steps.setdefault(before["stage"] or before["kind"], []).append(after["created_at"] - before["created_at"])
+            steps.setdefault(before.stage or before.kind, []).append(after.created_at - before.created_at)
     return "  ".join(f"{name} {statistics.mean(values):.2f}" for name, values in steps.items())
 
 

@@ -71,8 +71,8 @@ def seed(path: Path, scored: int) -> list[str]:
                                model_params=66_049, device="cpu", wall_seconds=5.0, train_seconds=4.0,
                                byte_budget=100_000, score={"final_score": final, "base": final, "penalty": 1.0,
                                                            "anomaly": 1, "tie_break": 0.0, "flags": []})
-            curve = [{"bytes": 4000 * (k + 1), "bpb": bpb + 1 / (k + 1)} for k in range(25)]
-            store.complete(record.id, "bench", report.model_dump(mode="json"), report.score_row(), curve)
+            report.curve = [{"bytes": 4000 * (k + 1), "bpb": bpb + 1 / (k + 1)} for k in range(25)]
+            store.complete(record.id, "bench", report)
             ids.append(record.id)
         return ids
 
@@ -98,8 +98,8 @@ def serve(path: str, mode: str, ports: multiprocessing.Queue) -> None:
     if mode == "before":
         backend.reads = PerRequest(backend.local, backend.settings)
         # one store transaction per intake and per nonce, as before group commit
-        backend._creates = GroupCommit(lambda items: backend.local.call("create_submissions", items), max_batch=1)
-        backend._nonces = GroupCommit(lambda checks: backend.local.call("check_nonces", checks), max_batch=1)
+        backend._creates = GroupCommit(backend.local.create_submissions, max_batch=1)
+        backend._nonces = GroupCommit(backend.local.check_nonces, max_batch=1)
     settings = ApiSettings(rate_limit_burst=1_000_000, address_rate_limit_burst=1_000_000,
                            registry={"mode": "open"})
     sock = socket.socket()

@@ -20,18 +20,22 @@ from prism_ray.config import Settings
 from prism_ray.errors import BundleError, Reason
 from prism_ray.fingerprint import code_fingerprints
 from prism_ray.group_commit import GroupCommit
-from prism_ray.leaderboard import LeaderboardEntry, SeedNoise
-from prism_ray.read_model import QueueView, ReadModel, StorePort, SubmissionDetail
+from prism_ray.leaderboard import LeaderboardEntry, ScoreRow, SeedNoise
+from prism_ray.read_model import QueueView, ReadModel
+from prism_ray.scoring import CurvePoint
 from prism_ray.significance import Verdict
 from prism_ray.store import (
     AuditRecord,
     NewSubmission,
+    QueueSnapshot,
     ReplicaRecord,
     Store,
     StoreError,
     StoreUnavailable,
+    SubmissionDetail,
     SubmissionRecord,
 )
+from prism_ray.store.port import StorePort
 
 
 @dataclass(frozen=True)
@@ -70,8 +74,8 @@ class Backend:
         self._on_queued = on_queued
         self._node_address = node_address
         # Concurrent intakes and nonce checks share store round trips (a burst of posts is a few transactions).
-        self._creates = GroupCommit(lambda items: store.call("create_submissions", items))
-        self._nonces = GroupCommit(lambda checks: store.call("check_nonces", checks))
+        self._creates = GroupCommit(store.create_submissions)
+        self._nonces = GroupCommit(store.check_nonces)
         self._health: tuple[float, StoreHealth] | None = None  # (monotonic time, result) of the latest probe
         self._probing = threading.Lock()
 
@@ -87,7 +91,7 @@ class Backend:
 
     def _probe(self) -> StoreHealth:
         try:
-            free = self.store.call("probe")
+            free = self.store.probe()
         except Exception as error:  # a damaged file, a dead actor, a full disk under a commit: all unusable
             return StoreHealth(False, "store_unavailable", f"the store does not answer: {describe(error)}")
         floor = self.settings.cluster.min_free_bytes
@@ -129,12 +133,12 @@ class Backend:
         """Store an intake rejection (no valid bundle exists) so the miner can look it up — unless `cap` is full."""
         self.require_disk()
         if cap is not None:
-            total, own = self.store.call("rejection_counts", hotkey, time.time() - cap.window_s)
+            total, own = self.store.rejection_counts(hotkey, time.time() - cap.window_s)
             if own >= cap.per_hotkey or total >= cap.total:
                 whose = f"this hotkey has {own}" if own >= cap.per_hotkey else f"the server has {total}"
                 return NotStored(list(reasons), f"not stored: {whose} stored rejections from the last "
                                  f"{cap.window_s / 3600:g} h")
-        record = self.store.call("reject_submission", hotkey, filename, list(reasons), "intake", metadata)
+        record = self.store.reject_submission(hotkey, filename, list(reasons), "intake", metadata)
         self.reads.invalidate()
         return record
 
@@ -151,7 +155,7 @@ class Backend:
     def detail(self, submission_id: str) -> SubmissionDetail | None:
         return self.reads.detail(submission_id)
 
-    def curve(self, submission_id: str) -> list[dict[str, Any]]:
+    def curve(self, submission_id: str) -> list[CurvePoint]:
         """The scored attempt's learning curve, at most `settings.curve_points` points."""
         return self.reads.curve(submission_id)
 
@@ -172,8 +176,7 @@ class Backend:
     def replicas(self, limit: int) -> list[ReplicaRecord]:
         """Pending and running seed replicas, in the order they are claimed (seeds hidden while their epoch is
         open)."""
-        records = [*self.store.call("list_replicas", "running", None, limit),
-                   *self.store.call("list_replicas", "pending", None, limit)]
+        records = [*self.store.list_replicas("running", None, limit), *self.store.list_replicas("pending", None, limit)]
         return sorted(records, key=lambda record: record.seq)[:limit]
 
     def queue(self) -> QueueView:
@@ -184,8 +187,7 @@ class Backend:
 
     def audits(self, limit: int) -> list[AuditRecord]:
         """Pending and running re-execution audits, in the order they are claimed."""
-        records = [*self.store.call("list_audits", "running", None, limit),
-                   *self.store.call("list_audits", "pending", None, limit)]
+        records = [*self.store.list_audits("running", None, limit), *self.store.list_audits("pending", None, limit)]
         return sorted(records, key=lambda record: record.seq)[:limit]
 
     def placement_notice(self) -> str | None:
@@ -236,13 +238,60 @@ class LocalStore:
         with self._lock:
             yield self.store
 
-    def call(self, method: str, *args: Any) -> Any:
+    def create_submissions(self, items: Sequence[NewSubmission]) -> list[SubmissionRecord]:
         with self.use() as store:
-            return getattr(store, method)(*args)
+            return store.create_submissions(items)
 
-    def call_many(self, calls: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+    def reject_submission(self, hotkey: str, filename: str | None, reasons: Sequence[Reason], stage: str = "intake",
+                          metadata: dict[str, Any] | None = None) -> SubmissionRecord:
         with self.use() as store:
-            return [getattr(store, method)(*args) for method, args in calls]
+            return store.reject_submission(hotkey, filename, reasons, stage, metadata)
+
+    def check_nonces(self, checks: Sequence[tuple[str, str, float]]) -> list[bool]:
+        with self.use() as store:
+            return store.check_nonces(checks)
+
+    def probe(self) -> int:
+        with self.use() as store:
+            return store.probe()
+
+    def changes_since(self, since: float | None) -> tuple[float | None, list[tuple[str, str]]]:
+        with self.use() as store:
+            return store.changes_since(since)
+
+    def detail(self, submission_id: str) -> SubmissionDetail | None:
+        with self.use() as store:
+            return store.detail(submission_id)
+
+    def curve(self, submission_id: str) -> list[CurvePoint]:
+        with self.use() as store:
+            return store.curve(submission_id)
+
+    def scored_rows(self) -> list[ScoreRow]:
+        with self.use() as store:
+            return store.scored_rows()
+
+    def queue_snapshot(self, limit: int, recent: int) -> QueueSnapshot:
+        with self.use() as store:
+            return store.queue_snapshot(limit, recent)
+
+    def stats(self) -> dict[str, Any]:
+        with self.use() as store:
+            return store.stats()
+
+    def rejection_counts(self, hotkey: str, since: float) -> tuple[int, int]:
+        with self.use() as store:
+            return store.rejection_counts(hotkey, since)
+
+    def list_audits(self, status: str | None = None, submission_id: str | None = None,
+                    limit: int = 100) -> list[AuditRecord]:
+        with self.use() as store:
+            return store.list_audits(status, submission_id, limit)
+
+    def list_replicas(self, status: str | None = None, submission_id: str | None = None,
+                      limit: int = 100) -> list[ReplicaRecord]:
+        with self.use() as store:
+            return store.list_replicas(status, submission_id, limit)
 
 
 class StoreBackend(Backend):

@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict
+
+from prism_ray.report import RunReport
 
 
 class Signature(BaseModel):
@@ -25,19 +26,19 @@ class Signature(BaseModel):
     device: str
 
 
-def signature(report: dict[str, Any]) -> Signature | None:
-    """The signature of a completed run's report (as the store keeps it); None when the report lacks a part of it
-    (a report of an older prism-ray, a run without a dataset fingerprint)."""
-    head = report.get("head_nats") or []
-    data = report.get("data") or {}
-    conditions = [data.get("fingerprint"), data.get("split"), report.get("seed"), report.get("byte_budget"),
-                  report.get("tokenizer"), report.get("batch_size"), report.get("seq_len")]
+def signature(report: RunReport) -> Signature | None:
+    """The signature of a completed run's report; None when the report lacks a part of it (a report of an older
+    prism-ray, a run without a dataset fingerprint)."""
+    head = report.head_nats
+    data = report.data
+    conditions = [data and data.fingerprint, data and data.split, report.seed, report.byte_budget, report.tokenizer,
+                  report.batch_size, report.seq_len]
     if not head or any(part is None for part in conditions) or not all(map(math.isfinite, head)):
         return None
     key = hashlib.sha256(repr([*conditions, len(head)]).encode()).hexdigest()
     exact = hashlib.sha256(key.encode() + struct.pack(f"<{len(head)}d", *head)).hexdigest()
     return Signature(key=key, head=[float(nats) for nats in head], head_sha256=exact,
-                     device=report.get("device") or "cpu")
+                     device=report.device or "cpu")
 
 
 def same_learner(a: list[float], b: list[float], rtol: float) -> bool:

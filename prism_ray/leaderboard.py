@@ -21,11 +21,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from prism_ray import significance
 from prism_ray.config import RankingSettings, ScoringSettings
+from prism_ray.scoring import ScoreFields
 from prism_ray.significance import Curves, Verdict
 
 
-class ScoreRow(BaseModel):
-    """One submission as the store holds it; only `completed` rows with a final_score reach the board."""
+class ScoreRow(ScoreFields):
+    """One submission as the store holds it, its scores row included; only `completed` rows with a final_score
+    reach the board."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -33,9 +35,6 @@ class ScoreRow(BaseModel):
     hotkey: str
     submitted_at: datetime | float = Field(description="a datetime (naive = UTC) or epoch seconds")
     status: str
-    final_score: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-    bpb: float | None = None
-    heldout_delta: float | None = None
     architecture_family: str | None = None
     name: str | None = None
     copy_of: str | None = Field(default=None, description="the earlier submission of another hotkey this one copies")
@@ -53,8 +52,6 @@ class ScoreRow(BaseModel):
     tokens_per_second: float | None = None
     model_params: int | None = None
     tokens: int | None = Field(default=None, description="targets the scored run trained on")
-    penalty: float | None = Field(default=None, description="the memorisation-gap multiplier (1: none)")
-    anomaly: float | None = Field(default=None, description="0 when the step-0 anomaly check zeroed the score")
 
     def curves(self) -> Curves | None:
         if self.chunk_span is None or not self.chunk_bpb:

@@ -24,6 +24,7 @@ from prism_ray.harness.records import Progress
 from prism_ray.report import RunReport, assemble
 
 Verdict = Literal["next", "completed", "failed", "rejected", "held", "lost", "retry"]
+ENDINGS = ("rejected", "held", "failed")  # verdicts that end a submission before (or instead of) its score
 
 
 @dataclass(frozen=True)
@@ -108,11 +109,32 @@ STAGES: tuple[Stage, ...] = (
 STAGES_BY_NAME = {stage.name: stage for stage in STAGES}
 
 
+def _rerun_plan() -> tuple[int, ...]:
+    """The stages a re-run (an audit, a seed replica) runs: from the first GPU stage to the end, plus the earlier
+    stages those need (the gate, whose verdict is cached)."""
+    first_gpu = next(index for index, stage in enumerate(STAGES) if stage.gpu)
+    index_of = {stage.name: index for index, stage in enumerate(STAGES)}
+    plan, frontier = set(range(first_gpu, len(STAGES))), list(range(first_gpu, len(STAGES)))
+    while frontier:
+        for need in STAGES[frontier.pop()].needs:
+            if index_of[need] not in plan:
+                plan.add(index_of[need])
+                frontier.append(index_of[need])
+    return tuple(sorted(plan))
+
+
+RERUN_PLAN = _rerun_plan()  # indices into STAGES, in order
+
+
 def run_stage(stage: Stage, ctx: StageContext, bundle: Bundle, *needs: Any) -> StageResult:
-    """Run one stage and time it: the same clock in-process and in a Ray task."""
+    """Run one stage and time it: the same clock in-process and in a Ray task. A stage that ends the submission
+    without a report of its own (check, gate) gets the report `eval` prints, here, so the cluster stores the same."""
     started = time.monotonic()
     outcome, payload = stage.run(ctx, bundle, *needs)
     outcome.seconds = time.monotonic() - started
+    if outcome.verdict in ENDINGS and outcome.report is None:
+        outcome.report = stopped(bundle, stage.name, outcome, {**ctx.timings, stage.name: outcome.seconds},
+                                 payload if isinstance(payload, gate.GateResult) else None)
     return outcome, payload
 
 
@@ -138,7 +160,7 @@ def evaluate(source: Path | str | bytes | Bundle, settings: Settings | None = No
     try:
         bundle = source if isinstance(source, Bundle) else intake(source, settings.intake)
     except BundleError as error:
-        return RunReport(status="rejected", stage="intake", reasons=error.reasons)
+        return stopped(None, "intake", Outcome("rejected", error.reasons), {}, None)
     ctx = StageContext(Job("local", 1, "eval", time.time()), settings, verdicts, progress)
     payloads: dict[str, Any] = {}
     for stage in STAGES:
@@ -149,12 +171,12 @@ def evaluate(source: Path | str | bytes | Bundle, settings: Settings | None = No
     raise AssertionError("the last stage always ends the submission")
 
 
-def stopped(bundle: Bundle, stage: str, outcome: Outcome, timings: dict[str, float],
+def stopped(bundle: Bundle | None, stage: str, outcome: Outcome, timings: dict[str, float],
             verdict: gate.GateResult | None) -> RunReport:
-    """The report of a submission that ended before scoring (rejected at check, held or rejected at the gate, a
-    system failure at train)."""
+    """The report of a submission that ended before scoring (rejected at intake or check, held or rejected at the
+    gate, a system failure at train, a stage past its limit); no bundle: its zip did not load."""
     status = {"rejected": "rejected", "held": "held"}.get(outcome.verdict, "failed")
-    return RunReport(status=status, stage=stage, reasons=outcome.reasons, bundle_sha256=bundle.sha256,
-                     name=bundle.display_name, tokenizer=bundle.config.tokenizer,
+    return RunReport(status=status, stage=stage, reasons=outcome.reasons, bundle_sha256=bundle and bundle.sha256,
+                     name=bundle and bundle.display_name, tokenizer=bundle and bundle.config.tokenizer,
                      gate=verdict.to_report() if verdict is not None else None, timings=dict(timings),
                      wall_seconds=sum(timings.values()))

@@ -14,31 +14,29 @@ from __future__ import annotations
 import heapq
 import statistics
 from dataclasses import dataclass
-from typing import Any
 
-from prism_ray.store import SubmissionRecord
+from prism_ray.store import QueueSnapshot, RunRecord, SubmissionRecord
 
 
 @dataclass(frozen=True)
 class QueueItem:
     record: SubmissionRecord
     position: int  # 1-based place in line: the running ones first (by arrival), then the waiting ones
-    run: dict[str, Any]  # the running attempt's row in `runs` ({} while waiting)
+    run: RunRecord | None  # the running attempt (None while waiting)
     starts_in: float | None  # seconds from now; 0 once running; None while no run has completed to learn from
     done_in: float | None
 
 
-def plan_queue(running: list[SubmissionRecord], pending: list[SubmissionRecord], runs: dict[str, dict[str, Any]],
-               recent_seconds: list[float], now: float,
+def plan_queue(snapshot: QueueSnapshot, now: float,
                byte_budget: int | None = None) -> tuple[list[QueueItem], float | None]:
-    """(every item in line with its position and ETA, the typical run's seconds); `runs` maps a running id to its
-    current run row, `recent_seconds` are durations of the latest completed runs, `byte_budget` the bytes each run
+    """(every item in line with its position and ETA, the typical run's seconds); `byte_budget` is the bytes each run
     scores (0 or None: unknown, the whole split)."""
+    recent_seconds, running, pending = snapshot.recent_run_seconds, snapshot.running, snapshot.pending
     typical = statistics.median(recent_seconds) if recent_seconds else None
     items = []
     free_at: list[float] = []  # seconds from now when each slot frees up
     for position, record in enumerate(running, start=1):
-        run = runs.get(record.id, {})
+        run = snapshot.current_runs.get(record.id)
         left = _time_left(run, typical, now, byte_budget)
         items.append(QueueItem(record, position, run, 0.0, left))
         free_at.append(left or 0.0)
@@ -46,17 +44,17 @@ def plan_queue(running: list[SubmissionRecord], pending: list[SubmissionRecord],
     heapq.heapify(free_at)
     for position, record in enumerate(pending, start=len(running) + 1):
         if typical is None:
-            items.append(QueueItem(record, position, {}, None, None))
+            items.append(QueueItem(record, position, None, None, None))
             continue
         start = heapq.heappop(free_at)
         heapq.heappush(free_at, start + typical)
-        items.append(QueueItem(record, position, {}, start, start + typical))
+        items.append(QueueItem(record, position, None, start, start + typical))
     return items, typical
 
 
-def _time_left(run: dict[str, Any], typical: float | None, now: float, byte_budget: int | None) -> float | None:
+def _time_left(run: RunRecord | None, typical: float | None, now: float, byte_budget: int | None) -> float | None:
     """The rest of its budget at its own rate once it has scored bytes; else the typical run, from its claim."""
-    done, at, started = run.get("progress_bytes"), run.get("progress_at"), run.get("started_at")
+    done, at, started = (run.progress_bytes, run.progress_at, run.started_at) if run else (None, None, None)
     if byte_budget and done and at and started and at > started:
         rate = done / (at - started)
         return max(0.0, (byte_budget - done) / rate - (now - at))

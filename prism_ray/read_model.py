@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from prism_ray.config import Settings
 from prism_ray.leaderboard import (
@@ -26,32 +26,14 @@ from prism_ray.leaderboard import (
     weights,
 )
 from prism_ray.queue_eta import QueueItem, plan_queue
-from prism_ray.scoring import thin_curve
+from prism_ray.scoring import CurvePoint, thin_curve
 from prism_ray.significance import Verdict
-from prism_ray.store import SubmissionRecord
+from prism_ray.store import SubmissionDetail
+from prism_ray.store.port import StorePort
 
 QUEUE_LIMIT = 500  # pending and running submissions the queue shows
 RECENT_RUNS = 20  # completed runs whose durations estimate the queue's ETA
 _MISSING = object()
-
-
-class StorePort(Protocol):
-    """How calls reach the one process that owns the store: `call("runs", id)` is `store.runs(id)` there."""
-
-    def call(self, method: str, *args: Any) -> Any: ...
-
-    def call_many(self, calls: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
-        """Several calls in one round trip where the port allows it."""
-        ...
-
-
-@dataclass(frozen=True)
-class SubmissionDetail:
-    """One submission as its status page and `GET /v1/submissions/{id}` show it."""
-
-    record: SubmissionRecord
-    runs: list[dict[str, Any]]
-    events: list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -76,19 +58,14 @@ class ReadModel:
     # --- reads --------------------------------------------------------------------------------------------------
 
     def detail(self, submission_id: str) -> SubmissionDetail | None:
-        def build() -> SubmissionDetail | None:
-            record, runs, events = self.store.call_many([("get_submission", (submission_id,)),
-                                                         ("runs", (submission_id,)), ("events", (submission_id,))])
-            return None if record is None else SubmissionDetail(record, runs, events)
+        return self.cached(("detail", submission_id), lambda: self.store.detail(submission_id))
 
-        return self.cached(("detail", submission_id), build)
-
-    def curve(self, submission_id: str) -> list[dict[str, Any]]:
-        return self.cached(("curve", submission_id), lambda: thin_curve(self.store.call("curve", submission_id),
+    def curve(self, submission_id: str) -> list[CurvePoint]:
+        return self.cached(("curve", submission_id), lambda: thin_curve(self.store.curve(submission_id),
                                                                          self.settings.curve_points))
 
     def score_rows(self) -> list[ScoreRow]:
-        return self.cached(("board", "rows"), lambda: [ScoreRow(**row) for row in self.store.call("scored_rows")])
+        return self.cached(("board", "rows"), self.store.scored_rows)
 
     def leaderboard(self, epoch: int | None) -> list[LeaderboardEntry]:
         return self.cached(("board", "entries", epoch),
@@ -107,20 +84,12 @@ class ReadModel:
             self.score_rows(), submission_id, epoch, self.settings.scoring))
 
     def stats(self) -> dict[str, Any]:
-        return self.cached(("stats",), lambda: self.store.call("stats"))
+        return self.cached(("stats",), self.store.stats)
 
     def queue(self) -> QueueView:
         def build() -> QueueView:
-            running, pending, seconds = self.store.call_many([
-                ("list_submissions", ("running", None, QUEUE_LIMIT)), ("list_submissions", ("pending", None,
-                                                                                           QUEUE_LIMIT)),
-                ("recent_run_seconds", (RECENT_RUNS,))])
-            running = sorted(running, key=lambda record: record.seq)
-            runs = self.store.call_many([("runs", (record.id,)) for record in running])
-            latest = {record.id: attempts[-1] if attempts else {} for record, attempts in zip(running, runs,
-                                                                                              strict=True)}
-            items, typical = plan_queue(running, sorted(pending, key=lambda record: record.seq), latest, seconds,
-                                        time.time(), self.settings.byte_budget)
+            snapshot = self.store.queue_snapshot(QUEUE_LIMIT, RECENT_RUNS)
+            items, typical = plan_queue(snapshot, time.time(), self.settings.byte_budget)
             return QueueView(items[:QUEUE_LIMIT], typical)
 
         return self.cached(("queue",), build)
@@ -152,7 +121,7 @@ class ReadModel:
         with self._lock:
             if not force and time.monotonic() - self._looked_at < self.max_staleness_s:
                 return  # another thread looked while this one waited
-            newest, changed = self.store.call("changes_since", self._newest)
+            newest, changed = self.store.changes_since(self._newest)
             self._looked_at = time.monotonic()
             if newest == self._newest:
                 return

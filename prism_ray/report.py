@@ -1,11 +1,12 @@
 """The run report: what `prism-ray eval --json` prints, `report.json` holds and the store keeps — typed throughout.
 
-`score_row()` is the one place the scores row is read off a report; the store, the HTTP API and the CLI all use it.
+`score_row()` is the one place the scores row (`scoring.ScoreFields`) is read off a report; the store, the HTTP API
+and the CLI all use it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field
 
@@ -14,7 +15,7 @@ from prism_ray.chunks import ChunkCurve, chunk_curve
 from prism_ray.config import Settings
 from prism_ray.errors import PrismError, Reason
 from prism_ray.harness.contract import ContractCheck
-from prism_ray.scoring import ScoreBreakdown
+from prism_ray.scoring import ScoreBreakdown, ScoreFields
 
 if TYPE_CHECKING:
     from prism_ray.run import TrainResult
@@ -116,15 +117,15 @@ class RunReport(BaseModel):
     def ok(self) -> bool:
         return self.status == "completed"
 
-    def score_row(self) -> dict[str, Any]:
+    def score_row(self) -> ScoreFields:
         """The scores row of this report (the store adds the hotkey, family and epoch)."""
         breakdown, heldout = self.score, self.heldout
-        return {"bpb": self.bpb, "final_score": self.final_score,
-                "penalty": breakdown.penalty if breakdown else None,
-                "anomaly": breakdown.anomaly if breakdown else None,
-                "tie_break": breakdown.tie_break if breakdown else None,
-                "heldout_delta": heldout.heldout_delta if heldout else None,
-                "gap": heldout.gap if heldout else None}
+        return ScoreFields(bpb=self.bpb, final_score=self.final_score,
+                           penalty=breakdown.penalty if breakdown else None,
+                           anomaly=breakdown.anomaly if breakdown else None,
+                           tie_break=breakdown.tie_break if breakdown else None,
+                           heldout_delta=heldout.heldout_delta if heldout else None,
+                           gap=heldout.gap if heldout else None)
 
 
 def assemble(result: TrainResult, bundle_sha256: str, name: str, settings: Settings,

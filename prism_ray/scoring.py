@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import TypeVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from prism_ray.config import ScoringSettings
 from prism_ray.errors import PrismError, Reason
@@ -14,6 +14,30 @@ from prism_ray.errors import PrismError, Reason
 # Keeps the tie-break credit strictly below ε after float rounding, so a run ε worse never ties or passes.
 _MAX_CREDIT_SHARE = 1.0 - 1e-6
 Point = TypeVar("Point")
+
+
+class ScoreFields(BaseModel):
+    """The scores row of a run: the one definition of its fields. The store's `scores` columns, the board's rows and
+    the API's `scores` are generated from these names (docs/store.md, "scores"). A non-finite number is None: JSON
+    has no spelling for it and SQL aggregates skip NULL."""
+
+    bpb: float | None = None
+    final_score: float | None = None
+    heldout_delta: float | None = None
+    gap: float | None = None
+    penalty: float | None = None
+    anomaly: float | None = None
+    tie_break: float | None = None
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _finite(cls, value: object) -> object:
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class CurvePoint(BaseModel):  # one point of a learning curve: cumulative target bytes vs. running bpb (the API's too)
+    bytes: int
+    bpb: float | None
 
 
 class ScoreError(PrismError):

@@ -6,13 +6,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from prism_ray.scoring import CurvePoint
 from serve_app.rendering import format_bytes
 
 CHART_WIDTH, CHART_HEIGHT = 720, 300
 CHART_MARGIN = {"left": 52, "right": 16, "top": 12, "bottom": 30}
 
 
-def line_chart(series: list[tuple[str, list[dict[str, Any]]]], tags: list[str] | None = None) -> dict[str, Any]:
+def line_chart(series: list[tuple[str, list[CurvePoint]]], tags: list[str] | None = None) -> dict[str, Any]:
     """bpb against bytes on a log axis (curves fall steeply early), as SVG path data; no paths when no points.
 
     Several series stay apart even where they coincide: each has its own colour and dash pattern, `tags` (e.g.
@@ -57,10 +58,9 @@ def line_chart(series: list[tuple[str, list[dict[str, Any]]]], tags: list[str] |
     return chart
 
 
-def drawable(points: list[dict[str, Any]]) -> list[tuple[float, float]]:
+def drawable(points: list[CurvePoint]) -> list[tuple[float, float]]:
     """(bytes, bpb) pairs a log axis can show: positive bytes, a finite bpb (NaN is stored as null)."""
-    return [(p["bytes"], p["bpb"]) for p in points
-            if p["bytes"] > 0 and p["bpb"] is not None and math.isfinite(p["bpb"])]
+    return [(p.bytes, p.bpb) for p in points if p.bytes > 0 and p.bpb is not None and math.isfinite(p.bpb)]
 
 
 def _linear_ticks(low: float, high: float) -> list[float]:

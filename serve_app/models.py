@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from prism_ray.backend import RejectionCap
 from prism_ray.errors import Reason
 from prism_ray.registry import RegistrySettings
+from prism_ray.scoring import CurvePoint, ScoreFields
 from serve_app.wire import PrismStatus
 
 MAX_METADATA_BYTES = 16_384
@@ -139,14 +140,7 @@ class SubmissionAccepted(BaseModel):
     status_url: str
 
 
-class Scores(BaseModel):
-    bpb: float | None = None
-    final_score: float | None = None
-    heldout_delta: float | None = None
-    gap: float | None = None
-    penalty: float | None = None
-    anomaly: float | None = None
-    tie_break: float | None = None
+class Scores(ScoreFields):  # the scores row (the store's `scores` columns) and the held-out numbers beside it
     val_bpb_trained: float | None = None
     val_bpb_twin: float | None = None
     flags: list[str] = Field(default_factory=list)
@@ -204,11 +198,6 @@ class SubmissionStatus(BaseModel):
     scores: Scores | None = None
     progress: Progress | None = None
     events: list[Event]
-
-
-class CurvePoint(BaseModel):
-    bytes: int
-    bpb: float | None
 
 
 class ComputeProfile(BaseModel):

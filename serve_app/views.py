@@ -7,8 +7,8 @@ import math
 from typing import Any
 
 from prism_ray.backend import Backend
-from prism_ray.read_model import SubmissionDetail
 from prism_ray.report import RunReport
+from prism_ray.store import RunRecord, SubmissionDetail
 from serve_app import wire
 from serve_app.errors import ApiError
 from serve_app.models import (
@@ -16,7 +16,6 @@ from serve_app.models import (
     Curve,
     CurveBpb,
     CurveCompute,
-    CurvePoint,
     Event,
     Progress,
     Queue,
@@ -29,15 +28,14 @@ from serve_app.models import (
 def submission_status(backend: Backend, detail: SubmissionDetail) -> SubmissionStatus:
     record = detail.record
     run = detail.runs[-1] if detail.runs else None
-    report = report_of(run)
+    report = run and run.report
     scored = scores(report) if record.status == "completed" and report is not None else None
     named = wire.identity(record, backend.settings.scoring)
     return SubmissionStatus(
         **record.model_dump(include=set(SubmissionStatus.model_fields) - {"scores", "progress", "events", *named}),
         **named, scores=scored, final_score=scored and scored.final_score, penalty=scored and scored.penalty,
-        error=wire.error_text(record), progress=progress(backend, run, report) if run else None,
-        events=[Event(seq=e["seq"], at=e["created_at"], kind=e["kind"], stage=e["stage"], detail=e["detail"])
-                for e in detail.events])
+        error=wire.error_text(record), progress=progress(backend, run) if run else None,
+        events=[Event(seq=e.seq, at=e.created_at, kind=e.kind, stage=e.stage, detail=e.detail) for e in detail.events])
 
 
 def curve(backend: Backend, detail: SubmissionDetail) -> Curve:
@@ -47,13 +45,13 @@ def curve(backend: Backend, detail: SubmissionDetail) -> Curve:
     if not points:
         raise ApiError(404, "curve:not_scored", f"{detail.record.id} has no learning curve yet (it is "
                        f"{detail.record.status}); a curve exists once the run is scored")
-    reported = [run for run in detail.runs if run.get("report")]
-    run = reported[-1] if reported else (detail.runs[-1] if detail.runs else {})
-    report, shown = report_of(run), profile(backend, run)
+    reported = [run for run in detail.runs if run.report]
+    run = reported[-1] if reported else (detail.runs[-1] if detail.runs else None)
+    report, shown = run and run.report, profile(backend, run)
     vocab = report and report.vocab_size
     gpus = (1 if shown.device.startswith("cuda") else 0) if shown.device else None
     return Curve(id=detail.record.id, status=detail.record.status,
-                 points=[CurvePoint(**point) for point in points], profile=shown, submission_id=detail.record.id,
+                 points=points, profile=shown, submission_id=detail.record.id,
                  loss_curve={**wire.loss_curve(points), "step0_loss": report and report.step0_loss,
                              "baseline_nats": math.log(vocab) if vocab else None,
                              "downsampled": (shown.batches or 0) > len(points)},
@@ -68,34 +66,33 @@ def curve(backend: Backend, detail: SubmissionDetail) -> Curve:
                      peak_vram_bytes=None, peak_rss_bytes=None))
 
 
-def report_of(run: dict[str, Any] | None) -> RunReport | None:
-    return RunReport.model_validate(run["report"]) if run and run.get("report") else None
-
-
 def scores(report: RunReport) -> Scores:
     held = report.heldout
-    return Scores(**report.score_row(), val_bpb_trained=held.val_bpb_trained if held else None,
+    return Scores(**report.score_row().model_dump(), val_bpb_trained=held.val_bpb_trained if held else None,
                   val_bpb_twin=held.val_bpb_twin if held else None,
                   flags=report.score.flags if report.score else [])
 
 
-def progress(backend: Backend, run: dict[str, Any], report: RunReport | None) -> Progress:
-    """The report's final numbers once the run ended with one, else its latest heartbeat."""
-    return Progress(bytes_scored=_first(report and report.bytes_scored, run.get("progress_bytes")),
-                    running_bpb=_first(report and report.bpb, run.get("progress_bpb")),
-                    tokens_per_second=_first(report and report.tokens_per_second, run.get("tokens_per_second")),
+def progress(backend: Backend, run: RunRecord | None) -> Progress:
+    """The report's final numbers once the run ended with one, else its latest heartbeat (nothing before a run)."""
+    report = run and run.report
+    node = run and run.node
+    return Progress(bytes_scored=_first(report and report.bytes_scored, run and run.progress_bytes),
+                    running_bpb=_first(report and report.bpb, run and run.progress_bpb),
+                    tokens_per_second=_first(report and report.tokens_per_second, run and run.tokens_per_second),
                     byte_budget=_first(report and report.byte_budget, backend.settings.byte_budget or None),
-                    updated_at=_first(run.get("finished_at"), run.get("progress_at")), node=run.get("node"),
-                    node_address=backend.node_address(run.get("node")))
+                    updated_at=_first(run and run.finished_at, run and run.progress_at), node=node,
+                    node_address=backend.node_address(node))
 
 
-def profile(backend: Backend, run: dict[str, Any]) -> ComputeProfile:
+def profile(backend: Backend, run: RunRecord | None) -> ComputeProfile:
     """What the run's report says about its compute; a field the run never reached (a failed run) stays null."""
-    report = report_of(run)
+    report = run and run.report
     fields = set(ComputeProfile.model_fields) - {"node", "node_address", "tokens_per_second"}
     known = {name: getattr(report, name, None) or None for name in fields}  # 0 batches / 0 s: "never ran"
-    return ComputeProfile(**known, node=run.get("node"), node_address=backend.node_address(run.get("node")),
-                          tokens_per_second=_first(report and report.tokens_per_second, run.get("tokens_per_second")))
+    node = run and run.node
+    return ComputeProfile(**known, node=node, node_address=backend.node_address(node),
+                          tokens_per_second=_first(report and report.tokens_per_second, run and run.tokens_per_second))
 
 
 def queue(backend: Backend) -> Queue:
@@ -105,7 +102,7 @@ def queue(backend: Backend) -> Queue:
                           stage=item.record.stage, name=item.record.name, hotkey=item.record.hotkey,
                           attempt=item.record.attempt, max_attempts=item.record.max_attempts,
                           created_at=item.record.created_at, starts_in=item.starts_in, done_in=item.done_in,
-                          progress=progress(backend, item.run, None) if item.run else None)
+                          progress=progress(backend, item.run) if item.run else None)
                for item in view.items]
     return Queue(running=stats["in_flight"], waiting=stats["queue_depth"],
                  typical_run_seconds=view.typical_run_seconds, notice=backend.placement_notice(), entries=entries)

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from prism_ray.config import ScoringSettings
 from prism_ray.leaderboard import epoch_of
+from prism_ray.scoring import CurvePoint
 from prism_ray.store import SubmissionRecord
 
 PrismStatus = Literal["pending", "running", "completed", "failed", "rejected", "held"]
@@ -42,14 +43,14 @@ def error_text(record: SubmissionRecord) -> str | None:
     return "; ".join(parts) or record.status
 
 
-def loss_curve(points: list[dict[str, Any]]) -> dict[str, Any]:
+def loss_curve(points: list[CurvePoint]) -> dict[str, Any]:
     """PRISM's `loss_curve` from the running-bpb points: the online loss of each stretch between two points, in nats
     per byte (prism-ray keeps bytes, not tokens, per point), against the cumulative bytes."""
     losses, covered, bits_before, bytes_before = [], [], 0.0, 0
     for point in points:
-        bits = (point["bpb"] or 0.0) * point["bytes"]
-        stretch = point["bytes"] - bytes_before
+        bits = (point.bpb or 0.0) * point.bytes
+        stretch = point.bytes - bytes_before
         losses.append((bits - bits_before) / stretch * math.log(2) if stretch > 0 else 0.0)
-        covered.append(float(point["bytes"]))
-        bits_before, bytes_before = bits, point["bytes"]
+        covered.append(float(point.bytes))
+        bits_before, bytes_before = bits, point.bytes
     return {"online_loss": losses, "covered_bytes_cumulative": covered, "points": len(points)}

@@ -88,31 +88,30 @@ class FakeScheduler(threading.Thread):
         while not self.stop.wait(0.02):
             with self.backend.use() as store:
                 for record in store.claim_next("fake-scheduler", lease_seconds=60, limit=64):
-                    report, score, curve = fake_result(record.id)
-                    store.complete(record.id, "fake-scheduler", report, score, curve)
+                    store.complete(record.id, "fake-scheduler", fake_result(record.id))
                 for audit in store.claim_audits("fake-scheduler", lease_seconds=60, limit=64):  # a re-run reproduces
-                    store.finish_audit(audit.id, "fake-scheduler", fake_result(audit.submission_id)[0])
+                    store.finish_audit(audit.id, "fake-scheduler", fake_result(audit.submission_id))
 
 
-def fake_result(submission_id: str, bpb: float | None = None) -> tuple[RunReport, dict, list[dict]]:
-    """A made-up completed run; its bpb (in [1, 2) unless given) and its curve follow from `submission_id`. The score
-    and held-out blocks carry every field a real run's report has."""
+def fake_result(submission_id: str, bpb: float | None = None, penalty: float = 1.0, gap: float = 0.01) -> RunReport:
+    """A made-up completed run's report; its bpb (in [1, 2) unless given) and its curve follow from `submission_id`.
+    The score and held-out blocks carry every field a real run's report has; `penalty` scales final_score."""
     if bpb is None:
         bpb = 1.0 + int(hashlib.sha256(submission_id.encode()).hexdigest()[:4], 16) / 65536
     curve = [{"bytes": 1000 * (i + 1), "bpb": bpb + 1.0 / (i + 1)} for i in range(800)]
     curve[-1]["bpb"] = bpb
-    final = 1.0 / (1.0 + bpb)
-    breakdown = {"final_score": final, "base": final, "penalty": 1.0, "anomaly": 1, "tie_break": 0.0, "flags": [],
-                 "inputs": {"bpb": bpb, "vocab_size": 257, "step0_loss": 5.6, "heldout_delta": 0.4, "gap": 0.01}}
-    heldout = {"status": "completed", "heldout_delta": 0.4, "gap": 0.01, "val_bpb_trained": bpb + 0.05,
+    final = penalty / (1.0 + bpb)
+    breakdown = {"final_score": final, "base": 1.0 / (1.0 + bpb), "penalty": penalty, "anomaly": 1, "tie_break": 0.0,
+                 "flags": [], "inputs": {"bpb": bpb, "vocab_size": 257, "step0_loss": 5.6, "heldout_delta": 0.4,
+                                         "gap": gap}}
+    heldout = {"status": "completed", "heldout_delta": 0.4, "gap": gap, "val_bpb_trained": bpb + 0.05,
                "val_bpb_twin": bpb + 0.45, "train_slice_bpb": bpb + 0.04, "val_bytes": 50_000}
     report = RunReport(status="completed", stage="score", bpb=bpb, final_score=final, bytes_scored=800_000,
                        tokens_scored=800_000, batches=100, batch_size=8, seq_len=1001, tokenizer="bytes",
                        model_params=66_049, device="cpu", wall_seconds=12.5, train_seconds=10.0,
-                       tokens_per_second=80_000.0, byte_budget=800_000, score=breakdown, heldout=heldout)
-    score = {"bpb": bpb, "final_score": final, "penalty": 1.0, "anomaly": 1.0, "tie_break": 0.0,
-             "heldout_delta": 0.4, "gap": 0.01}
-    return report, score, curve
+                       tokens_per_second=80_000.0, byte_budget=800_000, score=breakdown, heldout=heldout,
+                       curve=curve)
+    return report
 
 
 @contextmanager

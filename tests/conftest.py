@@ -46,6 +46,7 @@ from prism_ray.bundle import Bundle, load_bundle
 from prism_ray.harness.isolation import SandboxPolicy
 from prism_ray.harness.records import RunSpec, TrainOutcome
 from prism_ray.harness.session import run_session
+from prism_ray.report import RunReport
 
 # The multi-GPU contract check (a short run at world size 2 before every scored run) is on by default; it would
 # double the cost of every evaluation in this suite, so only tests/test_ranks.py turns it on.
@@ -102,3 +103,13 @@ def bundle_factory(tmp_path):
                                         extra))
 
     return make
+
+
+def scored_report(bpb: float | None, final_score: float | None = None, curve: list[dict] | None = None,
+                  **fields) -> RunReport:
+    """A completed run's report with this bpb, final_score (1/(1+bpb) unless given) and curve: what the store
+    reads a scores row and a curve off."""
+    if final_score is None and bpb is not None:
+        final_score = 1 / (1 + bpb)
+    return RunReport(status="completed", stage="score", bpb=bpb, final_score=final_score, curve=curve or [],
+                     **fields)

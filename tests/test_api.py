@@ -42,7 +42,7 @@ from prism_ray.client_cli import register
 from prism_ray.config import Settings
 from prism_ray.pipeline import evaluate
 from prism_ray.queue_eta import plan_queue
-from prism_ray.store import Store, SubmissionRecord
+from prism_ray.store import QueueSnapshot, RunRecord, Store, SubmissionRecord
 from serve_app import ApiSettings, StoreBackend, create_app
 from serve_app.limits import TokenBuckets
 
@@ -92,7 +92,7 @@ def test_a_submission_goes_from_post_to_scores_leaderboard_and_weights(api):
 
     status = api.wait_settled(body["id"])
     assert status["status"] == "completed"
-    assert status["scores"]["bpb"] == pytest.approx(fake_result(body["id"])[0].bpb)
+    assert status["scores"]["bpb"] == pytest.approx(fake_result(body["id"]).bpb)
     assert status["scores"]["heldout_delta"] == pytest.approx(0.4)
     assert status["progress"]["bytes_scored"] == 800_000 and status["progress"]["byte_budget"] == 800_000
     assert [event["kind"] for event in status["events"]] == ["submitted", "claimed", "completed"]
@@ -143,15 +143,14 @@ def test_the_read_model_shows_a_score_once_it_lands_and_keeps_what_did_not_chang
         waiting_view = backend.detail(waiting.id)
         with backend.use() as owner:  # the scheduler's side: claim and score one, as the cluster would
             owner.claim_next("scorer", lease_seconds=60, limit=1)
-            report, score, curve = fake_result(scored.id)
-            assert owner.complete(scored.id, "scorer", report, score, curve)
+            assert owner.complete(scored.id, "scorer", fake_result(scored.id))
         assert backend.get_submission(scored.id).status == "pending"  # not looked yet: the kept view
 
         backend.reads.refresh(force=True)
         assert backend.get_submission(scored.id).status == "completed"
         assert [entry.submission_id for entry in backend.leaderboard()] == [scored.id]
         assert [item.record.id for item in backend.queue().items] == [waiting.id]
-        assert len(backend.curve(scored.id)) == backend.settings.curve_points < len(curve)  # thinned once, kept
+        assert len(backend.curve(scored.id)) == backend.settings.curve_points < len(fake_result(scored.id).curve)  # thinned once, kept
         assert backend.detail(waiting.id) is waiting_view  # untouched by the change: still the kept object
 
         board = backend.leaderboard()
@@ -170,18 +169,25 @@ def test_the_queue_estimate_fills_the_slots_in_order():
                                 lease_owner=None, lease_expires_at=None, metadata=None, created_at=0.0,
                                 updated_at=0.0, finished_at=None, duplicate_of=None)
 
+    def run(n: int, started_at: float, **progress: float) -> RunRecord:
+        return RunRecord(id=f"run_{n}", submission_id=f"sub_{n}", attempt=1, started_at=started_at, status="running",
+                         **progress)
+
+    def snapshot(running: list, waiting: list, runs: dict, recent: list[float]) -> QueueSnapshot:
+        return QueueSnapshot(running=running, current_runs=runs, pending=waiting, recent_run_seconds=recent)
+
     running, waiting = [record(1, "running"), record(2, "running")], [record(n, "pending") for n in (3, 4, 5)]
-    runs = {"sub_1": {"started_at": 900.0}, "sub_2": {"started_at": 750.0}}
-    items, typical = plan_queue(running, waiting, runs, [280.0, 300.0, 900.0], now=1000.0)
+    runs = {"sub_1": run(1, 900.0), "sub_2": run(2, 750.0)}
+    items, typical = plan_queue(snapshot(running, waiting, runs, [280.0, 300.0, 900.0]), now=1000.0)
     assert typical == 300.0
     assert [(item.record.id, item.position, item.starts_in, item.done_in) for item in items] == [
         ("sub_1", 1, 0.0, 200.0), ("sub_2", 2, 0.0, 50.0),  # 300 s each, from when it was claimed
         ("sub_3", 3, 50.0, 350.0), ("sub_4", 4, 200.0, 500.0), ("sub_5", 5, 350.0, 650.0)]  # the earliest free slot
-    assert [item.starts_in for item in plan_queue([], waiting, {}, [], now=0.0)[0]] == [None, None, None]
+    assert [item.starts_in for item in plan_queue(snapshot([], waiting, {}, []), now=0.0)[0]] == [None, None, None]
     # With progress, a run's own rate decides: sub_1 scored 100,000 of 300,000 bytes in its first 50 s (reported
     # 10 s ago), so 200,000 more take 100 s, 90 s from now; one other run's 14 s says nothing about it.
-    runs["sub_1"] = {"started_at": 900.0, "progress_at": 950.0, "progress_bytes": 100_000}
-    items, _ = plan_queue(running, waiting, runs, [14.0], now=960.0, byte_budget=300_000)
+    runs["sub_1"] = run(1, 900.0, progress_at=950.0, progress_bytes=100_000)
+    items, _ = plan_queue(snapshot(running, waiting, runs, [14.0]), now=960.0, byte_budget=300_000)
     assert items[0].done_in == 90.0 and items[2].starts_in == items[1].done_in
 
 

@@ -65,8 +65,7 @@ class Cluster:
         [claimed] = self.store.claim_next("sched", 60)
         assert claimed.id == record.id
         self.store.set_stage(record.id, "train", node="node-a", owner="sched")
-        assert self.store.complete(record.id, "sched", report(bpb, device), {"bpb": bpb, "final_score": 1 / (1 + bpb)},
-                                   [])
+        assert self.store.complete(record.id, "sched", report(bpb, device))
         return record.id
 
     def audited(self) -> dict[str, str]:
@@ -80,7 +79,7 @@ class Cluster:
         return self.store.finish_audit(item.id, "sched", rerun, attempt=1)
 
     def rows(self) -> list[ScoreRow]:
-        return [ScoreRow(**row) for row in self.store.scored_rows()]
+        return self.store.scored_rows()
 
 
 @pytest.fixture
@@ -148,7 +147,7 @@ def test_a_mismatch_on_cpu_invalidates_the_score_and_the_next_in_line_is_audited
     assert (record.status, record.stage) == ("failed", "audit")
     [reason] = record.reasons
     assert reason.rule == "audit:mismatch" and "0.5" in reason.message and repr(0.5 + 1e-12) in reason.message
-    assert cluster.store.events(cheat)[-1]["kind"] == "invalidated"
+    assert cluster.store.events(cheat)[-1].kind == "invalidated"
     assert [row.submission_id for row in cluster.rows()] == [honest]  # off the board, no weight
     assert set(cluster.audited()) == {cheat, honest}  # the next in line entered the top k
     cluster.rerun(honest, report(1.5))
@@ -192,9 +191,9 @@ def test_audits_are_queue_items_with_leases_and_capped_retries(tmp_path, clock):
     failed = cluster.store.get_audit(item.id)
     assert failed.status == "failed" and [r.rule for r in failed.reasons] == ["infra:attempts_exhausted",
                                                                               "infra:lease_expired"]
-    assert [run["status"] for run in cluster.store.runs(item.id)] == ["requeued", "failed"]
-    assert [event["kind"] for event in cluster.store.events(item.id)] == ["claimed", "requeued", "claimed", "failed"]
-    assert cluster.store.runs(item.id)[0]["progress_bytes"] == 500
+    assert [run.status for run in cluster.store.runs(item.id)] == ["requeued", "failed"]
+    assert [event.kind for event in cluster.store.events(item.id)] == ["claimed", "requeued", "claimed", "failed"]
+    assert cluster.store.runs(item.id)[0].progress_bytes == 500
     assert cluster.store.get_submission(submission).status == "completed" and weights(cluster.rows()) == {}
     assert not cluster.store.finish_audit(item.id, "sched", report(1.0), attempt=2)  # a late result changes nothing
 

@@ -35,7 +35,7 @@ def store(tmp_path):
 
 
 def remember(store: Store):
-    return lambda hotkey, nonce: store.check_nonce(hotkey, nonce, ttl=600)
+    return lambda hotkey, nonce: store.check_nonces([(hotkey, nonce, 600)])[0]
 
 
 def rejected(headers: dict[str, str], body: bytes = BODY, **parse) -> AuthError:

@@ -32,8 +32,7 @@ from prism_ray.cluster import (
 from prism_ray.config import GateSettings, Settings
 from prism_ray.harness.isolation import sandbox_available
 from prism_ray.pipeline import evaluate
-from prism_ray.report import RunReport
-from prism_ray.store import AuditRecord, Store
+from prism_ray.store import AuditRecord, RunRecord, Store, TimelineEvent
 
 pytestmark = [pytest.mark.cluster, pytest.mark.sandbox, pytest.mark.skipif(not sandbox_available(), reason="the cluster requires bubblewrap")]
 
@@ -82,7 +81,7 @@ def handles() -> Iterator[list[ClusterHandle]]:
         handle.stop()
 
 
-def runs_of(handle: ClusterHandle, submission_id: str) -> list[dict]:
+def runs_of(handle: ClusterHandle, submission_id: str) -> list[RunRecord]:
     return ray.get(handle.store.runs.remote(submission_id))
 
 
@@ -90,12 +89,12 @@ def audits_of(handle: ClusterHandle, submission_id: str) -> list[AuditRecord]:
     return ray.get(handle.store.list_audits.remote(submission_id=submission_id))
 
 
-def events_of(handle: ClusterHandle, submission_id: str) -> list[dict]:
+def events_of(handle: ClusterHandle, submission_id: str) -> list[TimelineEvent]:
     return ray.get(handle.store.events.remote(submission_id))
 
 
-def first_event(events: list[dict], kind: str, stage: str | None = None) -> float:
-    return min(event["created_at"] for event in events if event["kind"] == kind and stage in (None, event["stage"]))
+def first_event(events: list[TimelineEvent], kind: str, stage: str | None = None) -> float:
+    return min(event.created_at for event in events if event.kind == kind and stage in (None, event.stage))
 
 
 def stage_task_of(sandboxed: set[int]) -> int:
@@ -117,14 +116,14 @@ class TestOnTwoGpuNodes:
         runs = [runs_of(handle, submission_id) for submission_id in ids]
         assert [len(attempts) for attempts in runs] == [1, 1]
         (first,), (second,) = runs
-        assert max(first["started_at"], second["started_at"]) < min(first["finished_at"], second["finished_at"])
-        assert first["node"] and second["node"] and first["node"] != second["node"]
+        assert max(first.started_at, second.started_at) < min(first.finished_at, second.finished_at)
+        assert first.node and second.node and first.node != second.node
         # Both trainings had started before either finished: they really ran side by side.
         events = [events_of(handle, submission_id) for submission_id in ids]
         train_started = [first_event(timeline, "stage", "train") for timeline in events]
         assert max(train_started) < min(first_event(timeline, "completed") for timeline in events)
-        assert first["progress_bytes"] >= 20_000 and first["report"]["isolation"] == "bubblewrap"
-        assert ray.get(handle.store.curve.remote(ids[0]))[-1]["bpb"] == pytest.approx(first["report"]["bpb"])
+        assert first.progress_bytes >= 20_000 and first.report.isolation == "bubblewrap"
+        assert ray.get(handle.store.curve.remote(ids[0]))[-1].bpb == pytest.approx(first.report.bpb)
         assert {entry.submission_id for entry in leaderboard(handle)} == set(ids)
         assert ray.get(handle.scheduler.stats.remote())["max_in_flight"] == 2
 
@@ -137,14 +136,14 @@ class TestOnTwoGpuNodes:
         [replica] = wait_until(lambda: [item for item in ray.get(handle.store.list_replicas.remote(
             submission_id=record.id)) if item.status == "completed"], timeout=120, what="the replica")
         assert (replica.why, replica.replica, replica.seed) == ("top_k", 1, None)  # the epoch is open: seed hidden
-        [scored] = [run["report"] for run in runs_of(handle, record.id)]
-        [rerun] = [run["report"] for run in runs_of(handle, replica.id)]
-        assert rerun["seed"] != scored["seed"] and rerun["byte_budget"] == scored["byte_budget"]
-        assert rerun["chunks"]["span"] == scored["chunks"]["span"] == 20_000
+        [scored] = [run.report for run in runs_of(handle, record.id)]
+        [rerun] = [run.report for run in runs_of(handle, replica.id)]
+        assert rerun.seed != scored.seed and rerun.byte_budget == scored.byte_budget
+        assert rerun.chunks.span == scored.chunks.span == 20_000
         [entry] = leaderboard(handle)
         assert (entry.seeds, entry.replicas) == (2, "done") and entry.mean_bpb == pytest.approx(
-            (scored["bpb"] + replica.bpb) / 2)
-        assert entry.spread_bpb > 0 and entry.gpu_seconds > scored["train_seconds"]  # another init, another bpb
+            (scored.bpb + replica.bpb) / 2)
+        assert entry.spread_bpb > 0 and entry.gpu_seconds > scored.train_seconds  # another init, another bpb
         assert ray.get(handle.scheduler.stats.remote())["replicas_claimed"] == 1
 
     def test_a_copy_earns_nothing_and_the_original_keeps_its_weight_once_audited_on_the_other_node(
@@ -161,10 +160,10 @@ class TestOnTwoGpuNodes:
         audit = wait_until(lambda: [item for item in audits_of(handle, original.id) if item.status == "passed"],
                            timeout=120, what="the original's audit")[0]
         [first_run] = runs_of(handle, original.id)
-        assert (audit.why, audit.original_node) == ("top_k", first_run["node"])
+        assert (audit.why, audit.original_node) == ("top_k", first_run.node)
         assert audit.node != audit.original_node  # re-run on the other GPU node
-        assert audit.audit_bpb == audit.original_bpb == first_run["report"]["bpb"]  # bit-identical on CPU
-        assert [run["status"] for run in runs_of(handle, audit.id)] == ["passed"]
+        assert audit.audit_bpb == audit.original_bpb == first_run.report.bpb  # bit-identical on CPU
+        assert [run.status for run in runs_of(handle, audit.id)] == ["passed"]
         assert audits_of(handle, copy.id) == []  # a copy earns nothing, so it is never audited
         board = leaderboard(handle)
         assert {(entry.hotkey, entry.copy_of, entry.audit) for entry in board} == {
@@ -204,6 +203,11 @@ class TestOnTwoGpuNodes:
         forbidden = wait(handle, forbidden.id, timeout=60)
         assert (forbidden.status, forbidden.stage) == ("rejected", "check")
         assert forbidden.reasons[0].file == "training.py"
+        [run] = runs_of(handle, forbidden.id)  # stored with the report eval prints for the same bundle
+        local = evaluate(make_bundle("os", training=FORBIDDEN_IMPORT), settings)
+        seconds = {"timings", "wall_seconds"}
+        assert run.report.model_dump(exclude=seconds) == local.model_dump(exclude=seconds)
+        assert list(run.report.timings) == list(local.timings) == ["check"]
 
         openai_stub.script([{"verdict": "reject", "confidence": 0.9, "reasons": [
             {"rule": "io_network", "message": "train opens a socket", "file": "training.py", "line": 3}]}])
@@ -224,7 +228,7 @@ class TestOnTwoGpuNodes:
         for record in (broken, duplicate):
             assert runs_of(handle, record.id) == []
         for record in (forbidden, refused, held):
-            assert all(event["stage"] != "train" for event in events_of(handle, record.id))
+            assert all(event.stage != "train" for event in events_of(handle, record.id))
         assert ray.get(handle.scheduler.stats.remote())["claimed"] == 3
         assert backend.stats()["by_status"] == {"pending": 0, "running": 0, "completed": 0, "rejected": 3,
                                                 "failed": 0, "held": 1, "duplicate": 1}
@@ -259,14 +263,14 @@ class TestOnTwoGpuNodes:
         os.kill(worker, signal.SIGSTOP)  # the task and its heartbeat thread go silent, as on a hung host
         try:
             requeued = wait_until(lambda: [event for event in events_of(handle, submission_id)
-                                           if event["kind"] == "infra_requeued"], timeout=60,
+                                           if event.kind == "infra_requeued"], timeout=60,
                                   what="the lease to expire")
         finally:
             os.kill(worker, signal.SIGCONT)  # lets the cancelled worker take its kill
-        assert requeued[0]["detail"]["reasons"][0]["rule"] == "infra:lease_expired"  # not charged: the claim undone
+        assert requeued[0].detail["reasons"][0]["rule"] == "infra:lease_expired"  # not charged: the claim undone
         record = wait(handle, submission_id, timeout=120)
         assert record.status == "completed", record.reasons
-        assert [(run["attempt"], run["status"]) for run in runs_of(handle, submission_id)] == [(1, "completed")]
+        assert [(run.attempt, run.status) for run in runs_of(handle, submission_id)] == [(1, "completed")]
         wait_until(lambda: not pids(bundle.sha256[:10]), timeout=10, what="the frozen attempt's runner to die")
 
     def test_eval_and_the_cluster_give_the_same_report(self, ray_cluster, handles, cache_dir, tmp_path):
@@ -280,7 +284,7 @@ class TestOnTwoGpuNodes:
         submission_id = submit(handle, "both", "b.zip", bundle).id
         assert wait(handle, submission_id, timeout=180).status == "completed"
         [run] = runs_of(handle, submission_id)
-        remote = RunReport.model_validate(run["report"])
+        remote = run.report
         assert local.status == remote.status == "completed", (local.reasons, remote.reasons)
         assert (Path(remote.run_dir) / "report.json").exists() and (Path(local.run_dir) / "report.json").exists()
         assert list(local.timings) == list(remote.timings) == ["check", "gate", "train"]  # score writes the report
@@ -303,15 +307,15 @@ class TestOnTwoGpuNodes:
         record = wait(handle, submission_id, timeout=180)
         assert record.status == "completed", record.reasons
         first, second = runs_of(handle, submission_id)
-        assert (first["attempt"], first["status"]) == (1, "requeued")
-        assert first["reasons"][0]["rule"] == "infra:runner_killed"
-        assert (second["attempt"], second["status"]) == (2, "completed")
+        assert (first.attempt, first.status) == (1, "requeued")
+        assert first.reasons[0].rule == "infra:runner_killed"
+        assert (second.attempt, second.status) == (2, "completed")
 
     def test_killing_the_training_node_requeues_and_scores_once(self, ray_cluster, handles, cache_dir, tmp_path):
         handle = start(tiny_settings(cache_dir, tmp_path / "prism.duckdb"))
         handles.append(handle)
         submission_id = submit(handle, "survivor", "s.zip", make_bundle("survivor", pause=0.05)).id
-        node_id = wait_until(lambda: (runs_of(handle, submission_id) or [{}])[0].get("node"), timeout=60,
+        node_id = wait_until(lambda: next((run.node for run in runs_of(handle, submission_id)), None), timeout=60,
                              what="the training to start")
         [victim] = [node for node in ray_cluster.list_all_nodes() if node.node_id == node_id]
         ray_cluster.remove_node(victim)
@@ -319,15 +323,15 @@ class TestOnTwoGpuNodes:
         record = wait(handle, submission_id, timeout=180)
         assert record.status == "completed", record.reasons
         [scored] = runs_of(handle, submission_id)  # the lost node's attempt was given back, not charged
-        assert (scored["attempt"], scored["status"]) == (1, "completed") and scored["node"] != node_id
+        assert (scored.attempt, scored.status) == (1, "completed") and scored.node != node_id
         events = events_of(handle, submission_id)
-        [lost] = [event for event in events if event["kind"] == "infra_requeued"]
-        print(f"\nthe killed node's attempt: {lost['detail']['reasons'][0]['rule']}")
-        assert lost["detail"]["reasons"][0]["rule"] in ("infra:node_died", "infra:object_lost", "infra:lease_expired")
-        assert lost["detail"]["interrupted"]["node"] == node_id
-        kinds = [event["kind"] for event in events]
+        [lost] = [event for event in events if event.kind == "infra_requeued"]
+        print(f"\nthe killed node's attempt: {lost.detail['reasons'][0]['rule']}")
+        assert lost.detail["reasons"][0]["rule"] in ("infra:node_died", "infra:object_lost", "infra:lease_expired")
+        assert lost.detail["interrupted"]["node"] == node_id
+        kinds = [event.kind for event in events]
         assert "requeued" not in kinds and kinds.count("completed") == 1
-        assert [row["submission_id"] for row in ray.get(handle.store.scored_rows.remote())] == [submission_id]
+        assert [row.submission_id for row in ray.get(handle.store.scored_rows.remote())] == [submission_id]
 
 
 def test_a_crashed_scheduler_loses_nothing_and_scores_nothing_twice(cache_dir, tmp_path):
@@ -339,7 +343,7 @@ def test_a_crashed_scheduler_loses_nothing_and_scores_nothing_twice(cache_dir, t
     try:
         assert handle.owns_ray and handle.notice.startswith(NO_GPU_NOTICE)
         ids = [submit(handle, f"miner-{n}", f"{n}.zip", make_bundle(f"queued-{n}", pause=0.02)).id for n in range(3)]
-        wait_until(lambda: (runs_of(handle, ids[0]) or [{}])[0].get("node"), timeout=60, what="the first training")
+        wait_until(lambda: next((run.node for run in runs_of(handle, ids[0])), None), timeout=60, what="the first training")
     finally:
         ray.kill(handle.scheduler)
         ray.get(handle.store.close.remote())
@@ -353,10 +357,10 @@ def test_a_crashed_scheduler_loses_nothing_and_scores_nothing_twice(cache_dir, t
         records = [wait(handle, submission_id, timeout=120) for submission_id in ids]
         assert [record.status for record in records] == ["completed"] * 3, [record.reasons for record in records]
         interrupted = runs_of(handle, ids[0])
-        assert [(run["attempt"], run["status"]) for run in interrupted] == [(1, "requeued"), (2, "completed")]
-        assert interrupted[0]["reasons"][0]["rule"] == "infra:orphaned"
+        assert [(run.attempt, run.status) for run in interrupted] == [(1, "requeued"), (2, "completed")]
+        assert interrupted[0].reasons[0].rule == "infra:orphaned"
         assert [len(runs_of(handle, submission_id)) for submission_id in ids[1:]] == [1, 1]
-        scored = [row["submission_id"] for row in ray.get(handle.store.scored_rows.remote())]
+        scored = [row.submission_id for row in ray.get(handle.store.scored_rows.remote())]
         assert sorted(scored) == sorted(ids)
         # The metrics reach Ray's Prometheus endpoint, which the dashboard reads.
         endpoint = f"http://127.0.0.1:{ray.nodes()[0]['MetricsExportPort']}/metrics"

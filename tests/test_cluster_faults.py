@@ -37,7 +37,7 @@ def test_a_full_disk_never_costs_the_miner_an_attempt(cluster_on_a_small_disk):
     assert held.attempt == 0, held  # two claims, both given back
     assert [reason.rule for reason in held.reasons] == ["infra:held_for_operator", "infra:disk_full"]
     events = ray.get(handle.store.events.remote(submission.id))
-    assert [event["kind"] for event in events].count("infra_requeued") == 1
+    assert [event.kind for event in events].count("infra_requeued") == 1
     assert ray.get(handle.store.runs.remote(submission.id)) == []
 
     resize(handle.settings.cache_dir, "64m")  # the operator frees space, then releases it
@@ -45,5 +45,5 @@ def test_a_full_disk_never_costs_the_miner_an_attempt(cluster_on_a_small_disk):
     handle.scheduler.wake.remote()
     done = wait(handle, submission.id, timeout=240)
     assert (done.status, done.attempt) == ("completed", 1), done.reasons
-    decided = [event for event in ray.get(handle.store.events.remote(submission.id)) if event["kind"] == "decided"]
-    assert decided and decided[-1]["stage"] == "gate" and decided[-1]["detail"]["gate"] == "skipped"  # gate off
+    decided = [event for event in ray.get(handle.store.events.remote(submission.id)) if event.kind == "decided"]
+    assert decided and decided[-1].stage == "gate" and decided[-1].detail["gate"] == "skipped"  # gate off

@@ -10,11 +10,11 @@ import struct
 
 import pytest
 
-from conftest import write_bundle
+from conftest import scored_report, write_bundle
 from miners import BIGRAM_ARCHITECTURE, SGD_TRAINING, bundle_of
 from prism_ray.bundle import load_bundle
 from prism_ray.config import AuditSettings, Settings
-from prism_ray.leaderboard import ScoreRow, leaderboard, weights
+from prism_ray.leaderboard import leaderboard, weights
 from prism_ray.pipeline import evaluate
 from prism_ray.store import Store
 
@@ -26,10 +26,10 @@ CODES = [SGD_TRAINING, SGD_TRAINING.replace("SGD", "Adam"), SGD_TRAINING.replace
 
 
 def report(head: list[float] = HEAD, device: str = "cpu", **conditions) -> dict:
-    """A completed run's report as the score stage writes it (only the parts the store reads)."""
-    return {"stage": "score", "head_nats": head, "device": device, "seed": 1337, "byte_budget": 20_000,
-            "tokenizer": "bytes", "batch_size": 4, "seq_len": 64,
-            "data": {"fingerprint": "data-1", "split": "train"}, **conditions}
+    """A completed run's report as the score stage writes it (only the parts the store reads), as fields."""
+    return {"head_nats": head, "device": device, "seed": 1337, "byte_budget": 20_000, "tokenizer": "bytes",
+            "batch_size": 4, "seq_len": 64, "data": {"path": "data", "pinned": True, "fingerprint": "data-1"},
+            **conditions}
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def submit(store: Store, hotkeys: list[str]) -> list[str]:
 
 
 def finish(store: Store, submission_id: str, run: dict, score: float = 0.4) -> None:
-    assert store.complete(submission_id, "sched", run, {"bpb": 1 / score - 1, "final_score": score}, [])
+    assert store.complete(submission_id, "sched", scored_report(1 / score - 1, score, **run))
 
 
 def test_the_later_run_with_the_same_losses_is_a_copy_and_the_earliest_keeps_the_weight(store):
@@ -60,8 +60,8 @@ def test_the_later_run_with_the_same_losses_is_a_copy_and_the_earliest_keeps_the
     assert records[copy].copy_of == original and records[copy].near_copy_of is None
     [note] = records[copy].notes
     assert note.rule == "copy:duplicate" and original in note.message and "first 8 per-batch losses" in note.message
-    assert store.events(copy)[-1]["kind"] == "copy" and store.events(copy)[-1]["detail"]["copy_of"] == original
-    rows = [ScoreRow(**row) for row in store.scored_rows()]
+    assert store.events(copy)[-1].kind == "copy" and store.events(copy)[-1].detail["copy_of"] == original
+    rows = store.scored_rows()
     assert {entry.hotkey: entry.copy_of for entry in leaderboard(rows)} == {"alice": None, "bob": original,
                                                                             "carol": None}
     assert weights(rows) == pytest.approx({"alice": 0.4 / 0.6, "carol": 0.2 / 0.6})
@@ -95,12 +95,12 @@ def test_a_copy_completed_before_its_original_is_relinked_across_a_restart(tmp_p
         assert [record.copy_of for record in records] == [None, first_bob, None]
         assert [[note.rule for note in record.notes] for record in records] == [[], ["copy:duplicate"], []]
         assert first_bob in records[1].notes[0].message
-        assert [event["detail"]["copy_of"] for event in reopened.events(second_bob) if event["kind"] == "copy"] == [
+        assert [event.detail["copy_of"] for event in reopened.events(second_bob) if event.kind == "copy"] == [
             alice, None]
 
 
 @pytest.mark.parametrize("change", [{"seed": 7}, {"batch_size": 8}, {"seq_len": 128}, {"byte_budget": 40_000},
-                                    {"tokenizer": "gpt2"}, {"data": {"fingerprint": "data-2", "split": "train"}},
+                                    {"tokenizer": "gpt2"}, {"data": {"path": "data", "pinned": True, "fingerprint": "data-2"}},
                                     {"head": HEAD[:7]}],
                          ids=["seed", "batch-size", "seq-len", "budget", "tokenizer", "dataset", "fewer-batches"])
 def test_runs_under_other_conditions_are_never_compared(store, change):
@@ -132,7 +132,7 @@ def test_a_code_copy_keeps_its_intake_link_and_old_reports_are_left_alone(store)
     store.claim_next("sched", 60, limit=3)
     finish(store, code_copy, report())
     finish(store, original, report())
-    finish(store, older, {"stage": "score"})  # a report without head_nats: no signature, no link
+    finish(store, older, {})  # a report without head_nats: no signature, no link
     assert [note.rule for note in store.get_submission(code_copy).notes] == ["copy:duplicate"]
     assert "up to names" in store.get_submission(code_copy).notes[0].message  # the intake note, not a second one
     assert (store.get_submission(code_copy).copy_of, store.get_submission(older).copy_of) == (original, None)
@@ -203,12 +203,12 @@ def test_a_no_op_edited_copy_trains_bit_identically_and_is_stored_as_a_copy(tmp_
     assert records["bob"].copy_of is None and records["bob"].notes == []
     store.claim_next("sched", 60, limit=3)
     for hotkey, run in reports.items():
-        assert store.complete(records[hotkey].id, "sched", run, run.score_row(), run.curve)
+        assert store.complete(records[hotkey].id, "sched", run)
     stored = {hotkey: store.get_submission(record.id) for hotkey, record in records.items()}
     assert stored["bob"].copy_of == records["alice"].id and [note.rule for note in stored["bob"].notes] == [
         "copy:duplicate"]
     assert (stored["alice"].copy_of, stored["carol"].copy_of) == (None, None)
     # The copy earns nothing; carol, another learner, is paid unless no decided difference separates her from the
     # leader on 5 KB of text (docs/scoring.md, "The decided order").
-    paid = weights([ScoreRow(**row) for row in store.scored_rows()])
+    paid = weights(store.scored_rows())
     assert "bob" not in paid and "alice" in paid and set(paid) <= {"alice", "carol"}

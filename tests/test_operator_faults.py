@@ -74,7 +74,7 @@ def test_operator_faults_requeue_uncharged_then_hold_then_release(tmp_path):
         held = store.get_submission(submission.id)
         assert (held.status, held.attempt) == ("held", 0)
         assert [reason.rule for reason in held.reasons] == ["infra:held_for_operator", "infra:disk_full"]
-        kinds = [event["kind"] for event in store.events(submission.id)]
+        kinds = [event.kind for event in store.events(submission.id)]
         assert kinds.count("infra_requeued") == cap and kinds[-1] == "held"
         assert store.runs(submission.id) == []  # no attempt was left on the miner's record
         assert store.release(submission.id)

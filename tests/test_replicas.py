@@ -72,7 +72,7 @@ class Cluster:
         record = self.store.create_submission(hotkey, f"{hotkey}.zip", bundle(f"{hotkey}{shift}"))
         [claimed] = self.store.claim_next("sched", 60)
         run = report(shift, 1337)
-        assert self.store.complete(claimed.id, "sched", run, run.score_row(), [])
+        assert self.store.complete(claimed.id, "sched", run)
         self.shifts[record.id] = shift
         return record.id
 
@@ -89,7 +89,7 @@ class Cluster:
         return ran
 
     def rows(self) -> list[ScoreRow]:
-        return [ScoreRow(**row) for row in self.store.scored_rows()]
+        return self.store.scored_rows()
 
 
 @pytest.fixture
@@ -165,7 +165,7 @@ def test_replicas_are_queue_items_with_leases_capped_retries_and_failures(tmp_pa
     clock.now += 31
     assert sorted(cluster.store.requeue_expired()) == sorted([first.id, second.id])
     assert cluster.store.get_replica(first.id).reasons[0].rule == "infra:attempts_exhausted"
-    assert [event["kind"] for event in cluster.store.events(first.id)] == ["claimed", "failed"]
+    assert [event.kind for event in cluster.store.events(first.id)] == ["claimed", "failed"]
     [row] = cluster.rows()
     assert row.replicas == "done" and row.seed_bpbs == (row.bpb,)  # the score stands on the seed it has
     assert not cluster.store.finish_replica(first.id, "sched", report(0.0, 1))  # a late result changes nothing

@@ -44,15 +44,15 @@ def test_sigterm_mid_training_drains_and_the_restart_charges_no_attempt(server):
         drained = [store.get_submission(submission_id) for submission_id in ids]
         assert [(record.status, record.attempt) for record in drained] == [("pending", 0), ("pending", 0)]
         handed_back = store.events(ids[0])[-1]
-        assert (handed_back["kind"], handed_back["detail"]["interrupted"]["stage"]) == ("unclaimed", "train")
+        assert (handed_back.kind, handed_back.detail["interrupted"]["stage"]) == ("unclaimed", "train")
 
     with server.running() as process, PrismClient(server.url, dev_hotkey="restart") as client:
         finals = [client.wait(submission_id, poll_s=0.5, timeout_s=300) for submission_id in ids]
         assert [(final["status"], final["attempt"]) for final in finals] == [("completed", 1), ("completed", 1)]
         server.stop(process, signal.SIGINT)
     with Store(server.root / "state" / "prism.duckdb") as store:
-        assert [[run["attempt"] for run in store.runs(submission_id)] for submission_id in ids] == [[1], [1]]
-        kinds = [event["kind"] for event in store.events(ids[0])]
+        assert [[run.attempt for run in store.runs(submission_id)] for submission_id in ids] == [[1], [1]]
+        kinds = [event.kind for event in store.events(ids[0])]
         assert kinds.count("claimed") == 2 and kinds.count("completed") == 1 and "requeued" not in kinds, kinds
 
 

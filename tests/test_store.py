@@ -12,13 +12,15 @@ import zipfile
 import duckdb
 import pytest
 
+from conftest import scored_report
 from prism_ray.bundle import Bundle, check_contract, load_bundle
-from prism_ray.config import AuditSettings, ScoringSettings
+from prism_ray.config import AuditSettings, ScoringSettings, Settings
 from prism_ray.errors import Reason
 from prism_ray.fingerprint import code_fingerprints
 from prism_ray.gate import CachedVerdict, GateAudit
-from prism_ray.leaderboard import ScoreRow, epoch_of, leaderboard, weights
-from prism_ray.store import TABLES, Store, StoreError
+from prism_ray.leaderboard import epoch_of, leaderboard, weights
+from prism_ray.pipeline import STAGES_BY_NAME, Job, StageContext, evaluate, run_stage
+from prism_ray.store import TABLES, Store
 
 
 class Clock:
@@ -47,7 +49,7 @@ def store(tmp_path, clock):
 
 
 def kinds(store: Store, submission_id: str) -> list[str]:
-    return [event["kind"] for event in store.events(submission_id)]
+    return [event.kind for event in store.events(submission_id)]
 
 
 def test_full_lifecycle_writes_every_transition(store, clock):
@@ -63,23 +65,23 @@ def test_full_lifecycle_writes_every_transition(store, clock):
     clock.now += 10
     assert store.renew_lease(record.id, "sched", 60, progress_bytes=1000, progress_bpb=2.5, tokens_per_second=99.0)
 
-    report = {"status": "completed", "stage": "score", "bpb": 1.25, "final_score": 0.44, "reasons": []}
     curve = [{"bytes": 500, "bpb": 3.0}, {"bytes": 1000, "bpb": 2.0}]
-    assert store.complete(record.id, "sched", report, {"bpb": 1.25, "final_score": 0.44, "anomaly": 1.0}, curve)
+    report = scored_report(1.25, 0.44, curve)
+    assert store.complete(record.id, "sched", report)
 
     done = store.get_submission(record.id)
     assert (done.status, done.stage, done.lease_owner, done.finished_at) == ("completed", "score", None, clock.now)
     assert kinds(store, record.id) == ["submitted", "claimed", "stage", "completed"]
-    assert [event["seq"] for event in store.events(record.id)] == [1, 2, 3, 4]
+    assert [event.seq for event in store.events(record.id)] == [1, 2, 3, 4]
     [run] = store.runs(record.id)
-    assert (run["status"], run["node"], run["progress_bytes"], run["report"]["bpb"]) == ("completed", "gpu-node-1",
-                                                                                         1000, 1.25)
-    assert store.curve(record.id) == curve
+    assert (run.status, run.node, run.progress_bytes, run.report) == ("completed", "gpu-node-1", 1000, report)
+    assert [point.model_dump() for point in store.curve(record.id)] == curve
     [row] = store.scored_rows()
-    assert (row["submission_id"], row["hotkey"], row["bpb"], row["final_score"]) == (record.id, "hk1", 1.25, 0.44)
-    assert (row["status"], row["submitted_at"]) == ("completed", record.created_at)
+    assert (row.submission_id, row.hotkey, row.bpb, row.final_score) == (record.id, "hk1", 1.25, 0.44)
+    assert (row.status, row.submitted_at) == ("completed", record.created_at)
+    assert store.detail(record.id).runs == [run] and store.detail("sub_missing") is None
     assert store.stats()["by_status"]["completed"] == 1
-    assert not store.complete(record.id, "sched", report, {"bpb": 1.0}, [])  # scored once, never twice
+    assert not store.complete(record.id, "sched", report)  # scored once, never twice
 
 
 def test_duplicates_earliest_wins_and_same_hotkey_gets_its_submission_back(store):
@@ -122,7 +124,7 @@ def test_an_expired_lease_is_requeued_uncharged_then_held_for_the_operator(tmp_p
         requeued = store.get_submission(record.id)
         assert (requeued.status, requeued.attempt, requeued.lease_owner) == ("pending", 0, None)
         assert requeued.reasons[0].rule == "infra:lease_expired" and "not charged" in requeued.reasons[0].message
-        assert store.events(record.id)[-1]["kind"] == "infra_requeued"
+        assert store.events(record.id)[-1].kind == "infra_requeued"
         assert store.runs(record.id) == []  # the abandoned attempt's run row goes with its claim
         [again] = store.claim_next("sched.2", 30)
         assert again.attempt == 1
@@ -157,10 +159,10 @@ def test_stale_owner_cannot_complete_after_requeue(store, clock):
     store.requeue_expired()
     [again] = store.claim_next("new", 30)
     assert again.attempt == 1
-    report, score = {"stage": "score"}, {"bpb": 1.0, "final_score": 0.5}
+    report = scored_report(1.0, 0.5, [{"bytes": 1, "bpb": 1.0}])
     assert not store.renew_lease(record.id, "old", 30, attempt=1)
-    assert not store.complete(record.id, "old", report, score, [{"bytes": 1, "bpb": 1.0}], attempt=1)
-    assert store.complete(record.id, "new", report, score, [{"bytes": 1, "bpb": 1.0}], attempt=1)
+    assert not store.complete(record.id, "old", report, attempt=1)
+    assert store.complete(record.id, "new", report, attempt=1)
     assert len(store.scored_rows()) == 1 and len(store.curve(record.id)) == 1
 
 
@@ -177,11 +179,11 @@ def test_fail_hold_release_reject_and_guards(store):
     store.claim_next("sched", 60, limit=3)
     gate_reject = [Reason(rule="gate:objective", message="trains on the labels", file="training.py", line=3)]
     assert store.fail(a, gate_reject, "gate", status="rejected", owner="sched")
-    assert store.get_submission(a).reasons == gate_reject and store.runs(a)[0]["status"] == "rejected"
+    assert store.get_submission(a).reasons == gate_reject and store.runs(a)[0].status == "rejected"
     assert not store.fail(a, gate_reject, "gate")  # terminal stays terminal
 
-    assert store.hold(b, [{"rule": "gate:unavailable", "message": "no verdict"}], stage="gate")
-    assert store.get_submission(b).status == "held" and not store.complete(b, "sched", {}, {}, [])
+    assert store.hold(b, [Reason(rule="gate:unavailable", message="no verdict")], stage="gate")
+    assert store.get_submission(b).status == "held" and not store.complete(b, "sched", scored_report(1.0))
     assert store.release(b) and store.get_submission(b).status == "pending"
 
     assert store.fail(c, [Reason(rule="infra:node_lost", message="node died")], "train", terminal=False)
@@ -190,16 +192,37 @@ def test_fail_hold_release_reject_and_guards(store):
 
     rejected = store.reject_submission("hk9", "bad.zip", [Reason(rule="intake:not_a_zip", message="not a zip")])
     assert (rejected.status, rejected.bundle_sha256, kinds(store, rejected.id)) == ("rejected", None, ["rejected"])
-    with pytest.raises(StoreError, match="unknown score fields"):
-        store.complete(a, "sched", {}, {"bpb_typo": 1.0}, [])
+
+
+def test_a_check_rejection_is_stored_with_the_report_eval_prints(store, tmp_path):
+    """The cluster runs each stage through pipeline.run_stage and stores the ending's report: for a submission that
+    ends before training it is the report `prism-ray eval` prints, apart from the seconds."""
+    bundle = check_contract({"architecture.py": b"import os\ndef build_model(ctx):\n    return None\n",
+                             "training.py": b"def train(ctx):\n    pass\n"})
+    settings = Settings(cache_dir=tmp_path / "cache")
+    record = store.create_submission("hk", "os.zip", bundle)
+    [claimed] = store.claim_next("sched", 60)
+    job = Job(record.id, claimed.attempt, "sched", 0.0)
+    outcome, _ = run_stage(STAGES_BY_NAME["check"], StageContext(job, settings), bundle)
+    assert outcome.verdict == "rejected" and outcome.report is not None
+    assert store.fail(record.id, outcome.reasons, "check", status="rejected", report=outcome.report, owner="sched")
+    [run] = store.runs(record.id)
+    local = evaluate(bundle, settings)
+    seconds = {"timings", "wall_seconds"}
+    assert (run.report.status, run.report.stage, list(run.report.timings)) == ("rejected", "check", ["check"])
+    assert run.report.model_dump(exclude=seconds) == local.model_dump(exclude=seconds)
+    assert list(run.report.timings) == list(local.timings)
 
 
 def test_nonces_refuse_replays_until_purged(store, clock):
-    assert store.check_nonce("hk", "n1", ttl=300)
-    assert not store.check_nonce("hk", "n1", ttl=300)
-    assert store.check_nonce("other", "n1", ttl=300)
+    def check_nonce(hotkey: str, nonce: str, ttl: float) -> bool:
+        return store.check_nonces([(hotkey, nonce, ttl)])[0]
+
+    assert check_nonce("hk", "n1", ttl=300)
+    assert not check_nonce("hk", "n1", ttl=300)
+    assert check_nonce("other", "n1", ttl=300)
     clock.now += 301
-    assert store.check_nonce("hk", "n1", ttl=300)
+    assert check_nonce("hk", "n1", ttl=300)
     # a burst checked in one call: a nonce repeated inside the call is a replay too
     assert store.check_nonces([("hk", "n2", 300), ("hk", "n1", 300), ("hk", "n2", 300), ("other", "n2", 300)]) == [
         True, False, False, True]
@@ -207,13 +230,13 @@ def test_nonces_refuse_replays_until_purged(store, clock):
 
 def test_gate_verdict_cache_and_audits(store, tmp_path):
     key = "ab" * 32
-    assert store.get(key) is None
+    assert store.cached_verdict(key) is None
     verdict = CachedVerdict(status="rejected", reasons=[Reason(rule="gate:other", message="no")], confidence=0.9,
                             model="m", prompt_version="v1", request_sha256=key)
-    store.put(key, verdict)
-    assert CachedVerdict.model_validate(store.get(key)) == verdict
-    store.put(key, verdict.model_copy(update={"status": "allowed", "reasons": []}))
-    assert store.get(key)["status"] == "allowed"
+    store.keep_verdict(key, verdict)
+    assert store.cached_verdict(key) == verdict
+    store.keep_verdict(key, verdict.model_copy(update={"status": "allowed", "reasons": []}))
+    assert store.cached_verdict(key).status == "allowed"
 
     audits = [GateAudit(model="m", prompt_version="v1", request_sha256=key, latency_s=0.5, attempt=attempt,
                         outcome=outcome, error=error) for attempt, outcome, error in
@@ -227,8 +250,8 @@ def test_gate_verdict_cache_and_audits(store, tmp_path):
 def test_export_writes_one_readable_parquet_per_table(store, tmp_path):
     record = store.create_submission("hk", "m.zip", make_bundle("a"))
     store.claim_next("sched", 60)
-    store.complete(record.id, "sched", {"stage": "score", "bpb": float("nan")}, {"bpb": 1.0, "final_score": 0.5},
-                   [{"bytes": 10, "bpb": 2.0}, {"bytes": 20, "bpb": 1.5}])
+    store.complete(record.id, "sched", scored_report(float("nan"), 0.5, [{"bytes": 10, "bpb": 2.0},
+                                                                        {"bytes": 20, "bpb": 1.5}]))
     paths = store.export_parquet(tmp_path / "export")
     assert sorted(path.name for path in paths) == sorted(f"{table}.parquet" for table in TABLES)
     reader = duckdb.connect()
@@ -244,11 +267,11 @@ def test_reopening_the_file_keeps_everything(tmp_path, clock):
     with Store(path, clock=clock) as store:
         record = store.create_submission("hk", "m.zip", make_bundle("a"))
         store.claim_next("sched", 60)
-        store.check_nonce("hk", "n1", ttl=300)
+        store.check_nonces([("hk", "n1", 300)])
     with Store(path, clock=clock) as reopened:
         assert reopened.get_submission(record.id).status == "running"
         assert kinds(reopened, record.id) == ["submitted", "claimed"]
-        assert not reopened.check_nonce("hk", "n1", ttl=300)
+        assert reopened.check_nonces([("hk", "n1", 300)]) == [False]
         assert reopened.create_submission("hk", "m.zip", make_bundle("a")).reused
     with duckdb.connect(str(path), read_only=True) as reader:
         assert reader.execute("SELECT count(*) FROM schema_version").fetchone() == (1,)
@@ -284,12 +307,12 @@ def test_unclaim_hands_an_attempt_back_without_counting_it(tmp_path, clock):
         assert (back.status, back.stage, back.attempt, back.lease_owner) == ("pending", "queued", 0, None)
         assert store.runs(record.id) == []
         event = store.events(record.id)[-1]
-        assert (event["kind"], event["detail"]["attempt"], event["detail"]["interrupted"]["progress_bytes"]) == (
+        assert (event.kind, event.detail["attempt"], event.detail["interrupted"]["progress_bytes"]) == (
             "unclaimed", 1, 1000)
         # With one attempt allowed, the claim after a restart is still the first, and it can be scored.
         [again] = store.claim_next("restarted", 30)
         assert again.attempt == 1
-        assert store.complete(record.id, "restarted", {"stage": "score"}, {"bpb": 1.0}, [], attempt=1)
+        assert store.complete(record.id, "restarted", scored_report(1.0), attempt=1)
         assert kinds(store, record.id) == ["submitted", "claimed", "stage", "unclaimed", "claimed", "completed"]
 
 
@@ -321,12 +344,12 @@ def test_two_tier_weights_group_real_bundles_by_architecture_family(tmp_path, cl
         store.claim_next("sched", 60, limit=4)
         clock.now += 2 * 86_400  # scored two days later: still the epoch of submission
         for hotkey, _, _, score in entries:
-            assert store.complete(ids[hotkey], "sched", {"stage": "score"}, {"bpb": 1 / score - 1,
-                                                                             "final_score": score}, [])
-        rows = [ScoreRow(**row) for row in store.scored_rows()]
+            assert store.complete(ids[hotkey], "sched", scored_report(1 / score - 1, score))
+        rows = store.scored_rows()
         families = {row.hotkey: row.architecture_family for row in rows}
         assert families["alice"] == families["bob"] != families["carol"] == families["dave"]
-        assert {row["epoch"] for row in store.scored_rows()} == {epoch_of(submitted)}
+        scores = store.export_parquet(tmp_path / "export")[TABLES.index("scores")]
+        assert duckdb.sql(f"SELECT DISTINCT epoch FROM '{scores}'").fetchall() == [(epoch_of(submitted),)]
         assert [entry.architecture_family for entry in leaderboard(rows, epoch=epoch_of(submitted))] == [
             families["bob"], families["carol"], families["alice"], families["dave"]]
         assert weights(rows, two_tier) == pytest.approx({"alice": 0.60, "bob": 0.40})
@@ -400,7 +423,7 @@ def test_a_version_1_file_is_upgraded_with_its_zips_and_families(tmp_path, clock
         assert old.architecture_family == code_fingerprints(bundle).architecture_family and old.notes == []
         assert store.original_zip("sub_old") == bundle.to_zip() == store.bundle_zip(bundle.sha256)
         [row] = store.scored_rows()
-        assert row["architecture_family"] == old.architecture_family
+        assert row.architecture_family == old.architecture_family
         copy = store.create_submission("bob", "b.zip", family_bundle(ARCH_X.replace("(ctx)", "(context)").replace(
             "ctx.", "context."), "SGD"))
         assert copy.copy_of == "sub_old"
@@ -408,3 +431,21 @@ def test_a_version_1_file_is_upgraded_with_its_zips_and_families(tmp_path, clock
         assert reader.execute("SELECT version FROM schema_version ORDER BY version").fetchall() == [(1,), (3,)]
         assert [column[0] for column in reader.execute("DESCRIBE bundles").fetchall()] == [
             "sha256", "fingerprint", "created_at", "zip_sha256"]
+
+
+def test_every_owner_of_the_store_answers_the_port_with_the_same_signatures():
+    """The backend and the read model call the store through StorePort: the Store itself, LocalStore (this process)
+    and ActorStore (the store actor) must each have every method of it, with the same parameters, so a renamed or
+    re-typed store method fails here rather than at run time on a cluster."""
+    import inspect
+
+    from prism_ray.backend import LocalStore
+    from prism_ray.cluster.client import ActorStore
+    from prism_ray.store.port import StorePort
+
+    methods = [name for name, _ in inspect.getmembers(StorePort, inspect.isfunction) if not name.startswith("_")]
+    assert {"detail", "queue_snapshot", "scored_rows", "create_submissions", "changes_since"} <= set(methods)
+    for owner in (Store, LocalStore, ActorStore):
+        for name in methods:
+            expected = inspect.signature(getattr(StorePort, name))
+            assert inspect.signature(getattr(owner, name)) == expected, (owner.__name__, name)

@@ -9,6 +9,7 @@ Nothing here runs miner code.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,24 +19,70 @@ from prism_ray.backend import Backend
 from prism_ray.bundle import Bundle
 from prism_ray.cluster.runtime import ClusterHandle
 from prism_ray.cluster.tasks import placement_notice
-from prism_ray.leaderboard import LeaderboardEntry
-from prism_ray.store import TERMINAL_STATUSES, SubmissionRecord
+from prism_ray.errors import Reason
+from prism_ray.leaderboard import LeaderboardEntry, ScoreRow
+from prism_ray.scoring import CurvePoint
+from prism_ray.store import (
+    TERMINAL_STATUSES,
+    AuditRecord,
+    NewSubmission,
+    QueueSnapshot,
+    ReplicaRecord,
+    SubmissionDetail,
+    SubmissionRecord,
+)
 
 SETTLED_STATUSES = (*TERMINAL_STATUSES, "held")  # held waits for an operator, not for the cluster
 _NODE_REFRESH_SECONDS = 10.0
 
 
 class ActorStore:
-    """StorePort over the store actor: a call is one round trip; `call_many` sends all, then waits once."""
+    """StorePort over the store actor: each call is one round trip (the composite reads answer a page in one)."""
 
     def __init__(self, actor: Any) -> None:
         self.actor = actor
 
-    def call(self, method: str, *args: Any) -> Any:
-        return ray.get(getattr(self.actor, method).remote(*args))
+    def create_submissions(self, items: Sequence[NewSubmission]) -> list[SubmissionRecord]:
+        return ray.get(self.actor.create_submissions.remote(items))
 
-    def call_many(self, calls: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
-        return ray.get([getattr(self.actor, method).remote(*args) for method, args in calls])
+    def reject_submission(self, hotkey: str, filename: str | None, reasons: Sequence[Reason], stage: str = "intake",
+                          metadata: dict[str, Any] | None = None) -> SubmissionRecord:
+        return ray.get(self.actor.reject_submission.remote(hotkey, filename, reasons, stage, metadata))
+
+    def check_nonces(self, checks: Sequence[tuple[str, str, float]]) -> list[bool]:
+        return ray.get(self.actor.check_nonces.remote(checks))
+
+    def probe(self) -> int:
+        return ray.get(self.actor.probe.remote())
+
+    def changes_since(self, since: float | None) -> tuple[float | None, list[tuple[str, str]]]:
+        return ray.get(self.actor.changes_since.remote(since))
+
+    def detail(self, submission_id: str) -> SubmissionDetail | None:
+        return ray.get(self.actor.detail.remote(submission_id))
+
+    def curve(self, submission_id: str) -> list[CurvePoint]:
+        return ray.get(self.actor.curve.remote(submission_id))
+
+    def scored_rows(self) -> list[ScoreRow]:
+        return ray.get(self.actor.scored_rows.remote())
+
+    def queue_snapshot(self, limit: int, recent: int) -> QueueSnapshot:
+        return ray.get(self.actor.queue_snapshot.remote(limit, recent))
+
+    def stats(self) -> dict[str, Any]:
+        return ray.get(self.actor.stats.remote())
+
+    def rejection_counts(self, hotkey: str, since: float) -> tuple[int, int]:
+        return ray.get(self.actor.rejection_counts.remote(hotkey, since))
+
+    def list_audits(self, status: str | None = None, submission_id: str | None = None,
+                    limit: int = 100) -> list[AuditRecord]:
+        return ray.get(self.actor.list_audits.remote(status, submission_id, limit))
+
+    def list_replicas(self, status: str | None = None, submission_id: str | None = None,
+                      limit: int = 100) -> list[ReplicaRecord]:
+        return ray.get(self.actor.list_replicas.remote(status, submission_id, limit))
 
 
 class NodeAddresses:

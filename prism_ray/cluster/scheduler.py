@@ -10,10 +10,9 @@ expired leases, claims up to the free capacity (audits first: weights wait on th
 
 A seed replica (docs/scoring.md, "Seed replicas") is run the same way under its own seed, on any GPU node.
 
-An audit re-runs a completed submission from its stored zip: every stage from the first GPU stage to the end, plus
-the earlier stages those need (the gate, whose verdict is cached), under the first run's seed and byte budget, its
-GPU stages pinned to a node other than the one the first run trained on (when the cluster has one). The store
-judges the re-run's report against the first run (prism_ray/audit.py).
+An audit re-runs a completed submission from its stored zip (the stages of `pipeline.RERUN_PLAN`) under the first
+run's seed and byte budget, its GPU stages pinned to a node other than the one the first run trained on (when the
+cluster has one). The store judges the re-run's report against the first run (prism_ray/audit.py).
 
 Failures are sorted by who caused them: an operator-side fault (a full disk, an unwritable cache, a lost object, a
 failed store write, a node declared dead: prism_ray/faults.py; a lapsed lease: its node hung or was cut off)
@@ -46,8 +45,8 @@ from prism_ray.cluster.tasks import StageTasks, run_slots
 from prism_ray.config import Settings
 from prism_ray.errors import BundleError, Reason
 from prism_ray.faults import operator_fault
-from prism_ray.pipeline import STAGES, Job, Outcome, stage_limit
-from prism_ray.store import AUDIT_PREFIX, REPLICA_PREFIX, AuditRecord, ReplicaRecord
+from prism_ray.pipeline import ENDINGS, RERUN_PLAN, STAGES, Job, Outcome, stage_limit, stopped
+from prism_ray.store import AUDIT_PREFIX, REPLICA_PREFIX, RerunRecord
 
 SCHEDULER_NAME = "prism-scheduler"
 _CAPACITY_REFRESH_SECONDS = 5.0
@@ -192,15 +191,15 @@ class Scheduler:
         self._leases += 1
         owner = f"{self.owner}.{self._leases}"
         audits = ray.get(self.store.claim_audit_runs.remote(owner, free))
-        for audit, zipped in audits:
+        for audit, zipped in audits:  # the audit's GPU stages avoid the node of the run it repeats
             self._audits_claimed += 1
-            self._start_audit(audit, zipped, owner)
+            self._start_rerun(audit, zipped, owner, _other_gpu_node(audit.original_node))
         free -= len(audits)
         # Replicas next: the board's top places wait on them, as weights wait on audits.
         replicas = ray.get(self.store.claim_replica_runs.remote(owner, free)) if free > 0 else []
         for replica, zipped in replicas:
             self._replicas_claimed += 1
-            self._start_replica(replica, zipped, owner)
+            self._start_rerun(replica, zipped, owner, None)
         free -= len(replicas)
         if free > 0:
             for record, zipped in ray.get(self.store.claim.remote(owner, free)):
@@ -211,26 +210,16 @@ class Scheduler:
                     self._start(Chain(job, bundle, self._settings_ref, tuple(range(len(STAGES))), record.id))
         self._max_in_flight = max(self._max_in_flight, len(self._chains))
 
-    def _start_audit(self, audit: AuditRecord, zipped: bytes | None, owner: str) -> None:
-        job = Job(audit.id, audit.attempt, owner, time.time())
+    def _start_rerun(self, item: RerunRecord, zipped: bytes | None, owner: str, target: str | None) -> None:
+        """An audit or a seed replica: the re-run stages under its seed and byte budget (None: the settings')."""
+        job = Job(item.id, item.attempt, owner, time.time())
         bundle = self._unpack(job, zipped, None)
         if bundle is None:
             return
-        first_run = {"seed": audit.seed, "byte_budget": audit.byte_budget}  # same seed, same data as the first run
-        settings = self.settings.model_copy(update={name: value for name, value in first_run.items()
-                                                    if value is not None})
-        self._start(Chain(job, bundle, ray.put(settings), RERUN_PLAN, audit.submission_id,
-                          target=_other_gpu_node(audit.original_node)))
-
-    def _start_replica(self, replica: ReplicaRecord, zipped: bytes | None, owner: str) -> None:
-        job = Job(replica.id, replica.attempt, owner, time.time())
-        bundle = self._unpack(job, zipped, None)
-        if bundle is None:
-            return
-        update = {"seed": replica.seed} | ({"byte_budget": replica.byte_budget} if replica.byte_budget is not None
-                                           else {})
+        update = {name: value for name, value in (("seed", item.seed), ("byte_budget", item.byte_budget))
+                  if value is not None}
         self._start(Chain(job, bundle, ray.put(self.settings.model_copy(update=update)), RERUN_PLAN,
-                          replica.submission_id))
+                          item.submission_id, target=target))
 
     def _unpack(self, job: Job, zipped: bytes | None, expected_sha256: str | None) -> ObjectRef | None:
         """The miner's zip as accepted at intake, parsed (parsing runs no miner code); None when it ended the job."""
@@ -333,42 +322,32 @@ class Scheduler:
     # --- endings ---------------------------------------------------------------------------------------------
 
     def _finish(self, job: Job, outcome: Outcome, stage: str) -> None:
-        if job.submission_id.startswith(AUDIT_PREFIX):
-            self._end_audit(job, outcome, stage)
-        elif job.submission_id.startswith(REPLICA_PREFIX):
-            self._end_replica(job, outcome, stage)
+        """Every ending is stored with its report: a stage that ends the submission brings one (pipeline.run_stage);
+        an ending the scheduler decides (the zip did not load, a stage passed its limit or raised) gets one here."""
+        reached_end = outcome.report is not None and stage == STAGES[-1].name  # a re-run with a verdict to judge
+        if outcome.verdict in ENDINGS and outcome.report is None:
+            outcome.report = stopped(None, stage, outcome, {}, None)
+        if job.submission_id.startswith((AUDIT_PREFIX, REPLICA_PREFIX)):
+            self._end_rerun(job, outcome, stage, reached_end)
         else:
             self._end(job, outcome, stage)
 
-    def _end_audit(self, job: Job, outcome: Outcome, stage: str) -> None:
-        """A re-run's report goes to the store to be judged; a re-run that produced none fails its audit."""
+    def _end_rerun(self, job: Job, outcome: Outcome, stage: str, reached_end: bool) -> None:
+        """A re-run that reached its end goes to the store to be judged (an audit) or kept (a replica); one that
+        ended earlier fails, with its report."""
         if outcome.verdict == "lost":
             return
-        if outcome.report is not None:
-            audit = ray.get(self.store.finish_audit.remote(job.submission_id, job.owner, outcome.report,
-                                                           attempt=job.attempt))
-            ended = audit.status if audit is not None else None
+        audit = job.submission_id.startswith(AUDIT_PREFIX)
+        if reached_end:
+            finish = self.store.finish_audit if audit else self.store.finish_replica
+            record = ray.get(finish.remote(job.submission_id, job.owner, outcome.report, attempt=job.attempt))
+            ended = record.status if record is not None else None
         else:
-            failed = ray.get(self.store.fail_audit.remote(job.submission_id, outcome.reasons, stage, owner=job.owner,
-                                                          attempt=job.attempt))
-            ended = "failed" if failed else None
+            fail = self.store.fail_audit if audit else self.store.fail_replica
+            ended = "failed" if ray.get(fail.remote(job.submission_id, outcome.reasons, stage, owner=job.owner,
+                                                    attempt=job.attempt, report=outcome.report)) else None
         if ended is not None:
-            self.metrics.audits.inc(tags={"status": ended})
-
-    def _end_replica(self, job: Job, outcome: Outcome, stage: str) -> None:
-        """A replica's report joins the entry's seeds; a replica that produced none fails."""
-        if outcome.verdict == "lost":
-            return
-        if outcome.report is not None:
-            replica = ray.get(self.store.finish_replica.remote(job.submission_id, job.owner, outcome.report,
-                                                               attempt=job.attempt))
-            ended = replica.status if replica is not None else None
-        else:
-            failed = ray.get(self.store.fail_replica.remote(job.submission_id, outcome.reasons, stage,
-                                                            owner=job.owner, attempt=job.attempt))
-            ended = "failed" if failed else None
-        if ended is not None:
-            self.metrics.replicas.inc(tags={"status": ended})
+            (self.metrics.audits if audit else self.metrics.replicas).inc(tags={"status": ended})
 
     def _end(self, job: Job, outcome: Outcome, stage: str) -> None:
         try:
@@ -383,13 +362,12 @@ class Scheduler:
         guard = {"owner": job.owner, "attempt": job.attempt}
         if outcome.verdict == "completed" and outcome.report is not None:
             report = outcome.report
-            written = ray.get(self.store.complete.remote(job.submission_id, report=report,
-                                                         score=report.score_row(), curve=report.curve,
-                                                         **guard))
+            written = ray.get(self.store.complete.remote(job.submission_id, report=report, **guard))
             if written and report.bpb is not None:
                 self.metrics.bpb.observe(report.bpb)
         elif outcome.verdict == "held":
-            written = ray.get(self.store.hold.remote(job.submission_id, outcome.reasons, stage=stage, **guard))
+            written = ray.get(self.store.hold.remote(job.submission_id, outcome.reasons, stage=stage,
+                                                     report=outcome.report, **guard))
         elif outcome.verdict in ("failed", "rejected"):
             written = ray.get(self.store.fail.remote(job.submission_id, outcome.reasons, stage=stage,
                                                      status=outcome.verdict, report=outcome.report, **guard))
@@ -422,22 +400,6 @@ class Scheduler:
         chain = self._chains.pop(submission_id, None)
         if cancel and chain is not None:
             ray.cancel(chain.outcome, force=True)
-
-
-def _rerun_plan() -> tuple[int, ...]:
-    """The stages an audit re-runs: from the first GPU stage to the end, plus the earlier stages they need."""
-    first_gpu = next(index for index, stage in enumerate(STAGES) if stage.gpu)
-    index_of = {stage.name: index for index, stage in enumerate(STAGES)}
-    plan, frontier = set(range(first_gpu, len(STAGES))), list(range(first_gpu, len(STAGES)))
-    while frontier:
-        for need in STAGES[frontier.pop()].needs:
-            if index_of[need] not in plan:
-                plan.add(index_of[need])
-                frontier.append(index_of[need])
-    return tuple(sorted(plan))
-
-
-RERUN_PLAN = _rerun_plan()
 
 
 def _other_gpu_node(avoid: str | None) -> str | None:

@@ -30,11 +30,10 @@ class StoreVerdicts:
         self.store = store
 
     def get(self, key: str) -> CachedVerdict | None:
-        found = ray.get(self.store.get.remote(key))
-        return CachedVerdict.model_validate(found) if found else None
+        return ray.get(self.store.cached_verdict.remote(key))
 
     def put(self, key: str, verdict: CachedVerdict) -> None:
-        ray.get(self.store.put.remote(key, verdict))
+        ray.get(self.store.keep_verdict.remote(key, verdict))
 
 
 class Heartbeat:

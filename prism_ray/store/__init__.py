@@ -19,26 +19,32 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel
-
 from prism_ray.bundle import Bundle
 from prism_ray.config import AuditSettings, ClusterSettings, ReplicaSettings, ScoringSettings
 from prism_ray.errors import Reason
 from prism_ray.fingerprint import CodeFingerprints
+from prism_ray.gate import CachedVerdict, GateAudit
 from prism_ray.leaderboard import epoch_of
+from prism_ray.report import RunReport
 from prism_ray.store import health
 from prism_ray.store.audits import Audits
 from prism_ray.store.behaviours import Behaviours
-from prism_ray.store.db import Db, StoreError, StoreLocked, StoreUnavailable, plain, reasons_of
+from prism_ray.store.db import Db, StoreError, StoreLocked, StoreUnavailable
 from prism_ray.store.queue import Queue
-from prism_ray.store.reads import Reads
+from prism_ray.store.read_api import StoreReads
+from prism_ray.store.reads import Reads, submission_records
 from prism_ray.store.records import (
     AUDIT_PREFIX,
     REPLICA_PREFIX,
     AuditRecord,
+    QueueSnapshot,
     ReplicaRecord,
+    RerunRecord,
+    RunRecord,
+    SubmissionDetail,
     SubmissionRecord,
     SubmissionStatus,
+    TimelineEvent,
 )
 from prism_ray.store.replicas import Replicas
 from prism_ray.store.schema import (
@@ -53,7 +59,7 @@ from prism_ray.store.schema import (
     create_or_upgrade,
 )
 from prism_ray.store.sidecar import Sidecar
-from prism_ray.store.submissions import SCORE_FIELDS, NewSubmission, Submissions
+from prism_ray.store.submissions import NewSubmission, Submissions
 
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_INFRA_REQUEUES: int = ClusterSettings.model_fields["max_infra_requeues"].default
@@ -61,12 +67,12 @@ STATUSES = SUBMISSION_STATUSES
 TERMINAL_STATUSES = SUBMISSION_TERMINAL
 
 __all__ = ["AUDIT_PREFIX", "AUDIT_STATUSES", "DEFAULT_MAX_ATTEMPTS", "REPLICA_PREFIX", "REPLICA_STATUSES",
-           "SCHEMA_VERSION", "SCORE_FIELDS", "STATUSES", "TABLES", "TERMINAL_STATUSES", "AuditRecord", "NewSubmission",
-           "ReplicaRecord", "Store", "StoreError", "StoreLocked", "StoreUnavailable", "SubmissionRecord",
-           "SubmissionStatus"]
+           "SCHEMA_VERSION", "STATUSES", "TABLES", "TERMINAL_STATUSES", "AuditRecord", "NewSubmission",
+           "QueueSnapshot", "ReplicaRecord", "RerunRecord", "RunRecord", "Store", "StoreError", "StoreLocked",
+           "StoreUnavailable", "SubmissionDetail", "SubmissionRecord", "SubmissionStatus", "TimelineEvent"]
 
 
-class Store:
+class Store(StoreReads):
     def __init__(self, path: Path | str, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
                  clock: Callable[[], float] = time.time, scoring: ScoringSettings | None = None,
                  audit: AuditSettings | None = None, rng: random.Random | None = None,
@@ -124,7 +130,7 @@ class Store:
         one), at the cost of a few statements in all (the HTTP layer batches concurrent requests into one call)."""
         return self._submissions.create(items)
 
-    def reject_submission(self, hotkey: str, filename: str | None, reasons: Sequence[Reason | dict[str, Any]],
+    def reject_submission(self, hotkey: str, filename: str | None, reasons: Sequence[Reason],
                           stage: str = "intake", metadata: dict[str, Any] | None = None) -> SubmissionRecord:
         """Store an intake or contract rejection (no valid bundle exists), so the miner can look it up."""
         return self._submissions.reject(hotkey, filename, reasons, stage, metadata)
@@ -136,82 +142,6 @@ class Store:
     def bundle_zip(self, sha256: str) -> bytes | None:
         """The zip of a bundle (by `bundle_sha256`): the original upload of the first submission of its files."""
         return self._reads.bundle_zip(sha256)
-
-    # --- reads --------------------------------------------------------------------------------------------------
-
-    def get_submission(self, submission_id: str) -> SubmissionRecord | None:
-        return self._submissions.record(submission_id)
-
-    def list_submissions(self, status: str | None = None, hotkey: str | None = None,
-                         limit: int = 100) -> list[SubmissionRecord]:
-        """Newest first."""
-        return self._reads.submissions(status, hotkey, limit)
-
-    def events(self, item_id: str) -> list[dict[str, Any]]:
-        """The timeline of a submission, or of an audit (by its `aud_…` id)."""
-        return self._reads.events(item_id)
-
-    def runs(self, item_id: str) -> list[dict[str, Any]]:
-        """The attempts of a submission, or of an audit (by its `aud_…` id)."""
-        return self._reads.runs(item_id)
-
-    def curve(self, submission_id: str) -> list[dict[str, Any]]:
-        """The scored attempt's learning curve: cumulative target bytes vs. running bpb."""
-        return self._reads.curve(submission_id)
-
-    def near_copies(self, submission_id: str) -> list[str]:
-        """Other hotkeys' submissions whose code differs from this one's only in numeric literals, earliest first."""
-        return self._reads.near_copies(submission_id)
-
-    def scored_rows(self) -> list[dict[str, Any]]:
-        """Completed submissions with their scores and audit state, best first (each fits `leaderboard.ScoreRow`)."""
-        return self._reads.scored_rows()
-
-    def get_audit(self, audit_id: str) -> AuditRecord | None:
-        return self._audits.record(audit_id)
-
-    def list_audits(self, status: str | None = None, submission_id: str | None = None,
-                    limit: int = 100) -> list[AuditRecord]:
-        """Oldest first."""
-        return self._reads.audits(status, submission_id, limit)
-
-    def get_replica(self, replica_id: str) -> ReplicaRecord | None:
-        """A replica; its seed is None while its epoch is open."""
-        found = self._replicas.records(ids=[replica_id], limit=1)
-        return found[0] if found else None
-
-    def list_replicas(self, status: str | None = None, submission_id: str | None = None,
-                      limit: int = 100) -> list[ReplicaRecord]:
-        """Oldest first; seeds hidden while their epoch is open."""
-        return self._replicas.records(status, submission_id, limit=limit)
-
-    def replica_stats(self) -> dict[str, Any]:
-        """The replica queue's counts, like `audit_stats`."""
-        return self._reads.replica_stats()
-
-    def epoch_secret(self, epoch: int) -> str | None:
-        """The seed secret of a closed epoch (every replica seed of it follows from it); None while it is open."""
-        return self._replicas.secret(epoch)
-
-    def stats(self) -> dict[str, Any]:
-        """Submissions by status, the queue's depth and what is in flight."""
-        return self._reads.stats()
-
-    def audit_stats(self) -> dict[str, Any]:
-        """The same for the audit queue."""
-        return self._reads.audit_stats()
-
-    def changes_since(self, since: float | None) -> tuple[float | None, list[tuple[str, str]]]:
-        """The newest update time and the (id, status) of submissions changed since `since` (read_model.py)."""
-        return self._reads.changes_since(since)
-
-    def rejection_counts(self, hotkey: str, since: float) -> tuple[int, int]:
-        """(stored rejections since `since`, of them this hotkey's): the bound on stored rejections."""
-        return self._reads.rejection_counts(hotkey, since)
-
-    def recent_run_seconds(self, limit: int) -> list[float]:
-        """Claim-to-finish seconds of the latest completed runs, newest first (the queue's ETA)."""
-        return self._reads.recent_run_seconds(limit)
 
     # --- health (docs/operator.md, "Liveness and failures") -----------------------------------------------------
 
@@ -233,7 +163,7 @@ class Store:
     def claim_next(self, owner: str, lease_seconds: float, limit: int = 1) -> list[SubmissionRecord]:
         """Oldest pending submissions first → running with attempt+1 and a lease held by `owner`."""
         claimed = self._submission_queue.claim(owner, lease_seconds, limit)
-        records = self._submissions.records(claimed)
+        records = submission_records(self._db, claimed)
         return [records[item] for item in claimed]
 
     def claim_audits(self, owner: str, lease_seconds: float, limit: int = 1) -> list[AuditRecord]:
@@ -302,30 +232,30 @@ class Store:
 
     # --- how a submission ends ----------------------------------------------------------------------------------
 
-    def complete(self, submission_id: str, owner: str, report: BaseModel | dict[str, Any], score: dict[str, Any],
-                 curve: Sequence[dict[str, float]], attempt: int | None = None) -> bool:
-        """Score a running submission, link it to the runs of other hotkeys it behaves the same as (copy:duplicate:
-        the earliest keeps the weight) and queue the audits the policy asks for now; False (nothing written) unless
-        `owner` still holds its lease."""
+    def complete(self, submission_id: str, owner: str, report: RunReport, attempt: int | None = None) -> bool:
+        """Score a running submission from its report (the report, its scores row and its curve), link it to the runs
+        of other hotkeys it behaves the same as (copy:duplicate: the earliest keeps the weight) and queue the audits
+        the policy asks for now; False (nothing written) unless `owner` still holds its lease."""
         with self._db.transaction():
-            written = self._submissions.complete(submission_id, owner, report, score, curve, attempt)
+            written = self._submissions.complete(submission_id, owner, report, attempt)
             if written:
-                self._behaviours.link(submission_id, plain(report))
-                self._replicas.keep(submission_id, plain(report))
+                self._behaviours.link(submission_id, report)
+                self._replicas.keep(submission_id, report)
                 self._audits.plan(completed=submission_id)
                 self._replicas.plan()
             return written
 
-    def fail(self, submission_id: str, reasons: Sequence[Reason | dict[str, Any]], stage: str, terminal: bool = True,
-             status: Literal["failed", "rejected"] = "failed", report: BaseModel | dict[str, Any] | None = None,
+    def fail(self, submission_id: str, reasons: Sequence[Reason], stage: str, terminal: bool = True,
+             status: Literal["failed", "rejected"] = "failed", report: RunReport | None = None,
              owner: str | None = None, attempt: int | None = None) -> bool:
-        """End a submission `failed` (or `rejected`, e.g. by the gate); terminal=False requeues it instead."""
+        """End a submission `failed` (or `rejected`, e.g. by the gate) with the report of how far it got;
+        terminal=False requeues it instead."""
         return self._submissions.fail(submission_id, reasons, stage, terminal, status, report, owner, attempt)
 
-    def hold(self, submission_id: str, reasons: Sequence[Reason | dict[str, Any]], stage: str | None = None,
-             owner: str | None = None, attempt: int | None = None) -> bool:
+    def hold(self, submission_id: str, reasons: Sequence[Reason], stage: str | None = None,
+             report: RunReport | None = None, owner: str | None = None, attempt: int | None = None) -> bool:
         """Park a submission for an operator (the gate failed closed); `release` puts it back in the queue."""
-        return self._submissions.hold(submission_id, reasons, stage, owner, attempt)
+        return self._submissions.hold(submission_id, reasons, stage, report, owner, attempt)
 
     def release(self, submission_id: str) -> bool:
         """A held submission goes back to the queue (after an operator looked at it)."""
@@ -333,7 +263,7 @@ class Store:
 
     # --- how an audit ends --------------------------------------------------------------------------------------
 
-    def finish_audit(self, audit_id: str, owner: str, report: BaseModel | dict[str, Any],
+    def finish_audit(self, audit_id: str, owner: str, report: RunReport,
                      attempt: int | None = None) -> AuditRecord | None:
         """Judge the re-run's report against the first run: passed, or a mismatch that invalidates the score (the
         submission ends `failed` with `audit:mismatch`). None (nothing written) unless `owner` holds the lease."""
@@ -343,18 +273,18 @@ class Store:
                 self._replicas.plan()
             return record
 
-    def fail_audit(self, audit_id: str, reasons: Sequence[Reason | dict[str, Any]], stage: str,
-                   owner: str | None = None, attempt: int | None = None) -> bool:
+    def fail_audit(self, audit_id: str, reasons: Sequence[Reason], stage: str, owner: str | None = None,
+                   attempt: int | None = None, report: RunReport | None = None) -> bool:
         """The re-run could not be carried out: the audit fails, and its score earns nothing."""
         with self._db.transaction():
-            failed = self._audits.fail(audit_id, reasons_of(reasons), stage, owner, attempt)
+            failed = self._audits.fail(audit_id, reasons, stage, owner, attempt, report)
             if failed:
                 self._replicas.plan()
             return failed
 
     # --- how a replica ends -------------------------------------------------------------------------------------
 
-    def finish_replica(self, replica_id: str, owner: str, report: BaseModel | dict[str, Any],
+    def finish_replica(self, replica_id: str, owner: str, report: RunReport,
                        attempt: int | None = None) -> ReplicaRecord | None:
         """Keep the replica's run (completed: its bpb and chunk curve join the entry's seeds; else it fails) and ask
         both policies again. None (nothing written) unless `owner` holds the lease."""
@@ -364,31 +294,28 @@ class Store:
                 self._audits.plan()  # the board may have changed: a new top k to audit
             return record
 
-    def fail_replica(self, replica_id: str, reasons: Sequence[Reason | dict[str, Any]], stage: str,
-                     owner: str | None = None, attempt: int | None = None) -> bool:
+    def fail_replica(self, replica_id: str, reasons: Sequence[Reason], stage: str, owner: str | None = None,
+                     attempt: int | None = None, report: RunReport | None = None) -> bool:
         """The re-run could not be carried out: the replica fails; the entry keeps the seeds it has."""
-        return self._replicas.fail(replica_id, reasons_of(reasons), stage, owner, attempt)
+        return self._replicas.fail(replica_id, reasons, stage, owner, attempt, report)
 
     # --- auth nonces and the gate -------------------------------------------------------------------------------
 
-    def check_nonce(self, hotkey: str, nonce: str, ttl: float) -> bool:
-        """Insert-once: False on a replay. Nonces older than `ttl` are purged, so callers must refuse stale
-        signed timestamps themselves (a nonce is only remembered for `ttl` seconds)."""
-        return self.check_nonces([(hotkey, nonce, ttl)])[0]
-
     def check_nonces(self, checks: Sequence[tuple[str, str, float]]) -> list[bool]:
-        """check_nonce for each (hotkey, nonce, ttl) in order, in one transaction: a nonce used earlier in the same
-        call is a replay too."""
+        """Per (hotkey, nonce, ttl), in order, in one transaction: True, and remembered, unless that hotkey used that
+        nonce within `ttl` seconds (a nonce used earlier in the same call is a replay too). Nonces older than `ttl`
+        are purged, so callers must refuse stale signed timestamps themselves."""
         return self._sidecar.check_nonces(checks)
 
-    def get(self, key: str) -> dict[str, Any] | None:
-        """Gate verdict cache (the VerdictCache protocol, as plain dicts)."""
+    def cached_verdict(self, key: str) -> CachedVerdict | None:
+        """The gate's verdict cache: the verdict kept under `key` (the sha256 of what was reviewed)."""
         return self._sidecar.verdict(key)
 
-    def put(self, key: str, verdict: BaseModel | dict[str, Any]) -> None:
+    def keep_verdict(self, key: str, verdict: CachedVerdict) -> None:
+        """The gate's verdict cache: keep a verdict under `key`."""
         self._sidecar.keep_verdict(key, verdict)
 
-    def record_gate_audits(self, submission_id: str | None, audits: Sequence[BaseModel | dict[str, Any]]) -> None:
+    def record_gate_audits(self, submission_id: str | None, audits: Sequence[GateAudit]) -> None:
         """One row per call to the gate's model, exactly what was asked and answered."""
         self._sidecar.record_gate_reviews(submission_id, audits)
 

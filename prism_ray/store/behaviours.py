@@ -13,6 +13,7 @@ from prism_ray.audit import tolerance
 from prism_ray.behaviour import Signature, same_learner, signature
 from prism_ray.config import AuditSettings
 from prism_ray.errors import Reason
+from prism_ray.report import RunReport
 from prism_ray.store.db import Db, dump, to_json
 
 _COPY_RULE = "copy:duplicate"
@@ -33,7 +34,7 @@ class Behaviours:
         self.db = db
         self.audit = audit
 
-    def link(self, submission_id: str, report: dict[str, Any]) -> None:
+    def link(self, submission_id: str, report: RunReport) -> None:
         """Keep a completed run's signature; link it to its original, and become the original of the runs that
         agree with it and were submitted after it. Runs linked as copies at intake (by their code) keep that link."""
         mine = signature(report)

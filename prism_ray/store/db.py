@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-from pydantic import BaseModel
 
 from prism_ray.errors import Reason
 
@@ -106,16 +105,8 @@ class Db:
                                               len(events)])
 
 
-def reasons_of(reasons: Sequence[Reason | dict[str, Any]]) -> list[Reason]:
-    return [reason if isinstance(reason, Reason) else Reason(**reason) for reason in reasons]
-
-
 def dump(reasons: Sequence[Reason]) -> list[dict[str, Any]]:
     return [reason.model_dump() for reason in reasons]
-
-
-def plain(value: BaseModel | dict[str, Any]) -> dict[str, Any]:
-    return value.model_dump(mode="json") if isinstance(value, BaseModel) else dict(value)
 
 
 def finite(value: Any) -> Any:

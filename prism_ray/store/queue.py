@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prism_ray.errors import Reason
+from prism_ray.report import RunReport
 from prism_ray.store.db import Db, dump, finite, to_json
 
 LEASE_EXPIRED = Reason(rule="infra:lease_expired", message="the node running this attempt stopped reporting (hung, "
@@ -27,7 +28,7 @@ class Change:
     reasons: list[Reason]
     kind: str
     detail: dict[str, Any]
-    report: dict[str, Any] | None = None
+    report: RunReport | None = None
 
 
 class Queue:
@@ -152,7 +153,8 @@ class Queue:
                 [now, ids, [change.attempt for change in changes],
                  ["requeued" if status == "pending" else status for status in statuses],
                  [change.stage for change in changes], reasons,
-                 [None if change.report is None else to_json(change.report) for change in changes]])
+                 [None if change.report is None else to_json(change.report.model_dump(mode="json"))
+                 for change in changes]])
             self.db.append_events([(change.id, change.kind, change.stage, change.detail) for change in changes], now)
             self._drop_live_curve([(change.id, change.attempt) for change in changes if change.status == "pending"])
 

@@ -4,11 +4,21 @@ leaderboard and weights are computed from, audits, the kept zips, counts and a P
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from prism_ray.leaderboard import ScoreRow
+from prism_ray.scoring import CurvePoint, ScoreFields, bits_per_byte
 from prism_ray.store.db import Db
-from prism_ray.store.records import AuditRecord, SubmissionRecord
+from prism_ray.store.records import (
+    AuditRecord,
+    QueueSnapshot,
+    RunRecord,
+    SubmissionDetail,
+    SubmissionRecord,
+    TimelineEvent,
+)
 from prism_ray.store.schema import AUDIT_STATUSES, REPLICA_STATUSES, SUBMISSION_STATUSES, TABLES
 
 # The audit state of a score, as leaderboard.ScoreRow.audit spells it (a mismatch has left `completed` already).
@@ -24,6 +34,12 @@ SELECT r.submission_id, r.seed, r.bpb, r.span, r.nats, r.bytes, r.train_seconds 
 JOIN submissions s ON s.id = r.submission_id LEFT JOIN replicas p ON p.id = r.replica_id
 WHERE s.status = 'completed' ORDER BY r.submission_id, p.replica NULLS FIRST
 """
+
+
+def submission_records(db: Db, ids: Sequence[str]) -> dict[str, SubmissionRecord]:
+    """Several submissions in one query, by id."""
+    rows = db.rows("SELECT * FROM submissions WHERE id IN (SELECT unnest(?::VARCHAR[]))", [list(ids)])
+    return {row["id"]: SubmissionRecord(**row) for row in rows}
 
 
 class Reads:
@@ -46,30 +62,43 @@ class Reads:
                             [status, status, submission_id, submission_id, limit])
         return [AuditRecord(**row) for row in rows]
 
-    def events(self, item_id: str) -> list[dict[str, Any]]:
-        return self.db.rows("SELECT seq, created_at, kind, stage, detail FROM events WHERE submission_id = ? "
-                            "ORDER BY seq", [item_id])
+    def events(self, item_id: str) -> list[TimelineEvent]:
+        return [TimelineEvent(**row) for row in self.db.rows(
+            "SELECT seq, created_at, kind, stage, detail FROM events WHERE submission_id = ? ORDER BY seq", [item_id])]
 
-    def runs(self, item_id: str) -> list[dict[str, Any]]:
-        return self.db.rows("SELECT * FROM runs WHERE submission_id = ? ORDER BY attempt", [item_id])
+    def runs(self, item_id: str) -> list[RunRecord]:
+        return [RunRecord(**row) for row in self.db.rows("SELECT * FROM runs WHERE submission_id = ? ORDER BY attempt",
+                                                         [item_id])]
 
-    def curve(self, submission_id: str) -> list[dict[str, Any]]:
+    def detail(self, submission_id: str) -> SubmissionDetail | None:
+        """A submission with its attempts and its timeline, from one transaction."""
+        with self.db.transaction():
+            record = submission_records(self.db, [submission_id]).get(submission_id)
+            if record is None:
+                return None
+            return SubmissionDetail(record=record, runs=self.runs(submission_id), events=self.events(submission_id))
+
+    def queue_snapshot(self, limit: int, recent: int) -> QueueSnapshot:
+        """Up to `limit` running (oldest first) and pending submissions (in line), the current attempt of each running
+        one, and the claim-to-finish seconds of the latest `recent` completed runs, from one transaction."""
+        with self.db.transaction():
+            running = sorted(self.submissions("running", None, limit), key=lambda record: record.seq)
+            pending = sorted(self.submissions("pending", None, limit), key=lambda record: record.seq)
+            current = {row["submission_id"]: RunRecord(**row) for row in self.db.rows(
+                "SELECT r.* FROM runs r JOIN submissions s ON s.id = r.submission_id AND s.attempt = r.attempt "
+                "WHERE list_contains(?::VARCHAR[], s.id)", [[record.id for record in running]])}
+            return QueueSnapshot(running=running, current_runs=current, pending=pending,
+                                 recent_run_seconds=self.recent_run_seconds(recent))
+
+    def curve(self, submission_id: str) -> list[CurvePoint]:
         """The scored attempt's learning curve: cumulative target bytes vs. running bpb."""
-        return self.db.rows("SELECT bytes, bpb FROM curves WHERE submission_id = ? AND attempt = (SELECT max(attempt) "
-                            "FROM curves WHERE submission_id = ?) ORDER BY bytes", [submission_id, submission_id])
+        return [CurvePoint(**row) for row in self.db.rows(
+            "SELECT bytes, bpb FROM curves WHERE submission_id = ? AND attempt = (SELECT max(attempt) FROM curves "
+            "WHERE submission_id = ?) ORDER BY bytes", [submission_id, submission_id])]
 
-    def near_copies(self, submission_id: str) -> list[str]:
-        """Other hotkeys' submissions whose code differs from this one's only in numeric literals, earliest first."""
-        rows = self.db.execute(
-            "SELECT o.id FROM submissions s JOIN submissions o ON o.architecture_family = s.architecture_family AND "
-            "o.training_fingerprint = s.training_fingerprint AND o.canonical_fingerprint <> s.canonical_fingerprint "
-            "AND o.hotkey <> s.hotkey AND o.status <> 'duplicate' WHERE s.id = ? ORDER BY o.seq",
-            [submission_id]).fetchall()
-        return [row[0] for row in rows]
-
-    def scored_rows(self) -> list[dict[str, Any]]:
-        """Completed submissions with their scores, best first; ties → earliest submission, then id. Each row fits
-        `leaderboard.ScoreRow(**row)` (submitted_at = created_at, epoch seconds); `audit` is null when no audits
+    def scored_rows(self) -> list[ScoreRow]:
+        """Completed submissions with their scores, best first; ties → earliest submission, then id
+        (submitted_at = created_at, epoch seconds); `audit` is null when no audits
         are kept, `replicas` when no replicas are. Each row carries its seed runs: `seed_bpbs` (the scored run
         first), `chunk_bpb` and `chunk_span` (the runs whose chunks cover the scored run's span), `gpu_seconds`
         (training seconds of all its runs), `tokens_per_second` and `model_params` of the scored run."""
@@ -78,7 +107,7 @@ class Reads:
         rows = self.db.rows(
             "SELECT s.id AS submission_id, s.hotkey, s.status, s.name, s.filename, s.tokenizer, s.bundle_sha256, "
             "s.seq, s.created_at AS submitted_at, s.finished_at, s.architecture_family, s.copy_of, s.near_copy_of, "
-            "sc.bpb, sc.final_score, sc.heldout_delta, sc.gap, sc.penalty, sc.anomaly, sc.tie_break, sc.scored_at, "
+            f"{', '.join(f'sc.{name}' for name in ScoreFields.model_fields)}, sc.scored_at, "
             f"sc.epoch, {audit_state} AS audit, a.id AS audit_id, {replica_state} AS replicas, "
             "(r.report->>'tokens_per_second')::DOUBLE AS tokens_per_second, "
             "(r.report->>'model_params')::BIGINT AS model_params, (r.report->>'tokens_scored')::BIGINT AS tokens "
@@ -88,9 +117,7 @@ class Reads:
         runs: dict[str, list[dict[str, Any]]] = {}
         for run in self.db.rows(_SEED_RUNS):
             runs.setdefault(run.pop("submission_id"), []).append(run)
-        for row in rows:
-            _with_seed_runs(row, runs.get(row["submission_id"], []))
-        return rows
+        return [ScoreRow(**row, **_seed_runs(runs.get(row["submission_id"], []))) for row in rows]
 
     def original_zip(self, submission_id: str) -> bytes | None:
         row = self.db.execute("SELECT z.zip FROM submissions s JOIN zips z ON z.sha256 = s.zip_sha256 "
@@ -175,12 +202,12 @@ _SECRET_TABLES = {
 }
 
 
-def _with_seed_runs(row: dict[str, Any], runs: list[dict[str, Any]]) -> None:
-    """Add a scored row's seed runs: bpb per seed, chunk bpb of the runs that cover the scored run's span, GPU time."""
-    row["seed_bpbs"] = [run["bpb"] for run in runs if run["bpb"] is not None]
-    row["gpu_seconds"] = math.fsum(run["train_seconds"] or 0.0 for run in runs) or None
+def _seed_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A scored row's seed runs: bpb per seed, chunk bpb of the runs that cover the scored run's span, GPU time."""
     span = runs[0]["span"] if runs else None
     same = [run for run in runs if span is not None and run["span"] == span and run["nats"]]
-    row["chunk_span"] = span if same else None
-    row["chunk_bpb"] = [[nats / math.log(2) / size for nats, size in zip(run["nats"], run["bytes"], strict=True)]
-                        for run in same]
+    return {"seed_bpbs": [run["bpb"] for run in runs if run["bpb"] is not None],
+            "gpu_seconds": math.fsum(run["train_seconds"] or 0.0 for run in runs) or None,
+            "chunk_span": span if same else None,
+            "chunk_bpb": [[bits_per_byte(nats, size) for nats, size in zip(run["nats"], run["bytes"], strict=True)]
+                          for run in same]}

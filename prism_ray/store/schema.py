@@ -8,6 +8,7 @@ from prism_ray.bundle import load_bundle
 from prism_ray.config import IntakeLimits
 from prism_ray.errors import BundleError
 from prism_ray.fingerprint import code_fingerprints
+from prism_ray.scoring import ScoreFields
 from prism_ray.store.db import Db, StoreError
 
 SCHEMA_VERSION = 3
@@ -25,6 +26,10 @@ TABLES = ("schema_version", "submissions", "zips", "bundles", "runs", "scores", 
 _V2_SUBMISSION_COLUMNS = (("architecture_family", "VARCHAR"), ("training_fingerprint", "VARCHAR"),
                           ("canonical_fingerprint", "VARCHAR"), ("copy_of", "VARCHAR"), ("near_copy_of", "VARCHAR"),
                           ("notes", "JSON DEFAULT '[]'"), ("zip_sha256", "VARCHAR"))
+
+
+# The scores row's columns: one DOUBLE per field of the one definition (scoring.ScoreFields), in its order.
+_SCORE_COLUMNS = ", ".join(f"{name} DOUBLE" for name in ScoreFields.model_fields)
 
 
 def _checked(statuses: tuple[str, ...]) -> str:
@@ -51,9 +56,8 @@ CREATE TABLE IF NOT EXISTS runs (
     report JSON, progress_bytes BIGINT, progress_bpb DOUBLE, progress_at DOUBLE, tokens_per_second DOUBLE,
     UNIQUE (submission_id, attempt));
 CREATE TABLE IF NOT EXISTS scores (
-    submission_id VARCHAR PRIMARY KEY, hotkey VARCHAR NOT NULL, bpb DOUBLE, final_score DOUBLE,
-    heldout_delta DOUBLE, gap DOUBLE, penalty DOUBLE, anomaly DOUBLE, tie_break DOUBLE, architecture_family VARCHAR,
-    scored_at DOUBLE NOT NULL, epoch BIGINT);
+    submission_id VARCHAR PRIMARY KEY, hotkey VARCHAR NOT NULL, {_SCORE_COLUMNS},
+    architecture_family VARCHAR, scored_at DOUBLE NOT NULL, epoch BIGINT);
 CREATE TABLE IF NOT EXISTS curves (submission_id VARCHAR NOT NULL, attempt INTEGER NOT NULL, bytes BIGINT NOT NULL,
     bpb DOUBLE);
 CREATE TABLE IF NOT EXISTS behaviours (

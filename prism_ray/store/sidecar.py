@@ -3,13 +3,10 @@ every call to the gate's model."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from typing import Any
 
-from pydantic import BaseModel
-
-from prism_ray.store.db import Db, plain, to_json
+from prism_ray.gate import CachedVerdict, GateAudit
+from prism_ray.store.db import Db, to_json
 
 _GATE_REVIEW_COLUMNS = (("request_sha256", "VARCHAR"), ("model", "VARCHAR"), ("prompt_version", "VARCHAR"),
                         ("outcome", "VARCHAR"), ("raw_reply", "VARCHAR"), ("latency_s", "DOUBLE"),
@@ -44,19 +41,19 @@ class Sidecar:
                             [[hotkey for hotkey, _ in new], [nonce for _, nonce in new], now])
             return fresh
 
-    def verdict(self, key: str) -> dict[str, Any] | None:
+    def verdict(self, key: str) -> CachedVerdict | None:
         row = self.db.execute("SELECT verdict FROM gate_verdicts WHERE cache_key = ?", [key]).fetchone()
-        return json.loads(row[0]) if row else None
+        return CachedVerdict.model_validate_json(row[0]) if row else None
 
-    def keep_verdict(self, key: str, verdict: BaseModel | dict[str, Any]) -> None:
+    def keep_verdict(self, key: str, verdict: CachedVerdict) -> None:
         with self.db.transaction() as con:
             con.execute("INSERT OR REPLACE INTO gate_verdicts VALUES (?, ?::JSON, ?)",
-                        [key, to_json(plain(verdict)), self.db.clock()])
+                        [key, to_json(verdict.model_dump(mode="json")), self.db.clock()])
 
-    def record_gate_reviews(self, submission_id: str | None, reviews: Sequence[BaseModel | dict[str, Any]]) -> None:
+    def record_gate_reviews(self, submission_id: str | None, reviews: Sequence[GateAudit]) -> None:
         if not reviews:
             return
-        rows = [plain(review) for review in reviews]
+        rows = [review.model_dump(mode="json") for review in reviews]
         names = [name for name, _ in _GATE_REVIEW_COLUMNS]
         selects = ", ".join(f"unnest(?::{kind}[]) AS {name}" for name, kind in _GATE_REVIEW_COLUMNS)
         with self.db.transaction() as con:

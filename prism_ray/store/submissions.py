@@ -10,19 +10,19 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any, Literal
 
-from pydantic import BaseModel
-
 from prism_ray.bundle import Bundle
 from prism_ray.config import ScoringSettings
 from prism_ray.errors import Reason
 from prism_ray.fingerprint import CodeFingerprints, code_fingerprints
 from prism_ray.leaderboard import epoch_of
-from prism_ray.store.db import Db, StoreError, dump, finite, plain, reasons_of, to_json
+from prism_ray.report import RunReport
+from prism_ray.scoring import ScoreFields
+from prism_ray.store.db import Db, dump, finite, to_json
 from prism_ray.store.queue import Change, Queue
+from prism_ray.store.reads import submission_records
 from prism_ray.store.records import SubmissionRecord
 from prism_ray.store.schema import SUBMISSION_TERMINAL
 
-SCORE_FIELDS = ("bpb", "final_score", "heldout_delta", "gap", "penalty", "anomaly", "tie_break")
 _COLUMNS = (("id", "VARCHAR"), ("hotkey", "VARCHAR"), ("filename", "VARCHAR"), ("bundle_sha256", "VARCHAR"),
             ("fingerprint", "VARCHAR"), ("name", "VARCHAR"), ("tokenizer", "VARCHAR"), ("status", "VARCHAR"),
             ("stage", "VARCHAR"), ("reasons", "JSON"), ("attempt", "INTEGER"), ("max_attempts", "INTEGER"),
@@ -94,12 +94,7 @@ class Submissions:
         self.scoring = scoring
 
     def record(self, submission_id: str) -> SubmissionRecord | None:
-        return self.records([submission_id]).get(submission_id)
-
-    def records(self, ids: Sequence[str]) -> dict[str, SubmissionRecord]:
-        """Several records in one query, by id."""
-        rows = self.db.rows("SELECT * FROM submissions WHERE id IN (SELECT unnest(?::VARCHAR[]))", [list(ids)])
-        return {row["id"]: SubmissionRecord(**row) for row in rows}
+        return submission_records(self.db, [submission_id]).get(submission_id)
 
     # --- intake -------------------------------------------------------------------------------------------------
 
@@ -142,7 +137,7 @@ class Submissions:
             self._keep_zips(stored, now)
             self._insert(rows)
             self.db.append_events(events, now)
-            records = self.records([submission_id for submission_id, _ in answers])
+            records = submission_records(self.db, [submission_id for submission_id, _ in answers])
             return [records[submission_id].model_copy(update={"reused": reused}) for submission_id, reused in answers]
 
     def _candidates(self, items: list[NewSubmission]) -> list[list[dict[str, Any]]]:
@@ -166,10 +161,10 @@ class Submissions:
             self.db.execute(_INSERT_BUNDLES, [list(bundles), [fingerprint for fingerprint, _ in bundles.values()],
                                               [zip_sha256 for _, zip_sha256 in bundles.values()], now])
 
-    def reject(self, hotkey: str, filename: str | None, reasons: Sequence[Reason | dict[str, Any]], stage: str,
+    def reject(self, hotkey: str, filename: str | None, reasons: Sequence[Reason], stage: str,
                metadata: dict[str, Any] | None) -> SubmissionRecord:
         now = self.db.clock()
-        typed = reasons_of(reasons)
+        typed = list(reasons)
         with self.db.transaction():
             row = self._row(hotkey, filename, "rejected", stage, typed, now, metadata)
             self._insert([row])
@@ -206,56 +201,51 @@ class Submissions:
 
     # --- the ends of a run --------------------------------------------------------------------------------------
 
-    def complete(self, submission_id: str, owner: str, report: BaseModel | dict[str, Any], score: dict[str, Any],
-                 curve: Sequence[dict[str, float]], attempt: int | None) -> bool:
-        unknown = set(score) - set(SCORE_FIELDS)
-        if unknown:
-            raise StoreError(f"unknown score fields {sorted(unknown)}; known: {', '.join(SCORE_FIELDS)}")
-        report = plain(report)
+    def complete(self, submission_id: str, owner: str, report: RunReport, attempt: int | None) -> bool:
+        """Store a scored run: its report, its scores row and its curve, all read off the report."""
+        score = report.score_row()
         now = self.db.clock()
         with self.db.transaction() as con:
             rows = self.queue.guarded([submission_id], ("running",), owner, attempt)
             if not rows:
                 return False
             row = rows[0]
-            detail = {"attempt": row["attempt"], "bpb": finite(score.get("bpb")),
-                      "final_score": finite(score.get("final_score"))}
-            self.queue.apply([Change(submission_id, row["attempt"], "completed", report.get("stage") or "score",
-                                     reasons_of(report.get("reasons", [])), "completed", detail, report)])
+            detail = {"attempt": row["attempt"], "bpb": score.bpb, "final_score": score.final_score}
+            self.queue.apply([Change(submission_id, row["attempt"], "completed", report.stage or "score",
+                                     report.reasons, "completed", detail, report)])
             # The epoch is the submission's (docs/scoring.md, "The leaderboard"), the one the board filters by.
-            marks = ", ".join("?" for _ in SCORE_FIELDS)
-            values = [finite(score.get(name)) for name in SCORE_FIELDS]
+            names = list(ScoreFields.model_fields)
             con.execute(f"INSERT INTO scores (submission_id, hotkey, scored_at, architecture_family, epoch, "
-                        f"{', '.join(SCORE_FIELDS)}) VALUES (?, ?, ?, ?, ?, {marks})",
+                        f"{', '.join(names)}) VALUES (?, ?, ?, ?, ?, {', '.join('?' for _ in names)})",
                         [submission_id, row["hotkey"], now, row["architecture_family"],
-                         epoch_of(row["created_at"], self.scoring), *values])
+                         epoch_of(row["created_at"], self.scoring), *(getattr(score, name) for name in names)])
             # The run's own curve replaces the points its heartbeats left (Queue.renew).
             con.execute("DELETE FROM curves WHERE submission_id = ? AND attempt = ?", [submission_id, row["attempt"]])
-            if curve:
+            if report.curve:
                 con.execute("INSERT INTO curves SELECT ?, ?, unnest(?::BIGINT[]), unnest(?::DOUBLE[])",
-                            [submission_id, row["attempt"], [int(point["bytes"]) for point in curve],
-                             [float(point["bpb"]) for point in curve]])
+                            [submission_id, row["attempt"], [int(point["bytes"]) for point in report.curve],
+                             [finite(float(point["bpb"])) for point in report.curve]])
             return True
 
-    def fail(self, submission_id: str, reasons: Sequence[Reason | dict[str, Any]], stage: str, terminal: bool,
-             status: Literal["failed", "rejected"], report: BaseModel | dict[str, Any] | None, owner: str | None,
+    def fail(self, submission_id: str, reasons: Sequence[Reason], stage: str, terminal: bool,
+             status: Literal["failed", "rejected"], report: RunReport | None, owner: str | None,
              attempt: int | None) -> bool:
-        typed = reasons_of(reasons)
+        typed = list(reasons)
         if not terminal:
             return bool(self.queue.requeue([submission_id], typed, owner, attempt))
         with self.db.transaction():
             rows = self.queue.guarded([submission_id], ("pending", "running", "held"), owner, attempt)
             self.queue.apply([Change(row["id"], row["attempt"], status, stage, typed, status, {"reasons": dump(typed)},
-                                     plain(report) if report is not None else None) for row in rows])
+                                     report) for row in rows])
             return bool(rows)
 
-    def hold(self, submission_id: str, reasons: Sequence[Reason | dict[str, Any]], stage: str | None,
+    def hold(self, submission_id: str, reasons: Sequence[Reason], stage: str | None, report: RunReport | None,
              owner: str | None, attempt: int | None) -> bool:
-        typed = reasons_of(reasons)
+        typed = list(reasons)
         with self.db.transaction():
             rows = self.queue.guarded([submission_id], ("pending", "running"), owner, attempt)
             self.queue.apply([Change(row["id"], row["attempt"], "held", stage or row["stage"], typed, "held",
-                                     {"reasons": dump(typed)}) for row in rows])
+                                     {"reasons": dump(typed)}, report) for row in rows])
             return bool(rows)
 
     def release(self, submission_id: str) -> bool:

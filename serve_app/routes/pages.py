@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query
 from fastapi import Path as PathParam
@@ -15,7 +15,8 @@ from fastapi.staticfiles import StaticFiles
 
 from prism_ray.backend import Backend
 from prism_ray.leaderboard import epoch_of
-from prism_ray.store import TERMINAL_STATUSES
+from prism_ray.scoring import CurvePoint
+from prism_ray.store import TERMINAL_STATUSES, TimelineEvent
 from serve_app import views
 from serve_app.chart import drawable, line_chart
 from serve_app.models import ComputeProfile
@@ -48,12 +49,13 @@ def router(backend: Backend) -> APIRouter:
         if detail is None:
             return page(render_html("not_found.html", submission_id=submission_id), status_code=404)
         record = detail.record
-        run = detail.runs[-1] if detail.runs else {}
-        report = run.get("report") or {}
-        progress = views.progress(backend, run, views.report_of(run))
+        run = detail.runs[-1] if detail.runs else None
+        # The template reads the report's JSON spelling, as report.json holds it.
+        report = run.report.model_dump(mode="json") if run and run.report else {}
+        progress = views.progress(backend, run)
         points = backend.curve(submission_id)
         if not points and progress.bytes_scored and progress.running_bpb is not None:
-            points = [{"bytes": progress.bytes_scored, "bpb": progress.running_bpb}]  # live: latest heartbeat
+            points = [CurvePoint(bytes=progress.bytes_scored, bpb=progress.running_bpb)]  # live: latest heartbeat
         against = backend.verdict(submission_id) if record.status == "completed" else None
         return page(render_html("submission.html", record=record, report=report, progress=progress, against=against,
                                 profile=profile_facts(views.profile(backend, run)) if report else [],
@@ -100,13 +102,13 @@ def profile_facts(profile: ComputeProfile) -> list[tuple[str, str]]:
     return [(label, text) for label, text in rows if text]
 
 
-def _readable(backend: Backend, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _readable(backend: Backend, events: list[TimelineEvent]) -> list[TimelineEvent]:
     """The timeline with each node named by its address, as everywhere on the pages."""
-    return [{**event, "detail": {**event["detail"], "node": backend.node_address(event["detail"]["node"])}}
-            if event["detail"].get("node") else event for event in events]
+    return [event.model_copy(update={"detail": {**event.detail, "node": backend.node_address(event.detail["node"])}})
+            if event.detail.get("node") else event for event in events]
 
 
-def retries(events: list[dict[str, Any]]) -> list[tuple[int, str]]:
+def retries(events: list[TimelineEvent]) -> list[tuple[int, str]]:
     """(attempt, why it ended: the first reason's rule) of each attempt the system failed and requeued."""
-    return [(event["detail"].get("attempt"), (event["detail"].get("reasons") or [{}])[0].get("rule", "unknown"))
-            for event in events if event["kind"] == "requeued"]
+    return [(event.detail.get("attempt"), (event.detail.get("reasons") or [{}])[0].get("rule", "unknown"))
+            for event in events if event.kind == "requeued"]

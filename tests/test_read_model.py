@@ -34,8 +34,7 @@ def claim(backend: StoreBackend, count: int = 1) -> list[str]:
 def complete(backend: StoreBackend, submission_id: str) -> None:
     """The scheduler's side: a made-up completed run for a claimed submission."""
     with backend.use() as owner:
-        report, score, curve = fake_result(submission_id)
-        assert owner.complete(submission_id, "scheduler", report, score, curve)
+        assert owner.complete(submission_id, "scheduler", fake_result(submission_id))
 
 
 def test_a_stored_submission_reads_back_through_each_stage_of_its_life(store):
@@ -58,7 +57,7 @@ def test_a_stored_submission_reads_back_through_each_stage_of_its_life(store):
     assert done.record.status == "completed" and len(done.runs) == 1
     [entry] = reads.leaderboard(None)
     assert (entry.submission_id, entry.hotkey, entry.rank) == (accepted.id, "miner-a", 1)
-    assert entry.bpb == pytest.approx(fake_result(accepted.id)[0].bpb)
+    assert entry.bpb == pytest.approx(fake_result(accepted.id).bpb)
     assert len(reads.curve(accepted.id)) == backend.settings.curve_points  # the stored 800 points, thinned
     assert reads.stats()["in_flight"] == 0
 

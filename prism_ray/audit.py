@@ -16,7 +16,7 @@ from prism_ray.report import RunReport
 
 Why = Literal["top_k", "two_tier", "sample"]
 # A re-run that ended on one of these was stopped by the system, not by the code: no verdict on the code.
-_SYSTEM_FAMILIES = ("infra", "data", "sandbox")
+SYSTEM_FAMILIES = ("infra", "data", "sandbox")  # reasons a re-run can end with that are not the code's
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def judge(first: FirstRun, rerun: RunReport, settings: AuditSettings) -> Judgeme
     allowed = tolerance([first.device, rerun.device], settings)
     if rerun.status != "completed" or rerun.bpb is None:
         cause = rerun.reasons[0] if rerun.reasons else Reason(rule="infra:no_verdict", message="no reason given")
-        if cause.rule.split(":")[0] in _SYSTEM_FAMILIES:
+        if cause.rule.split(":")[0] in SYSTEM_FAMILIES:
             return Judgement("failed", None, allowed, [Reason(
                 rule="audit:not_run", message=f"the re-run could not be completed ({cause}); without an audit this "
                 "score earns no weight")])

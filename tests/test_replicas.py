@@ -172,11 +172,24 @@ def test_replicas_are_queue_items_with_leases_capped_retries_and_failures(tmp_pa
 
     (tmp_path / "b").mkdir()
     crashing = Cluster(tmp_path / "b", clock, top_k=1, count=1)
-    crashing.scored("bob", 0.0)
+    bob = crashing.scored("bob", 0.0)
     [item] = crashing.store.claim_replicas("sched", 30)
     ended = crashing.store.finish_replica(item.id, "sched", report(0.0, 1, status="failed"))
-    assert ended.status == "failed" and ended.reasons[0].rule == "replica:not_completed"
-    assert "did not complete" in ended.reasons[0].message and str(item.seed) not in ended.reasons[0].message
+    # Code that crashes under a seed it was not published could refuse every replica: the score goes.
+    assert ended.status == "failed" and ended.reasons[0].rule == "replica:seed_failed"
+    assert "run:crash" in ended.reasons[0].message and str(item.seed) not in ended.reasons[0].message
+    assert crashing.store.get_submission(bob).status == "failed" and crashing.rows() == []
+    assert crashing.store.events(bob)[-1].kind == "invalidated"
+
+    (tmp_path / "c").mkdir()
+    stopped = Cluster(tmp_path / "c", clock, top_k=1, count=1)
+    carol = stopped.scored("carol", 0.0)
+    [item] = stopped.store.claim_replicas("sched", 30)
+    killed = RunReport(status="failed", stage="train", seed=item.seed,
+                       reasons=[Reason(rule="infra:runner_killed", message="killed from outside")])
+    ended = stopped.store.finish_replica(item.id, "sched", killed)
+    assert ended.status == "failed" and ended.reasons[0].rule == "replica:not_completed"  # the system's: it stands
+    assert stopped.store.get_submission(carol).status == "completed" and len(stopped.rows()) == 1
     assert alice  # each store keeps its own replicas
 
 

@@ -98,7 +98,7 @@ class Store(StoreReads):
         self._audits = Audits(self._db, self._audit_queue, self.audit, self.scoring, self._reads.scored_rows,
                               self._submissions.invalidate, rng or random.SystemRandom())
         self._replicas = Replicas(self._db, self._replica_queue, self.replica_settings, self.scoring,
-                                  self._reads.scored_rows)
+                                  self._reads.scored_rows, self._submissions.invalidate)
         self._sidecar = Sidecar(self._db)
 
     def close(self) -> None:

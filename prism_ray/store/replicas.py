@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from prism_ray import replicas
+from prism_ray import audit, replicas
 from prism_ray.config import ReplicaSettings, ScoringSettings
 from prism_ray.errors import Reason
 from prism_ray.leaderboard import ScoreRow, epoch_of
@@ -20,10 +20,11 @@ from prism_ray.store.reruns import Ending, FirstRun, Reruns
 
 class Replicas(Reruns):
     def __init__(self, db: Db, queue: Queue, settings: ReplicaSettings, scoring: ScoringSettings,
-                 scored_rows: Callable[[], list[ScoreRow]]) -> None:
+                 scored_rows: Callable[[], list[ScoreRow]], invalidate: Callable[..., bool]) -> None:
         super().__init__(db, queue, scored_rows)
         self.settings = settings
         self.scoring = scoring
+        self.invalidate = invalidate
 
     def records(self, status: str | None = None, submission_id: str | None = None, ids: Sequence[str] | None = None,
                 limit: int = 100, reveal: bool = False) -> list[ReplicaRecord]:
@@ -77,20 +78,31 @@ class Replicas(Reruns):
         return secret
 
     def finish(self, replica_id: str, owner: str, rerun: RunReport, attempt: int | None) -> ReplicaRecord | None:
-        """Keep a completed replica's curve; a replica that did not complete fails (its seed is then missing from
-        the entry's spread, the score stands). None (nothing written) unless `owner` still holds the lease."""
+        """Keep a completed replica's curve. A replica the system stopped fails and the score stands (its seed is
+        missing from the entry's spread); one that failed on the code's account invalidates the score, or code that
+        sees it is a replica (its seed is not the published one) could refuse every seed but that one. None (nothing
+        written) unless `owner` still holds the lease."""
 
         def judge(row: dict[str, Any]) -> Ending:
             if rerun.status == "completed" and rerun.bpb is not None:
                 self.keep(row["submission_id"], rerun, replica_id)
                 return Ending("completed", [], {"bpb": rerun.bpb}, {"bpb": rerun.bpb})
             cause = rerun.reasons[0] if rerun.reasons else Reason(rule="infra:no_verdict", message="no reason")
-            return Ending("failed", [Reason(
-                rule="replica:not_completed", message=f"the re-run under another seed did not complete: {cause}",
-                file=cause.file, line=cause.line)], {"bpb": rerun.bpb}, {"bpb": rerun.bpb})
+            if cause.rule.split(":")[0] in audit.SYSTEM_FAMILIES:
+                reason = Reason(rule="replica:not_completed", message="the re-run under another seed could not be "
+                                f"completed: {cause}")
+            else:
+                reason = Reason(rule="replica:seed_failed", message="the re-run of the same code under another secret "
+                                f"seed failed: {cause}. A score must hold under any seed: it is invalidated",
+                                file=cause.file, line=cause.line)
+            return Ending("failed", [reason], {"bpb": rerun.bpb}, {"bpb": rerun.bpb})
 
         with self.db.transaction():
-            if self.settle(replica_id, owner, rerun, attempt, judge) is None:
+            row = self.settle(replica_id, owner, rerun, attempt, judge)
+            if row is None:
                 return None
+            record = self.records(ids=[replica_id])[0]
+            if record.reasons and record.reasons[0].rule == "replica:seed_failed":
+                self.invalidate(row["submission_id"], record.reasons, {"replica": replica_id}, stage="replica")
             self.plan()
             return self.records(ids=[replica_id])[0]

@@ -255,11 +255,13 @@ class Submissions:
                               for row in rows])
             return bool(rows)
 
-    def invalidate(self, submission_id: str, reasons: list[Reason], detail: dict[str, Any]) -> bool:
-        """A completed submission whose audit did not reproduce it: `failed`, its score no longer counts."""
+    def invalidate(self, submission_id: str, reasons: list[Reason], detail: dict[str, Any],
+                   stage: str = "audit") -> bool:
+        """A completed submission whose audit did not reproduce it, or whose seed replica failed on the code's
+        account: `failed`, its score no longer counts."""
         with self.db.transaction():
             rows = self.queue.guarded([submission_id], ("completed",), None, None)
-            self.queue.apply([Change(row["id"], row["attempt"], "failed", "audit", reasons, "invalidated",
+            self.queue.apply([Change(row["id"], row["attempt"], "failed", stage, reasons, "invalidated",
                                      {**detail, "reasons": dump(reasons)}) for row in rows])
             return bool(rows)
 

@@ -42,12 +42,12 @@ from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
 
-from prism_ray.bundle import Bundle, check_contract
 from prism_ray.cluster import ClusterHandle, start_cluster, submit, wait
 from prism_ray.config import AuditSettings, ClusterSettings, GateSettings, Settings
 from prism_ray.data.dataset import open_dataset
 from prism_ray.data.token_cache import load_token_stream
-from prism_ray.pipeline import evaluate
+from prism_ray.evaluation.pipeline import evaluate
+from prism_ray.intake.bundle import Bundle, check_contract
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "seed-tiny"
 

@@ -19,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from prism_ray.config import Settings
-from prism_ray.pipeline import evaluate
+from prism_ray.evaluation.pipeline import evaluate
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

@@ -11,7 +11,7 @@ harness's peak GPU memory ÷ the bare loop's, the stream's ceiling, and the bpb 
   deterministic-algorithms flag: a miner's own machine), timed from the first batch to train() returning, after a
   device synchronize; "bare + scorer forward" also runs the scorer's per-batch work (`target_log_probs`, no grad,
   its host sync included) before each step: the floor of the own-forward path.
-- Eval runs are `prism_ray.pipeline.evaluate` (gate off, one-batch held-out passes, which are not timed); tokens/s
+- Eval runs are `prism_ray.evaluation.pipeline.evaluate` (gate off, one-batch held-out passes, which are not timed); tokens/s
   is the report's (first batch released → trainer done). The no-op trainer row (a loop that only iterates the
   batches) is the harness's own ceiling for this model: protocol, snapshot and the scorer's forward. The protocol
   row is bench/stream.py's socket path alone (batch → rows → device → NEXT), no scorer.
@@ -54,11 +54,11 @@ import torch.nn.functional as F
 from prism_ray.config import EMBEDDED_DATA_DIR, Settings
 from prism_ray.data.dataset import open_dataset
 from prism_ray.data.token_cache import load_token_stream
+from prism_ray.evaluation.pipeline import evaluate
 from prism_ray.harness.context import force_seed, rows
 from prism_ray.harness.protocol import Channel, Kind, parse_batch
 from prism_ray.harness.scorer import target_log_probs
 from prism_ray.harness.stream import StreamPlan
-from prism_ray.pipeline import evaluate
 
 
 @dataclass(frozen=True)

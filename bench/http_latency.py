@@ -5,7 +5,7 @@ on loopback.
 Each mode gets a fresh copy of the seeded file and its own server. `before` is the old per-request path, kept here
 only: every read goes to the store and is built and serialised again, every intake and nonce is its own store
 transaction. `after` is the app as it ships: reads come from the read model the server keeps, concurrent intakes
-share transactions (prism_ray/group_commit.py), behind the connection guard (serve_app/connection_guard.py) with its
+share transactions (prism_ray/backend/group_commit.py), behind the connection guard (serve_app/connection_guard.py) with its
 default limits; `unguarded` is `after` on uvicorn's plain protocol, to show what the guard costs. For each mode:
 p50/p99 of GET /health (the baseline: routing and JSON only), GET /v1/leaderboard, GET /v1/submissions/{id} and
 signed POST /v1/submissions, each p50 as a ratio of that mode's /health, measured the same minute; then bursts of B
@@ -37,9 +37,9 @@ from typing import Any
 import httpx
 from bittensor_wallet import Keypair
 
-from prism_ray.auth import sign_request
-from prism_ray.bundle import load_bundle
-from prism_ray.report import RunReport
+from prism_ray.access.auth import sign_request
+from prism_ray.evaluation.report import RunReport
+from prism_ray.intake.bundle import load_bundle
 from prism_ray.store import Store
 
 TARGETS = ("targets: GET /v1/leaderboard p50 ≤ 10 ms and ≤ 2× /health; signed POST p50 ≤ 60 ms; "
@@ -82,8 +82,8 @@ def serve(path: str, mode: str, ports: multiprocessing.Queue) -> None:
     measures latency, not the limiters)."""
     import uvicorn
 
-    from prism_ray.group_commit import GroupCommit
-    from prism_ray.read_model import ReadModel
+    from prism_ray.backend.group_commit import GroupCommit
+    from prism_ray.backend.read_model import ReadModel
     from serve_app import ApiSettings, StoreBackend, create_app
     from serve_app.connection_guard import guarded
     from serve_app.limits import ConnectionLimits

@@ -13,7 +13,7 @@ import statistics
 import time
 from pathlib import Path
 
-from prism_ray.bundle import load_bundle
+from prism_ray.intake.bundle import load_bundle
 from prism_ray.policy import inspect
 
 ROOT = Path(__file__).resolve().parent.parent

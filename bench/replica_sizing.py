@@ -5,7 +5,7 @@ R runs each. How many submissions enter the top k depends on the order scores ar
 order the n-th submission is in the top k of the first n with probability min(1, k/n), so an epoch of N submissions
 has about k · (1 + H(N) − H(k)) entrants (H: harmonic numbers), each getting R replicas.
 
-The bench checks that estimate against the real policy (prism_ray.replicas.select over in-memory score rows, the
+The bench checks that estimate against the real policy (prism_ray.ranking.replicas.select over in-memory score rows, the
 decided order with the ε fallback): N submissions arrive, each learner's bpb drawn from a spread of learner quality
 plus seed noise σ; after each completion the policy is asked, and every replica it queues is run at once with a fresh
 seed. It prints replica runs per epoch and the GPU time they add at T seconds per run.
@@ -19,9 +19,9 @@ import argparse
 import math
 import random
 
-from prism_ray import replicas
 from prism_ray.config import ReplicaSettings, ScoringSettings
-from prism_ray.leaderboard import ScoreRow
+from prism_ray.ranking import replicas
+from prism_ray.ranking.leaderboard import ScoreRow
 
 
 def expected_runs(submissions: int, top_k: int, count: int) -> float:

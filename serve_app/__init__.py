@@ -1,7 +1,7 @@
-"""The HTTP layer: FastAPI routers over a Backend (prism_ray/backend.py); `deployment.build_ingress` serves them on
+"""The HTTP layer: FastAPI routers over a Backend (prism_ray/backend/store_backend.py); `deployment.build_ingress` serves them on
 Ray Serve."""
 
-from prism_ray.backend import Backend, StoreBackend
+from prism_ray.backend.store_backend import Backend, StoreBackend
 from serve_app.app import create_app
 from serve_app.models import ApiSettings
 

@@ -1,6 +1,6 @@
 """The HTTP API (docs/api.md) and the pages (docs/web.md): this module only assembles them. One router per resource
 (serve_app/routes/), errors in serve_app/errors.py, every read and write through a `Backend`
-(prism_ray/backend.py), so the same app runs under uvicorn in tests and behind Ray Serve on a cluster."""
+(prism_ray/backend/store_backend.py), so the same app runs under uvicorn in tests and behind Ray Serve on a cluster."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from prism_ray.backend import Backend
+from prism_ray.access.registry import Registry
+from prism_ray.backend.store_backend import Backend
 from prism_ray.config import Settings
-from prism_ray.registry import Registry
 from serve_app.errors import install_error_handlers
 from serve_app.models import ApiSettings
 from serve_app.routes import health, leaderboard, pages, queue, submissions, weights

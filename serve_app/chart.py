@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from prism_ray.scoring import CurvePoint
+from prism_ray.evaluation.scoring import CurvePoint
 from serve_app.rendering import format_bytes
 
 CHART_WIDTH, CHART_HEIGHT = 720, 300

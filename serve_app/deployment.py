@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from ray import serve
 from ray.serve import Application
 
-from prism_ray.backend import Backend
+from prism_ray.backend.store_backend import Backend
 from serve_app.app import create_app
 from serve_app.models import ApiSettings
 

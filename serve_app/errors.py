@@ -11,10 +11,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from prism_ray.auth import AuthError
-from prism_ray.backend import describe, store_failure_types
+from prism_ray.access.auth import AuthError
+from prism_ray.access.registry import RegistryError
+from prism_ray.backend.store_backend import describe, store_failure_types
 from prism_ray.errors import Reason
-from prism_ray.registry import RegistryError
 from prism_ray.store import StoreUnavailable, SubmissionRecord
 from serve_app.models import ErrorBody
 

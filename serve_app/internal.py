@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Header
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from prism_ray.auth import bearer_token_matches
+from prism_ray.access.auth import bearer_token_matches
 from serve_app.errors import ApiError
 
 # Module level: route annotations are strings (PEP 563), resolved against the route module's globals.

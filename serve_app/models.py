@@ -19,10 +19,10 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from prism_ray.backend import RejectionCap
+from prism_ray.access.registry import RegistrySettings
+from prism_ray.backend.store_backend import RejectionCap
 from prism_ray.errors import Reason
-from prism_ray.registry import RegistrySettings
-from prism_ray.scoring import CurvePoint, ScoreFields
+from prism_ray.evaluation.scoring import CurvePoint, ScoreFields
 from serve_app.wire import PrismStatus
 
 MAX_METADATA_BYTES = 16_384

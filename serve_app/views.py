@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from prism_ray.backend import Backend
-from prism_ray.report import RunReport
+from prism_ray.backend.store_backend import Backend
+from prism_ray.evaluation.report import RunReport
 from prism_ray.store import RunRecord, SubmissionDetail
 from serve_app import wire
 from serve_app.errors import ApiError

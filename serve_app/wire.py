@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from prism_ray.config import ScoringSettings
-from prism_ray.leaderboard import epoch_of
-from prism_ray.scoring import CurvePoint
+from prism_ray.evaluation.scoring import CurvePoint
+from prism_ray.ranking.leaderboard import epoch_of
 from prism_ray.store import SubmissionRecord
 
 PrismStatus = Literal["pending", "running", "completed", "failed", "rejected", "held"]

@@ -42,11 +42,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prism_ray.bundle import Bundle, load_bundle
+from prism_ray.evaluation.report import RunReport
 from prism_ray.harness.isolation import SandboxPolicy
 from prism_ray.harness.records import RunSpec, TrainOutcome
 from prism_ray.harness.session import run_session
-from prism_ray.report import RunReport
+from prism_ray.intake.bundle import Bundle, load_bundle
 
 # The multi-GPU contract check (a short run at world size 2 before every scored run) is on by default; it would
 # double the cost of every evaluation in this suite, so only tests/test_ranks.py turns it on.

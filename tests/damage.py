@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from api_helpers import bundle_zip, fake_result
-from prism_ray.bundle import load_bundle
+from prism_ray.intake.bundle import load_bundle
 from prism_ray.store import Store
 
 BLOCK = 262_144  # DuckDB's block size; the file starts with three 4 KiB headers

@@ -5,7 +5,7 @@ beside the tests they attack with."""
 
 from __future__ import annotations
 
-from prism_ray.bundle import Bundle, check_contract
+from prism_ray.intake.bundle import Bundle, check_contract
 
 # PRISM's quickstart prism.yaml, verbatim (its miner guide and examples/tiny-1m).
 QUICKSTART_YAML = """architecture:

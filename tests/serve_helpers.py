@@ -16,7 +16,7 @@ import httpx
 
 from cluster_helpers import wait_until
 
-CLI = [sys.executable, "-m", "prism_ray.cli"]
+CLI = [sys.executable, "-m", "prism_ray.cli.command"]
 
 
 def free_port() -> int:

@@ -9,12 +9,12 @@ import random
 
 import pytest
 
-from prism_ray import audit
-from prism_ray.bundle import Bundle, check_contract
 from prism_ray.config import AuditSettings, ScoringSettings
 from prism_ray.errors import Reason
-from prism_ray.leaderboard import ScoreRow, leaderboard, weights
-from prism_ray.report import DataInfo, RunReport
+from prism_ray.evaluation.report import DataInfo, RunReport
+from prism_ray.intake.bundle import Bundle, check_contract
+from prism_ray.ranking import audit
+from prism_ray.ranking.leaderboard import ScoreRow, leaderboard, weights
 from prism_ray.store import Store
 
 DATA = DataInfo(path="/data/locked", fingerprint="f" * 64, pinned=True)

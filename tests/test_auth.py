@@ -1,4 +1,4 @@
-"""Miner signatures (prism_ray/auth.py) with real sr25519 keys: valid, forged, stale, replayed, wrong body."""
+"""Miner signatures (prism_ray/access/auth.py) with real sr25519 keys: valid, forged, stale, replayed, wrong body."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 import pytest
 from bittensor_wallet import Keypair, Wallet
 
-from prism_ray.auth import (
+from prism_ray.access.auth import (
     AuthError,
     KeyLoadError,
     SignedHeaders,

@@ -11,9 +11,9 @@ import pytest
 
 from conftest import write_bundle
 from miners import QUICKSTART_YAML
-from prism_ray.bundle import load_bundle
 from prism_ray.config import IntakeLimits
 from prism_ray.errors import BundleError
+from prism_ray.intake.bundle import load_bundle
 
 ARCH = "def build_model(ctx):\n    return None\n"
 TRAIN = "def train(ctx):\n    pass\n"

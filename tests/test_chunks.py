@@ -6,11 +6,11 @@ import math
 
 import pytest
 
-from prism_ray.chunks import chunk_curve
 from prism_ray.config import Settings
+from prism_ray.evaluation.chunks import chunk_curve
+from prism_ray.evaluation.report import HeldoutResult, assemble
+from prism_ray.evaluation.run import TrainResult
 from prism_ray.harness.records import TrainOutcome
-from prism_ray.report import HeldoutResult, assemble
-from prism_ray.run import TrainResult
 
 
 def test_batches_are_spread_over_their_bytes_and_split_at_chunk_edges():

@@ -15,7 +15,7 @@ from conftest import EXAMPLES, write_bundle
 from miners import QUICKSTART_YAML
 from prism_ray.config import EMBEDDED_DATA_DIR
 
-CLI = [sys.executable, "-m", "prism_ray.cli"]
+CLI = [sys.executable, "-m", "prism_ray.cli.command"]
 
 
 def eval_json(*args: str, cache_dir: Path, extra_env: dict | None = None) -> tuple[int, dict, str]:
@@ -151,7 +151,7 @@ def test_the_cli_leaderboard_never_cuts_an_id_and_shows_why_it_is_ordered():
 
     from rich.console import Console
 
-    from prism_ray.client_cli import print_leaderboard
+    from prism_ray.cli.client_commands import print_leaderboard
 
     hotkey, submission = "5FHneW46xGXgs5mUiveU4sbTyGBzmstUspZC92UhjJM694ty", "sub_6f445c795080469bb79d129f9d285031"
     board = {"entries": [{"rank": 1, "hotkey": hotkey, "name": "memorised", "bpb": 5.2, "final_score": 0.05,

@@ -30,8 +30,8 @@ from prism_ray.cluster import (
     weights,
 )
 from prism_ray.config import GateSettings, Settings
+from prism_ray.evaluation.pipeline import evaluate
 from prism_ray.harness.isolation import sandbox_available
-from prism_ray.pipeline import evaluate
 from prism_ray.store import AuditRecord, RunRecord, Store, TimelineEvent
 
 pytestmark = [pytest.mark.cluster, pytest.mark.sandbox, pytest.mark.skipif(not sandbox_available(), reason="the cluster requires bubblewrap")]

@@ -9,8 +9,8 @@ import pytest
 from conftest import scored_report
 from miners import BIGRAM_ARCHITECTURE, SGD_TRAINING, bundle_of
 from prism_ray.config import AuditSettings, ScoringSettings
-from prism_ray.fingerprint import code_fingerprints
-from prism_ray.leaderboard import leaderboard, weights
+from prism_ray.intake.fingerprint import code_fingerprints
+from prism_ray.ranking.leaderboard import leaderboard, weights
 from prism_ray.store import NewSubmission, Store
 
 RENAMED = {

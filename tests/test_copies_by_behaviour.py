@@ -12,10 +12,10 @@ import pytest
 
 from conftest import scored_report, write_bundle
 from miners import BIGRAM_ARCHITECTURE, SGD_TRAINING, bundle_of
-from prism_ray.bundle import load_bundle
 from prism_ray.config import AuditSettings, Settings
-from prism_ray.leaderboard import leaderboard, weights
-from prism_ray.pipeline import evaluate
+from prism_ray.evaluation.pipeline import evaluate
+from prism_ray.intake.bundle import load_bundle
+from prism_ray.ranking.leaderboard import leaderboard, weights
 from prism_ray.store import Store
 
 HEAD = [5.545177444479562 * 252, 1380.2549, 1371.0001, 1362.25, 1350.5, 1342.75, 1333.0, 1329.125]

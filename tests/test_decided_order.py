@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from prism_ray.config import ScoringSettings
-from prism_ray.leaderboard import ScoreRow, leaderboard, seed_noise, verdict_against_leader, waiting, weights
+from prism_ray.ranking.leaderboard import ScoreRow, leaderboard, seed_noise, verdict_against_leader, waiting, weights
 
 CHUNKS = ScoringSettings().ranking.chunks
 BASE = 1.1 + 1.5 * np.exp(-np.arange(CHUNKS) / 10.0)

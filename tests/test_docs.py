@@ -34,7 +34,7 @@ from bittensor_wallet import Keypair, Wallet
 
 from conftest import REPO, write_bundle
 from miners import bigram_architecture, learner_loop
-from prism_ray.client import bundle_bytes
+from prism_ray.cli.client import bundle_bytes
 from prism_ray.config import EMBEDDED_DATA_DIR
 from prism_ray.data.dataset import open_dataset
 from prism_ray.store import Store
@@ -43,7 +43,7 @@ from serve_app import openapi_doc
 pytestmark = pytest.mark.docs
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-CLI = [sys.executable, "-m", "prism_ray.cli"]
+CLI = [sys.executable, "-m", "prism_ray.cli.command"]
 SHELL_BLOCK = re.compile(r"```(?:bash|sh|shell|console)$")
 
 # What the docs' placeholders are here, applied in this order. Paths are relative to the workspace; {url} and

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from openai_stub import OpenAIStub, StubReply, openai_stub_fixture, openai_stub_server_fixture  # noqa: F401
-from prism_ray import gate
-from prism_ray.bundle import Bundle, load_bundle
 from prism_ray.config import GateSettings
-from prism_ray.gate import FileVerdictCache, MemoryVerdictCache, review
-from prism_ray.gate_prompt import GATE_PROMPT_VERSION, VERDICT_SCHEMA, VERDICT_SCHEMA_NAME, ReviewedFile, _block
+from prism_ray.gate import hard_gate as gate
+from prism_ray.gate.hard_gate import FileVerdictCache, MemoryVerdictCache, review
+from prism_ray.gate.prompt import GATE_PROMPT_VERSION, VERDICT_SCHEMA, VERDICT_SCHEMA_NAME, ReviewedFile, _block
+from prism_ray.intake.bundle import Bundle, load_bundle
 
 ARCHITECTURE = """\
 import torch

@@ -12,7 +12,7 @@ from conftest import write_bundle
 from miners import bigram_architecture, learner_loop
 from openai_stub import openai_stub_fixture, openai_stub_server_fixture  # noqa: F401
 from prism_ray.config import Settings
-from prism_ray.pipeline import evaluate
+from prism_ray.evaluation.pipeline import evaluate
 
 REJECT = {"verdict": "reject", "confidence": 0.9, "reasons": [
     {"rule": "fake_training", "message": "the loop never updates the model it is scored on", "file": "training.py",
@@ -55,13 +55,13 @@ def test_eval_cli_surfaces_gate_reasons(openai_stub, tmp_path):
     bundle = write_bundle(tmp_path / "b", bigram_architecture(), learner_loop(seq_len=64), "tokenizer: bytes\n")
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PRISM_CACHE_DIR": str(tmp_path / "cache"),
            "OPENROUTER_API_KEY": "sk-test-cli", "PRISM_GATE_BASE_URL": openai_stub.base_url}
-    done = subprocess.run([sys.executable, "-m", "prism_ray.cli", "eval", str(bundle), "--json"], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "prism_ray.cli.command", "eval", str(bundle), "--json"], capture_output=True,
                           text=True, env=env, timeout=300)
     assert done.returncode == 1
     report = json.loads(done.stdout)
     assert report["status"] == "rejected" and report["reasons"][0]["rule"] == "gate:fake_training"
     # --gate forces the gate on: without a key (and no cached verdict) the submission is held, never allowed.
-    no_gate = subprocess.run([sys.executable, "-m", "prism_ray.cli", "eval", str(bundle), "--json", "--gate"],
+    no_gate = subprocess.run([sys.executable, "-m", "prism_ray.cli.command", "eval", str(bundle), "--json", "--gate"],
                              capture_output=True, text=True, timeout=300,
                              env={**env, "OPENROUTER_API_KEY": "", "PRISM_CACHE_DIR": str(tmp_path / "fresh")})
     held = json.loads(no_gate.stdout)
@@ -73,7 +73,7 @@ def test_a_held_report_prints(tmp_path):
     bundle = write_bundle(tmp_path / "b", bigram_architecture(), learner_loop(seq_len=64), "tokenizer: bytes\n")
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PRISM_CACHE_DIR": str(tmp_path / "cache"),
            "OPENROUTER_API_KEY": "", "COLUMNS": "200"}
-    done = subprocess.run([sys.executable, "-m", "prism_ray.cli", "eval", str(bundle), "--gate"], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "prism_ray.cli.command", "eval", str(bundle), "--gate"], capture_output=True,
                           text=True, env=env, timeout=300)
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr

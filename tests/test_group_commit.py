@@ -1,4 +1,4 @@
-"""Group commit (prism_ray/group_commit.py): concurrent callers each get their own item's result, the callers that
+"""Group commit (prism_ray/backend/group_commit.py): concurrent callers each get their own item's result, the callers that
 arrive while a call is in flight share the next one, and a failing call fails exactly its own callers."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
-from prism_ray.group_commit import GroupCommit
+from prism_ray.backend.group_commit import GroupCommit
 
 
 class Recorder:

@@ -15,7 +15,7 @@ from prism_ray.config import EMBEDDED_DATA_DIR, Settings
 from prism_ray.data.dataset import open_dataset
 from prism_ray.data.preparation import SplitRule, prepare
 from prism_ray.data.token_cache import load_token_stream
-from prism_ray.pipeline import evaluate
+from prism_ray.evaluation.pipeline import evaluate
 
 pytestmark = pytest.mark.sandbox
 

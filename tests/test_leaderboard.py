@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from prism_ray.config import ScoringSettings
 from prism_ray.errors import BundleError
-from prism_ray.fingerprint import architecture_family
-from prism_ray.leaderboard import ScoreRow, epoch_of, epoch_seconds_of, leaderboard, priority_margin, weights
+from prism_ray.intake.fingerprint import architecture_family
+from prism_ray.ranking.leaderboard import ScoreRow, epoch_of, epoch_seconds_of, leaderboard, priority_margin, weights
 
 TWO_TIER = ScoringSettings(weights_mode="two_tier")
 DAY = 86_400.0

@@ -11,11 +11,11 @@ import httpx
 import pytest
 
 from api_helpers import bundle_zip, new_allowlist, serve, server_settings
-from prism_ray import run
-from prism_ray.bundle import load_bundle
+from prism_ray.cluster.faults import RULES, operator_fault
 from prism_ray.config import ClusterSettings, Settings
 from prism_ray.errors import Reason
-from prism_ray.faults import RULES, operator_fault
+from prism_ray.evaluation import run
+from prism_ray.intake.bundle import load_bundle
 from prism_ray.store import Store
 from serve_app import StoreBackend, create_app
 from small_fs import small_filesystem

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from prism_ray.bundle import check_contract, load_bundle
+from prism_ray.intake.bundle import check_contract, load_bundle
 from prism_ray.policy import MAX_NUMBERS, MAX_STRING_BYTES, inspect, inspect_source, rules
 from prism_ray.policy.rules import UNCHECKED_NODES, Checker
 

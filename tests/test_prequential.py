@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import BYTE_LENGTHS, byte_stream, train_on_stream
-from prism_ray import scoring
+from prism_ray.evaluation import scoring
 from prism_ray.harness.stream import StreamPlan
 
 pytestmark = pytest.mark.sandbox

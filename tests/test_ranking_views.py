@@ -10,7 +10,7 @@ from rich.console import Console
 from test_replicas import Clock, Cluster
 
 from api_helpers import TOKEN, serve
-from prism_ray.client_cli import print_leaderboard
+from prism_ray.cli.client_commands import print_leaderboard
 from prism_ray.config import Settings
 from serve_app import ApiSettings, StoreBackend, create_app
 

@@ -11,10 +11,10 @@ from conftest import BYTE_LENGTHS, byte_stream, train_on_stream
 from miners import bigram_architecture
 from prism_ray.cluster.tasks import placement_notice, run_slots
 from prism_ray.config import Settings
+from prism_ray.evaluation.pipeline import evaluate
 from prism_ray.harness.contract import check_contract, rejection
 from prism_ray.harness.isolation import SandboxPolicy
 from prism_ray.harness.records import RunSpec
-from prism_ray.pipeline import evaluate
 
 TEXT = "Every rank sees its own rows of the batch; the scorer sees them all. " * 12  # six 4×32 batches
 

@@ -1,4 +1,4 @@
-"""The read model (prism_ray/read_model.py) over a real DuckDB file, read through the backend that keeps it: what it
+"""The read model (prism_ray/backend/read_model.py) over a real DuckDB file, read through the backend that keeps it: what it
 returns for a stored submission, how stale it may be, and what a change drops. test_api.py reads it over HTTP."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from api_helpers import bundle_zip, fake_result
-from prism_ray.backend import StoreBackend
+from prism_ray.backend.store_backend import StoreBackend
 from prism_ray.config import Settings
 from prism_ray.errors import Reason
 from prism_ray.store import Store

@@ -13,12 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from api_helpers import api_server, bundle_zip, new_allowlist, new_keypair, scored_backend, signed_json
-from prism_ray.auth import sign_request
-from prism_ray.backend import NotStored, RejectionCap, StoreBackend
-from prism_ray.cli import app as cli
-from prism_ray.config import Settings
-from prism_ray.errors import Reason
-from prism_ray.registry import (
+from prism_ray.access.auth import sign_request
+from prism_ray.access.registry import (
     SNAPSHOT_FORMAT,
     Registry,
     RegistryError,
@@ -26,6 +22,10 @@ from prism_ray.registry import (
     parse_allowlist,
     sync,
 )
+from prism_ray.backend.store_backend import NotStored, RejectionCap, StoreBackend
+from prism_ray.cli.command import app as cli
+from prism_ray.config import Settings
+from prism_ray.errors import Reason
 from prism_ray.store import Store
 
 BROKEN = "def not_train(ctx):\n    pass\n"

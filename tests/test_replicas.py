@@ -12,13 +12,13 @@ import duckdb
 import numpy as np
 import pytest
 
-from prism_ray import replicas
-from prism_ray.bundle import Bundle, check_contract
-from prism_ray.chunks import ChunkCurve, chunk_edges
 from prism_ray.config import AuditSettings, ReplicaSettings, ScoringSettings
 from prism_ray.errors import Reason
-from prism_ray.leaderboard import ScoreRow, epoch_of, leaderboard, waiting, weights
-from prism_ray.report import RunReport
+from prism_ray.evaluation.chunks import ChunkCurve, chunk_edges
+from prism_ray.evaluation.report import RunReport
+from prism_ray.intake.bundle import Bundle, check_contract
+from prism_ray.ranking import replicas
+from prism_ray.ranking.leaderboard import ScoreRow, epoch_of, leaderboard, waiting, weights
 from prism_ray.store import Store
 
 CHUNKS = ScoringSettings().ranking.chunks

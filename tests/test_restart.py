@@ -14,7 +14,7 @@ import pytest
 
 from cluster_helpers import wait_until, warm_token_cache
 from miners import make_bundle
-from prism_ray.client import PrismClient
+from prism_ray.cli.client import PrismClient
 from prism_ray.store import Store
 from serve_helpers import Server, free_port
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from prism_ray.bundle import Bundle, check_contract, load_bundle
+from prism_ray.intake.bundle import Bundle, check_contract, load_bundle
 from prism_ray.policy import MAX_NUMBERS, MAX_STRING_BYTES, inspect, inspect_source, module_names
 
 HERE = Path(__file__).resolve().parent

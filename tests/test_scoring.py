@@ -10,7 +10,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from prism_ray.config import ScoringSettings
-from prism_ray.scoring import ScoreError, ScoreInputs, bits_per_byte, final_score, gap_penalty, is_step0_anomaly
+from prism_ray.evaluation.scoring import (
+    ScoreError,
+    ScoreInputs,
+    bits_per_byte,
+    final_score,
+    gap_penalty,
+    is_step0_anomaly,
+)
 
 SETTINGS = ScoringSettings()
 EPSILON = SETTINGS.epsilon

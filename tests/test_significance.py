@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from prism_ray.config import RankingSettings
-from prism_ray.significance import Curves, block_bootstrap_means, comparable, compare, pooled_sigma, sigma_to_use
+from prism_ray.ranking.significance import (
+    Curves,
+    block_bootstrap_means,
+    comparable,
+    compare,
+    pooled_sigma,
+    sigma_to_use,
+)
 
 SETTINGS = RankingSettings()
 CHUNKS = SETTINGS.chunks

@@ -17,7 +17,7 @@ from damage import damaged, seeded
 from prism_ray.store import Store
 from small_fs import fill, small_filesystem
 
-CLI = [sys.executable, "-m", "prism_ray.cli"]
+CLI = [sys.executable, "-m", "prism_ray.cli.command"]
 
 
 def serve(state_dir: Path, **env: str) -> tuple[int, list[str], float]:

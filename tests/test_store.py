@@ -13,13 +13,13 @@ import duckdb
 import pytest
 
 from conftest import scored_report
-from prism_ray.bundle import Bundle, check_contract, load_bundle
 from prism_ray.config import AuditSettings, ScoringSettings, Settings
 from prism_ray.errors import Reason
-from prism_ray.fingerprint import code_fingerprints
-from prism_ray.gate import CachedVerdict, GateAudit
-from prism_ray.leaderboard import epoch_of, leaderboard, weights
-from prism_ray.pipeline import STAGES_BY_NAME, Job, StageContext, evaluate, run_stage
+from prism_ray.evaluation.pipeline import STAGES_BY_NAME, Job, StageContext, evaluate, run_stage
+from prism_ray.gate.hard_gate import CachedVerdict, GateAudit
+from prism_ray.intake.bundle import Bundle, check_contract, load_bundle
+from prism_ray.intake.fingerprint import code_fingerprints
+from prism_ray.ranking.leaderboard import epoch_of, leaderboard, weights
 from prism_ray.store import TABLES, Store
 
 
@@ -439,7 +439,7 @@ def test_every_owner_of_the_store_answers_the_port_with_the_same_signatures():
     re-typed store method fails here rather than at run time on a cluster."""
     import inspect
 
-    from prism_ray.backend import LocalStore
+    from prism_ray.backend.store_backend import LocalStore
     from prism_ray.cluster.client import ActorStore
     from prism_ray.store.port import StorePort
 

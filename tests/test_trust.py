@@ -12,8 +12,8 @@ import pytest
 
 from conftest import byte_stream, train_on_stream, write_bundle
 from miners import bigram_architecture
-from prism_ray.bundle import load_bundle
 from prism_ray.harness.isolation import LOG_FILE_BYTES, SandboxPolicy, sandbox_available
+from prism_ray.intake.bundle import load_bundle
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.skipif(not sandbox_available(), reason="bubblewrap is required (apt-get install bubblewrap)")]
 

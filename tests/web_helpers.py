@@ -18,7 +18,7 @@ from selenium.webdriver.chrome.service import Service
 
 from api_helpers import fake_result
 from prism_ray.errors import Reason
-from prism_ray.report import RunReport
+from prism_ray.evaluation.report import RunReport
 from prism_ray.store import Store, SubmissionRecord
 from serve_app import StoreBackend
 

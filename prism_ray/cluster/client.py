@@ -1,5 +1,5 @@
 """The client API the CLI, scripts and the HTTP layer call on a running cluster: submit, status, wait, leaderboard,
-weights, export — and ClusterBackend, the one Backend (prism_ray/backend.py) bound to the store actor.
+weights, export — and ClusterBackend, the one Backend (prism_ray/backend/store_backend.py) bound to the store actor.
 
 Intake (unpacking and the two-script contract) runs in the caller's process, so a broken bundle is answered at once
 and stored as `rejected` without any task; accepted bundles go to the store's queue and the scheduler is woken.
@@ -15,13 +15,13 @@ from typing import Any
 
 import ray
 
-from prism_ray.backend import Backend
-from prism_ray.bundle import Bundle
+from prism_ray.backend.store_backend import Backend
 from prism_ray.cluster.runtime import ClusterHandle
 from prism_ray.cluster.tasks import placement_notice
 from prism_ray.errors import Reason
-from prism_ray.leaderboard import LeaderboardEntry, ScoreRow
-from prism_ray.scoring import CurvePoint
+from prism_ray.evaluation.scoring import CurvePoint
+from prism_ray.intake.bundle import Bundle
+from prism_ray.ranking.leaderboard import LeaderboardEntry, ScoreRow
 from prism_ray.store import (
     TERMINAL_STATUSES,
     AuditRecord,

@@ -12,10 +12,10 @@ A seed replica (docs/scoring.md, "Seed replicas") is run the same way under its 
 
 An audit re-runs a completed submission from its stored zip (the stages of `pipeline.RERUN_PLAN`) under the first
 run's seed and byte budget, its GPU stages pinned to a node other than the one the first run trained on (when the
-cluster has one). The store judges the re-run's report against the first run (prism_ray/audit.py).
+cluster has one). The store judges the re-run's report against the first run (prism_ray/ranking/audit.py).
 
 Failures are sorted by who caused them: an operator-side fault (a full disk, an unwritable cache, a lost object, a
-failed store write, a node declared dead: prism_ray/faults.py; a lapsed lease: its node hung or was cut off)
+failed store write, a node declared dead: prism_ray/cluster/faults.py; a lapsed lease: its node hung or was cut off)
 requeues the attempt without charging it, up to a cap, then holds the submission for the operator; another system
 failure (a worker lost) requeues the attempt, explicitly and recorded, up to the store's attempt cap; an
 application failure (a failed report, a rejection) is final and never retried; a stage over its limit is cancelled
@@ -38,14 +38,14 @@ from ray import ObjectRef
 from ray.actor import ActorHandle
 from ray.exceptions import RayError, RayTaskError
 
-from prism_ray.bundle import load_bundle
+from prism_ray.cluster.faults import operator_fault
 from prism_ray.cluster.metrics import SchedulerMetrics
 from prism_ray.cluster.store_actor import Beat
 from prism_ray.cluster.tasks import StageTasks, run_slots
 from prism_ray.config import Settings
 from prism_ray.errors import BundleError, Reason
-from prism_ray.faults import operator_fault
-from prism_ray.pipeline import ENDINGS, RERUN_PLAN, STAGES, Job, Outcome, stage_limit, stopped
+from prism_ray.evaluation.pipeline import ENDINGS, RERUN_PLAN, STAGES, Job, Outcome, stage_limit, stopped
+from prism_ray.intake.bundle import load_bundle
 from prism_ray.store import AUDIT_PREFIX, REPLICA_PREFIX, RerunRecord
 
 SCHEDULER_NAME = "prism-scheduler"

@@ -15,12 +15,12 @@ from ray import ObjectRef
 from ray.actor import ActorHandle
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from prism_ray.bundle import Bundle
 from prism_ray.cluster.store_actor import Beat
 from prism_ray.config import Settings
-from prism_ray.gate import CachedVerdict
+from prism_ray.evaluation.pipeline import STAGES_BY_NAME, Job, Outcome, Stage, StageContext, StageResult, run_stage
+from prism_ray.gate.hard_gate import CachedVerdict
 from prism_ray.harness.records import Progress
-from prism_ray.pipeline import STAGES_BY_NAME, Job, Outcome, Stage, StageContext, StageResult, run_stage
+from prism_ray.intake.bundle import Bundle
 
 
 class StoreVerdicts:

@@ -19,8 +19,8 @@ from __future__ import annotations
 import ast
 from collections.abc import Iterable
 
-from prism_ray.bundle import Bundle
 from prism_ray.errors import Reason
+from prism_ray.intake.bundle import Bundle
 from prism_ray.policy.resolver import Resolver, TooComplex
 from prism_ray.policy.rules import Budget, Checker
 from prism_ray.policy.scopes import Binder, module_name

@@ -19,13 +19,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from prism_ray.bundle import Bundle
 from prism_ray.config import AuditSettings, ClusterSettings, ReplicaSettings, ScoringSettings
 from prism_ray.errors import Reason
-from prism_ray.fingerprint import CodeFingerprints
-from prism_ray.gate import CachedVerdict, GateAudit
-from prism_ray.leaderboard import epoch_of
-from prism_ray.report import RunReport
+from prism_ray.evaluation.report import RunReport
+from prism_ray.gate.hard_gate import CachedVerdict, GateAudit
+from prism_ray.intake.bundle import Bundle
+from prism_ray.intake.fingerprint import CodeFingerprints
+from prism_ray.ranking.leaderboard import epoch_of
 from prism_ray.store import health
 from prism_ray.store.audits import Audits
 from prism_ray.store.behaviours import Behaviours

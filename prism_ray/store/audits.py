@@ -1,4 +1,4 @@
-"""Audits in the store: queued when the policy (prism_ray/audit.py) asks for them, claimed and leased like any
+"""Audits in the store: queued when the policy (prism_ray/ranking/audit.py) asks for them, claimed and leased like any
 queue item, and settled by comparing the re-run's report with the first run: a mismatch invalidates the score.
 After every change to who could earn, the policy is asked again (the next in line may have entered the top k)."""
 
@@ -8,10 +8,10 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from prism_ray import audit
 from prism_ray.config import AuditSettings, ScoringSettings
-from prism_ray.leaderboard import ScoreRow
-from prism_ray.report import RunReport
+from prism_ray.evaluation.report import RunReport
+from prism_ray.ranking import audit
+from prism_ray.ranking.leaderboard import ScoreRow
 from prism_ray.store.db import Db
 from prism_ray.store.queue import Queue
 from prism_ray.store.records import AUDIT_PREFIX, AuditRecord

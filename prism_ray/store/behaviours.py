@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from prism_ray.audit import tolerance
-from prism_ray.behaviour import Signature, same_learner, signature
 from prism_ray.config import AuditSettings
 from prism_ray.errors import Reason
-from prism_ray.report import RunReport
+from prism_ray.evaluation.report import RunReport
+from prism_ray.ranking.audit import tolerance
+from prism_ray.ranking.behaviour import Signature, same_learner, signature
 from prism_ray.store.db import Db, dump, to_json
 
 _COPY_RULE = "copy:duplicate"

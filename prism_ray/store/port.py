@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from prism_ray.errors import Reason
-from prism_ray.leaderboard import ScoreRow
-from prism_ray.scoring import CurvePoint
+from prism_ray.evaluation.scoring import CurvePoint
+from prism_ray.ranking.leaderboard import ScoreRow
 from prism_ray.store.records import AuditRecord, QueueSnapshot, ReplicaRecord, SubmissionDetail, SubmissionRecord
 from prism_ray.store.submissions import NewSubmission
 

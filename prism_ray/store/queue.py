@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prism_ray.errors import Reason
-from prism_ray.report import RunReport
+from prism_ray.evaluation.report import RunReport
 from prism_ray.store.db import Db, dump, finite, to_json
 
 LEASE_EXPIRED = Reason(rule="infra:lease_expired", message="the node running this attempt stopped reporting (hung, "

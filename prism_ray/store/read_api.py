@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from prism_ray.leaderboard import ScoreRow
-from prism_ray.scoring import CurvePoint
+from prism_ray.evaluation.scoring import CurvePoint
+from prism_ray.ranking.leaderboard import ScoreRow
 from prism_ray.store.audits import Audits
 from prism_ray.store.reads import Reads
 from prism_ray.store.records import (

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from prism_ray.leaderboard import ScoreRow
-from prism_ray.scoring import CurvePoint, ScoreFields, bits_per_byte
+from prism_ray.evaluation.scoring import CurvePoint, ScoreFields, bits_per_byte
+from prism_ray.ranking.leaderboard import ScoreRow
 from prism_ray.store.db import Db
 from prism_ray.store.records import (
     AuditRecord,

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator
 
 from prism_ray.errors import Reason
-from prism_ray.report import RunReport
+from prism_ray.evaluation.report import RunReport
 
 SubmissionStatus = Literal["pending", "running", "completed", "rejected", "failed", "held", "duplicate"]
 AuditStatus = Literal["pending", "running", "passed", "mismatch", "failed"]

@@ -1,5 +1,5 @@
 """Seed replicas in the store: every scored run's chunk curve (`seed_runs`), the replica queue (queued when the
-policy in prism_ray/replicas.py asks, claimed and leased like any queue item) and each epoch's seed secret, shown
+policy in prism_ray/ranking/replicas.py asks, claimed and leased like any queue item) and each epoch's seed secret, shown
 only once the epoch has closed. After every change to the board the policy is asked again."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from prism_ray import audit, replicas
 from prism_ray.config import ReplicaSettings, ScoringSettings
 from prism_ray.errors import Reason
-from prism_ray.leaderboard import ScoreRow, epoch_of
-from prism_ray.report import RunReport
+from prism_ray.evaluation.report import RunReport
+from prism_ray.ranking import audit, replicas
+from prism_ray.ranking.leaderboard import ScoreRow, epoch_of
 from prism_ray.store.db import Db
 from prism_ray.store.queue import Queue
 from prism_ray.store.records import REPLICA_PREFIX, ReplicaRecord

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prism_ray.errors import Reason
-from prism_ray.leaderboard import ScoreRow
-from prism_ray.report import RunReport
+from prism_ray.evaluation.report import RunReport
+from prism_ray.ranking.leaderboard import ScoreRow
 from prism_ray.store.db import Db, dump
 from prism_ray.store.queue import Change, Queue
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import duckdb
 
-from prism_ray.bundle import load_bundle
 from prism_ray.config import IntakeLimits
 from prism_ray.errors import BundleError
-from prism_ray.fingerprint import code_fingerprints
-from prism_ray.scoring import ScoreFields
+from prism_ray.evaluation.scoring import ScoreFields
+from prism_ray.intake.bundle import load_bundle
+from prism_ray.intake.fingerprint import code_fingerprints
 from prism_ray.store.db import Db, StoreError
 
 SCHEMA_VERSION = 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from prism_ray.gate import CachedVerdict, GateAudit
+from prism_ray.gate.hard_gate import CachedVerdict, GateAudit
 from prism_ray.store.db import Db, to_json
 
 _GATE_REVIEW_COLUMNS = (("request_sha256", "VARCHAR"), ("model", "VARCHAR"), ("prompt_version", "VARCHAR"),

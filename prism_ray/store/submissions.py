@@ -10,13 +10,13 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any, Literal
 
-from prism_ray.bundle import Bundle
 from prism_ray.config import ScoringSettings
 from prism_ray.errors import Reason
-from prism_ray.fingerprint import CodeFingerprints, code_fingerprints
-from prism_ray.leaderboard import epoch_of
-from prism_ray.report import RunReport
-from prism_ray.scoring import ScoreFields
+from prism_ray.evaluation.report import RunReport
+from prism_ray.evaluation.scoring import ScoreFields
+from prism_ray.intake.bundle import Bundle
+from prism_ray.intake.fingerprint import CodeFingerprints, code_fingerprints
+from prism_ray.ranking.leaderboard import epoch_of
 from prism_ray.store.db import Db, dump, finite, to_json
 from prism_ray.store.queue import Change, Queue
 from prism_ray.store.reads import submission_records

@@ -6,8 +6,8 @@ from importlib.metadata import version
 
 from fastapi import APIRouter
 
-from prism_ray.backend import Backend
-from prism_ray.registry import Registry
+from prism_ray.access.registry import Registry
+from prism_ray.backend.store_backend import Backend
 from serve_app.errors import STORE_RETRY_AFTER_S, ApiError, responses
 from serve_app.models import ApiSettings, Health, RegistryStatus, Version
 

@@ -7,8 +7,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from prism_ray.backend import Backend
-from prism_ray.leaderboard import epoch_of, epoch_seconds_of
+from prism_ray.backend.store_backend import Backend
+from prism_ray.ranking.leaderboard import epoch_of, epoch_seconds_of
 from serve_app.errors import responses
 from serve_app.models import Epoch, Leaderboard, LeaderboardRow
 

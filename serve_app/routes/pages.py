@@ -13,9 +13,9 @@ from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-from prism_ray.backend import Backend
-from prism_ray.leaderboard import epoch_of
-from prism_ray.scoring import CurvePoint
+from prism_ray.backend.store_backend import Backend
+from prism_ray.evaluation.scoring import CurvePoint
+from prism_ray.ranking.leaderboard import epoch_of
 from prism_ray.store import TERMINAL_STATUSES, TimelineEvent
 from serve_app import views
 from serve_app.chart import drawable, line_chart

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from prism_ray.backend import Backend
+from prism_ray.backend.store_backend import Backend
 from serve_app import views
 from serve_app.models import Queue
 

@@ -25,7 +25,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
-from prism_ray.auth import (
+from prism_ray.access.auth import (
     HOTKEY_HEADER,
     NONCE_HEADER,
     NONCE_PATTERN,
@@ -36,11 +36,11 @@ from prism_ray.auth import (
     AuthError,
     SignedHeaders,
 )
-from prism_ray.backend import Backend, NotStored
-from prism_ray.bundle import decode_base64
+from prism_ray.access.registry import Registry
+from prism_ray.backend.read_model import SubmissionDetail
+from prism_ray.backend.store_backend import Backend, NotStored
 from prism_ray.errors import BundleError
-from prism_ray.read_model import SubmissionDetail
-from prism_ray.registry import Registry
+from prism_ray.intake.bundle import decode_base64
 from serve_app import views, wire
 from serve_app.errors import ApiError, responses, validation_reasons
 from serve_app.internal import BEARER, SlugHeader, check_internal

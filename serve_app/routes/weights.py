@@ -8,8 +8,8 @@ from typing import Annotated
 from fastapi import APIRouter, Security
 from fastapi.security import HTTPAuthorizationCredentials
 
-from prism_ray.backend import Backend
-from prism_ray.leaderboard import epoch_of
+from prism_ray.backend.store_backend import Backend
+from prism_ray.ranking.leaderboard import epoch_of
 from serve_app import wire
 from serve_app.errors import responses
 from serve_app.internal import BEARER, SlugHeader, check_internal

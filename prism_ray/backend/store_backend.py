@@ -15,15 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prism_ray.bundle import Bundle, decode_base64, load_bundle
+from prism_ray.backend.group_commit import GroupCommit
+from prism_ray.backend.read_model import QueueView, ReadModel
 from prism_ray.config import Settings
 from prism_ray.errors import BundleError, Reason
-from prism_ray.fingerprint import code_fingerprints
-from prism_ray.group_commit import GroupCommit
-from prism_ray.leaderboard import LeaderboardEntry, ScoreRow, SeedNoise
-from prism_ray.read_model import QueueView, ReadModel
-from prism_ray.scoring import CurvePoint
-from prism_ray.significance import Verdict
+from prism_ray.evaluation.scoring import CurvePoint
+from prism_ray.intake.bundle import Bundle, decode_base64, load_bundle
+from prism_ray.intake.fingerprint import code_fingerprints
+from prism_ray.ranking.leaderboard import LeaderboardEntry, ScoreRow, SeedNoise
+from prism_ray.ranking.significance import Verdict
 from prism_ray.store import (
     AuditRecord,
     NewSubmission,

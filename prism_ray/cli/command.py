@@ -19,17 +19,17 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from typer.core import TyperCommand
 
-from prism_ray.client_cli import register as register_client_commands
+from prism_ray.access.registry import registry_app
+from prism_ray.cli.client_commands import register as register_client_commands
 from prism_ray.config import Settings, load_settings
 from prism_ray.data.cli import data_app
 from prism_ray.errors import Reason
+from prism_ray.evaluation.pipeline import evaluate
+from prism_ray.evaluation.report import RunReport
 from prism_ray.harness.records import Progress as RunProgress
-from prism_ray.pipeline import evaluate
-from prism_ray.registry import registry_app
-from prism_ray.report import RunReport
 
 if TYPE_CHECKING:
-    from prism_ray.service import Service
+    from serve_app.service import Service
 
 app = typer.Typer(help="prism-ray: evaluate PRISM bundles as prequential bits-per-byte on locked text.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -233,8 +233,8 @@ def serve_command(
 ) -> None:
     """Run the evaluation cluster and its HTTP API until Ctrl-C or SIGTERM, which drain it: nothing is lost and
     no submission is charged an attempt."""
-    from prism_ray.service import start_service  # Ray Serve is heavy; eval never pays for it
     from serve_app.models import ApiSettings
+    from serve_app.service import start_service  # Ray Serve is heavy; eval never pays for it
 
     if auth not in ("signed", "dev"):
         stderr.print("[red]error:[/red] --auth must be signed or dev")
@@ -264,11 +264,11 @@ def demo_command(
     keep_serving: Annotated[bool, typer.Option("--keep-serving", help="stay up after the demo")] = False,
 ) -> None:
     """Start a local cluster and the API, submit the examples over HTTP, follow them, print the leaderboard."""
-    from prism_ray.client import PrismClient
-    from prism_ray.client_cli import print_submission
-    from prism_ray.demo import EXAMPLES_DIR, follow_with_bars, print_ranking, submit_examples
-    from prism_ray.service import start_service
+    from prism_ray.cli.client import PrismClient
+    from prism_ray.cli.client_commands import print_submission
+    from prism_ray.cli.demo import EXAMPLES_DIR, follow_with_bars, print_ranking, submit_examples
     from serve_app.models import ApiSettings
+    from serve_app.service import start_service
 
     state = state_dir or Path(tempfile.mkdtemp(prefix="prism-demo-"))
     settings = _service_settings(None, state, byte_budget)
@@ -314,7 +314,7 @@ def demo_command(
 
 def _preflight(settings: Settings) -> None:
     """One line and exit 1 when the state dir cannot run a server (before Ray starts, so within seconds)."""
-    from prism_ray.preflight import StartupError, check_state
+    from prism_ray.backend.preflight import StartupError, check_state
 
     try:
         check_state(settings)
@@ -328,7 +328,7 @@ def check_store_command(
     path: Annotated[Path | None, typer.Argument(help="a DuckDB store file (default: the state dir's)")] = None,
 ) -> None:
     """Read back every block of a store file (a stopped server's, or a copy): exit 0 when sound, 1 with what to do."""
-    from prism_ray.preflight import StartupError, check_store, store_file
+    from prism_ray.backend.preflight import StartupError, check_store, store_file
 
     path = path or store_file(Settings())
     if not path.is_file():

@@ -13,9 +13,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from prism_ray.auth import KeyLoadError, load_keypair
-from prism_ray.client import ClientError, PrismClient
-from prism_ray.leaderboard import ORDER_NOTE
+from prism_ray.access.auth import KeyLoadError, load_keypair
+from prism_ray.cli.client import ClientError, PrismClient
+from prism_ray.ranking.leaderboard import ORDER_NOTE
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 Url = Annotated[str, typer.Option(envvar="PRISM_URL", help="the prism-ray API")]

@@ -21,10 +21,10 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from prism_ray.bundle import Bundle
 from prism_ray.config import GateSettings
 from prism_ray.errors import Reason
-from prism_ray.gate_prompt import (
+from prism_ray.evaluation.report import GateReport
+from prism_ray.gate.prompt import (
     GATE_PROMPT_VERSION,
     VERDICT_SCHEMA,
     VERDICT_SCHEMA_NAME,
@@ -34,7 +34,7 @@ from prism_ray.gate_prompt import (
     system_prompt,
     user_prompt,
 )
-from prism_ray.report import GateReport
+from prism_ray.intake.bundle import Bundle
 
 if TYPE_CHECKING:
     import openai

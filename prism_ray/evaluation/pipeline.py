@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from prism_ray import gate, policy, run
-from prism_ray.bundle import Bundle, load_bundle
+from prism_ray import policy
 from prism_ray.config import IntakeLimits, Settings
 from prism_ray.errors import BundleError, Reason
+from prism_ray.evaluation import run
+from prism_ray.evaluation.report import RunReport, assemble
+from prism_ray.gate import hard_gate as gate
 from prism_ray.harness.records import Progress
-from prism_ray.report import RunReport, assemble
+from prism_ray.intake.bundle import Bundle, load_bundle
 
 Verdict = Literal["next", "completed", "failed", "rejected", "held", "lost", "retry"]
 ENDINGS = ("rejected", "held", "failed")  # verdicts that end a submission before (or instead of) its score

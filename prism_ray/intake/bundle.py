@@ -21,9 +21,9 @@ from typing import Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from prism_ray import manifest_yaml
 from prism_ray.config import IntakeLimits
 from prism_ray.errors import BundleError, Reason, escape_name
+from prism_ray.intake import manifest_yaml
 
 MANIFEST_NAME = manifest_yaml.MANIFEST_NAME
 _ARCHIVE_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"7z\xbc\xaf", b"Rar!")

@@ -18,8 +18,8 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from prism_ray.bundle import Bundle
 from prism_ray.errors import BundleError
+from prism_ray.intake.bundle import Bundle
 
 _NUMBER = "<number>"  # not a legal identifier, so it cannot collide with a real name
 

@@ -6,7 +6,7 @@ the order the rows arrive in. The board shows every completed row; the weights c
 "The leaderboard"): a later submission passes an earlier one only by a margin that decays with the earlier one's
 head start, so a perturbed copy cannot pass its original. Where both runs have chunk curves, the constant margin
 gives way to a measured one (docs/scoring.md, "The decided order"): a later run passes an earlier one only when the
-paired bootstrap finds it better (prism_ray/significance.py); ε stays the fallback when no paired data exists.
+paired bootstrap finds it better (prism_ray/ranking/significance.py); ε stays the fallback when no paired data exists.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from prism_ray import significance
 from prism_ray.config import RankingSettings, ScoringSettings
-from prism_ray.scoring import ScoreFields
-from prism_ray.significance import Curves, Verdict
+from prism_ray.evaluation.scoring import ScoreFields
+from prism_ray.ranking import significance
+from prism_ray.ranking.significance import Curves, Verdict
 
 
 class ScoreRow(ScoreFields):

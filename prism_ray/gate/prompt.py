@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from prism_ray.bundle import MANIFEST_NAME, Bundle
+from prism_ray.intake.bundle import MANIFEST_NAME, Bundle
 
 GATE_PROMPT_VERSION = "2026-11-25.1"
 

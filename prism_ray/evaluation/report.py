@@ -10,15 +10,15 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field
 
-from prism_ray import scoring
-from prism_ray.chunks import ChunkCurve, chunk_curve
 from prism_ray.config import Settings
 from prism_ray.errors import PrismError, Reason
+from prism_ray.evaluation import scoring
+from prism_ray.evaluation.chunks import ChunkCurve, chunk_curve
+from prism_ray.evaluation.scoring import ScoreBreakdown, ScoreFields
 from prism_ray.harness.contract import ContractCheck
-from prism_ray.scoring import ScoreBreakdown, ScoreFields
 
 if TYPE_CHECKING:
-    from prism_ray.run import TrainResult
+    from prism_ray.evaluation.run import TrainResult
 
 Status = Literal["completed", "rejected", "failed", "held"]
 

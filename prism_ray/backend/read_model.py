@@ -15,8 +15,10 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
+from prism_ray.backend.queue_eta import QueueItem, plan_queue
 from prism_ray.config import Settings
-from prism_ray.leaderboard import (
+from prism_ray.evaluation.scoring import CurvePoint, thin_curve
+from prism_ray.ranking.leaderboard import (
     LeaderboardEntry,
     ScoreRow,
     SeedNoise,
@@ -25,9 +27,7 @@ from prism_ray.leaderboard import (
     verdict_against_leader,
     weights,
 )
-from prism_ray.queue_eta import QueueItem, plan_queue
-from prism_ray.scoring import CurvePoint, thin_curve
-from prism_ray.significance import Verdict
+from prism_ray.ranking.significance import Verdict
 from prism_ray.store import SubmissionDetail
 from prism_ray.store.port import StorePort
 

@@ -13,9 +13,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from prism_ray.client import SETTLED_STATUSES, PrismClient
-from prism_ray.client_cli import print_whole
-from prism_ray.leaderboard import ORDER_NOTE
+from prism_ray.cli.client import SETTLED_STATUSES, PrismClient
+from prism_ray.cli.client_commands import print_whole
+from prism_ray.ranking.leaderboard import ORDER_NOTE
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
 

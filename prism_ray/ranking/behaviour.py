@@ -12,7 +12,7 @@ import struct
 
 from pydantic import BaseModel, ConfigDict
 
-from prism_ray.report import RunReport
+from prism_ray.evaluation.report import RunReport
 
 
 class Signature(BaseModel):

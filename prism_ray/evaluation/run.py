@@ -18,19 +18,19 @@ from pathlib import Path
 
 import numpy as np
 
-from prism_ray import scoring
-from prism_ray.bundle import Bundle
 from prism_ray.config import EMBEDDED_DATA_DIR, Settings, contract_sizes
 from prism_ray.data.dataset import LockedDataset, open_dataset
 from prism_ray.data.token_cache import load_token_stream
 from prism_ray.data.tokenizers import get_tokenizer
 from prism_ray.errors import PrismError, Reason
+from prism_ray.evaluation import scoring
+from prism_ray.evaluation.report import DataInfo, HeldoutResult
 from prism_ray.harness.contract import ContractCheck, check_contract, rejection
 from prism_ray.harness.isolation import SandboxPolicy
 from prism_ray.harness.records import RETRYABLE_RULES, EvalPass, PassResult, Progress, RunSpec, TrainOutcome
 from prism_ray.harness.session import run_session
 from prism_ray.harness.stream import StreamPlan
-from prism_ray.report import DataInfo, HeldoutResult
+from prism_ray.intake.bundle import Bundle
 
 
 @dataclass

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from prism_ray.config import ReplicaSettings, ScoringSettings
-from prism_ray.leaderboard import ScoreRow, epoch_of, leaderboard
+from prism_ray.ranking.leaderboard import ScoreRow, epoch_of, leaderboard
 
 Why = Literal["top_k", "entrant"]
 _SEED_BITS = 31

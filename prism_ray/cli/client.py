@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 from bittensor_wallet import Keypair
 
-from prism_ray.auth import HOTKEY_HEADER, sign_request
+from prism_ray.access.auth import HOTKEY_HEADER, sign_request
 
 SETTLED_STATUSES = ("completed", "rejected", "failed", "held")  # held waits for an operator; a duplicate is rejected
 _FIXED_DATE = (1980, 1, 1, 0, 0, 0)

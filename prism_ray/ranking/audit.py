@@ -11,8 +11,8 @@ from typing import Literal
 
 from prism_ray.config import AuditSettings, ScoringSettings
 from prism_ray.errors import Reason
-from prism_ray.leaderboard import ScoreRow, epoch_of, leaderboard, two_tier_payees
-from prism_ray.report import RunReport
+from prism_ray.evaluation.report import RunReport
+from prism_ray.ranking.leaderboard import ScoreRow, epoch_of, leaderboard, two_tier_payees
 
 Why = Literal["top_k", "two_tier", "sample"]
 # A re-run that ended on one of these was stopped by the system, not by the code: no verdict on the code.

@@ -84,9 +84,9 @@ def serve(path: str, mode: str, ports: multiprocessing.Queue) -> None:
 
     from prism_ray.backend.group_commit import GroupCommit
     from prism_ray.backend.read_model import ReadModel
-    from serve_app import ApiSettings, StoreBackend, create_app
+    from prism_ray.config import ApiSettings, ConnectionLimits
+    from serve_app import StoreBackend, create_app
     from serve_app.connection_guard import guarded
-    from serve_app.limits import ConnectionLimits
 
     class PerRequest(ReadModel):
         """The old path: nothing kept between requests."""

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -236,3 +237,102 @@ def contract_sizes(settings: Settings) -> list[int]:
 
 def load_settings(**overrides) -> Settings:
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class RejectionCap:
+    """At most `per_hotkey` (and `total`) stored rejections created within `window_s`; past it a rejection is
+    answered but not stored, so no client can fill the store with broken bundles."""
+
+    per_hotkey: int
+    total: int
+    window_s: float
+
+
+RegistryMode = Literal["metagraph", "allowlist", "open"]
+
+
+class RegistrySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PRISM_REGISTRY_", extra="ignore")
+
+    mode: RegistryMode | None = Field(default=None, description="metagraph, allowlist or open; unset: metagraph under signed "
+                              "auth, open under dev auth")
+    file: Path | None = Field(default=None, description="the snapshot (metagraph) or the list (allowlist); default "
+                              "for metagraph: <PRISM_CACHE_DIR>/registry/metagraph-<netuid>.json")
+    netuid: int = Field(default=100, ge=0, description="the subnet `registry sync` reads")
+    network: str = Field(default="finney", description="the chain endpoint `registry sync` reads (a network name "
+                         "or a ws:// URL)")
+
+    def mode_for(self, auth_mode: str) -> RegistryMode:
+        return self.mode or ("open" if auth_mode == "dev" else "metagraph")
+
+    def path(self, cache_dir: Path) -> Path:
+        return self.file or cache_dir / "registry" / f"metagraph-{self.netuid}.json"
+
+
+class ConnectionLimits(BaseSettings):
+    """What one HTTP connection may cost the server before the app sees a request (docs/operator.md, "HTTP
+    limits"), from PRISM_API_* variables. Enforced by serve_app/connection_guard.py under uvicorn and Ray Serve."""
+
+    model_config = SettingsConfigDict(env_prefix="PRISM_API_", extra="ignore")
+
+    max_header_bytes: int = Field(default=16_384, ge=1024, description="request line and headers together")
+    max_headers: int = Field(default=64, ge=8, description="header fields in one request")
+    header_timeout_s: float = Field(default=10.0, gt=0, description="from a connection's (or its previous "
+                                    "response's) start to the end of the next request's headers")
+    body_timeout_s: float = Field(default=60.0, gt=0, description="from the end of the headers to the end of the "
+                                  "body: a 5 MB body needs 85 KB/s")
+    max_connections_per_address: int = Field(default=128, ge=1, description="open connections from one client "
+                                             "address (a reverse proxy in front counts as one address)")
+
+
+
+class ApiSettings(BaseSettings):
+    """Knobs of the HTTP layer, from PRISM_API_* variables (the internal token also from PRISM_INTERNAL_TOKEN)."""
+
+    model_config = SettingsConfigDict(env_prefix="PRISM_API_", extra="ignore", populate_by_name=True)
+
+    max_body_bytes: int = Field(default=5_000_000, ge=1, description="largest request body; counted while reading")
+    rate_limit_burst: int = Field(default=5, ge=1, description="submissions a hotkey may make back to back")
+    rate_limit_per_minute: float = Field(default=1.0, gt=0, description="refill rate of each hotkey's bucket")
+    public_submissions: bool = Field(default=True, description="off: POST /v1/submissions answers 404")
+    auth_mode: Literal["signed", "dev"] = Field(
+        default="signed", description="dev trusts an unsigned X-Hotkey: for a local demo only, never exposed")
+    internal_token: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("internal_token", "PRISM_INTERNAL_TOKEN", "PRISM_API_INTERNAL_TOKEN"),
+        description="bearer token of /internal routes; unset (and no file): those routes answer 503")
+    internal_token_file: Path | None = Field(default=None, description="file holding the bearer token; wins")
+    challenge_slug: str = Field(
+        default="prism", validation_alias=AliasChoices("challenge_slug", "PRISM_API_CHALLENGE_SLUG", "CHALLENGE_SLUG"),
+        description="this challenge's slug on the BASE platform: X-Base-Challenge-Slug must name it")
+    timestamp_window_s: float = Field(default=300.0, gt=0, description="accepted |X-Timestamp − now|, seconds")
+    nonce_ttl_s: float = Field(default=600.0, gt=0, description="how long a used nonce is remembered, seconds")
+    stored_rejections_per_hotkey: int = Field(
+        default=20, ge=0, description="rejected submissions stored per hotkey per rejection window; past it a "
+        "broken bundle is still answered 422 with its reasons, but not stored")
+    stored_rejections_total: int = Field(default=5_000, ge=0,
+                                         description="rejected submissions stored per rejection window, all hotkeys")
+    rejection_window_s: float = Field(default=86_400.0, gt=0, description="the window of both bounds, seconds")
+    address_rate_limit_burst: int = Field(default=20, ge=1, description="submissions one client address may make "
+                                          "back to back, counted before authentication")
+    address_rate_limit_per_minute: float = Field(default=10.0, gt=0, description="refill rate of each address's "
+                                                 "bucket")
+    registry: RegistrySettings = Field(default_factory=lambda: RegistrySettings(),
+                                       description="who may submit (PRISM_REGISTRY_*; docs/operator.md)")
+
+    @model_validator(mode="after")
+    def _nonce_outlives_window(self) -> ApiSettings:
+        # A timestamp stays acceptable for 2·window seconds; a nonce forgotten sooner could be replayed.
+        if self.nonce_ttl_s < 2 * self.timestamp_window_s:
+            raise ValueError(f"nonce_ttl_s ({self.nonce_ttl_s:g}) must be at least twice timestamp_window_s "
+                             f"({self.timestamp_window_s:g}), or a signed request could be replayed")
+        return self
+
+    def rejection_cap(self) -> RejectionCap:
+        return RejectionCap(self.stored_rejections_per_hotkey, self.stored_rejections_total, self.rejection_window_s)
+
+    def bearer_token(self) -> str | None:
+        if self.internal_token_file is not None:
+            return self.internal_token_file.read_text().strip() or None
+        return self.internal_token.get_secret_value() if self.internal_token else None

@@ -2,7 +2,7 @@
 Ray Serve."""
 
 from prism_ray.backend.store_backend import Backend, StoreBackend
+from prism_ray.config import ApiSettings
 from serve_app.app import create_app
-from serve_app.models import ApiSettings
 
 __all__ = ["ApiSettings", "Backend", "StoreBackend", "create_app"]

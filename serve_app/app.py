@@ -13,9 +13,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from prism_ray.access.registry import Registry
 from prism_ray.backend.store_backend import Backend
-from prism_ray.config import Settings
+from prism_ray.config import ApiSettings, Settings
 from serve_app.errors import install_error_handlers
-from serve_app.models import ApiSettings
 from serve_app.routes import health, leaderboard, pages, queue, submissions, weights
 
 logger = logging.getLogger("prism_ray.api")

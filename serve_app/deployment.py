@@ -9,8 +9,8 @@ from ray import serve
 from ray.serve import Application
 
 from prism_ray.backend.store_backend import Backend
+from prism_ray.config import ApiSettings
 from serve_app.app import create_app
-from serve_app.models import ApiSettings
 
 
 class PrismIngress:

@@ -6,9 +6,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
 
 class TokenBuckets:
     """Token buckets by key, in this process: each API replica limits on its own.
@@ -39,19 +36,3 @@ class TokenBuckets:
     def _level(self, key: str, now: float) -> float:
         level, at = self._buckets.get(key, (self.burst, now))
         return min(self.burst, level + (now - at) * self.rate)
-
-
-class ConnectionLimits(BaseSettings):
-    """What one HTTP connection may cost the server before the app sees a request (docs/operator.md, "HTTP
-    limits"), from PRISM_API_* variables. Enforced by serve_app/connection_guard.py under uvicorn and Ray Serve."""
-
-    model_config = SettingsConfigDict(env_prefix="PRISM_API_", extra="ignore")
-
-    max_header_bytes: int = Field(default=16_384, ge=1024, description="request line and headers together")
-    max_headers: int = Field(default=64, ge=8, description="header fields in one request")
-    header_timeout_s: float = Field(default=10.0, gt=0, description="from a connection's (or its previous "
-                                    "response's) start to the end of the next request's headers")
-    body_timeout_s: float = Field(default=60.0, gt=0, description="from the end of the headers to the end of the "
-                                  "body: a 5 MB body needs 85 KB/s")
-    max_connections_per_address: int = Field(default=128, ge=1, description="open connections from one client "
-                                             "address (a reverse proxy in front counts as one address)")

@@ -4,79 +4,21 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
-    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
-    SecretStr,
     computed_field,
     field_validator,
-    model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from prism_ray.access.registry import RegistrySettings
-from prism_ray.backend.store_backend import RejectionCap
 from prism_ray.errors import Reason
 from prism_ray.evaluation.scoring import CurvePoint, ScoreFields
 from serve_app.wire import PrismStatus
 
 MAX_METADATA_BYTES = 16_384
-
-
-class ApiSettings(BaseSettings):
-    """Knobs of the HTTP layer, from PRISM_API_* variables (the internal token also from PRISM_INTERNAL_TOKEN)."""
-
-    model_config = SettingsConfigDict(env_prefix="PRISM_API_", extra="ignore", populate_by_name=True)
-
-    max_body_bytes: int = Field(default=5_000_000, ge=1, description="largest request body; counted while reading")
-    rate_limit_burst: int = Field(default=5, ge=1, description="submissions a hotkey may make back to back")
-    rate_limit_per_minute: float = Field(default=1.0, gt=0, description="refill rate of each hotkey's bucket")
-    public_submissions: bool = Field(default=True, description="off: POST /v1/submissions answers 404")
-    auth_mode: Literal["signed", "dev"] = Field(
-        default="signed", description="dev trusts an unsigned X-Hotkey: for a local demo only, never exposed")
-    internal_token: SecretStr | None = Field(
-        default=None,
-        validation_alias=AliasChoices("internal_token", "PRISM_INTERNAL_TOKEN", "PRISM_API_INTERNAL_TOKEN"),
-        description="bearer token of /internal routes; unset (and no file): those routes answer 503")
-    internal_token_file: Path | None = Field(default=None, description="file holding the bearer token; wins")
-    challenge_slug: str = Field(
-        default="prism", validation_alias=AliasChoices("challenge_slug", "PRISM_API_CHALLENGE_SLUG", "CHALLENGE_SLUG"),
-        description="this challenge's slug on the BASE platform: X-Base-Challenge-Slug must name it")
-    timestamp_window_s: float = Field(default=300.0, gt=0, description="accepted |X-Timestamp − now|, seconds")
-    nonce_ttl_s: float = Field(default=600.0, gt=0, description="how long a used nonce is remembered, seconds")
-    stored_rejections_per_hotkey: int = Field(
-        default=20, ge=0, description="rejected submissions stored per hotkey per rejection window; past it a "
-        "broken bundle is still answered 422 with its reasons, but not stored")
-    stored_rejections_total: int = Field(default=5_000, ge=0,
-                                         description="rejected submissions stored per rejection window, all hotkeys")
-    rejection_window_s: float = Field(default=86_400.0, gt=0, description="the window of both bounds, seconds")
-    address_rate_limit_burst: int = Field(default=20, ge=1, description="submissions one client address may make "
-                                          "back to back, counted before authentication")
-    address_rate_limit_per_minute: float = Field(default=10.0, gt=0, description="refill rate of each address's "
-                                                 "bucket")
-    registry: RegistrySettings = Field(default_factory=lambda: RegistrySettings(),
-                                       description="who may submit (PRISM_REGISTRY_*; docs/operator.md)")
-
-    @model_validator(mode="after")
-    def _nonce_outlives_window(self) -> ApiSettings:
-        # A timestamp stays acceptable for 2·window seconds; a nonce forgotten sooner could be replayed.
-        if self.nonce_ttl_s < 2 * self.timestamp_window_s:
-            raise ValueError(f"nonce_ttl_s ({self.nonce_ttl_s:g}) must be at least twice timestamp_window_s "
-                             f"({self.timestamp_window_s:g}), or a signed request could be replayed")
-        return self
-
-    def rejection_cap(self) -> RejectionCap:
-        return RejectionCap(self.stored_rejections_per_hotkey, self.stored_rejections_total, self.rejection_window_s)
-
-    def bearer_token(self) -> str | None:
-        if self.internal_token_file is not None:
-            return self.internal_token_file.read_text().strip() or None
-        return self.internal_token.get_secret_value() if self.internal_token else None
 
 
 # --- requests -----------------------------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from prism_ray.config import ApiSettings
 from serve_app.app import create_app
-from serve_app.models import ApiSettings
 
 API_DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 BEGIN, END = "<!-- openapi:begin -->", "<!-- openapi:end -->"

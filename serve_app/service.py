@@ -10,10 +10,9 @@ from ray import serve
 
 from prism_ray.cluster.client import ClusterBackend
 from prism_ray.cluster.runtime import ClusterHandle, connect, start_cluster
-from prism_ray.config import Settings
+from prism_ray.config import ApiSettings, Settings
 from serve_app.connection_guard import PROXY_CALLBACK, PROXY_CALLBACK_VARIABLE
 from serve_app.deployment import build_ingress
-from serve_app.models import ApiSettings
 
 
 @dataclass(frozen=True)

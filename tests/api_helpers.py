@@ -27,12 +27,11 @@ from bittensor_wallet import Keypair
 
 from miners import bigram_architecture, learner_loop
 from prism_ray.access.auth import sign_request
-from prism_ray.config import Settings
+from prism_ray.config import ApiSettings, ConnectionLimits, Settings
 from prism_ray.evaluation.report import RunReport
 from prism_ray.store import TERMINAL_STATUSES, Store
-from serve_app import ApiSettings, StoreBackend, create_app
+from serve_app import StoreBackend, create_app
 from serve_app.connection_guard import guarded
-from serve_app.limits import ConnectionLimits
 
 BIGRAM_ARCHITECTURE = bigram_architecture()
 TOKEN = "internal-test-token"

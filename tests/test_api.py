@@ -40,10 +40,10 @@ from prism_ray.access.auth import sign_request
 from prism_ray.backend.queue_eta import plan_queue
 from prism_ray.cli.client import bundle_bytes
 from prism_ray.cli.client_commands import register
-from prism_ray.config import Settings
+from prism_ray.config import ApiSettings, Settings
 from prism_ray.evaluation.pipeline import evaluate
 from prism_ray.store import QueueSnapshot, RunRecord, Store, SubmissionRecord
-from serve_app import ApiSettings, StoreBackend, create_app
+from serve_app import StoreBackend, create_app
 from serve_app.limits import TokenBuckets
 
 

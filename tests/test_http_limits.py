@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from api_helpers import new_allowlist, scored_backend, serve, server_settings
+from prism_ray.config import ConnectionLimits
 from serve_app import create_app
-from serve_app.limits import ConnectionLimits
 
 LIMITS = ConnectionLimits(header_timeout_s=1.5, body_timeout_s=1.5, max_header_bytes=8192, max_headers=32,
                           max_connections_per_address=6)

@@ -17,9 +17,9 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from api_helpers import bundle_zip, new_keypair, serve, signed_json
-from prism_ray.config import ScoringSettings, Settings
+from prism_ray.config import ApiSettings, ScoringSettings, Settings
 from prism_ray.store import Store
-from serve_app import ApiSettings, StoreBackend, create_app
+from serve_app import StoreBackend, create_app
 from serve_app.rendering import CONTENT_SECURITY_POLICY
 from web_helpers import HOSTILE_REASON, NODE_ADDRESS, NODE_ID, PageScheduler, chromium, screenshot
 

@@ -11,8 +11,8 @@ from test_replicas import Clock, Cluster
 
 from api_helpers import TOKEN, serve
 from prism_ray.cli.client_commands import print_leaderboard
-from prism_ray.config import Settings
-from serve_app import ApiSettings, StoreBackend, create_app
+from prism_ray.config import ApiSettings, Settings
+from serve_app import StoreBackend, create_app
 
 
 @pytest.fixture

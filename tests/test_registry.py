@@ -14,17 +14,10 @@ from typer.testing import CliRunner
 
 from api_helpers import api_server, bundle_zip, new_allowlist, new_keypair, scored_backend, signed_json
 from prism_ray.access.auth import sign_request
-from prism_ray.access.registry import (
-    SNAPSHOT_FORMAT,
-    Registry,
-    RegistryError,
-    RegistrySettings,
-    parse_allowlist,
-    sync,
-)
-from prism_ray.backend.store_backend import NotStored, RejectionCap, StoreBackend
+from prism_ray.access.registry import SNAPSHOT_FORMAT, Registry, RegistryError, parse_allowlist, sync
+from prism_ray.backend.store_backend import NotStored, StoreBackend
 from prism_ray.cli.command import app as cli
-from prism_ray.config import Settings
+from prism_ray.config import RegistrySettings, RejectionCap, Settings
 from prism_ray.errors import Reason
 from prism_ray.store import Store
 

@@ -17,10 +17,9 @@ from api_helpers import bundle_zip, new_keypair, signed_json, zip_files
 from miners import BIGRAM_ARCHITECTURE, FORBIDDEN_IMPORT, SGD_TRAINING
 from prism_ray.access.auth import sign_request
 from prism_ray.cli.client import PrismClient
-from prism_ray.config import Settings
+from prism_ray.config import ApiSettings, Settings
 from prism_ray.store import TERMINAL_STATUSES
 from serve_app.deployment import build_ingress
-from serve_app.models import ApiSettings
 from serve_app.service import ReplicaBackend, start_service
 
 pytestmark = [pytest.mark.cluster, pytest.mark.sandbox]

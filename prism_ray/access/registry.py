@@ -25,31 +25,11 @@ from typing import Annotated, Any, Literal
 import typer
 from bittensor_wallet import Keypair
 from pydantic import BaseModel, Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from prism_ray.config import Settings
+from prism_ray.config import RegistryMode, RegistrySettings, Settings
 from prism_ray.errors import PrismError
 
 SNAPSHOT_FORMAT = "prism-ray/metagraph@1"
-Mode = Literal["metagraph", "allowlist", "open"]
-
-
-class RegistrySettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PRISM_REGISTRY_", extra="ignore")
-
-    mode: Mode | None = Field(default=None, description="metagraph, allowlist or open; unset: metagraph under signed "
-                              "auth, open under dev auth")
-    file: Path | None = Field(default=None, description="the snapshot (metagraph) or the list (allowlist); default "
-                              "for metagraph: <PRISM_CACHE_DIR>/registry/metagraph-<netuid>.json")
-    netuid: int = Field(default=100, ge=0, description="the subnet `registry sync` reads")
-    network: str = Field(default="finney", description="the chain endpoint `registry sync` reads (a network name "
-                         "or a ws:// URL)")
-
-    def mode_for(self, auth_mode: str) -> Mode:
-        return self.mode or ("open" if auth_mode == "dev" else "metagraph")
-
-    def path(self, cache_dir: Path) -> Path:
-        return self.file or cache_dir / "registry" / f"metagraph-{self.netuid}.json"
 
 
 class RegistryError(PrismError):
@@ -91,7 +71,7 @@ class Registry:
     """Admits hotkeys. `admit` raises RegistryError: `registry:unregistered` (403) for a hotkey the source does not
     hold, `registry:unavailable` (503) when the source cannot be read (no snapshot yet, a malformed file)."""
 
-    def __init__(self, mode: Mode, path: Path | None = None) -> None:
+    def __init__(self, mode: RegistryMode, path: Path | None = None) -> None:
         self.mode = mode
         self.path = path
         self._loaded = _Loaded()

@@ -17,7 +17,7 @@ from typing import Any
 
 from prism_ray.backend.group_commit import GroupCommit
 from prism_ray.backend.read_model import QueueView, ReadModel
-from prism_ray.config import Settings
+from prism_ray.config import RejectionCap, Settings
 from prism_ray.errors import BundleError, Reason
 from prism_ray.evaluation.scoring import CurvePoint
 from prism_ray.intake.bundle import Bundle, decode_base64, load_bundle
@@ -36,16 +36,6 @@ from prism_ray.store import (
     SubmissionRecord,
 )
 from prism_ray.store.port import StorePort
-
-
-@dataclass(frozen=True)
-class RejectionCap:
-    """At most `per_hotkey` (and `total`) stored rejections created within `window_s`; past it a rejection is
-    answered but not stored, so no client can fill the store with broken bundles."""
-
-    per_hotkey: int
-    total: int
-    window_s: float
 
 
 @dataclass(frozen=True)

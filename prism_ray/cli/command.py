@@ -233,7 +233,7 @@ def serve_command(
 ) -> None:
     """Run the evaluation cluster and its HTTP API until Ctrl-C or SIGTERM, which drain it: nothing is lost and
     no submission is charged an attempt."""
-    from serve_app.models import ApiSettings
+    from prism_ray.config import ApiSettings
     from serve_app.service import start_service  # Ray Serve is heavy; eval never pays for it
 
     if auth not in ("signed", "dev"):
@@ -267,7 +267,7 @@ def demo_command(
     from prism_ray.cli.client import PrismClient
     from prism_ray.cli.client_commands import print_submission
     from prism_ray.cli.demo import EXAMPLES_DIR, follow_with_bars, print_ranking, submit_examples
-    from serve_app.models import ApiSettings
+    from prism_ray.config import ApiSettings
     from serve_app.service import start_service
 
     state = state_dir or Path(tempfile.mkdtemp(prefix="prism-demo-"))

@@ -8,8 +8,9 @@ from fastapi import APIRouter
 
 from prism_ray.access.registry import Registry
 from prism_ray.backend.store_backend import Backend
+from prism_ray.config import ApiSettings
 from serve_app.errors import STORE_RETRY_AFTER_S, ApiError, responses
-from serve_app.models import ApiSettings, Health, RegistryStatus, Version
+from serve_app.models import Health, RegistryStatus, Version
 
 BASE_API_VERSION = "1.0"  # the BASE platform's challenge API: /health, /version, /internal/v1/* (docs/api.md)
 

@@ -39,13 +39,14 @@ from prism_ray.access.auth import (
 from prism_ray.access.registry import Registry
 from prism_ray.backend.read_model import SubmissionDetail
 from prism_ray.backend.store_backend import Backend, NotStored
+from prism_ray.config import ApiSettings
 from prism_ray.errors import BundleError
 from prism_ray.intake.bundle import decode_base64
 from serve_app import views, wire
 from serve_app.errors import ApiError, responses, validation_reasons
 from serve_app.internal import BEARER, SlugHeader, check_internal
 from serve_app.limits import TokenBuckets
-from serve_app.models import ApiSettings, Curve, SubmissionAccepted, SubmissionRequest, SubmissionStatus
+from serve_app.models import Curve, SubmissionAccepted, SubmissionRequest, SubmissionStatus
 
 FILENAME_HEADER = "X-Submission-Filename"
 DEV_HOTKEY = re.compile(r"[A-Za-z0-9._-]{1,64}")

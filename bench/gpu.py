@@ -11,10 +11,10 @@ harness's peak GPU memory ÷ the bare loop's, the stream's ceiling, and the bpb 
   deterministic-algorithms flag: a miner's own machine), timed from the first batch to train() returning, after a
   device synchronize; "bare + scorer forward" also runs the scorer's per-batch work (`target_log_probs`, no grad,
   its host sync included) before each step: the floor of the own-forward path.
-- Eval runs are `prism_ray.evaluation.pipeline.evaluate` (gate off, one-batch held-out passes, which are not timed); tokens/s
-  is the report's (first batch released → trainer done). The no-op trainer row (a loop that only iterates the
-  batches) is the harness's own ceiling for this model: protocol, snapshot and the scorer's forward. The protocol
-  row is bench/stream.py's socket path alone (batch → rows → device → NEXT), no scorer.
+- Eval runs are `prism_ray.evaluation.pipeline.evaluate` (gate off, one-batch held-out passes, which are not
+  timed); tokens/s is the report's (first batch released → trainer done). The no-op trainer row (a loop that only
+  iterates the batches) is the harness's own ceiling for this model: protocol, snapshot and the scorer's forward.
+  The protocol row is bench/stream.py's socket path alone (batch → rows → device → NEXT), no scorer.
 - Peak memory is device-wide (torch.cuda.mem_get_info: total − free, sampled every 10 ms, minus the idle level
   before the run): it sees every process of a run, CUDA contexts and what their caching allocators reserved.
   torch.cuda.max_memory_allocated would see this process only.

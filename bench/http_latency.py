@@ -5,8 +5,9 @@ on loopback.
 Each mode gets a fresh copy of the seeded file and its own server. `before` is the old per-request path, kept here
 only: every read goes to the store and is built and serialised again, every intake and nonce is its own store
 transaction. `after` is the app as it ships: reads come from the read model the server keeps, concurrent intakes
-share transactions (prism_ray/backend/group_commit.py), behind the connection guard (serve_app/connection_guard.py) with its
-default limits; `unguarded` is `after` on uvicorn's plain protocol, to show what the guard costs. For each mode:
+share transactions (prism_ray/backend/group_commit.py), behind the connection guard
+(serve_app/connection_guard.py) with its default limits; `unguarded` is `after` on uvicorn's plain protocol, to show
+what the guard costs. For each mode:
 p50/p99 of GET /health (the baseline: routing and JSON only), GET /v1/leaderboard, GET /v1/submissions/{id} and
 signed POST /v1/submissions, each p50 as a ratio of that mode's /health, measured the same minute; then bursts of B
 signed posts sent at once (B connections), as when a subnet's miners all submit at an epoch boundary; then the

@@ -255,8 +255,8 @@ RegistryMode = Literal["metagraph", "allowlist", "open"]
 class RegistrySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PRISM_REGISTRY_", extra="ignore")
 
-    mode: RegistryMode | None = Field(default=None, description="metagraph, allowlist or open; unset: metagraph under signed "
-                              "auth, open under dev auth")
+    mode: RegistryMode | None = Field(default=None, description="metagraph, allowlist or open; unset: metagraph "
+                                      "under signed auth, open under dev auth")
     file: Path | None = Field(default=None, description="the snapshot (metagraph) or the list (allowlist); default "
                               "for metagraph: <PRISM_CACHE_DIR>/registry/metagraph-<netuid>.json")
     netuid: int = Field(default=100, ge=0, description="the subnet `registry sync` reads")

@@ -1,5 +1,5 @@
-"""The HTTP layer: FastAPI routers over a Backend (prism_ray/backend/store_backend.py); `deployment.build_ingress` serves them on
-Ray Serve."""
+"""The HTTP layer: FastAPI routers over a Backend (prism_ray/backend/store_backend.py); `deployment.build_ingress`
+serves them on Ray Serve."""
 
 from prism_ray.backend.store_backend import Backend, StoreBackend
 from prism_ray.config import ApiSettings

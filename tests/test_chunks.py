@@ -8,8 +8,7 @@ import pytest
 
 from prism_ray.config import Settings
 from prism_ray.evaluation.chunks import chunk_curve
-from prism_ray.evaluation.report import HeldoutResult, assemble
-from prism_ray.evaluation.run import TrainResult
+from prism_ray.evaluation.report import HeldoutResult, TrainResult, assemble
 from prism_ray.harness.records import TrainOutcome
 
 

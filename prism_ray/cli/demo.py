@@ -17,7 +17,7 @@ from prism_ray.cli.client import SETTLED_STATUSES, PrismClient
 from prism_ray.cli.client_commands import print_whole
 from prism_ray.ranking.leaderboard import ORDER_NOTE
 
-EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
 
 
 def submit_examples(url: str, examples: list[Path]) -> dict[str, str]:

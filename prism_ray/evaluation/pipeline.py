@@ -20,7 +20,7 @@ from prism_ray import policy
 from prism_ray.config import IntakeLimits, Settings
 from prism_ray.errors import BundleError, Reason
 from prism_ray.evaluation import run
-from prism_ray.evaluation.report import RunReport, assemble
+from prism_ray.evaluation.report import RunReport, TrainResult, assemble
 from prism_ray.gate import hard_gate as gate
 from prism_ray.harness.records import Progress
 from prism_ray.intake.bundle import Bundle, load_bundle
@@ -86,7 +86,7 @@ def train_stage(ctx: StageContext, bundle: Bundle) -> StageResult:
     return Outcome("next"), result  # a failed run is still reported: score turns its reasons into the report
 
 
-def score_stage(ctx: StageContext, bundle: Bundle, verdict: gate.GateResult, result: run.TrainResult) -> StageResult:
+def score_stage(ctx: StageContext, bundle: Bundle, verdict: gate.GateResult, result: TrainResult) -> StageResult:
     report = assemble(result, bundle.sha256, bundle.display_name, ctx.settings, ctx.timings, verdict.to_report())
     Path(result.run_dir, "report.json").write_text(report.model_dump_json(indent=2))
     return Outcome(report.status, report.reasons, report=report), None

@@ -6,7 +6,8 @@ and the CLI all use it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass, field
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -15,10 +16,9 @@ from prism_ray.errors import PrismError, Reason
 from prism_ray.evaluation import scoring
 from prism_ray.evaluation.chunks import ChunkCurve, chunk_curve
 from prism_ray.evaluation.scoring import ScoreBreakdown, ScoreFields
+from prism_ray.gate.hard_gate import GateReport
 from prism_ray.harness.contract import ContractCheck
-
-if TYPE_CHECKING:
-    from prism_ray.evaluation.run import TrainResult
+from prism_ray.harness.records import TrainOutcome
 
 Status = Literal["completed", "rejected", "failed", "held"]
 
@@ -30,18 +30,6 @@ class DataInfo(BaseModel):
     split: str = "train"
     documents: int | None = None
     tokens: int | None = None
-
-
-class GateReport(BaseModel):
-    """The gate's verdict as a report shows it (the full exchange with the model is in the store's audits)."""
-
-    status: Literal["allowed", "rejected", "held", "skipped"]
-    message: str
-    model: str | None = None
-    prompt_version: str | None = None
-    cached: bool = False
-    confidence: float | None = None
-    reasons: list[Reason] = Field(default_factory=list)
 
 
 class HeldoutResult(BaseModel):
@@ -126,6 +114,21 @@ class RunReport(BaseModel):
                            tie_break=breakdown.tie_break if breakdown else None,
                            heldout_delta=heldout.heldout_delta if heldout else None,
                            gap=heldout.gap if heldout else None)
+
+
+@dataclass
+class TrainResult:
+    """What the train stage hands to the score stage (picklable: it travels through Ray's object store)."""
+
+    outcome: TrainOutcome
+    data: DataInfo | None
+    heldout: HeldoutResult
+    tokenizer: str
+    vocab_size: int
+    seed: int
+    byte_budget: int
+    run_dir: str
+    contract: list[ContractCheck] = field(default_factory=list)  # the multi-GPU contract checks, before the run
 
 
 def assemble(result: TrainResult, bundle_sha256: str, name: str, settings: Settings,

@@ -13,7 +13,6 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,28 +23,13 @@ from prism_ray.data.token_cache import load_token_stream
 from prism_ray.data.tokenizers import get_tokenizer
 from prism_ray.errors import PrismError, Reason
 from prism_ray.evaluation import scoring
-from prism_ray.evaluation.report import DataInfo, HeldoutResult
-from prism_ray.harness.contract import ContractCheck, check_contract, rejection
+from prism_ray.evaluation.report import DataInfo, HeldoutResult, TrainResult
+from prism_ray.harness.contract import check_contract, rejection
 from prism_ray.harness.isolation import SandboxPolicy
 from prism_ray.harness.records import RETRYABLE_RULES, EvalPass, PassResult, Progress, RunSpec, TrainOutcome
 from prism_ray.harness.session import run_session
 from prism_ray.harness.stream import StreamPlan
 from prism_ray.intake.bundle import Bundle
-
-
-@dataclass
-class TrainResult:
-    """What the train stage hands to the score stage (picklable: it travels through Ray's object store)."""
-
-    outcome: TrainOutcome
-    data: DataInfo | None
-    heldout: HeldoutResult
-    tokenizer: str
-    vocab_size: int
-    seed: int
-    byte_budget: int
-    run_dir: str
-    contract: list[ContractCheck] = field(default_factory=list)  # the multi-GPU contract checks, before the run
 
 
 def new_run_dir(settings: Settings, bundle: Bundle) -> Path:

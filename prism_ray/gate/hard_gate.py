@@ -23,7 +23,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from prism_ray.config import GateSettings
 from prism_ray.errors import Reason
-from prism_ray.evaluation.report import GateReport
 from prism_ray.gate.prompt import (
     GATE_PROMPT_VERSION,
     VERDICT_SCHEMA,
@@ -42,6 +41,18 @@ if TYPE_CHECKING:
 GateStatus = Literal["allowed", "rejected", "held", "skipped"]
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
 _KEY_PATTERN = re.compile(r"[0-9a-f]{64}")
+
+
+class GateReport(BaseModel):
+    """The gate's verdict as a report shows it (the full exchange with the model is in the store's audits)."""
+
+    status: Literal["allowed", "rejected", "held", "skipped"]
+    message: str
+    model: str | None = None
+    prompt_version: str | None = None
+    cached: bool = False
+    confidence: float | None = None
+    reasons: list[Reason] = Field(default_factory=list)
 
 
 class GateAudit(BaseModel):

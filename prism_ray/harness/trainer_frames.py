@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import TYPE_CHECKING
 
 from prism_ray.errors import PrismError, Reason
 from prism_ray.harness import layout
@@ -18,9 +17,6 @@ from prism_ray.harness.protocol import Kind, parse_json
 from prism_ray.harness.ranks import next_step
 from prism_ray.harness.stream import BatchSlice, StreamPlan, check_geometry
 
-if TYPE_CHECKING:
-    from prism_ray.harness.session import _Session
-
 MAX_BATCH_TOKENS = 1 << 22
 GPU_RANK_CHECK_EVERY = 8  # on a GPU, one snapshot in this many (at random) compares the ranks, and the last
 
@@ -28,10 +24,10 @@ GPU_RANK_CHECK_EVERY = 8  # on a GPU, one snapshot in this many (at random) comp
 class TrainerFrames:
     # --- trainer frames (one handler per frame kind; `rank` says whose) -------------------------------------------
 
-    def _trainer_hello(self: _Session, rank: int, payload: bytes) -> None:
+    def _trainer_hello(self, rank: int, payload: bytes) -> None:
         pass
 
-    def _trainer_geometry(self: _Session, rank: int, payload: bytes) -> None:
+    def _trainer_geometry(self, rank: int, payload: bytes) -> None:
         member = self.ranks.members[rank]
         if member.geometry is not None:
             raise self._crash("trainer", f"{self.ranks.label(rank)}: geometry sent twice")
@@ -61,11 +57,11 @@ class TrainerFrames:
         self.geometry = first
         self._share()
 
-    def _trainer_ready(self: _Session, rank: int, payload: bytes) -> None:
+    def _trainer_ready(self, rank: int, payload: bytes) -> None:
         if self.ranks.reach(rank, "ready"):
             self._ready("trainer")
 
-    def _trainer_next(self: _Session, rank: int, payload: bytes) -> None:
+    def _trainer_next(self, rank: int, payload: bytes) -> None:
         step = next_step(self.released)
         if self.trainer_waiting or self.stream_ended or step in self.ranks.members[rank].reached:
             raise self._crash("trainer", f"{self.ranks.label(rank)}: next batch requested twice")
@@ -73,7 +69,7 @@ class TrainerFrames:
             self.trainer_waiting = True
             self._advance()
 
-    def _trainer_done(self: _Session, rank: int, payload: bytes) -> None:
+    def _trainer_done(self, rank: int, payload: bytes) -> None:
         self.selector.unregister(self.ranks.members[rank].channel.sock)  # its end closes as it exits
         if not self.stream_ended:
             who = "" if self.ranks.world_size == 1 else f"rank {rank}: "
@@ -85,14 +81,14 @@ class TrainerFrames:
         if self.stream_started:  # the miner's last optimizer step is part of the run's time
             self.outcome.stream_seconds = time.monotonic() - self.stream_started
 
-    def _refuse_all(self: _Session, rule: str, message: str) -> None:
+    def _refuse_all(self, rule: str, message: str) -> None:
         for member in self.ranks.members:
             member.channel.send_json(Kind.REFUSE, {"rule": rule, "message": message})
         self._fail(Reason(rule=rule, message=message))
 
     # --- the stream ---------------------------------------------------------------------------------------------
 
-    def _share(self: _Session) -> None:
+    def _share(self) -> None:
         """Once both the exporter's fresh build and the trainer's model are known: the export at the trainer's
         geometry and dtypes, and one buffer per rank for the state."""
         if self.layout is None or self.geometry is None or self.plan is not None:
@@ -130,7 +126,7 @@ class TrainerFrames:
         for member, fd in zip(self.ranks.members, self.state_fds, strict=True):
             member.channel.send_json(Kind.SHARE, {"where": "memfd", "layout": theirs}, fds=(fd,))
 
-    def _ready(self: _Session, role: str) -> None:
+    def _ready(self, role: str) -> None:
         self.ready.add(role)
         if self.ready == {"scorer", "trainer"}:
             self.stream_started = time.monotonic()
@@ -139,7 +135,7 @@ class TrainerFrames:
             self.trainer_waiting = True
             self._advance()
 
-    def _advance(self: _Session) -> None:
+    def _advance(self) -> None:
         """Release the next batch when every rank waits for one."""
         if not self.trainer_waiting or self.snapshotting is not None or self.batches is None \
                 or self.ready != {"scorer", "trainer"}:
@@ -168,7 +164,7 @@ class TrainerFrames:
                                                   or secrets.randbelow(GPU_RANK_CHECK_EVERY) == 0)
         self.channels["scorer"].send(Kind.SNAPSHOT, f"{piece.index}{' compare' if compare else ''}".encode())
 
-    def _release(self: _Session, piece: BatchSlice) -> None:
+    def _release(self, piece: BatchSlice) -> None:
         """Batch k to the ranks, each its own rows (after its snapshot)."""
         batch_size, seq_len = self.outcome.batch_size, self.outcome.seq_len
         assert batch_size is not None and seq_len is not None

@@ -1,6 +1,6 @@
 """Seed replicas in the store: every scored run's chunk curve (`seed_runs`), the replica queue (queued when the
-policy in prism_ray/ranking/replicas.py asks, claimed and leased like any queue item) and each epoch's seed secret, shown
-only once the epoch has closed. After every change to the board the policy is asked again."""
+policy in prism_ray/ranking/replicas.py asks, claimed and leased like any queue item) and each epoch's seed secret,
+shown only once the epoch has closed. After every change to the board the policy is asked again."""
 
 from __future__ import annotations
 

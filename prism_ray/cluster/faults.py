@@ -51,3 +51,14 @@ def _reason(rule: str, error: BaseException) -> Reason:
     said = (str(error).strip().splitlines() or [""])[0][:300]
     return Reason(rule=rule, message=f"{RULES[rule]} ({type(error).__name__}: {said}); this attempt is not charged "
                   "to the miner")
+
+
+def system_failure(error: BaseException) -> Reason:
+    """Another system failure (a worker or node lost, …): `infra:<its kind>`, retried and counted."""
+    return Reason(rule=f"infra:{_snake(type(error).__name__)}",
+                  message=f"a system failure ended this attempt, it is retried: {str(error)[:500]}")
+
+
+def _snake(name: str) -> str:
+    """NodeDiedError → node_died."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name.removesuffix("Error")).lower()

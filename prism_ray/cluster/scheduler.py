@@ -25,12 +25,9 @@ and fails `run:timeout` (GPU stages) or `infra:stage_timeout`.
 from __future__ import annotations
 
 import logging
-import random
-import re
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -38,7 +35,8 @@ from ray import ObjectRef
 from ray.actor import ActorHandle
 from ray.exceptions import RayError, RayTaskError
 
-from prism_ray.cluster.faults import operator_fault
+from prism_ray.cluster.chain import Chain, other_gpu_node
+from prism_ray.cluster.faults import operator_fault, system_failure
 from prism_ray.cluster.metrics import SchedulerMetrics
 from prism_ray.cluster.store_actor import Beat
 from prism_ray.cluster.tasks import StageTasks, run_slots
@@ -52,25 +50,6 @@ SCHEDULER_NAME = "prism-scheduler"
 _CAPACITY_REFRESH_SECONDS = 5.0
 _DRAIN_SECONDS = 30.0  # how long stop() waits for cancelled stage tasks to end
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Chain:
-    """One claimed attempt of a queue item moving through its plan of stages."""
-
-    job: Job  # for an audit, job.submission_id is the audit's id: its leases and timeline are the audit's
-    bundle: ObjectRef
-    settings: ObjectRef
-    plan: tuple[int, ...]  # indices into STAGES, in order
-    submission_id: str  # the submission the chain runs (the one an audit re-runs)
-    target: str | None = None  # where an audit's GPU stages must run
-    stage: int = -1
-    outcome: ObjectRef | None = None  # the running stage's Outcome
-    payloads: dict[str, ObjectRef] = field(default_factory=dict)
-    nodes: dict[str, str] = field(default_factory=dict)  # stage → the node it ran on
-    timings: dict[str, float] = field(default_factory=dict)  # stage → seconds, measured inside its task
-    started: float = 0.0  # monotonic, of the running stage
-    deadline: float = float("inf")  # monotonic; a GPU stage's clock starts when its task does, not while it queues
 
 
 class Scheduler:
@@ -193,7 +172,7 @@ class Scheduler:
         audits = ray.get(self.store.claim_audit_runs.remote(owner, free))
         for audit, zipped in audits:  # the audit's GPU stages avoid the node of the run it repeats
             self._audits_claimed += 1
-            self._start_rerun(audit, zipped, owner, _other_gpu_node(audit.original_node))
+            self._start_rerun(audit, zipped, owner, other_gpu_node(audit.original_node))
         free -= len(audits)
         # Replicas next: the board's top places wait on them, as weights wait on audits.
         replicas = ray.get(self.store.claim_replica_runs.remote(owner, free)) if free > 0 else []
@@ -377,9 +356,7 @@ class Scheduler:
             self.metrics.record_end(outcome.verdict, outcome.reasons[0].rule if outcome.reasons else None)
 
     def _requeue(self, job: Job, error: RayError) -> None:
-        self._requeue_reason(job, Reason(rule=f"infra:{_snake(type(error).__name__)}",
-                                         message=f"a system failure ended this attempt, it is retried: "
-                                                 f"{str(error)[:500]}"))
+        self._requeue_reason(job, system_failure(error))
 
     def _requeue_uncharged(self, job: Job, reason: Reason) -> None:
         status = ray.get(self.store.requeue_uncharged.remote(job.submission_id, reason, job.owner, job.attempt,
@@ -400,18 +377,6 @@ class Scheduler:
         chain = self._chains.pop(submission_id, None)
         if cancel and chain is not None:
             ray.cancel(chain.outcome, force=True)
-
-
-def _other_gpu_node(avoid: str | None) -> str | None:
-    """A live GPU node other than `avoid`, or None (then Ray picks any node: the cluster has no other)."""
-    nodes = [node["NodeID"] for node in ray.nodes()
-             if node["Alive"] and node["Resources"].get("GPU", 0) > 0 and node["NodeID"] != avoid]
-    return random.choice(nodes) if nodes else None
-
-
-def _snake(name: str) -> str:
-    """NodeDiedError → node_died."""
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name.removesuffix("Error")).lower()
 
 
 class _SchedulerActor(Scheduler):

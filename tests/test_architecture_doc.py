@@ -102,6 +102,8 @@ def test_every_module_is_in_a_module_table():
     found = tables(DOC.read_text())
     listed = {path.with_suffix("") for table in found if table.lists_modules for path in table.paths(modules_only=True)}
     described = {PACKAGE} | {table.base for table in found if table.lists_modules}  # packages with a table of their own
+    # a sub-package is listed by name (`store/`) or module by module (`gate/hard_gate.py`, `gate/prompt.py`)
+    listed |= {package for package in modules_in(PACKAGE) if package.is_dir() and modules_in(package) <= listed}
     unlisted = sorted(str(path.relative_to(REPO)) for package in described for path in modules_in(package)
                       if path not in listed)
     assert unlisted == [], f"docs/architecture.md's module tables leave out: {unlisted}"

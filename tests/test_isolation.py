@@ -18,6 +18,7 @@ from miners import bigram_architecture
 from prism_ray.config import EMBEDDED_DATA_DIR
 from prism_ray.harness import isolation
 from prism_ray.harness.isolation import SandboxPolicy, sandbox_available
+from prism_ray.harness.supervise import Runner
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.skipif(not sandbox_available(), reason="bubblewrap is required (apt-get install bubblewrap)")]
 
@@ -196,6 +197,19 @@ def test_status_137_from_inside_is_a_crash_not_a_free_retry(bundle_factory, tmp_
     turned its own failure into `infra:runner_killed`, retried and never charged)."""
     outcome = run(bundle_factory, tmp_path, attack("    os._exit(137)\n"))
     assert outcome.status == "failed" and [r.rule for r in outcome.reasons] == ["run:crash"], outcome.reasons
+
+
+def test_a_runner_the_parent_had_to_stop_is_a_crash_not_an_outside_kill(tmp_path):
+    """The parent kills a runner that outlives its time (an exporter that does not exit after its graph, a graph
+    landed at the deadline): that SIGKILL is ours, not an operator's, so it must not read as `infra:runner_killed` (a
+    red team's way to turn a failure under a replica's secret seed into a system failure that leaves the score)."""
+    runner = Runner("exporter", tmp_path, 1, SandboxPolicy(mode="required"), (), None)
+    try:
+        assert runner.wait(0.5) is None  # it waits for a parent that never speaks
+        reason = runner.end_reason("it did not exit")
+    finally:
+        runner.close()
+    assert reason.rule == "run:crash" and "was stopped" in reason.message, reason
 
 
 def test_the_checkout_around_an_editable_install_is_not_in_the_sandbox(tmp_path):

@@ -58,6 +58,7 @@ class Runner:
         os.chmod(socket_path, 0o777)  # the sandbox runs as an unprivileged uid; the dir around it stays private
         policy = replace(policy, readable=(*policy.readable, *readable, self.ipc_dir), artifacts_dir=artifacts_dir)
         self.oom_kills = _oom_kills()
+        self.stopped = False  # killed by us (it outlived its time): never an outside kill
         argv = [sys.executable, "-m", module, str(socket_path), role]
         if world_size > 1:  # N trainer ranks in this one sandbox, started by a launcher of ours
             argv = [sys.executable, "-m", "prism_ray.harness.launch_ranks", str(socket_path), str(world_size)]
@@ -83,6 +84,9 @@ class Runner:
     def end_reason(self, detail: str) -> Reason:
         """Why the runner is gone, once it is: memory, an outside kill, or a crash with its last output."""
         code = self.process.wait(5.0)
+        if self.stopped:  # our own kill: the runner outlived the time it had, which is the bundle's doing
+            return Reason(rule="run:crash", message=f"the {self.role} did not exit when its work was done ({detail}) "
+                          "and was stopped")
         if code in (-signal.SIGKILL, 128 + signal.SIGKILL) and _oom_kills() > self.oom_kills:
             return Reason(rule="run:out_of_memory", message=f"the {self.role} was killed by the kernel's "
                           "out-of-memory killer: the run used more memory than this node has for it")
@@ -97,6 +101,7 @@ class Runner:
     def wait(self, timeout: float) -> int | None:
         code = self.process.wait(timeout)
         if code is None:
+            self.stopped = True
             self.process.kill()
         return code
 
@@ -105,6 +110,7 @@ class Runner:
         shutil.rmtree(self.ipc_dir, ignore_errors=True)
         process = getattr(self, "process", None)
         if process is not None and process.poll() is None:
+            self.stopped = True
             process.kill()
 
 

@@ -40,18 +40,24 @@ BIGRAM_ARCHITECTURE = bigram_architecture()
 
 
 def learner_loop(batch_size: int = 4, seq_len: int = 128, optimizer: str = "Adam", lr: float | str = 0.01,
-                 pause: float | None = None) -> str:
+                 pause: float | None = None, any_world_size: bool = False) -> str:
     """An honest training script: backprop through the harness's forward (with_logits=True) on every batch; `lr` may
-    be an expression; `pause` sleeps that many seconds after every batch, to stretch a training out."""
+    be an expression; `pause` sleeps that many seconds after every batch, to stretch a training out;
+    `any_world_size` averages the ranks' gradients, so the loop is correct at several ranks too."""
     clock, sleep = ("import time\n", f"\n        time.sleep({pause!r})") if pause is not None else ("", "")
+    join, average = ("\n    if ctx.world_size > 1:\n        torch.distributed.init_process_group('gloo')",
+                     "\n        if ctx.world_size > 1:  # every rank steps on the whole batch's mean gradient"
+                     "\n            for parameter in model.parameters():"
+                     "\n                torch.distributed.all_reduce(parameter.grad)"
+                     "\n                parameter.grad /= ctx.world_size") if any_world_size else ("", "")
     return f"""
 {clock}import torch
 
 def train(ctx):
-    model = ctx.build_model()
+    model = ctx.build_model(){join}
     optimizer = torch.optim.{optimizer}(model.parameters(), lr={lr})
     for batch in ctx.iter_train_batches(model, batch_size={batch_size}, seq_len={seq_len}, with_logits=True):
-        batch.loss.backward()
+        batch.loss.backward(){average}
         optimizer.step()
         optimizer.zero_grad(){sleep}
 """

@@ -29,7 +29,7 @@ def main(address: str, settings_file: str) -> None:
         "record": lambda id: ray.get(store.get_submission.remote(id)).model_dump(mode="json"),
         "runs": lambda id: [run.model_dump(mode="json") for run in ray.get(store.runs.remote(id))],
         "events": lambda id: [event.model_dump(mode="json") for event in ray.get(store.events.remote(id))],
-        "scored": lambda: [row["submission_id"] for row in ray.get(store.scored_rows.remote())],
+        "scored": lambda: [row.submission_id for row in ray.get(store.scored_rows.remote())],
         "nodes": lambda: [{"id": node["NodeID"], "ip": node["NodeManagerAddress"], "alive": node["Alive"],
                            "gpus": node["Resources"].get("GPU", 0)} for node in ray.nodes()],
         "stats": lambda: ray.get(handle.scheduler.stats.remote()),

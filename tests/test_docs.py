@@ -316,7 +316,7 @@ def workspace(tmp_path_factory) -> Iterator[Workspace]:
     runs on it, the demo, and the rest. Much of each is waiting (Ray starting, a server polled), so together they
     take about half as long as one after the other."""
     ws = Workspace(tmp_path_factory.mktemp("docs"))
-    bundle = write_bundle(ws.root / "bundle", bigram_architecture(), learner_loop(),
+    bundle = write_bundle(ws.root / "bundle", bigram_architecture(), learner_loop(any_world_size=True),
                           "name: docs-bigram\ntokenizer: bytes\n")
     # The same code zipped: submitted under another hotkey it is a duplicate, which costs the cluster no training
     (ws.root / "model.zip").write_bytes(bundle_bytes(bundle))

@@ -107,7 +107,7 @@ def test_a_signed_post_is_scored_ranked_and_weighted(service, http):
     assert wrong.status_code == 401 and wrong.headers["WWW-Authenticate"] == "Bearer"
     page = http.get(f"/submissions/{accepted['id']}")
     assert page.status_code == 200 and "full-path" in page.text
-    node_id = ray.get(service.cluster.store.runs.remote(accepted["id"]))[-1]["node"]
+    node_id = ray.get(service.cluster.store.runs.remote(accepted["id"]))[-1].node
     [node] = [node for node in ray.nodes() if node["NodeID"] == node_id]
     assert node["NodeManagerAddress"] in page.text and node_id not in page.text  # where it ran, as a person reads it
 
@@ -239,7 +239,7 @@ def test_200_concurrent_posts_are_all_stored_once_and_all_reach_a_terminal_state
         assert rule == expected_rule, state
         if n % 20 == 0:
             runs = ray.get(service.cluster.store.runs.remote(state["id"]))
-            assert [run["attempt"] for run in runs] == [1] and runs[0]["status"] == "completed"
+            assert [run.attempt for run in runs] == [1] and runs[0].status == "completed"
     store = service.cluster.store
     stored = ray.get([store.list_submissions.remote(None, miner.ss58_address, 10) for miner in miners])
     assert [[record.id for record in records] for records in stored] == [[submission_id] for submission_id in ids]

@@ -6,6 +6,9 @@ Rows (same model, optimizer, geometry and batches everywhere; every eval with th
 - bare loop: forward + backward + step, nothing else;
 - bare + scorer forward: the bare loop plus the scorer's per-batch work (`target_log_probs`, no grad, its record
   included) — the floor of a miner that writes its own loss, whose step is scored forward + forward + backward;
+- reference: the bare loop plus a scoring forward written the way an in-process runner (the original PRISM
+  runner) writes it: `F.cross_entropy(..., reduction="sum")` under no_grad, before the step. The scorer's
+  `target_log_probs` gives the same numbers bit for bit, a few rows at a time (faster on CPU);
 - eval, own forward: examples/tiny-gpt with the loss written in training.py (the way most miners write a loop);
 - eval, with_logits: examples/tiny-gpt as shipped. The trainer runs its forward with graph and the scorer scores
   its own snapshot anyway, so this path pays a forward too: it is compared with both bare rows;
@@ -24,11 +27,17 @@ Two figures per variant:
   measures the share the scheduler gave, CPU time the work done; read the ratios of the second when the load
   average is above the core count. CPU ratios are written speed-like: base cost ÷ variant cost.
 
-Targets: own forward ÷ bare+fwd ≥ 0.97; with_logits ÷ bare ≥ 0.97; new ÷ old ≥ 1.0 (the trusted scorer costs no
-more than the previous scorer + prober).
+Targets: own forward ÷ reference ≥ 1.0 on both workloads (issue "Faster than the untrusted reference");
+with_logits ÷ bare ≥ 0.97; new ÷ old ≥ 1.0 (with `--old-commit`: this checkout against an earlier harness).
 
-    python bench/harness_overhead.py [--byte-budget 24000] [--rounds 3] [--quick] [--no-old] [--old-commit SHA]
-        [--only bare_fwd,own,old_own]
+    python bench/harness_overhead.py [--workload tiny-gpt|count] [--byte-budget 24000] [--rounds 3] [--quick]
+        [--no-old] [--old-commit SHA] [--only bare_fwd,own,old_own]
+
+`--workload count` swaps tiny-gpt for an overhead-bound bundle: a byte bigram table (257×257 logits looked up per
+token, Adam), whose step costs about as much as the harness's per-batch hand-offs, so per-batch overhead shows
+("bare loop + the scorer's forward" is the reference-style loop: scoring forward and step in one process, which is
+what the original PRISM runner does). Both workloads' training step is one piece of source, run by the bare loops
+and by the eval's training.py alike.
 
 `--old-commit` compares with another commit's harness instead (e.g. the one before a change: before/after in one
 run); `--only` runs a subset of the variants (names as in `variants` below).
@@ -37,7 +46,6 @@ run); `--only` runs a subset of the variants (names as in `variants` below).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -54,28 +62,100 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "tiny-gpt"
 DRIVER = REPO / "bench" / "eval_driver.py"
 OLD_COMMIT = "ce813fd"  # the last harness whose scorer and prober ran architecture.py
-BATCH, LENGTH = 8, 128
 HELDOUT_BYTES = 1  # one batch per held-out pass: it runs after the stream and is not timed, so keep it short
-OWN_LOSS = '''
+TINY_GPT_STEP = '''
 import torch
 import torch.nn.functional as F
 
+BATCH, LENGTH = 8, 128
+
+
+
+def make_optimizer(model):
+    return torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+def step(model, optimizer, tokens, index):
+    for group in optimizer.param_groups:
+        group["lr"] = 3e-3 * min(1.0, (index + 1) / 20)
+    logits = model(tokens)
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+'''
+COUNT_ARCHITECTURE = '''
+"""A byte bigram table: the logits of the next byte are a row looked up by the current one."""
+
+import torch
+from torch import nn
+
+
+class Bigram(nn.Module):
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.table = nn.Embedding(vocab_size, vocab_size)
+        nn.init.zeros_(self.table.weight)
+
+    def forward(self, tokens):
+        return self.table(tokens)
+
+
+def build_model(ctx):
+    return Bigram(ctx.vocab_size)
+'''
+COUNT_STEP = '''
+import torch
+import torch.nn.functional as F
+
+BATCH, LENGTH = 4, 64
+
+
+def make_optimizer(model):
+    return torch.optim.Adam(model.parameters(), lr=0.05)
+
+
+def step(model, optimizer, tokens, index):
+    logits = model(tokens)
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+'''
+TRAIN_LOOP = '''
 
 def train(ctx):
     model = ctx.build_model().to(ctx.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    warmup = 20
+    optimizer = make_optimizer(model)
     model.train()
-    for step, batch in enumerate(ctx.iter_train_batches(model, batch_size=8, seq_len=128)):
-        for group in optimizer.param_groups:
-            group["lr"] = 3e-3 * min(1.0, (step + 1) / warmup)
-        logits = model(batch.tokens)
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch.tokens[:, 1:].reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    for index, batch in enumerate(ctx.iter_train_batches(model, batch_size=BATCH, seq_len=LENGTH)):
+        step(model, optimizer, batch.tokens, index)
 '''
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A bundle and its training step: `step_source` is the eval's training.py (with TRAIN_LOOP) and the bare
+    loops' step."""
+    name: str
+    tokenizer: str
+    architecture: str  # source of architecture.py
+    step_source: str
+    with_logits_example: Path | None  # a shipped example that trains through with_logits=True, if the workload has one
+
+    def write_bundle(self, where: Path) -> Path:
+        where.mkdir(parents=True)
+        (where / "prism.yaml").write_text(f"name: {self.name}-own-loss\ntokenizer: {self.tokenizer}\n")
+        (where / "architecture.py").write_text(self.architecture)
+        (where / "training.py").write_text(self.step_source + TRAIN_LOOP)
+        return where
+
+
+WORKLOADS = {
+    "tiny-gpt": Workload("tiny-gpt", "gpt2", (EXAMPLE / "architecture.py").read_text(), TINY_GPT_STEP, EXAMPLE),
+    "count": Workload("count", "bytes", COUNT_ARCHITECTURE, COUNT_STEP, None),
+}
 
 
 @dataclass
@@ -85,7 +165,9 @@ class Measured:
 
 
 def bare_child(job: dict) -> None:
-    """`--bare JOB`: examples/tiny-gpt's work with no harness, in this fresh process; one JSON line."""
+    """`--bare JOB`: the workload's work with no harness, in this fresh process; one JSON line."""
+    import types
+
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -98,33 +180,35 @@ def bare_child(job: dict) -> None:
     from prism_ray.harness.stream import StreamPlan
 
     torch.set_num_threads(job["threads"])
-    spec = importlib.util.spec_from_file_location("tiny_gpt_architecture", EXAMPLE / "architecture.py")
-    architecture = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(architecture)
-    stream = load_token_stream(open_dataset(EMBEDDED_DATA_DIR), "train", "gpt2", Path(job["cache_dir"]))
-    plan = StreamPlan(np.asarray(stream.tokens), stream.byte_lengths, BATCH, LENGTH, job["byte_budget"])
-    batches = [(rows(piece.chunk, LENGTH), piece.targets) for piece in plan.batches()]
+    workload = WORKLOADS[job["workload"]]
+    architecture, training = types.ModuleType("architecture"), types.ModuleType("training")
+    exec(compile(workload.architecture, "architecture.py", "exec"), architecture.__dict__)
+    exec(compile(workload.step_source, "training.py", "exec"), training.__dict__)
+    batch, length = training.BATCH, training.LENGTH
+    stream = load_token_stream(open_dataset(EMBEDDED_DATA_DIR), "train", workload.tokenizer, Path(job["cache_dir"]))
+    plan = StreamPlan(np.asarray(stream.tokens), stream.byte_lengths, batch, length, job["byte_budget"])
+    batches = [(rows(piece.chunk, length), piece.targets) for piece in plan.batches()]
     force_seed(job["seed"])
-    model = architecture.TinyGPT(stream.vocab_size, job["max_seq_len"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    model.train()  # tiny-gpt has no dropout: train and eval mode compute the same forward
+    ctx = types.SimpleNamespace(vocab_size=stream.vocab_size, max_seq_len=job["max_seq_len"],
+                                sequence_length=job["max_seq_len"], device="cpu")
+    model = architecture.build_model(ctx)
+    optimizer = training.make_optimizer(model)
+    model.train()
     recorded, targets, cpu_after_first = 0.0, 0, 0.0
     started = time.perf_counter()
-    for step, (tokens, count) in enumerate(batches):
-        if job["extra_forward"]:  # exactly the scorer's per-batch computation, its record included
+    for index, (tokens, count) in enumerate(batches):
+        if job["extra_forward"] == "scorer":  # exactly the scorer's per-batch computation, its record included
             with torch.no_grad():
                 logits = model(tokens)
             recorded += -float(target_log_probs(logits, tokens[:, 1:]).double().sum())
-        for group in optimizer.param_groups:
-            group["lr"] = 3e-3 * min(1.0, (step + 1) / 20)
-        logits = model(tokens)
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        elif job["extra_forward"] == "reference":  # a scoring forward the way an in-process runner writes it
+            with torch.no_grad():
+                logits = model(tokens)
+                recorded += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                  tokens[:, 1:].reshape(-1), reduction="sum"))
+        training.step(model, optimizer, tokens, index)
         targets += count
-        if step == 0:
+        if index == 0:
             cpu_after_first = time.process_time()
     elapsed = time.perf_counter() - started
     window = targets - batches[0][1]
@@ -132,7 +216,7 @@ def bare_child(job: dict) -> None:
                       "cpu_ms_per_k": (time.process_time() - cpu_after_first) * 1e6 / window if window else 0.0}))
 
 
-def run_bare(job: dict, extra_forward: bool) -> Measured:
+def run_bare(job: dict, extra_forward: str | None) -> Measured:
     from prism_ray.harness.supervise import runner_env
 
     env = {**runner_env(job["threads"], "trainer"), "PYTHONPATH": str(REPO)}
@@ -176,6 +260,8 @@ def load() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="tiny-gpt",
+                        help="tiny-gpt (compute-bound) or count (overhead-bound)")
     parser.add_argument("--byte-budget", type=int, default=24_000, help="bytes scored per run")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table shows medians")
     parser.add_argument("--quick", action="store_true", help="a tiny run: 8,000 bytes, one round")
@@ -198,29 +284,32 @@ def main() -> None:
         os.chmod(scratch, 0o711)  # the sandboxes run as another uid and must pass through to their run dirs
         settings = Settings()
         cache = scratch / "cache"
-        load_token_stream(open_dataset(EMBEDDED_DATA_DIR), "train", "gpt2", cache)  # built once, before timing
-        own_loss = scratch / "tiny-gpt-own-loss"
-        shutil.copytree(EXAMPLE, own_loss)
-        (own_loss / "training.py").write_text(OWN_LOSS)
+        workload = WORKLOADS[args.workload]
+        load_token_stream(open_dataset(EMBEDDED_DATA_DIR), "train", workload.tokenizer, cache)  # before timing
+        own_loss = workload.write_bundle(scratch / f"{workload.name}-own-loss")
         # the cache (run dirs included) sits outside the trees: the old sandbox hides a cache inside a bound dir
         env = {**os.environ, "PRISM_GATE_MODE": "off", "PRISM_CACHE_DIR": str(cache),
                "PRISM_BYTE_BUDGET": str(args.byte_budget), "PRISM_SCORING_HELDOUT_BYTE_BUDGET": str(HELDOUT_BYTES)}
         no_probes = {**env, "PRISM_CAUSALITY_PROBE_EVERY": "0", "PRISM_CAUSALITY_PROBE_ROWS": "0"}  # new, old
         threads = settings.runner_threads or len(os.sched_getaffinity(0))
         job = {"cache_dir": str(cache), "byte_budget": args.byte_budget, "seed": settings.seed,
-               "max_seq_len": settings.max_seq_len, "threads": threads}
+               "max_seq_len": settings.max_seq_len, "threads": threads, "workload": workload.name}
         variants: dict[str, Callable[[], Measured]] = {
-            "bare": lambda: run_bare(job, extra_forward=False),
-            "bare_fwd": lambda: run_bare(job, extra_forward=True),
+            "bare": lambda: run_bare(job, extra_forward=None),
+            "bare_fwd": lambda: run_bare(job, extra_forward="scorer"),
+            "reference": lambda: run_bare(job, extra_forward="reference"),
             "own": lambda: run_eval(REPO, own_loss, env),
-            "logits": lambda: run_eval(REPO, EXAMPLE, env),
             "own_p0": lambda: run_eval(REPO, own_loss, no_probes),
-            "logits_p0": lambda: run_eval(REPO, EXAMPLE, no_probes),
         }
+        logits_bundle = workload.with_logits_example
+        if logits_bundle is not None:
+            variants["logits"] = lambda: run_eval(REPO, logits_bundle, env)
+            variants["logits_p0"] = lambda: run_eval(REPO, logits_bundle, no_probes)
         old, old_note = (None, "old path skipped (--no-old)") if args.no_old else export_old(scratch, args.old_commit)
         if old is not None:
             variants["old_own"] = lambda: run_eval(old, own_loss, env)
-            variants["old_logits"] = lambda: run_eval(old, EXAMPLE, env)
+            if logits_bundle is not None:
+                variants["old_logits"] = lambda: run_eval(old, logits_bundle, env)
         names = [name for name in variants if not args.only or name in args.only.split(",")]
         results: dict[str, list[Measured]] = {name: [] for name in names}
         loads = [load()]
@@ -231,6 +320,12 @@ def main() -> None:
             loads.append(load())
         elapsed = time.monotonic() - started
     print_table(args, threads, results, loads, elapsed, old_note)
+
+
+def geometry(workload: Workload) -> tuple[int, int]:
+    names: dict = {}
+    exec(compile(workload.step_source, "training.py", "exec"), names)
+    return names["BATCH"], names["LENGTH"]
 
 
 def print_table(args: argparse.Namespace, threads: int, results: dict[str, list[Measured]], loads: list[str],
@@ -244,36 +339,42 @@ def print_table(args: argparse.Namespace, threads: int, results: dict[str, list[
     def by_cost(name: str, base: str) -> str:
         return f"{cost[base] / cost[name]:.3f}" if name in cost and base in cost else "—"
 
-    print(f"harness overhead: tiny-gpt on CPU, GPT-2 tokens, embedded data, B={BATCH} L={LENGTH}, "
-          f"{args.byte_budget:,} bytes per run, {threads} torch threads per process")
+    workload = WORKLOADS[args.workload]
+    batch, length = geometry(workload)
+    print(f"harness overhead: {workload.name} on CPU, {workload.tokenizer} tokens, embedded data, B={batch} "
+          f"L={length}, {args.byte_budget:,} bytes per run, {threads} torch threads per process")
     print(f"machine: {len(os.sched_getaffinity(0))} cores; median of {args.rounds} interleaved round(s), "
           f"{elapsed:.0f} s; load average (1/5/15 min) at start and after each round: " + " | ".join(loads))
     print(old_note)
     rows = [
         ("bare", "bare loop: fwd + bwd + step", "", ""),
         ("bare_fwd", "bare loop + the scorer's forward", "", ""),
-        ("own", "eval, own forward", "≥0.97 ÷bare+fwd", "old_own"),
+        ("reference", "reference: bare loop + F.cross_entropy fwd", "", ""),
+        ("own", "eval, own forward", "≥1.0 ÷ref", "old_own"),
         ("logits", "eval, with_logits=True", "≥0.97 ÷bare", "old_logits"),
         ("own_p0", "eval, own forward, probes off", "", "old_own"),
         ("logits_p0", "eval, with_logits=True, probes off", "", "old_logits"),
         ("old_own", f"old path ({args.old_commit}), own forward", "", ""),
         ("old_logits", f"old path ({args.old_commit}), with_logits=True", "", ""),
     ]
-    print(f"  {'':<40} {'--------- wall clock ---------':^37} | {'------------ CPU time ------------':^40}")
-    print(f"  {'variant':<40} {'tok/s':>7} {'÷bare':>6} {'÷b+fwd':>6} {'÷old':>6}  {'rounds':<9}| "
-          f"{'ms/1k tok':>9} {'÷bare':>6} {'÷b+fwd':>6} {'÷old':>6}  {'rounds':<9}| target")
+    print(f"  {'':<44} {'------------- wall clock -------------':^45} | "
+          f"{'---------------- CPU time ----------------':^48}")
+    print(f"  {'variant':<44} {'tok/s':>8} {'÷bare':>6} {'÷b+fwd':>6} {'÷ref':>6} {'÷old':>6}  {'rounds':<9}| "
+          f"{'ms/1k tok':>9} {'÷bare':>6} {'÷b+fwd':>6} {'÷ref':>6} {'÷old':>6}  {'rounds':<9}| target")
     for name, label, target, old in rows:
         if name not in speed:
             continue
         walls = ",".join(f"{m.tokens_per_second:.0f}" for m in results[name])
         cpus = ",".join(f"{m.cpu_ms_per_k:.0f}" for m in results[name])
-        print(f"  {label:<40} {speed[name]:7,.0f} {by_speed(name, 'bare'):>6} {by_speed(name, 'bare_fwd'):>6} "
-              f"{by_speed(name, old) if old else '':>6}  {walls:<9}| {cost[name]:9,.0f} {by_cost(name, 'bare'):>6} "
-              f"{by_cost(name, 'bare_fwd'):>6} {by_cost(name, old) if old else '':>6}  {cpus:<9}| {target}")
-    print("with_logits pays a forward under the trusted design: the trainer's forward (with graph) cannot be the "
-          "scored one, since the trainer runs training.py; the scorer scores its own private snapshot. So "
-          f"with_logits ÷ bare can reach at most about bare+fwd ÷ bare ({by_speed('bare_fwd', 'bare')} wall, "
-          f"{by_cost('bare_fwd', 'bare')} CPU here), not 0.97.")
+        print(f"  {label:<44} {speed[name]:8,.0f} {by_speed(name, 'bare'):>6} {by_speed(name, 'bare_fwd'):>6} "
+              f"{by_speed(name, 'reference'):>6} {by_speed(name, old) if old else '':>6}  {walls:<9}| "
+              f"{cost[name]:9,.1f} {by_cost(name, 'bare'):>6} {by_cost(name, 'bare_fwd'):>6} "
+              f"{by_cost(name, 'reference'):>6} {by_cost(name, old) if old else '':>6}  {cpus:<9}| {target}")
+    if "logits" in speed:
+        print("with_logits pays a forward under the trusted design: the trainer's forward (with graph) cannot be the "
+              "scored one, since the trainer runs training.py; the scorer scores its own private snapshot. So "
+              f"with_logits ÷ bare can reach at most about bare+fwd ÷ bare ({by_speed('bare_fwd', 'bare')} wall, "
+              f"{by_cost('bare_fwd', 'bare')} CPU here), not 0.97.")
     if "old_own" in speed:
         print(f"scorer process cost vs. the old path (new ÷ old, issue #14 target ≥ 0.95), wall / CPU: own forward "
               f"{by_speed('own', 'old_own')} / {by_cost('own', 'old_own')}, with_logits "

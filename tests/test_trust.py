@@ -267,3 +267,26 @@ def test_a_model_that_tells_probes_from_scoring_is_still_caught(bundle_factory, 
         assert bpb(outcome) >= bpb(honest) - 1e-9, f"{rule} gained: bpb {bpb(outcome):.3f}"
     else:
         assert outcome.reasons[0].rule in ("run:non_causal", "contract:not_exportable"), outcome.reasons
+
+
+# The trainer's batch channel to the scorer (docs/architecture.md, "Trust boundaries"): only empty NEXT frames.
+BATCH_CHANNEL = """
+    from prism_ray.harness.protocol import Channel, Kind
+
+    def batch_channel():
+        harness = next(o for o in gc.get_objects() if type(o).__name__ == "TrainerHarness")
+        return next(o for o in gc.get_objects() if isinstance(o, Channel) and o is not harness.channel)
+"""
+
+
+@pytest.mark.parametrize(("step", "expected"), [
+    ("if batch.index == 1: batch_channel().send(Kind.GEOMETRY, b'{}')", "sent GEOMETRY on its batch channel"),
+    ("if batch.index == 1: batch_channel().send(Kind.NEXT, b'x' * 100)", "frame of 100 bytes is over the limit"),
+    ("if batch.index == 1: batch_channel().sock.sendall(bytes([0, 0])); threading.Event().wait(8)",
+     "stopped in the middle of a frame"),  # the rest never comes: a bounded wait, not the run's clock
+])
+def test_the_batch_channel_takes_only_requests(bundle_factory, tmp_path, honest, step, expected):
+    outcome = run(bundle_factory, tmp_path, trainer(BATCH_CHANNEL, step))
+    assert [reason.rule for reason in outcome.reasons] == ["run:crash"], outcome.reasons or outcome.log_tail
+    assert expected in outcome.reasons[0].message
+    assert outcome.batch_nats == honest.batch_nats[:len(outcome.batch_nats)]  # what was scored before stays right

@@ -1,8 +1,10 @@
-"""The parent↔runner wire format: length-prefixed frames over Unix sockets.
+"""The harness's wire format: length-prefixed frames over Unix sockets.
 
-Runners are untrusted, so the parent validates every frame it reads; the format stays tiny so it costs nothing
-per batch. Control frames are JSON, batches, loss records and log-prob rows are packed binary. The parent can pass
-a file descriptor with a frame (SCM_RIGHTS): that is how both sandboxes get the same shared-state memfd.
+Parent↔runner channels carry the run's control; each trainer rank also has a batch channel straight to the scorer
+(NEXT up, its rows of a batch or END down), so the parent is off the per-batch hot path. The trainer is untrusted,
+so whoever reads its frames validates them; the format stays tiny so it costs nothing per batch. Control frames
+are JSON, batches, loss records and log-prob rows are packed binary. The parent can pass a file descriptor with a
+frame (SCM_RIGHTS): that is how both sandboxes get the same shared-state memfd and the two ends of a batch channel.
 """
 
 from __future__ import annotations
@@ -30,22 +32,22 @@ class Kind(IntEnum):
     CONFIG = 1  # parent → runner: the run spec
     HELLO = 2  # runner → parent: started, environment facts
     GEOMETRY = 3  # trainer → parent: batch_size, seq_len, with_logits and the model's state layout (once)
-    BATCH = 4  # parent → runner: tokens; aux = held-out model (scorer), unused (trainer)
-    RECORD = 5  # scorer → parent: the loss of one batch
-    NEXT = 6  # trainer → parent: the miner asks for the next batch
-    END = 7  # parent → runner: the stream (or the run) is over
+    BATCH = 4  # tokens, parent → scorer (aux: 1 = compare the ranks at its snapshot; held-out: which state) and
+    # scorer → trainer rank (its rows, after the snapshot)
+    RECORD = 5  # scorer → parent: the loss of one batch (in the stream: of one or more, in order)
+    NEXT = 6  # trainer rank → scorer: the miner asks for the next batch
+    END = 7  # parent → runner, scorer → trainer rank: the stream (or the run) is over
     REFUSE = 8  # parent → trainer: a request broke a rule
     INFO = 9  # scorer → parent: facts about the loaded forward (params, logits dtype)
     ERROR = 10  # runner → parent: a typed failure
     DONE = 11  # runner → parent: finished (train(ctx) returned, or the scorer's passes are done)
     LAYOUT = 12  # exporter → parent: the state layout of a fresh build_model()
-    SHARE = 13  # parent → runner: where the shared state lives, with its file descriptor
+    SHARE = 13  # parent → runner: where the shared state lives, with its descriptors (and the batch channels')
     READY = 14  # runner → parent: mapped (the scorer on a GPU: with the descriptors of its exported buffers)
-    SNAPSHOT = 15  # parent → scorer: copy the shared state into private memory now
-    SNAPPED = 16  # scorer → parent: the snapshot is complete; the trainer may now see the batch
-    PROBE = 17  # parent → scorer: a probe batch for the batch just scored (rows, boundaries, tokens)
+    SNAPPED = 16  # scorer → parent: the trained state is taken ("final"); the ranks hear END only now
+    PROBE = 17  # parent → scorer: the probe batch of the batch sent next (rows, boundaries, tokens)
     PROBED = 18  # scorer → parent: each probe row's drift before its boundary
-    FINAL = 19  # parent → scorer: the stream ended; take the trained state now (SNAPPED "final"), before END
+    FINAL = 19  # parent → scorer: no batch follows; at the ranks' next request take the trained state (SNAPPED)
     EXPORT = 20  # parent → exporter: the run's geometry and the trainer's dtypes: export the forward now
     GRAPH = 21  # exporter → parent: the exported graph (JSON), with a memfd of its initial state and constants
     LOAD = 22  # parent → scorer: that graph, with the memfd
@@ -58,9 +60,10 @@ class ProtocolError(Exception):
 class Channel:
     """A framed, blocking channel over a connected socket; recv honours an absolute deadline."""
 
-    def __init__(self, sock: socket.socket, accept_fds: bool = False):
+    def __init__(self, sock: socket.socket, accept_fds: bool = False, max_frame: int = MAX_FRAME):
         self.sock = sock
         self.accept_fds = accept_fds  # the parent never takes descriptors from a runner: it closes them at once
+        self.max_frame = max_frame
         self.fds: list[int] = []  # descriptors received with frames, oldest first
 
     def send(self, kind: Kind, payload: bytes = b"", fds: tuple[int, ...] = ()) -> None:
@@ -83,6 +86,9 @@ class Channel:
     def send_record(self, index: int, nats: float, finite: bool) -> None:
         self.send(Kind.RECORD, _RECORD.pack(index, nats, finite))
 
+    def send_records(self, records: list[tuple[int, float, bool]]) -> None:
+        self.send(Kind.RECORD, b"".join(_RECORD.pack(*record) for record in records))
+
     def send_probe(self, index: int, rows: list[tuple[int, int]], tokens: np.ndarray) -> None:
         """`tokens` [B, L]; `rows` the probed (row, boundary) pairs."""
         batch_size, seq_len = tokens.shape
@@ -97,7 +103,7 @@ class Channel:
     def recv(self, timeout: float | None = None) -> tuple[Kind, bytes]:
         self.sock.settimeout(timeout)
         length, kind = _HEADER.unpack(self._exact(_HEADER.size))
-        if length > MAX_FRAME:
+        if length > self.max_frame:
             raise ProtocolError(f"frame of {length} bytes is over the limit")
         try:
             return Kind(kind), self._exact(length)
@@ -151,6 +157,12 @@ def parse_record(payload: bytes) -> tuple[int, float, bool]:
     if len(payload) != _RECORD.size:
         raise ProtocolError("bad loss record")
     return _RECORD.unpack(payload)
+
+
+def parse_records(payload: bytes) -> list[tuple[int, float, bool]]:
+    if not payload or len(payload) % _RECORD.size:
+        raise ProtocolError("bad loss records")
+    return list(_RECORD.iter_unpack(payload))
 
 
 def parse_probe(payload: bytes) -> tuple[int, np.ndarray, np.ndarray]:

@@ -1,5 +1,6 @@
-"""The trainer's ranks as the trusted parent sees them: one channel per rank, who has reached which step, and the
-rows of a batch each rank gets (docs/architecture.md, "Several ranks").
+"""The trainer's ranks as the trusted parent and the scorer see them: one channel per rank (the parent's control
+channel, the scorer's batch channel), who has reached which step, and the rows of a batch each rank gets
+(docs/architecture.md, "Several ranks").
 
 Rank r of N gets the contiguous block of rows [r·B/N, (r+1)·B/N) of every batch (batch_size is the global batch).
 Every rank must reach each step (iter_train_batches, the next batch, the end) within `timeout` seconds of the

@@ -51,7 +51,8 @@ class RunSpec:
     def runner_spec(self, role: str) -> dict:
         if role == "scorer":  # no bundle, no paths: it runs no miner code and reads no files of ours
             return {"role": role, "vocab_size": self.vocab_size, "max_params": self.max_params, "seed": self.seed,
-                    "device": self.device, "threads": self.threads, "probe_every": self.probe_every}
+                    "device": self.device, "threads": self.threads, "probe_every": self.probe_every,
+                    "rank_timeout": self.rank_timeout}
         bundle = self.bundle_dir if role == "trainer" else self.exporter_bundle_dir
         return {"role": role, "bundle_dir": str(bundle), "architecture": list(self.architecture),
                 "training": list(self.training), "tokenizer": self.tokenizer, "vocab_size": self.vocab_size,

@@ -4,10 +4,12 @@ torch only: no bundle file is in its sandbox, no miner module is imported and no
 It maps the trainer's shared state read-only, loads the forward the exporter traced (a graph of allowlisted ATen
 operations, docs/architecture.md "Trust boundaries") and checks it before any data: its state is the exported
 initial state, its output has the logits' shape, two calls on the same input agree bitwise, it is causal on random
-tokens, and what it reads fits the parameter cap. Per batch it copies the shared state into private memory (the
-snapshot, before the trainer may see the batch), scores the batch on that snapshot and reports Σ −ln p(target);
-for a probed batch it runs the probe batch on the same snapshot and reports each probe row's drift. After the
-trainer has exited it runs the held-out passes with the trained state and the step-0 state.
+tokens, and what it reads fits the parameter cap. The parent sends it batches a few ahead; once every trainer rank
+has asked for the next batch (NEXT on its batch channel) it copies the shared state into private memory (the
+snapshot), only then sends each rank its rows, scores the batch on the snapshot and reports Σ −ln p(target); for a
+probed batch it runs the probe batch on the same snapshot and reports each probe row's drift. When the ranks ask
+past the last batch it takes the trained state, and they hear END only then. After the trainer has exited it runs
+the held-out passes with the trained state and the step-0 state.
 
 Text a graph produces while it sees data never leaves this process: failures on data carry fixed messages.
 """
@@ -18,41 +20,68 @@ import json
 import math
 import os
 import secrets
+import selectors
 import socket
 import sys
+import time
+from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from prism_ray.graph.format import MAX_JSON_BYTES, GraphFile
 from prism_ray.graph.program import GraphRejected, Program
 from prism_ray.harness import cuda_ipc, layout, shared_state
 from prism_ray.harness.context import RunError, force_determinism, rows
 from prism_ray.harness.probes import causality_tolerance, drift, heldout_probe, non_causal_message
-from prism_ray.harness.protocol import Channel, Kind, parse_batch, parse_json, parse_probe
+from prism_ray.harness.protocol import Channel, Kind, ProtocolError, parse_batch, parse_json, parse_probe
 from prism_ray.harness.rank_check import RankCheck
+from prism_ray.harness.ranks import Ranks, next_step
 
-_SOFTMAX_BYTES = 256 << 20  # rows of logits turned into log-probs at once
+_BLOCK_BYTES_CPU = 2 << 20  # logits rows turned into log-probs at once: about a core's cache
+_BLOCK_BYTES_GPU = 256 << 20  # on a GPU, few large launches
+_REQUEST_BYTES = 64  # a rank's frames on its batch channel are empty NEXTs: nothing larger is read
+_REQUEST_SECONDS = 2.0  # a rank sends a frame whole (5 bytes): one left half-sent broke the protocol
+_RECORDS_AT_ONCE = 8  # loss records sent to the parent together: it wakes once for several batches
+_RECORDS_IDLE = 0.05  # seconds: records wait no longer than this while nothing happens (slow batches, failures)
 
 
 def target_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) at every position of [B, L, ≥V] logits for [B, L−1] targets → [B, L−1], in float32 or wider
-    (float64 logits stay float64). A few rows at a time: a [B, L, V] float32 softmax at once can need gigabytes."""
+    (float64 logits stay float64). A few rows of the flattened logits at a time, each row's log-softmax on its own:
+    on CPU the rows stay in cache (about 4× faster than one [B·L, V] log-softmax, which also needs gigabytes at
+    scale), on a GPU in large blocks. Per row the numbers are those of F.cross_entropy, bit for bit. Each batch row's
+    last position has no target: it is computed on a stand-in and dropped."""
     dtype = torch.promote_types(logits.dtype, torch.float32)
     batch, length, vocab = logits.shape
-    rows_at_once = max(1, _SOFTMAX_BYTES // (length * vocab * dtype.itemsize))
-    out = torch.empty(batch, length - 1, dtype=dtype, device=logits.device)
+    flat = logits.reshape(batch * length, vocab)
+    padded = torch.zeros(batch, length, dtype=torch.long, device=logits.device)
+    padded[:, :-1] = targets
+    index = padded.view(-1, 1)
+    out = torch.empty(batch * length, dtype=dtype, device=logits.device)
+    step = max(1, (_BLOCK_BYTES_GPU if logits.is_cuda else _BLOCK_BYTES_CPU) // (vocab * dtype.itemsize))
     with torch.inference_mode():
-        for first in range(0, batch, rows_at_once):
-            chunk = slice(first, first + rows_at_once)
-            predicted = logits[chunk, :-1].to(dtype).reshape(-1, vocab)
-            out[chunk] = -F.cross_entropy(predicted, targets[chunk].reshape(-1), reduction="none").view(-1, length - 1)
-    return out
+        for first in range(0, batch * length, step):
+            block = slice(first, first + step)
+            out[block] = torch.log_softmax(flat[block].to(dtype), dim=-1).gather(1, index[block]).squeeze(1)
+    return out.view(batch, length)[:, :-1]
 
 
 class ForwardFailed(Exception):
     """The graph raised while it saw data; only the exception's type may be told."""
+
+
+@dataclass
+class _Ahead:
+    """A batch the parent sent before the ranks asked for it."""
+
+    index: int
+    batch_size: int
+    seq_len: int
+    chunk: np.ndarray
+    compare: bool  # compare every rank's weights with rank 0's at its snapshot
+    probe: tuple[np.ndarray, np.ndarray] | None = None  # (row, boundary) pairs and the probe batch's tokens
 
 
 class Scorer:
@@ -63,8 +92,10 @@ class Scorer:
         self.vocab_size = spec["vocab_size"]
         self.tolerance = 0.0  # set from the logits' dtype at the instantiation check
         self.model_params = 0
+        self.records: list[tuple[int, float, bool]] = []  # loss records not yet sent to the parent
 
     def fail(self, rule: str, message: str) -> RunError:
+        self._flush()  # the batches scored before the failure count in its report
         self.channel.send_json(Kind.ERROR, {"rule": rule, "message": message})
         return RunError(rule, message, reported=True)
 
@@ -92,6 +123,10 @@ class Scorer:
                 exported.append(fd)
         self.ranks = RankCheck(ranks, slots)
         shared = ranks[0]
+        links = Ranks(world_size, float(self.spec["rank_timeout"]))  # each rank's batch channel, in rank order
+        for _ in range(world_size):
+            link = socket.socket(fileno=self.channel.take_fd())
+            links.add(Channel(link, max_frame=_REQUEST_BYTES))  # the trainer's descriptors are closed, not taken
         kind, payload = self.channel.recv()
         if kind != Kind.LOAD:
             raise self.fail("run:protocol", f"unexpected frame {kind.name} from the parent")
@@ -100,8 +135,13 @@ class Scorer:
         for fd in exported:
             os.close(fd)
         private = torch.empty_like(step0)
-        if self._stream(program, shared, private, step0, slots):
-            self._heldout(program, shared, private, step0, slots)
+        try:
+            ended = self._stream(program, shared, private, step0, slots, links, bool(share.get("overlap", True)))
+        finally:
+            for member in links.members:
+                member.channel.close()
+        if ended:
+            self._heldout(program, private, step0, slots)
 
     def _load(self, payload: bytes, blob_fd: int, slots: list[layout.Slot], nbytes: int
               ) -> tuple[Program, torch.Tensor]:
@@ -197,37 +237,133 @@ class Scorer:
                                 "withheld: it may contain data); it ran on random tokens before the stream") from None
 
     def _stream(self, program: Program, shared: torch.Tensor, private: torch.Tensor, step0: torch.Tensor,
-                slots: list[layout.Slot]) -> bool:
-        """Snapshot, score and probe until the parent says FINAL (True: held-out follows) or END."""
+                slots: list[layout.Slot], links: Ranks, overlap: bool) -> bool:
+        """Serve the ranks' requests from the batches sent ahead until they ask past the last one (True: the trained
+        state is in `private` and held-out follows) or the parent says END."""
         state = shared_state.views(private, slots)
-        last: tuple[int, torch.Tensor, torch.Tensor] | None = None  # index, tokens, log-probs of the last batch
-        while True:
-            kind, payload = self.channel.recv()
-            if kind == Kind.SNAPSHOT:
-                index, _, compare = payload.decode().partition(" ")
-                private.copy_(shared)
-                if last is None:  # the first batch is scored on the exported initial state, nothing else
-                    self._check_init(private, step0, slots)
-                if compare:
-                    self._check_ranks(private, f"batch {index}")
-                _synchronize(private)
-                self.channel.send(Kind.SNAPPED, index.encode())
-            elif kind == Kind.BATCH:
-                index, _, seq_len, chunk, _ = parse_batch(payload)
-                tokens = rows(chunk, seq_len).to(self.device)
-                log_probs = self._scored(program, state, tokens, f"scored batch {index}")
-                nats = -float(log_probs.double().sum())
-                self.channel.send_record(index, nats if math.isfinite(nats) else 0.0, math.isfinite(nats))
-                last = (index, tokens, log_probs)
-            elif kind == Kind.PROBE:
-                index, probe_rows, probe_tokens = parse_probe(payload)
-                if last is None or last[0] != index:
-                    raise self.fail("run:protocol", "probe of a batch the scorer does not hold")
-                self._probe(program, state, last, probe_rows, probe_tokens)
-            elif kind in (Kind.FINAL, Kind.END):
-                return kind == Kind.FINAL
-            else:
-                raise self.fail("run:protocol", f"unexpected frame {kind.name} from the parent")
+        ahead: deque[_Ahead] = deque()
+        final = False  # the parent sent its last batch
+        probe: tuple[int, np.ndarray, np.ndarray] | None = None  # the probe of the batch about to arrive
+        waiting = False  # every rank has asked for the next batch and has none
+        served = 0  # batches sent to the ranks so far
+        records = self.records
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.channel.sock, selectors.EVENT_READ, -1)
+            for member in links.members:
+                selector.register(member.channel.sock, selectors.EVENT_READ, member.index)
+            while True:
+                if waiting and ahead:
+                    self._serve(program, shared, private, step0, slots, state, links, ahead.popleft(), served == 0,
+                                overlap)
+                    waiting, served = False, served + 1
+                elif waiting and final:
+                    self._flush()
+                    self._take_final(shared, private, links)
+                    return True
+                if len(records) >= _RECORDS_AT_ONCE or not ahead:  # the parent sends more batches for records
+                    self._flush()
+                wake = min(links.overdue_at() or math.inf, time.monotonic() + _RECORDS_IDLE if records else math.inf)
+                events = selector.select(timeout=None if wake == math.inf else max(0.0, wake - time.monotonic()))
+                if not events:
+                    self._flush()
+                hung = links.overdue(time.monotonic())
+                if hung is not None:
+                    raise self.fail(hung.rule, hung.message)
+                for key, _ in events:
+                    if key.data == -1:
+                        kind, payload = self.channel.recv()
+                        if kind == Kind.PROBE:  # comes just before its batch
+                            index, probe_rows, probe_tokens = parse_probe(payload)
+                            probe = (index, probe_rows, probe_tokens)
+                        elif kind == Kind.BATCH:
+                            index, batch_size, seq_len, chunk, compare = parse_batch(payload)
+                            ahead.append(_Ahead(index, batch_size, seq_len, chunk, compare == 1))
+                            if probe is not None:
+                                if probe[0] != index:
+                                    raise self.fail("run:protocol", "a probe for another batch")
+                                ahead[-1].probe, probe = probe[1:], None
+                        elif kind == Kind.FINAL:
+                            final = True
+                        elif kind == Kind.END:
+                            return False
+                        else:
+                            raise self.fail("run:protocol", f"unexpected frame {kind.name} from the parent")
+                    else:
+                        asked = self._asked(links, key.data, next_step(served), waiting)
+                        if asked is None:  # the rank is gone: the parent hears why on the rank's own channel
+                            selector.unregister(key.fileobj)
+                        waiting = waiting or bool(asked)
+
+    def _flush(self) -> None:
+        if self.records:
+            self.channel.send_records(self.records)
+            self.records.clear()
+
+    def _asked(self, links: Ranks, rank: int, step: str, waiting: bool) -> bool | None:
+        """Read rank `rank`'s request: True once every rank has asked, None if its channel closed."""
+        member = links.members[rank]
+        who = links.label(rank)
+        try:
+            kind, payload = member.channel.recv(timeout=_REQUEST_SECONDS)
+        except ConnectionError:
+            return None
+        except ProtocolError as error:
+            if str(error) == "connection closed":
+                return None
+            raise self.fail("run:crash", f"{who} broke the protocol on its batch channel: {error}") from None
+        except TimeoutError:
+            raise self.fail("run:crash", f"{who} stopped in the middle of a frame on its batch channel") from None
+        if kind != Kind.NEXT or payload:
+            raise self.fail("run:crash", f"{who} sent {kind.name} on its batch channel, where only NEXT belongs")
+        if waiting or step in member.reached:
+            raise self.fail("run:crash", f"{who}: next batch requested twice")
+        return links.reach(rank, step)
+
+    def _serve(self, program: Program, shared: torch.Tensor, private: torch.Tensor, step0: torch.Tensor,
+               slots: list[layout.Slot], state: list[torch.Tensor], links: Ranks, batch: _Ahead, first: bool,
+               overlap: bool) -> None:
+        """Every rank asked: snapshot, then batch k to the ranks (before its forward when the run overlaps the two,
+        after it when not), its loss record, then its probe on the same snapshot (the records go first: the parent
+        judges the probe with the books up to date)."""
+        private.copy_(shared)
+        if first:  # the first batch is scored on the exported initial state, nothing else
+            self._check_init(private, step0, slots)
+        if batch.compare:
+            self._check_ranks(private, f"batch {batch.index}")
+        _synchronize(private)
+        if overlap:
+            self._release(links, batch)
+        tokens = rows(batch.chunk, batch.seq_len).to(self.device)
+        log_probs = self._scored(program, state, tokens, f"scored batch {batch.index}")
+        nats = -float(log_probs.double().sum())
+        self.records.append((batch.index, nats if math.isfinite(nats) else 0.0, math.isfinite(nats)))
+        if not overlap:
+            self._release(links, batch)
+        if batch.probe is not None:
+            self._flush()
+            self._probe(program, state, (batch.index, tokens, log_probs), *batch.probe)
+
+    def _release(self, links: Ranks, batch: _Ahead) -> None:
+        """Each rank its own rows of the batch. A rank that has gone is the parent's to report."""
+        for member in links.members:
+            count, chunk = links.shard(batch.chunk, batch.batch_size, batch.seq_len, member.index)
+            try:
+                member.channel.send_batch(batch.index, count, batch.seq_len, chunk)
+            except OSError:
+                pass
+
+    def _take_final(self, shared: torch.Tensor, private: torch.Tensor, links: Ranks) -> None:
+        """The ranks asked past the last batch: take the trained state now; only then do they hear END, so nothing
+        they do afterwards reaches the held-out passes."""
+        private.copy_(shared)
+        self._check_ranks(private, "the end of the stream")
+        _synchronize(private)
+        self.channel.send(Kind.SNAPPED, b"final")  # before END: the parent knows the stream ended before any rank
+        for member in links.members:
+            try:
+                member.channel.send(Kind.END)
+            except OSError:
+                pass
 
     def _scored(self, program: Program, state: list[torch.Tensor], tokens: torch.Tensor, what: str) -> torch.Tensor:
         try:
@@ -271,17 +407,13 @@ class Scorer:
                         "torch.zeros, not torch.empty) in build_model, not in training.py; converting dtype or "
                         "device before iter_train_batches is fine")
 
-    def _heldout(self, program: Program, shared: torch.Tensor, private: torch.Tensor, step0: torch.Tensor,
-                 slots: list[layout.Slot]) -> None:
-        """The stream ended: take the trained state now, before the trainer hears END; once it has exited, score
-        parent-sent batches with that state (aux 1) or the step-0 state (aux 0).
+    def _heldout(self, program: Program, private: torch.Tensor, step0: torch.Tensor, slots: list[layout.Slot]
+                 ) -> None:
+        """The trained state is in `private`: once the trainer has exited, score parent-sent batches with that state
+        (aux 1) or the step-0 state (aux 0).
         The final state was never probed: its first batch, and later ones at the stream's rate, get a probe batch
         built here from the batch itself (the step-0 state is the one batch 0 was scored and probed on)."""
         torch.set_num_threads(max(1, self.spec["threads"]))  # the trainer is gone: every core is the scorer's
-        private.copy_(shared)
-        self._check_ranks(private, "the end of the stream")
-        _synchronize(private)
-        self.channel.send(Kind.SNAPPED, b"final")  # only now does the trainer hear that the stream ended
         states = {0: shared_state.views(step0, slots), 1: shared_state.views(private, slots)}
         random = secrets.SystemRandom()
         probed_final = False

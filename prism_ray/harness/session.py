@@ -3,12 +3,13 @@ the books.
 
 Before data: the exporter reports the layout of a fresh build_model(); once the trainer has sent its geometry and
 its model's layout (they must agree) the exporter exports the forward at that [B, L] and exits, and only then does
-the trusted scorer get the graph. Per batch k: the trainer asks for it (NEXT) → the scorer snapshots the shared
-state (SNAPSHOT/SNAPPED) → batch k goes to the scorer and, only now, to the trainer → the scorer's record of
-Σ −ln p(target) on the snapshot arrives while the trainer trains → for a probed batch the probe batch goes to the
-scorer, whose drifts are judged here. Targets and bytes are counted here from the stream geometry; the scorer
-reports only nats, the trainer nothing that counts. After the trainer has exited, the scorer runs the held-out
-passes. docs/architecture.md, "One submission's path".
+the trusted scorer get the graph. The stream: the parent sends the scorer batches a few ahead, each with its probe
+batch if it is probed; per batch k each trainer rank asks the scorer itself (NEXT, on its batch channel) → the
+scorer snapshots the shared state → only now does each rank get its rows of batch k → the scorer's record of
+Σ −ln p(target) on the snapshot comes here while the ranks train, then a probed batch's drifts, which are judged
+here. Targets and bytes are counted here from the stream geometry; the scorer reports only nats, the trainer
+nothing that counts. After the trainer has exited, the scorer runs the held-out passes. docs/architecture.md,
+"One submission's path".
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import selectors
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,7 +30,7 @@ from prism_ray.harness import layout
 from prism_ray.harness.heldout import HeldoutError, score_passes
 from prism_ray.harness.isolation import SandboxPolicy
 from prism_ray.harness.probes import ProbePlan, causality_tolerance, non_causal_message
-from prism_ray.harness.protocol import Channel, Kind, ProtocolError, parse_json, parse_record
+from prism_ray.harness.protocol import Channel, Kind, ProtocolError, parse_json, parse_records
 from prism_ray.harness.ranks import Ranks
 from prism_ray.harness.records import Books, HeldoutPlan, Progress, RunSpec, TrainOutcome
 from prism_ray.harness.stream import BatchSlice, StreamPlan
@@ -67,21 +69,21 @@ class _Session(TrainerFrames):
         self.ranks = Ranks(spec.world_size, spec.rank_timeout)
         self.outcome.world_size = spec.world_size
         self.state_fds: list[int] = []  # each rank's shared-state memfd (CPU), kept for the scorer
-        self.released = 0  # batches released to the ranks so far
+        self.batch_links: list[tuple[socket.socket, socket.socket]] = []  # (scorer's end, rank's end) per rank
+        self.released = 0  # batches handed to the scorer so far
         self.ready: set[str] = set()
         self.plan: StreamPlan | None = None
         self.batches: Iterator[BatchSlice] | None = None
         self.probes: ProbePlan | None = None
         self.probing: set[int] = set()  # probed batches whose drifts have not arrived
-        # whether a batch goes to the ranks as soon as its snapshot is taken, or only after its record (_share)
+        # whether the scorer sends a batch to the ranks as soon as its snapshot is taken, or after its record
         self.overlap = False
         self.scorer_threads = spec.threads
         self.on_gpu = False
-        self.trainer_waiting = False  # every rank asked for a batch and has none
-        self.snapshotting: BatchSlice | None = None
-        self.unrecorded: dict[int, BatchSlice] = {}
+        self.unrecorded: dict[int, BatchSlice] = {}  # sent to the scorer, not yet recorded
+        self.scorer_gone = False  # a send to the scorer failed: it has exited
         self.stream_ended = False
-        self.finalizing = False  # the scorer is taking the trained state; the trainer hears END after that
+        self.finalizing = False  # FINAL sent: the scorer takes the trained state before the ranks hear END
         self.trainer_done = False
         self.trainer_error: Reason | None = None  # the trainer's failure, held until the exporter's build is in
         self.stream_started = 0.0
@@ -145,7 +147,7 @@ class _Session(TrainerFrames):
             self._dispatch(self.deadline)
 
     def _settled(self) -> bool:
-        return not (self.unrecorded or self.snapshotting or self.probing or self.finalizing)
+        return not (self.unrecorded or self.probing or self.finalizing)
 
     def _dispatch(self, deadline: float) -> None:
         """Handle the next frame from whichever runner sent one (or end a run whose ranks stopped following)."""
@@ -250,8 +252,11 @@ class _Session(TrainerFrames):
             where = "cuda" if self.on_gpu else "memfd"
             scorer = self.channels["scorer"]
             scorer.send_json(Kind.SHARE, {"where": where, "layout": self.geometry["layout"],
-                                          "ranks": self.ranks.world_size, "threads": self.scorer_threads},
-                             fds=tuple(self.state_fds))
+                                          "ranks": self.ranks.world_size, "threads": self.scorer_threads,
+                                          "overlap": self.overlap},
+                             fds=(*self.state_fds, *(mine.fileno() for mine, _ in self.batch_links)))
+            for mine, _ in self.batch_links:
+                mine.close()
             scorer.send(Kind.LOAD, payload, fds=(blob,))
         finally:
             os.close(blob)
@@ -272,49 +277,50 @@ class _Session(TrainerFrames):
         """The scorer loaded and checked the forward; on a GPU it passes on the descriptor of each rank's state
         buffer."""
         if parse_json(payload).get("shares_state"):
-            assert self.geometry is not None
-            for member in self.ranks.members:
-                fd = self.channels["scorer"].take_fd()
-                try:
-                    member.channel.send_json(Kind.SHARE, {"where": "cuda", "layout": self.geometry["layout"]},
-                                             fds=(fd,))
-                finally:
+            fds = [self.channels["scorer"].take_fd() for _ in self.ranks.members]
+            try:
+                self._share_with_ranks("cuda", fds)
+            finally:
+                for fd in fds:
                     os.close(fd)
         self._ready("scorer")
 
     def _scorer_snapped(self, payload: bytes) -> None:
-        if payload == b"final" and self.finalizing:
-            self.finalizing = False
-            for member in self.ranks.members:
-                member.channel.send_json(Kind.END, {"reason": self.outcome.stopped_reason})
-            return
-        piece = self.snapshotting
-        if piece is None or int(payload or b"-1") != piece.index:
-            raise self._crash("scorer", "snapshot of a batch that was not asked for")
-        self.snapshotting = None
-        assert self.outcome.batch_size is not None and self.outcome.seq_len is not None
-        self.channels["scorer"].send_batch(piece.index, self.outcome.batch_size, self.outcome.seq_len, piece.chunk)
-        if self.overlap:  # the ranks see batch k only now, after the snapshot it is scored on
-            self._release(piece)
-        self.unrecorded[piece.index] = piece
-        assert self.probes is not None
-        probe = self.probes.for_batch(piece)
-        if probe is not None:  # the scorer runs it on the same snapshot, before it takes the next one
-            self.probing.add(piece.index)
-            self.channels["scorer"].send_probe(piece.index, probe.rows, probe.tokens)
+        if payload != b"final" or not self.finalizing:
+            raise self._crash("scorer", "a snapshot that was not asked for")
+        self.finalizing = False
+        self.stream_ended = True
 
     def _scorer_record(self, payload: bytes) -> None:
-        index, nats, finite = parse_record(payload)
-        piece = self.unrecorded.pop(index, None)
-        if piece is None:
-            raise self._crash("scorer", f"loss record for batch {index} was not expected")
-        self.books.record(piece, nats, finite)
-        if not self.overlap:
-            self._release(piece)
+        try:
+            records = parse_records(payload)
+        except ProtocolError as error:
+            raise self._crash("scorer", str(error)) from None
+        for index, nats, finite in records:
+            piece = self.unrecorded.pop(index, None)
+            if piece is None:
+                raise self._crash("scorer", f"loss record for batch {index} was not expected")
+            self.books.record(piece, nats, finite)
+        self._feed()
         self.outcome.stream_seconds = time.monotonic() - self.stream_started
         if self.progress is not None:
             self.progress(Progress(self.outcome.batches, self.books.bytes, self.spec.byte_budget,
                                    self.books.running_bpb, self.books.targets / max(self.outcome.stream_seconds, 1e-9)))
+
+    def _pending_scorer_frames(self) -> None:
+        """Handle what the scorer has already sent (a rank's DONE can be read before the scorer's word that came
+        first)."""
+        channel = self.channels["scorer"]
+        while True:
+            with selectors.DefaultSelector() as one:
+                one.register(channel.sock, selectors.EVENT_READ)
+                if not one.select(timeout=0):
+                    return
+            try:
+                kind, payload = channel.recv(timeout=max(0.001, self.deadline - time.monotonic()))
+            except ProtocolError as error:
+                raise self._crash("scorer", str(error)) from None
+            self._handle("scorer", kind, payload)
 
     def _scorer_probed(self, payload: bytes) -> None:
         answer = parse_json(payload)
@@ -374,6 +380,9 @@ class _Session(TrainerFrames):
     def _close(self) -> None:
         for fd in self.state_fds:
             os.close(fd)
+        for link in self.batch_links:
+            for end in link:
+                end.close()
         for key, channel in self.channels.items():
             if not key.startswith("trainer"):
                 try:

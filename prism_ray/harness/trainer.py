@@ -1,7 +1,7 @@
 """The trainer's side of the harness: what `ctx` does inside the process that runs training.py.
 
 Nothing computed here decides a score (docs/architecture.md, "Trust boundaries"): the miner's code may rewrite any
-of it. This module only serves the miner: it hands batches over as the parent releases them, shares the scored
+of it. This module only serves the miner: it hands batches over as the scorer releases them, shares the scored
 model's parameters with the scorer (shared_state.py) and, with `with_logits=True`, runs a forward with its autograd
 graph so the miner can backprop without writing the loss.
 """
@@ -9,6 +9,7 @@ graph so the miner can backprop without writing the loss.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import tempfile
 import weakref
@@ -133,11 +134,12 @@ class TrainerHarness:
                                                "with_logits": bool(with_logits),
                                                "layout": shared_state.layout_of(built),
                                                "device": str(device_of(built, self.spec["device"]))})
-        flat, slots = self._share(built)
-        return self._batches(model, built, flat, slots, with_logits)
+        flat, slots, batches = self._share(built)
+        return self._batches(model, built, flat, slots, batches, with_logits)
 
-    def _share(self, built: torch.nn.Module) -> tuple[torch.Tensor, list[layout.Slot]]:
-        """Move the model's state into the buffer the scorer reads (the parent says where it lives)."""
+    def _share(self, built: torch.nn.Module) -> tuple[torch.Tensor, list[layout.Slot], Channel]:
+        """Move the model's state into the buffer the scorer reads (the parent says where it lives); the batch
+        channel to the scorer comes with it."""
         kind, payload = self.channel.recv()
         if kind == Kind.REFUSE:
             reason = parse_json(payload)
@@ -150,20 +152,22 @@ class TrainerHarness:
             flat = shared_state.map_memfd(self.channel.take_fd(), nbytes, writable=True)
         else:
             flat = cuda_ipc.open_fd(self.channel.take_fd(), nbytes, device_of(built, "cuda"))
+        batches = Channel(socket.socket(fileno=self.channel.take_fd()))
         shared_state.bind(built, slots, flat)
         self.channel.send(Kind.READY)
-        return flat, slots
+        return flat, slots, batches
 
     def _batches(self, model: Any, built: torch.nn.Module, flat: torch.Tensor, slots: list[layout.Slot],
-                 with_logits: bool) -> Iterator[PrismBatch]:
+                 batches: Channel, with_logits: bool) -> Iterator[PrismBatch]:
         device = device_of(built, self.spec["device"])
         while True:
-            kind, payload = self.channel.recv()
+            batches.send(Kind.NEXT)
+            kind, payload = batches.recv()
             if kind == Kind.END:
                 self.stream_finished = True
                 return
             if kind != Kind.BATCH:
-                raise self.fail("run:protocol", f"unexpected frame {kind.name} from the parent")
+                raise self.fail("run:protocol", f"unexpected frame {kind.name} from the scorer")
             index, batch_size, seq_len, chunk, _ = parse_batch(payload)
             tokens = rows(chunk, seq_len).to(device, non_blocking=True)
             batch = PrismBatch(tokens=tokens, index=index)
@@ -182,5 +186,4 @@ class TrainerHarness:
                 # The scorer copies the weights as soon as NEXT arrives: the step must have landed. (CUDA events
                 # cannot cross the sandboxes' PID namespaces, so this is the one host sync per batch.)
                 torch.cuda.current_stream(flat.device).synchronize()
-            self.channel.send(Kind.NEXT)
 

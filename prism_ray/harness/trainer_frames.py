@@ -1,24 +1,27 @@
-"""The trusted parent's half of the stream: the trainer ranks' frames and the release of each batch.
+"""The trusted parent's half of the stream: the trainer ranks' frames and feeding the scorer its batches.
 
-Mixed into the session (session.py), whose state it shares. Every rank asks for batch k (NEXT); once all have, the
-scorer snapshots every rank's weights (SNAPSHOT) and only then does each rank get its rows of batch k
-(docs/architecture.md, "One submission's path" and "Several ranks").
+Mixed into the session (session.py), whose state it shares. The parent is off the per-batch hot path: it sends the
+scorer batches a few ahead (with their probes), and each rank asks the scorer itself for the next batch over a
+batch channel of its own; once every rank has asked, the scorer snapshots the weights and only then sends each
+rank its rows (docs/architecture.md, "One submission's path" and "Several ranks").
 """
 
 from __future__ import annotations
 
 import secrets
+import socket
 import time
 
 from prism_ray.errors import PrismError, Reason
 from prism_ray.harness import layout
 from prism_ray.harness.probes import ProbePlan
 from prism_ray.harness.protocol import Kind, parse_json
-from prism_ray.harness.ranks import next_step
-from prism_ray.harness.stream import BatchSlice, StreamPlan, check_geometry
+from prism_ray.harness.stream import StreamPlan, check_geometry
 
 MAX_BATCH_TOKENS = 1 << 22
 GPU_RANK_CHECK_EVERY = 8  # on a GPU, one snapshot in this many (at random) compares the ranks, and the last
+AHEAD = 32  # batches the scorer may hold before the ranks ask for them: its records come back several at a time
+AHEAD_BYTES = 32 << 20  # and their tokens at most this (large GPU batches)
 
 
 class TrainerFrames:
@@ -61,16 +64,10 @@ class TrainerFrames:
         if self.ranks.reach(rank, "ready"):
             self._ready("trainer")
 
-    def _trainer_next(self, rank: int, payload: bytes) -> None:
-        step = next_step(self.released)
-        if self.trainer_waiting or self.stream_ended or step in self.ranks.members[rank].reached:
-            raise self._crash("trainer", f"{self.ranks.label(rank)}: next batch requested twice")
-        if self.ranks.reach(rank, step):
-            self.trainer_waiting = True
-            self._advance()
-
     def _trainer_done(self, rank: int, payload: bytes) -> None:
         self.selector.unregister(self.ranks.members[rank].channel.sock)  # its end closes as it exits
+        if not self.stream_ended:
+            self._pending_scorer_frames()  # the scorer said the stream ended before the rank could hear it
         if not self.stream_ended:
             who = "" if self.ranks.world_size == 1 else f"rank {rank}: "
             self._fail(Reason(rule="run:stopped_early", message=f"{who}train(ctx) returned before the scored stream "
@@ -120,57 +117,67 @@ class TrainerFrames:
         self.scorer_threads = self.spec.threads if self.on_gpu or not self.overlap else self.spec.threads // 2
         self.channels["exporter"].send_json(Kind.EXPORT, {"batch_size": self.outcome.batch_size,
                                                           "seq_len": self.outcome.seq_len, "layout": theirs})
+        # each rank's batch channel to the scorer: the scorer's ends go with its SHARE, the ranks' with theirs
+        self.batch_links = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in self.ranks.members]
         if self.on_gpu:  # the scorer allocates on the ranks' GPUs and hands over the buffers' descriptors (READY)
             return
         self.state_fds = [layout.new_memfd(f"prism-state-{m.index}", nbytes) for m in self.ranks.members]
-        for member, fd in zip(self.ranks.members, self.state_fds, strict=True):
-            member.channel.send_json(Kind.SHARE, {"where": "memfd", "layout": theirs}, fds=(fd,))
+        self._share_with_ranks("memfd", self.state_fds)
+
+    def _share_with_ranks(self, where: str, state_fds: list[int]) -> None:
+        """Each rank's SHARE: its state buffer and its end of the batch channel (the parent keeps no copy)."""
+        assert self.geometry is not None
+        for member, fd, (_, theirs) in zip(self.ranks.members, state_fds, self.batch_links, strict=True):
+            member.channel.send_json(Kind.SHARE, {"where": where, "layout": self.geometry["layout"]},
+                                     fds=(fd, theirs.fileno()))
+            theirs.close()
 
     def _ready(self, role: str) -> None:
         self.ready.add(role)
         if self.ready == {"scorer", "trainer"}:
             self.stream_started = time.monotonic()
-            for member in self.ranks.members:  # iter_train_batches waits for its first batch
-                self.ranks.reach(member.index, next_step(0))
-            self.trainer_waiting = True
-            self._advance()
+            self._feed()
 
-    def _advance(self) -> None:
-        """Release the next batch when every rank waits for one."""
-        if not self.trainer_waiting or self.snapshotting is not None or self.batches is None \
-                or self.ready != {"scorer", "trainer"}:
+    def _feed(self) -> None:
+        """Keep the scorer `AHEAD` batches ahead of its records; after the last batch, FINAL."""
+        if self.scorer_gone:
             return
-        self.trainer_waiting = False
-        self.released += 1
-        limit = self.spec.max_batches
-        piece = next(self.batches, None) if limit is None or self.released <= limit else None
-        if piece is None:
-            if self.outcome.batches == 0 and not self.unrecorded:
-                self._fail(Reason(rule="run:no_batch", message="the train split cannot fill a single batch of "
-                                  "this geometry"))
-            budget = self.spec.byte_budget
-            scored = sum(self.outcome.batch_bytes) + sum(p.target_bytes for p in self.unrecorded.values())
-            self.outcome.stopped_reason = "byte_budget" if budget and scored >= budget else "stream_exhausted"
-            self.stream_ended = True
-            # The trained state is what the ranks hold now, when they ask past the last batch: the scorer takes it
-            # before they hear END, so nothing they do afterwards reaches the held-out passes.
-            self.finalizing = True
-            self.channels["scorer"].send(Kind.FINAL)
-            return
-        self.snapshotting = piece
-        # Which snapshots compare the ranks' weights is the parent's choice, at random on a GPU: a rank cannot
-        # tell which ones are checked.
-        compare = self.ranks.world_size > 1 and (not self.on_gpu or piece.index == 0
-                                                  or secrets.randbelow(GPU_RANK_CHECK_EVERY) == 0)
-        self.channels["scorer"].send(Kind.SNAPSHOT, f"{piece.index}{' compare' if compare else ''}".encode())
+        try:
+            self._send_ahead()
+        except OSError:  # the scorer stopped: what it sent before it did (records, its ERROR) says why
+            self.scorer_gone = True
+            self._pending_scorer_frames()
+            raise self._crash("scorer", "it closed its channel while batches were still to come") from None
 
-    def _release(self, piece: BatchSlice) -> None:
-        """Batch k to the ranks, each its own rows (after its snapshot)."""
-        batch_size, seq_len = self.outcome.batch_size, self.outcome.seq_len
-        assert batch_size is not None and seq_len is not None
-        if self.ranks.world_size == 1:
-            self.ranks.members[0].channel.send_batch(piece.index, batch_size, seq_len, piece.chunk)
-            return
-        for member in self.ranks.members:
-            rows, chunk = self.ranks.shard(piece.chunk, batch_size, seq_len, member.index)
-            member.channel.send_batch(piece.index, rows, seq_len, chunk)
+    def _send_ahead(self) -> None:
+        while len(self.unrecorded) < AHEAD and not self.finalizing and not self.stream_ended \
+                and sum(piece.chunk.nbytes for piece in self.unrecorded.values()) < AHEAD_BYTES:
+            self.released += 1
+            limit = self.spec.max_batches
+            piece = next(self.batches, None) if limit is None or self.released <= limit else None
+            if piece is None:
+                if self.released == 1:
+                    self._fail(Reason(rule="run:no_batch", message="the train split cannot fill a single batch of "
+                                      "this geometry"))
+                self._final()
+                return
+            # Which snapshots compare the ranks' weights is the parent's choice, at random on a GPU: a rank cannot
+            # tell which ones are checked.
+            compare = self.ranks.world_size > 1 and (not self.on_gpu or piece.index == 0
+                                                      or secrets.randbelow(GPU_RANK_CHECK_EVERY) == 0)
+            scorer = self.channels["scorer"]
+            probe = self.probes.for_batch(piece)
+            if probe is not None:  # just before its batch: the scorer runs it on the batch's snapshot
+                self.probing.add(piece.index)
+                scorer.send_probe(piece.index, probe.rows, probe.tokens)
+            scorer.send_batch(piece.index, self.outcome.batch_size, self.outcome.seq_len, piece.chunk, int(compare))
+            self.unrecorded[piece.index] = piece
+
+    def _final(self) -> None:
+        budget = self.spec.byte_budget
+        scored = sum(self.outcome.batch_bytes) + sum(p.target_bytes for p in self.unrecorded.values())
+        self.outcome.stopped_reason = "byte_budget" if budget and scored >= budget else "stream_exhausted"
+        # The trained state is what the ranks hold when they ask past the last batch: the scorer takes it then,
+        # before they hear END, so nothing they do afterwards reaches the held-out passes.
+        self.finalizing = True
+        self.channels["scorer"].send(Kind.FINAL)

@@ -284,9 +284,83 @@ BATCH_CHANNEL = """
     ("if batch.index == 1: batch_channel().send(Kind.NEXT, b'x' * 100)", "frame of 100 bytes is over the limit"),
     ("if batch.index == 1: batch_channel().sock.sendall(bytes([0, 0])); threading.Event().wait(8)",
      "stopped in the middle of a frame"),  # the rest never comes: a bounded wait, not the run's clock
+    ("if batch.index == 1: [(batch_channel().sock.sendall(bytes([b])), threading.Event().wait(1.5)) for b in "
+     "(0, 0, 0, 0, 6)]", "stopped in the middle of a frame"),  # a frame trickled in: its bound is the whole frame's
 ])
 def test_the_batch_channel_takes_only_requests(bundle_factory, tmp_path, honest, step, expected):
     outcome = run(bundle_factory, tmp_path, trainer(BATCH_CHANNEL, step))
     assert [reason.rule for reason in outcome.reasons] == ["run:crash"], outcome.reasons or outcome.log_tail
     assert expected in outcome.reasons[0].message
     assert outcome.batch_nats == honest.batch_nats[:len(outcome.batch_nats)]  # what was scored before stays right
+
+
+# What the trainer sends the trusted parent (a red team's findings): it may fail, never as the system, never by
+# crashing the parent, and never by naming the scorer as the one that broke.
+CONTROL = """
+    import json
+    import struct
+    import time
+
+    def control(kind, payload, length=None):
+        harness = next(o for o in gc.get_objects() if type(o).__name__ == "TrainerHarness")
+        harness.channel.sock.sendall(struct.pack("<IB", len(payload) if length is None else length, kind) + payload)
+"""
+
+
+@pytest.mark.parametrize(("attack", "rule", "expected"), [
+    ("control(10, json.dumps({'rule': 'infra:runner_killed', 'message': 'killed from outside'}).encode())",
+     "run:exception", "killed from outside"),  # a system failure's rule would be retried for free
+    ("control(10, json.dumps({'rule': 'run:exception', 'message': 'x', 'line': 'no number', 'file': 7}).encode())",
+     "run:exception", "x"),
+    ("control(10, b'not json')", "run:crash", "bad JSON frame"),
+    ("control(3, b'[' * 100000)", "run:crash", "bad JSON frame"),  # deeper than the JSON parser recurses
+    ("control(6, b'', length=1 << 25)", "run:crash", "over the limit"),  # far past any request
+    ("control(3, json.dumps({'batch_size': 2, 'seq_len': 64, 'layout': [7], 'device': 'cpu'}).encode()); "
+     "time.sleep(30)", "run:model_mismatch", "parameters and buffers"),
+])
+def test_frames_the_parent_reads_fail_the_bundle(bundle_factory, tmp_path, attack, rule, expected):
+    outcome = run(bundle_factory, tmp_path, trainer(CONTROL + f"    {attack}\n    os._exit(1)\n"))
+    assert [reason.rule for reason in outcome.reasons] == [rule], outcome.reasons or outcome.log_tail
+    assert expected in outcome.reasons[0].message
+    assert outcome.reasons[0].line is None and outcome.reasons[0].file is None
+
+
+def test_a_trainer_gone_with_a_frame_unread_is_its_own_crash(bundle_factory, tmp_path):
+    """The parent's SHARE is never read: the trainer's socket closes with data in it (a reset, not an end)."""
+    vanish = """
+    from prism_ray.harness import protocol
+    protocol.Channel.recv = lambda self, timeout=None: time.sleep(3600)
+    threading.Thread(target=lambda: next(iter(ctx.iter_train_batches(model, batch_size=2, seq_len=64))),
+                     daemon=True).start()
+    time.sleep(3)
+    os._exit(0)
+"""
+    training = trainer().replace("    model = ctx.build_model()\n", "    import time\n    model = ctx.build_model()\n"
+                                 + vanish)
+    outcome = run(bundle_factory, tmp_path, training)
+    assert [reason.rule for reason in outcome.reasons] == ["run:crash"], outcome.reasons or outcome.log_tail
+    assert "trainer" in outcome.reasons[0].message
+
+
+def test_a_model_said_to_be_on_a_gpu_of_a_cpu_run_is_refused(bundle_factory, tmp_path):
+    claim = """
+    from prism_ray.harness import protocol
+    send_json = protocol.Channel.send_json
+    protocol.Channel.send_json = lambda self, kind, obj, fds=(): send_json(
+        self, kind, {**obj, "device": "cuda:0"} if kind == protocol.Kind.GEOMETRY else obj, fds)
+"""
+    outcome = run(bundle_factory, tmp_path, trainer(claim))
+    assert [reason.rule for reason in outcome.reasons] == ["run:bad_geometry"], outcome.reasons or outcome.log_tail
+    assert "on a GPU, but this run has none" in outcome.reasons[0].message
+
+
+def test_the_shared_weights_cannot_be_resized_under_the_scorer(bundle_factory, tmp_path):
+    """Truncating the memfd the scorer maps would kill it with SIGBUS at its next snapshot: the memfd is sealed."""
+    truncate = """
+        if batch.index == 1:
+            for fd in os.listdir("/proc/self/fd"):
+                if "prism-state" in os.readlink(f"/proc/self/fd/{fd}"):
+                    os.ftruncate(int(fd), 0)"""
+    outcome = run(bundle_factory, tmp_path, trainer(step=truncate.strip("\n").replace("        if", "if", 1)))
+    assert [reason.rule for reason in outcome.reasons] == ["run:exception"], outcome.reasons or outcome.log_tail
+    assert "PermissionError" in outcome.reasons[0].message

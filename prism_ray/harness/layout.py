@@ -3,6 +3,7 @@ unique parameter and buffer, in the order the runners list them (shared_state.py
 
 from __future__ import annotations
 
+import fcntl
 import os
 from dataclasses import dataclass
 
@@ -43,6 +44,9 @@ def _numel(shape: list[int] | tuple[int, ...]) -> int:
 
 
 def new_memfd(name: str, nbytes: int) -> int:
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    """A memfd of `nbytes`, sealed at that size: a sandbox that holds it cannot shrink it under a reader's mapping
+    (a SIGBUS in the scorer) or grow it."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, nbytes)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
     return fd

@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import struct
+import time
 from enum import IntEnum
 from typing import Any
 
@@ -54,34 +55,47 @@ class Kind(IntEnum):
 
 
 class ProtocolError(Exception):
-    """The peer sent something malformed or closed the connection."""
+    """The peer sent something malformed or closed the connection; `peer` names the channel's far end."""
+
+    def __init__(self, message: str, peer: str = ""):
+        super().__init__(message)
+        self.peer = peer
 
 
 class Channel:
-    """A framed, blocking channel over a connected socket; recv honours an absolute deadline."""
+    """A framed, blocking channel over a connected socket. A receive's timeout bounds the whole frame, however it
+    trickles in; a peer that has gone is a ProtocolError (never a bare OSError), a frame not done in time TimeoutError.
+    """
 
-    def __init__(self, sock: socket.socket, accept_fds: bool = False, max_frame: int = MAX_FRAME):
+    def __init__(self, sock: socket.socket, accept_fds: bool = False, max_frame: int = MAX_FRAME, peer: str = ""):
         self.sock = sock
         self.accept_fds = accept_fds  # the parent never takes descriptors from a runner: it closes them at once
         self.max_frame = max_frame
+        self.peer = peer
         self.fds: list[int] = []  # descriptors received with frames, oldest first
 
     def send(self, kind: Kind, payload: bytes = b"", fds: tuple[int, ...] = ()) -> None:
         frame = _HEADER.pack(len(payload), kind) + payload
-        if not fds:
-            self.sock.sendall(frame)
-            return
-        sent = self.sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-        if sent < len(frame):
-            self.sock.sendall(frame[sent:])
+        try:
+            if not fds:
+                self.sock.sendall(frame)
+                return
+            sent = self.sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+            if sent < len(frame):
+                self.sock.sendall(frame[sent:])
+        except ConnectionError:
+            raise ProtocolError("connection closed", self.peer) from None
 
     def send_json(self, kind: Kind, obj: Any, fds: tuple[int, ...] = ()) -> None:
         self.send(kind, json.dumps(obj).encode(), fds)
 
     def send_batch(self, index: int, batch_size: int, seq_len: int, chunk: np.ndarray, probe: int = -1) -> None:
         header = _BATCH.pack(index, batch_size, seq_len, chunk.dtype.itemsize, probe)
-        self.sock.sendall(_HEADER.pack(len(header) + chunk.nbytes, Kind.BATCH) + header)
-        self.sock.sendall(memoryview(np.ascontiguousarray(chunk)).cast("B"))
+        try:
+            self.sock.sendall(_HEADER.pack(len(header) + chunk.nbytes, Kind.BATCH) + header)
+            self.sock.sendall(memoryview(np.ascontiguousarray(chunk)).cast("B"))
+        except ConnectionError:
+            raise ProtocolError("connection closed", self.peer) from None
 
     def send_record(self, index: int, nats: float, finite: bool) -> None:
         self.send(Kind.RECORD, _RECORD.pack(index, nats, finite))
@@ -97,24 +111,35 @@ class Channel:
 
     def take_fd(self) -> int:
         if not self.fds:
-            raise ProtocolError("a file descriptor was expected with this frame")
+            raise ProtocolError("a file descriptor was expected with this frame", self.peer)
         return self.fds.pop(0)
 
     def recv(self, timeout: float | None = None) -> tuple[Kind, bytes]:
-        self.sock.settimeout(timeout)
-        length, kind = _HEADER.unpack(self._exact(_HEADER.size))
-        if length > self.max_frame:
-            raise ProtocolError(f"frame of {length} bytes is over the limit")
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            return Kind(kind), self._exact(length)
-        except ValueError:
-            raise ProtocolError(f"unknown frame kind {kind}") from None
+            length, kind = _HEADER.unpack(self._exact(_HEADER.size, deadline))
+            if length > self.max_frame:
+                raise ProtocolError(f"frame of {length} bytes is over the limit", self.peer)
+            try:
+                kind = Kind(kind)
+            except ValueError:
+                raise ProtocolError(f"unknown frame kind {kind}", self.peer) from None
+            return kind, self._exact(length, deadline)
+        except ConnectionError:
+            raise ProtocolError("connection closed", self.peer) from None
 
-    def _exact(self, size: int) -> bytes:
+    def _exact(self, size: int, deadline: float | None) -> bytes:
         buffer = bytearray(size)
         view = memoryview(buffer)
         got = 0
         while got < size:
+            if deadline is None:
+                self.sock.settimeout(None)
+            else:  # the time left for the whole frame, not per read: a peer cannot trickle it in
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("the frame did not arrive in time")
+                self.sock.settimeout(left)
             n, ancillary, _, _ = self.sock.recvmsg_into([view[got:]], _FDS)
             for level, kind, data in ancillary:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -125,7 +150,7 @@ class Channel:
                         for fd in received:
                             os.close(fd)
             if n == 0:
-                raise ProtocolError("connection closed")
+                raise ProtocolError("connection closed", self.peer)
             got += n
         return bytes(buffer)
 
@@ -139,8 +164,8 @@ class Channel:
 def parse_json(payload: bytes) -> dict:
     try:
         obj = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ProtocolError(f"bad JSON frame: {error}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        raise ProtocolError(f"bad JSON frame: {str(error)[:200]}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("JSON frame is not an object")
     return obj

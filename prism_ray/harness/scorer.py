@@ -108,6 +108,9 @@ class Scorer:
         if kind != Kind.SHARE:
             raise self.fail("run:protocol", f"unexpected frame {kind.name} from the parent")
         share = parse_json(payload)
+        if share["where"] == "cuda" and self.device.type != "cuda":  # where comes from the trainer's model
+            raise self.fail("run:bad_geometry", "the model passed to iter_train_batches is on a GPU, but this run has "
+                            "none: train on ctx.device")
         torch.set_num_threads(max(1, int(share.get("threads", self.spec["threads"]))))  # before any forward
         slots, nbytes = layout.plan_slots(share["layout"])
         world_size = int(share.get("ranks", 1))
@@ -305,8 +308,6 @@ class Scorer:
         who = links.label(rank)
         try:
             kind, payload = member.channel.recv(timeout=_REQUEST_SECONDS)
-        except ConnectionError:
-            return None
         except ProtocolError as error:
             if str(error) == "connection closed":
                 return None
@@ -344,12 +345,14 @@ class Scorer:
             self._probe(program, state, (batch.index, tokens, log_probs), *batch.probe)
 
     def _release(self, links: Ranks, batch: _Ahead) -> None:
-        """Each rank its own rows of the batch. A rank that has gone is the parent's to report."""
+        """Each rank its own rows of the batch, whole however long the rank takes to read them (the run's clock bounds
+        that). A rank that has gone is the parent's to report."""
         for member in links.members:
             count, chunk = links.shard(batch.chunk, batch.batch_size, batch.seq_len, member.index)
+            member.channel.sock.settimeout(None)
             try:
                 member.channel.send_batch(batch.index, count, batch.seq_len, chunk)
-            except OSError:
+            except ProtocolError:
                 pass
 
     def _take_final(self, shared: torch.Tensor, private: torch.Tensor, links: Ranks) -> None:
@@ -360,9 +363,10 @@ class Scorer:
         _synchronize(private)
         self.channel.send(Kind.SNAPPED, b"final")  # before END: the parent knows the stream ended before any rank
         for member in links.members:
+            member.channel.sock.settimeout(None)
             try:
                 member.channel.send(Kind.END)
-            except OSError:
+            except ProtocolError:
                 pass
 
     def _scored(self, program: Program, state: list[torch.Tensor], tokens: torch.Tensor, what: str) -> torch.Tensor:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import selectors
 import socket
 import time
@@ -40,6 +41,12 @@ from prism_ray.harness.trainer_frames import TrainerFrames
 
 class _Failed(Exception):
     """Ends the run with the reasons already recorded."""
+
+
+# What a sandbox that runs miner code may name as its failure: its own (run:*, contract:*), never a system failure
+# (infra:*, data:*, sandbox:*), which would be retried for free or excuse a seed replica.
+_SANDBOX_RULE = re.compile(r"(run|contract):[a-z_]{1,40}")
+_TRAINER_FRAME = 16 << 20  # the trainer's frames are requests and a layout: nothing near this
 
 
 def run_session(spec: RunSpec, tokens: np.ndarray, byte_lengths: np.ndarray, run_dir: Path, time_limit: float,
@@ -138,6 +145,9 @@ class _Session(TrainerFrames):
             raise self._crash(role, str(error)) from None
         # descriptors: the scorer's GPU buffers, the exporter's graph memfd; the trainer's are closed at once
         channel.accept_fds = role in ("scorer", "exporter")
+        channel.peer = key
+        if role == "trainer":
+            channel.max_frame = _TRAINER_FRAME
         self.channels[key] = channel
         self.selector.register(channel.sock, selectors.EVENT_READ, key)
         return channel
@@ -164,11 +174,12 @@ class _Session(TrainerFrames):
             key = event.data
             try:
                 kind, payload = self.channels[key].recv(timeout=max(0.001, deadline - time.monotonic()))
-            except ProtocolError as error:
-                self._pending_errors(key)
-                role, _, rank = key.partition(":")
+                self._handle(key, kind, payload)
+            except ProtocolError as error:  # a runner went away or sent a malformed frame (or one sent to it failed)
+                gone = error.peer or key
+                self._pending_errors(gone)
+                role, _, rank = gone.partition(":")
                 raise self._crash(role, f"{self.ranks.label(int(rank)) if rank else role}: {error}") from None
-            self._handle(key, kind, payload)
 
     def _pending_errors(self, closed: str) -> None:
         """A runner's socket closed: if another runner already said why, that reason wins over a bare crash."""
@@ -183,10 +194,10 @@ class _Session(TrainerFrames):
                         break
                 try:
                     kind, payload = channel.recv(timeout=1.0)
+                    if kind == Kind.ERROR:
+                        self._handle(role, kind, payload)
                 except ProtocolError:
                     break
-                if kind == Kind.ERROR:
-                    self._handle(role, kind, payload)
 
     def _handle(self, key: str, kind: Kind, payload: bytes) -> None:
         role, _, rank = key.partition(":")
@@ -195,8 +206,11 @@ class _Session(TrainerFrames):
             message = str(error.get("message", ""))[:4000]
             if rank and self.ranks.world_size > 1:
                 message = f"rank {rank}: {message}"
-            reason = Reason(rule=str(error.get("rule", "run:exception")), message=message,
-                            file=error.get("file"), line=error.get("line"))
+            rule, file, line = str(error.get("rule", "run:exception")), error.get("file"), error.get("line")
+            if role != "scorer" and not _SANDBOX_RULE.fullmatch(rule):
+                rule = "run:exception"
+            reason = Reason(rule=rule, message=message, file=file[:500] if isinstance(file, str) else None,
+                            line=line if isinstance(line, int) and not isinstance(line, bool) else None)
             if role == "trainer" and self.layout is None:
                 # The trainer builds the same architecture: if the exporter's build fails too, the bundle is rejected
                 # for that (before any data); only a sound architecture leaves the failure to training.
@@ -387,7 +401,7 @@ class _Session(TrainerFrames):
             if not key.startswith("trainer"):
                 try:
                     channel.send(Kind.END)
-                except OSError:
+                except (ProtocolError, OSError):  # gone already, or not reading (a timeout): it is stopped below
                     pass
         for runner in self.runners.values():
             if runner.role == "scorer":

@@ -15,7 +15,7 @@ import time
 from prism_ray.errors import PrismError, Reason
 from prism_ray.harness import layout
 from prism_ray.harness.probes import ProbePlan
-from prism_ray.harness.protocol import Kind, parse_json
+from prism_ray.harness.protocol import Kind, ProtocolError, parse_json
 from prism_ray.harness.stream import StreamPlan, check_geometry
 
 MAX_BATCH_TOKENS = 1 << 22
@@ -91,7 +91,8 @@ class TrainerFrames:
         if self.layout is None or self.geometry is None or self.plan is not None:
             return
         theirs = self.geometry.get("layout")
-        if not isinstance(theirs, list) or [e[:2] for e in theirs] != [e[:2] for e in self.layout]:
+        if not isinstance(theirs, list) or not all(isinstance(e, list) and len(e) == 3 for e in theirs) \
+                or [e[:2] for e in theirs] != [e[:2] for e in self.layout]:
             self._refuse_all("run:model_mismatch", "the model passed to iter_train_batches does not have the "
                              "parameters and buffers of a fresh ctx.build_model() (names and shapes must match; "
                              "dtypes may differ): the scorer scores the architecture's model with the trainer's "
@@ -144,7 +145,7 @@ class TrainerFrames:
             return
         try:
             self._send_ahead()
-        except OSError:  # the scorer stopped: what it sent before it did (records, its ERROR) says why
+        except ProtocolError:  # the scorer stopped: what it sent before it did (records, its ERROR) says why
             self.scorer_gone = True
             self._pending_scorer_frames()
             raise self._crash("scorer", "it closed its channel while batches were still to come") from None

@@ -1,6 +1,7 @@
-"""Harness overhead on CPU: bare PyTorch loops vs. `prism-ray eval` on tiny-gpt, GPT-2 tokens, the embedded data,
-with the harness of this checkout (the exported graph in a trusted scorer) and the previous one (commit ce813fd: a
-scorer and a forked prober that ran architecture.py), in one run.
+"""Harness overhead on CPU: bare PyTorch loops vs. `prism-ray eval` on tiny-gpt (GPT-2 tokens; or an overhead-bound
+byte bigram, `--workload count`), the embedded data, with the harness of this checkout (the exported graph in a
+trusted scorer) and an earlier one (by default commit ce813fd: a scorer and a forked prober that ran
+architecture.py; `--old-commit` names another), in one run.
 
 Rows (same model, optimizer, geometry and batches everywhere; every eval with the LLM gate off):
 - bare loop: forward + backward + step, nothing else;

@@ -113,6 +113,8 @@ class _Session(TrainerFrames):
             self.outcome.stopped_reason = "wall_clock_exceeded"
         except PrismError as error:
             self.outcome.reasons.extend(error.reasons)
+        except ProtocolError as error:  # a send outside the frame loop (the launch) found its runner gone
+            self._crash(error.peer.partition(":")[0] or "scorer", str(error))
         finally:
             self._close()
             self.outcome.wall_seconds = time.monotonic() - started
@@ -182,11 +184,10 @@ class _Session(TrainerFrames):
                 raise self._crash(role, f"{self.ranks.label(int(rank)) if rank else role}: {error}") from None
 
     def _pending_errors(self, closed: str) -> None:
-        """A runner's socket closed: if another runner already said why, that reason wins over a bare crash."""
+        """A runner's socket closed: if a runner already said why (another one, or this one before it closed: a send
+        to it can fail with its ERROR still unread), that reason wins over a bare crash."""
         waited = time.monotonic() + 1.0
-        for role, channel in self.channels.items():
-            if role == closed:
-                continue
+        for role, channel in sorted(self.channels.items(), key=lambda item: item[0] != closed):
             while True:
                 with selectors.DefaultSelector() as one:
                     one.register(channel.sock, selectors.EVENT_READ)

@@ -11,8 +11,9 @@ from conftest import BYTE_LENGTHS, byte_stream, train_on_stream
 from miners import bigram_architecture
 from prism_ray.cluster.tasks import placement_notice, run_slots
 from prism_ray.config import Settings
+from prism_ray.errors import Reason
 from prism_ray.evaluation.pipeline import evaluate
-from prism_ray.harness.contract import check_contract, rejection
+from prism_ray.harness.contract import ContractCheck, ContractRun, check_contract, rejection
 from prism_ray.harness.isolation import SandboxPolicy
 from prism_ray.harness.records import RunSpec
 
@@ -205,4 +206,60 @@ def test_the_reject_policy_rejects_a_loop_that_fails_the_contract(bundle_factory
     assert (report.status, [r.rule for r in report.reasons]) == ("rejected", ["contract:multi_gpu"]), report.reasons
     assert "world size 2: failed run:ranks_diverged" in report.reasons[0].message
     assert [(check.world_size, check.passed) for check in report.contract] == [(2, False)]
-    assert report.batches == 0  # the scored run never started
+    assert report.batches == 0  # the scored run beside the check is stopped, and nothing of it is reported
+
+
+SLOW_LOOP = """
+import time
+import torch
+
+def train(ctx):
+    model = ctx.build_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for batch in ctx.iter_train_batches(model, batch_size=2, seq_len=16, with_logits=True):
+        batch.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        time.sleep(0.2)
+"""
+
+
+def test_the_scored_run_stops_once_the_check_beside_it_ends_the_submission(bundle_factory, tmp_path):
+    """The session asks `stop` while it streams (the contract check runs beside it): its reasons end the run."""
+    rejected = Reason(rule="contract:multi_gpu", message="the training loop is not correct at several ranks")
+    recorded: list[int] = []
+
+    def stop() -> list[Reason] | None:
+        return [rejected] if len(recorded) >= 2 else None
+
+    outcome = run(bundle_factory, tmp_path, SLOW_LOOP, world_size=1, stop=stop,
+                  progress=lambda state: recorded.append(state.batches))
+    assert (outcome.status, outcome.reasons) == ("failed", [rejected])
+    assert 0 < outcome.batches < outcome.planned_batches, (outcome.batches, outcome.planned_batches)
+
+
+def check_result(*reasons: Reason) -> list[ContractCheck]:
+    return [ContractCheck(world_size=2, passed=not reasons, batches=3, reasons=list(reasons))]
+
+
+def test_what_the_checks_beside_the_scored_run_end():
+    diverged = Reason(rule="run:ranks_diverged", message="rank 1 diverged")
+    killed = Reason(rule="infra:runner_killed", message="killed from outside")
+    ends = {}
+    for name, checks, reject in (("passed", check_result(), True), ("flagged", check_result(diverged), False),
+                                 ("rejected", check_result(diverged), True), ("killed", check_result(killed), False)):
+        contract = ContractRun(lambda checks=checks: checks, reject=reject)
+        assert contract.join() == checks
+        ending = contract.ending()
+        ends[name] = [reason.rule for reason in ending] if ending else None
+    assert ends == {"passed": None, "flagged": None, "rejected": ["contract:multi_gpu"],
+                    "killed": ["infra:runner_killed"]}
+
+
+def test_a_check_that_raises_raises_in_the_callers_thread():
+    def broken() -> list[ContractCheck]:
+        raise OSError("no space left for the run dir")
+
+    contract = ContractRun(broken, reject=False)
+    with pytest.raises(OSError, match="no space left"):
+        contract.join()

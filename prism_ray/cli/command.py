@@ -118,9 +118,9 @@ def eval_command(
     world_size: Annotated[int | None, typer.Option(min=1, max=8, help="trainer ranks of the scored run (one GPU "
                                                    "each; gloo ranks on CPU)", show_default=_default("gpus_per_run"))
                           ] = None,
-    contract: Annotated[bool, typer.Option("--contract", help="first run the multi-GPU contract check: an unscored "
+    contract: Annotated[bool, typer.Option("--contract", help="also run the multi-GPU contract check: an unscored "
                                            "short run at each world size of PRISM_CONTRACT_WORLD_SIZES (or 2), as "
-                                           "the cluster does before every scored run")] = False,
+                                           "the cluster does beside every scored run")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print exactly one JSON object, the report")] = False,
 ) -> None:
     """Dry-run a bundle exactly as the cluster scores it."""

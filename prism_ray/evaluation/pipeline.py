@@ -67,7 +67,7 @@ StageResult = tuple[Outcome, Any]
 
 def check_stage(ctx: StageContext, bundle: Bundle) -> StageResult:
     """The static policy over every file; the instantiation probe runs at the start of train, in the scorer."""
-    findings = policy.inspect(bundle)
+    findings = policy.inspect(bundle, remember_in=ctx.settings.cache_dir / "policy")
     return (Outcome("rejected", findings) if findings else Outcome("next")), None
 
 

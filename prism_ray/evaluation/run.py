@@ -1,13 +1,14 @@
 """The train stage's work: one sandboxed run of a bundle on the locked data, held-out passes included.
 
-`train()` resolves the data, writes the bundle twice into the run dir (the trainer's copy, and the scorer's without
-the training file), runs the multi-GPU contract check (harness/contract.py), launches the session
-(harness/session.py: scorer + trainer) and turns the held-out pass results into the report's held-out block. Plain
-Python: the CLI calls it in-process, the cluster in a num_gpus=N task (PRISM_GPUS_PER_RUN).
+`train()` resolves the data, writes the bundle twice into the run dir (the trainer's copy, and the exporter's without
+the training file), starts the multi-GPU contract check (harness/contract.py) beside the scored session
+(harness/session.py: scorer, exporter, trainer) and turns the held-out pass results into the report's held-out
+block. Plain Python: the CLI calls it in-process, the cluster in a num_gpus=N task (PRISM_GPUS_PER_RUN).
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import time
@@ -24,7 +25,7 @@ from prism_ray.data.tokenizers import get_tokenizer
 from prism_ray.errors import PrismError, Reason
 from prism_ray.evaluation import scoring
 from prism_ray.evaluation.report import DataInfo, HeldoutResult, TrainResult
-from prism_ray.harness.contract import check_contract, rejection
+from prism_ray.harness.contract import ContractRun, check_contract
 from prism_ray.harness.isolation import SandboxPolicy
 from prism_ray.harness.records import RETRYABLE_RULES, EvalPass, PassResult, Progress, RunSpec, TrainOutcome
 from prism_ray.harness.session import run_session
@@ -85,33 +86,30 @@ def train(bundle: Bundle, settings: Settings, run_dir: Path,
                            documents=stream.documents, tokens=int(len(stream.tokens)))
     heldout = _HeldoutPlan(dataset, stream.tokens, settings, tokenizer.name)
     spec = run_spec(bundle, settings, run_dir, tokenizer.name, tokenizer.vocab_size, str(dataset.root))
-    if contract_sizes(settings) and _contract_ends_it(result, spec, settings, stream.tokens, stream.byte_lengths):
-        return result
+    contract = None
+    if contract_sizes(settings):
+        contract = ContractRun(functools.partial(
+            check_contract, spec, contract_sizes(settings), settings.contract_batches, stream.tokens,
+            stream.byte_lengths, run_dir, settings.contract_time_limit, sandbox_policy(settings)),
+            reject=settings.contract_policy == "reject")
+    # the scored run stops as soon as the checks have ended the submission
     result.outcome = run_session(spec, stream.tokens, stream.byte_lengths, run_dir, settings.time_limit, progress,
                                  sandbox_policy(settings), heldout=heldout.passes,
-                                 heldout_time_limit=settings.heldout_time_limit)
+                                 heldout_time_limit=settings.heldout_time_limit,
+                                 stop=contract.ending if contract else None)
+    if contract is not None:
+        result.contract = contract.join()
+        ending = contract.ending()
+        if ending is not None:  # the scored run's outcome is dropped: rejected, or retried as a system failure
+            retry = ending[0].rule in RETRYABLE_RULES
+            result.outcome = TrainOutcome(reasons=ending, before_data=not retry)
+            return result
     if result.outcome.status == "completed":
         result.heldout = heldout.result(result.outcome)
         if result.heldout.status == "failed":  # never "scored on bpb alone" when the dataset has a val split
             result.outcome.status = "failed"
             result.outcome.reasons = list(result.heldout.reasons)
     return result
-
-
-def _contract_ends_it(result: TrainResult, spec: RunSpec, settings: Settings, tokens: np.ndarray,
-                      byte_lengths: np.ndarray) -> bool:
-    """The contract checks, into `result`; True when they end the submission (reject policy, or a system
-    failure, which is retried)."""
-    result.contract = check_contract(spec, contract_sizes(settings), settings.contract_batches, tokens,
-                                     byte_lengths, Path(result.run_dir), settings.contract_time_limit,
-                                     sandbox_policy(settings))
-    retry = [r for check in result.contract for r in check.reasons if r.rule in RETRYABLE_RULES]
-    reason = rejection(result.contract) if settings.contract_policy == "reject" else None
-    if retry or reason is not None:
-        result.outcome.reasons = retry or [reason]
-        result.outcome.before_data = not retry  # rejected: the scored run never started
-        return True
-    return False
 
 
 HELDOUT_DIGITS = 4  # decimals of the held-out bpb a report shows

@@ -1,11 +1,13 @@
 """The multi-GPU contract check: a short, unscored run of the submission's own training at world size N (gloo on
-CPU, its first few batches) before the scored run. The PRISM contract asks train(ctx) to be correct at any world
+CPU, its first few batches) beside the scored run. The PRISM contract asks train(ctx) to be correct at any world
 size; this is where that is exercised. Whether a failure rejects the bundle (`contract:multi_gpu`) or only shows in
 the report is the operator's choice (docs/operator.md, docs/miner.md "Several GPUs").
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from prism_ray.errors import Reason
 from prism_ray.harness.isolation import SandboxPolicy
-from prism_ray.harness.records import RunSpec
+from prism_ray.harness.records import RETRYABLE_RULES, RunSpec
 from prism_ray.harness.session import run_session
 
 
@@ -48,6 +50,43 @@ def check_contract(spec: RunSpec, sizes: list[int], batches: int, tokens: np.nda
                                     seconds=round(outcome.wall_seconds, 3),
                                     reasons=[] if passed else outcome.reasons[:3]))
     return checks
+
+
+class ContractRun:
+    """The checks in a thread of their own while the scored run starts: they share nothing with it (their own
+    sandboxes, run dirs and CPU ranks), so on a GPU node their start-up no longer holds the GPU idle."""
+
+    def __init__(self, check: Callable[[], list[ContractCheck]], reject: bool):
+        self.reject = reject  # the operator's policy: a failed check rejects the bundle, or only shows
+        self._checks: list[ContractCheck] = []
+        self._error: BaseException | None = None
+        self._ending: list[Reason] | None = None
+        self._thread = threading.Thread(target=self._run, args=(check,), name="prism-contract", daemon=True)
+        self._thread.start()
+
+    def _run(self, check: Callable[[], list[ContractCheck]]) -> None:
+        try:
+            self._checks = check()
+        except BaseException as error:  # noqa: BLE001 — raised again in the caller's thread by join()
+            self._error = error
+
+    def ending(self) -> list[Reason] | None:
+        """Why the checks end the submission, once they have run (None while they run, or when they let it
+        through): a system failure, which is retried, or a failed check under the reject policy."""
+        if self._thread.is_alive():
+            return None
+        if self._ending is None:
+            checks = self.join()
+            retry = [reason for check in checks for reason in check.reasons if reason.rule in RETRYABLE_RULES]
+            rejected = rejection(checks) if self.reject else None
+            self._ending = retry or ([rejected] if rejected is not None else [])
+        return self._ending or None
+
+    def join(self) -> list[ContractCheck]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._checks
 
 
 def rejection(checks: list[ContractCheck]) -> Reason | None:

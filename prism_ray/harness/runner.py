@@ -188,6 +188,10 @@ def _connect(path: str) -> Channel:
 
 def main() -> int:
     socket_path, role = sys.argv[1], sys.argv[2]
+    if role == "trainer":
+        # A loop's first optimizer imports torch._dynamo (about 1 s of CPU): here it overlaps the other runners'
+        # start instead of delaying the trainer's first batch request, which the export waits for.
+        import torch._dynamo  # noqa: F401
     channel = _connect(socket_path)
     kind, payload = channel.recv()
     if kind != Kind.CONFIG:

@@ -46,23 +46,26 @@ class _Failed(Exception):
 # What a sandbox that runs miner code may name as its failure: its own (run:*, contract:*), never a system failure
 # (infra:*, data:*, sandbox:*), which would be retried for free or excuse a seed replica.
 _SANDBOX_RULE = re.compile(r"(run|contract):[a-z_]{1,40}")
+_STOP_POLL_SECONDS = 0.2
 _TRAINER_FRAME = 16 << 20  # the trainer's frames are requests and a layout: nothing near this
 
 
 def run_session(spec: RunSpec, tokens: np.ndarray, byte_lengths: np.ndarray, run_dir: Path, time_limit: float,
                 progress: Callable[[Progress], None] | None = None, policy: SandboxPolicy | None = None,
-                heldout: HeldoutPlan | None = None, heldout_time_limit: float = 300.0) -> TrainOutcome:
-    """Train and score one bundle; `heldout` (called once training completed) names the held-out passes."""
+                heldout: HeldoutPlan | None = None, heldout_time_limit: float = 300.0,
+                stop: Callable[[], list[Reason] | None] | None = None) -> TrainOutcome:
+    """Train and score one bundle; `heldout` (called once training completed) names the held-out passes; `stop`,
+    asked a few times a second while the stream runs, ends the run with its reasons when it has some."""
     return _Session(spec, tokens, byte_lengths, run_dir, time_limit, progress, policy or SandboxPolicy(),
-                    heldout, heldout_time_limit).run()
+                    heldout, heldout_time_limit, stop).run()
 
 
 class _Session(TrainerFrames):
     def __init__(self, spec: RunSpec, tokens: np.ndarray, byte_lengths: np.ndarray, run_dir: Path, time_limit: float,
                  progress: Callable[[Progress], None] | None, policy: SandboxPolicy, heldout: HeldoutPlan | None,
-                 heldout_time_limit: float):
+                 heldout_time_limit: float, stop: Callable[[], list[Reason] | None] | None):
         self.spec, self.tokens, self.byte_lengths, self.run_dir = spec, tokens, byte_lengths, run_dir
-        self.time_limit, self.progress, self.policy = time_limit, progress, policy
+        self.time_limit, self.progress, self.policy, self.stop = time_limit, progress, policy, stop
         self.heldout_plan, self.heldout_time_limit = heldout, heldout_time_limit
         self.outcome = TrainOutcome()
         self.books = Books(self.outcome, spec.vocab_size)
@@ -164,9 +167,13 @@ class _Session(TrainerFrames):
     def _dispatch(self, deadline: float) -> None:
         """Handle the next frame from whichever runner sent one (or end a run whose ranks stopped following)."""
         wake = min(deadline, self.ranks.overdue_at() or deadline)
+        if self.stop is not None:
+            wake = min(wake, time.monotonic() + _STOP_POLL_SECONDS)
         events = self.selector.select(timeout=max(0.0, wake - time.monotonic()))
         if not events and time.monotonic() >= deadline:
             raise TimeoutError
+        if self.stop is not None and (reasons := self.stop()):
+            self._fail(*reasons)
         hung = self.ranks.overdue(time.monotonic())
         if hung is not None:
             self._fail(hung)

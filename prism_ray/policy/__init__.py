@@ -11,6 +11,7 @@ embeds data. Every rule id is documented for miners in docs/rules.md.
 - resolver.py: names and attribute chains → the dotted origins they may hold (`F.cross_entropy` →
   torch.nn.functional.cross_entropy);
 - reach.py: what an origin really reaches, by walking the allowed modules' real namespaces;
+- remembered.py: those verdicts kept on disk for this environment, so a fresh process need not import torch;
 - rules.py: pass 2, the rules.
 """
 
@@ -18,9 +19,11 @@ from __future__ import annotations
 
 import ast
 from collections.abc import Iterable
+from pathlib import Path
 
 from prism_ray.errors import Reason
 from prism_ray.intake.bundle import Bundle
+from prism_ray.policy import reach
 from prism_ray.policy.resolver import Resolver, TooComplex
 from prism_ray.policy.rules import Budget, Checker
 from prism_ray.policy.scopes import Binder, module_name
@@ -29,8 +32,18 @@ from prism_ray.policy.tables import MAX_NUMBERS, MAX_STRING_BYTES, RESERVED_MODU
 __all__ = ["MAX_NUMBERS", "MAX_STRING_BYTES", "inspect", "inspect_source", "module_names"]
 
 
-def inspect(bundle: Bundle) -> list[Reason]:
-    """Every policy finding over every .py file of the bundle; empty means clean."""
+def inspect(bundle: Bundle, remember_in: Path | None = None) -> list[Reason]:
+    """Every policy finding over every .py file of the bundle; empty means clean. `remember_in`: a directory (the
+    operator's cache) where what the walks found is kept for later processes (remembered.py)."""
+    if remember_in is not None:
+        reach.remembered.open(remember_in)
+    try:
+        return _inspect(bundle)
+    finally:
+        reach.remembered.save()
+
+
+def _inspect(bundle: Bundle) -> list[Reason]:
     sources = bundle.python_files
     modules = module_names(sources)
     reasons: list[Reason] = []

@@ -11,7 +11,9 @@ judged by what it is, not by the name it was reached under:
   elsewhere is still torch.load), `operator.attrgetter`/`methodcaller` (getattr with a computed name), and the
   objects other rules check by name (`torch.save`, `dataclasses.dataclass`, …).
 The checker's process and the runner's share one environment, so what is walked here is what the bundle gets.
-Results are cached for the life of the process; after the first bundle a check costs dictionary lookups.
+Verdicts are cached for the life of the process and, where the caller names a directory, on disk for this
+environment (remembered.py): then a fresh process checks a bundle whose origins were seen before without importing
+torch.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ import inspect
 import itertools
 import types
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from prism_ray.policy.remembered import Remembered
 from prism_ray.policy.tables import (
     ATTR_BUILTINS,
     DYNAMIC_ATTR_OBJECTS,
@@ -62,9 +66,19 @@ _SCALARS = (str, bytes, int, float, complex, bool, type(None))
 _CONTAINERS = (dict, list, tuple, set, frozenset)
 
 
+remembered = Remembered()
+
+
 def reach(origin: str) -> Reached:
     """What a dotted origin outside the bundle reaches (`<type>` and bundle origins come back unknown)."""
-    return _walk(origin)[0]
+    known = remembered.get(f"reach:{origin}")
+    if isinstance(known, list) and len(known) == 5:
+        name, problem, why, found, module = known
+        return Reached(name, (problem, why) if problem else None, known=found, module=module)
+    verdict = _walk(origin)[0]
+    problem = verdict.problem or (None, None)
+    remembered.put(f"reach:{origin}", [verdict.name, *problem, verdict.known, verdict.module])
+    return verdict
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -235,10 +249,26 @@ def _mode_bases() -> tuple[type, ...]:
     return tuple(base for name in MODE_BASES if _is(base := _resolve(name), type))
 
 
-@functools.cache
 def shared_member_names() -> frozenset[str]:
     """The methods the classes the harness computes with (torch.Tensor, nn.Module, …) define along their MRO.
     Data members (`t.device`, `p.grad`, `m.training`) are per-object state that training code sets freely."""
+    return _remembered_names("shared_member_names", _shared_member_names)
+
+
+_names: dict[str, frozenset[str]] = {}
+
+
+def _remembered_names(key: str, compute: Callable[[], frozenset[str]]) -> frozenset[str]:
+    if key not in _names:
+        known = remembered.get(key)
+        _names[key] = frozenset(known) if isinstance(known, list) else compute()
+        if not isinstance(known, list):
+            remembered.put(key, sorted(_names[key]))
+    return _names[key]
+
+
+@functools.cache
+def _shared_member_names() -> frozenset[str]:
     names: set[str] = set()
     for name in SHARED_CLASSES:
         cls = _resolve(name)
@@ -258,11 +288,15 @@ def _resolve(name: str) -> Any:
     return obj
 
 
-@functools.cache
 def metaclass_methods() -> frozenset[str]:
     """Private methods that classes get from their metaclass, reachable through any subclass, `cls` or `type(x)`
     (`MyEnum._convert_(…)` rewrites the namespace of any module): those of the metaclasses of the classes in the
     allowed standard modules, torch, torch.nn and numpy."""
+    return _remembered_names("metaclass_methods", _metaclass_methods)
+
+
+@functools.cache
+def _metaclass_methods() -> frozenset[str]:
     names: set[str] = set()
     for module_name in [*sorted(STDLIB - {"__future__"}), "torch", "torch.nn", "numpy"]:
         module = _import(module_name)

@@ -209,9 +209,10 @@ def test_the_reject_policy_rejects_a_loop_that_fails_the_contract(bundle_factory
     assert report.batches == 0  # the scored run beside the check is stopped, and nothing of it is reported
 
 
-SLOW_LOOP = """
-import time
+MARKED_LOOP = """
 import torch
+
+print("training.py imported", flush=True)  # miner code ran: the runner's log shows it
 
 def train(ctx):
     model = ctx.build_model()
@@ -220,29 +221,41 @@ def train(ctx):
         batch.loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        time.sleep(0.2)
 """
 
 
-def test_the_scored_run_stops_once_the_check_beside_it_ends_the_submission(bundle_factory, tmp_path):
-    """The session asks `stop` while it streams (the contract check runs beside it): its reasons end the run."""
+@pytest.mark.parametrize("ends", [False, True])
+def test_no_miner_code_runs_in_the_scored_session_before_the_check_beside_it_has_ended(bundle_factory, tmp_path,
+                                                                                        ends):
+    """The session's runners start beside the contract check (harness/contract.py, ContractRun), but the exporter
+    and the trainer get their config only once `hold` returns; its reasons end the run before any of them runs."""
+    run_dir = tmp_path / f"run-{ends}"
     rejected = Reason(rule="contract:multi_gpu", message="the training loop is not correct at several ranks")
-    recorded: list[int] = []
+    seen: list[bool] = []
 
-    def stop() -> list[Reason] | None:
-        return [rejected] if len(recorded) >= 2 else None
+    def imported() -> bool:
+        log = run_dir / "trainer.log"
+        return log.exists() and "training.py imported" in log.read_text()
 
-    outcome = run(bundle_factory, tmp_path, SLOW_LOOP, world_size=1, stop=stop,
-                  progress=lambda state: recorded.append(state.batches))
-    assert (outcome.status, outcome.reasons) == ("failed", [rejected])
-    assert 0 < outcome.batches < outcome.planned_batches, (outcome.batches, outcome.planned_batches)
+    def hold() -> list[Reason] | None:
+        seen.append(imported())
+        return [rejected] if ends else None
+
+    outcome = train_on_stream(bundle_factory(ARCH, MARKED_LOOP), byte_stream(TEXT), run_dir, hold=hold)
+    assert seen == [False]
+    if ends:
+        assert (outcome.status, outcome.reasons, outcome.batches) == ("failed", [rejected], 0)
+        assert not imported()
+    else:
+        assert outcome.status == "completed", outcome.reasons
+        assert imported() and outcome.batches == outcome.planned_batches > 0
 
 
 def check_result(*reasons: Reason) -> list[ContractCheck]:
     return [ContractCheck(world_size=2, passed=not reasons, batches=3, reasons=list(reasons))]
 
 
-def test_what_the_checks_beside_the_scored_run_end():
+def test_what_the_checks_beside_the_scored_run_decide():
     diverged = Reason(rule="run:ranks_diverged", message="rank 1 diverged")
     killed = Reason(rule="infra:runner_killed", message="killed from outside")
     ends = {}
@@ -250,7 +263,7 @@ def test_what_the_checks_beside_the_scored_run_end():
                                  ("rejected", check_result(diverged), True), ("killed", check_result(killed), False)):
         contract = ContractRun(lambda checks=checks: checks, reject=reject)
         assert contract.join() == checks
-        ending = contract.ending()
+        ending = contract.wait()
         ends[name] = [reason.rule for reason in ending] if ending else None
     assert ends == {"passed": None, "flagged": None, "rejected": ["contract:multi_gpu"],
                     "killed": ["infra:runner_killed"]}

@@ -120,7 +120,7 @@ def eval_command(
                           ] = None,
     contract: Annotated[bool, typer.Option("--contract", help="also run the multi-GPU contract check: an unscored "
                                            "short run at each world size of PRISM_CONTRACT_WORLD_SIZES (or 2), as "
-                                           "the cluster does beside every scored run")] = False,
+                                           "the cluster does with every scored run")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print exactly one JSON object, the report")] = False,
 ) -> None:
     """Dry-run a bundle exactly as the cluster scores it."""

@@ -92,15 +92,15 @@ def train(bundle: Bundle, settings: Settings, run_dir: Path,
             check_contract, spec, contract_sizes(settings), settings.contract_batches, stream.tokens,
             stream.byte_lengths, run_dir, settings.contract_time_limit, sandbox_policy(settings)),
             reject=settings.contract_policy == "reject")
-    # the scored run stops as soon as the checks have ended the submission
+    # the scored session's sandboxes start beside the checks; its miner code waits for them (contract.wait)
     result.outcome = run_session(spec, stream.tokens, stream.byte_lengths, run_dir, settings.time_limit, progress,
                                  sandbox_policy(settings), heldout=heldout.passes,
                                  heldout_time_limit=settings.heldout_time_limit,
-                                 stop=contract.ending if contract else None)
+                                 hold=contract.wait if contract else None)
     if contract is not None:
         result.contract = contract.join()
-        ending = contract.ending()
-        if ending is not None:  # the scored run's outcome is dropped: rejected, or retried as a system failure
+        ending = contract.wait()
+        if ending is not None:  # rejected before the scored run began, or retried as a system failure
             retry = ending[0].rule in RETRYABLE_RULES
             result.outcome = TrainOutcome(reasons=ending, before_data=not retry)
             return result

@@ -1,7 +1,7 @@
 """The multi-GPU contract check: a short, unscored run of the submission's own training at world size N (gloo on
-CPU, its first few batches) beside the scored run. The PRISM contract asks train(ctx) to be correct at any world
-size; this is where that is exercised. Whether a failure rejects the bundle (`contract:multi_gpu`) or only shows in
-the report is the operator's choice (docs/operator.md, docs/miner.md "Several GPUs").
+CPU, its first few batches) while the scored run's sandboxes start. The PRISM contract asks train(ctx) to be correct
+at any world size; this is where that is exercised. Whether a failure rejects the bundle (`contract:multi_gpu`) or
+only shows in the report is the operator's choice (docs/operator.md, docs/miner.md "Several GPUs").
 """
 
 from __future__ import annotations
@@ -53,14 +53,15 @@ def check_contract(spec: RunSpec, sizes: list[int], batches: int, tokens: np.nda
 
 
 class ContractRun:
-    """The checks in a thread of their own while the scored run starts: they share nothing with it (their own
-    sandboxes, run dirs and CPU ranks), so on a GPU node their start-up no longer holds the GPU idle."""
+    """The checks in a thread of their own, started with the scored session: that session's sandboxes start
+    meanwhile (interpreters, imports, the scorer's device), but none of them runs miner code before the checks have
+    ended (`wait`), so no two sandboxes of one submission hold the stream at the same time (docs/rules.md, "Tell the
+    contract check from the scored run")."""
 
     def __init__(self, check: Callable[[], list[ContractCheck]], reject: bool):
         self.reject = reject  # the operator's policy: a failed check rejects the bundle, or only shows
         self._checks: list[ContractCheck] = []
         self._error: BaseException | None = None
-        self._ending: list[Reason] | None = None
         self._thread = threading.Thread(target=self._run, args=(check,), name="prism-contract", daemon=True)
         self._thread.start()
 
@@ -70,23 +71,19 @@ class ContractRun:
         except BaseException as error:  # noqa: BLE001 — raised again in the caller's thread by join()
             self._error = error
 
-    def ending(self) -> list[Reason] | None:
-        """Why the checks end the submission, once they have run (None while they run, or when they let it
-        through): a system failure, which is retried, or a failed check under the reject policy."""
-        if self._thread.is_alive():
-            return None
-        if self._ending is None:
-            checks = self.join()
-            retry = [reason for check in checks for reason in check.reasons if reason.rule in RETRYABLE_RULES]
-            rejected = rejection(checks) if self.reject else None
-            self._ending = retry or ([rejected] if rejected is not None else [])
-        return self._ending or None
-
     def join(self) -> list[ContractCheck]:
         self._thread.join()
         if self._error is not None:
             raise self._error
         return self._checks
+
+    def wait(self) -> list[Reason] | None:
+        """Once the checks have ended: why they end the submission, if they do — a system failure, which is
+        retried, or a failed check under the reject policy."""
+        checks = self.join()
+        retry = [reason for check in checks for reason in check.reasons if reason.rule in RETRYABLE_RULES]
+        rejected = rejection(checks) if self.reject else None
+        return retry or ([rejected] if rejected is not None else None)
 
 
 def rejection(checks: list[ContractCheck]) -> Reason | None:

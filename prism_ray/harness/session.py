@@ -46,26 +46,26 @@ class _Failed(Exception):
 # What a sandbox that runs miner code may name as its failure: its own (run:*, contract:*), never a system failure
 # (infra:*, data:*, sandbox:*), which would be retried for free or excuse a seed replica.
 _SANDBOX_RULE = re.compile(r"(run|contract):[a-z_]{1,40}")
-_STOP_POLL_SECONDS = 0.2
 _TRAINER_FRAME = 16 << 20  # the trainer's frames are requests and a layout: nothing near this
 
 
 def run_session(spec: RunSpec, tokens: np.ndarray, byte_lengths: np.ndarray, run_dir: Path, time_limit: float,
                 progress: Callable[[Progress], None] | None = None, policy: SandboxPolicy | None = None,
                 heldout: HeldoutPlan | None = None, heldout_time_limit: float = 300.0,
-                stop: Callable[[], list[Reason] | None] | None = None) -> TrainOutcome:
-    """Train and score one bundle; `heldout` (called once training completed) names the held-out passes; `stop`,
-    asked a few times a second while the stream runs, ends the run with its reasons when it has some."""
+                hold: Callable[[], list[Reason] | None] | None = None) -> TrainOutcome:
+    """Train and score one bundle; `heldout` (called once training completed) names the held-out passes. `hold`
+    is called once the runners are up and before any of them runs miner code: it returns when whatever must not
+    overlap this run's miner code has ended (the contract check), with the reasons that end the run, if any."""
     return _Session(spec, tokens, byte_lengths, run_dir, time_limit, progress, policy or SandboxPolicy(),
-                    heldout, heldout_time_limit, stop).run()
+                    heldout, heldout_time_limit, hold).run()
 
 
 class _Session(TrainerFrames):
     def __init__(self, spec: RunSpec, tokens: np.ndarray, byte_lengths: np.ndarray, run_dir: Path, time_limit: float,
                  progress: Callable[[Progress], None] | None, policy: SandboxPolicy, heldout: HeldoutPlan | None,
-                 heldout_time_limit: float, stop: Callable[[], list[Reason] | None] | None):
+                 heldout_time_limit: float, hold: Callable[[], list[Reason] | None] | None):
         self.spec, self.tokens, self.byte_lengths, self.run_dir = spec, tokens, byte_lengths, run_dir
-        self.time_limit, self.progress, self.policy, self.stop = time_limit, progress, policy, stop
+        self.time_limit, self.progress, self.policy, self.hold = time_limit, progress, policy, hold
         self.heldout_plan, self.heldout_time_limit = heldout, heldout_time_limit
         self.outcome = TrainOutcome()
         self.books = Books(self.outcome, spec.vocab_size)
@@ -135,13 +135,25 @@ class _Session(TrainerFrames):
         self.runners["trainer"] = Runner("trainer", self.run_dir, spec.threads, self.policy, (spec.bundle_dir,),
                                          spec.artifacts_dir, world_size=spec.world_size)
         self.outcome.sandboxed = self.runners["trainer"].process.sandboxed
-        for role in ("scorer", "exporter"):
-            self._accept(role, role).send_json(Kind.CONFIG, spec.runner_spec(role))
+        self._accept("scorer", "scorer").send_json(Kind.CONFIG, spec.runner_spec("scorer"))  # runs no miner code
+        exporter = self._accept("exporter", "exporter")
+        self._hold()  # the trainer's ranks go on starting meanwhile, and wait in the listener's queue
+        exporter.send_json(Kind.CONFIG, spec.runner_spec("exporter"))
         # every rank connects before any learns its rank: none runs miner code while another may still connect
         for index in range(spec.world_size):
             self.ranks.add(self._accept("trainer", Ranks.key(index)))
         for member in self.ranks.members:
             member.channel.send_json(Kind.CONFIG, {**spec.runner_spec("trainer"), "rank": member.index})
+
+    def _hold(self) -> None:
+        """Up to here the runners ran only our code (their imports); the wait is not the run's time."""
+        if self.hold is None:
+            return
+        started = time.monotonic()
+        reasons = self.hold()
+        self.deadline += time.monotonic() - started
+        if reasons:
+            self._fail(*reasons)
 
     def _accept(self, role: str, key: str) -> Channel:
         try:
@@ -167,13 +179,9 @@ class _Session(TrainerFrames):
     def _dispatch(self, deadline: float) -> None:
         """Handle the next frame from whichever runner sent one (or end a run whose ranks stopped following)."""
         wake = min(deadline, self.ranks.overdue_at() or deadline)
-        if self.stop is not None:
-            wake = min(wake, time.monotonic() + _STOP_POLL_SECONDS)
         events = self.selector.select(timeout=max(0.0, wake - time.monotonic()))
         if not events and time.monotonic() >= deadline:
             raise TimeoutError
-        if self.stop is not None and (reasons := self.stop()):
-            self._fail(*reasons)
         hung = self.ranks.overdue(time.monotonic())
         if hung is not None:
             self._fail(hung)

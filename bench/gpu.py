@@ -24,6 +24,9 @@ harness's peak GPU memory ÷ the bare loop's, the stream's ceiling, and the bpb 
     python bench/gpu.py                          # CUDA: planned for about 2 minutes on one H100/H200
     python bench/gpu.py --world-size 4           # also the with_logits bundle as 4 ranks on 4 GPUs (DDP-style
                                                  # all-reduce): tokens/s per GPU against world size 1, and its bpb
+    python bench/gpu.py --handoff both           # the evals with PRISM_GPU_HANDOFF=host and =stream, interleaved:
+                                                 # each one's own forward ÷ (bare + forward), and stream's bpb
+                                                 # against host's (docs/architecture.md, "The GPU hand-off")
     python bench/gpu.py --device cpu --quick     # smoke test (tests/test_bench_gpu.py)
 
 A run that fails shows as "failed" with its reason in the table, the other rows still print. Where bubblewrap cannot
@@ -369,11 +372,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny model and budget: a smoke test")
     parser.add_argument("--world-size", type=int, default=1, help="also score the with_logits bundle as N ranks "
                         "(N GPUs on CUDA, gloo ranks on CPU)")
+    parser.add_argument("--handoff", choices=("host", "stream", "both"), default="host",
+                        help="PRISM_GPU_HANDOFF of the eval runs; both: each eval in both modes (CUDA only)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         bare_child(json.loads(args.child))
         return
+    if args.handoff != "host" and not args.device.startswith("cuda"):
+        parser.error("the GPU hand-off is for CUDA runs: a CPU run keeps its rows in the frames")
     if args.device.startswith("cuda"):
         index = torch.device(args.device).index or 0
         args.device = f"cuda:{index}"  # with an index: the runner's torch.cuda.set_device refuses a bare "cuda"
@@ -393,18 +400,25 @@ def main() -> None:
                "batch_size": config.batch_size, "seq_len": config.seq_len, "byte_budget": config.byte_budget,
                "max_seq_len": settings.max_seq_len, "seed": settings.seed}
         runs = Runs()
+        # the first mode's evals under the plain names, a second mode's under "<name> stream"
+        modes = {"": "stream" if args.handoff == "stream" else "host"}
+        if args.handoff == "both":
+            modes[" stream"] = "stream"
+        evals = {suffix: settings.model_copy(update={"gpu_handoff": mode}) for suffix, mode in modes.items()}
         for round_ in range(config.rounds):  # interleaved, so drift hits every variant alike
             if round_ < config.bare_rounds:
                 runs.attempt("bare", lambda: run_bare(job, extra_forward=False))
                 runs.attempt("bare_fwd", lambda: run_bare(job, extra_forward=True))
-            runs.attempt("own", lambda: run_eval(bundles["own"], settings))
-            runs.attempt("logits", lambda: run_eval(bundles["logits"], settings))
+            for suffix, chosen in evals.items():
+                runs.attempt("own" + suffix, lambda chosen=chosen: run_eval(bundles["own"], chosen))
+                runs.attempt("logits" + suffix, lambda chosen=chosen: run_eval(bundles["logits"], chosen))
             loads.append(os.getloadavg()[0])
         if args.world_size > 1:
-            ranked = settings.model_copy(update={"gpus_per_run": args.world_size})
+            ranked = evals[""].model_copy(update={"gpus_per_run": args.world_size})
             for _ in range(config.rounds):
                 runs.attempt("ranks", lambda: run_eval(bundles["logits"], ranked))
-        runs.attempt("noop", lambda: run_eval(bundles["noop"], settings))
+        for suffix, chosen in evals.items():
+            runs.attempt("noop" + suffix, lambda chosen=chosen: run_eval(bundles["noop"], chosen))
         runs.attempt("protocol", lambda: Measured(protocol_ceiling(job)))
     print_table(args, config, stream.vocab_size, runs, loads, time.monotonic() - started)
 
@@ -453,7 +467,9 @@ def print_table(args: argparse.Namespace, config: Config, vocab_size: int, runs:
     else:
         machine = f"CPU, {len(os.sched_getaffinity(0))} cores, load average " + " → ".join(f"{v:.2f}" for v in loads)
     params = runs.first("model_params")
-    print(f"GPU check on {machine}; torch {torch.__version__}; sandbox: {runs.first('isolation')}")
+    handoff = {"both": "host (plain rows) and stream (rows marked stream)"}.get(args.handoff, args.handoff)
+    print(f"GPU check on {machine}; torch {torch.__version__}; sandbox: {runs.first('isolation')}; GPU hand-off: "
+          f"{handoff}")
     print(f"bf16 GPT, {params or 0:,} parameters (dim {config.dim}, {config.layers} layers, {config.heads} heads, "
           f"vocab {vocab_size:,}), B={config.batch_size} L={config.seq_len}, {runs.first('batches')} batches per "
           f"run ({'the whole train split' if not config.byte_budget else f'{config.byte_budget:,} bytes'}); medians "
@@ -481,6 +497,13 @@ def print_table(args: argparse.Namespace, config: Config, vocab_size: int, runs:
     if args.world_size > 1:
         speeds.insert(4, ("ranks", f"eval with_logits at world size {args.world_size}, tokens/s", "logits",
                           "÷ eval with_logits at world size 1"))
+    if args.handoff == "both":  # each below its host row
+        for added in (("own stream", "eval own forward, stream hand-off, tokens/s", "bare_fwd",
+                       "÷ bare + scorer forward; against the host row above: flip the default if higher"),
+                      ("logits stream", "eval with_logits, stream hand-off, tokens/s", "bare", "÷ bare"),
+                      ("noop stream", "eval no-op trainer, stream hand-off, tokens/s", "bare", "÷ bare")):
+            host = added[0].removesuffix(" stream")
+            speeds.insert(1 + next(i for i, (name, *_) in enumerate(speeds) if name == host), added)
     for name, label, base, note in speeds:
         speed = runs.speed(name)
         if speed is None:
@@ -506,7 +529,16 @@ def print_table(args: argparse.Namespace, config: Config, vocab_size: int, runs:
     else:
         row("peak GPU memory", "n/a", "", "measured on CUDA only")
     tolerance = 0.0 if args.device == "cpu" else 1e-4
-    for name, label in (("own", "own forward"), ("logits", "with_logits")):
+    twice = [("own", "own forward"), ("logits", "with_logits")]
+    if args.handoff == "both":
+        twice += [("own stream", "own forward, stream hand-off"), ("logits stream", "with_logits, stream hand-off")]
+        host, stream = runs.measured.get("own", []), runs.measured.get("own stream", [])
+        if host and stream:
+            difference = abs(host[0].bpb - stream[0].bpb) / host[0].bpb
+            verdict = "ok" if difference <= tolerance else "OVER the audit tolerance"
+            row("bpb own forward, host vs stream hand-off", f"{host[0].bpb:.6f} / {stream[0].bpb:.6f}",
+                f"{difference:.2e}", f"relative difference; audit tolerance {tolerance:g}: {verdict}")
+    for name, label in twice:
         scored = [m.bpb for m in runs.measured.get(name, [])]
         if len(scored) < 2:
             row(f"bpb twice, {label}", "failed", "—", f"{len(scored)} of 2 runs completed")

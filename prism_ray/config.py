@@ -214,6 +214,9 @@ class Settings(BaseSettings):
                               "num_gpus=N train task); on CPU, gloo ranks")
     rank_timeout: float = Field(default=120.0, gt=0, description="seconds a trainer rank may trail the first one to "
                                 "a step (iter_train_batches, a batch, the end) before the run fails run:rank_hung")
+    gpu_handoff: Literal["host", "stream"] = Field(default="host", description="how a batch reaches the ranks on "
+                                                   "a GPU: host (a host sync and the rows in a frame) or stream (the "
+                                                   "GPUs' streams order it; not yet measured on a GPU)")
     contract_world_sizes: str = Field(default="2", pattern=r"^\s*([2-8]\s*(,\s*[2-8]\s*)*)?$",
                                       description="world sizes of the unscored multi-GPU contract check before the "
                                       "scored run (gloo on CPU), comma-separated; empty = off")

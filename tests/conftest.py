@@ -80,7 +80,7 @@ def train_on_stream(bundle: Bundle, tokens: np.ndarray, run_dir: Path, byte_budg
                     time_limit: float = 120.0, seed: int = 1337, max_params: int = 150_000_000,
                     byte_lengths: np.ndarray = BYTE_LENGTHS, vocab_size: int = 257,
                     policy: SandboxPolicy | None = None, probe_every: int = 1, heldout=None, world_size: int = 1,
-                    rank_timeout: float = 120.0, hold=None) -> TrainOutcome:
+                    rank_timeout: float = 120.0, gpu_handoff: str = "host", hold=None) -> TrainOutcome:
     spec = RunSpec(
         bundle_dir=bundle.write_to(run_dir / "bundle"),
         exporter_bundle_dir=bundle.write_to(run_dir / "exporter-bundle", without_training=True),
@@ -89,6 +89,7 @@ def train_on_stream(bundle: Bundle, tokens: np.ndarray, run_dir: Path, byte_budg
         tokenizer=bundle.config.tokenizer, vocab_size=vocab_size, max_seq_len=1024, max_params=max_params,
         seed=seed, device="cpu", byte_budget=byte_budget, artifacts_dir=run_dir / "artifacts", data_dir="",
         threads=world_size, probe_every=probe_every, world_size=world_size, rank_timeout=rank_timeout,
+        gpu_handoff=gpu_handoff,
     )
     return run_session(spec, tokens, byte_lengths, run_dir, time_limit, policy=policy, heldout=heldout, hold=hold)
 

@@ -63,7 +63,7 @@ def run_spec(bundle: Bundle, settings: Settings, run_dir: Path, tokenizer: str, 
         device=settings.device, byte_budget=settings.byte_budget, artifacts_dir=run_dir / "artifacts",
         data_dir=data_dir, threads=settings.runner_threads or len(os.sched_getaffinity(0)),
         probe_every=settings.causality_probe_every, world_size=settings.gpus_per_run,
-        rank_timeout=settings.rank_timeout,
+        rank_timeout=settings.rank_timeout, gpu_handoff=settings.gpu_handoff,
     )
 
 

@@ -44,10 +44,14 @@ class CudaIpcError(RuntimeError):
 _driver: ctypes.CDLL | None = None
 
 
-def _cuda() -> ctypes.CDLL:
+def driver() -> ctypes.CDLL:
+    """The CUDA driver, opened on first use: a CPU node never loads it."""
     global _driver
     if _driver is None:
-        driver = ctypes.CDLL("libcuda.so.1")
+        try:
+            library = ctypes.CDLL("libcuda.so.1")
+        except OSError as error:
+            raise CudaIpcError(f"no CUDA driver on this node: {error}") from None
         u64, u64p = ctypes.c_uint64, ctypes.POINTER(ctypes.c_uint64)
         signatures = {
             "cuCtxGetDevice": [ctypes.POINTER(ctypes.c_int)],
@@ -61,10 +65,10 @@ def _cuda() -> ctypes.CDLL:
             "cuMemImportFromShareableHandle": [u64p, ctypes.c_void_p, ctypes.c_int],
         }
         for name, argtypes in signatures.items():
-            function = getattr(driver, name)
+            function = getattr(library, name)
             function.argtypes = argtypes
             function.restype = ctypes.c_int
-        _driver = driver
+        _driver = library
     return _driver
 
 
@@ -85,7 +89,7 @@ def _location(device: torch.device) -> tuple[_Location, _AllocationProp]:
     torch.cuda.init()
     torch.empty(1, device=device)  # makes the device's primary context current on this thread
     ordinal = ctypes.c_int()
-    _check(_cuda().cuCtxGetDevice(ctypes.byref(ordinal)), "cuCtxGetDevice")
+    _check(driver().cuCtxGetDevice(ctypes.byref(ordinal)), "cuCtxGetDevice")
     location = _Location(_ON_DEVICE, ordinal.value)
     return location, _AllocationProp(type=_PINNED, requestedHandleTypes=_POSIX_FD, location=location)
 
@@ -93,14 +97,14 @@ def _location(device: torch.device) -> tuple[_Location, _AllocationProp]:
 def _map(handle: int, nbytes: int, device: torch.device) -> torch.Tensor:
     location, prop = _location(device)
     granularity = ctypes.c_size_t()
-    _check(_cuda().cuMemGetAllocationGranularity(ctypes.byref(granularity), ctypes.byref(prop), 0),
+    _check(driver().cuMemGetAllocationGranularity(ctypes.byref(granularity), ctypes.byref(prop), 0),
            "cuMemGetAllocationGranularity")
     size = _rounded(nbytes, granularity.value)
     pointer = ctypes.c_uint64()
-    _check(_cuda().cuMemAddressReserve(ctypes.byref(pointer), size, 0, 0, 0), "cuMemAddressReserve")
-    _check(_cuda().cuMemMap(pointer.value, size, 0, handle, 0), "cuMemMap")
+    _check(driver().cuMemAddressReserve(ctypes.byref(pointer), size, 0, 0, 0), "cuMemAddressReserve")
+    _check(driver().cuMemMap(pointer.value, size, 0, handle, 0), "cuMemMap")
     access = _AccessDesc(location, _READ_WRITE)
-    _check(_cuda().cuMemSetAccess(pointer.value, size, ctypes.byref(access), 1), "cuMemSetAccess")
+    _check(driver().cuMemSetAccess(pointer.value, size, ctypes.byref(access), 1), "cuMemSetAccess")
     return torch.as_tensor(_DeviceArray(pointer.value, nbytes), device=device)
 
 
@@ -113,13 +117,13 @@ def allocate(nbytes: int, device: torch.device) -> tuple[torch.Tensor, int]:
     the process exits)."""
     _, prop = _location(device)
     granularity = ctypes.c_size_t()
-    _check(_cuda().cuMemGetAllocationGranularity(ctypes.byref(granularity), ctypes.byref(prop), 0),
+    _check(driver().cuMemGetAllocationGranularity(ctypes.byref(granularity), ctypes.byref(prop), 0),
            "cuMemGetAllocationGranularity")
     handle = ctypes.c_uint64()
-    _check(_cuda().cuMemCreate(ctypes.byref(handle), _rounded(nbytes, granularity.value), ctypes.byref(prop), 0),
+    _check(driver().cuMemCreate(ctypes.byref(handle), _rounded(nbytes, granularity.value), ctypes.byref(prop), 0),
            "cuMemCreate")
     fd = ctypes.c_int(-1)
-    _check(_cuda().cuMemExportToShareableHandle(ctypes.byref(fd), handle.value, _POSIX_FD, 0),
+    _check(driver().cuMemExportToShareableHandle(ctypes.byref(fd), handle.value, _POSIX_FD, 0),
            "cuMemExportToShareableHandle")
     return _map(handle.value, nbytes, device), fd.value
 
@@ -127,6 +131,6 @@ def allocate(nbytes: int, device: torch.device) -> tuple[torch.Tensor, int]:
 def open_fd(fd: int, nbytes: int, device: torch.device) -> torch.Tensor:
     """A uint8 CUDA tensor over an allocation another process shared as `fd`."""
     handle = ctypes.c_uint64()
-    _check(_cuda().cuMemImportFromShareableHandle(ctypes.byref(handle), ctypes.c_void_p(fd), _POSIX_FD),
+    _check(driver().cuMemImportFromShareableHandle(ctypes.byref(handle), ctypes.c_void_p(fd), _POSIX_FD),
            "cuMemImportFromShareableHandle")
     return _map(handle.value, nbytes, device)

@@ -1,11 +1,14 @@
 """The layout of the shared model state, planned by the trusted parent without torch: one 64-byte-aligned slot per
-unique parameter and buffer, in the order the runners list them (shared_state.py maps and binds them)."""
+unique parameter and buffer, in the order the runners list them (shared_state.py maps and binds them); and the
+layout of a rank's hand-off buffer on its GPU (docs/architecture.md, "The GPU hand-off")."""
 
 from __future__ import annotations
 
 import fcntl
 import os
 from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
 
 ALIGN = 64
 ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1,
@@ -32,6 +35,25 @@ def plan_slots(layout: list[list]) -> tuple[list[Slot], int]:
         slots.append(Slot(str(name), tuple(int(d) for d in shape), str(dtype), offset, nbytes))
         offset += -(-nbytes // ALIGN) * ALIGN
     return slots, max(offset, ALIGN)
+
+
+# A rank's hand-off buffer: two 32-bit words, each written by one side's GPU stream, then the rank's rows of a batch.
+STEPPED = 0  # the rank's stream writes n + 1 once its work before its request n has landed
+RELEASED = 4  # the scorer's stream writes n + 1 once the rows of request n are in place, after its snapshot
+TOKENS = 128  # the rows, int64 [rows, seq_len]
+
+
+class HandoffSpec(BaseModel):
+    """The stream hand-off of a GPU run, as the parent asks for it in SHARE: each rank's rows of one batch."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rows: int = Field(ge=1)
+    seq_len: int = Field(ge=2)
+
+    @property
+    def nbytes(self) -> int:
+        return TOKENS + 8 * self.rows * self.seq_len
 
 
 def _numel(shape: list[int] | tuple[int, ...]) -> int:

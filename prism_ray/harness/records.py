@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -47,6 +48,7 @@ class RunSpec:
     world_size: int = 1  # trainer ranks in the trainer's sandbox (docs/architecture.md, "Several ranks")
     rank_timeout: float = 120.0  # how long a rank may trail the first one to a step before it is run:rank_hung
     max_batches: int | None = None  # end the stream after this many batches (the unscored contract check)
+    gpu_handoff: Literal["host", "stream"] = "host"  # the GPU hand-off on CUDA runs (docs/architecture.md)
 
     def runner_spec(self, role: str) -> dict:
         if role == "scorer":  # no bundle, no paths: it runs no miner code and reads no files of ours

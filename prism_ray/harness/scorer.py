@@ -9,13 +9,15 @@ has asked for the next batch (NEXT on its batch channel) it copies the shared st
 snapshot), only then sends each rank its rows, scores the batch on the snapshot and reports Σ −ln p(target); for a
 probed batch it runs the probe batch on the same snapshot and reports each probe row's drift. When the ranks ask
 past the last batch it takes the trained state, and they hear END only then. After the trainer has exited it runs
-the held-out passes with the trained state and the step-0 state.
+the held-out passes with the trained state and the step-0 state. On a GPU with the GPU hand-off the same order is
+kept by the GPUs' streams, and the ranks' BATCH frames are headers (handoff.py; docs/architecture.md).
 
 Text a graph produces while it sees data never leaves this process: failures on data carry fixed messages.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -34,6 +36,7 @@ from prism_ray.graph.format import MAX_JSON_BYTES, GraphFile
 from prism_ray.graph.program import GraphRejected, Program
 from prism_ray.harness import cuda_ipc, layout, shared_state
 from prism_ray.harness.context import RunError, force_determinism, rows
+from prism_ray.harness.handoff import CudaOps, ScorerHandoff, Staged
 from prism_ray.harness.probes import causality_tolerance, drift, heldout_probe, non_causal_message
 from prism_ray.harness.protocol import Channel, Kind, ProtocolError, parse_batch, parse_json, parse_probe
 from prism_ray.harness.rank_check import RankCheck
@@ -45,6 +48,8 @@ _REQUEST_BYTES = 64  # a rank's frames on its batch channel are empty NEXTs: not
 _REQUEST_SECONDS = 2.0  # a rank sends a frame whole (5 bytes): one left half-sent broke the protocol
 _RECORDS_AT_ONCE = 8  # loss records sent to the parent together: it wakes once for several batches
 _RECORDS_IDLE = 0.05  # seconds: records wait no longer than this while nothing happens (slow batches, failures)
+_STAGED = 2  # GPU hand-off: batches whose tokens are on the GPU before their request
+_NO_TOKENS = np.empty(0, dtype=np.uint32)  # GPU hand-off: a BATCH header; the rows are in the rank's buffer
 
 
 def target_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -82,6 +87,7 @@ class _Ahead:
     chunk: np.ndarray
     compare: bool  # compare every rank's weights with rank 0's at its snapshot
     probe: tuple[np.ndarray, np.ndarray] | None = None  # (row, boundary) pairs and the probe batch's tokens
+    staged: Staged | None = None  # GPU hand-off: its tokens on the GPUs
 
 
 class Scorer:
@@ -93,6 +99,7 @@ class Scorer:
         self.tolerance = 0.0  # set from the logits' dtype at the instantiation check
         self.model_params = 0
         self.records: list[tuple[int, float, bool]] = []  # loss records not yet sent to the parent
+        self.handoff: ScorerHandoff | None = None  # the GPU hand-off (docs/architecture.md), None: rows in frames
 
     def fail(self, rule: str, message: str) -> RunError:
         self._flush()  # the batches scored before the failure count in its report
@@ -111,6 +118,9 @@ class Scorer:
         if share["where"] == "cuda" and self.device.type != "cuda":  # where comes from the trainer's model
             raise self.fail("run:bad_geometry", "the model passed to iter_train_batches is on a GPU, but this run has "
                             "none: train on ctx.device")
+        handoff = layout.HandoffSpec.model_validate(share["handoff"]) if "handoff" in share else None
+        if handoff is not None and share["where"] != "cuda":
+            raise self.fail("run:protocol", "the GPU hand-off was asked for a run whose weights are not on a GPU")
         torch.set_num_threads(max(1, int(share.get("threads", self.spec["threads"]))))  # before any forward
         slots, nbytes = layout.plan_slots(share["layout"])
         world_size = int(share.get("ranks", 1))
@@ -124,6 +134,14 @@ class Scorer:
                 buffer.zero_()
                 ranks.append(buffer)
                 exported.append(fd)
+        if handoff is not None:  # each rank's hand-off buffer beside its state buffer, shared after them
+            buffers = []
+            for state in ranks:
+                buffer, fd = cuda_ipc.allocate(handoff.nbytes, state.device)
+                buffers.append(buffer.zero_())
+                exported.append(fd)
+                torch.cuda.synchronize(state.device)  # both words are 0 before any stream reads them
+            self.handoff = ScorerHandoff(CudaOps(), buffers, handoff, self.device)
         self.ranks = RankCheck(ranks, slots)
         shared = ranks[0]
         links = Ranks(world_size, float(self.spec["rank_timeout"]))  # each rank's batch channel, in rank order
@@ -255,13 +273,14 @@ class Scorer:
             for member in links.members:
                 selector.register(member.channel.sock, selectors.EVENT_READ, member.index)
             while True:
+                self._stage(ahead)
                 if waiting and ahead:
-                    self._serve(program, shared, private, step0, slots, state, links, ahead.popleft(), served == 0,
+                    self._serve(program, shared, private, step0, slots, state, links, ahead.popleft(), served,
                                 overlap)
                     waiting, served = False, served + 1
                 elif waiting and final:
                     self._flush()
-                    self._take_final(shared, private, links)
+                    self._take_final(shared, private, links, served)
                     return True
                 if len(records) >= _RECORDS_AT_ONCE or not ahead:  # the parent sends more batches for records
                     self._flush()
@@ -321,46 +340,88 @@ class Scorer:
         return links.reach(rank, step)
 
     def _serve(self, program: Program, shared: torch.Tensor, private: torch.Tensor, step0: torch.Tensor,
-               slots: list[layout.Slot], state: list[torch.Tensor], links: Ranks, batch: _Ahead, first: bool,
+               slots: list[layout.Slot], state: list[torch.Tensor], links: Ranks, batch: _Ahead, request: int,
                overlap: bool) -> None:
         """Every rank asked: snapshot, then batch k to the ranks (before its forward when the run overlaps the two,
         after it when not), its loss record, then its probe on the same snapshot (the records go first: the parent
         judges the probe with the books up to date)."""
-        private.copy_(shared)
+        first = request == 0
+        what = f"batch {batch.index}"
+        # A checked snapshot is read on the host before the ranks get their rows, as without the GPU hand-off.
+        self._snapshot(shared, private, request, what, settle=first or batch.compare)
         if first:  # the first batch is scored on the exported initial state, nothing else
             self._check_init(private, step0, slots)
         if batch.compare:
-            self._check_ranks(private, f"batch {batch.index}")
-        _synchronize(private)
+            self._check_ranks(private, what)
         if overlap:
-            self._release(links, batch)
-        tokens = rows(batch.chunk, batch.seq_len).to(self.device)
+            self._release(links, batch, request)
+        if self.handoff is None:
+            tokens = rows(batch.chunk, batch.seq_len).to(self.device)
+        else:  # nothing after this waits on a rank any more: no host sync below can hang on one
+            self._settle(what)
+            assert batch.staged is not None
+            tokens = self.handoff.scored(batch.staged)
         log_probs = self._scored(program, state, tokens, f"scored batch {batch.index}")
         nats = -float(log_probs.double().sum())
         self.records.append((batch.index, nats if math.isfinite(nats) else 0.0, math.isfinite(nats)))
         if not overlap:
-            self._release(links, batch)
+            self._release(links, batch, request)
         if batch.probe is not None:
             self._flush()
             self._probe(program, state, (batch.index, tokens, log_probs), *batch.probe)
 
-    def _release(self, links: Ranks, batch: _Ahead) -> None:
+    def _release(self, links: Ranks, batch: _Ahead, request: int) -> None:
         """Each rank its own rows of the batch, whole however long the rank takes to read them (the run's clock bounds
-        that). A rank that has gone is the parent's to report."""
+        that). A rank that has gone is the parent's to report. With the GPU hand-off the rows reach each rank's
+        buffer after the snapshot in the GPUs' order, and the frame is a header."""
+        if self.handoff is not None:
+            assert batch.staged is not None
+            self.handoff.release(request, batch.staged)
         for member in links.members:
             count, chunk = links.shard(batch.chunk, batch.batch_size, batch.seq_len, member.index)
             member.channel.sock.settimeout(None)
             try:
-                member.channel.send_batch(batch.index, count, batch.seq_len, chunk)
+                member.channel.send_batch(batch.index, count, batch.seq_len,
+                                          chunk if self.handoff is None else _NO_TOKENS)
             except ProtocolError:
                 pass
 
-    def _take_final(self, shared: torch.Tensor, private: torch.Tensor, links: Ranks) -> None:
+    def _snapshot(self, shared: torch.Tensor, private: torch.Tensor, request: int, what: str, settle: bool) -> None:
+        """`private` ← `shared` once every rank's step before `request` has landed: a host sync after the copy, or
+        with the GPU hand-off the copy ordered on the GPU (`settle`: and waited for, within the rank timeout)."""
+        if self.handoff is None:
+            private.copy_(shared)
+            _synchronize(private)
+            return
+        self.handoff.snapshot(request, shared, private)
+        if settle:
+            self._settle(what)
+
+    def _settle(self, what: str) -> None:
+        """GPU hand-off: wait (polling) until every rank's step before the last request has landed."""
+        assert self.handoff is not None
+        late = self.handoff.late(float(self.spec["rank_timeout"]))
+        if late:
+            who = "the trainer's" if len(self.handoff.rows) == 1 else "rank " + ", ".join(map(str, late)) + "'s"
+            raise self.fail("run:rank_hung", f"{who} GPU work before its request for {what} did not finish within "
+                            f"{self.spec['rank_timeout']:g} s of the request: the scorer waits for it on the GPU "
+                            "before it takes its snapshot; a kernel that never ends, or a stream left waiting on "
+                            "something that never comes, stalls the run")
+
+    def _stage(self, ahead: deque[_Ahead]) -> None:
+        """GPU hand-off: the next batches' tokens onto the GPUs before their request, so that nothing between a
+        request and its release copies from host memory."""
+        if self.handoff is None:
+            return
+        for batch in itertools.islice(ahead, _STAGED):
+            if batch.staged is None:
+                batch.staged = self.handoff.stage(rows(batch.chunk, batch.seq_len))
+
+    def _take_final(self, shared: torch.Tensor, private: torch.Tensor, links: Ranks, request: int) -> None:
         """The ranks asked past the last batch: take the trained state now; only then do they hear END, so nothing
         they do afterwards reaches the held-out passes."""
-        private.copy_(shared)
+        self._snapshot(shared, private, request, "the end of the stream", settle=True)
         self._check_ranks(private, "the end of the stream")
-        _synchronize(private)
         self.channel.send(Kind.SNAPPED, b"final")  # before END: the parent knows the stream ended before any rank
         for member in links.members:
             member.channel.sock.settimeout(None)

@@ -90,6 +90,7 @@ class _Session(TrainerFrames):
         self.overlap = False
         self.scorer_threads = spec.threads
         self.on_gpu = False
+        self.handoff: layout.HandoffSpec | None = None  # the GPU hand-off, when the run has one (trainer_frames.py)
         self.unrecorded: dict[int, BatchSlice] = {}  # sent to the scorer, not yet recorded
         self.scorer_gone = False  # a send to the scorer failed: it has exited
         self.stream_ended = False
@@ -281,10 +282,11 @@ class _Session(TrainerFrames):
             assert self.geometry is not None
             where = "cuda" if self.on_gpu else "memfd"
             scorer = self.channels["scorer"]
-            scorer.send_json(Kind.SHARE, {"where": where, "layout": self.geometry["layout"],
-                                          "ranks": self.ranks.world_size, "threads": self.scorer_threads,
-                                          "overlap": self.overlap},
-                             fds=(*self.state_fds, *(mine.fileno() for mine, _ in self.batch_links)))
+            share = {"where": where, "layout": self.geometry["layout"], "ranks": self.ranks.world_size,
+                     "threads": self.scorer_threads, "overlap": self.overlap}
+            if self.handoff is not None:
+                share["handoff"] = self.handoff.model_dump()
+            scorer.send_json(Kind.SHARE, share, fds=(*self.state_fds, *(mine.fileno() for mine, _ in self.batch_links)))
             for mine, _ in self.batch_links:
                 mine.close()
             scorer.send(Kind.LOAD, payload, fds=(blob,))
@@ -305,11 +307,12 @@ class _Session(TrainerFrames):
 
     def _scorer_ready(self, payload: bytes) -> None:
         """The scorer loaded and checked the forward; on a GPU it passes on the descriptor of each rank's state
-        buffer."""
+        buffer, then of each rank's hand-off buffer if the run has the GPU hand-off."""
         if parse_json(payload).get("shares_state"):
-            fds = [self.channels["scorer"].take_fd() for _ in self.ranks.members]
+            ranks = self.ranks.world_size
+            fds = [self.channels["scorer"].take_fd() for _ in range(ranks if self.handoff is None else 2 * ranks)]
             try:
-                self._share_with_ranks("cuda", fds)
+                self._share_with_ranks("cuda", fds[:ranks], None if self.handoff is None else fds[ranks:])
             finally:
                 for fd in fds:
                     os.close(fd)

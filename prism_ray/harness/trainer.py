@@ -8,6 +8,7 @@ graph so the miner can backprop without writing the loss.
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import sys
@@ -20,6 +21,7 @@ import torch
 
 from prism_ray.harness import cuda_ipc, landlock, layout, shared_state
 from prism_ray.harness.context import PrismBatch, RunError, device_of, force_seed, logits_of, rows
+from prism_ray.harness.handoff import CudaOps, TrainerHandoff
 from prism_ray.harness.protocol import Channel, Kind, parse_batch, parse_json
 
 _cross_entropy = torch.nn.functional.cross_entropy  # bound before miner import, for with_logits
@@ -134,12 +136,13 @@ class TrainerHarness:
                                                "with_logits": bool(with_logits),
                                                "layout": shared_state.layout_of(built),
                                                "device": str(device_of(built, self.spec["device"]))})
-        flat, slots, batches = self._share(built)
-        return self._batches(model, built, flat, slots, batches, with_logits)
+        flat, slots, handoff, batches = self._share(built)
+        return self._batches(model, built, flat, slots, handoff, batches, with_logits)
 
-    def _share(self, built: torch.nn.Module) -> tuple[torch.Tensor, list[layout.Slot], Channel]:
-        """Move the model's state into the buffer the scorer reads (the parent says where it lives); the batch
-        channel to the scorer comes with it."""
+    def _share(self, built: torch.nn.Module) -> tuple[torch.Tensor, list[layout.Slot], TrainerHandoff | None, Channel]:
+        """Move the model's state into the buffer the scorer reads (the parent says where it lives); the GPU
+        hand-off's buffer (docs/architecture.md, "The GPU hand-off") and the batch channel to the scorer come with
+        it."""
         kind, payload = self.channel.recv()
         if kind == Kind.REFUSE:
             reason = parse_json(payload)
@@ -152,15 +155,24 @@ class TrainerHarness:
             flat = shared_state.map_memfd(self.channel.take_fd(), nbytes, writable=True)
         else:
             flat = cuda_ipc.open_fd(self.channel.take_fd(), nbytes, device_of(built, "cuda"))
+        handoff = None
+        if "handoff" in share:
+            spec = layout.HandoffSpec.model_validate(share["handoff"])
+            if not flat.is_cuda:
+                raise self.fail("run:protocol", "the GPU hand-off was offered for weights that are not on a GPU")
+            handoff = TrainerHandoff(CudaOps(), cuda_ipc.open_fd(self.channel.take_fd(), spec.nbytes, flat.device),
+                                     spec)
         batches = Channel(socket.socket(fileno=self.channel.take_fd()))
         shared_state.bind(built, slots, flat)
         self.channel.send(Kind.READY)
-        return flat, slots, batches
+        return flat, slots, handoff, batches
 
     def _batches(self, model: Any, built: torch.nn.Module, flat: torch.Tensor, slots: list[layout.Slot],
-                 batches: Channel, with_logits: bool) -> Iterator[PrismBatch]:
+                 handoff: TrainerHandoff | None, batches: Channel, with_logits: bool) -> Iterator[PrismBatch]:
         device = device_of(built, self.spec["device"])
-        while True:
+        for request in itertools.count():
+            if handoff is not None:  # instead of a host sync: the scorer's GPU waits for this rank's step
+                handoff.asking(request)
             batches.send(Kind.NEXT)
             kind, payload = batches.recv()
             if kind == Kind.END:
@@ -169,7 +181,12 @@ class TrainerHarness:
             if kind != Kind.BATCH:
                 raise self.fail("run:protocol", f"unexpected frame {kind.name} from the scorer")
             index, batch_size, seq_len, chunk, _ = parse_batch(payload)
-            tokens = rows(chunk, seq_len).to(device, non_blocking=True)
+            if handoff is None:
+                tokens = rows(chunk, seq_len).to(device, non_blocking=True)
+            elif chunk.size or (batch_size, seq_len) != (handoff.spec.rows, handoff.spec.seq_len):
+                raise self.fail("run:protocol", "a GPU hand-off batch header that does not match the hand-off")
+            else:
+                tokens = handoff.take(request)
             batch = PrismBatch(tokens=tokens, index=index)
             if with_logits:
                 batch.logits = logits_of(model(tokens), tokens.shape, self.spec["vocab_size"])
@@ -182,8 +199,9 @@ class TrainerHarness:
                                 "(e.g. `.data = …`, `.half()` or `.to(...)` after iter_train_batches). The scorer "
                                 "reads the tensors iter_train_batches was given: update them in place, and convert "
                                 "dtype or device before calling iter_train_batches")
-            if flat.is_cuda:
+            if flat.is_cuda and handoff is None:
                 # The scorer copies the weights as soon as NEXT arrives: the step must have landed. (CUDA events
-                # cannot cross the sandboxes' PID namespaces, so this is the one host sync per batch.)
+                # cannot cross the sandboxes' PID namespaces, so without the GPU hand-off this is the one host sync
+                # per batch.)
                 torch.cuda.current_stream(flat.device).synchronize()
 

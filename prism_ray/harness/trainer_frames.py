@@ -116,6 +116,12 @@ class TrainerFrames:
         # a third of a training step's work, takes half the cores. Fixed by the settings alone: a re-run on a
         # node with the same PRISM_RUNNER_THREADS scores the same bits (docs/scoring.md, audits).
         self.scorer_threads = self.spec.threads if self.on_gpu or not self.overlap else self.spec.threads // 2
+        # The GPU hand-off (docs/architecture.md, "The GPU hand-off"), opt-in: each rank's rows reach a buffer on its
+        # GPU, ordered after the snapshot by the GPUs' streams. A run on CPU (the contract check included) keeps
+        # its rows in the frames, whatever the setting.
+        if self.on_gpu and self.spec.gpu_handoff == "stream":
+            self.handoff = layout.HandoffSpec(rows=self.outcome.batch_size // self.ranks.world_size,
+                                              seq_len=self.outcome.seq_len)
         self.channels["exporter"].send_json(Kind.EXPORT, {"batch_size": self.outcome.batch_size,
                                                           "seq_len": self.outcome.seq_len, "layout": theirs})
         # each rank's batch channel to the scorer: the scorer's ends go with its SHARE, the ranks' with theirs
@@ -125,12 +131,16 @@ class TrainerFrames:
         self.state_fds = [layout.new_memfd(f"prism-state-{m.index}", nbytes) for m in self.ranks.members]
         self._share_with_ranks("memfd", self.state_fds)
 
-    def _share_with_ranks(self, where: str, state_fds: list[int]) -> None:
-        """Each rank's SHARE: its state buffer and its end of the batch channel (the parent keeps no copy)."""
-        assert self.geometry is not None
+    def _share_with_ranks(self, where: str, state_fds: list[int], handoff_fds: list[int] | None = None) -> None:
+        """Each rank's SHARE: its state buffer, its GPU hand-off buffer if the run has one, and its end of the batch
+        channel (the parent keeps no copy)."""
+        assert self.geometry is not None and (self.handoff is None) == (handoff_fds is None)
+        share = {"where": where, "layout": self.geometry["layout"]}
+        if self.handoff is not None:
+            share["handoff"] = self.handoff.model_dump()
         for member, fd, (_, theirs) in zip(self.ranks.members, state_fds, self.batch_links, strict=True):
-            member.channel.send_json(Kind.SHARE, {"where": where, "layout": self.geometry["layout"]},
-                                     fds=(fd, theirs.fileno()))
+            handoff = () if handoff_fds is None else (handoff_fds[member.index],)
+            member.channel.send_json(Kind.SHARE, share, fds=(fd, *handoff, theirs.fileno()))
             theirs.close()
 
     def _ready(self, role: str) -> None:

@@ -422,7 +422,7 @@ def test_on_a_gpu_the_parent_passes_each_rank_its_handoff_buffer_only_in_stream_
                    seed=1, device="cuda", byte_budget=0, artifacts_dir=tmp_path / "artifacts", data_dir="", threads=2,
                    world_size=RANKS, gpu_handoff=mode)
     session = _Session(spec, byte_stream("x" * 400), np.ones(257, dtype=np.int64), tmp_path, 60.0, None,
-                       SandboxPolicy(), None, 60.0)
+                       SandboxPolicy(), None, 60.0, None)
     state_layout = [["w", [4], "float32"]]
     ranks_far = []
     for _ in range(RANKS):

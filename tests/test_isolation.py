@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ import pytest
 from conftest import byte_stream, train_on_stream
 from miners import bigram_architecture
 from prism_ray.config import EMBEDDED_DATA_DIR
-from prism_ray.harness import isolation
+from prism_ray.harness import isolation, seccomp
 from prism_ray.harness.isolation import SandboxPolicy, sandbox_available
 from prism_ray.harness.supervise import Runner
 
@@ -234,3 +235,52 @@ def test_sandboxed_code_holds_no_capability_and_runs_as_nobody(bundle_factory, t
                "and status['Uid'].split()[0] != '0', status\n")
     outcome = run(bundle_factory, tmp_path, attack(prelude))
     assert outcome.status == "completed", outcome.reasons
+
+
+KEYRING = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+ADD_KEY, KEYCTL = {"x86_64": (248, 250), "aarch64": (217, 219)}[os.uname().machine]
+added = libc.syscall(ADD_KEY, b"user", b"prism-test", b"stream text", 11, -4)  # into the uid's user keyring
+print("add_key", added, ctypes.get_errno())
+found = libc.syscall(KEYCTL, 10, -4, b"user", b"prism-test", 0)  # KEYCTL_SEARCH: a key an earlier run left
+print("search", found, ctypes.get_errno())
+"""
+
+
+def test_the_kernel_key_store_is_refused_so_no_run_leaves_anything_for_another(tmp_path):
+    """Every as-root sandbox runs as one uid, whose kernel keyring outlives the sandbox: a red team passed the
+    contract check's batches to the scored run through it. The seccomp filter answers EPERM (harness/seccomp.py)."""
+    for attempt in ("first", "second"):
+        process = isolation.launch([sys.executable, "-c", KEYRING], {"PATH": "/usr/bin:/bin"},
+                                   tmp_path / f"{attempt}.log", tmp_path, SandboxPolicy(mode="required"))
+        assert process.wait(30) == 0, process.log_tail()
+        assert process.log_tail().split() == ["add_key", "-1", "1", "search", "-1", "1"], process.log_tail()
+
+
+def test_the_filter_refuses_exactly_the_key_calls_and_other_abis():
+    """The BPF program, run by a small interpreter of its four instructions: native key calls and every call of
+    another ABI are refused, everything else allowed."""
+    def verdict(program: bytes, arch: int, number: int) -> int:
+        data, pc = {0: number, 4: arch}, 0
+        while True:
+            code, jt, jf, k = struct.unpack_from("=HBBI", program, 8 * pc)
+            if code == 0x20:
+                accumulator = data[k]
+            elif code in (0x15, 0x35):
+                hit = accumulator == k if code == 0x15 else accumulator >= k
+                pc += jt if hit else jf
+            elif code == 0x06:
+                return k
+            pc += 1
+
+    allow, refuse = 0x7FFF0000, 0x00050000 | 1
+    for machine, arch, keys, other in (("x86_64", 0xC000003E, (248, 249, 250), (0, 1, 59, 247, 251, 435)),
+                                       ("aarch64", 0xC00000B7, (217, 218, 219), (63, 64, 216, 220))):
+        program = seccomp.program(machine)
+        assert program is not None
+        assert [verdict(program, arch, n) for n in keys] == [refuse] * 3
+        assert [verdict(program, arch, n) for n in other] == [allow] * len(other)
+        assert verdict(program, 0x40000003, 1) == refuse  # i386 through int 0x80
+    assert verdict(seccomp.program("x86_64"), 0xC000003E, 0x40000000 | 248) == refuse  # x32
+    assert seccomp.program("riscv64") is None

@@ -619,6 +619,16 @@ def test_a_file_shadowing_a_real_module_is_rejected() -> None:
     assert found == {("sandbox:shadow", "os.py", 1), ("sandbox:import", "training.py", 1)}
 
 
+@pytest.mark.parametrize("installed", ["sympy", "yaml", "jinja2"])  # torch and prism-ray need them
+def test_a_file_named_like_any_installed_module_is_rejected(installed) -> None:
+    """The runner's bundle dir comes last on sys.path: `import cffi` there loads the installed cffi (raw syscalls),
+    not the empty cffi.py the policy read as the bundle's own (found by a red team)."""
+    shadowing = bundle(**{f"{installed}.py": "",
+                          "training.py": f"import {installed}\ndef train(ctx):\n    pass\n"})
+    found = {(r.rule, r.file, r.line) for r in inspect(shadowing)}
+    assert ("sandbox:shadow", f"{installed}.py", 1) in found, found
+
+
 def test_every_rule_id_is_documented_for_miners() -> None:
     source = "".join(path.read_text() for path in (HERE.parent / "prism_ray" / "policy").glob("*.py"))
     rules = set(re.findall(r'"(sandbox:[a-z_]+)"', source))

@@ -113,8 +113,9 @@ def _rounded(nbytes: int, granularity: int) -> int:
 
 
 def allocate(nbytes: int, device: torch.device) -> tuple[torch.Tensor, int]:
-    """A uint8 CUDA tensor in an allocation of its own, and the file descriptor that shares it (never freed before
-    the process exits)."""
+    """A zeroed uint8 CUDA tensor in an allocation of its own, and the file descriptor that shares it (never freed
+    before the process exits). Zeroed whole, to the allocation's rounded size: a peer can map all of it, and fresh
+    device memory is not promised to be clean."""
     _, prop = _location(device)
     granularity = ctypes.c_size_t()
     _check(driver().cuMemGetAllocationGranularity(ctypes.byref(granularity), ctypes.byref(prop), 0),
@@ -125,7 +126,9 @@ def allocate(nbytes: int, device: torch.device) -> tuple[torch.Tensor, int]:
     fd = ctypes.c_int(-1)
     _check(driver().cuMemExportToShareableHandle(ctypes.byref(fd), handle.value, _POSIX_FD, 0),
            "cuMemExportToShareableHandle")
-    return _map(handle.value, nbytes, device), fd.value
+    mapped = _map(handle.value, nbytes, device)
+    torch.as_tensor(_DeviceArray(mapped.data_ptr(), _rounded(nbytes, granularity.value)), device=device).zero_()
+    return mapped, fd.value
 
 
 def open_fd(fd: int, nbytes: int, device: torch.device) -> torch.Tensor:

@@ -1,12 +1,12 @@
 """The one launcher for every execution of miner code (docs/architecture.md, "Trust boundaries").
 
-bubblewrap with every namespace unshared and all capabilities dropped; the filesystem is a read-only
-whitelist (system dirs, the Python installation, the bundle, the IPC socket dir) with data dirs,
-caches and home directories hidden; the only writable places are size-capped tmpfs mounts (the run's
-artifacts dir and /tmp). rlimits bound address space, file size and CPU time; the process count is
-bounded per run by a pids cgroup of its own (RunCgroup), or, where no cgroup is writable, by RLIMIT_NPROC, which
-the kernel counts per uid across every run of the node (docs/operator.md). The parent enforces the wall clock
-and kills the whole process group. As root the sandbox runs as an unprivileged uid.
+bubblewrap with every namespace unshared, all capabilities dropped and a seccomp filter (seccomp.py) that refuses
+the kernel's per-uid key store; the filesystem is a read-only whitelist (system dirs, the Python installation, the
+bundle, the IPC socket dir) with data dirs, caches and home directories hidden; the only writable places are
+size-capped tmpfs mounts (the run's artifacts dir and /tmp). rlimits bound address space, file size and CPU time;
+the process count is bounded per run by a pids cgroup of its own (RunCgroup), or, where no cgroup is writable, by
+RLIMIT_NPROC, which the kernel counts per uid across every run of the node (docs/operator.md). The parent enforces
+the wall clock and kills the whole process group. As root the sandbox runs as an unprivileged uid.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 from prism_ray.errors import PrismError
+from prism_ray.harness import seccomp
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,8 @@ def _bind_once(mounts: _Mounts, path: Path) -> None:
         mounts.add("--ro-bind", str(path), str(path))
 
 
-def bwrap_args(policy: SandboxPolicy, as_root: bool) -> list[str]:
+def bwrap_args(policy: SandboxPolicy, as_root: bool, syscalls: int | None = None) -> list[str]:
+    """`syscalls`: a descriptor holding the seccomp filter (seccomp.py), which bubblewrap reads."""
     # As root there is no user namespace (its uid map would hold only root); setpriv drops to SANDBOX_UID. It keeps
     # CAP_SETPCAP for setpriv to empty the bounding set: bubblewrap leaves the capabilities it does not know (a newer
     # kernel's) in it, and dropping those needs CAP_SETPCAP. setpriv then drops every capability, this one too.
@@ -150,8 +152,9 @@ def bwrap_args(policy: SandboxPolicy, as_root: bool) -> list[str]:
     if policy.artifacts_dir is not None:
         mounts.tmpfs(str(policy.artifacts_dir), size=policy.artifacts_quota_bytes, perms="0777")
         chdir = ["--chdir", str(policy.artifacts_dir)]
+    seccomp_args = ["--seccomp", str(syscalls)] if syscalls is not None else []
     args = [bwrap_path() or "bwrap", *namespaces, "--die-with-parent", "--new-session", "--dev", "/dev",
-            "--proc", "/proc", *mounts.args, *chdir, "--"]
+            "--proc", "/proc", *mounts.args, *chdir, *seccomp_args, "--"]
     if as_root:
         args += ["setpriv", f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}", "--clear-groups",
                  "--inh-caps=-all", "--bounding-set=-all", "--"]
@@ -355,8 +358,9 @@ def launch(argv: list[str], env: dict[str, str], log_path: Path, cwd: Path, poli
               "(apt-get install bubblewrap). Never do this with code you do not trust.", file=sys.stderr)
     as_root = use_bwrap and os.geteuid() == 0
     cgroup = RunCgroup.create(policy.max_processes) if use_bwrap else None
+    syscalls = seccomp.program_fd() if use_bwrap else None
     if use_bwrap:
-        argv = bwrap_args(policy, as_root) + argv
+        argv = bwrap_args(policy, as_root, syscalls) + argv
         cwd = Path("/")
         if cgroup is None:
             _warn_without_cgroup()
@@ -364,10 +368,14 @@ def launch(argv: list[str], env: dict[str, str], log_path: Path, cwd: Path, poli
         process = subprocess.Popen(
             argv, env={**env, **policy.extra_env}, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+            pass_fds=() if syscalls is None else (syscalls,),
             preexec_fn=lambda: _set_limits(policy, as_root, cgroup),
         )
     except BaseException:
         if cgroup is not None:
             cgroup.release()
         raise
+    finally:
+        if syscalls is not None:
+            os.close(syscalls)
     return Sandboxed(process, _Log(process.stdout, log_path), use_bwrap, cgroup)

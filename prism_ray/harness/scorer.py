@@ -131,16 +131,15 @@ class Scorer:
                 ranks.append(shared_state.map_memfd(self.channel.take_fd(), nbytes, writable=False))
             else:  # rank r trains on the run's r-th GPU: its buffer lives there
                 buffer, fd = cuda_ipc.allocate(nbytes, self.device if world_size == 1 else torch.device("cuda", rank))
-                buffer.zero_()
-                ranks.append(buffer)
+                ranks.append(buffer)  # zeroed
                 exported.append(fd)
         if handoff is not None:  # each rank's hand-off buffer beside its state buffer, shared after them
             buffers = []
             for state in ranks:
                 buffer, fd = cuda_ipc.allocate(handoff.nbytes, state.device)
-                buffers.append(buffer.zero_())
+                buffers.append(buffer)
                 exported.append(fd)
-                torch.cuda.synchronize(state.device)  # both words are 0 before any stream reads them
+                torch.cuda.synchronize(state.device)  # both words are 0 (allocate zeroes) before any stream reads them
             self.handoff = ScorerHandoff(CudaOps(), buffers, handoff, self.device)
         self.ranks = RankCheck(ranks, slots)
         shared = ranks[0]

@@ -18,6 +18,9 @@ embeds data. Every rule id is documented for miners in docs/rules.md.
 from __future__ import annotations
 
 import ast
+import importlib.machinery
+import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -50,9 +53,14 @@ def _inspect(bundle: Bundle) -> list[Reason]:
     tables: dict[str, tuple[ast.Module, Binder]] = {}
     for path, source in sources.items():
         name = module_name(path)
-        if name and name.split(".")[0] in RESERVED_MODULE_NAMES:
+        top = name.split(".")[0] if name else ""
+        if top in RESERVED_MODULE_NAMES:
             reasons.append(Reason(rule="sandbox:shadow", file=path, line=1, message=(
-                f"{path} shadows the module `{name.split('.')[0]}`; rename the file")))
+                f"{path} shadows the module `{top}`; rename the file")))
+        elif top and _installed(top):
+            reasons.append(Reason(rule="sandbox:shadow", file=path, line=1, message=(
+                f"{path} has the name of the installed module `{top}`, which Python imports instead of your file "
+                "(your files come after the installed modules); rename the file")))
         parsed = _parse(path, source)
         if isinstance(parsed, Reason):
             reasons.append(parsed)
@@ -82,6 +90,18 @@ def inspect_source(path: str, source: str, bundle_modules: set[str],
     if isinstance(parsed, Reason):
         return [parsed]
     return _dedupe(_check(path, parsed, _bind(parsed, path), bundle_modules, exports or {}, Budget()))
+
+
+def _installed(name: str) -> bool:
+    """Whether `import name` finds a module outside the bundle where the runner runs: the bundle dir comes last on
+    its path, so such a module, whose code this policy never reads, would be imported instead of the bundle's file
+    (a red team got `cffi` past the policy with an empty `cffi.py`). The working directory is left out: the runner
+    does not have it, and a miner may check a bundle from inside it."""
+    if name in sys.builtin_module_names:
+        return True
+    here = os.getcwd()
+    paths = [entry for entry in sys.path if entry and os.path.abspath(entry) != here]
+    return importlib.machinery.PathFinder.find_spec(name, paths) is not None
 
 
 def module_names(paths: Iterable[str]) -> set[str]:

@@ -76,8 +76,9 @@ def reach(origin: str) -> Reached:
         name, problem, why, found, module = known
         return Reached(name, (problem, why) if problem else None, known=found, module=module)
     verdict = _walk(origin)[0]
-    problem = verdict.problem or (None, None)
-    remembered.put(f"reach:{origin}", [verdict.name, *problem, verdict.known, verdict.module])
+    if verdict.known:  # what was not found may be found once more modules are loaded: walked again each time
+        problem = verdict.problem or (None, None)
+        remembered.put(f"reach:{origin}", [verdict.name, *problem, verdict.known, verdict.module])
     return verdict
 
 
@@ -262,8 +263,8 @@ def _remembered_names(key: str, compute: Callable[[], frozenset[str]]) -> frozen
     if key not in _names:
         known = remembered.get(key)
         _names[key] = frozenset(known) if isinstance(known, list) else compute()
-        if not isinstance(known, list):
-            remembered.put(key, sorted(_names[key]))
+    if remembered.get(key) is None:  # a file opened after they were computed gets them too
+        remembered.put(key, sorted(_names[key]))
     return _names[key]
 
 

@@ -54,10 +54,8 @@ class Remembered:
             loaded = json.loads(path.read_text())
         except (OSError, ValueError):  # none yet, or unreadable: walked again
             loaded = {}
-        with self.lock:
-            self.path = path
-            if isinstance(loaded, dict):
-                self.entries.update(loaded)
+        with self.lock:  # each file holds only what was walked for it
+            self.path, self.entries = path, loaded if isinstance(loaded, dict) else {}
 
     def get(self, key: str) -> Any:
         return self.entries.get(key)

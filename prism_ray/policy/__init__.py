@@ -97,11 +97,17 @@ def _installed(name: str) -> bool:
     its path, so such a module, whose code this policy never reads, would be imported instead of the bundle's file
     (a red team got `cffi` past the policy with an empty `cffi.py`). The working directory is left out: the runner
     does not have it, and a miner may check a bundle from inside it."""
-    if name in sys.builtin_module_names:
-        return True
     here = os.getcwd()
     paths = [entry for entry in sys.path if entry and os.path.abspath(entry) != here]
-    return importlib.machinery.PathFinder.find_spec(name, paths) is not None
+    for finder in sys.meta_path:  # builtins, frozen modules, editable installs' finders, then sys.path
+        if finder is importlib.machinery.PathFinder:
+            spec = finder.find_spec(name, paths)
+        else:
+            find_spec = getattr(finder, "find_spec", None)
+            spec = find_spec(name, None) if find_spec is not None else None
+        if spec is not None:
+            return True
+    return False
 
 
 def module_names(paths: Iterable[str]) -> set[str]:

@@ -254,6 +254,12 @@ def _warn_without_cgroup() -> None:
                 "bounded by RLIMIT_NPROC, which counts every run of uid %d on this node together", SANDBOX_UID)
 
 
+@functools.cache
+def _warn_without_seccomp() -> None:
+    log.warning("no seccomp filter for this machine (%s): sandboxes can reach the kernel's per-uid key store, which "
+                "runs on this node share (docs/operator.md)", os.uname().machine)
+
+
 
 class _Log:
     """Copies a runner's output from a pipe into its log file, at most LOG_FILE_BYTES of it, and keeps the latest
@@ -364,6 +370,8 @@ def launch(argv: list[str], env: dict[str, str], log_path: Path, cwd: Path, poli
         cwd = Path("/")
         if cgroup is None:
             _warn_without_cgroup()
+        if syscalls is None:
+            _warn_without_seccomp()
     try:
         process = subprocess.Popen(
             argv, env={**env, **policy.extra_env}, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

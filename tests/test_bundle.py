@@ -80,6 +80,25 @@ def test_encodings():
     assert rule_of(zipped({**GOOD, "helpers.py": b"\xff\xfe bad"})) == "intake:not_utf8"
 
 
+HIDDEN = "# \\x0aimport os\\x0aos.system('id')\n"  # a comment to a UTF-8 reader, code once unicode_escape decodes it
+
+
+@pytest.mark.parametrize("head", ["# coding: unicode_escape\n", "#!/usr/bin/env python\n# the file encoding: utf-7\n",
+                                  "# -*- coding: latin-1 -*-\n", "# coding: no-such-codec\n"])
+def test_a_declared_encoding_other_than_utf8_is_refused(head):
+    """Python imports a file in the encoding it declares, while the policy reads UTF-8: under unicode_escape or
+    utf-7 a comment turns into code the policy never saw (a red team ran `id` in the trainer that way)."""
+    with pytest.raises(BundleError) as caught:
+        load_bundle(zipped({**GOOD, "training.py": head + HIDDEN + TRAIN}))
+    assert (caught.value.rule, caught.value.reasons[0].file, caught.value.reasons[0].line) == \
+        ("intake:not_utf8", "training.py", 1)
+
+
+def test_a_utf8_declaration_is_fine():
+    bundle = load_bundle(zipped({**GOOD, "training.py": "# -*- coding: utf-8 -*-\n" + TRAIN}))
+    assert "training.py" in bundle.python_files
+
+
 def test_a_corrupt_deflate_stream_is_not_a_zip():
     data = bytearray(zipped({**GOOD, "architecture.py": ARCH * 50}))
     name_length, extra_length = int.from_bytes(data[26:28], "little"), int.from_bytes(data[28:30], "little")

@@ -12,6 +12,7 @@ import binascii
 import hashlib
 import io
 import stat
+import tokenize
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -241,9 +242,25 @@ def _add_member(files: dict[str, bytes], name: str, content: bytes, limits: Inta
         except UnicodeDecodeError as error:
             raise BundleError("intake:not_utf8", f"{name} is not valid UTF-8 ({error.reason} at byte "
                               f"{error.start})", file=name) from None
+        _check_declared_encoding(name, content)
     files[name] = content
     if len(files) > limits.max_files:
         raise BundleError("intake:too_many_files", f"the bundle has more than {limits.max_files} files")
+
+
+def _check_declared_encoding(name: str, content: bytes) -> None:
+    """Python imports a file in the encoding its first two lines declare (`# coding: …`), while everything here
+    reads it as UTF-8: under `unicode_escape` or `utf-7` a comment decodes into code the policy never saw (found by a
+    red team). Only UTF-8 may be declared."""
+    lines = iter(content.splitlines(keepends=True)[:2])
+    try:
+        declared, _ = tokenize.detect_encoding(lambda: next(lines, b""))
+    except SyntaxError as error:  # an encoding Python does not know
+        raise BundleError("intake:not_utf8", f"{name} declares a source encoding Python cannot use ({error.msg}); "
+                          "bundle files are UTF-8: remove the `coding:` comment", file=name, line=1) from None
+    if declared not in ("utf-8", "utf-8-sig"):
+        raise BundleError("intake:not_utf8", f"{name} declares the source encoding {declared!r}; bundle files are "
+                          "UTF-8: remove the `coding:` comment", file=name, line=1)
 
 
 def _read_zip(data: bytes, limits: IntakeLimits) -> dict[str, bytes]:

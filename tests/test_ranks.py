@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from conftest import BYTE_LENGTHS, byte_stream, train_on_stream
@@ -13,7 +14,7 @@ from prism_ray.cluster.tasks import placement_notice, run_slots
 from prism_ray.config import Settings
 from prism_ray.errors import Reason
 from prism_ray.evaluation.pipeline import evaluate
-from prism_ray.harness.contract import ContractCheck, ContractRun, check_contract, rejection
+from prism_ray.harness.contract import ContractCheck, ContractRun, check_contract, random_stream, rejection
 from prism_ray.harness.isolation import SandboxPolicy
 from prism_ray.harness.records import RunSpec
 
@@ -160,8 +161,8 @@ def test_a_run_of_n_gpus_needs_one_node_with_n():
 
 
 def test_the_contract_check_runs_the_bundles_own_loop_at_world_size_two(bundle_factory, tmp_path):
-    """Unscored, three batches, gloo on CPU: an honest loop passes; a loop that ignores the ranks fails, and under
-    the reject policy that is contract:multi_gpu."""
+    """Unscored, three batches of random tokens, gloo on CPU: an honest loop passes; a loop that ignores the ranks
+    fails, and under the reject policy that is contract:multi_gpu."""
     checks = {}
     for name, training in (("honest", DDP_LOOP), ("ignores", all_reduce_loop(all_reduce=False))):
         bundle = bundle_factory(ARCH, training)
@@ -171,8 +172,7 @@ def test_the_contract_check_runs_the_bundles_own_loop_at_world_size_two(bundle_f
                        tokenizer="bytes", vocab_size=257, max_seq_len=1024, max_params=10**8, seed=1337,
                        device="cpu", byte_budget=0, artifacts_dir=tmp_path / name / "artifacts", data_dir="",
                        threads=2)
-        [checks[name]] = check_contract(base, [2], 3, byte_stream(TEXT), BYTE_LENGTHS, tmp_path / name, 120.0,
-                                        SandboxPolicy())
+        [checks[name]] = check_contract(base, [2], 3, BYTE_LENGTHS, tmp_path / name, 120.0, SandboxPolicy())
     assert checks["honest"].passed and checks["honest"].batches == 3, checks["honest"]
     assert not checks["ignores"].passed and checks["ignores"].reasons[0].rule == "run:ranks_diverged"
     assert rejection([checks["honest"]]) is None
@@ -276,3 +276,12 @@ def test_a_check_that_raises_raises_in_the_callers_thread():
     contract = ContractRun(broken, reject=False)
     with pytest.raises(OSError, match="no space left"):
         contract.join()
+
+
+def test_the_contract_check_trains_on_random_tokens_never_the_stream():
+    """Kernel state outlives a sandbox (the page cache: a red team passed a batch from the check to the scored run),
+    so the check never holds locked text."""
+    tokens = random_stream(257, seed=1337)
+    assert len(tokens) >= 3 * 64 * 1024 and tokens.max() <= 256
+    assert (random_stream(257, seed=1337) == tokens).all() and not (random_stream(257, seed=7) == tokens).all()
+    assert abs(float(np.bincount(tokens, minlength=257).std()) / (len(tokens) / 257)) < 0.05  # uniform, not text

@@ -89,9 +89,8 @@ def train(bundle: Bundle, settings: Settings, run_dir: Path,
     contract = None
     if contract_sizes(settings):
         contract = ContractRun(functools.partial(
-            check_contract, spec, contract_sizes(settings), settings.contract_batches, stream.tokens,
-            stream.byte_lengths, run_dir, settings.contract_time_limit, sandbox_policy(settings)),
-            reject=settings.contract_policy == "reject")
+            check_contract, spec, contract_sizes(settings), settings.contract_batches, stream.byte_lengths, run_dir,
+            settings.contract_time_limit, sandbox_policy(settings)), reject=settings.contract_policy == "reject")
     # the scored session's sandboxes start beside the checks; its miner code waits for them (contract.wait)
     result.outcome = run_session(spec, stream.tokens, stream.byte_lengths, run_dir, settings.time_limit, progress,
                                  sandbox_policy(settings), heldout=heldout.passes,

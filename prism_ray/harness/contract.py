@@ -1,7 +1,8 @@
 """The multi-GPU contract check: a short, unscored run of the submission's own training at world size N (gloo on
-CPU, its first few batches) while the scored run's sandboxes start. The PRISM contract asks train(ctx) to be correct
-at any world size; this is where that is exercised. Whether a failure rejects the bundle (`contract:multi_gpu`) or
-only shows in the report is the operator's choice (docs/operator.md, docs/miner.md "Several GPUs").
+CPU, a few batches of random tokens) while the scored run's sandboxes start. The PRISM contract asks train(ctx) to
+be correct at any world size; this is where that is exercised. Whether a failure rejects the bundle
+(`contract:multi_gpu`) or only shows in the report is the operator's choice (docs/operator.md, docs/miner.md
+"Several GPUs").
 """
 
 from __future__ import annotations
@@ -34,10 +35,15 @@ class ContractCheck(BaseModel):
         return f"world size {self.world_size}: failed" + (f" {first.rule}: {first.message}" if first else "")
 
 
-def check_contract(spec: RunSpec, sizes: list[int], batches: int, tokens: np.ndarray, byte_lengths: np.ndarray,
-                   run_dir: Path, time_limit: float, policy: SandboxPolicy) -> list[ContractCheck]:
-    """One short run per world size, on CPU with gloo, the whole stream unscored (nothing of it is kept). Its ctx
-    shows the scored run's byte budget, so a loop cannot tell the check by it (only by the device, on GPU nodes)."""
+_CHECK_TOKENS = 1 << 22  # the random stream's length: a few batches of any geometry a run can ask for
+
+
+def check_contract(spec: RunSpec, sizes: list[int], batches: int, byte_lengths: np.ndarray, run_dir: Path,
+                   time_limit: float, policy: SandboxPolicy) -> list[ContractCheck]:
+    """One short unscored run per world size, on CPU with gloo, on tokens drawn at random from the vocabulary, never
+    the locked text: the page cache and other kernel state outlive a sandbox, so what the check's ranks saw could
+    reach the scored run (a red team passed a batch that way). Its ctx shows the scored run's byte budget."""
+    tokens = random_stream(spec.vocab_size, spec.seed)
     checks = []
     for size in sizes:
         where = run_dir / f"contract-{size}"
@@ -50,6 +56,12 @@ def check_contract(spec: RunSpec, sizes: list[int], batches: int, tokens: np.nda
                                     seconds=round(outcome.wall_seconds, 3),
                                     reasons=[] if passed else outcome.reasons[:3]))
     return checks
+
+
+def random_stream(vocab_size: int, seed: int) -> np.ndarray:
+    generator = np.random.default_rng([seed, 0x5EED])
+    return generator.integers(0, vocab_size, _CHECK_TOKENS, dtype=np.uint32).astype(
+        np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
 class ContractRun:

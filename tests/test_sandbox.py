@@ -629,6 +629,17 @@ def test_a_file_named_like_any_installed_module_is_rejected(installed) -> None:
     assert ("sandbox:shadow", f"{installed}.py", 1) in found, found
 
 
+def test_an_entry_file_named_like_an_installed_module_is_rejected(tmp_path) -> None:
+    """The runner registers an entry file under its bare stem: `models/numpy.py` would become `numpy` for every
+    later import in the process."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "numpy.py").write_text(ARCHITECTURE)
+    (tmp_path / "training.py").write_text("def train(ctx):\n    pass\n")
+    (tmp_path / "prism.yaml").write_text("tokenizer: bytes\narchitecture: models/numpy.py::build_model\n")
+    found = {(r.rule, r.file) for r in inspect(load_bundle(tmp_path))}
+    assert ("sandbox:shadow", "models/numpy.py") in found, found
+
+
 def test_every_rule_id_is_documented_for_miners() -> None:
     source = "".join(path.read_text() for path in (HERE.parent / "prism_ray" / "policy").glob("*.py"))
     rules = set(re.findall(r'"(sandbox:[a-z_]+)"', source))

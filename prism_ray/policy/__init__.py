@@ -22,7 +22,7 @@ import importlib.machinery
 import os
 import sys
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from prism_ray.errors import Reason
 from prism_ray.intake.bundle import Bundle
@@ -51,16 +51,11 @@ def _inspect(bundle: Bundle) -> list[Reason]:
     modules = module_names(sources)
     reasons: list[Reason] = []
     tables: dict[str, tuple[ast.Module, Binder]] = {}
+    entries = {bundle.config.architecture_entry.file, bundle.config.training_entry.file}
     for path, source in sources.items():
-        name = module_name(path)
-        top = name.split(".")[0] if name else ""
-        if top in RESERVED_MODULE_NAMES:
-            reasons.append(Reason(rule="sandbox:shadow", file=path, line=1, message=(
-                f"{path} shadows the module `{top}`; rename the file")))
-        elif top and _installed(top):
-            reasons.append(Reason(rule="sandbox:shadow", file=path, line=1, message=(
-                f"{path} has the name of the installed module `{top}`, which Python imports instead of your file "
-                "(your files come after the installed modules); rename the file")))
+        shadowed = _shadowed(path, path in entries)
+        if shadowed is not None:
+            reasons.append(shadowed)
         parsed = _parse(path, source)
         if isinstance(parsed, Reason):
             reasons.append(parsed)
@@ -90,6 +85,21 @@ def inspect_source(path: str, source: str, bundle_modules: set[str],
     if isinstance(parsed, Reason):
         return [parsed]
     return _dedupe(_check(path, parsed, _bind(parsed, path), bundle_modules, exports or {}, Budget()))
+
+
+def _shadowed(path: str, entry: bool) -> Reason | None:
+    """A file whose module name is a real module's. The runner imports an entry file under its bare stem
+    (`models/numpy.py` as `numpy`), any other file by its dotted name, whose first part is what counts."""
+    name = module_name(path) or ""
+    for top in ([PurePosixPath(path).stem] if entry else []) + [name.split(".")[0]]:
+        if top in RESERVED_MODULE_NAMES:
+            return Reason(rule="sandbox:shadow", file=path, line=1, message=f"{path} shadows the module `{top}`; "
+                          "rename the file")
+        if top and _installed(top):
+            return Reason(rule="sandbox:shadow", file=path, line=1, message=(
+                f"{path} has the name of the installed module `{top}`, which Python imports instead of your file "
+                "(your files come after the installed modules); rename the file"))
+    return None
 
 
 def _installed(name: str) -> bool:

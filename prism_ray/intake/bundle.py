@@ -252,9 +252,8 @@ def _check_declared_encoding(name: str, content: bytes) -> None:
     """Python imports a file in the encoding its first two lines declare (`# coding: …`), while everything here
     reads it as UTF-8: under `unicode_escape` or `utf-7` a comment decodes into code the policy never saw (found by a
     red team). Only UTF-8 may be declared."""
-    lines = iter(content.splitlines(keepends=True)[:2])
-    try:
-        declared, _ = tokenize.detect_encoding(lambda: next(lines, b""))
+    try:  # read as the importer reads it: lines end at b"\n" only
+        declared, _ = tokenize.detect_encoding(io.BytesIO(content).readline)
     except SyntaxError as error:  # an encoding Python does not know
         raise BundleError("intake:not_utf8", f"{name} declares a source encoding Python cannot use ({error.msg}); "
                           "bundle files are UTF-8: remove the `coding:` comment", file=name, line=1) from None

@@ -67,8 +67,8 @@ def random_stream(vocab_size: int, seed: int) -> np.ndarray:
 class ContractRun:
     """The checks in a thread of their own, started with the scored session: that session's sandboxes start
     meanwhile (interpreters, imports, the scorer's device), but none of them runs miner code before the checks have
-    ended (`wait`), so no two sandboxes of one submission hold the stream at the same time (docs/rules.md, "Tell the
-    contract check from the scored run")."""
+    ended (`wait`): a bundle they reject never runs on the stream, and the two never run miner code at once
+    (docs/rules.md, "Pass the stream from the check to the scored run")."""
 
     def __init__(self, check: Callable[[], list[ContractCheck]], reject: bool):
         self.reject = reject  # the operator's policy: a failed check rejects the bundle, or only shows

@@ -67,6 +67,7 @@ def write_bundle(directory: Path, architecture: str, training: str, prism_yaml: 
     if prism_yaml is not None:
         (directory / "prism.yaml").write_text(textwrap.dedent(prism_yaml))
     for name, text in (extra or {}).items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
         (directory / name).write_text(textwrap.dedent(text))
     return directory
 

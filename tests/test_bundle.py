@@ -85,7 +85,7 @@ HIDDEN = "# \\x0aimport os\\x0aos.system('id')\n"  # a comment to a UTF-8 reader
 
 @pytest.mark.parametrize("head", ["# coding: unicode_escape\n", "#!/usr/bin/env python\n# the file encoding: utf-7\n",
                                   "# -*- coding: latin-1 -*-\n", "# coding: no-such-codec\n",
-                                  "# a\r# b\n# coding: utf-7\n"])  # the importer's lines end at \n only
+                                  "# a\r# b\n# coding: utf-7\n", "\r# coding: utf-7\n", " \r# coding: utf-7\n"])
 def test_a_declared_encoding_other_than_utf8_is_refused(head):
     """Python imports a file in the encoding it declares, while the policy reads UTF-8: under unicode_escape or
     utf-7 a comment turns into code the policy never saw (a red team ran `id` in the trainer that way)."""

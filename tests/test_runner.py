@@ -177,3 +177,23 @@ def test_a_run_is_three_sandboxed_interpreters_and_the_scorer_holds_no_bundle(bu
     scorer = [args for args in sandboxes.values() if "prism_ray.harness.scorer" in args]
     assert len(scorer) == 1 and str(tmp_path / "run" / "bundle") not in scorer[0] \
         and "exporter-bundle" not in scorer[0], scorer
+
+
+def test_an_entry_file_in_a_folder_is_imported_by_its_dotted_name(bundle_factory, tmp_path):
+    """Imported under its bare stem, `sub/arch.py` would answer every later `import arch` in place of the top-level
+    `arch.py` the policy resolved it to (a red team reached torch.load that way)."""
+    training = loop("from arch import MARK\n    print(MARK, flush=True)\n    model = ctx.build_model()")
+    bundle = bundle_factory(ARCH, training, prism_yaml="tokenizer: bytes\narchitecture: sub/arch.py::build_model\n",
+                            extra={"sub/arch.py": ARCH, "arch.py": "MARK = 'the top-level arch.py'\n"})
+    outcome = train_on_stream(bundle, byte_stream(TEXT), tmp_path / "run")
+    assert outcome.status == "completed", outcome.reasons
+    assert "the top-level arch.py" in (tmp_path / "run" / "trainer.log").read_text()
+
+
+def test_a_bundle_module_the_runner_already_holds_is_refused(bundle_factory, tmp_path):
+    """`from __main__ import os` would reach the runner's own module, not the bundle's `__main__.py` the policy
+    read (the policy refuses that name too; the runner refuses any name it already holds, `cython_runtime` …)."""
+    bundle = bundle_factory(ARCH, loop("model = ctx.build_model()"), extra={"__main__.py": "x = 1\n"})
+    outcome = train_on_stream(bundle, byte_stream(TEXT), tmp_path / "run")
+    assert [reason.rule for reason in outcome.reasons] == ["contract:module_name"], outcome.reasons
+    assert "__main__" in outcome.reasons[0].message

@@ -629,15 +629,14 @@ def test_a_file_named_like_any_installed_module_is_rejected(installed) -> None:
     assert ("sandbox:shadow", f"{installed}.py", 1) in found, found
 
 
-def test_an_entry_file_named_like_an_installed_module_is_rejected(tmp_path) -> None:
-    """The runner registers an entry file under its bare stem: `models/numpy.py` would become `numpy` for every
-    later import in the process."""
-    (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "numpy.py").write_text(ARCHITECTURE)
-    (tmp_path / "training.py").write_text("def train(ctx):\n    pass\n")
-    (tmp_path / "prism.yaml").write_text("tokenizer: bytes\narchitecture: models/numpy.py::build_model\n")
-    found = {(r.rule, r.file) for r in inspect(load_bundle(tmp_path))}
-    assert ("sandbox:shadow", "models/numpy.py") in found, found
+def test_the_runners_own_modules_are_no_bundle_names() -> None:
+    """`__main__` in the runner is the runner itself, `os` in its namespace: `from __main__ import os` passed as an
+    import of the bundle's own `__main__.py` (found by a red team)."""
+    for name in ("__main__", "__mp_main__"):
+        shadowing = bundle(**{f"{name}.py": "x = 1\n",
+                              "training.py": f"from {name} import os\ndef train(ctx):\n    os.system('id')\n"})
+        found = {(r.rule, r.file) for r in inspect(shadowing)}
+        assert ("sandbox:shadow", f"{name}.py") in found, found
 
 
 def test_every_rule_id_is_documented_for_miners() -> None:

@@ -32,6 +32,24 @@ def _import_file(path: Path, module_name: str) -> ModuleType:
     return module
 
 
+def _module_name(path: str) -> str:
+    """The name an import of the file would give it (`models/arch.py` → models.arch), which is the name the static
+    policy resolves it by: under its bare stem it would shadow a top-level `arch.py` for every later import."""
+    dotted = path[:-3].replace("/", ".") if path.endswith(".py") else path
+    return dotted[: -len(".__init__")] if dotted.endswith(".__init__") else dotted
+
+
+def _check_names(bundle_dir: str) -> None:
+    """A bundle module whose name the interpreter already holds would never be imported: `import cython_runtime`
+    gets the loaded module, not the file the policy read (the policy refuses the names it finds installed)."""
+    names = {entry.name[:-3] if entry.name.endswith(".py") else entry.name for entry in os.scandir(bundle_dir)
+             if entry.name.endswith(".py") or entry.is_dir()}
+    taken = sorted(name for name in names if name in sys.modules)
+    if taken:
+        raise RunError("contract:module_name", f"bundle module {', '.join(taken)} has the name of a module the "
+                       "runner has already loaded, so importing it would not load your file; rename it")
+
+
 def _miner_frame(tb: traceback.StackSummary, bundle_dir: str) -> tuple[str | None, int | None]:
     """The innermost frame inside the bundle: where the miner should look."""
     for frame in reversed(tb):
@@ -119,8 +137,9 @@ def run(channel: Channel, spec: dict, role: str) -> int:
             backend = _ExporterBackend()
         ctx = _context(spec, backend)  # the PRISM interface exists before any miner module is imported
         sys.path.append(bundle_dir)  # after the stdlib and site-packages: a bundle file cannot shadow them
+        _check_names(bundle_dir)
         arch_file, arch_symbol = spec["architecture"]
-        architecture = _import_file(Path(bundle_dir, arch_file), Path(arch_file).stem)
+        architecture = _import_file(Path(bundle_dir, arch_file), _module_name(arch_file))
         builder = getattr(architecture, arch_symbol, None)
         if not callable(builder):
             raise RunError("contract:missing_symbol", f"{arch_file} has no callable {arch_symbol}")
@@ -151,7 +170,7 @@ def run(channel: Channel, spec: dict, role: str) -> int:
 
 def _train(spec: dict, ctx: Any) -> None:
     train_file, train_symbol = spec["training"]
-    training = _import_file(Path(spec["bundle_dir"], train_file), Path(train_file).stem)
+    training = _import_file(Path(spec["bundle_dir"], train_file), _module_name(train_file))
     train = getattr(training, train_symbol, None)
     if not callable(train):
         raise RunError("contract:missing_symbol", f"{train_file} has no callable {train_symbol}")

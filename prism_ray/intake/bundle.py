@@ -252,14 +252,18 @@ def _check_declared_encoding(name: str, content: bytes) -> None:
     """Python imports a file in the encoding its first two lines declare (`# coding: …`), while everything here
     reads it as UTF-8: under `unicode_escape` or `utf-7` a comment decodes into code the policy never saw (found by a
     red team). Only UTF-8 may be declared."""
-    try:  # read as the importer reads it: lines end at b"\n" only
-        declared, _ = tokenize.detect_encoding(io.BytesIO(content).readline)
-    except SyntaxError as error:  # an encoding Python does not know
-        raise BundleError("intake:not_utf8", f"{name} declares a source encoding Python cannot use ({error.msg}); "
-                          "bundle files are UTF-8: remove the `coding:` comment", file=name, line=1) from None
-    if declared not in ("utf-8", "utf-8-sig"):
-        raise BundleError("intake:not_utf8", f"{name} declares the source encoding {declared!r}; bundle files are "
-                          "UTF-8: remove the `coding:` comment", file=name, line=1)
+    # Lines as the compiler splits them (a bare \r ends one) and as tokenize's readers do (\n only): neither may
+    # find a declaration other than UTF-8.
+    for text in (content.replace(b"\r\n", b"\n").replace(b"\r", b"\n"), content):
+        try:
+            declared, _ = tokenize.detect_encoding(io.BytesIO(text).readline)
+        except SyntaxError as error:  # an encoding Python does not know
+            raise BundleError("intake:not_utf8", f"{name} declares a source encoding Python cannot use "
+                              f"({error.msg}); bundle files are UTF-8: remove the `coding:` comment", file=name,
+                              line=1) from None
+        if declared not in ("utf-8", "utf-8-sig"):
+            raise BundleError("intake:not_utf8", f"{name} declares the source encoding {declared!r}; bundle files "
+                              "are UTF-8: remove the `coding:` comment", file=name, line=1)
 
 
 def _read_zip(data: bytes, limits: IntakeLimits) -> dict[str, bytes]:

@@ -22,7 +22,7 @@ import importlib.machinery
 import os
 import sys
 from collections.abc import Iterable
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from prism_ray.errors import Reason
 from prism_ray.intake.bundle import Bundle
@@ -47,13 +47,13 @@ def inspect(bundle: Bundle, remember_in: Path | None = None) -> list[Reason]:
 
 
 def _inspect(bundle: Bundle) -> list[Reason]:
-    sources = bundle.python_files
+    # the bytes, parsed as the importer compiles them: a declared encoding and bare `\r` line ends count the same
+    sources = {path: bundle.files[path] for path in bundle.python_files}
     modules = module_names(sources)
     reasons: list[Reason] = []
     tables: dict[str, tuple[ast.Module, Binder]] = {}
-    entries = {bundle.config.architecture_entry.file, bundle.config.training_entry.file}
     for path, source in sources.items():
-        shadowed = _shadowed(path, path in entries)
+        shadowed = _shadowed(path)
         if shadowed is not None:
             reasons.append(shadowed)
         parsed = _parse(path, source)
@@ -87,18 +87,17 @@ def inspect_source(path: str, source: str, bundle_modules: set[str],
     return _dedupe(_check(path, parsed, _bind(parsed, path), bundle_modules, exports or {}, Budget()))
 
 
-def _shadowed(path: str, entry: bool) -> Reason | None:
-    """A file whose module name is a real module's. The runner imports an entry file under its bare stem
-    (`models/numpy.py` as `numpy`), any other file by its dotted name, whose first part is what counts."""
-    name = module_name(path) or ""
-    for top in ([PurePosixPath(path).stem] if entry else []) + [name.split(".")[0]]:
-        if top in RESERVED_MODULE_NAMES:
-            return Reason(rule="sandbox:shadow", file=path, line=1, message=f"{path} shadows the module `{top}`; "
-                          "rename the file")
-        if top and _installed(top):
-            return Reason(rule="sandbox:shadow", file=path, line=1, message=(
-                f"{path} has the name of the installed module `{top}`, which Python imports instead of your file "
-                "(your files come after the installed modules); rename the file"))
+def _shadowed(path: str) -> Reason | None:
+    """A file whose top-level module name is a real module's, or one the interpreter already holds (`__main__` is
+    the runner itself, with `os` in its namespace)."""
+    top = (module_name(path) or "").split(".")[0]
+    if top in RESERVED_MODULE_NAMES or (top.startswith("__") and top.endswith("__")):
+        return Reason(rule="sandbox:shadow", file=path, line=1, message=f"{path} shadows the module `{top}`; "
+                      "rename the file")
+    if top and _installed(top):
+        return Reason(rule="sandbox:shadow", file=path, line=1, message=(
+            f"{path} has the name of the installed module `{top}`, which Python imports instead of your file "
+            "(your files come after the installed modules); rename the file"))
     return None
 
 
@@ -135,7 +134,7 @@ def module_names(paths: Iterable[str]) -> set[str]:
     return names
 
 
-def _parse(path: str, source: str) -> ast.Module | Reason:
+def _parse(path: str, source: str | bytes) -> ast.Module | Reason:
     try:
         return ast.parse(source, filename=path)
     except SyntaxError as error:

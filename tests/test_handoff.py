@@ -300,8 +300,8 @@ class Rig:
     gpu: SimGpu
     private: torch.Tensor
 
-    def serve(self, batch: _Ahead, request: int) -> None:
-        self.scorer._serve(_Uniform(), self.states[0], self.private, self.states[0].clone(), SLOTS,
+    def serve(self, batch: _Ahead, request: int, program: Callable = _Uniform()) -> None:
+        self.scorer._serve(program, self.states[0], self.private, self.states[0].clone(), SLOTS,
                            shared_state.views(self.private, SLOTS), self.links, batch, request, overlap=True)
 
 
@@ -379,6 +379,35 @@ def test_a_rank_that_never_signals_at_the_end_fails_the_run_before_the_trained_s
     assert failed.value.rule == "run:rank_hung" and "rank 0's GPU work before its request for the end of the " \
         "stream" in failed.value.message
     assert run.parent.recv(timeout=1.0)[0] == Kind.ERROR  # never SNAPPED
+
+
+def _out_of_memory(*args) -> torch.Tensor:
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_a_gpu_the_trainer_filled_is_out_of_memory_in_the_scorer_not_a_crash(monkeypatch):
+    """The scorer's staging copies and forwards need GPU memory beside the trainer's: when there is none left the
+    run fails as run:out_of_memory, with what to leave, not as a scorer that died."""
+    run = rig(rank_timeout=5.0)
+    batch = _ahead(0)
+    monkeypatch.setattr(SimOps, "upload", _out_of_memory)
+    with pytest.raises(RunError) as failed:
+        run.scorer._stage(deque([batch]))
+    assert failed.value.rule == "run:out_of_memory"
+    assert failed.value.message.startswith("the GPU ran out of memory when the scorer staged batch 0's tokens: the "
+                                           "scorer shares the GPU with your trainer")
+    monkeypatch.undo()
+    run = rig(rank_timeout=5.0)
+    run.scorer._stage(deque([batch]))
+    for trainer in run.trainers:
+        trainer.asking(0)
+    with pytest.raises(RunError) as failed:
+        run.serve(batch, 0, program=_out_of_memory)
+    assert failed.value.rule == "run:out_of_memory"
+    assert "the GPU ran out of memory in the scorer's forward on scored batch 0: " in failed.value.message
+    assert "2.00 GiB" not in failed.value.message  # the graph saw data: only the type of what it raised is told
+    kind, payload = run.parent.recv(timeout=1.0)
+    assert kind == Kind.ERROR and parse_json(payload)["rule"] == "run:out_of_memory"
 
 
 def test_a_gpu_handoff_asked_for_a_run_without_a_gpu_is_refused_not_a_crash():

@@ -76,6 +76,16 @@ def target_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
 class ForwardFailed(Exception):
     """The graph raised while it saw data; only the exception's type may be told."""
 
+    def __init__(self, message: str, rule: str = "run:forward_failed"):
+        super().__init__(message)
+        self.rule = rule
+
+
+# Why the scorer's GPU memory ran out during the stream: the trainer's process holds the rest of it.
+_ROOM = ("the scorer shares the GPU with your trainer and needs room beside it for its copy of the weights, one "
+         "eval-mode forward at the batch's [B, L] and a few batches of tokens; leave it that much "
+         "(torch.cuda.max_memory_reserved() in your loop shows what your process takes)")
+
 
 @dataclass
 class _Ahead:
@@ -253,6 +263,9 @@ class Scorer:
             logits = program(state, tokens)
             return target_log_probs(logits, tokens[:, 1:] if targets is None else targets)
         except Exception as error:  # noqa: BLE001 — the graph saw data: only the type is told
+            if isinstance(error, torch.cuda.OutOfMemoryError):  # the type is the whole story
+                raise ForwardFailed(f"the GPU ran out of memory in the scorer's forward on {what}: {_ROOM}",
+                                    "run:out_of_memory") from None
             raise ForwardFailed(f"the exported forward raised {type(error).__name__} on {what} (its message is "
                                 "withheld: it may contain data); it ran on random tokens before the stream") from None
 
@@ -414,7 +427,11 @@ class Scorer:
             return
         for batch in itertools.islice(ahead, _STAGED):
             if batch.staged is None:
-                batch.staged = self.handoff.stage(rows(batch.chunk, batch.seq_len))
+                try:
+                    batch.staged = self.handoff.stage(rows(batch.chunk, batch.seq_len))
+                except torch.cuda.OutOfMemoryError:
+                    raise self.fail("run:out_of_memory", f"the GPU ran out of memory when the scorer staged batch "
+                                    f"{batch.index}'s tokens: {_ROOM}") from None
 
     def _take_final(self, shared: torch.Tensor, private: torch.Tensor, links: Ranks, request: int) -> None:
         """The ranks asked past the last batch: take the trained state now; only then do they hear END, so nothing
@@ -433,7 +450,7 @@ class Scorer:
         try:
             return self._forward(program, state, tokens, what)
         except ForwardFailed as error:
-            raise self.fail("run:forward_failed", str(error)) from None
+            raise self.fail(error.rule, str(error)) from None
 
     def _probe(self, program: Program, state: list[torch.Tensor], last: tuple[int, torch.Tensor, torch.Tensor],
                probe_rows: np.ndarray, probe_tokens: np.ndarray) -> None:

@@ -4,6 +4,7 @@ endings for a rank that hangs, leaves or writes artifacts (docs/architecture.md,
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -249,6 +250,30 @@ def test_no_miner_code_runs_in_the_scored_session_before_the_check_beside_it_has
     else:
         assert outcome.status == "completed", outcome.reasons
         assert imported() and outcome.batches == outcome.planned_batches > 0
+
+
+@pytest.mark.parametrize("policy", ["flag", "reject"])
+def test_under_flag_the_scored_run_trains_beside_the_check(bundle_factory, tmp_path, monkeypatch, policy):
+    """Under flag, which decides nothing, the scored trainer's miner code runs while the check is still going: the
+    check below ends only once it has seen it. Under reject it never does: that miner code waits for the check."""
+    import prism_ray.evaluation.run as run_module
+
+    seen: list[bool] = []
+
+    def check_until_the_scored_trainer_runs(spec, sizes, batches, byte_lengths, run_dir, time_limit, policy_):
+        log, until = run_dir / "trainer.log", time.monotonic() + (60 if policy == "flag" else 5)
+        while time.monotonic() < until and not (log.exists() and "training.py imported" in log.read_text()):
+            time.sleep(0.05)
+        seen.append(log.exists() and "training.py imported" in log.read_text())
+        return check_result()
+
+    monkeypatch.setattr(run_module, "check_contract", check_until_the_scored_trainer_runs)
+    settings = Settings(cache_dir=tmp_path / "cache", byte_budget=2_000, runner_threads=2, contract_world_sizes="2",
+                        contract_policy=policy)
+    settings.gate.mode = "off"
+    report = evaluate(bundle_factory(ARCH, MARKED_LOOP), settings)
+    assert report.status == "completed", report.reasons
+    assert seen == [policy == "flag"] and [check.passed for check in report.contract] == [True]
 
 
 def check_result(*reasons: Reason) -> list[ContractCheck]:

@@ -218,7 +218,7 @@ class Settings(BaseSettings):
                                                    "a GPU: host (a host sync and the rows in a frame) or stream (the "
                                                    "GPUs' streams order it; not yet measured on a GPU)")
     contract_world_sizes: str = Field(default="2", pattern=r"^\s*([2-8]\s*(,\s*[2-8]\s*)*)?$",
-                                      description="world sizes of the unscored multi-GPU contract check beside the "
+                                      description="world sizes of the unscored multi-GPU contract check before the "
                                       "scored run (gloo on CPU), comma-separated; empty = off")
     contract_policy: Literal["flag", "reject"] = Field(default="flag", description="a failed contract check only "
                                                         "shows (flag) or rejects the bundle (contract:multi_gpu)")

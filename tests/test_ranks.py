@@ -253,27 +253,28 @@ def test_no_miner_code_runs_in_the_scored_session_before_the_check_beside_it_has
 
 
 @pytest.mark.parametrize("policy", ["flag", "reject"])
-def test_under_flag_the_scored_run_trains_beside_the_check(bundle_factory, tmp_path, monkeypatch, policy):
-    """Under flag, which decides nothing, the scored trainer's miner code runs while the check is still going: the
-    check below ends only once it has seen it. Under reject it never does: that miner code waits for the check."""
+def test_the_scored_trainer_waits_for_the_check_under_either_policy(bundle_factory, tmp_path, monkeypatch, policy):
+    """No scored miner code runs beside the check, even under flag, where the check decides nothing: a red team ran
+    the two side by side and the check learnt how the scored run went (per-uid kernel counters), then threw it away as
+    a system failure for a free re-run, or relayed its text into the report (docs/rules.md)."""
     import prism_ray.evaluation.run as run_module
 
     seen: list[bool] = []
 
-    def check_until_the_scored_trainer_runs(spec, sizes, batches, byte_lengths, run_dir, time_limit, policy_):
-        log, until = run_dir / "trainer.log", time.monotonic() + (60 if policy == "flag" else 5)
+    def check_while_watching_the_scored_trainer(spec, sizes, batches, byte_lengths, run_dir, time_limit, policy_):
+        log, until = run_dir / "trainer.log", time.monotonic() + 4
         while time.monotonic() < until and not (log.exists() and "training.py imported" in log.read_text()):
             time.sleep(0.05)
         seen.append(log.exists() and "training.py imported" in log.read_text())
         return check_result()
 
-    monkeypatch.setattr(run_module, "check_contract", check_until_the_scored_trainer_runs)
+    monkeypatch.setattr(run_module, "check_contract", check_while_watching_the_scored_trainer)
     settings = Settings(cache_dir=tmp_path / "cache", byte_budget=2_000, runner_threads=2, contract_world_sizes="2",
                         contract_policy=policy)
     settings.gate.mode = "off"
     report = evaluate(bundle_factory(ARCH, MARKED_LOOP), settings)
     assert report.status == "completed", report.reasons
-    assert seen == [policy == "flag"] and [check.passed for check in report.contract] == [True]
+    assert seen == [False] and [check.passed for check in report.contract] == [True]
 
 
 def check_result(*reasons: Reason) -> list[ContractCheck]:

@@ -96,7 +96,7 @@ class RunReport(BaseModel):
     head_nats: list[float] = Field(default_factory=list, description="the first per-batch nats (ScoringSettings."
                                    "copy_batches of them), exactly as scored: copies by behaviour (docs/scoring.md)")
     world_size: int = Field(default=1, description="trainer ranks of the scored run")
-    contract: list[ContractCheck] = Field(default_factory=list, description="the multi-GPU contract checks beside "
+    contract: list[ContractCheck] = Field(default_factory=list, description="the multi-GPU contract checks before "
                                           "the scored run (docs/miner.md, \"Several GPUs\")")
     chunks: ChunkCurve | None = Field(default=None, description="nats per fixed byte chunk of the scored stream, at "
                                       "batch resolution: paired comparisons (docs/scoring.md, \"Chunks\")")
@@ -128,7 +128,7 @@ class TrainResult:
     seed: int
     byte_budget: int
     run_dir: str
-    contract: list[ContractCheck] = field(default_factory=list)  # the multi-GPU contract checks, beside the run
+    contract: list[ContractCheck] = field(default_factory=list)  # the multi-GPU contract checks, before the run
 
 
 def assemble(result: TrainResult, bundle_sha256: str, name: str, settings: Settings,

@@ -91,13 +91,12 @@ def train(bundle: Bundle, settings: Settings, run_dir: Path,
         contract = ContractRun(functools.partial(
             check_contract, spec, contract_sizes(settings), settings.contract_batches, stream.byte_lengths, run_dir,
             settings.contract_time_limit, sandbox_policy(settings)), reject=settings.contract_policy == "reject")
-    # The scored session starts beside the checks. Under the reject policy its miner code waits for them
-    # (contract.wait): a bundle they reject never runs on the stream. Under flag, whose checks only show, the two
-    # run side by side (docs/rules.md, "Pass the stream from the check to the scored run").
+    # the scored session's sandboxes start beside the checks; its miner code waits for them (contract.wait), under
+    # either policy: the checks' miner code must not watch the scored run (docs/rules.md)
     result.outcome = run_session(spec, stream.tokens, stream.byte_lengths, run_dir, settings.time_limit, progress,
                                  sandbox_policy(settings), heldout=heldout.passes,
                                  heldout_time_limit=settings.heldout_time_limit,
-                                 hold=contract.wait if contract is not None and contract.reject else None)
+                                 hold=contract.wait if contract else None)
     if contract is not None:
         result.contract = contract.join()
         ending = contract.wait()

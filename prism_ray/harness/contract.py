@@ -1,5 +1,5 @@
 """The multi-GPU contract check: a short, unscored run of the submission's own training at world size N (gloo on
-CPU, a few batches of random tokens) beside the scored run. The PRISM contract asks train(ctx) to
+CPU, a few batches of random tokens) while the scored run's sandboxes start. The PRISM contract asks train(ctx) to
 be correct at any world size; this is where that is exercised. Whether a failure rejects the bundle
 (`contract:multi_gpu`) or only shows in the report is the operator's choice (docs/operator.md, docs/miner.md
 "Several GPUs").
@@ -65,10 +65,9 @@ def random_stream(vocab_size: int, seed: int) -> np.ndarray:
 
 
 class ContractRun:
-    """The checks in a thread of their own, started with the scored session. Under the reject policy that session's
-    sandboxes start meanwhile (interpreters, imports, the scorer's device), but none of them runs miner code before
-    the checks have ended (`wait` as its hold): a bundle they reject never runs on the stream. Under flag the two
-    run side by side, and `wait` after the scored run says whether a system failure of the checks retries it
+    """The checks in a thread of their own, started with the scored session: that session's sandboxes start
+    meanwhile (interpreters, imports, the scorer's device), but none of them runs miner code before the checks have
+    ended (`wait`): a bundle they reject never runs on the stream, and the two never run miner code at once
     (docs/rules.md, "Pass the stream from the check to the scored run")."""
 
     def __init__(self, check: Callable[[], list[ContractCheck]], reject: bool):

@@ -5,6 +5,7 @@ to the harness) and attack from inside the trainer, through the real sandbox."""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -364,3 +365,49 @@ def test_the_shared_weights_cannot_be_resized_under_the_scorer(bundle_factory, t
     outcome = run(bundle_factory, tmp_path, trainer(step=truncate.strip("\n").replace("        if", "if", 1)))
     assert [reason.rule for reason in outcome.reasons] == ["run:exception"], outcome.reasons or outcome.log_tail
     assert "PermissionError" in outcome.reasons[0].message
+
+
+# What the exporter sends the trusted parent: architecture.py runs there too, and it owns that process.
+EXPORTER_FRAMES = """
+import array
+import gc
+import json
+import os
+import socket
+import struct
+import sys
+import torch
+from torch import nn
+
+class Bigram(nn.Module):
+    def __init__(self, vocab):
+        super().__init__()
+        self.table = nn.Embedding(vocab, vocab)
+    def forward(self, tokens):
+        return self.table(tokens)
+
+def send(kind, payload, fds=()):
+    channel = next(o for o in gc.get_objects() if type(o).__name__ == "Channel")
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    channel.sock.sendmsg([struct.pack("<IB", len(payload), kind) + payload], ancillary)
+
+def build_model(ctx):
+    if sys.argv[-1] == "exporter":
+        ATTACK
+    return Bigram(ctx.vocab_size)
+"""
+
+
+@pytest.mark.parametrize(("attack", "expected"), [
+    # descriptors by the thousand, to fill the parent's table: a failure there would be the system's, and free
+    ("null = os.open('/dev/null', os.O_RDONLY)\n        for _ in range(200):\n            send(2, b'{}', [null] * 16)",
+     "sent more file descriptors than the 1 this channel takes"),
+    # entries that unpack like [name, shape, dtype] but are not lists
+    ("send(12, json.dumps({'layout': [{'table.weight': 0, '': 0, 'float32': 0}]}).encode())", "bad state layout"),
+])
+def test_frames_from_the_exporter_fail_the_bundle_and_never_the_parent(bundle_factory, tmp_path, attack, expected):
+    before = len(os.listdir("/proc/self/fd"))
+    outcome = run(bundle_factory, tmp_path, trainer(), architecture=EXPORTER_FRAMES.replace("ATTACK", attack))
+    assert [reason.rule for reason in outcome.reasons] == ["run:crash"], outcome.reasons or outcome.log_tail
+    assert "exporter" in outcome.reasons[0].message and expected in outcome.reasons[0].message
+    assert len(os.listdir("/proc/self/fd")) <= before + 2  # every descriptor it sent is closed

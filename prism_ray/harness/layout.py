@@ -26,9 +26,17 @@ class Slot:
 
 
 def plan_slots(layout: list[list]) -> tuple[list[Slot], int]:
-    """Offsets for a layout of [name, shape, dtype]; the total size in bytes. ValueError for a malformed one."""
+    """Offsets for a layout of [name, shape, dtype] lists, as a runner sends it (JSON); the total size in bytes.
+    ValueError for anything else: the parent compares layouts entry by entry, and a malformed one must not reach it
+    (a red team's exporter sent dicts, which unpack into three keys)."""
+    if not isinstance(layout, list):
+        raise ValueError("a state layout is a list of [name, shape, dtype]")
     slots, offset = [], 0
-    for name, shape, dtype in layout:
+    for entry in layout:
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+                and isinstance(entry[1], list) and isinstance(entry[2], str)):
+            raise ValueError(f"a state layout entry is [name, shape, dtype], got {str(entry)[:80]}")
+        name, shape, dtype = entry
         if dtype not in ITEMSIZE:
             raise ValueError(f"unknown dtype {dtype!r}")
         nbytes = ITEMSIZE[dtype] * _numel(shape)
@@ -59,7 +67,7 @@ class HandoffSpec(BaseModel):
 def _numel(shape: list[int] | tuple[int, ...]) -> int:
     count = 1
     for dim in shape:
-        if not isinstance(dim, int) or dim < 0:
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
             raise ValueError(f"bad shape {shape!r}")
         count *= dim
     return count

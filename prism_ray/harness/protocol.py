@@ -67,9 +67,13 @@ class Channel:
     trickles in; a peer that has gone is a ProtocolError (never a bare OSError), a frame not done in time TimeoutError.
     """
 
-    def __init__(self, sock: socket.socket, accept_fds: bool = False, max_frame: int = MAX_FRAME, peer: str = ""):
+    def __init__(self, sock: socket.socket, accept_fds: bool = False, max_frame: int = MAX_FRAME, peer: str = "",
+                 max_fds: int | None = None):
         self.sock = sock
-        self.accept_fds = accept_fds  # the parent never takes descriptors from a runner: it closes them at once
+        self.accept_fds = accept_fds  # the parent never takes descriptors from a trainer: it closes them at once
+        # the most descriptors held at once: a runner the parent takes some from (the exporter's graph) must not
+        # exhaust the parent's descriptor table with more (a red team flooded it to fail the run as the system's)
+        self.max_fds = max_fds
         self.max_frame = max_frame
         self.peer = peer
         self.fds: list[int] = []  # descriptors received with frames, oldest first
@@ -144,11 +148,15 @@ class Channel:
             for level, kind, data in ancillary:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     received = array.array("i", data[: len(data) - len(data) % 4])
-                    if self.accept_fds:
+                    room = self.max_fds is None or len(self.fds) + len(received) <= self.max_fds
+                    if self.accept_fds and room:
                         self.fds.extend(received)
                     else:
                         for fd in received:
                             os.close(fd)
+                    if self.accept_fds and not room:
+                        raise ProtocolError(f"sent more file descriptors than the {self.max_fds} this channel "
+                                            "takes", self.peer)
             if n == 0:
                 raise ProtocolError("connection closed", self.peer)
             got += n

@@ -163,6 +163,7 @@ class _Session(TrainerFrames):
             raise self._crash(role, str(error)) from None
         # descriptors: the scorer's GPU buffers, the exporter's graph memfd; the trainer's are closed at once
         channel.accept_fds = role in ("scorer", "exporter")
+        channel.max_fds = 1 if role == "exporter" else 2 * self.spec.world_size  # its graph; each rank's buffers
         channel.peer = key
         if role == "trainer":
             channel.max_frame = _TRAINER_FRAME

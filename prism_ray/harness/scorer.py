@@ -81,6 +81,14 @@ class ForwardFailed(Exception):
         self.rule = rule
 
 
+def _forward_failure(error: Exception, what: str) -> ForwardFailed:
+    """What may be told of an exception the graph raised on data: its type, and whether the GPU's memory ran out."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return ForwardFailed(f"the GPU ran out of memory in the scorer's forward on {what}", "run:out_of_memory")
+    return ForwardFailed(f"the exported forward raised {type(error).__name__} on {what} (its message is withheld: it "
+                         "may contain data); it ran on random tokens before the stream")
+
+
 # Why the scorer's GPU memory ran out during the stream: the trainer's process holds the rest of it.
 _ROOM = ("the scorer shares the GPU with your trainer and needs room beside it for its copy of the weights, one "
          "eval-mode forward at the batch's [B, L] and a few batches of tokens; leave it that much "
@@ -263,11 +271,7 @@ class Scorer:
             logits = program(state, tokens)
             return target_log_probs(logits, tokens[:, 1:] if targets is None else targets)
         except Exception as error:  # noqa: BLE001 — the graph saw data: only the type is told
-            if isinstance(error, torch.cuda.OutOfMemoryError):  # the type is the whole story
-                raise ForwardFailed(f"the GPU ran out of memory in the scorer's forward on {what}: {_ROOM}",
-                                    "run:out_of_memory") from None
-            raise ForwardFailed(f"the exported forward raised {type(error).__name__} on {what} (its message is "
-                                "withheld: it may contain data); it ran on random tokens before the stream") from None
+            raise _forward_failure(error, what) from None
 
     def _stream(self, program: Program, shared: torch.Tensor, private: torch.Tensor, step0: torch.Tensor,
                 slots: list[layout.Slot], links: Ranks, overlap: bool) -> bool:
@@ -450,7 +454,11 @@ class Scorer:
         try:
             return self._forward(program, state, tokens, what)
         except ForwardFailed as error:
-            raise self.fail(error.rule, str(error)) from None
+            raise self._stream_failure(error) from None
+
+    def _stream_failure(self, error: ForwardFailed) -> RunError:
+        """During the stream the trainer shares the GPU: a forward without memory says what to leave the scorer."""
+        return self.fail(error.rule, f"{error}: {_ROOM}" if error.rule == "run:out_of_memory" else str(error))
 
     def _probe(self, program: Program, state: list[torch.Tensor], last: tuple[int, torch.Tensor, torch.Tensor],
                probe_rows: np.ndarray, probe_tokens: np.ndarray) -> None:
@@ -464,8 +472,7 @@ class Scorer:
             logits = program(state, tokens)
             probed = target_log_probs(logits, real_tokens[:, 1:])
         except Exception as error:  # noqa: BLE001 — the graph saw data: only the type is told
-            raise self.fail("run:forward_failed", f"the exported forward raised {type(error).__name__} on a probe "
-                            "batch (its message is withheld: it may contain data)") from None
+            raise self._stream_failure(_forward_failure(error, "a probe batch")) from None
         drifts = []
         for row, boundary in probe_rows.tolist():
             drifts.append([row, boundary, drift(real[row, :boundary].cpu().numpy(),

@@ -318,6 +318,8 @@ CONTROL = """
     ("control(6, b'', length=1 << 25)", "run:crash", "over the limit"),  # far past any request
     ("control(3, json.dumps({'batch_size': 2, 'seq_len': 64, 'layout': [7], 'device': 'cpu'}).encode()); "
      "time.sleep(30)", "run:model_mismatch", "parameters and buffers"),
+    # each control frame comes once: a flood of them held the parent past the run's wall clock
+    ("control(2, b'{}'); time.sleep(30)", "run:crash", "sent HELLO twice"),
 ])
 def test_frames_the_parent_reads_fail_the_bundle(bundle_factory, tmp_path, attack, rule, expected):
     outcome = run(bundle_factory, tmp_path, trainer(CONTROL + f"    {attack}\n    os._exit(1)\n"))
@@ -404,6 +406,10 @@ def build_model(ctx):
      "sent more file descriptors than the 1 this channel takes"),
     # entries that unpack like [name, shape, dtype] but are not lists
     ("send(12, json.dumps({'layout': [{'table.weight': 0, '': 0, 'float32': 0}]}).encode())", "bad state layout"),
+    # a layout the parent would spend gigabytes parsing
+    ("send(12, b'[' * (5 << 20))", "a LAYOUT frame of 5242880 bytes is over the limit"),
+    # a graph nobody asked for yet (no geometry, no export)
+    ("send(21, b'{}', [os.memfd_create('graph')])\n        os._exit(0)", "sent a graph before it was asked for one"),
 ])
 def test_frames_from_the_exporter_fail_the_bundle_and_never_the_parent(bundle_factory, tmp_path, attack, expected):
     before = len(os.listdir("/proc/self/fd"))
@@ -411,3 +417,14 @@ def test_frames_from_the_exporter_fail_the_bundle_and_never_the_parent(bundle_fa
     assert [reason.rule for reason in outcome.reasons] == ["run:crash"], outcome.reasons or outcome.log_tail
     assert "exporter" in outcome.reasons[0].message and expected in outcome.reasons[0].message
     assert len(os.listdir("/proc/self/fd")) <= before + 2  # every descriptor it sent is closed
+
+
+def test_a_second_error_from_the_trainer_is_ignored_not_the_parents_failure(bundle_factory, tmp_path):
+    """The trainer's first ERROR is held until the exporter's build is in; a second one, read while the parent drains
+    what a closed runner said, once unregistered the trainer's socket twice (a KeyError out of the parent)."""
+    error = "json.dumps({'rule': 'run:exception', 'message': 'first'}).encode()"
+    prelude = CONTROL + f"    control(10, {error})\n    control(10, {error})\n    time.sleep(30)\n"
+    architecture = EXPORTER_FRAMES.replace("ATTACK", "import time\n        time.sleep(2)\n        send(99, b'')")
+    outcome = run(bundle_factory, tmp_path, trainer(prelude), architecture=architecture)
+    assert [reason.rule for reason in outcome.reasons] == ["run:crash"], outcome.reasons or outcome.log_tail
+    assert "exporter" in outcome.reasons[0].message and "unknown frame kind 99" in outcome.reasons[0].message

@@ -68,13 +68,14 @@ class Channel:
     """
 
     def __init__(self, sock: socket.socket, accept_fds: bool = False, max_frame: int = MAX_FRAME, peer: str = "",
-                 max_fds: int | None = None):
+                 max_fds: int | None = None, limits: dict[Kind, int] | None = None):
         self.sock = sock
         self.accept_fds = accept_fds  # the parent never takes descriptors from a trainer: it closes them at once
         # the most descriptors held at once: a runner the parent takes some from (the exporter's graph) must not
         # exhaust the parent's descriptor table with more (a red team flooded it to fail the run as the system's)
         self.max_fds = max_fds
         self.max_frame = max_frame
+        self.limits = limits or {}  # kinds allowed more (or less) than max_frame, checked before the body is read
         self.peer = peer
         self.fds: list[int] = []  # descriptors received with frames, oldest first
 
@@ -122,12 +123,14 @@ class Channel:
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             length, kind = _HEADER.unpack(self._exact(_HEADER.size, deadline))
-            if length > self.max_frame:
+            if length > max([self.max_frame, *self.limits.values()]):
                 raise ProtocolError(f"frame of {length} bytes is over the limit", self.peer)
             try:
                 kind = Kind(kind)
             except ValueError:
                 raise ProtocolError(f"unknown frame kind {kind}", self.peer) from None
+            if length > self.limits.get(kind, self.max_frame):
+                raise ProtocolError(f"a {kind.name} frame of {length} bytes is over the limit", self.peer)
             return kind, self._exact(length, deadline)
         except ConnectionError:
             raise ProtocolError("connection closed", self.peer) from None

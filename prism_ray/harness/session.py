@@ -46,7 +46,13 @@ class _Failed(Exception):
 # What a sandbox that runs miner code may name as its failure: its own (run:*, contract:*), never a system failure
 # (infra:*, data:*, sandbox:*), which would be retried for free or excuse a seed replica.
 _SANDBOX_RULE = re.compile(r"(run|contract):[a-z_]{1,40}")
-_TRAINER_FRAME = 16 << 20  # the trainer's frames are requests and a layout: nothing near this
+# The most a sandbox that runs miner code may send in one frame: the parent allocates and parses what it reads (a red
+# team's 64 MiB layout cost the parent 1.7 GB). Layouts and the graph may be larger than the rest.
+_MINER_FRAME = 1 << 20
+_MINER_LIMITS = {Kind.LAYOUT: 4 << 20, Kind.GEOMETRY: 4 << 20, Kind.GRAPH: MAX_JSON_BYTES}
+# Frames a miner's runner sends once (per rank): a second is a broken protocol, not a flood to keep reading. A second
+# ERROR is ignored instead: the first one's reason stands.
+_ONCE = {Kind.HELLO, Kind.LAYOUT, Kind.GRAPH, Kind.GEOMETRY, Kind.READY, Kind.DONE}
 
 
 def run_session(spec: RunSpec, tokens: np.ndarray, byte_lengths: np.ndarray, run_dir: Path, time_limit: float,
@@ -82,6 +88,8 @@ class _Session(TrainerFrames):
         self.batch_links: list[tuple[socket.socket, socket.socket]] = []  # (scorer's end, rank's end) per rank
         self.released = 0  # batches handed to the scorer so far
         self.ready: set[str] = set()
+        self.received: set[tuple[str, Kind]] = set()  # (channel, kind) of the miner runners' frames so far
+        self.export_asked = False
         self.plan: StreamPlan | None = None
         self.batches: Iterator[BatchSlice] | None = None
         self.probes: ProbePlan | None = None
@@ -165,8 +173,8 @@ class _Session(TrainerFrames):
         channel.accept_fds = role in ("scorer", "exporter")
         channel.max_fds = 1 if role == "exporter" else 2 * self.spec.world_size  # its graph; each rank's buffers
         channel.peer = key
-        if role == "trainer":
-            channel.max_frame = _TRAINER_FRAME
+        if role != "scorer":
+            channel.max_frame, channel.limits = _MINER_FRAME, _MINER_LIMITS
         self.channels[key] = channel
         self.selector.register(channel.sock, selectors.EVENT_READ, key)
         return channel
@@ -182,7 +190,7 @@ class _Session(TrainerFrames):
         """Handle the next frame from whichever runner sent one (or end a run whose ranks stopped following)."""
         wake = min(deadline, self.ranks.overdue_at() or deadline)
         events = self.selector.select(timeout=max(0.0, wake - time.monotonic()))
-        if not events and time.monotonic() >= deadline:
+        if time.monotonic() >= deadline:  # whatever is still readable: a runner's frames cannot hold the clock
             raise TimeoutError
         hung = self.ranks.overdue(time.monotonic())
         if hung is not None:
@@ -205,20 +213,26 @@ class _Session(TrainerFrames):
         to it can fail with its ERROR still unread), that reason wins over a bare crash."""
         waited = time.monotonic() + 1.0
         for role, channel in sorted(self.channels.items(), key=lambda item: item[0] != closed):
-            while True:
+            while time.monotonic() < waited:  # a runner that keeps its socket readable cannot hold the parent here
                 with selectors.DefaultSelector() as one:
                     one.register(channel.sock, selectors.EVENT_READ)
                     if not one.select(timeout=max(0.0, waited - time.monotonic())):
                         break
                 try:
-                    kind, payload = channel.recv(timeout=1.0)
+                    kind, payload = channel.recv(timeout=max(0.001, waited - time.monotonic()))
                     if kind == Kind.ERROR:
                         self._handle(role, kind, payload)
-                except ProtocolError:
+                except (ProtocolError, TimeoutError):
                     break
 
     def _handle(self, key: str, kind: Kind, payload: bytes) -> None:
         role, _, rank = key.partition(":")
+        if role != "scorer":
+            if (key, kind) in self.received and kind in (*_ONCE, Kind.ERROR):
+                if kind == Kind.ERROR:
+                    return
+                raise self._crash(role, f"{self.ranks.label(int(rank)) if rank else role}: sent {kind.name} twice")
+            self.received.add((key, kind))
         if kind == Kind.ERROR:
             error = parse_json(payload)
             message = str(error.get("message", ""))[:4000]
@@ -273,6 +287,8 @@ class _Session(TrainerFrames):
     def _exporter_graph(self, payload: bytes) -> None:
         """The exported forward. The exporter must be gone before the scorer reads its memfd: nothing may write it
         any more."""
+        if not self.export_asked:
+            raise self._crash("exporter", "the exporter sent a graph before it was asked for one")
         exporter = self.channels.pop("exporter")
         self.selector.unregister(exporter.sock)
         blob = exporter.take_fd()

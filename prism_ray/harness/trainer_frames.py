@@ -32,8 +32,6 @@ class TrainerFrames:
 
     def _trainer_geometry(self, rank: int, payload: bytes) -> None:
         member = self.ranks.members[rank]
-        if member.geometry is not None:
-            raise self._crash("trainer", f"{self.ranks.label(rank)}: geometry sent twice")
         request = parse_json(payload)
         member.geometry = request
         try:
@@ -122,6 +120,7 @@ class TrainerFrames:
         if self.on_gpu and self.spec.gpu_handoff == "stream":
             self.handoff = layout.HandoffSpec(rows=self.outcome.batch_size // self.ranks.world_size,
                                               seq_len=self.outcome.seq_len)
+        self.export_asked = True
         self.channels["exporter"].send_json(Kind.EXPORT, {"batch_size": self.outcome.batch_size,
                                                           "seq_len": self.outcome.seq_len, "layout": theirs})
         # each rank's batch channel to the scorer: the scorer's ends go with its SHARE, the ranks' with theirs

@@ -24,6 +24,13 @@ class Reason(BaseModel):
         # A Cyrillic "а" looks like a Latin "a": a file name is shown with its non-ASCII characters escaped.
         return file if file is None or file.isascii() else escape_name(file)
 
+    @field_validator("message")
+    @classmethod
+    def _encodable(cls, message: str) -> str:
+        # Text a sandbox sent (JSON may carry a lone surrogate, "\ud800") must not make the report unserialisable:
+        # that failure would be the system's, and a replica's score would stand (a red team's finding).
+        return message.encode("utf-8", "backslashreplace").decode("utf-8")
+
     def __str__(self) -> str:
         where = f" ({self.file}:{self.line})" if self.file and self.line else f" ({self.file})" if self.file else ""
         return f"[{self.rule}] {self.message}{where}"

@@ -4,6 +4,7 @@ to the harness) and attack from inside the trainer, through the real sandbox."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -320,12 +321,22 @@ CONTROL = """
      "time.sleep(30)", "run:model_mismatch", "parameters and buffers"),
     # each control frame comes once: a flood of them held the parent past the run's wall clock
     ("control(2, b'{}'); time.sleep(30)", "run:crash", "sent HELLO twice"),
+    # a lone surrogate made the report unserialisable (a system failure), an endless line number the store's
+    ("control(10, json.dumps({'rule': 'run:exception', 'message': 'x' + chr(0xD800), 'line': 10 ** 30}).encode())",
+     "run:exception", "x\\ud800"),
+    # an integer of 4,300 digits: its product with seq_len could not even be formatted (a ValueError out of the parent)
+    ("control(3, json.dumps({'batch_size': 10 ** 4299, 'seq_len': 64, 'layout': [], 'device': 'cpu'}).encode()); "
+     "time.sleep(30)", "run:bad_geometry", "batch_size must be an integer in [1,"),
+    # what the parent keeps for the whole run is only what it reads
+    ("control(3, json.dumps({'batch_size': 2, 'seq_len': 64, 'layout': [], 'device': 'cpu', 'junk': [{}] * 9}).encode()); "
+     "time.sleep(30)", "run:crash", "unknown fields in its geometry"),
 ])
 def test_frames_the_parent_reads_fail_the_bundle(bundle_factory, tmp_path, attack, rule, expected):
     outcome = run(bundle_factory, tmp_path, trainer(CONTROL + f"    {attack}\n    os._exit(1)\n"))
     assert [reason.rule for reason in outcome.reasons] == [rule], outcome.reasons or outcome.log_tail
     assert expected in outcome.reasons[0].message
     assert outcome.reasons[0].line is None and outcome.reasons[0].file is None
+    assert json.loads(outcome.reasons[0].model_dump_json())["message"] == outcome.reasons[0].message  # it serialises
 
 
 def test_a_trainer_gone_with_a_frame_unread_is_its_own_crash(bundle_factory, tmp_path):
@@ -408,6 +419,9 @@ def build_model(ctx):
     ("send(12, json.dumps({'layout': [{'table.weight': 0, '': 0, 'float32': 0}]}).encode())", "bad state layout"),
     # a layout the parent would spend gigabytes parsing
     ("send(12, b'[' * (5 << 20))", "a LAYOUT frame of 5242880 bytes is over the limit"),
+    # a shape of 100,000 dimensions: multiplied out, two million held the parent's GIL for minutes
+    ("send(12, json.dumps({'layout': [['table.weight', [9] * 100000 + [0], 'float32']]}).encode())",
+     "bad state layout"),
     # a graph nobody asked for yet (no geometry, no export)
     ("send(21, b'{}', [os.memfd_create('graph')])\n        os._exit(0)", "sent a graph before it was asked for one"),
 ])

@@ -10,13 +10,16 @@ beside the JSON. docs/architecture.md, "Trust boundaries".
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 FORMAT = "prism-graph/1"
 MAX_NODES = 200_000
 MAX_JSON_BYTES = 64 << 20
+# A tensor's shape as a sandbox sends it: a few dimensions of sane size (a red team's two million dimensions held the
+# parent's GIL for minutes multiplying them out)
+MAX_DIMS, MAX_DIM = 16, 1 << 40
 
 
 class _Strict(BaseModel):
@@ -45,7 +48,7 @@ class Graph(_Strict):
 class ConstantSpec(_Strict):
     name: str = Field(max_length=1000)
     dtype: str
-    shape: list[int]
+    shape: list[Annotated[int, Field(ge=0, lt=MAX_DIM)]] = Field(max_length=MAX_DIMS)
     offset: int = Field(ge=0)  # into the blob, after the initial state
     nbytes: int = Field(ge=0)
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from prism_ray.graph.format import MAX_DIM, MAX_DIMS
+
 ALIGN = 64
 ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1,
             "complex128": 16, "complex64": 8, "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint64": 8,
@@ -65,10 +67,12 @@ class HandoffSpec(BaseModel):
 
 
 def _numel(shape: list[int] | tuple[int, ...]) -> int:
+    if len(shape) > MAX_DIMS:
+        raise ValueError(f"a shape of {len(shape)} dimensions (at most {MAX_DIMS})")
     count = 1
     for dim in shape:
-        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
-            raise ValueError(f"bad shape {shape!r}")
+        if not isinstance(dim, int) or isinstance(dim, bool) or not 0 <= dim < MAX_DIM:
+            raise ValueError(f"bad shape {str(shape)[:80]}")
         count *= dim
     return count
 

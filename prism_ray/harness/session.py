@@ -39,6 +39,11 @@ from prism_ray.harness.supervise import Runner
 from prism_ray.harness.trainer_frames import TrainerFrames
 
 
+def _count(value: object) -> bool:
+    """An integer a sandbox sent that the report and the store can hold (JSON integers have no bound)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 62
+
+
 class _Failed(Exception):
     """Ends the run with the reasons already recorded."""
 
@@ -242,7 +247,7 @@ class _Session(TrainerFrames):
             if role != "scorer" and not _SANDBOX_RULE.fullmatch(rule):
                 rule = "run:exception"
             reason = Reason(rule=rule, message=message, file=file[:500] if isinstance(file, str) else None,
-                            line=line if isinstance(line, int) and not isinstance(line, bool) else None)
+                            line=line if _count(line) else None)
             if role == "trainer" and self.layout is None:
                 # The trainer builds the same architecture: if the exporter's build fails too, the bundle is rejected
                 # for that (before any data); only a sound architecture leaves the failure to training.
@@ -270,7 +275,7 @@ class _Session(TrainerFrames):
     def _exporter_layout(self, payload: bytes) -> None:
         built = parse_json(payload)
         self.layout = built.get("layout")
-        if isinstance(built.get("model_params"), int):  # shown until the scorer has counted what the forward reads
+        if _count(built.get("model_params")):  # shown until the scorer has counted what the forward reads
             self.outcome.model_params = built["model_params"]
         try:
             slots, _ = layout.plan_slots(self.layout if isinstance(self.layout, list) else None)

@@ -24,10 +24,13 @@ class BatchSlice:
 
 
 def check_geometry(batch_size: object, seq_len: object, max_seq_len: int, max_batch_tokens: int) -> tuple[int, int]:
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise PrismError("run:bad_geometry", f"batch_size must be an integer ≥ 1, got {batch_size!r}")
+    # the range first: a runner may send any JSON integer, and one of 4,300 digits cannot even be formatted
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or not 1 <= batch_size <= max_batch_tokens:
+        raise PrismError("run:bad_geometry", f"batch_size must be an integer in [1, {max_batch_tokens:,}], got "
+                         f"{repr(batch_size)[:40]}")
     if not isinstance(seq_len, int) or isinstance(seq_len, bool) or not 2 <= seq_len <= max_seq_len:
-        raise PrismError("run:bad_geometry", f"seq_len must be an integer in [2, {max_seq_len}], got {seq_len!r}")
+        raise PrismError("run:bad_geometry", f"seq_len must be an integer in [2, {max_seq_len}], got "
+                         f"{repr(seq_len)[:40]}")
     if batch_size * seq_len > max_batch_tokens:
         raise PrismError("run:bad_geometry",
                          f"batch_size·seq_len = {batch_size * seq_len:,} is over {max_batch_tokens:,} tokens")

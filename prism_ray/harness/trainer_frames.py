@@ -24,6 +24,10 @@ AHEAD = 32  # batches the scorer may hold before the ranks ask for them: its rec
 AHEAD_BYTES = 32 << 20  # and their tokens at most this (large GPU batches)
 
 
+# What a rank's GEOMETRY frame holds (harness/trainer.py sends it).
+_GEOMETRY_FIELDS = {"batch_size", "seq_len", "with_logits", "layout", "device"}
+
+
 class TrainerFrames:
     # --- trainer frames (one handler per frame kind; `rank` says whose) -------------------------------------------
 
@@ -33,6 +37,8 @@ class TrainerFrames:
     def _trainer_geometry(self, rank: int, payload: bytes) -> None:
         member = self.ranks.members[rank]
         request = parse_json(payload)
+        if not set(request) <= _GEOMETRY_FIELDS:  # kept for the run: nothing but what the parent reads
+            raise self._crash("trainer", f"{self.ranks.label(rank)}: unknown fields in its geometry")
         member.geometry = request
         try:
             check_geometry(request.get("batch_size"), request.get("seq_len"), self.spec.max_seq_len,

@@ -254,9 +254,10 @@ class _Session(TrainerFrames):
                 self.trainer_error = self.trainer_error or reason
                 self.selector.unregister(self.channels[key].sock)
                 return
-            if role == "trainer" and self.ready >= {"scorer"}:
+            if role == "trainer" and self.batch_links:
                 # A rank's failure can be the scorer's doing (it closes the batch channels once it has said why,
-                # e.g. run:ranks_diverged): what the scorer already sent comes first.
+                # e.g. run:ranks_diverged, or run:non_causal in its checks of the graph before READY): what the
+                # scorer already sent comes first.
                 self._pending_scorer_frames()
             self._fail(reason, before_data=role != "trainer" and not self.ready >= {"scorer"})
         handler = getattr(self, f"_{role}_{kind.name.lower()}", None)

@@ -381,7 +381,7 @@ def test_the_shared_weights_cannot_be_resized_under_the_scorer(bundle_factory, t
 
 
 # What the exporter sends the trusted parent: architecture.py runs there too, and it owns that process.
-EXPORTER_FRAMES = """
+EXPORTER_FRAMES = ARCH + """
 import array
 import gc
 import json
@@ -389,25 +389,16 @@ import os
 import socket
 import struct
 import sys
-import torch
-from torch import nn
-
-class Bigram(nn.Module):
-    def __init__(self, vocab):
-        super().__init__()
-        self.table = nn.Embedding(vocab, vocab)
-    def forward(self, tokens):
-        return self.table(tokens)
 
 def send(kind, payload, fds=()):
     channel = next(o for o in gc.get_objects() if type(o).__name__ == "Channel")
     ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
     channel.sock.sendmsg([struct.pack("<IB", len(payload), kind) + payload], ancillary)
 
-def build_model(ctx):
+def build_model(ctx, build=build_model):
     if sys.argv[-1] == "exporter":
         ATTACK
-    return Bigram(ctx.vocab_size)
+    return build(ctx)
 """
 
 

@@ -233,9 +233,9 @@ class _Session(TrainerFrames):
     def _handle(self, key: str, kind: Kind, payload: bytes) -> None:
         role, _, rank = key.partition(":")
         if role != "scorer":
-            if (key, kind) in self.received and kind in (*_ONCE, Kind.ERROR):
-                if kind == Kind.ERROR:
-                    return
+            if (key, kind) in self.received and kind == Kind.ERROR:
+                return  # the first one's reason stands
+            if (key, kind) in self.received and kind in _ONCE:
                 raise self._crash(role, f"{self.ranks.label(int(rank)) if rank else role}: sent {kind.name} twice")
             self.received.add((key, kind))
         if kind == Kind.ERROR:

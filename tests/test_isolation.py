@@ -213,6 +213,18 @@ def test_a_runner_the_parent_had_to_stop_is_a_crash_not_an_outside_kill(tmp_path
     assert reason.rule == "run:crash" and "was stopped" in reason.message, reason
 
 
+def test_a_runners_socket_dir_is_gone_once_it_has_connected(tmp_path):
+    """A parent killed mid-run (a Ray worker at shutdown, a SIGKILLed CLI) cleans nothing up: its runners' socket
+    dirs in /tmp must already be gone by then (hundreds had piled up on a test machine)."""
+    runner = Runner("exporter", tmp_path, 1, SandboxPolicy(mode="required"), (), None)
+    try:
+        assert runner.ipc_dir.is_dir()
+        runner.accept(time.monotonic() + 60)
+        assert not runner.ipc_dir.exists() and runner.process.poll() is None
+    finally:
+        runner.close()
+
+
 def test_the_checkout_around_an_editable_install_is_not_in_the_sandbox(tmp_path):
     """Only the package dir is bound: the checkout it sits in has .git and tests, which hold the locked text's
     shards and copies of it (found by a red team: code that gets past the policy read val text out of .git)."""

@@ -134,6 +134,18 @@ def test_a_rank_that_leaves_early_gets_a_typed_reason(bundle_factory, tmp_path, 
     assert says in outcome.reasons[0].message  # at once: not run:timeout at the run's wall clock
 
 
+@pytest.mark.parametrize("rank_one, says", [
+    ("batch_size = 2", "rank 1 asked for batch_size 2, rank 0 for 4"),
+    ("model.double()", "rank 1's model has other parameters or buffers than rank 0's (names, shapes or dtypes)"),
+])
+def test_ranks_that_ask_for_different_streams_are_refused_before_any_batch(bundle_factory, tmp_path, rank_one, says):
+    loop = all_reduce_loop().replace("    optimizer =", f"    batch_size = 4\n    if ctx.rank == 1:\n        {rank_one}\n"
+                                     "    optimizer =", 1).replace("batch_size=4", "batch_size=batch_size", 1)
+    outcome = run(bundle_factory, tmp_path, loop)
+    assert rules(outcome) == ["run:ranks_disagree"], outcome.reasons or outcome.log_tail
+    assert says in outcome.reasons[0].message and outcome.batches == 0
+
+
 SAVE = "torch.save(model.state_dict(), os.path.join(ctx.artifacts_dir, f'r{ctx.rank}.pt'))"
 
 

@@ -415,6 +415,15 @@ def build_model(ctx, build=build_model):
      "bad state layout"),
     # a graph nobody asked for yet (no geometry, no export)
     ("send(21, b'{}', [os.memfd_create('graph')])\n        os._exit(0)", "sent a graph before it was asked for one"),
+    # a graph without its memfd, sent from the forward torch.export traces (its second call)
+    ("model, calls = build(ctx), []\n"
+     "        def hook(module, args):\n"
+     "            calls.append(1)\n"
+     "            if len(calls) == 2:\n"
+     "                send(21, b'{}')\n"
+     "                os._exit(0)\n"
+     "        model.register_forward_pre_hook(hook)\n"
+     "        return model", "a file descriptor was expected with this frame"),
 ])
 def test_frames_from_the_exporter_fail_the_bundle_and_never_the_parent(bundle_factory, tmp_path, attack, expected):
     before = len(os.listdir("/proc/self/fd"))

@@ -24,7 +24,8 @@ MAX_WORLD_SIZE = 8  # one node's GPUs; also bounds the descriptors one frame car
 class Rank:
     index: int
     channel: Channel
-    geometry: dict | None = None
+    geometry: dict | None = None  # its iter_train_batches call; the layout is kept for rank 0 only
+    layout_digest: str = ""  # the layout's, compared with rank 0's
     reached: set[str] = field(default_factory=set)  # the steps this rank has reached
 
 
@@ -89,10 +90,13 @@ class Ranks:
         first = self.members[0].geometry or {}
         for rank in self.members[1:]:
             theirs = rank.geometry or {}
-            for name in ("batch_size", "seq_len", "with_logits", "layout"):
+            for name in ("batch_size", "seq_len", "with_logits"):
                 if theirs.get(name) != first.get(name):
                     return f"rank {rank.index} asked for {name} {_short(theirs.get(name))}, rank 0 for " \
                            f"{_short(first.get(name))}"
+            if rank.layout_digest != self.members[0].layout_digest:
+                return f"rank {rank.index}'s model has other parameters or buffers than rank 0's (names, shapes or " \
+                       "dtypes)"
             if str(theirs.get("device", "")).split(":")[0] != str(first.get("device", "")).split(":")[0]:
                 return f"rank {rank.index} trains on {theirs.get('device')}, rank 0 on {first.get('device')}"
         return None

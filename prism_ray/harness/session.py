@@ -297,7 +297,10 @@ class _Session(TrainerFrames):
             raise self._crash("exporter", "the exporter sent a graph before it was asked for one")
         exporter = self.channels.pop("exporter")
         self.selector.unregister(exporter.sock)
-        blob = exporter.take_fd()
+        try:
+            blob = exporter.take_fd()
+        finally:
+            exporter.sock.close()  # its part is over: it has only to exit
         try:
             runner = self.runners["exporter"]
             code = runner.wait(max(0.0, min(10.0, self.deadline - time.monotonic())))

@@ -55,6 +55,7 @@ class Runner:
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(str(socket_path))
         self.listener.listen(world_size + 2)
+        self.connections = world_size  # then the socket and its dir go (`accept`)
         os.chmod(socket_path, 0o777)  # the sandbox runs as an unprivileged uid; the dir around it stays private
         policy = replace(policy, readable=(*policy.readable, *readable, self.ipc_dir), artifacts_dir=artifacts_dir)
         self.oom_kills = _oom_kills()
@@ -76,10 +77,14 @@ class Runner:
                 raise TimeoutError
             try:
                 connection, _ = self.listener.accept()
-                return Channel(connection)
             except TimeoutError:
                 if self.process.poll() is not None:
                     raise ProtocolError(f"the {self.role} exited before connecting") from None
+                continue
+            self.connections -= 1
+            if not self.connections:  # nothing left on disk for a killed parent to leave behind in /tmp
+                self._stop_listening()
+            return Channel(connection)
 
     def end_reason(self, detail: str) -> Reason:
         """Why the runner is gone, once it is: memory, an outside kill, or a crash with its last output."""
@@ -105,9 +110,12 @@ class Runner:
             self.process.kill()
         return code
 
-    def close(self) -> None:
+    def _stop_listening(self) -> None:
         self.listener.close()
         shutil.rmtree(self.ipc_dir, ignore_errors=True)
+
+    def close(self) -> None:
+        self._stop_listening()
         process = getattr(self, "process", None)
         if process is not None and process.poll() is None:
             self.stopped = True

@@ -8,6 +8,8 @@ rank its rows (docs/architecture.md, "One submission's path" and "Several ranks"
 
 from __future__ import annotations
 
+import hashlib
+import json
 import secrets
 import socket
 import time
@@ -39,6 +41,9 @@ class TrainerFrames:
         request = parse_json(payload)
         if not set(request) <= _GEOMETRY_FIELDS:  # kept for the run: nothing but what the parent reads
             raise self._crash("trainer", f"{self.ranks.label(rank)}: unknown fields in its geometry")
+        member.layout_digest = hashlib.sha256(json.dumps(request.get("layout")).encode()).hexdigest()
+        if rank:  # only rank 0's layout is used: the others' (up to MiBs of JSON each) are compared by digest
+            request["layout"] = None
         member.geometry = request
         try:
             check_geometry(request.get("batch_size"), request.get("seq_len"), self.spec.max_seq_len,

@@ -108,7 +108,7 @@ def test_dropout_attention_convolution_and_recurrence_pass(bundle_factory, tmp_p
 
 def test_instantiation_probe_catches_a_leak_before_any_data(bundle_factory, tmp_path):
     outcome = run(bundle_factory, tmp_path, HEADER + LEAKS["unmasked_attention"] + FOOTER)
-    assert [r.rule for r in outcome.reasons] == ["run:non_causal"]
+    assert [r.rule for r in outcome.reasons] == ["run:non_causal"], outcome.reasons
     assert outcome.before_data and outcome.batches == 0
 
 

@@ -299,8 +299,9 @@ class _Session(TrainerFrames):
         self.selector.unregister(exporter.sock)
         try:
             blob = exporter.take_fd()
-        finally:
-            exporter.sock.close()  # its part is over: it has only to exit
+        except ProtocolError:
+            exporter.close()  # the end of its part either way
+            raise
         try:
             runner = self.runners["exporter"]
             code = runner.wait(max(0.0, min(10.0, self.deadline - time.monotonic())))

@@ -118,6 +118,18 @@ def test_a_replayed_nonce_is_refused_with_409(keypair, store):
     assert SignedHeaders.parse(reused).authenticate(BODY, remember(store)) == other.ss58_address
 
 
+def test_the_window_is_checked_again_once_the_body_is_in(keypair, store):
+    """Nonces are remembered for twice the window; a body trickled in after the headers must not outlast that (a red
+    team replayed a captured request by sending its body slowly)."""
+    now = time.time()
+    headers = sign_request(keypair, BODY, timestamp=int(now - 250))
+    parsed = SignedHeaders.parse(headers, now=now)  # inside the window when the headers arrive
+    with pytest.raises(AuthError) as caught:
+        parsed.authenticate(BODY, remember(store), now=now + 60)  # outside it once the body is read
+    assert caught.value.rule == "auth:stale_timestamp"
+    assert parsed.authenticate(BODY, remember(store), now=now + 10) == keypair.ss58_address
+
+
 @pytest.mark.parametrize("nonce", ["val-n1", "n", "has:colon", "with space", "x" * 128])
 def test_any_printable_nonce_of_1_to_128_characters_signs(keypair, nonce):
     """PRISM's rule (its own end-to-end harness signs with `val-n1`)."""

@@ -135,6 +135,12 @@ def test_contract_rules_name_the_file(files, rule, where):
     ("a: &a [x, x, x, x, x, x, x, x, x, x]\nb: [" + ", ".join(["*a"] * 2500) + "]\n", "aliases count"),
     ("name: " + "x" * 70_000 + "\n", "byte limit"),
     ("1: a\n", "Keys should be strings"),  # a key that is not a string (was a TypeError)
+    # values PyYAML resolves but Python cannot build (a ValueError, once HTTP 500)
+    ("version: " + "1" * 5000 + "\n", "a value cannot be read"),
+    ("description: 2024-13-45\n", "a value cannot be read: month must be in 1..12"),
+    # a lone surrogate: the store cannot write it, and it failed the other intakes of its group commit
+    ('name: "x\\ud800"\n', "is not Unicode text"),
+    ('tags: &t [a, *t, {"\\udfff": 1}]\n', "is not Unicode text"),  # in a key, beside a list that holds itself
 ])
 def test_hostile_prism_yaml_is_a_typed_rejection(manifest, says):
     with pytest.raises(BundleError) as caught:
@@ -161,6 +167,34 @@ def test_look_alike_names_are_escaped_and_never_an_entrypoint():
     with pytest.raises(BundleError) as caught:
         load_bundle(zipped({**GOOD, "helpers.py": "import os\n", cyrillic: b"\xff"}))
     assert caught.value.reasons[0].file == "\\u0430rchitecture.py"  # shown escaped wherever a reason names it
+
+
+@pytest.mark.parametrize("source", ["x = " + "1+" * 100_000 + "1\n", "x = " + "not " * 100_000 + "1\n"])
+def test_code_too_deep_for_the_parser_is_a_typed_rejection(source):
+    """RecursionError or MemoryError out of ast.parse was an HTTP 500."""
+    with pytest.raises(BundleError) as caught:
+        load_bundle(zipped({**GOOD, "deep.py": source}))
+    reason = caught.value.reasons[0]
+    assert (reason.rule, reason.file) == ("contract:syntax", "deep.py") and "nested too deeply" in reason.message
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+def test_members_compressed_other_than_by_deflate_are_refused_unread(method):
+    """zipfile bounds one read's output for DEFLATE only: a 65 KB zip of bzip2 blocks asked for ~90 GB at once."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, content in GOOD.items():
+            archive.writestr(name, content)
+        archive.writestr("notes.txt", b"0" * 1000, compress_type=method)
+    with pytest.raises(BundleError) as caught:
+        load_bundle(buffer.getvalue())
+    reason = caught.value.reasons[0]
+    assert (reason.rule, reason.file) == ("intake:compression", "notes.txt"), reason
+    stored = io.BytesIO()  # stored or deflated members are what zip tools write by default
+    with zipfile.ZipFile(stored, "w", zipfile.ZIP_STORED) as archive:
+        for name, content in GOOD.items():
+            archive.writestr(name, content)
+    assert load_bundle(stored.getvalue()).files.keys() == GOOD.keys()
 
 
 def test_syntax_error_has_its_line():

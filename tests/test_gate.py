@@ -332,6 +332,24 @@ def test_modes_without_a_key(openai_stub: OpenAIStub, bundle: Bundle, settings: 
     assert openai_stub.requests == []
 
 
+@pytest.mark.parametrize(("configured", "runs_as"), [("optional", "required"), ("required", "required"),
+                                                   ("off", "off")])
+def test_the_cluster_never_skips_the_gate_for_want_of_a_key(openai_stub: OpenAIStub, bundle: Bundle,
+                                                             settings: GateSettings, monkeypatch: pytest.MonkeyPatch,
+                                                             configured: str, runs_as: str) -> None:
+    """A red team found the cluster's gate at the default `optional`: a node without the key passed every
+    submission unreviewed. Only an explicit `off` turns it off."""
+    from prism_ray.cluster.runtime import cluster_settings
+    from prism_ray.config import Settings
+
+    monkeypatch.delenv("PRISM_TEST_NO_KEY", raising=False)
+    keyless = settings.model_copy(update={"mode": configured, "api_key_file": None, "api_key_env": "PRISM_TEST_NO_KEY"})
+    gate_settings = cluster_settings(Settings(gate=keyless)).gate
+    assert gate_settings.mode == runs_as
+    if runs_as == "required":
+        assert review(bundle, gate_settings).status == "held"
+
+
 def test_off_mode_never_calls_even_with_a_key(openai_stub: OpenAIStub, bundle: Bundle,
                                               settings: GateSettings) -> None:
     result = review(bundle, settings.model_copy(update={"mode": "off"}))

@@ -72,6 +72,7 @@ class SignedHeaders:
     signature: bytes
     nonce: str
     timestamp: str
+    window_s: float = DEFAULT_WINDOW_S
 
     @classmethod
     def parse(cls, headers: Mapping[str, str], window_s: float = DEFAULT_WINDOW_S,
@@ -88,15 +89,12 @@ class SignedHeaders:
             raise AuthError("auth:bad_nonce", "X-Nonce must be 1-128 printable characters")
         if not _TIMESTAMP.fullmatch(stamp):
             raise AuthError("auth:bad_timestamp", "X-Timestamp must be Unix seconds", status=400)
-        skew = float(stamp) - (time.time() if now is None else now)
-        if abs(skew) > window_s:
-            raise AuthError("auth:stale_timestamp", f"X-Timestamp is {skew:+.0f} s from the server's clock; "
-                            f"signatures are valid for ±{window_s:g} s")
+        _check_window(stamp, window_s, now)
         try:
             Keypair(ss58_address=hotkey)
         except ValueError:
             raise AuthError("auth:bad_hotkey", "X-Hotkey is not a valid ss58 address") from None
-        return cls(hotkey, bytes.fromhex(signature.removeprefix("0x")), nonce, stamp)
+        return cls(hotkey, bytes.fromhex(signature.removeprefix("0x")), nonce, stamp, window_s)
 
     def verify(self, body: bytes) -> None:
         message = signing_message(self.hotkey, self.nonce, self.timestamp, body)
@@ -107,13 +105,23 @@ class SignedHeaders:
         if not valid:
             raise AuthError("auth:bad_signature", "the signature does not match the hotkey, headers and body")
 
-    def authenticate(self, body: bytes, remember_nonce: Callable[[str, str], bool]) -> str:
-        """The verified hotkey; `remember_nonce(hotkey, nonce)` is False for a replay (→ 409)."""
+    def authenticate(self, body: bytes, remember_nonce: Callable[[str, str], bool], now: float | None = None) -> str:
+        """The verified hotkey; `remember_nonce(hotkey, nonce)` is False for a replay (→ 409). The window is checked
+        again once the body is in: nonces are remembered for twice the window from then, and a body trickled in
+        over minutes must not outlast that (a red team replayed a captured request so)."""
         self.verify(body)
+        _check_window(self.timestamp, self.window_s, now)
         if not remember_nonce(self.hotkey, self.nonce):
             raise AuthError("auth:replayed_nonce", "this nonce was already used by this hotkey; sign with a fresh one",
                             status=409)
         return self.hotkey
+
+
+def _check_window(stamp: str, window_s: float, now: float | None) -> None:
+    skew = float(stamp) - (time.time() if now is None else now)
+    if abs(skew) > window_s:
+        raise AuthError("auth:stale_timestamp", f"X-Timestamp is {skew:+.0f} s from the server's clock; "
+                        f"signatures are valid for ±{window_s:g} s")
 
 
 def bearer_token_matches(presented: str | None, expected: str) -> bool:

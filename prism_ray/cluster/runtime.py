@@ -76,8 +76,12 @@ class ClusterHandle:
 
 
 def cluster_settings(settings: Settings) -> Settings:
-    """The cluster never runs miner code unsandboxed: sandbox mode is `required`, whatever was configured."""
-    return settings.model_copy(update={"sandbox": settings.sandbox.model_copy(update={"mode": "required"})})
+    """The cluster never runs miner code unsandboxed: sandbox mode is `required`, whatever was configured. Nor
+    unreviewed by accident: the gate's default `optional` (no key: skipped) runs as `required` (no key: held);
+    only an explicit `off` turns it off (docs/gate.md)."""
+    gate = settings.gate.model_copy(update={"mode": "required"}) if settings.gate.mode == "optional" else settings.gate
+    return settings.model_copy(update={"sandbox": settings.sandbox.model_copy(update={"mode": "required"}),
+                                       "gate": gate})
 
 
 def start_cluster(address: str | None, settings: Settings | None = None) -> ClusterHandle:

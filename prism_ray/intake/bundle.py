@@ -285,6 +285,11 @@ def _read_zip(data: bytes, limits: IntakeLimits) -> dict[str, bytes]:
                 raise BundleError("intake:symlink", f"member {info.filename!r} is a symbolic link",
                                   file=info.filename)
             name = _check_name(info.filename, limits)
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                # zipfile bounds what one read inflates for DEFLATE only: 64 KiB of bzip2 became ~90 GB at once
+                raise BundleError("intake:compression", f"{name} is compressed with method {info.compress_type}; "
+                                  "bundles may only store or deflate their files (any zip tool's default)",
+                                  file=name)
             content, total = _inflate(archive, info, name, total, limits)
             _add_member(files, name, content, limits)
     if not files:
@@ -384,6 +389,9 @@ def check_contract(files: dict[str, bytes]) -> Bundle:
             except SyntaxError as error:
                 reasons.append(Reason(rule="contract:syntax", message=f"syntax error: {error.msg}",
                                       file=rel, line=error.lineno))
+            except (RecursionError, MemoryError):  # `1+1+…` or `not not …` many thousand deep
+                reasons.append(Reason(rule="contract:syntax", message="an expression is nested too deeply for "
+                                      "Python's parser", file=rel))
     arch, train = config.architecture_entry, config.training_entry
     if arch.file == train.file:
         reasons.append(Reason(rule="contract:same_file", file=MANIFEST_NAME,

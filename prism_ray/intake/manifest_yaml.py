@@ -52,11 +52,38 @@ def load(raw: bytes) -> Any:
     try:
         loader = _BoundedLoader(raw.decode("utf-8"))
         try:
-            return loader.get_single_data()
+            data = loader.get_single_data()
         finally:
             loader.dispose()
-    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as error:
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError, ValueError) as error:
+        # ValueError: a scalar YAML resolves but Python cannot build (`2024-13-45`, an int of 5,000 digits)
         line = getattr(getattr(error, "problem_mark", None), "line", None)
-        problem = str(error) if not isinstance(error, RecursionError) else "nested too deeply"
+        problem = {RecursionError: "nested too deeply", ValueError: f"a value cannot be read: {str(error)[:200]}"}.get(
+            type(error), str(error))
         raise BundleError("contract:prism_yaml", f"prism.yaml is not valid YAML ({problem})", file=MANIFEST_NAME,
                           line=line + 1 if line is not None else None) from None
+    _check_text(data)
+    return data
+
+
+def _check_text(data: Any) -> None:
+    """Every string must be Unicode text: YAML's `"\\ud800"` escape makes a lone surrogate, which the store cannot
+    write (it failed the other submissions of the same group commit)."""
+    pending, seen = [data], set()
+    while pending:  # at most MAX_NODES values, each container once (an alias may make one contain itself)
+        node = pending.pop()
+        if isinstance(node, dict | list):
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+        if isinstance(node, dict):
+            pending.extend(node.keys())
+            pending.extend(node.values())
+        elif isinstance(node, list):
+            pending.extend(node)
+        elif isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BundleError("contract:prism_yaml", f"prism.yaml holds {node[:40]!r}, which is not Unicode text "
+                                  "(a lone surrogate escape such as \\ud800)", file=MANIFEST_NAME) from None

@@ -63,7 +63,8 @@ SUBSTITUTIONS = [
 # workspace (its default is a temp dir that outlives the test).
 EXTRA_OPTIONS = {"serve": "--port {port}", "demo": "--byte-budget 2000 --port {port} --state-dir demo-state"}
 SMALL_RUNS = {"PRISM_BYTE_BUDGET": "4000", "PRISM_SCORING_HELDOUT_BYTE_BUDGET": "2000", "PRISM_RUNNER_THREADS": "1",
-              "PRISM_CONTRACT_WORLD_SIZES": ""}
+              "PRISM_CONTRACT_WORLD_SIZES": "",
+              "PRISM_GATE_MODE": "off"}  # README's cluster block exports it: a trial without an LLM key
 CLUSTER_ORDER = ["submit", "status", "leaderboard", "export"]  # the first submission's id is {submission}
 SUBMISSION_ID = re.compile(r"sub_[0-9a-f]{32}")
 AS_TERMINAL = {"TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1"}  # rich draws as on a terminal, live

@@ -16,7 +16,7 @@ MAX_DEPTH = 16  # PyYAML composes recursively: thousands of levels would raise R
 MAX_NODES = 2_000  # aliases count each time they are used, so an alias bomb stops here
 
 
-class _TooDeep(yaml.YAMLError):
+class _Refused(yaml.YAMLError):
     def __init__(self, message: str, mark: yaml.Mark | None) -> None:
         super().__init__(message)
         self.problem_mark = mark
@@ -35,13 +35,24 @@ class _BoundedLoader(yaml.SafeLoader):
         self._nodes += 1
         mark = self.peek_event().start_mark
         if self._depth > MAX_DEPTH:
-            raise _TooDeep(f"nested deeper than {MAX_DEPTH} levels", mark)
+            raise _Refused(f"nested deeper than {MAX_DEPTH} levels", mark)
         if self._nodes > MAX_NODES:
-            raise _TooDeep(f"more than {MAX_NODES:,} values (aliases count each time they are used)", mark)
+            raise _Refused(f"more than {MAX_NODES:,} values (aliases count each time they are used)", mark)
         try:
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
+
+    def construct_scalar(self, node: yaml.ScalarNode) -> Any:
+        """Keys and values alike. YAML's `"\\ud800"` escape makes a lone surrogate, which the store cannot write (it
+        failed the other submissions of the same group commit)."""
+        value = super().construct_scalar(node)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _Refused(f"{value[:40]!r} is not Unicode text (a lone surrogate escape such as \\ud800)",
+                           node.start_mark) from None
+        return value
 
 
 def load(raw: bytes) -> Any:
@@ -52,38 +63,17 @@ def load(raw: bytes) -> Any:
     try:
         loader = _BoundedLoader(raw.decode("utf-8"))
         try:
-            data = loader.get_single_data()
+            return loader.get_single_data()
         finally:
             loader.dispose()
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError, ValueError) as error:
-        # ValueError: a scalar YAML resolves but Python cannot build (`2024-13-45`, an int of 5,000 digits)
         line = getattr(getattr(error, "problem_mark", None), "line", None)
-        problem = {RecursionError: "nested too deeply", ValueError: f"a value cannot be read: {str(error)[:200]}"}.get(
-            type(error), str(error))
+        if isinstance(error, RecursionError):
+            problem = "nested too deeply"
+        elif isinstance(error, ValueError) and not isinstance(error, UnicodeDecodeError):
+            # a scalar YAML resolves but Python cannot build (`2024-13-45`, an int of 5,000 digits)
+            problem = f"a value cannot be read: {str(error)[:200]}"
+        else:
+            problem = str(error)
         raise BundleError("contract:prism_yaml", f"prism.yaml is not valid YAML ({problem})", file=MANIFEST_NAME,
                           line=line + 1 if line is not None else None) from None
-    _check_text(data)
-    return data
-
-
-def _check_text(data: Any) -> None:
-    """Every string must be Unicode text: YAML's `"\\ud800"` escape makes a lone surrogate, which the store cannot
-    write (it failed the other submissions of the same group commit)."""
-    pending, seen = [data], set()
-    while pending:  # at most MAX_NODES values, each container once (an alias may make one contain itself)
-        node = pending.pop()
-        if isinstance(node, dict | list):
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-        if isinstance(node, dict):
-            pending.extend(node.keys())
-            pending.extend(node.values())
-        elif isinstance(node, list):
-            pending.extend(node)
-        elif isinstance(node, str):
-            try:
-                node.encode("utf-8")
-            except UnicodeEncodeError:
-                raise BundleError("contract:prism_yaml", f"prism.yaml holds {node[:40]!r}, which is not Unicode text "
-                                  "(a lone surrogate escape such as \\ud800)", file=MANIFEST_NAME) from None

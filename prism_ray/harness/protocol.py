@@ -55,11 +55,13 @@ class Kind(IntEnum):
 
 
 class ProtocolError(Exception):
-    """The peer sent something malformed or closed the connection; `peer` names the channel's far end."""
+    """The peer sent something malformed or closed the connection; `peer` names the channel's far end, `closed` says
+    it went away (rather than broke the protocol while still there)."""
 
-    def __init__(self, message: str, peer: str = ""):
+    def __init__(self, message: str, peer: str = "", closed: bool = False):
         super().__init__(message)
         self.peer = peer
+        self.closed = closed
 
 
 class Channel:
@@ -89,7 +91,7 @@ class Channel:
             if sent < len(frame):
                 self.sock.sendall(frame[sent:])
         except ConnectionError:
-            raise ProtocolError("connection closed", self.peer) from None
+            raise ProtocolError("connection closed", self.peer, closed=True) from None
 
     def send_json(self, kind: Kind, obj: Any, fds: tuple[int, ...] = ()) -> None:
         self.send(kind, json.dumps(obj).encode(), fds)
@@ -100,7 +102,7 @@ class Channel:
             self.sock.sendall(_HEADER.pack(len(header) + chunk.nbytes, Kind.BATCH) + header)
             self.sock.sendall(memoryview(np.ascontiguousarray(chunk)).cast("B"))
         except ConnectionError:
-            raise ProtocolError("connection closed", self.peer) from None
+            raise ProtocolError("connection closed", self.peer, closed=True) from None
 
     def send_record(self, index: int, nats: float, finite: bool) -> None:
         self.send(Kind.RECORD, _RECORD.pack(index, nats, finite))
@@ -133,7 +135,7 @@ class Channel:
                 raise ProtocolError(f"a {kind.name} frame of {length} bytes is over the limit", self.peer)
             return kind, self._exact(length, deadline)
         except ConnectionError:
-            raise ProtocolError("connection closed", self.peer) from None
+            raise ProtocolError("connection closed", self.peer, closed=True) from None
 
     def _exact(self, size: int, deadline: float | None) -> bytes:
         buffer = bytearray(size)
@@ -161,7 +163,7 @@ class Channel:
                         raise ProtocolError(f"sent more file descriptors than the {self.max_fds} this channel "
                                             "takes", self.peer)
             if n == 0:
-                raise ProtocolError("connection closed", self.peer)
+                raise ProtocolError("connection closed", self.peer, closed=True)
             got += n
         return bytes(buffer)
 

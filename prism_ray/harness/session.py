@@ -131,7 +131,7 @@ class _Session(TrainerFrames):
         except PrismError as error:
             self.outcome.reasons.extend(error.reasons)
         except ProtocolError as error:  # a send outside the frame loop (the launch) found its runner gone
-            self._crash(error.peer.partition(":")[0] or "scorer", str(error))
+            self._crash(error.peer.partition(":")[0] or "scorer", str(error), error.closed)
         finally:
             self._close()
             self.outcome.wall_seconds = time.monotonic() - started
@@ -173,7 +173,7 @@ class _Session(TrainerFrames):
         try:
             channel = self.runners[role].accept(self.deadline)
         except ProtocolError as error:
-            raise self._crash(role, str(error)) from None
+            raise self._crash(role, str(error), error.closed) from None
         # descriptors: the scorer's GPU buffers, the exporter's graph memfd; the trainer's are closed at once
         channel.accept_fds = role in ("scorer", "exporter")
         channel.max_fds = 1 if role == "exporter" else 2 * self.spec.world_size  # its graph; each rank's buffers
@@ -211,7 +211,8 @@ class _Session(TrainerFrames):
                 gone = error.peer or key
                 self._pending_errors(gone)
                 role, _, rank = gone.partition(":")
-                raise self._crash(role, f"{self.ranks.label(int(rank)) if rank else role}: {error}") from None
+                detail = f"{self.ranks.label(int(rank)) if rank else role}: {error}"
+                raise self._crash(role, detail, error.closed) from None
 
     def _pending_errors(self, closed: str) -> None:
         """A runner's socket closed: if a runner already said why (another one, or this one before it closed: a send
@@ -383,7 +384,7 @@ class _Session(TrainerFrames):
             try:
                 kind, payload = channel.recv(timeout=max(0.001, self.deadline - time.monotonic()))
             except ProtocolError as error:
-                raise self._crash("scorer", str(error)) from None
+                raise self._crash("scorer", str(error), error.closed) from None
             self._handle("scorer", kind, payload)
 
     def _scorer_probed(self, payload: bytes) -> None:
@@ -426,7 +427,7 @@ class _Session(TrainerFrames):
         except HeldoutError as error:
             self.outcome.heldout_reasons.extend(error.reasons)
         except ProtocolError as error:
-            self.outcome.heldout_reasons.append(self.runners["scorer"].end_reason(f"held-out: {error}"))
+            self.outcome.heldout_reasons.append(self.runners["scorer"].end_reason(f"held-out: {error}", error.closed))
         self.outcome.heldout_seconds = time.monotonic() - started
 
     # --- endings ------------------------------------------------------------------------------------------------
@@ -436,8 +437,9 @@ class _Session(TrainerFrames):
         self.outcome.before_data = self.outcome.before_data or before_data
         raise _Failed
 
-    def _crash(self, runner: str, detail: str) -> _Failed:
-        self.outcome.reasons.append(self.runners[runner].end_reason(detail) if runner in self.runners else
+    def _crash(self, runner: str, detail: str, closed: bool = False) -> _Failed:
+        """`closed`: the runner went away; otherwise it broke the protocol while still there."""
+        self.outcome.reasons.append(self.runners[runner].end_reason(detail, closed) if runner in self.runners else
                                     Reason(rule="run:crash", message=detail))
         return _Failed()
 

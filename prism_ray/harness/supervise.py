@@ -79,19 +79,27 @@ class Runner:
                 connection, _ = self.listener.accept()
             except TimeoutError:
                 if self.process.poll() is not None:
-                    raise ProtocolError(f"the {self.role} exited before connecting") from None
+                    raise ProtocolError(f"the {self.role} exited before connecting", closed=True) from None
                 continue
             self.connections -= 1
             if not self.connections:  # nothing left on disk for a killed parent to leave behind in /tmp
                 self._stop_listening()
             return Channel(connection)
 
-    def end_reason(self, detail: str) -> Reason:
-        """Why the runner is gone, once it is: memory, an outside kill, or a crash with its last output."""
+    def end_reason(self, detail: str, closed: bool = True) -> Reason:
+        """Why the runner is gone: memory, an outside kill, or a crash with its last output. One that went away
+        (`closed`) is on its way out and its exit status says why; one that broke the protocol while still running is
+        stopped at once: it has failed, and waiting on it would only hold the node."""
+        broke = not closed and self.process.poll() is None
+        if broke:
+            self.process.kill()
         code = self.process.wait(5.0)
         if self.stopped:  # our own kill: the runner outlived the time it had, which is the bundle's doing
             return Reason(rule="run:crash", message=f"the {self.role} did not exit when its work was done ({detail}) "
                           "and was stopped")
+        if broke:
+            return Reason(rule="run:crash", message=f"the {self.role} broke the harness's protocol ({detail}) and was "
+                          f"stopped. Last output:\n{self.process.log_tail(12)}")
         if code in (-signal.SIGKILL, 128 + signal.SIGKILL) and _oom_kills() > self.oom_kills:
             return Reason(rule="run:out_of_memory", message=f"the {self.role} was killed by the kernel's "
                           "out-of-memory killer: the run used more memory than this node has for it")

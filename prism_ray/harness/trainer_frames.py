@@ -168,7 +168,7 @@ class TrainerFrames:
         except ProtocolError:  # the scorer stopped: what it sent before it did (records, its ERROR) says why
             self.scorer_gone = True
             self._pending_scorer_frames()
-            raise self._crash("scorer", "it closed its channel while batches were still to come") from None
+            raise self._crash("scorer", "it closed its channel while batches were still to come", closed=True) from None
 
     def _send_ahead(self) -> None:
         while len(self.unrecorded) < AHEAD and not self.finalizing and not self.stream_ended \

@@ -235,22 +235,22 @@ class TestOnTwoGpuNodes:
 
     def test_infinite_loop_is_cut_by_its_stage_limit_while_others_flow(self, ray_cluster, handles, cache_dir,
                                                                         tmp_path):
-        settings = tiny_settings(cache_dir, tmp_path / "prism.duckdb", stage_limits={"train": 25.0})
+        settings = tiny_settings(cache_dir, tmp_path / "prism.duckdb", stage_limits={"train": 15.0})
         settings.time_limit = 600  # the harness's own clock would be far too late: the stage limit cuts it
         handle = start(settings)
         handles.append(handle)
         looping = make_bundle("loop", training=INFINITE_LOOP)
         loop_id = submit(handle, "looper", "loop.zip", looping).id
-        others = [submit(handle, f"miner-{n}", f"{n}.zip", make_bundle(f"flow-{n}")).id for n in range(3)]
+        others = [submit(handle, f"miner-{n}", f"{n}.zip", make_bundle(f"flow-{n}")).id for n in range(2)]
 
         loop = wait(handle, loop_id, timeout=120)
         assert (loop.status, loop.stage, loop.reasons[0].rule) == ("failed", "train", "run:timeout")
         finished = [wait(handle, submission_id, timeout=120) for submission_id in others]
-        assert [record.status for record in finished] == ["completed"] * 3, [r.reasons for r in finished]
+        assert [record.status for record in finished] == ["completed"] * 2, [r.reasons for r in finished]
         assert min(record.finished_at for record in finished) < loop.finished_at  # the queue kept moving
         assert not pids(looping.sha256[:10])  # the cancelled task took its sandboxed runner with it
         stats = ray.get(handle.scheduler.stats.remote())
-        assert stats["capacity"] == 2 and stats["max_in_flight"] == 2 and stats["claimed"] == 4
+        assert stats["capacity"] == 2 and stats["max_in_flight"] == 2 and stats["claimed"] == 3
 
     def test_a_silent_training_loses_its_lease_and_is_requeued(self, ray_cluster, handles, cache_dir, tmp_path):
         handle = start(tiny_settings(cache_dir, tmp_path / "prism.duckdb", lease_seconds=4.0))
@@ -342,7 +342,7 @@ def test_a_crashed_scheduler_loses_nothing_and_scores_nothing_twice(cache_dir, t
     handle = start_cluster(None, settings)
     try:
         assert handle.owns_ray and handle.notice.startswith(NO_GPU_NOTICE)
-        ids = [submit(handle, f"miner-{n}", f"{n}.zip", make_bundle(f"queued-{n}", pause=0.02)).id for n in range(3)]
+        ids = [submit(handle, f"miner-{n}", f"{n}.zip", make_bundle(f"queued-{n}", pause=0.02)).id for n in range(2)]
         wait_until(lambda: next((run.node for run in runs_of(handle, ids[0])), None), timeout=60, what="the first training")
     finally:
         ray.kill(handle.scheduler)
@@ -350,16 +350,15 @@ def test_a_crashed_scheduler_loses_nothing_and_scores_nothing_twice(cache_dir, t
         ray.kill(handle.store)
         ray.shutdown()
     with Store(store_path) as store:  # Ray is gone: the file is ours to read
-        assert [store.get_submission(submission_id).status for submission_id in ids] == ["running", "pending",
-                                                                                           "pending"]
+        assert [store.get_submission(submission_id).status for submission_id in ids] == ["running", "pending"]
     handle = start_cluster(None, settings)
     try:
         records = [wait(handle, submission_id, timeout=120) for submission_id in ids]
-        assert [record.status for record in records] == ["completed"] * 3, [record.reasons for record in records]
+        assert [record.status for record in records] == ["completed"] * 2, [record.reasons for record in records]
         interrupted = runs_of(handle, ids[0])
         assert [(run.attempt, run.status) for run in interrupted] == [(1, "requeued"), (2, "completed")]
         assert interrupted[0].reasons[0].rule == "infra:orphaned"
-        assert [len(runs_of(handle, submission_id)) for submission_id in ids[1:]] == [1, 1]
+        assert [len(runs_of(handle, submission_id)) for submission_id in ids[1:]] == [1]
         scored = [row.submission_id for row in ray.get(handle.store.scored_rows.remote())]
         assert sorted(scored) == sorted(ids)
         # The metrics reach Ray's Prometheus endpoint, which the dashboard reads.

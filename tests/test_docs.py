@@ -64,6 +64,8 @@ SUBSTITUTIONS = [
 EXTRA_OPTIONS = {"serve": "--port {port}", "demo": "--byte-budget 2000 --port {port} --state-dir demo-state"}
 SMALL_RUNS = {"PRISM_BYTE_BUDGET": "4000", "PRISM_SCORING_HELDOUT_BYTE_BUDGET": "2000", "PRISM_RUNNER_THREADS": "1",
               "PRISM_CONTRACT_WORLD_SIZES": "",
+              # re-runs of the cluster's scores: trainings no check here reads (tests/test_cluster.py has theirs)
+              "PRISM_REPLICA_MODE": "off", "PRISM_AUDIT_MODE": "off",
               "PRISM_GATE_MODE": "off"}  # README's cluster block exports it: a trial without an LLM key
 CLUSTER_ORDER = ["submit", "status", "leaderboard", "export"]  # the first submission's id is {submission}
 SUBMISSION_ID = re.compile(r"sub_[0-9a-f]{32}")
@@ -332,15 +334,15 @@ def workspace(tmp_path_factory) -> Iterator[Workspace]:
     commands = list(dict.fromkeys(command for _, command in documented_commands()))
     prepares = [command for command in commands if subcommand(command) == "data prepare"]
     assert len(prepares) == 1, f"one documented `data prepare` makes the locked dataset; found {prepares}"
-    ws.result(prepares[0])  # its own test checks how it went
     with ThreadPoolExecutor(3) as pool:
         ws.streams = {"cluster": pool.submit(cluster_session, ws, [c for c in commands if stream(c) == "cluster"]),
                       # the demo as in a terminal, where its bars are live
                       "demo": pool.submit(run_all, ws, [c for c in commands if stream(c) == "demo"], AS_TERMINAL),
-                      # its own local Ray last, once the dry runs are done; `--byte-budget 0` scores the whole
-                      # train split of the default dataset: the small locked one keeps that to seconds
+                      # first the documented `data prepare`, which locks the dataset the others read (its own
+                      # test checks how it went); its own local Ray last, once the dry runs are done; `--byte-budget
+                      # 0` scores the whole train split of the default dataset: the small locked one keeps that short
                       "local": pool.submit(run_all, ws, sorted((c for c in commands if stream(c) == "local"),
-                                                               key=lambda c: subcommand(c) == "serve"),
+                                                               key=lambda c: (c not in prepares, subcommand(c) == "serve")),
                                            {"PRISM_DATA_DIR": str(ws.root / "locked")})}
         yield ws
 

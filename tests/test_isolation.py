@@ -162,7 +162,7 @@ def test_artifacts_quota_is_typed(bundle_factory, tmp_path):
 
 def test_infinite_loop_is_cut_by_the_wall_clock(bundle_factory, tmp_path):
     training = attack("    while True:\n        pass\n")
-    outcome = train_on_stream(bundle_factory(ARCH, training), byte_stream(TEXT), tmp_path / "run", time_limit=10,
+    outcome = train_on_stream(bundle_factory(ARCH, training), byte_stream(TEXT), tmp_path / "run", time_limit=6,
                               policy=SandboxPolicy(mode="required"))
     assert outcome.reasons[0].rule == "run:timeout"
     assert_next_evaluation_runs(bundle_factory, tmp_path)

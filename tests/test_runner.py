@@ -79,7 +79,7 @@ def test_stopping_early_is_not_scored(bundle_factory, tmp_path):
 
 def test_wall_clock_cap_fails_the_run(bundle_factory, tmp_path):
     training = loop("model = ctx.build_model()").replace("optimizer.step()", "while True: pass")
-    outcome = run(bundle_factory, tmp_path, training, time_limit=12)
+    outcome = run(bundle_factory, tmp_path, training, time_limit=6)
     assert outcome.status == "failed"
     assert outcome.reasons[0].rule == "run:timeout"
     assert outcome.stopped_reason == "wall_clock_exceeded"

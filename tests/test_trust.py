@@ -430,6 +430,8 @@ def test_frames_from_the_exporter_fail_the_bundle_and_never_the_parent(bundle_fa
     outcome = run(bundle_factory, tmp_path, trainer(), architecture=EXPORTER_FRAMES.replace("ATTACK", attack))
     assert [reason.rule for reason in outcome.reasons] == ["run:crash"], outcome.reasons or outcome.log_tail
     assert "exporter" in outcome.reasons[0].message and expected in outcome.reasons[0].message
+    if "os._exit" not in attack:  # still running when caught: stopped then, not waited on (docs/operator.md)
+        assert "the exporter broke the harness's protocol" in outcome.reasons[0].message, outcome.reasons
     assert len(os.listdir("/proc/self/fd")) <= before + 2  # every descriptor it sent is closed
 
 

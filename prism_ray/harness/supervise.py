@@ -108,6 +108,8 @@ class Runner:
         if code == -signal.SIGKILL:
             return Reason(rule="infra:runner_killed", message=f"the {self.role} was killed from outside (an operator "
                           "or the node); this is not charged to your bundle and the run is retried")
+        if code is None:  # its channel closed but it lingers (another rank still running): it is done either way
+            self.process.kill()
         tail = self.process.log_tail(12)
         return Reason(rule="run:crash", message=f"the {self.role} died ({detail}). Last output:\n{tail}")
 

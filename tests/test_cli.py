@@ -118,7 +118,7 @@ def test_tampered_shard_is_refused(tmp_path, cache_dir):
 def test_unpinned_directory_is_accepted(tmp_path, cache_dir):
     data = tmp_path / "unpinned"
     (data / "train").mkdir(parents=True)
-    docs = [json.dumps({"text": f"Document {i}: the quick brown fox jumps over the lazy dog. " * 20}) for i in range(60)]
+    docs = [json.dumps({"text": f"Document {i}: the quick brown fox jumps over the lazy dog. " * 20}) for i in range(15)]
     (data / "train" / "part.jsonl").write_text("\n".join(docs) + "\n")
     code, report, _ = eval_json(str(EXAMPLES / "byte-lm"), "--data", str(data), "--byte-budget", "0",
                                 cache_dir=cache_dir)

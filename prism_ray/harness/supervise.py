@@ -90,16 +90,14 @@ class Runner:
         """Why the runner is gone: memory, an outside kill, or a crash with its last output. One that went away
         (`closed`) is on its way out and its exit status says why; one that broke the protocol while still running is
         stopped at once: it has failed, and waiting on it would only hold the node."""
-        broke = not closed and self.process.poll() is None
-        if broke:
-            self.process.kill()
+        if not closed and self.process.poll() is None:
+            self.process.kill()  # waits for it: its output is all in the log then
+            return Reason(rule="run:crash", message=f"the {self.role} broke the harness's protocol ({detail}) and was "
+                          f"stopped. Last output:\n{self.process.log_tail(12)}")
         code = self.process.wait(5.0)
         if self.stopped:  # our own kill: the runner outlived the time it had, which is the bundle's doing
             return Reason(rule="run:crash", message=f"the {self.role} did not exit when its work was done ({detail}) "
                           "and was stopped")
-        if broke:
-            return Reason(rule="run:crash", message=f"the {self.role} broke the harness's protocol ({detail}) and was "
-                          f"stopped. Last output:\n{self.process.log_tail(12)}")
         if code in (-signal.SIGKILL, 128 + signal.SIGKILL) and _oom_kills() > self.oom_kills:
             return Reason(rule="run:out_of_memory", message=f"the {self.role} was killed by the kernel's "
                           "out-of-memory killer: the run used more memory than this node has for it")

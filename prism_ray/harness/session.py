@@ -58,6 +58,7 @@ _MINER_LIMITS = {Kind.LAYOUT: 4 << 20, Kind.GEOMETRY: 4 << 20, Kind.GRAPH: MAX_J
 # Frames a miner's runner sends once (per rank): a second is a broken protocol, not a flood to keep reading. A second
 # ERROR is ignored instead: the first one's reason stands.
 _ONCE = {Kind.HELLO, Kind.LAYOUT, Kind.GRAPH, Kind.GEOMETRY, Kind.READY, Kind.DONE}
+_HALF_SENT = 0.05  # seconds a quiet channel is given, once one has closed, to finish a frame it is sending
 
 
 def run_session(spec: RunSpec, tokens: np.ndarray, byte_lengths: np.ndarray, run_dir: Path, time_limit: float,
@@ -216,13 +217,16 @@ class _Session(TrainerFrames):
 
     def _pending_errors(self, closed: str) -> None:
         """A runner's socket closed: if a runner already said why (another one, or this one before it closed: a send
-        to it can fail with its ERROR still unread), that reason wins over a bare crash."""
-        waited = time.monotonic() + 1.0
+        to it can fail with its ERROR still unread), that reason wins over a bare crash. "Already": a runner's send
+        has landed in our buffer before its close (or the close it caused) can be seen, so what is read is what is
+        buffered, plus a moment for a frame half sent; a runner still on its way to an ERROR would only replace the
+        crash that caused it (a rank's "peer closed" for the rank that died) and is not waited for."""
+        waited = time.monotonic() + 1.0  # a runner that keeps its socket readable cannot hold the parent longer
         for role, channel in sorted(self.channels.items(), key=lambda item: item[0] != closed):
-            while time.monotonic() < waited:  # a runner that keeps its socket readable cannot hold the parent here
+            while time.monotonic() < waited:
                 with selectors.DefaultSelector() as one:
                     one.register(channel.sock, selectors.EVENT_READ)
-                    if not one.select(timeout=max(0.0, waited - time.monotonic())):
+                    if not one.select(timeout=min(_HALF_SENT, max(0.0, waited - time.monotonic()))):
                         break
                 try:
                     kind, payload = channel.recv(timeout=max(0.001, waited - time.monotonic()))

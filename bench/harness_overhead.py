@@ -40,6 +40,10 @@ token, Adam), whose step costs about as much as the harness's per-batch hand-off
 what the original PRISM runner does). Both workloads' training step is one piece of source, run by the bare loops
 and by the eval's training.py alike.
 
+`--loop-threads N` has the training loop set its own torch threads (bare loops and the eval's training.py alike, the
+first line of train(ctx)), as a miner may: on a CPU eval the loop shares the cores with the scorer's forward, and a
+model whose ops are small trains faster on fewer threads than the cores (docs/miner.md, "Dry runs on CPU").
+
 `--old-commit` compares with another commit's harness instead (e.g. the one before a change: before/after in one
 run); `--only` runs a subset of the variants (names as in `variants` below).
 """
@@ -126,7 +130,7 @@ def step(model, optimizer, tokens, index):
 '''
 TRAIN_LOOP = '''
 
-def train(ctx):
+def train(ctx):{threads}
     model = ctx.build_model().to(ctx.device)
     optimizer = make_optimizer(model)
     model.train()
@@ -145,11 +149,13 @@ class Workload:
     step_source: str
     with_logits_example: Path | None  # a shipped example that trains through with_logits=True, if the workload has one
 
-    def write_bundle(self, where: Path) -> Path:
+    def write_bundle(self, where: Path, loop_threads: int | None = None) -> Path:
+        """`loop_threads`: the loop sets its own torch threads first, as a miner's train(ctx) may."""
         where.mkdir(parents=True)
         (where / "prism.yaml").write_text(f"name: {self.name}-own-loss\ntokenizer: {self.tokenizer}\n")
         (where / "architecture.py").write_text(self.architecture)
-        (where / "training.py").write_text(self.step_source + TRAIN_LOOP)
+        threads = f"\n    torch.set_num_threads({loop_threads})" if loop_threads else ""
+        (where / "training.py").write_text(self.step_source + TRAIN_LOOP.format(threads=threads))
         return where
 
 
@@ -180,7 +186,7 @@ def bare_child(job: dict) -> None:
     from prism_ray.harness.scorer import target_log_probs
     from prism_ray.harness.stream import StreamPlan
 
-    torch.set_num_threads(job["threads"])
+    torch.set_num_threads(job["loop_threads"] or job["threads"])
     workload = WORKLOADS[job["workload"]]
     architecture, training = types.ModuleType("architecture"), types.ModuleType("training")
     exec(compile(workload.architecture, "architecture.py", "exec"), architecture.__dict__)
@@ -269,6 +275,8 @@ def main() -> None:
     parser.add_argument("--no-old", action="store_true", help="skip the old-path rows")
     parser.add_argument("--old-commit", default=OLD_COMMIT, help="the commit of the old path")
     parser.add_argument("--only", help="comma-separated variants to run (default: all)")
+    parser.add_argument("--loop-threads", type=int, help="the training loop sets its own torch threads (bare loops "
+                        "and the eval's training.py alike), as a miner may; the eval's scorer keeps its share")
     parser.add_argument("--bare", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare:
@@ -287,14 +295,15 @@ def main() -> None:
         cache = scratch / "cache"
         workload = WORKLOADS[args.workload]
         load_token_stream(open_dataset(EMBEDDED_DATA_DIR), "train", workload.tokenizer, cache)  # before timing
-        own_loss = workload.write_bundle(scratch / f"{workload.name}-own-loss")
+        own_loss = workload.write_bundle(scratch / f"{workload.name}-own-loss", args.loop_threads)
         # the cache (run dirs included) sits outside the trees: the old sandbox hides a cache inside a bound dir
         env = {**os.environ, "PRISM_GATE_MODE": "off", "PRISM_CACHE_DIR": str(cache),
                "PRISM_BYTE_BUDGET": str(args.byte_budget), "PRISM_SCORING_HELDOUT_BYTE_BUDGET": str(HELDOUT_BYTES)}
         no_probes = {**env, "PRISM_CAUSALITY_PROBE_EVERY": "0", "PRISM_CAUSALITY_PROBE_ROWS": "0"}  # new, old
         threads = settings.runner_threads or len(os.sched_getaffinity(0))
         job = {"cache_dir": str(cache), "byte_budget": args.byte_budget, "seed": settings.seed,
-               "max_seq_len": settings.max_seq_len, "threads": threads, "workload": workload.name}
+               "max_seq_len": settings.max_seq_len, "threads": threads, "workload": workload.name,
+               "loop_threads": args.loop_threads}
         variants: dict[str, Callable[[], Measured]] = {
             "bare": lambda: run_bare(job, extra_forward=None),
             "bare_fwd": lambda: run_bare(job, extra_forward="scorer"),
@@ -302,7 +311,8 @@ def main() -> None:
             "own": lambda: run_eval(REPO, own_loss, env),
             "own_p0": lambda: run_eval(REPO, own_loss, no_probes),
         }
-        logits_bundle = workload.with_logits_example
+        # the shipped example's loop keeps its threads: not comparable with --loop-threads
+        logits_bundle = None if args.loop_threads else workload.with_logits_example
         if logits_bundle is not None:
             variants["logits"] = lambda: run_eval(REPO, logits_bundle, env)
             variants["logits_p0"] = lambda: run_eval(REPO, logits_bundle, no_probes)
@@ -343,7 +353,8 @@ def print_table(args: argparse.Namespace, threads: int, results: dict[str, list[
     workload = WORKLOADS[args.workload]
     batch, length = geometry(workload)
     print(f"harness overhead: {workload.name} on CPU, {workload.tokenizer} tokens, embedded data, B={batch} "
-          f"L={length}, {args.byte_budget:,} bytes per run, {threads} torch threads per process")
+          f"L={length}, {args.byte_budget:,} bytes per run, {threads} torch threads per process"
+          + (f" ({args.loop_threads} in the training loops: --loop-threads)" if args.loop_threads else ""))
     print(f"machine: {len(os.sched_getaffinity(0))} cores; median of {args.rounds} interleaved round(s), "
           f"{elapsed:.0f} s; load average (1/5/15 min) at start and after each round: " + " | ".join(loads))
     print(old_note)

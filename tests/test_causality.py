@@ -121,3 +121,35 @@ def test_instantiation_probe_counts_lazy_parameters(bundle_factory, tmp_path):
     assert [r.rule for r in outcome.reasons] == ["contract:param_cap"]
     assert outcome.before_data and outcome.batches == 0
     assert outcome.model_params == 257 * 32 + 32 * 96 + 96 + 32 * 257 + 257
+
+
+@pytest.mark.parametrize("failing_call", [1, 3])
+def test_a_forward_that_raises_in_the_instantiation_probe_is_the_bundles_failure(failing_call):
+    """The probe's perturbed input is a third input the graph sees before data: a graph that raises on it (an index
+    out of range that depends on the tokens, say) fails as run:forward_failed, like one that raises on the first
+    call, and never as a crash of the trusted scorer."""
+    import socket
+
+    import torch
+
+    from prism_ray.harness.context import RunError
+    from prism_ray.harness.protocol import Channel, Kind, parse_json
+    from prism_ray.harness.scorer import Scorer
+
+    parent, mine = socket.socketpair()
+    scorer = Scorer(Channel(mine), {"device": "cpu", "vocab_size": 257, "threads": 1, "rank_timeout": 5.0})
+    calls = []
+
+    def graph(state, tokens):
+        calls.append(tokens)
+        if len(calls) == failing_call:
+            raise IndexError("index out of range in self")
+        return torch.zeros(*tokens.shape, 257)
+
+    with pytest.raises(RunError) as caught:
+        scorer._check_forward(graph, [], 2, 8)
+    assert caught.value.rule == "run:forward_failed" and "IndexError" in caught.value.message
+    assert len(calls) == failing_call
+    told = Channel(parent)
+    frames = [told.recv(timeout=5) for _ in range(1 if failing_call == 1 else 2)]  # INFO comes after two calls
+    assert frames[-1][0] == Kind.ERROR and parse_json(frames[-1][1])["rule"] == "run:forward_failed"

@@ -244,7 +244,11 @@ class Scorer:
         if batch_size > 1:
             perturbed[1:] = (tokens[1:] + 7) % self.vocab_size  # other rows must not mix in either
         clean = target_log_probs(first, tokens[:, 1:])[0, :boundary].cpu().numpy()
-        probed = target_log_probs(program(state, perturbed), tokens[:, 1:])[0, :boundary].cpu().numpy()
+        try:  # a forward that raises on this input is the bundle's failure, not a crash of the scorer
+            probed = target_log_probs(program(state, perturbed), tokens[:, 1:])[0, :boundary].cpu().numpy()
+        except Exception as error:  # noqa: BLE001 — random tokens only: the message may be shown
+            raise self.fail("run:forward_failed", f"the exported forward raised on random tokens: "
+                            f"{type(error).__name__}: {str(error)[:1500]}") from None
         moved = drift(clean, probed)
         self.tolerance = causality_tolerance(str(first.dtype).removeprefix("torch."), self.device.type)
         if not moved <= self.tolerance:

@@ -58,7 +58,7 @@ _MINER_LIMITS = {Kind.LAYOUT: 4 << 20, Kind.GEOMETRY: 4 << 20, Kind.GRAPH: MAX_J
 # Frames a miner's runner sends once (per rank): a second is a broken protocol, not a flood to keep reading. A second
 # ERROR is ignored instead: the first one's reason stands.
 _ONCE = {Kind.HELLO, Kind.LAYOUT, Kind.GRAPH, Kind.GEOMETRY, Kind.READY, Kind.DONE}
-_HALF_SENT = 0.05  # seconds a quiet channel is given, once one has closed, to finish a frame it is sending
+_HALF_SENT = 0.05  # seconds a quiet channel is given, once one has closed, to start a frame it is about to send
 
 
 def run_session(spec: RunSpec, tokens: np.ndarray, byte_lengths: np.ndarray, run_dir: Path, time_limit: float,
@@ -210,19 +210,22 @@ class _Session(TrainerFrames):
                 self._handle(key, kind, payload)
             except ProtocolError as error:  # a runner went away or sent a malformed frame (or one sent to it failed)
                 gone = error.peer or key
-                self._pending_errors(gone)
+                self._pending_errors(gone, error.closed)
                 role, _, rank = gone.partition(":")
                 detail = f"{self.ranks.label(int(rank)) if rank else role}: {error}"
                 raise self._crash(role, detail, error.closed) from None
 
-    def _pending_errors(self, closed: str) -> None:
-        """A runner's socket closed: if a runner already said why (another one, or this one before it closed: a send
-        to it can fail with its ERROR still unread), that reason wins over a bare crash. "Already": a runner's send
-        has landed in our buffer before its close (or the close it caused) can be seen, so what is read is what is
-        buffered, plus a moment for a frame half sent; a runner still on its way to an ERROR would only replace the
-        crash that caused it (a rank's "peer closed" for the rank that died) and is not waited for."""
+    def _pending_errors(self, gone: str, closed: bool) -> None:
+        """A runner's socket closed or broke: if a runner already said why (another one, or this one before it
+        closed: a send to it can fail with its ERROR still unread), that reason wins over a bare crash. "Already": a
+        runner's send has landed in our buffer before its close (or the close it caused) can be seen, so what is read
+        is what is buffered (a frame half in is read to its end), plus a moment for one about to start; a runner
+        still on its way to an ERROR would only replace the crash that caused it (a rank's "peer closed" for the rank
+        that died) and is not waited for. A runner that broke the protocol and is still there is not read again:
+        whatever it sends next could only keep the others' reasons unread."""
         waited = time.monotonic() + 1.0  # a runner that keeps its socket readable cannot hold the parent longer
-        for role, channel in sorted(self.channels.items(), key=lambda item: item[0] != closed):
+        channels = sorted(self.channels.items(), key=lambda item: item[0] != gone)
+        for role, channel in channels if closed else [item for item in channels if item[0] != gone]:
             while time.monotonic() < waited:
                 with selectors.DefaultSelector() as one:
                     one.register(channel.sock, selectors.EVENT_READ)
@@ -230,9 +233,13 @@ class _Session(TrainerFrames):
                         break
                 try:
                     kind, payload = channel.recv(timeout=max(0.001, waited - time.monotonic()))
-                    if kind == Kind.ERROR:
-                        self._handle(role, kind, payload)
                 except (ProtocolError, TimeoutError):
+                    break
+                if kind != Kind.ERROR:
+                    continue
+                try:  # the run's own deadline, passed while the reason is handled, stays run:timeout
+                    self._handle(role, kind, payload)
+                except ProtocolError:
                     break
 
     def _handle(self, key: str, kind: Kind, payload: bytes) -> None:

@@ -167,6 +167,8 @@ class ClusterSettings(BaseSettings):
     store_path: Path | None = Field(default=None, description="the DuckDB file, on the head node; "
                                     "None = <cache_dir>/prism.duckdb")
     namespace: str = Field(default="prism-ray", description="Ray namespace of the detached store and scheduler")
+    dashboard: bool = Field(default=True, description="start Ray's dashboard with a cluster prism-ray starts itself "
+                            "(a few CPU-seconds at start and a resident process on the head)")
     capacity: int = Field(default=0, ge=0, description="submissions in flight at once; 0 = the cluster's GPU count")
     max_attempts: int = Field(default=3, ge=1, description="claims of a submission before infra:attempts_exhausted")
     max_infra_requeues: int = Field(default=3, ge=0, description="uncharged requeues of a submission after operator-"

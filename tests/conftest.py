@@ -51,6 +51,8 @@ from prism_ray.intake.bundle import Bundle, load_bundle
 # The multi-GPU contract check (a short run at world size 2 before every scored run) is on by default; it would
 # double the cost of every evaluation in this suite, so only tests/test_ranks.py turns it on.
 os.environ.setdefault("PRISM_CONTRACT_WORLD_SIZES", "")
+# Ray's dashboard costs a few CPU-seconds per cluster start; test_service's banner test starts one with it.
+os.environ.setdefault("PRISM_CLUSTER_DASHBOARD", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"

@@ -51,7 +51,7 @@ class Server:
                     "RAY_TMPDIR": self.ray_tmp, "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
                     "PRISM_RUNNER_THREADS": "1", "PRISM_SCORING_HELDOUT_BYTE_BUDGET": "2000",
                     "PRISM_CLUSTER_HEARTBEAT_SECONDS": "0.5", "PRISM_GATE_MODE": "off", "PRISM_AUDIT_MODE": "off",
-                    "PRISM_REPLICA_MODE": "off", "PRISM_CONTRACT_WORLD_SIZES": "",
+                    "PRISM_REPLICA_MODE": "off", "PRISM_CONTRACT_WORLD_SIZES": "", "PRISM_CLUSTER_DASHBOARD": "false",
                     **(env or {})}
         self.line = [*CLI, "serve", "--auth", auth, "--port", str(port), "--state-dir", str(root / "state"),
                      "--byte-budget", "3000"]

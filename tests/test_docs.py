@@ -66,6 +66,7 @@ SMALL_RUNS = {"PRISM_BYTE_BUDGET": "4000", "PRISM_SCORING_HELDOUT_BYTE_BUDGET": 
               "PRISM_CONTRACT_WORLD_SIZES": "",
               # re-runs of the cluster's scores: trainings no check here reads (tests/test_cluster.py has theirs)
               "PRISM_REPLICA_MODE": "off", "PRISM_AUDIT_MODE": "off",
+              "PRISM_CLUSTER_DASHBOARD": "false",  # a few CPU-seconds per cluster start; test_service checks it
               "PRISM_GATE_MODE": "off"}  # README's cluster block exports it: a trial without an LLM key
 CLUSTER_ORDER = ["submit", "status", "leaderboard", "export"]  # the first submission's id is {submission}
 SUBMISSION_ID = re.compile(r"sub_[0-9a-f]{32}")

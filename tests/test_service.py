@@ -45,6 +45,7 @@ def service(tmp_path_factory):
     settings = Settings(byte_budget=10_000, runner_threads=1, cache_dir=tmp_path_factory.mktemp("state"))
     settings.gate.mode = "off"
     settings.replicas.mode = "off"  # seed replicas would re-run the top scores beside the work under test
+    settings.cluster.dashboard = True  # the banner test reads it (conftest turns it off for the other clusters)
     settings.scoring.heldout_byte_budget = 10_000
     # Open registry and no practical per-address limit: every miner here is a fresh key on 127.0.0.1.
     api = ApiSettings(internal_token=TOKEN, rate_limit_burst=BURST, address_rate_limit_burst=10_000,

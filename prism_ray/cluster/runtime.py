@@ -104,7 +104,7 @@ def start_cluster(address: str | None, settings: Settings | None = None) -> Clus
         # address="local": never attach to some other cluster that happens to run on this machine. Ray's
         # start-up chatter stays in its logs; the notice says what matters.
         context = ray.init(address="local", namespace=namespace, num_gpus=gpus or 1, resources={"head": 1},
-                           logging_level=logging.WARNING)
+                           include_dashboard=settings.cluster.dashboard, logging_level=logging.WARNING)
         owns_ray = True
         settings.cache_dir.mkdir(parents=True, exist_ok=True)
         orphans.remember_session(settings.cache_dir, context.address_info["session_dir"])

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
+import torch
 
 from conftest import byte_stream, train_on_stream
+from prism_ray.harness.context import RunError
+from prism_ray.harness.protocol import Channel, Kind, parse_json
+from prism_ray.harness.scorer import Scorer
 
 pytestmark = pytest.mark.sandbox
 
@@ -128,14 +134,6 @@ def test_a_forward_that_raises_in_the_instantiation_probe_is_the_bundles_failure
     """The probe's perturbed input is a third input the graph sees before data: a graph that raises on it (an index
     out of range that depends on the tokens, say) fails as run:forward_failed, like one that raises on the first
     call, and never as a crash of the trusted scorer."""
-    import socket
-
-    import torch
-
-    from prism_ray.harness.context import RunError
-    from prism_ray.harness.protocol import Channel, Kind, parse_json
-    from prism_ray.harness.scorer import Scorer
-
     parent, mine = socket.socketpair()
     scorer = Scorer(Channel(mine), {"device": "cpu", "vocab_size": 257, "threads": 1, "rank_timeout": 5.0})
     calls = []

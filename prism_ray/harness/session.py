@@ -224,8 +224,10 @@ class _Session(TrainerFrames):
         that died) and is not waited for. A runner that broke the protocol and is still there is not read again:
         whatever it sends next could only keep the others' reasons unread."""
         waited = time.monotonic() + 1.0  # a runner that keeps its socket readable cannot hold the parent longer
-        channels = sorted(self.channels.items(), key=lambda item: item[0] != gone)
-        for role, channel in channels if closed else [item for item in channels if item[0] != gone]:
+        channels = sorted(self.channels.items(), key=lambda item: item[0] != gone)  # its own reason first
+        if not closed:  # it broke the protocol and is still there
+            channels = [item for item in channels if item[0] != gone]
+        for role, channel in channels:
             while time.monotonic() < waited:
                 with selectors.DefaultSelector() as one:
                     one.register(channel.sock, selectors.EVENT_READ)

@@ -27,7 +27,9 @@ import socket
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -41,6 +43,8 @@ from prism_ray.harness.probes import causality_tolerance, drift, heldout_probe, 
 from prism_ray.harness.protocol import Channel, Kind, ProtocolError, parse_batch, parse_json, parse_probe
 from prism_ray.harness.rank_check import RankCheck
 from prism_ray.harness.ranks import Ranks, next_step
+
+_T = TypeVar("_T")
 
 _BLOCK_BYTES_CPU = 2 << 20  # logits rows turned into log-probs at once: about a core's cache
 _BLOCK_BYTES_GPU = 256 << 20  # on a GPU, few large launches
@@ -226,12 +230,7 @@ class Scorer:
         # secret tokens: the exporter traced on tokens drawn from the run's seed, which the miner knows
         generator = torch.Generator().manual_seed(secrets.randbits(63))
         tokens = torch.randint(0, self.vocab_size, (batch_size, seq_len), generator=generator).to(self.device)
-        try:
-            first = program(state, tokens)
-            second = program(state, tokens)
-        except Exception as error:  # noqa: BLE001 — random tokens only: the message may be shown
-            raise self.fail("run:forward_failed", f"the exported forward raised on random tokens: "
-                            f"{type(error).__name__}: {str(error)[:1500]}") from None
+        first, second = self._on_random_tokens(lambda: (program(state, tokens), program(state, tokens)))
         self._check_logits(first, batch_size, seq_len)
         if first.dtype != second.dtype or not _bitwise_equal(first, second):
             raise self.fail("run:nondeterministic", "two calls of the exported forward on the same input gave "
@@ -244,15 +243,21 @@ class Scorer:
         if batch_size > 1:
             perturbed[1:] = (tokens[1:] + 7) % self.vocab_size  # other rows must not mix in either
         clean = target_log_probs(first, tokens[:, 1:])[0, :boundary].cpu().numpy()
-        try:  # a forward that raises on this input is the bundle's failure, not a crash of the scorer
-            probed = target_log_probs(program(state, perturbed), tokens[:, 1:])[0, :boundary].cpu().numpy()
-        except Exception as error:  # noqa: BLE001 — random tokens only: the message may be shown
-            raise self.fail("run:forward_failed", f"the exported forward raised on random tokens: "
-                            f"{type(error).__name__}: {str(error)[:1500]}") from None
+        probed = self._on_random_tokens(lambda: target_log_probs(program(state, perturbed), tokens[:, 1:]))
+        probed = probed[0, :boundary].cpu().numpy()
         moved = drift(clean, probed)
         self.tolerance = causality_tolerance(str(first.dtype).removeprefix("torch."), self.device.type)
         if not moved <= self.tolerance:
             raise self.fail("run:non_causal", non_causal_message(boundary, moved))
+
+    def _on_random_tokens(self, compute: Callable[[], _T]) -> _T:
+        """Forwards on random tokens, before any data: whatever they raise is the bundle's failure, never a crash of
+        the scorer, and the message may be shown."""
+        try:
+            return compute()
+        except Exception as error:  # noqa: BLE001 — random tokens only
+            raise self.fail("run:forward_failed", f"the exported forward raised on random tokens: "
+                            f"{type(error).__name__}: {str(error)[:1500]}") from None
 
     def _check_logits(self, logits: torch.Tensor, batch_size: int, seq_len: int) -> None:
         shape = list(logits.shape)

@@ -193,6 +193,63 @@ def test_the_contract_check_runs_the_bundles_own_loop_at_world_size_two(bundle_f
     assert reason is not None and reason.rule == "contract:multi_gpu" and "world size 2: failed" in reason.message
 
 
+# Trains as any module does, but torch.export refuses its forward (it branches on a tensor's value).
+UNEXPORTABLE_ARCH = """
+import torch
+
+class Branchy(torch.nn.Module):
+    def __init__(self, vocab):
+        super().__init__()
+        self.table = torch.nn.Embedding(vocab, vocab)
+
+    def forward(self, tokens):
+        if tokens.sum() > 0:
+            return self.table(tokens)
+        return 2 * self.table(tokens)
+
+def build_model(ctx, stand_in=False):
+    return torch.nn.Linear(1, 1) if stand_in else Branchy(ctx.vocab_size)
+"""
+
+# Trains its model without averaging the gradients, and shows the check a stand-in that never changes.
+SHOWS_A_STAND_IN = """
+import torch
+import torch.nn.functional as F
+
+def train(ctx):
+    model = ctx.build_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    shown = ctx.build_model(stand_in=True) if ctx.world_size > 1 else model
+    for batch in ctx.iter_train_batches(shown, batch_size=4, seq_len=32):
+        logits = model(batch.tokens)
+        F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch.tokens[:, 1:].reshape(-1)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+"""
+
+
+def test_the_contract_check_exports_nothing_but_holds_the_ranks_to_the_architecture(bundle_factory, tmp_path):
+    """The check scores nothing, so its exporter only builds the architecture: one torch.export refuses passes the
+    check (and fails the scored run), while the exporter's fresh build still bounds the parameters and is what the
+    ranks' model must match: a loop that shows the check a stand-in is refused."""
+    checks = {}
+    for name, training, max_params in (("unexportable", DDP_LOOP, 10**8), ("capped", DDP_LOOP, 1_000),
+                                       ("stand-in", SHOWS_A_STAND_IN, 10**8)):
+        bundle = bundle_factory(UNEXPORTABLE_ARCH, training)
+        base = RunSpec(bundle_dir=bundle.write_to(tmp_path / name / "bundle"),
+                       exporter_bundle_dir=bundle.write_to(tmp_path / name / "exp", without_training=True),
+                       architecture=("architecture.py", "build_model"), training=("training.py", "train"),
+                       tokenizer="bytes", vocab_size=257, max_seq_len=1024, max_params=max_params, seed=1337,
+                       device="cpu", byte_budget=0, artifacts_dir=tmp_path / name / "artifacts", data_dir="",
+                       threads=2)
+        [checks[name]] = check_contract(base, [2], 3, BYTE_LENGTHS, tmp_path / name, 120.0, SandboxPolicy())
+    assert checks["unexportable"].passed and checks["unexportable"].batches == 3, checks["unexportable"]
+    assert [reason.rule for reason in checks["capped"].reasons] == ["contract:param_cap"], checks["capped"]
+    assert [reason.rule for reason in checks["stand-in"].reasons] == ["run:model_mismatch"], checks["stand-in"]
+    scored = train_on_stream(bundle_factory(UNEXPORTABLE_ARCH, DDP_LOOP), byte_stream(TEXT), tmp_path / "scored")
+    assert rules(scored) == ["contract:not_exportable"], scored.reasons
+
+
 IGNORES_RANKS = """
 import torch
 import torch.distributed as dist

@@ -1,6 +1,8 @@
 """The multi-GPU contract check: a short, unscored run of the submission's own training at world size N (gloo on
 CPU, a few batches of random tokens) while the scored run's sandboxes start. The PRISM contract asks train(ctx) to
-be correct at any world size; this is where that is exercised. Whether a failure rejects the bundle
+be correct at any world size; this is where that is exercised. It scores nothing (RunSpec.scored): the exporter
+only builds the architecture, to hold the ranks' model to it, and exports nothing; the scorer hands out the batches
+and compares the ranks. Whether a failure rejects the bundle
 (`contract:multi_gpu`) or only shows in the report is the operator's choice (docs/operator.md, docs/miner.md
 "Several GPUs").
 """
@@ -49,7 +51,7 @@ def check_contract(spec: RunSpec, sizes: list[int], batches: int, byte_lengths: 
         where = run_dir / f"contract-{size}"
         where.mkdir(parents=True, exist_ok=True)
         trial = replace(spec, world_size=size, max_batches=batches, device="cpu", probe_every=0,
-                        artifacts_dir=where / "artifacts")
+                        artifacts_dir=where / "artifacts", scored=False)
         outcome = run_session(trial, tokens, byte_lengths, where, time_limit, policy=replace(policy, gpu=False))
         passed = outcome.status == "completed"
         checks.append(ContractCheck(world_size=size, passed=passed, batches=outcome.batches,

@@ -40,7 +40,8 @@ class Exporter:
         self.channel.send_json(Kind.ERROR, {"rule": rule, "message": message, "file": file, "line": line})
         return RunError(rule, message, reported=True)
 
-    def run(self) -> None:
+    def run(self) -> bool:
+        """False when the parent ended the run instead of asking for the export: it reads nothing more."""
         force_seed(self.spec["seed"])
         model = self.builder(self.ctx)
         if not isinstance(model, torch.nn.Module):
@@ -53,10 +54,11 @@ class Exporter:
             model(torch.randint(0, self.spec["vocab_size"], (2, seq_len), generator=generator))
         self.channel.send_json(Kind.LAYOUT, {"layout": shared_state.layout_of(model),
                                              "model_params": count_parameters(model)})
-        _warm_up()  # while the trainer starts and asks for its geometry
+        if self.spec.get("scored", True):  # the contract check asks for the layout only
+            _warm_up()  # while the trainer starts and asks for its geometry
         kind, payload = self.channel.recv()
-        if kind == Kind.END:  # the trainer never reached iter_train_batches
-            return
+        if kind == Kind.END:  # the trainer never reached iter_train_batches, or the run scores nothing
+            return False
         if kind != Kind.EXPORT:
             raise self.fail("run:protocol", f"unexpected frame {kind.name} from the parent")
         request = parse_json(payload)
@@ -88,6 +90,7 @@ class Exporter:
             self.channel.send(Kind.GRAPH, file.model_dump_json().encode(), fds=(blob,))
         finally:
             os.close(blob)
+        return True
 
 
 def _warm_up() -> None:

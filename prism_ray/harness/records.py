@@ -48,13 +48,14 @@ class RunSpec:
     world_size: int = 1  # trainer ranks in the trainer's sandbox (docs/architecture.md, "Several ranks")
     rank_timeout: float = 120.0  # how long a rank may trail the first one to a step before it is run:rank_hung
     max_batches: int | None = None  # end the stream after this many batches (the unscored contract check)
+    scored: bool = True  # False: the contract check, which scores nothing: no export, no graph (contract.py)
     gpu_handoff: Literal["host", "stream"] = "host"  # the GPU hand-off on CUDA runs (docs/architecture.md)
 
     def runner_spec(self, role: str) -> dict:
         if role == "scorer":  # no bundle, no paths: it runs no miner code and reads no files of ours
             return {"role": role, "vocab_size": self.vocab_size, "max_params": self.max_params, "seed": self.seed,
                     "device": self.device, "threads": self.threads, "probe_every": self.probe_every,
-                    "rank_timeout": self.rank_timeout}
+                    "rank_timeout": self.rank_timeout, "scored": self.scored}
         bundle = self.bundle_dir if role == "trainer" else self.exporter_bundle_dir
         return {"role": role, "bundle_dir": str(bundle), "architecture": list(self.architecture),
                 "training": list(self.training), "tokenizer": self.tokenizer, "vocab_size": self.vocab_size,
@@ -64,7 +65,8 @@ class RunSpec:
                 "data_dir": self.data_dir if role == "trainer" else "",
                 # the ranks share the run's cores; the exporter runs alone
                 "threads": max(1, self.threads // self.world_size) if role == "trainer" else self.threads,
-                "rank": 0, "world_size": self.world_size if role == "trainer" else 1}
+                "rank": 0, "world_size": self.world_size if role == "trainer" else 1,
+                **({"scored": self.scored} if role == "exporter" else {})}  # the trainer is not told
 
 
 @dataclass

@@ -150,7 +150,8 @@ def run(channel: Channel, spec: dict, role: str) -> int:
             from prism_ray.harness.exporter import Exporter
 
             backend.builder = builder
-            Exporter(channel, spec, builder, ctx).run()
+            if not Exporter(channel, spec, builder, ctx).run():
+                return 0  # no DONE: the parent that said END reads nothing more
     except RunError as error:
         if not error.reported:
             channel.send_json(Kind.ERROR, {"rule": error.rule, "message": error.message})

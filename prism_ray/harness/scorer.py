@@ -169,21 +169,30 @@ class Scorer:
         for _ in range(world_size):
             link = socket.socket(fileno=self.channel.take_fd())
             links.add(Channel(link, max_frame=_REQUEST_BYTES))  # the trainer's descriptors are closed, not taken
-        kind, payload = self.channel.recv()
-        if kind != Kind.LOAD:
-            raise self.fail("run:protocol", f"unexpected frame {kind.name} from the parent")
-        program, step0 = self._load(payload, self.channel.take_fd(), slots, nbytes)
+        program: Program | None = None  # the contract check scores nothing: it only hands out batches and
+        step0: torch.Tensor | None = None  # compares the ranks
+        if self.spec.get("scored", True):
+            kind, payload = self.channel.recv()
+            if kind != Kind.LOAD:
+                raise self.fail("run:protocol", f"unexpected frame {kind.name} from the parent")
+            program, step0 = self._load(payload, self.channel.take_fd(), slots, nbytes)
         self.channel.send_json(Kind.READY, {"shares_state": bool(exported)}, fds=tuple(exported))
         for fd in exported:
             os.close(fd)
-        private = torch.empty_like(step0)
+        private = torch.empty(nbytes, dtype=torch.uint8, device=self.device)  # where the scorer computes
         try:
             ended = self._stream(program, shared, private, step0, slots, links, bool(share.get("overlap", True)))
         finally:
             for member in links.members:
                 member.channel.close()
-        if ended:
-            self._heldout(program, private, step0, slots)
+        if not ended:
+            return
+        if program is None or step0 is None:  # the contract check holds nothing out: the parent ends it
+            kind, _ = self.channel.recv()
+            if kind != Kind.END:
+                raise self.fail("run:protocol", f"unexpected frame {kind.name} from the parent")
+            return
+        self._heldout(program, private, step0, slots)
 
     def _load(self, payload: bytes, blob_fd: int, slots: list[layout.Slot], nbytes: int
               ) -> tuple[Program, torch.Tensor]:
@@ -282,7 +291,7 @@ class Scorer:
         except Exception as error:  # noqa: BLE001 — the graph saw data: only the type is told
             raise _forward_failure(error, what) from None
 
-    def _stream(self, program: Program, shared: torch.Tensor, private: torch.Tensor, step0: torch.Tensor,
+    def _stream(self, program: Program | None, shared: torch.Tensor, private: torch.Tensor, step0: torch.Tensor | None,
                 slots: list[layout.Slot], links: Ranks, overlap: bool) -> bool:
         """Serve the ranks' requests from the batches sent ahead until they ask past the last one (True: the trained
         state is in `private` and held-out follows) or the parent says END."""
@@ -364,7 +373,7 @@ class Scorer:
             raise self.fail("run:crash", f"{who}: next batch requested twice")
         return links.reach(rank, step)
 
-    def _serve(self, program: Program, shared: torch.Tensor, private: torch.Tensor, step0: torch.Tensor,
+    def _serve(self, program: Program | None, shared: torch.Tensor, private: torch.Tensor, step0: torch.Tensor | None,
                slots: list[layout.Slot], state: list[torch.Tensor], links: Ranks, batch: _Ahead, request: int,
                overlap: bool) -> None:
         """Every rank asked: snapshot, then batch k to the ranks (before its forward when the run overlaps the two,
@@ -374,10 +383,14 @@ class Scorer:
         what = f"batch {batch.index}"
         # A checked snapshot is read on the host before the ranks get their rows, as without the GPU hand-off.
         self._snapshot(shared, private, request, what, settle=first or batch.compare)
-        if first:  # the first batch is scored on the exported initial state, nothing else
+        if first and step0 is not None:  # the first batch is scored on the exported initial state, nothing else
             self._check_init(private, step0, slots)
         if batch.compare:
             self._check_ranks(private, what)
+        if program is None:  # the contract check: the batch counts, nothing is scored
+            self._release(links, batch, request)
+            self.records.append((batch.index, 0.0, True))
+            return
         if overlap:
             self._release(links, batch, request)
         if self.handoff is None:

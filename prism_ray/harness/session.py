@@ -205,6 +205,8 @@ class _Session(TrainerFrames):
             channel.sock.settimeout(max(0.001, deadline - time.monotonic()))
         for event, _ in events:
             key = event.data
+            if key not in self.channels:  # dropped while an earlier event of this select was handled
+                continue
             try:
                 kind, payload = self.channels[key].recv(timeout=max(0.001, deadline - time.monotonic()))
                 self._handle(key, kind, payload)
@@ -324,17 +326,8 @@ class _Session(TrainerFrames):
             if len(payload) > MAX_JSON_BYTES:
                 self._fail(Reason(rule="contract:graph_format", message="the exported graph is too large"),
                            before_data=True)
-            assert self.geometry is not None
-            where = "cuda" if self.on_gpu else "memfd"
-            scorer = self.channels["scorer"]
-            share = {"where": where, "layout": self.geometry["layout"], "ranks": self.ranks.world_size,
-                     "threads": self.scorer_threads, "overlap": self.overlap}
-            if self.handoff is not None:
-                share["handoff"] = self.handoff.model_dump()
-            scorer.send_json(Kind.SHARE, share, fds=(*self.state_fds, *(mine.fileno() for mine, _ in self.batch_links)))
-            for mine, _ in self.batch_links:
-                mine.close()
-            scorer.send(Kind.LOAD, payload, fds=(blob,))
+            self._share_with_scorer()
+            self.channels["scorer"].send(Kind.LOAD, payload, fds=(blob,))
         finally:
             os.close(blob)
             exporter.close()

@@ -131,15 +131,40 @@ class TrainerFrames:
         if self.on_gpu and self.spec.gpu_handoff == "stream":
             self.handoff = layout.HandoffSpec(rows=self.outcome.batch_size // self.ranks.world_size,
                                               seq_len=self.outcome.seq_len)
-        self.export_asked = True
-        self.channels["exporter"].send_json(Kind.EXPORT, {"batch_size": self.outcome.batch_size,
-                                                          "seq_len": self.outcome.seq_len, "layout": theirs})
+        if self.spec.scored:
+            self.export_asked = True
+            self.channels["exporter"].send_json(Kind.EXPORT, {"batch_size": self.outcome.batch_size,
+                                                              "seq_len": self.outcome.seq_len, "layout": theirs})
+        else:  # the contract check needed the exporter's fresh build only, to hold the ranks' model to it
+            self._dismiss_exporter()
         # each rank's batch channel to the scorer: the scorer's ends go with its SHARE, the ranks' with theirs
         self.batch_links = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in self.ranks.members]
-        if self.on_gpu:  # the scorer allocates on the ranks' GPUs and hands over the buffers' descriptors (READY)
-            return
-        self.state_fds = [layout.new_memfd(f"prism-state-{m.index}", nbytes) for m in self.ranks.members]
-        self._share_with_ranks("memfd", self.state_fds)
+        if not self.on_gpu:  # on a GPU the scorer allocates on the ranks' GPUs and hands over the descriptors (READY)
+            self.state_fds = [layout.new_memfd(f"prism-state-{m.index}", nbytes) for m in self.ranks.members]
+            self._share_with_ranks("memfd", self.state_fds)
+        if not self.spec.scored:  # no graph to wait for
+            self._share_with_scorer()
+
+    def _dismiss_exporter(self) -> None:
+        exporter = self.channels.pop("exporter")
+        self.selector.unregister(exporter.sock)
+        try:
+            exporter.send(Kind.END)
+        except ProtocolError:  # gone already: it is stopped at the end either way
+            pass
+        exporter.close()
+
+    def _share_with_scorer(self) -> None:
+        """The scorer's SHARE: the ranks' state buffers (CPU) and its ends of their batch channels."""
+        assert self.geometry is not None
+        share = {"where": "cuda" if self.on_gpu else "memfd", "layout": self.geometry["layout"],
+                 "ranks": self.ranks.world_size, "threads": self.scorer_threads, "overlap": self.overlap}
+        if self.handoff is not None:
+            share["handoff"] = self.handoff.model_dump()
+        self.channels["scorer"].send_json(Kind.SHARE, share,
+                                          fds=(*self.state_fds, *(mine.fileno() for mine, _ in self.batch_links)))
+        for mine, _ in self.batch_links:
+            mine.close()
 
     def _share_with_ranks(self, where: str, state_fds: list[int], handoff_fds: list[int] | None = None) -> None:
         """Each rank's SHARE: its state buffer, its GPU hand-off buffer if the run has one, and its end of the batch

@@ -163,6 +163,14 @@ def test_reallocated_parameters_are_refused(bundle_factory, tmp_path):
     assert outcome.reasons[0].rule == "run:params_reallocated" and "table.weight" in outcome.reasons[0].message
 
 
+def test_a_buffer_with_no_elements_is_not_a_reallocation(bundle_factory, tmp_path):
+    """An empty tensor has no storage to point at the shared buffer (its address is 0): only its shape is held to
+    its slot."""
+    architecture = bigram_architecture('self.register_buffer("unused", torch.zeros(0))')
+    outcome = run(bundle_factory, tmp_path, trainer(), architecture=architecture)
+    assert outcome.status == "completed", outcome.reasons
+
+
 def test_a_model_other_than_build_models_is_refused(bundle_factory, tmp_path):
     prelude = "    extra = torch.nn.Linear(3, 3)\n"
     training = trainer(prelude).replace("model = ctx.build_model()\n",

@@ -60,7 +60,8 @@ def bound(model: torch.nn.Module, slots: list[Slot], flat: torch.Tensor) -> str 
     """The first state tensor that no longer lives in its slot (reallocated by the trainer), or None."""
     base = flat.data_ptr()
     for (name, tensor), slot in zip(state_tensors(model), slots, strict=True):
-        if tensor.data_ptr() != base + slot.offset or tuple(tensor.shape) != slot.shape:
+        moved = tensor.numel() > 0 and tensor.data_ptr() != base + slot.offset  # an empty tensor's address is 0
+        if moved or tuple(tensor.shape) != slot.shape:
             return name
     return None
 

@@ -173,19 +173,23 @@ def test_a_run_of_n_gpus_needs_one_node_with_n():
                                           "wait until such a node joins")
 
 
+def contract_check(bundle, where) -> ContractCheck:
+    """The check at world size 2, three batches, called as the train stage calls it."""
+    base = RunSpec(bundle_dir=bundle.write_to(where / "bundle"),
+                   exporter_bundle_dir=bundle.write_to(where / "exp", without_training=True),
+                   architecture=("architecture.py", "build_model"), training=("training.py", "train"),
+                   tokenizer="bytes", vocab_size=257, max_seq_len=1024, max_params=10**8, seed=1337,
+                   device="cpu", byte_budget=0, artifacts_dir=where / "artifacts", data_dir="", threads=2)
+    [check] = check_contract(base, [2], 3, BYTE_LENGTHS, where, 120.0, SandboxPolicy())
+    return check
+
+
 def test_the_contract_check_runs_the_bundles_own_loop_at_world_size_two(bundle_factory, tmp_path):
     """Unscored, three batches of random tokens, gloo on CPU: an honest loop passes; a loop that ignores the ranks
     fails, and under the reject policy that is contract:multi_gpu."""
     checks = {}
     for name, training in (("honest", DDP_LOOP), ("ignores", all_reduce_loop(all_reduce=False))):
-        bundle = bundle_factory(ARCH, training)
-        base = RunSpec(bundle_dir=bundle.write_to(tmp_path / name / "bundle"),
-                       exporter_bundle_dir=bundle.write_to(tmp_path / name / "exp", without_training=True),
-                       architecture=("architecture.py", "build_model"), training=("training.py", "train"),
-                       tokenizer="bytes", vocab_size=257, max_seq_len=1024, max_params=10**8, seed=1337,
-                       device="cpu", byte_budget=0, artifacts_dir=tmp_path / name / "artifacts", data_dir="",
-                       threads=2)
-        [checks[name]] = check_contract(base, [2], 3, BYTE_LENGTHS, tmp_path / name, 120.0, SandboxPolicy())
+        checks[name] = contract_check(bundle_factory(ARCH, training), tmp_path / name)
     assert checks["honest"].passed and checks["honest"].batches == 3, checks["honest"]
     assert not checks["ignores"].passed and checks["ignores"].reasons[0].rule == "run:ranks_diverged"
     assert rejection([checks["honest"]]) is None
@@ -234,14 +238,7 @@ def test_the_contract_check_exports_nothing_but_holds_the_ranks_to_the_architect
     loop that shows the check a stand-in is refused."""
     checks = {}
     for name, training in (("unexportable", DDP_LOOP), ("stand-in", SHOWS_A_STAND_IN)):
-        bundle = bundle_factory(UNEXPORTABLE_ARCH, training)
-        base = RunSpec(bundle_dir=bundle.write_to(tmp_path / name / "bundle"),
-                       exporter_bundle_dir=bundle.write_to(tmp_path / name / "exp", without_training=True),
-                       architecture=("architecture.py", "build_model"), training=("training.py", "train"),
-                       tokenizer="bytes", vocab_size=257, max_seq_len=1024, max_params=10**8, seed=1337,
-                       device="cpu", byte_budget=0, artifacts_dir=tmp_path / name / "artifacts", data_dir="",
-                       threads=2)
-        [checks[name]] = check_contract(base, [2], 3, BYTE_LENGTHS, tmp_path / name, 120.0, SandboxPolicy())
+        checks[name] = contract_check(bundle_factory(UNEXPORTABLE_ARCH, training), tmp_path / name)
     assert checks["unexportable"].passed and checks["unexportable"].batches == 3, checks["unexportable"]
     assert [reason.rule for reason in checks["stand-in"].reasons] == ["run:model_mismatch"], checks["stand-in"]
     scored = train_on_stream(bundle_factory(UNEXPORTABLE_ARCH, DDP_LOOP), byte_stream(TEXT), tmp_path / "scored")

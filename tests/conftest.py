@@ -9,7 +9,8 @@ browser"`, README "Contributing"):
     pipeline.py, cli.py (eval)        test_cli, test_gate_eval, test_heldout
     run.py, harness/                  test_runner, test_prequential, test_causality, test_probes, test_heldout,
                                       test_isolation, test_trust (the trainer attacks), test_graph_trust (the
-                                      exporter attacks), test_operator_faults
+                                      exporter attacks), test_operator_faults, test_session_frames (the parent's
+                                      frame loop alone)
     graph/                            test_graph, test_graph_trust
     scoring.py, report.py, chunks.py  test_scoring, test_prequential, test_chunks
     data/                             test_data, test_token_cache, test_tokenizers

@@ -9,6 +9,7 @@ import socket
 import struct
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -236,6 +237,20 @@ def test_the_checkout_around_an_editable_install_is_not_in_the_sandbox(tmp_path)
     assert process.wait(30) == 0, process.log_tail()
     inside = set(process.log_tail().split())
     assert "prism_ray" in inside and not inside & {".git", "tests", "pyproject.toml"}, inside  # .venv may be there
+
+
+def test_the_installs_documentation_text_is_not_in_the_sandbox(tmp_path):
+    """Text no import needs is hidden: a red team's loop read the Python docs of pydoc_data (past the policy, through
+    a file reader it did not know) and pretrained on them, 1.1 bpb below its honest twin on the embedded data."""
+    topics = Path(sysconfig.get_paths()["stdlib"]) / "pydoc_data" / "topics.py"
+    assert topics.is_file()
+    script = (f"test -r {topics} || echo topics hidden; "
+              "test -z \"$(ls -A /usr/share/doc /usr/share/man 2>/dev/null)\" && echo docs hidden; "
+              "test -r /usr/lib/os-release -o -r /etc/os-release && echo system readable")
+    process = isolation.launch(["sh", "-c", script], {"PATH": "/usr/bin:/bin"}, tmp_path / "sh.log", tmp_path,
+                               SandboxPolicy(mode="required"))
+    assert process.wait(30) == 0, process.log_tail()
+    assert process.log_tail().split("\n") == ["topics hidden", "docs hidden", "system readable"], process.log_tail()
 
 
 def test_sandboxed_code_holds_no_capability_and_runs_as_nobody(bundle_factory, tmp_path):

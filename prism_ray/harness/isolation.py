@@ -37,6 +37,9 @@ SANDBOX_UID = 65534
 LOG_FILE_BYTES = 1 << 20  # what a runner may write to its log on the host; the rest is dropped (the tail is kept)
 _TAIL_CHUNKS = 64
 _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt")
+# Text that no import needs, inside the bound dirs: a loop that got past the policy could pretrain on it (a red team
+# read the Python docs of the install's pydoc_data, in the very domain of the embedded data).
+_TEXT_DIRS = ("/usr/share/doc", "/usr/share/man", "/usr/share/info", "/usr/share/dict")
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,7 @@ def bwrap_args(policy: SandboxPolicy, as_root: bool, syscalls: int | None = None
     for path in in_tmp:
         _bind_once(mounts, path)
     # Hide data, caches and secrets that sit inside a bound dir (e.g. the embedded data of an editable install).
-    for path in policy.hidden:
+    for path in (*policy.hidden, *_TEXT_DIRS, Path(sysconfig.get_paths()["stdlib"]) / "pydoc_data"):
         resolved = Path(path).resolve()
         if not any(str(resolved).startswith(b + "/") for b in mounts.bound):
             continue  # outside every bound dir: not in the sandbox at all

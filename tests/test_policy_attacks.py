@@ -61,6 +61,19 @@ VARIANTS = {
     "torch.cuda.gds": ("sandbox:forbidden_api", "from torch.cuda.gds import GdsFile  # <-\n"),
     "torch.backends.xeon": ("sandbox:forbidden_api", "from torch.backends.xeon.run_cpu import main  # <-\n"),
     "torch.mps.compile_shader": ("sandbox:forbidden_api", "import torch\nlib = torch.mps.compile_shader('x')  # <-\n"),
+    "a private method of a call's result reads a file": (
+        "sandbox:private_api", "import torch.nn as nn\n\ndef leak(schedule, path):\n"
+        "    return schedule._load_csv(path)  # <-\n"),
+    "torch.distributed.pipelining": ("sandbox:forbidden_api",
+                                     "from torch.distributed.pipelining.schedules import PipelineScheduleMulti  # <-\n"),
+    "torch.xpu's pluggable allocator loads a library": (
+        "sandbox:forbidden_api", "import torch\nalloc = torch.xpu.XPUPluggableAllocator('lib.so', 'a', 'b')  # <-\n"),
+    "np.lib.add_newdoc imports by name": ("sandbox:forbidden_api",
+                                          "import numpy as np\nnp.lib.add_newdoc('this', 'x', 'doc')  # <-\n"),
+    "torch.set_default_tensor_type imports by name": (
+        "sandbox:forbidden_api", "import torch\ntorch.set_default_tensor_type('this.s')  # <-\n"),
+    "torch.distributed.debug": ("sandbox:forbidden_api", "from torch.distributed.debug import start_debug_server  # <-\n"),
+    "torch.distributed.nn.jit": ("sandbox:forbidden_api", "import torch.distributed.nn.jit.instantiator  # <-\n"),
     "a __main__ module runs a program on import": ("sandbox:import", "import torch.utils.model_dump.__main__  # <-\n"),
     "builtins under a short name": ("sandbox:import", "from enum import bltns  # <-\n"),
     "builtins module, open": ("sandbox:forbidden_builtin", "import enum\nB = enum.bltns\ntext = B.open('/etc/hosts')  # <-\n"),
@@ -195,6 +208,11 @@ VARIANTS = {
 
 # Everyday code: none of these may be rejected.
 HONEST = {
+    "private names the bundle defines, on any object": (
+        "import torch\nclass Block(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self._cache = None\n\ndef reset(block):\n    block._cache = None\n    return block._cache\n"),
+    "what torch.compile wraps": "import torch\ncompiled = torch.compile(torch.nn.Linear(2, 2))\n"
+                                "weights = compiled._orig_mod.state_dict()\n",
     "compile": "import torch\nmodel = torch.compile(torch.nn.Linear(2, 2), mode='max-autotune', fullgraph=True)\n",
     "attention": "from torch import nn\nattn = nn.MultiheadAttention(64, 4, batch_first=True)\n",
     "one cycle": "import torch\nfrom torch.optim.lr_scheduler import OneCycleLR\n"

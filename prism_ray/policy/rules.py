@@ -17,6 +17,7 @@ from prism_ray.policy.tables import (
     DUNDER_IN_TEXT,
     FORBIDDEN_BUILTINS,
     FORBIDDEN_METHODS,
+    FOREIGN_PRIVATE_OK,
     FORMAT_METHODS,
     INTROSPECTION,
     MAX_NUMBERS,
@@ -82,11 +83,29 @@ UNCHECKED_NODES = frozenset({
 })
 
 
+def own_names(trees: list[ast.Module]) -> frozenset[str]:
+    """Every name the bundle's files define: functions, classes, assigned names and attributes, parameters."""
+    names: set[str] = set()
+    for tree in trees:
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, (ast.Store, ast.Del)):
+                names.add(node.attr)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.add(node.id)
+            elif isinstance(node, ast.arg):
+                names.add(node.arg)
+    return frozenset(names)
+
+
 class Checker(ast.NodeVisitor):
     """Pass 2: every rule, over one file."""
 
-    def __init__(self, path: str, tree: ast.Module, resolver: Resolver, budget: Budget) -> None:
+    def __init__(self, path: str, tree: ast.Module, resolver: Resolver, budget: Budget,
+                 own: frozenset[str] | None = None) -> None:
         self.path = path
+        self.own = own_names([tree]) if own is None else own  # names the bundle defines (own_names)
         self.resolver = resolver
         self.budget = budget
         self.reasons: list[Reason] = []
@@ -308,6 +327,11 @@ class Checker(ast.NodeVisitor):
             self.report("sandbox:private_api", node, (
                 f"`{expression}` reaches `{name}`, a private method classes get from their metaclass (Enum, ABC, …); "
                 "private names have no stable or safe contract"))
+        elif name.startswith("_") and not DUNDER.match(name) and name not in self.own | FOREIGN_PRIVATE_OK:
+            self.report("sandbox:private_api", node, (
+                f"`{expression}` reads the private name `{name}` of an object the policy cannot follow (a call's "
+                "result, a parameter), which the bundle does not define: it may be a library internal, and private "
+                "names have no stable or safe contract (some read files); use the public API"))
 
     def _resolved(self, origins: set[str]) -> bool:
         """Whether the policy knows what one of these origins outside the bundle really is."""

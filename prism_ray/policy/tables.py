@@ -39,6 +39,11 @@ FORBIDDEN_API: dict[str, str] = {
     "torch.utils.jit": _FILES, "torch.utils.hipify": _FILES, "torch.utils.model_dump": _FILES,
     "torch.distributed.flight_recorder": "unpickles files", "torch.cuda.tunable": _FILES, "torch.cuda.gds": _FILES,
     "torch.backends.xeon": _PROCESS, "torch.mps.compile_shader": "compiles GPU code from strings",
+    "torch.distributed.pipelining": _FILES, "torch.distributed.debug": _PROCESS,
+    "torch.distributed.nn.jit": "generates and compiles code from strings",
+    "torch.autograd.profiler.load_nvprof": _FILES,
+    "torch.xpu.memory.XPUPluggableAllocator": _NATIVE, "torch.xpu.memory.change_current_allocator": _NATIVE,
+    "torch.set_default_tensor_type": "imports modules by name", "numpy.lib.add_newdoc": "imports modules by name",
     "torch.compiler.load_cache_artifacts": "unpickles bytes", "torch.distributed.FileStore": _FILES,
     "torch.utils.checkpoint.create_selective_checkpoint_contexts": MODE,
     "torch.utils.flop_counter.FlopCounterMode": MODE,  # (every mode class is caught by MODE_BASES)
@@ -80,6 +85,10 @@ FORBIDDEN_METHODS = {  # on any object
     "tofile": "writes a file; save with torch.save under ctx.artifacts_dir",
     "py_impl": "overrides a torch operator for the whole process, the harness included",
 }
+# Private names a bundle may read on objects the policy cannot follow (a call's result, a parameter) besides the ones
+# it defines itself: every other one could be a library internal (a red team read any file through a private method,
+# `PipelineScheduleMulti(...)._load_csv(path)`).
+FOREIGN_PRIVATE_OK = frozenset({"_orig_mod"})  # torch.compile's wrapper → the module it wraps
 # `.format` reads any attribute a format field names (`{0.__doc__}`), so its format string must be a constant.
 FORMAT_METHODS = frozenset({"format", "format_map"})
 # Performance switches a training script may set; every other assignment into torch is monkeypatching.

@@ -84,7 +84,7 @@ UNCHECKED_NODES = frozenset({
 
 
 def own_names(trees: list[ast.Module]) -> frozenset[str]:
-    """Every name the bundle's files define: functions, classes, assigned names and attributes, parameters."""
+    """Every name the bundle's files define: functions, classes, assigned names and attributes."""
     names: set[str] = set()
     for tree in trees:
         for node in ast.walk(tree):
@@ -94,8 +94,6 @@ def own_names(trees: list[ast.Module]) -> frozenset[str]:
                 names.add(node.attr)
             elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
                 names.add(node.id)
-            elif isinstance(node, ast.arg):
-                names.add(node.arg)
     return frozenset(names)
 
 

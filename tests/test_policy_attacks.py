@@ -64,6 +64,14 @@ VARIANTS = {
     "a private method of a call's result reads a file": (
         "sandbox:private_api", "import torch.nn as nn\n\ndef leak(schedule, path):\n"
         "    return schedule._load_csv(path)  # <-\n"),
+    "a dummy of the same name unlocks nothing (typing.ForwardRef's eval)": (
+        "sandbox:private_api", "import typing\n\ndef _evaluate(*args):\n    return None\n\n"
+        "ref = typing.get_args(typing.List['open'])[0]\nvalue = ref._evaluate({}, {}, frozenset())  # <-\n"),
+    "a module reached through a private attribute": (
+        "sandbox:private_api", "import warnings\n\nclass Holder:\n    def __init__(self):\n        self._module = None\n\n"
+        "mod = warnings.catch_warnings()._module  # <-\n"),
+    "warnings' line reader on an object the policy cannot follow": (
+        "sandbox:forbidden_api", "def lines(mod):\n    return mod.formatwarning('m', UserWarning, '/etc/hosts', 1)  # <-\n"),
     "torch.distributed.pipelining": ("sandbox:forbidden_api",
                                      "from torch.distributed.pipelining.schedules import PipelineScheduleMulti  # <-\n"),
     "torch.xpu's pluggable allocator loads a library": (
@@ -208,9 +216,9 @@ VARIANTS = {
 
 # Everyday code: none of these may be rejected.
 HONEST = {
-    "private names the bundle defines, on any object": (
+    "private names the bundle defines, on self": (
         "import torch\nclass Block(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
-        "        self._cache = None\n\ndef reset(block):\n    block._cache = None\n    return block._cache\n"),
+        "        self._cache = None\n\n    def reset(self):\n        self._cache = None\n        return self._cache\n"),
     "what torch.compile wraps": "import torch\ncompiled = torch.compile(torch.nn.Linear(2, 2))\n"
                                 "weights = compiled._orig_mod.state_dict()\n",
     "compile": "import torch\nmodel = torch.compile(torch.nn.Linear(2, 2), mode='max-autotune', fullgraph=True)\n",

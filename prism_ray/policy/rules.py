@@ -325,11 +325,21 @@ class Checker(ast.NodeVisitor):
             self.report("sandbox:private_api", node, (
                 f"`{expression}` reaches `{name}`, a private method classes get from their metaclass (Enum, ABC, …); "
                 "private names have no stable or safe contract"))
-        elif name.startswith("_") and not DUNDER.match(name) and name not in self.own | FOREIGN_PRIVATE_OK:
+        elif name.startswith("_") and not DUNDER.match(name) and not self._own_private(node, name, origins):
             self.report("sandbox:private_api", node, (
                 f"`{expression}` reads the private name `{name}` of an object the policy cannot follow (a call's "
-                "result, a parameter), which the bundle does not define: it may be a library internal, and private "
-                "names have no stable or safe contract (some read files); use the public API"))
+                "result, a parameter): it may be a library internal, and private names have no stable or safe "
+                "contract (some read files). Read private names only as `self._name`/`cls._name` where your bundle "
+                "defines `_name`; elsewhere use a public name"))
+
+    def _own_private(self, node: ast.AST, name: str, origins: set[str]) -> bool:
+        """A private name read where the object is the bundle's own: a bundle module or class the policy resolved,
+        or `self`/`cls` with a name the bundle defines. A name defined anywhere does not make every object's
+        attribute of that name the bundle's (a red team defined `_evaluate` to reach typing.ForwardRef's eval)."""
+        if name in FOREIGN_PRIVATE_OK or (origins and not self.resolver.foreign(origins)):
+            return True
+        receiver = node.value if isinstance(node, ast.Attribute) else None
+        return name in self.own and isinstance(receiver, ast.Name) and receiver.id in ("self", "cls")
 
     def _resolved(self, origins: set[str]) -> bool:
         """Whether the policy knows what one of these origins outside the bundle really is."""

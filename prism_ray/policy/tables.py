@@ -84,6 +84,8 @@ FORBIDDEN_METHODS = {  # on any object
     "from_file": "maps a file into memory; all data comes from ctx.iter_train_batches",
     "tofile": "writes a file; save with torch.save under ctx.artifacts_dir",
     "py_impl": "overrides a torch operator for the whole process, the harness included",
+    # warnings' source-line readers, also where the module is reached as an object the policy cannot follow
+    **dict.fromkeys(("formatwarning", "showwarning", "warn_explicit"), "reads source lines from any file"),
 }
 # Private names a bundle may read on objects the policy cannot follow (a call's result, a parameter) besides the ones
 # it defines itself: every other one could be a library internal (a red team read any file through a private method,

@@ -70,6 +70,23 @@ VARIANTS = {
     "a module reached through a private attribute": (
         "sandbox:private_api", "import warnings\n\nclass Holder:\n    def __init__(self):\n        self._module = None\n\n"
         "mod = warnings.catch_warnings()._module  # <-\n"),
+    "a library object bound to a local named self": (
+        "sandbox:private_api", "import typing\nclass Helper:\n    def __init__(self):\n        self._evaluate = None\n"
+        "def train(model):\n    self = typing.get_args(typing.List['1 + 2'])[0]\n"
+        "    return self._evaluate({}, {}, recursive_guard=frozenset())  # <-\n"),
+    "a function's parameter named self": (
+        "sandbox:private_api", "import warnings\nclass Helper:\n    def __init__(self):\n        self._module = None\n"
+        "def get(self):\n    return self._module  # <-\n"),
+    "a comprehension's self": (
+        "sandbox:private_api", "import warnings\nclass Helper:\n    _module = None\n"
+        "    def get(self):\n        return [self._module for self in [warnings.catch_warnings()]]  # <-\n"),
+    "a method that rebinds self": (
+        "sandbox:private_api", "import warnings\nclass Helper:\n    _module = None\n"
+        "    def get(self):\n        self = warnings.catch_warnings()\n        return self._module  # <-\n"),
+    "a subclass of a library class": (
+        "sandbox:private_api", "import warnings\nclass W(warnings.catch_warnings):\n"
+        "    def __init__(self):\n        super().__init__()\n        if False:\n            self._module = None\n"
+        "    def get(self):\n        return self._module  # <-\n"),
     "warnings' line reader on an object the policy cannot follow": (
         "sandbox:forbidden_api", "def lines(mod):\n    return mod.formatwarning('m', UserWarning, '/etc/hosts', 1)  # <-\n"),
     "torch.distributed.pipelining": ("sandbox:forbidden_api",
@@ -219,6 +236,9 @@ HONEST = {
     "private names the bundle defines, on self": (
         "import torch\nclass Block(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
         "        self._cache = None\n\n    def reset(self):\n        self._cache = None\n        return self._cache\n"),
+    "private names of a plain class's own, through a subclass of it": (
+        "import torch\nclass Base(torch.nn.Module):\n    def _reset(self):\n        return None\n"
+        "class Block(Base):\n    def forward(self, x):\n        self._reset()\n        return x\n"),
     "what torch.compile wraps": "import torch\ncompiled = torch.compile(torch.nn.Linear(2, 2))\n"
                                 "weights = compiled._orig_mod.state_dict()\n",
     "compile": "import torch\nmodel = torch.compile(torch.nn.Linear(2, 2), mode='max-autotune', fullgraph=True)\n",

@@ -28,7 +28,7 @@ from prism_ray.errors import Reason
 from prism_ray.intake.bundle import Bundle
 from prism_ray.policy import reach
 from prism_ray.policy.resolver import Resolver, TooComplex
-from prism_ray.policy.rules import Budget, Checker, own_names
+from prism_ray.policy.rules import Budget, Checker
 from prism_ray.policy.scopes import Binder, module_name
 from prism_ray.policy.tables import MAX_NUMBERS, MAX_STRING_BYTES, RESERVED_MODULE_NAMES
 
@@ -73,9 +73,8 @@ def _inspect(bundle: Bundle) -> list[Reason]:
             except (RecursionError, TooComplex):  # reported when the file itself is checked
                 continue
     budget = Budget()
-    own = own_names([tree for tree, _ in tables.values()])
     for path, (tree, binder) in tables.items():
-        reasons += _check(path, tree, binder, modules, exports, budget, own)
+        reasons += _check(path, tree, binder, modules, exports, budget)
     return _dedupe(reasons)
 
 
@@ -158,10 +157,10 @@ def _bind(tree: ast.Module, path: str) -> Binder:
 
 
 def _check(path: str, tree: ast.Module, binder: Binder, modules: set[str],
-           exports: dict[str, dict[str, set[str]]], budget: Budget, own: frozenset[str] | None = None) -> list[Reason]:
+           exports: dict[str, dict[str, set[str]]], budget: Budget) -> list[Reason]:
     if binder.too_deep:
         return [_too_complex(path)]
-    checker = Checker(path, tree, Resolver(binder, modules, exports), budget, own)
+    checker = Checker(path, tree, Resolver(binder, modules, exports), budget)
     try:
         checker.visit(tree)
     except (RecursionError, TooComplex):

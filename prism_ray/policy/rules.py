@@ -83,27 +83,45 @@ UNCHECKED_NODES = frozenset({
 })
 
 
-def own_names(trees: list[ast.Module]) -> frozenset[str]:
-    """Every name the bundle's files define: functions, classes, assigned names and attributes."""
+_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef, ast.ListComp, ast.SetComp, ast.DictComp,
+           ast.GeneratorExp)
+_MODULE_BASES = frozenset({"torch.nn.Module", "torch.nn.modules.module.Module"})
+
+
+def _rebinds(function: ast.AST, name: str) -> bool:
+    """Whether a function binds `name` anywhere but as its first parameter (assignment, loop, `as`, capture…)."""
+    for node in ast.walk(function):
+        if isinstance(node, ast.Name) and node.id == name and isinstance(node.ctx, (ast.Store, ast.Del)):
+            return True
+        if isinstance(node, (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)) and node.name == name:
+            return True
+        if isinstance(node, (ast.Global, ast.Nonlocal)) and name in node.names:
+            return True
+    return False
+
+
+def _class_names(cls: ast.ClassDef) -> set[str]:
+    """What a class defines: its body's functions and assigned names, and what its methods store on self or cls."""
     names: set[str] = set()
-    for tree in trees:
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                names.add(node.name)
-            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, (ast.Store, ast.Del)):
-                names.add(node.attr)
-            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
-                names.add(node.id)
-    return frozenset(names)
+    for node in cls.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+    for node in ast.walk(cls):
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and isinstance(node.value, ast.Name) \
+                and node.value.id in ("self", "cls"):
+            names.add(node.attr)
+    return names
 
 
 class Checker(ast.NodeVisitor):
     """Pass 2: every rule, over one file."""
 
-    def __init__(self, path: str, tree: ast.Module, resolver: Resolver, budget: Budget,
-                 own: frozenset[str] | None = None) -> None:
+    def __init__(self, path: str, tree: ast.Module, resolver: Resolver, budget: Budget) -> None:
         self.path = path
-        self.own = own_names([tree]) if own is None else own  # names the bundle defines (own_names)
+        self.classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
         self.resolver = resolver
         self.budget = budget
         self.reasons: list[Reason] = []
@@ -334,12 +352,41 @@ class Checker(ast.NodeVisitor):
 
     def _own_private(self, node: ast.AST, name: str, origins: set[str]) -> bool:
         """A private name read where the object is the bundle's own: a bundle module or class the policy resolved,
-        or `self`/`cls` with a name the bundle defines. A name defined anywhere does not make every object's
-        attribute of that name the bundle's (a red team defined `_evaluate` to reach typing.ForwardRef's eval)."""
+        or `self._name`/`cls._name` in a method of a bundle class that defines `_name` and derives from nothing but
+        nn.Module and such classes of this file. Red teams defined dummies named like library internals and read
+        them on `self` bound to a library object (`self = typing.get_args(…)[0]`, a lambda's `self`, a subclass of
+        warnings.catch_warnings): none of these is a method's own receiver of a plain class."""
         if name in FOREIGN_PRIVATE_OK or (origins and not self.resolver.foreign(origins)):
             return True
         receiver = node.value if isinstance(node, ast.Attribute) else None
-        return name in self.own and isinstance(receiver, ast.Name) and receiver.id in ("self", "cls")
+        if not (isinstance(receiver, ast.Name) and receiver.id in ("self", "cls")):
+            return False
+        scope = self.parent.get(node)
+        while scope is not None and not isinstance(scope, _SCOPES):
+            scope = self.parent.get(scope)
+        owner = self.parent.get(scope) if scope is not None else None
+        if not (isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef)) and isinstance(owner, ast.ClassDef)
+                and scope.args.args and scope.args.args[0].arg == receiver.id and not _rebinds(scope, receiver.id)):
+            return False
+        defined = self._plain_names(owner, set())
+        return defined is not None and name in defined
+
+    def _plain_names(self, cls: ast.ClassDef, seen: set[str]) -> set[str] | None:
+        """What a plain class and its bases define, or None for a class whose instances may hold library state
+        other than nn.Module's: a plain class's bases are nn.Module or plain classes of this file, with no
+        metaclass or other keyword."""
+        if cls.keywords or cls.name in seen:  # `seen`: the classes on the way here (a cycle never ends)
+            return None
+        names = _class_names(cls)
+        for base in cls.bases:
+            if self.resolver.origins(base) & _MODULE_BASES:
+                continue
+            local = self.classes.get(base.id) if isinstance(base, ast.Name) else None
+            inherited = self._plain_names(local, seen | {cls.name}) if local is not None else None
+            if inherited is None:
+                return None
+            names |= inherited
+        return names
 
     def _resolved(self, origins: set[str]) -> bool:
         """Whether the policy knows what one of these origins outside the bundle really is."""

@@ -63,30 +63,39 @@ VARIANTS = {
     "torch.mps.compile_shader": ("sandbox:forbidden_api", "import torch\nlib = torch.mps.compile_shader('x')  # <-\n"),
     "a private method of a call's result reads a file": (
         "sandbox:private_api", "import torch.nn as nn\n\ndef leak(schedule, path):\n"
-        "    return schedule._load_csv(path)  # <-\n"),
-    "a dummy of the same name unlocks nothing (typing.ForwardRef's eval)": (
-        "sandbox:private_api", "import typing\n\ndef _evaluate(*args):\n    return None\n\n"
-        "ref = typing.get_args(typing.List['open'])[0]\nvalue = ref._evaluate({}, {}, frozenset())  # <-\n"),
-    "a module reached through a private attribute": (
-        "sandbox:private_api", "import warnings\n\nclass Holder:\n    def __init__(self):\n        self._module = None\n\n"
-        "mod = warnings.catch_warnings()._module  # <-\n"),
+        "    return schedule._read(path)  # <-\n"),
+    "a dummy of the same name unlocks nothing": (
+        "sandbox:private_api", "import typing\n\ndef _secret(*args):\n    return None\n\n"
+        "ref = typing.get_args(typing.List['open'])[0]\nvalue = ref._secret({}, {}, frozenset())  # <-\n"),
+    "a private attribute of a library object's instance": (
+        "sandbox:private_api", "import warnings\n\nclass Holder:\n    def __init__(self):\n        self._secret = None\n\n"
+        "mod = warnings.catch_warnings()._secret  # <-\n"),
     "a library object bound to a local named self": (
-        "sandbox:private_api", "import typing\nclass Helper:\n    def __init__(self):\n        self._evaluate = None\n"
+        "sandbox:private_api", "import typing\nclass Helper:\n    def __init__(self):\n        self._secret = None\n"
         "def train(model):\n    self = typing.get_args(typing.List['1 + 2'])[0]\n"
-        "    return self._evaluate({}, {}, recursive_guard=frozenset())  # <-\n"),
+        "    return self._secret({}, {}, recursive_guard=frozenset())  # <-\n"),
     "a function's parameter named self": (
-        "sandbox:private_api", "import warnings\nclass Helper:\n    def __init__(self):\n        self._module = None\n"
-        "def get(self):\n    return self._module  # <-\n"),
+        "sandbox:private_api", "import warnings\nclass Helper:\n    def __init__(self):\n        self._secret = None\n"
+        "def get(self):\n    return self._secret  # <-\n"),
     "a comprehension's self": (
-        "sandbox:private_api", "import warnings\nclass Helper:\n    _module = None\n"
-        "    def get(self):\n        return [self._module for self in [warnings.catch_warnings()]]  # <-\n"),
+        "sandbox:private_api", "import warnings\nclass Helper:\n    _secret = None\n"
+        "    def get(self):\n        return [self._secret for self in [warnings.catch_warnings()]]  # <-\n"),
     "a method that rebinds self": (
-        "sandbox:private_api", "import warnings\nclass Helper:\n    _module = None\n"
-        "    def get(self):\n        self = warnings.catch_warnings()\n        return self._module  # <-\n"),
+        "sandbox:private_api", "import warnings\nclass Helper:\n    _secret = None\n"
+        "    def get(self):\n        self = warnings.catch_warnings()\n        return self._secret  # <-\n"),
     "a subclass of a library class": (
         "sandbox:private_api", "import warnings\nclass W(warnings.catch_warnings):\n"
-        "    def __init__(self):\n        super().__init__()\n        if False:\n            self._module = None\n"
-        "    def get(self):\n        return self._module  # <-\n"),
+        "    def __init__(self):\n        super().__init__()\n        if False:\n            self._secret = None\n"
+        "    def get(self):\n        return self._secret  # <-\n"),
+    "typing.ForwardRef's string eval, named": (
+        "sandbox:forbidden_api", "import typing\nref = typing.get_args(typing.List['1'])[0]\n"
+        "value = ref._evaluate({}, {}, frozenset())  # <-\n"),
+    "a plain class's method called with a library object as self": (
+        "sandbox:forbidden_api", "import warnings\nclass P:\n    def __init__(self):\n        self._module = None\n"
+        "    def get(self):\n        return self._module  # <-\n\nm = P.get(warnings.catch_warnings())\n"),
+    "a staticmethod's parameter named cls": (
+        "sandbox:private_api", "class P:\n    _cache = None\n\n    @staticmethod\n"
+        "    def get(cls):\n        return cls._cache  # <-\n"),
     "warnings' line reader on an object the policy cannot follow": (
         "sandbox:forbidden_api", "def lines(mod):\n    return mod.formatwarning('m', UserWarning, '/etc/hosts', 1)  # <-\n"),
     "torch.distributed.pipelining": ("sandbox:forbidden_api",

@@ -366,7 +366,8 @@ class Checker(ast.NodeVisitor):
             scope = self.parent.get(scope)
         owner = self.parent.get(scope) if scope is not None else None
         if not (isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef)) and isinstance(owner, ast.ClassDef)
-                and scope.args.args and scope.args.args[0].arg == receiver.id and not _rebinds(scope, receiver.id)):
+                and scope.args.args and scope.args.args[0].arg == receiver.id and not _rebinds(scope, receiver.id)
+                and not any(code(d) == "staticmethod" for d in scope.decorator_list)):  # its first argument is any
             return False
         defined = self._plain_names(owner, set())
         return defined is not None and name in defined

@@ -86,6 +86,11 @@ FORBIDDEN_METHODS = {  # on any object
     "py_impl": "overrides a torch operator for the whole process, the harness included",
     # warnings' source-line readers, also where the module is reached as an object the policy cannot follow
     **dict.fromkeys(("formatwarning", "showwarning", "warn_explicit"), "reads source lines from any file"),
+    # Library internals red teams reached on objects handed to a method as its `self` (rename your own attribute)
+    "_evaluate": "is typing.ForwardRef's, which evaluates a string as code",
+    "_module": "is warnings.catch_warnings's, which holds the warnings module",
+    "_getcategory": "is the warnings module's, which imports a module by name",
+    "_load_csv": "reads a file", "_dump_csv": "writes a file",
 }
 # Private names a bundle may read on objects the policy cannot follow (a call's result, a parameter) besides the ones
 # it defines itself: every other one could be a library internal (a red team read any file through a private method,

@@ -347,8 +347,9 @@ class Checker(ast.NodeVisitor):
             self.report("sandbox:private_api", node, (
                 f"`{expression}` reads the private name `{name}` of an object the policy cannot follow (a call's "
                 "result, a parameter): it may be a library internal, and private names have no stable or safe "
-                "contract (some read files). Read private names only as `self._name`/`cls._name` where your bundle "
-                "defines `_name`; elsewhere use a public name"))
+                "contract (some read files). Read private names only as `self._name`/`cls._name` in a method of your "
+                "nn.Module-based class that defines `_name` (docs/rules.md, sandbox:private_api); elsewhere use a "
+                "public name"))
 
     def _own_private(self, node: ast.AST, name: str, origins: set[str]) -> bool:
         """A private name read where the object is the bundle's own: a bundle module or class the policy resolved,

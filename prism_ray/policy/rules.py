@@ -122,6 +122,9 @@ class Checker(ast.NodeVisitor):
     def __init__(self, path: str, tree: ast.Module, resolver: Resolver, budget: Budget) -> None:
         self.path = path
         self.classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+        # per class and per (method, receiver): each is walked once however many `self._x` reads it holds
+        self.plain: dict[str, set[str] | None] = {}
+        self.rebound: dict[tuple[ast.AST, str], bool] = {}
         self.resolver = resolver
         self.budget = budget
         self.reasons: list[Reason] = []
@@ -367,10 +370,16 @@ class Checker(ast.NodeVisitor):
             scope = self.parent.get(scope)
         owner = self.parent.get(scope) if scope is not None else None
         if not (isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef)) and isinstance(owner, ast.ClassDef)
-                and scope.args.args and scope.args.args[0].arg == receiver.id and not _rebinds(scope, receiver.id)
+                and scope.args.args and scope.args.args[0].arg == receiver.id
                 and not any(code(d) == "staticmethod" for d in scope.decorator_list)):  # its first argument is any
             return False
-        defined = self._plain_names(owner, set())
+        if (scope, receiver.id) not in self.rebound:
+            self.rebound[scope, receiver.id] = _rebinds(scope, receiver.id)
+        if self.rebound[scope, receiver.id]:
+            return False
+        if owner.name not in self.plain:
+            self.plain[owner.name] = self._plain_names(owner, set())
+        defined = self.plain[owner.name]
         return defined is not None and name in defined
 
     def _plain_names(self, cls: ast.ClassDef, seen: set[str]) -> set[str] | None:

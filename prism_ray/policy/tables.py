@@ -92,9 +92,9 @@ FORBIDDEN_METHODS = {  # on any object
     "_getcategory": "is the warnings module's, which imports a module by name",
     "_load_csv": "reads a file", "_dump_csv": "writes a file",
 }
-# Private names a bundle may read on objects the policy cannot follow (a call's result, a parameter) besides the ones
-# it defines itself: every other one could be a library internal (a red team read any file through a private method,
-# `PipelineScheduleMulti(...)._load_csv(path)`).
+# Private names a bundle may read on any object the policy cannot follow (a call's result, a parameter); the others
+# only as `self._x` of its own plain classes (rules.py, `_own_private`): any other could be a library internal (a red
+# team read any file through a private method, `PipelineScheduleMulti(...)._load_csv(path)`).
 FOREIGN_PRIVATE_OK = frozenset({"_orig_mod"})  # torch.compile's wrapper → the module it wraps
 # `.format` reads any attribute a format field names (`{0.__doc__}`), so its format string must be a constant.
 FORMAT_METHODS = frozenset({"format", "format_map"})
